@@ -1,0 +1,244 @@
+//! One streaming pass over a gzip stream that yields its uncompressed bytes (it is a `Read`)
+//! while recording checkpoints and a digest of every span.
+
+use super::inflater::{Inflater, GZIP};
+use super::{Checkpoint, GzipError};
+use crate::digest::{Digest, Hasher};
+use std::io::{self, Read};
+
+const IN_BUF: usize = 256 * 1024;
+
+/// What indexing a gzip stream produces.
+#[derive(Debug)]
+pub struct ZranOutput {
+    /// Checkpoints in order; the first is at uncompressed offset 0.
+    pub checkpoints: Vec<Checkpoint>,
+    /// `span_digests[i]` is the sha256 of the uncompressed bytes from checkpoint `i` to checkpoint
+    /// `i + 1` (or to the end of the stream for the last one).
+    pub span_digests: Vec<Digest>,
+    /// sha256 of the whole uncompressed stream (the layer's DiffID).
+    pub diff_id: Digest,
+    /// Compressed bytes consumed, including any zero padding after the last member.
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before a member header (or at the end of the stream).
+    BetweenMembers,
+    InMember,
+    Done,
+}
+
+/// Inflates a gzip stream read from `R`, yielding the uncompressed bytes through [`Read`] and
+/// recording zran checkpoints about every `span_size` bytes of output.
+pub struct GzipIndexer<R> {
+    input: R,
+    inflater: Inflater,
+    in_buf: Box<[u8]>,
+    in_pos: usize,
+    in_len: usize,
+    input_eof: bool,
+    state: State,
+    members: u64,
+    compressed: u64,
+    uncompressed: u64,
+    span_size: u64,
+    checkpoints: Vec<Checkpoint>,
+    span_hasher: Hasher,
+    span_digests: Vec<Digest>,
+    diff_hasher: Hasher,
+    stalls: u32,
+}
+
+impl<R: Read> GzipIndexer<R> {
+    pub fn new(input: R, span_size: u64) -> Result<Self, GzipError> {
+        Ok(GzipIndexer {
+            input,
+            inflater: Inflater::new(GZIP)?,
+            in_buf: vec![0u8; IN_BUF].into_boxed_slice(),
+            in_pos: 0,
+            in_len: 0,
+            input_eof: false,
+            state: State::BetweenMembers,
+            members: 0,
+            compressed: 0,
+            uncompressed: 0,
+            span_size: span_size.max(1),
+            checkpoints: Vec::new(),
+            span_hasher: Hasher::new(),
+            span_digests: Vec::new(),
+            diff_hasher: Hasher::new(),
+            stalls: 0,
+        })
+    }
+
+    /// Uncompressed bytes produced so far.
+    pub fn uncompressed_offset(&self) -> u64 {
+        self.uncompressed
+    }
+
+    /// Compressed bytes consumed so far.
+    pub fn compressed_offset(&self) -> u64 {
+        self.compressed
+    }
+
+    /// Reads the rest of the stream (so every byte is checked) and returns the index and the input.
+    pub fn finish(mut self) -> Result<(ZranOutput, R), GzipError> {
+        io::copy(&mut self, &mut io::sink())?;
+        self.span_digests.push(std::mem::take(&mut self.span_hasher).finish());
+        let out = ZranOutput {
+            checkpoints: self.checkpoints,
+            span_digests: self.span_digests,
+            diff_id: self.diff_hasher.finish(),
+            compressed_size: self.compressed,
+            uncompressed_size: self.uncompressed,
+        };
+        Ok((out, self.input))
+    }
+
+    /// Ensures at least `want` unread bytes are buffered unless the input ends first.
+    fn fill(&mut self, want: usize) -> io::Result<()> {
+        if self.in_pos > 0 && self.in_len - self.in_pos < want {
+            self.in_buf.copy_within(self.in_pos..self.in_len, 0);
+            self.in_len -= self.in_pos;
+            self.in_pos = 0;
+        }
+        while self.in_len - self.in_pos < want && !self.input_eof {
+            match self.input.read(&mut self.in_buf[self.in_len..]) {
+                Ok(0) => self.input_eof = true,
+                Ok(n) => self.in_len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.in_pos += n;
+        self.compressed += n as u64;
+    }
+
+    /// At a member boundary: start the next member, or accept the end of the stream.
+    fn start_member(&mut self) -> io::Result<()> {
+        self.fill(2)?;
+        let avail = &self.in_buf[self.in_pos..self.in_len];
+        if avail.is_empty() {
+            if self.members == 0 {
+                return Err(GzipError::NotGzip.into());
+            }
+            self.state = State::Done;
+            return Ok(());
+        }
+        if avail.len() >= 2 && avail[0] == 0x1f && avail[1] == 0x8b {
+            if self.members > 0 {
+                self.inflater.reset(GZIP)?;
+            }
+            self.members += 1;
+            self.state = State::InMember;
+            return Ok(());
+        }
+        if self.members == 0 {
+            return Err(GzipError::NotGzip.into());
+        }
+        // Some writers pad the stream with zeros; accept that, refuse anything else.
+        loop {
+            let avail = &self.in_buf[self.in_pos..self.in_len];
+            if let Some(i) = avail.iter().position(|&b| b != 0) {
+                return Err(GzipError::TrailingGarbage {
+                    compressed: self.compressed + i as u64,
+                }
+                .into());
+            }
+            let n = avail.len();
+            self.consume(n);
+            if self.input_eof {
+                self.state = State::Done;
+                return Ok(());
+            }
+            self.fill(1)?;
+        }
+    }
+
+    fn checkpoint(&mut self, bits: u8) -> Result<(), GzipError> {
+        let due = match self.checkpoints.last() {
+            None => true,
+            Some(last) => self.uncompressed - last.uncompressed >= self.span_size,
+        };
+        if !due {
+            return Ok(());
+        }
+        if !self.checkpoints.is_empty() {
+            self.span_digests.push(std::mem::take(&mut self.span_hasher).finish());
+        }
+        let window = if self.uncompressed == 0 { Vec::new() } else { self.inflater.dictionary()? };
+        self.checkpoints.push(Checkpoint {
+            uncompressed: self.uncompressed,
+            compressed: self.compressed,
+            bits,
+            window,
+        });
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for GzipIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state {
+                State::Done => return Ok(0),
+                State::BetweenMembers => {
+                    self.start_member()?;
+                    continue;
+                }
+                State::InMember => {}
+            }
+            if self.in_pos == self.in_len {
+                self.fill(1)?;
+                if self.in_pos == self.in_len {
+                    return Err(GzipError::Truncated { compressed: self.compressed }.into());
+                }
+            }
+            let step = self
+                .inflater
+                .inflate(&self.in_buf[self.in_pos..self.in_len], buf, libz_rs_sys::Z_BLOCK)
+                .map_err(|message| GzipError::Corrupt {
+                    compressed: self.compressed,
+                    message,
+                })?;
+            self.consume(step.consumed);
+            let out = &buf[..step.produced];
+            if !out.is_empty() {
+                self.span_hasher.update(out);
+                self.diff_hasher.update(out);
+                self.uncompressed += out.len() as u64;
+            }
+            if step.stream_end {
+                self.state = State::BetweenMembers;
+            } else if step.data_type & 128 != 0 && step.data_type & 64 == 0 {
+                self.checkpoint((step.data_type & 7) as u8)?;
+            }
+            if step.produced > 0 {
+                self.stalls = 0;
+                return Ok(step.produced);
+            }
+            if step.consumed == 0 && !step.stream_end {
+                self.stalls += 1;
+                if self.stalls > 4 {
+                    return Err(GzipError::Corrupt {
+                        compressed: self.compressed,
+                        message: "inflate made no progress".into(),
+                    }
+                    .into());
+                }
+            } else {
+                self.stalls = 0;
+            }
+        }
+    }
+}

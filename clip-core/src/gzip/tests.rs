@@ -1,0 +1,149 @@
+use super::*;
+use crate::digest::Digest;
+use flate2::{write::GzEncoder, Compression};
+use std::io::{Read, Write};
+
+/// Deterministic mixed content: compressible text runs and incompressible noise.
+fn sample(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 3 == 0 {
+            let words = ["lorem ", "ipsum ", "clip ", "layer ", "span ", "\n"];
+            for i in 0..64 {
+                out.extend_from_slice(words[((x >> (i % 60)) % 6) as usize].as_bytes());
+            }
+        } else {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::new(level));
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn index(gz: &[u8], span: u64) -> Result<(ZranOutput, Vec<u8>), GzipError> {
+    let mut ix = GzipIndexer::new(gz, span)?;
+    let mut out = Vec::new();
+    ix.read_to_end(&mut out)?;
+    let (z, _) = ix.finish()?;
+    Ok((z, out))
+}
+
+/// Reads every span back through its checkpoint and checks bytes and digests.
+fn check_all_spans(gz: &[u8], original: &[u8], z: &ZranOutput) {
+    assert_eq!(z.checkpoints.len(), z.span_digests.len());
+    for (i, cp) in z.checkpoints.iter().enumerate() {
+        let (end_u, next_c) = match z.checkpoints.get(i + 1) {
+            Some(n) => (n.uncompressed, n.compressed),
+            None => (z.uncompressed_size, gz.len() as u64),
+        };
+        let (s, e) = compressed_range(cp.compressed, cp.bits, next_c);
+        let got = inflate_span(&gz[s as usize..e as usize], cp.bits, &cp.window, (end_u - cp.uncompressed) as usize)
+            .unwrap_or_else(|err| panic!("span {i}: {err}"));
+        assert_eq!(&got[..], &original[cp.uncompressed as usize..end_u as usize], "span {i}");
+        assert_eq!(Digest::of(&got), z.span_digests[i], "span {i} digest");
+    }
+}
+
+#[test]
+fn spans_round_trip_at_every_level() {
+    let data = sample(3 << 20, 7);
+    for level in [6, 9, 1] {
+        let gz = gzip(&data, level);
+        let (z, out) = index(&gz, 128 * 1024).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(z.uncompressed_size, data.len() as u64);
+        assert_eq!(z.compressed_size, gz.len() as u64);
+        assert_eq!(z.diff_id, Digest::of(&data));
+        // zlib-rs at level 1 writes very long blocks, so checkpoints are fewer there.
+        let min = if level == 1 { 2 } else { 10 };
+        assert!(z.checkpoints.len() >= min, "level {level}: {} checkpoints", z.checkpoints.len());
+        if level != 1 {
+            assert!(z.checkpoints.iter().any(|c| c.bits != 0), "expected mid-byte checkpoints");
+        }
+        check_all_spans(&gz, &data, &z);
+    }
+}
+
+#[test]
+fn multi_member_and_zero_padding() {
+    let a = sample(700_000, 1);
+    let b = sample(900_000, 2);
+    let mut gz = gzip(&a, 6);
+    gz.extend(gzip(&b, 6));
+    let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+    let (z, out) = index(&gz, 100_000).unwrap();
+    assert_eq!(out, all);
+    check_all_spans(&gz, &all, &z);
+    // One span crossing the member boundary when spans are large.
+    let (z, _) = index(&gz, 1 << 30).unwrap();
+    assert_eq!(z.checkpoints.len(), 1);
+    check_all_spans(&gz, &all, &z);
+    gz.extend([0u8; 1024]);
+    let (z, out) = index(&gz, 100_000).unwrap();
+    assert_eq!(out, all);
+    assert_eq!(z.compressed_size, gz.len() as u64);
+}
+
+#[test]
+fn empty_stream_has_one_empty_span() {
+    let gz = gzip(b"", 6);
+    let (z, out) = index(&gz, 1024).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(z.checkpoints.len(), 1);
+    assert_eq!(z.span_digests[0], Digest::of(b""));
+}
+
+#[test]
+fn bad_streams_fail_cleanly() {
+    let data = sample(500_000, 3);
+    let gz = gzip(&data, 6);
+    // Truncated.
+    let err = index(&gz[..gz.len() / 2], 65536).unwrap_err();
+    assert!(matches!(err, GzipError::Truncated { .. }), "{err}");
+    // Not gzip.
+    assert!(matches!(index(b"hello world", 65536).unwrap_err(), GzipError::NotGzip));
+    assert!(matches!(index(b"", 65536).unwrap_err(), GzipError::NotGzip));
+    // Trailing garbage.
+    let mut g = gzip(b"abc", 6);
+    g.extend(b"junk");
+    assert!(matches!(index(&g, 65536).unwrap_err(), GzipError::TrailingGarbage { .. }));
+    // Corruption anywhere in the body never panics and never passes silently.
+    for pos in (20..gz.len() - 8).step_by(gz.len() / 37) {
+        let mut bad = gz.clone();
+        bad[pos] ^= 0x5a;
+        match index(&bad, 65536) {
+            Err(_) => {}
+            Ok((z, out)) => assert!(out != data || z.diff_id != Digest::of(&data), "corruption at {pos} undetected"),
+        }
+    }
+}
+
+#[test]
+fn corrupt_span_input_is_an_error_not_a_panic() {
+    let data = sample(1 << 20, 9);
+    let gz = gzip(&data, 6);
+    let (z, _) = index(&gz, 128 * 1024).unwrap();
+    let cp = &z.checkpoints[2];
+    let next = &z.checkpoints[3];
+    let (s, e) = compressed_range(cp.compressed, cp.bits, next.compressed);
+    let len = (next.uncompressed - cp.uncompressed) as usize;
+    // Too little input.
+    assert!(inflate_span(&gz[s as usize..(s + (e - s) / 2) as usize], cp.bits, &cp.window, len).is_err());
+    // Wrong window: output differs (caught by the span digest) or errors.
+    let bad_window = vec![0u8; cp.window.len()];
+    if let Ok(out) = inflate_span(&gz[s as usize..e as usize], cp.bits, &bad_window, len) {
+        assert_ne!(Digest::of(&out), z.span_digests[2]);
+    }
+    assert!(inflate_span(&[], 3, &[], 10).is_err());
+    assert!(inflate_span(&[1, 2], 9, &[], 10).is_err());
+}
