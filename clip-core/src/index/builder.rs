@@ -1,0 +1,309 @@
+//! Building a layer index in one streaming pass.
+//!
+//! The compressed layer flows through a hashing reader (the layer digest), the zran indexer
+//! (checkpoints, span digests, the DiffID) and the tar parser (entries and file offsets); nothing
+//! is buffered beyond a few hundred KiB and nothing touches the disk.
+
+use super::{show_path, BlobRef, Entry, EntryKind, IndexError, LayerIndex, Span};
+use crate::digest::{Digest, Hasher};
+use crate::gzip::{GzipError, GzipIndexer};
+use std::collections::HashMap;
+use std::io::{self, Read};
+
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Distance between checkpoints in bytes of uncompressed output.
+    pub span_size: u64,
+    /// When known (from the manifest), the stream's digest must match.
+    pub expected_layer: Option<Digest>,
+    /// When known (from the image config), the uncompressed stream's digest must match.
+    pub expected_diff_id: Option<Digest>,
+    /// zstd level for the checkpoint windows.
+    pub window_compression_level: i32,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            span_size: super::DEFAULT_SPAN_SIZE,
+            expected_layer: None,
+            expected_diff_id: None,
+            window_compression_level: 3,
+        }
+    }
+}
+
+/// A freshly built index and the windows blob it refers to.
+pub struct BuiltLayer {
+    pub index: LayerIndex,
+    pub windows: Vec<u8>,
+}
+
+/// Hashes and counts the compressed bytes as they are read.
+struct Hashing<R, F> {
+    inner: R,
+    hasher: Hasher,
+    count: u64,
+    progress: F,
+}
+
+impl<R: Read, F: FnMut(u64)> Read for Hashing<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
+}
+
+/// Builds the index of one gzip-compressed tar layer read from `input`. `progress` is called
+/// with the number of compressed bytes read at each step.
+pub fn build_layer_index<R: Read>(
+    input: R,
+    opts: &BuildOptions,
+    progress: impl FnMut(u64),
+) -> Result<BuiltLayer, IndexError> {
+    let hashing = Hashing { inner: input, hasher: Hasher::new(), count: 0, progress };
+    let gz = GzipIndexer::new(hashing, opts.span_size)?;
+    let mut archive = tar::Archive::new(gz);
+    let mut entries = Vec::new();
+    read_entries(&mut archive, &mut entries)?;
+    let gz = archive.into_inner();
+    let (zran, hashing) = gz.finish()?;
+    let layer = hashing.hasher.finish();
+    if let Some(expected) = opts.expected_layer {
+        if expected != layer {
+            return Err(IndexError::DigestMismatch { what: "layer digest", expected, actual: layer });
+        }
+    }
+    if let Some(expected) = opts.expected_diff_id {
+        if expected != zran.diff_id {
+            return Err(IndexError::DigestMismatch { what: "DiffID", expected, actual: zran.diff_id });
+        }
+    }
+    check_hardlinks(&entries)?;
+
+    let mut windows = Vec::new();
+    let mut spans = Vec::with_capacity(zran.checkpoints.len());
+    for (cp, digest) in zran.checkpoints.iter().zip(&zran.span_digests) {
+        let window_offset = windows.len() as u64;
+        let window_len = if cp.window.is_empty() {
+            0
+        } else {
+            let z = zstd::bulk::compress(&cp.window, opts.window_compression_level).map_err(IndexError::Io)?;
+            windows.extend_from_slice(&z);
+            z.len() as u32
+        };
+        spans.push(Span {
+            uncompressed: cp.uncompressed,
+            compressed: cp.compressed,
+            bits: cp.bits,
+            window_offset,
+            window_len,
+            digest: *digest,
+        });
+    }
+    let index = LayerIndex {
+        layer,
+        diff_id: zran.diff_id,
+        compressed_size: zran.compressed_size,
+        uncompressed_size: zran.uncompressed_size,
+        span_size: opts.span_size,
+        windows: BlobRef { digest: Digest::of(&windows), size: windows.len() as u64 },
+        spans,
+        entries,
+    };
+    Ok(BuiltLayer { index, windows })
+}
+
+/// Turns an error from the tar parser into ours, recovering gzip errors that travelled through it.
+fn tar_error(e: io::Error, entry: Option<&[u8]>) -> IndexError {
+    if e.get_ref().is_some_and(|inner| inner.is::<GzipError>()) {
+        return IndexError::Gzip(GzipError::from(e));
+    }
+    IndexError::Tar { entry: entry.map(show_path), source: e }
+}
+
+fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) -> Result<(), IndexError> {
+    let mut last_path: Option<Vec<u8>> = None;
+    let iter = archive.entries().map_err(|e| tar_error(e, None))?;
+    for entry in iter {
+        let mut entry = entry.map_err(|e| tar_error(e, last_path.as_deref()))?;
+        let raw_path = entry.path_bytes().into_owned();
+        last_path = Some(raw_path.clone());
+        let header_type = entry.header().entry_type();
+        if header_type.is_pax_global_extensions() {
+            continue;
+        }
+        let mut pax: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut xattrs = Vec::new();
+        if let Some(exts) = entry.pax_extensions().map_err(|e| tar_error(e, Some(&raw_path)))? {
+            for ext in exts {
+                let ext = ext.map_err(|e| tar_error(e, Some(&raw_path)))?;
+                let key = ext.key_bytes();
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                } else if let Ok(k) = std::str::from_utf8(key) {
+                    pax.insert(k.to_string(), ext.value_bytes().to_vec());
+                }
+            }
+        }
+        let header = entry.header();
+        let bad = |what: &str, e: io::Error| IndexError::Tar {
+            entry: Some(show_path(&raw_path)),
+            source: io::Error::new(e.kind(), format!("{what}: {e}")),
+        };
+        let mode = header.mode().map_err(|e| bad("mode", e))? & 0o7777;
+        let uid = pax_u32(&pax, "uid").map_or_else(|| header.uid().map_err(|e| bad("uid", e)), Ok)?;
+        let gid = pax_u32(&pax, "gid").map_or_else(|| header.gid().map_err(|e| bad("gid", e)), Ok)?;
+        let uid = u32::try_from(uid).map_err(|_| bad("uid", io::Error::other("out of range")))?;
+        let gid = u32::try_from(gid).map_err(|_| bad("gid", io::Error::other("out of range")))?;
+        let (mtime, mtime_nsec) = match pax.get("mtime").and_then(|v| parse_pax_time(v)) {
+            Some(t) => t,
+            None => (header.mtime().map_err(|e| bad("mtime", e))? as i64, 0),
+        };
+
+        let path = normalize(&raw_path)?;
+        let (path, kind) = match whiteout(&path) {
+            Some(Whiteout::Opaque(dir)) => (dir, EntryKind::Opaque),
+            Some(Whiteout::Name(p)) => (p, EntryKind::Whiteout),
+            Some(Whiteout::Ignore) => continue,
+            None => {
+                let kind = match header_type {
+                    tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File {
+                        offset: entry.raw_file_position(),
+                        size: entry.size(),
+                    },
+                    tar::EntryType::Directory => EntryKind::Dir,
+                    tar::EntryType::Symlink => EntryKind::Symlink {
+                        target: entry.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default(),
+                    },
+                    tar::EntryType::Link => {
+                        let target = entry.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default();
+                        EntryKind::Hardlink { target: normalize(&target)? }
+                    }
+                    tar::EntryType::Char | tar::EntryType::Block => {
+                        let major = header.device_major().map_err(|e| bad("device major", e))?.unwrap_or(0);
+                        let minor = header.device_minor().map_err(|e| bad("device minor", e))?.unwrap_or(0);
+                        if header_type == tar::EntryType::Char {
+                            EntryKind::CharDevice { major, minor }
+                        } else {
+                            EntryKind::BlockDevice { major, minor }
+                        }
+                    }
+                    tar::EntryType::Fifo => EntryKind::Fifo,
+                    other => {
+                        return Err(IndexError::Unsupported {
+                            path: show_path(&raw_path),
+                            what: format!("tar entry type {:?}", other.as_byte() as char),
+                        })
+                    }
+                };
+                (path, kind)
+            }
+        };
+        if path.is_empty() && kind != EntryKind::Dir && kind != EntryKind::Opaque {
+            return Err(IndexError::UnsafePath { path: show_path(&raw_path), reason: "the root must be a directory" });
+        }
+        out.push(Entry { path, kind, mode, uid, gid, mtime, mtime_nsec, xattrs });
+    }
+    Ok(())
+}
+
+fn pax_u32(pax: &HashMap<String, Vec<u8>>, key: &str) -> Option<u64> {
+    std::str::from_utf8(pax.get(key)?).ok()?.trim().parse().ok()
+}
+
+/// PAX times are decimal seconds with an optional fraction, possibly negative.
+fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nsec: u32 = digits.parse().ok()?;
+    Some((secs, nsec))
+}
+
+/// Normalises a tar path: strips `./` and trailing `/`, refuses absolute paths and `..`.
+pub fn normalize(raw: &[u8]) -> Result<Vec<u8>, IndexError> {
+    let unsafe_path = |reason| IndexError::UnsafePath { path: show_path(raw), reason };
+    if raw.first() == Some(&b'/') {
+        return Err(unsafe_path("absolute path"));
+    }
+    if raw.contains(&0) {
+        return Err(unsafe_path("NUL byte in path"));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => return Err(unsafe_path("'..' component")),
+            c => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Whiteout {
+    Opaque(Vec<u8>),
+    Name(Vec<u8>),
+    /// Other `.wh..wh.` metadata (aufs hard-link directories): not part of the tree.
+    Ignore,
+}
+
+fn whiteout(path: &[u8]) -> Option<Whiteout> {
+    let (dir, base) = match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&path[..0], path),
+    };
+    let name = base.strip_prefix(b".wh.")?;
+    if name == b".wh..opq" {
+        return Some(Whiteout::Opaque(dir.to_vec()));
+    }
+    if name.starts_with(b".wh.") || name.is_empty() {
+        return Some(Whiteout::Ignore);
+    }
+    let mut p = dir.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    Some(Whiteout::Name(p))
+}
+
+/// Hard links must point at a regular file (or link) listed *before* them in the layer, or at a
+/// path the layer does not contain (a lower layer's file, checked when layers are merged).
+fn check_hardlinks(entries: &[Entry]) -> Result<(), IndexError> {
+    let mut first_seen: HashMap<&[u8], usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        first_seen.entry(&e.path).or_insert(i);
+    }
+    for (i, e) in entries.iter().enumerate() {
+        if let EntryKind::Hardlink { target } = &e.kind {
+            let err = |reason| IndexError::BadHardlink { path: show_path(&e.path), target: show_path(target), reason };
+            if target == &e.path {
+                return Err(err("is the link itself"));
+            }
+            match first_seen.get(target.as_slice()) {
+                Some(&j) if j > i => return Err(err("appears later in the layer")),
+                Some(&j) if !matches!(entries[j].kind, EntryKind::File { .. } | EntryKind::Hardlink { .. }) => {
+                    return Err(err("is not a regular file"))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+use super::builder::normalize;
+use super::*;
+use crate::digest::Digest;
+use flate2::{write::GzEncoder, Compression};
+use std::io::Write;
+use std::sync::Arc;
+
+/// Writes tar entries with full control over names (the tar crate refuses hostile ones).
+struct TarWriter(Vec<u8>);
+
+impl TarWriter {
+    fn new() -> Self {
+        TarWriter(Vec::new())
+    }
+    fn raw(&mut self, name: &[u8], kind: tar::EntryType, data: &[u8], link: &[u8], pax: &[(&str, &[u8])]) {
+        if !pax.is_empty() {
+            let mut body = Vec::new();
+            for (k, v) in pax {
+                let rec_len = |n: usize| format!("{n} {k}=").len() + v.len() + 1;
+                let mut n = rec_len(0);
+                while rec_len(n) != n {
+                    n = rec_len(n);
+                }
+                body.extend(format!("{n} {k}=").as_bytes());
+                body.extend(*v);
+                body.push(b'\n');
+            }
+            self.raw(b"PaxHeaders/x", tar::EntryType::XHeader, &body, b"", &[]);
+        }
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(1000);
+        h.set_gid(100);
+        h.set_mtime(1_700_000_000);
+        if !link.is_empty() {
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        }
+        if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        self.0.extend_from_slice(h.as_bytes());
+        self.0.extend_from_slice(data);
+        self.0.resize(self.0.len().div_ceil(512) * 512, 0);
+    }
+    fn file(&mut self, name: &str, data: &[u8]) {
+        self.raw(name.as_bytes(), tar::EntryType::Regular, data, b"", &[]);
+    }
+    fn dir(&mut self, name: &str) {
+        self.raw(name.as_bytes(), tar::EntryType::Directory, b"", b"", &[]);
+    }
+    fn gz(mut self) -> Vec<u8> {
+        self.0.extend_from_slice(&[0u8; 1024]);
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(&self.0).unwrap();
+        e.finish().unwrap()
+    }
+}
+
+fn build(gz: &[u8]) -> Result<BuiltLayer, IndexError> {
+    build_layer_index(gz, &BuildOptions { span_size: 4096, ..Default::default() }, |_| {})
+}
+
+fn every_type_layer() -> (Vec<u8>, Vec<u8>) {
+    let mut t = TarWriter::new();
+    t.dir("./");
+    t.dir("etc/");
+    t.file("etc/hello", b"hello world\n");
+    let big: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    t.file("bin/big", &big);
+    t.raw(b"bin/ping", tar::EntryType::Regular, b"PING", b"", &[("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00")]);
+    t.raw(b"bin/link", tar::EntryType::Symlink, b"", b"../etc/hello", &[]);
+    t.raw(b"bin/hard", tar::EntryType::Link, b"", b"etc/hello", &[]);
+    t.raw(b"dev/null", tar::EntryType::Char, b"", b"", &[]);
+    t.raw(b"dev/sda", tar::EntryType::Block, b"", b"", &[]);
+    t.raw(b"run/fifo", tar::EntryType::Fifo, b"", b"", &[]);
+    let long = format!("deep/{}/file", "d".repeat(200));
+    t.raw(b"ignored", tar::EntryType::Regular, b"long", b"", &[("path", long.as_bytes()), ("uid", b"70000"), ("mtime", b"1700000000.25")]);
+    t.raw(b"etc/.wh.old", tar::EntryType::Regular, b"", b"", &[]);
+    t.raw(b"var/.wh..wh..opq", tar::EntryType::Regular, b"", b"", &[]);
+    (t.gz(), big)
+}
+
+#[test]
+fn every_entry_type_is_indexed() {
+    let (gz, big) = every_type_layer();
+    let built = build(&gz).unwrap();
+    let ix = &built.index;
+    assert_eq!(ix.layer, Digest::of(&gz));
+    assert_eq!(ix.compressed_size, gz.len() as u64);
+    let by_path = |p: &str| ix.entries.iter().find(|e| e.path == p.as_bytes()).unwrap_or_else(|| panic!("{p}"));
+    assert_eq!(by_path("").kind, EntryKind::Dir);
+    let EntryKind::File { offset, size } = by_path("bin/big").kind else { panic!() };
+    assert_eq!(size, big.len() as u64);
+    // The offset points at the bytes in the uncompressed stream: inflate the spans and compare.
+    let spans = ix.spans_covering(offset, size);
+    assert!(spans.len() > 10, "{spans:?}");
+    let mut stream = Vec::new();
+    for i in spans.clone() {
+        let (s, e) = ix.span_compressed_range(i);
+        let sp = &ix.spans[i];
+        let w = format::decode_window(&built.windows[sp.window_offset as usize..][..sp.window_len as usize]).unwrap();
+        let (us, ue) = ix.span_range(i);
+        let out = crate::gzip::inflate_span(&gz[s as usize..e as usize], sp.bits, &w, (ue - us) as usize).unwrap();
+        assert_eq!(Digest::of(&out), sp.digest);
+        stream.extend(out);
+    }
+    let base = ix.spans[spans.start].uncompressed;
+    assert_eq!(&stream[(offset - base) as usize..][..big.len()], &big[..]);
+
+    let ping = by_path("bin/ping");
+    assert_eq!(ping.xattrs, vec![(b"security.capability".to_vec(), b"\x01\x00\x00\x02\x00\x20\x00\x00".to_vec())]);
+    assert_eq!(by_path("bin/link").kind, EntryKind::Symlink { target: b"../etc/hello".to_vec() });
+    assert_eq!(by_path("bin/hard").kind, EntryKind::Hardlink { target: b"etc/hello".to_vec() });
+    assert_eq!(by_path("dev/null").kind, EntryKind::CharDevice { major: 1, minor: 3 });
+    assert_eq!(by_path("dev/sda").kind, EntryKind::BlockDevice { major: 1, minor: 3 });
+    assert_eq!(by_path("run/fifo").kind, EntryKind::Fifo);
+    let long = by_path(&format!("deep/{}/file", "d".repeat(200)));
+    assert_eq!((long.uid, long.mtime, long.mtime_nsec), (70000, 1_700_000_000, 250_000_000));
+    assert_eq!(by_path("etc/old").kind, EntryKind::Whiteout);
+    assert_eq!(by_path("var").kind, EntryKind::Opaque);
+    assert_eq!((by_path("etc/hello").uid, by_path("etc/hello").gid, by_path("etc/hello").mode), (1000, 100, 0o644));
+}
+
+#[test]
+fn format_round_trips_deterministically_and_rejects_damage() {
+    let (gz, _) = every_type_layer();
+    let a = build(&gz).unwrap();
+    let b = build(&gz).unwrap();
+    let ea = format::encode(&a.index);
+    assert_eq!(ea, format::encode(&b.index), "encoding must be deterministic");
+    assert_eq!(a.windows, b.windows);
+    let back = format::decode(&ea).unwrap();
+    assert_eq!(back, a.index);
+    // Any flipped byte is caught (by the checksum, or the magic/version checks before it).
+    for pos in (0..ea.len()).step_by(7) {
+        let mut bad = ea.clone();
+        bad[pos] ^= 0x01;
+        assert!(format::decode(&bad).is_err(), "flip at {pos} accepted");
+    }
+    for len in [0, 10, 47, ea.len() - 1] {
+        assert!(format::decode(&ea[..len]).is_err());
+    }
+}
+
+/// Re-checksums a body so the structural checks (not the checksum) are what is tested.
+fn reseal(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    v.extend_from_slice(Digest::of(body).as_bytes());
+    v
+}
+
+#[test]
+fn decoder_survives_hostile_bodies() {
+    let (gz, _) = every_type_layer();
+    let enc = format::encode(&build(&gz).unwrap().index);
+    let body = &enc[..enc.len() - 32];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for _ in 0..3000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut b = body.to_vec();
+        let pos = 16 + (x as usize) % (b.len() - 16);
+        b[pos] = (x >> 32) as u8;
+        if x % 5 == 0 {
+            b.truncate(16 + (x as usize >> 8) % (b.len() - 16));
+        }
+        let _ = format::decode(&reseal(&b));
+    }
+    // Huge claimed counts are refused before allocation.
+    let mut b = body[..16 + 96].to_vec();
+    for v in [0u64, 0, 0, 0, u64::MAX >> 1, u64::MAX >> 1] {
+        let mut out = Vec::new();
+        let mut v = v;
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+        b.extend(out);
+    }
+    assert!(format::decode(&reseal(&b)).is_err());
+}
+
+#[test]
+fn hostile_names_and_links_are_refused() {
+    let cases: Vec<(&[u8], tar::EntryType, &[u8], &str)> = vec![
+        (b"../escape", tar::EntryType::Regular, b"", "'..'"),
+        (b"a/../../b", tar::EntryType::Regular, b"", "'..'"),
+        (b"/etc/passwd", tar::EntryType::Regular, b"", "absolute"),
+        (b"x", tar::EntryType::Link, b"../../etc/shadow", "'..'"),
+        (b"x", tar::EntryType::Link, b"y", "later"),
+        (b"x", tar::EntryType::Link, b"x", "itself"),
+    ];
+    for (name, kind, link, want) in cases {
+        let mut t = TarWriter::new();
+        t.raw(name, kind, b"", link, &[]);
+        t.file("y", b"later");
+        let err = build(&t.gz()).err().unwrap_or_else(|| panic!("{name:?} accepted")).to_string();
+        assert!(err.contains(want), "{name:?}: {err}");
+    }
+    let mut t = TarWriter::new();
+    t.raw(b"s", tar::EntryType::GNUSparse, b"", b"", &[]);
+    assert!(build(&t.gz()).is_err());
+}
+
+#[test]
+fn digests_are_checked() {
+    let (gz, _) = every_type_layer();
+    let ok = build(&gz).unwrap().index;
+    let wrong = Digest::of(b"nope");
+    let opts = |l, d| BuildOptions { expected_layer: l, expected_diff_id: d, ..Default::default() };
+    assert!(build_layer_index(&gz[..], &opts(Some(ok.layer), Some(ok.diff_id)), |_| {}).is_ok());
+    let e = build_layer_index(&gz[..], &opts(Some(wrong), None), |_| {}).err().unwrap();
+    assert!(e.to_string().contains("layer digest mismatch"), "{e}");
+    let e = build_layer_index(&gz[..], &opts(None, Some(wrong)), |_| {}).err().unwrap();
+    assert!(e.to_string().contains("DiffID mismatch"), "{e}");
+    // A truncated layer is a gzip error, whatever the tar parser was doing.
+    let e = build(&gz[..gz.len() - 100]).err().unwrap();
+    assert!(matches!(e, IndexError::Gzip(_) | IndexError::Tar { .. }), "{e}");
+    // A header claiming a huge file in a small stream.
+    let mut t = TarWriter::new();
+    t.file("a", b"x");
+    let mut raw = t.0.clone();
+    let size_field = &mut raw[124..136];
+    size_field.copy_from_slice(b"77777777777\0");
+    let mut h = tar::Header::new_old();
+    h.as_mut_bytes().copy_from_slice(&raw[..512]);
+    h.set_cksum();
+    raw[..512].copy_from_slice(h.as_bytes());
+    let mut e = GzEncoder::new(Vec::new(), Compression::default());
+    e.write_all(&raw).unwrap();
+    assert!(build(&e.finish().unwrap()).is_err());
+}
+
+#[test]
+fn normalize_paths() {
+    assert_eq!(normalize(b"./a//b/./c/").unwrap(), b"a/b/c");
+    assert_eq!(normalize(b"./").unwrap(), b"");
+    assert!(normalize(b"/a").is_err());
+    assert!(normalize(b"a/..").is_err());
+}
+
+fn layer_of(t: TarWriter) -> Arc<LayerIndex> {
+    Arc::new(build(&t.gz()).unwrap().index)
+}
+
+#[test]
+fn merged_view_applies_whiteouts_opaque_dirs_and_implied_parents() {
+    let mut l0 = TarWriter::new();
+    l0.dir("etc/");
+    l0.file("etc/a", b"a0");
+    l0.file("etc/b", b"b0");
+    l0.dir("var/");
+    l0.file("var/x", b"x");
+    l0.dir("var/sub/");
+    l0.file("var/sub/y", b"y");
+    l0.file("data", b"shared bytes");
+    l0.dir("d/");
+    l0.file("d/inner", b"i");
+    let mut l1 = TarWriter::new();
+    l1.raw(b"etc/.wh.a", tar::EntryType::Regular, b"", b"", &[]);
+    l1.file("etc/b", b"b1");
+    l1.raw(b"var/.wh..wh..opq", tar::EntryType::Regular, b"", b"", &[]);
+    l1.file("var/new", b"n");
+    l1.file("implied/deep/file", b"z");
+    l1.raw(b"link", tar::EntryType::Link, b"", b"data", &[]);
+    l1.file("d", b"now a file");
+    let mut l2 = TarWriter::new();
+    l2.raw(b".wh.data", tar::EntryType::Regular, b"", b"", &[]);
+    let v = ImageView::build(vec![layer_of(l0), layer_of(l1), layer_of(l2)]).unwrap();
+    let paths: Vec<String> = v.nodes.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    assert_eq!(
+        paths,
+        ["", "d", "etc", "etc/b", "implied", "implied/deep", "implied/deep/file", "link", "var", "var/new"]
+    );
+    assert_eq!(v.get(b"etc/b").unwrap().0.layer, 1);
+    assert_eq!(v.get(b"implied").unwrap().1, None);
+    // The hard link still reaches layer 0's bytes though layer 2 deleted the name "data".
+    let (node, _) = v.get(b"link").unwrap();
+    let (layer, _, size) = v.file_data(&node).unwrap();
+    assert_eq!((layer, size), (0, 12));
+    assert_eq!(v.file_count(), 5);
+}

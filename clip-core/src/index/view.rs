@@ -1,0 +1,171 @@
+//! The merged root filesystem of an image, computed from its layers' indexes.
+//!
+//! Layers are applied bottom to top the way containerd's overlay applier does: an entry replaces
+//! the same path from lower layers (a non-directory replacing anything drops what was below it);
+//! `.wh.NAME` deletes a lower path and everything under it; `.wh..wh..opq` hides what lower layers
+//! put in a directory; parents a layer omits are implied (mode 0755, root-owned). A hard link is
+//! resolved when it is applied, so it keeps pointing at the file's bytes even if a higher layer
+//! later deletes the link's target name.
+
+use super::{show_path, Entry, EntryKind, IndexError, LayerIndex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Marks a directory no layer lists (its parent of something a layer lists).
+pub const IMPLIED: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// The layer (0 = bottom) whose entry defines this path.
+    pub layer: u32,
+    /// The entry in that layer, or [`IMPLIED`].
+    pub entry: u32,
+    /// For hard links: the (layer, entry) of the regular file whose bytes and metadata they share.
+    pub data: Option<(u32, u32)>,
+}
+
+pub struct ImageView {
+    pub layers: Vec<Arc<LayerIndex>>,
+    /// Every path of the merged tree (`""` is the root), sorted.
+    pub nodes: BTreeMap<Vec<u8>, Node>,
+}
+
+/// The keys strictly under `dir` are those in `[dir + "/", dir + "0")` ('0' follows '/').
+fn remove_under(nodes: &mut BTreeMap<Vec<u8>, Node>, dir: &[u8], keep: impl Fn(&Node) -> bool) {
+    let (lo, hi) = if dir.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let mut lo = dir.to_vec();
+        lo.push(b'/');
+        let mut hi = dir.to_vec();
+        hi.push(b'0');
+        (lo, Some(hi))
+    };
+    let doomed: Vec<Vec<u8>> = match &hi {
+        Some(hi) => nodes.range(lo..hi.clone()).filter(|(_, n)| !keep(n)).map(|(k, _)| k.clone()).collect(),
+        None => nodes.iter().filter(|(k, n)| !k.is_empty() && !keep(n)).map(|(k, _)| k.clone()).collect(),
+    };
+    for k in doomed {
+        nodes.remove(&k);
+    }
+}
+
+fn parent(path: &[u8]) -> Option<&[u8]> {
+    if path.is_empty() {
+        return None;
+    }
+    Some(path.iter().rposition(|&b| b == b'/').map_or(&path[..0], |i| &path[..i]))
+}
+
+impl ImageView {
+    pub fn build(layers: Vec<Arc<LayerIndex>>) -> Result<Self, IndexError> {
+        let mut nodes: BTreeMap<Vec<u8>, Node> = BTreeMap::new();
+        nodes.insert(Vec::new(), Node { layer: 0, entry: IMPLIED, data: None });
+        for (li, layer) in layers.iter().enumerate() {
+            let li = li as u32;
+            for (ei, e) in layer.entries.iter().enumerate() {
+                let ei = ei as u32;
+                match &e.kind {
+                    EntryKind::Whiteout => {
+                        let lower = |n: &Node| n.layer >= li;
+                        if nodes.get(&e.path).is_some_and(|n| n.layer < li) {
+                            nodes.remove(&e.path);
+                        }
+                        remove_under(&mut nodes, &e.path, lower);
+                        continue;
+                    }
+                    EntryKind::Opaque => {
+                        remove_under(&mut nodes, &e.path, |n| n.layer >= li);
+                        // The directory itself stays (or is implied).
+                        Self::imply_parents(&layers, &mut nodes, &e.path, li, true);
+                        continue;
+                    }
+                    _ => {}
+                }
+                let data = match &e.kind {
+                    EntryKind::Hardlink { target } => Some(Self::resolve_link(&layers, &nodes, target, &e.path)?),
+                    _ => None,
+                };
+                if e.kind != EntryKind::Dir {
+                    remove_under(&mut nodes, &e.path, |_| false);
+                }
+                Self::imply_parents(&layers, &mut nodes, &e.path, li, false);
+                nodes.insert(e.path.clone(), Node { layer: li, entry: ei, data });
+            }
+        }
+        Ok(ImageView { layers, nodes })
+    }
+
+    /// Makes every ancestor of `path` (and `path` itself if `include_self`) a directory: missing
+    /// ones are implied; a non-directory in the way (a malformed image) is replaced.
+    fn imply_parents(
+        layers: &[Arc<LayerIndex>],
+        nodes: &mut BTreeMap<Vec<u8>, Node>,
+        path: &[u8],
+        layer: u32,
+        include_self: bool,
+    ) {
+        let mut todo = Vec::new();
+        let mut p = if include_self { Some(path) } else { parent(path) };
+        while let Some(dir) = p {
+            todo.push(dir);
+            p = parent(dir);
+        }
+        for dir in todo.into_iter().rev() {
+            let ok = nodes.get(dir).is_some_and(|n| {
+                n.entry == IMPLIED || layers[n.layer as usize].entries[n.entry as usize].kind == EntryKind::Dir
+            });
+            if !ok {
+                remove_under(nodes, dir, |_| false);
+                nodes.insert(dir.to_vec(), Node { layer, entry: IMPLIED, data: None });
+            }
+        }
+    }
+
+    fn resolve_link(
+        layers: &[Arc<LayerIndex>],
+        nodes: &BTreeMap<Vec<u8>, Node>,
+        target: &[u8],
+        path: &[u8],
+    ) -> Result<(u32, u32), IndexError> {
+        let err = |reason| IndexError::BadHardlink { path: show_path(path), target: show_path(target), reason };
+        let n = nodes.get(target).ok_or(err("does not exist"))?;
+        if let Some(d) = n.data {
+            return Ok(d);
+        }
+        if n.entry == IMPLIED {
+            return Err(err("is not a regular file"));
+        }
+        match layers[n.layer as usize].entries[n.entry as usize].kind {
+            EntryKind::File { .. } => Ok((n.layer, n.entry)),
+            _ => Err(err("is not a regular file")),
+        }
+    }
+
+    /// The node and its entry (`None` for implied directories) at `path` (normalised).
+    pub fn get(&self, path: &[u8]) -> Option<(Node, Option<&Entry>)> {
+        let n = *self.nodes.get(path)?;
+        Some((n, self.entry(n.layer, n.entry)))
+    }
+
+    pub fn entry(&self, layer: u32, entry: u32) -> Option<&Entry> {
+        if entry == IMPLIED {
+            return None;
+        }
+        self.layers.get(layer as usize)?.entries.get(entry as usize)
+    }
+
+    /// For a regular file or hard link: (layer, offset, size) of its bytes.
+    pub fn file_data(&self, node: &Node) -> Option<(u32, u64, u64)> {
+        let (l, e) = node.data.unwrap_or((node.layer, node.entry));
+        match self.entry(l, e)?.kind {
+            EntryKind::File { offset, size } => Some((l, offset, size)),
+            _ => None,
+        }
+    }
+
+    /// Number of regular files (hard links included) in the merged tree.
+    pub fn file_count(&self) -> usize {
+        self.nodes.values().filter(|n| self.file_data(n).is_some()).count()
+    }
+}
