@@ -1,0 +1,231 @@
+//! Indexing and loading whole images: registry -> builder -> store, and store/registry -> indexes.
+
+use crate::artifact::{self, ArtifactError};
+use crate::digest::Digest;
+use crate::index::{build_layer_index, format, BlobRef, BuildOptions, IndexError, LayerIndex};
+use crate::registry::{Client, LayerDescriptor, RegistryError, ResolvedImage};
+use crate::store::{ImageRecord, Store, StoreError};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("layer {layer}: {source}")]
+    Index { layer: Digest, source: IndexError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("layer {layer} has media type {media_type:?}; clip indexes gzip-compressed layers only")]
+    NotGzip { layer: Digest, media_type: String },
+    #[error("no clip index for {reference}: build one with `clip index {reference}` (add --push to publish it)")]
+    NoIndex { reference: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One layer's index, built now or found.
+#[derive(Clone)]
+pub struct LayerReport {
+    pub descriptor: LayerDescriptor,
+    pub index: Arc<LayerIndex>,
+    pub encoded: Bytes,
+    /// Built in this run (vs found in the store or the registry).
+    pub built: bool,
+    pub elapsed: Duration,
+}
+
+impl LayerReport {
+    pub fn encoded_ref(&self) -> BlobRef {
+        artifact::blob_ref(&self.encoded)
+    }
+}
+
+/// A blocking `Read` over chunks arriving on a channel (the registry stream).
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if !self.cur.is_empty() {
+                let n = buf.len().min(self.cur.len());
+                buf[..n].copy_from_slice(&self.cur[..n]);
+                self.cur = self.cur.slice(n..);
+                return Ok(n);
+            }
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Progress callback: compressed bytes processed.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Indexes one layer by streaming it from the registry (or returns the stored index unless
+/// `force`), and stores the result.
+pub async fn index_layer(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    desc: &LayerDescriptor,
+    opts: &BuildOptions,
+    progress: Progress,
+    force: bool,
+) -> Result<LayerReport, ImageError> {
+    let start = Instant::now();
+    if !force {
+        if let Some((ix, enc)) = store.get_layer(&desc.digest)? {
+            if store.get_windows(&ix.windows).is_some() {
+                progress(desc.size);
+                return Ok(LayerReport {
+                    descriptor: desc.clone(),
+                    index: Arc::new(ix),
+                    encoded: enc.into(),
+                    built: false,
+                    elapsed: start.elapsed(),
+                });
+            }
+        }
+    }
+    if !desc.is_gzip() {
+        return Err(ImageError::NotGzip { layer: desc.digest, media_type: desc.media_type.clone() });
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let streamer = {
+        let client = client.clone();
+        let r = image.reference.clone();
+        let d = desc.clone();
+        tokio::spawn(async move { client.stream_blob(&r, &d.digest, d.size, tx).await })
+    };
+    let opts = BuildOptions { expected_layer: Some(desc.digest), expected_diff_id: Some(desc.diff_id), ..opts.clone() };
+    let built = tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader { rx, cur: Bytes::new() };
+        build_layer_index(reader, &opts, |n| progress(n))
+    })
+    .await
+    .map_err(|e| ImageError::Internal(format!("indexing task: {e}")))?;
+    let streamed = streamer.await.map_err(|e| ImageError::Internal(format!("download task: {e}")))?;
+    // A download failure explains a build failure better than "truncated gzip".
+    streamed?;
+    let built = built.map_err(|source| ImageError::Index { layer: desc.digest, source })?;
+    let encoded = format::encode(&built.index);
+    store.put_layer(&desc.digest, &encoded, Some(&built.windows)).await?;
+    crate::metrics::indexed_bytes(built.index.uncompressed_size, &desc.digest.to_string());
+    Ok(LayerReport {
+        descriptor: desc.clone(),
+        index: Arc::new(built.index),
+        encoded: encoded.into(),
+        built: true,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Indexes every layer of `image` (`parallel` at a time) and records the image in the store.
+pub async fn index_image(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    opts: &BuildOptions,
+    progress: Progress,
+    force: bool,
+    parallel: usize,
+) -> Result<Vec<LayerReport>, ImageError> {
+    let reports: Vec<Result<LayerReport, ImageError>> = futures_util::stream::iter(image.layers.iter())
+        .map(|d| index_layer(client, store, image, d, opts, progress.clone(), force))
+        .buffered(parallel.max(1))
+        .collect()
+        .await;
+    let reports = reports.into_iter().collect::<Result<Vec<_>, _>>()?;
+    record_image(store, image, &reports, None).await?;
+    Ok(reports)
+}
+
+pub async fn record_image(
+    store: &Store,
+    image: &ResolvedImage,
+    reports: &[LayerReport],
+    artifact: Option<Digest>,
+) -> Result<(), ImageError> {
+    let artifact = artifact.or(store.get_image(&image.manifest_digest)?.and_then(|r| r.artifact));
+    store
+        .put_image(&ImageRecord {
+            reference: image.reference.to_string(),
+            manifest_digest: image.manifest_digest,
+            config_digest: image.config_digest,
+            layers: image.layers.clone(),
+            indexes: reports.iter().map(LayerReport::encoded_ref).collect(),
+            artifact,
+        })
+        .await?;
+    Ok(())
+}
+
+/// The indexes of every layer of `image`: from the store, else from the registry's index
+/// artifact (then stored). Errors with [`ImageError::NoIndex`] when neither has them.
+pub async fn load_indexes(client: &Client, store: &Store, image: &ResolvedImage) -> Result<Vec<LayerReport>, ImageError> {
+    let start = Instant::now();
+    let mut found = Vec::new();
+    for d in &image.layers {
+        match store.get_layer(&d.digest)? {
+            Some((ix, enc)) => found.push(LayerReport {
+                descriptor: d.clone(),
+                index: Arc::new(ix),
+                encoded: enc.into(),
+                built: false,
+                elapsed: start.elapsed(),
+            }),
+            None => break,
+        }
+    }
+    if found.len() == image.layers.len() {
+        return Ok(found);
+    }
+    let Some((artifact, fetched)) = artifact::fetch(client, image).await? else {
+        return Err(ImageError::NoIndex { reference: image.reference.to_string() });
+    };
+    let mut reports = Vec::new();
+    for (d, f) in image.layers.iter().zip(fetched) {
+        store.put_layer(&d.digest, &f.encoded, None).await?;
+        reports.push(LayerReport {
+            descriptor: d.clone(),
+            index: Arc::new(f.index),
+            encoded: f.encoded,
+            built: false,
+            elapsed: start.elapsed(),
+        });
+    }
+    record_image(store, image, &reports, Some(artifact)).await?;
+    Ok(reports)
+}
+
+/// Publishes the indexes in `reports` (windows read from the store) as `image`'s index artifact.
+pub async fn publish(client: &Client, store: &Store, image: &ResolvedImage, reports: &[LayerReport]) -> Result<Digest, ImageError> {
+    let mut windows = Vec::new();
+    for r in reports {
+        let w = store.get_windows(&r.index.windows).ok_or_else(|| {
+            ImageError::Internal(format!("windows of layer {} are not in the local store; re-run with --force", r.descriptor.digest))
+        })?;
+        windows.push(Bytes::from(w));
+    }
+    let layers: Vec<artifact::PublishedLayer<'_>> = reports
+        .iter()
+        .zip(windows)
+        .map(|(r, w)| artifact::PublishedLayer { index: &r.index, encoded: r.encoded.clone(), windows: w })
+        .collect();
+    let digest = artifact::push(client, image, &layers).await?;
+    record_image(store, image, reports, Some(digest)).await?;
+    Ok(digest)
+}

@@ -1,0 +1,744 @@
+//! An OCI distribution client built for lazy reads.
+//!
+//! Every request goes through one loop ([`Client::execute`]): pick an endpoint (mirrors from
+//! containerd's `hosts.toml` first, then the registry), attach credentials (cached bearer token,
+//! or basic), send, and classify the outcome. `401` runs the challenge (`WWW-Authenticate`: basic,
+//! or the bearer-token flow with the user's credentials) and retries once; `429`, `5xx`, resets,
+//! stalls and truncated bodies are retried with exponential backoff and jitter (`Retry-After`
+//! honoured) until the operation's deadline; anything else fails at once with a clear error.
+//! Bodies are read inside the loop, so a connection that dies mid-body is retried too, and long
+//! blob streams resume from the last byte received with a range request.
+//!
+//! Nothing read is trusted: manifests and configs are checked against their digests; whole blobs
+//! are checked by their consumers (the index builder hashes every byte); ranges are checked by the
+//! index's span digests. Secrets never reach logs or error messages.
+
+pub mod auth;
+pub mod hosts;
+mod manifest;
+
+pub use manifest::{LayerDescriptor, Platform, ResolvedImage};
+
+use crate::digest::Digest;
+use crate::reference::Reference;
+use auth::{Challenge, Credentials, Token, TokenResponse};
+use bytes::Bytes;
+use hosts::Endpoint;
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::StatusCode;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
+    #[error("{registry}: authentication failed ({detail}); check credentials (docker login, or ~/.docker/config.json)")]
+    Unauthorized { registry: String, detail: String },
+    #[error("{registry}: access denied to {what}")]
+    Denied { registry: String, what: String },
+    #[error("not found: {what}")]
+    NotFound { what: String },
+    #[error("{url}: HTTP {status}: {body}")]
+    Http { url: String, status: u16, body: String },
+    #[error("{what}: gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    DeadlineExceeded { what: String, attempts: u32, elapsed: Duration, last: String },
+    #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { what: String, expected: Digest, actual: Digest },
+    #[error("invalid manifest {what}: {reason}")]
+    InvalidManifest { what: String, reason: String },
+    #[error("no manifest for platform {platform} in {what} (available: {available})")]
+    NoMatchingPlatform { what: String, platform: String, available: String },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl RegistryError {
+    /// Transient failures that a later attempt (or a retry by the caller) may cure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::DeadlineExceeded { .. })
+    }
+}
+
+/// How to reach registries. Every field has a sane default.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Hosts that may be reached over plain HTTP or with unverified TLS (localhost always may
+    /// use plain HTTP).
+    pub insecure: Vec<String>,
+    /// containerd's host configuration directory (`hosts.toml` per registry); `None` = none.
+    pub hosts_dir: Option<PathBuf>,
+    /// Docker config file for credentials; `None` = `$DOCKER_CONFIG` or `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
+    /// Credentials given explicitly, by registry host; they win over the docker config.
+    pub credentials: HashMap<String, Credentials>,
+    /// The platform to pick from multi-platform images.
+    pub platform: Platform,
+    /// How long one operation (including all its retries) may take.
+    pub deadline: Duration,
+    /// How long a single attempt may wait for response headers, or for the next body chunk.
+    pub stall_timeout: Duration,
+    /// First retry delay; doubled each attempt up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            insecure: Vec::new(),
+            hosts_dir: Some(PathBuf::from("/etc/containerd/certs.d")).filter(|p| p.is_dir()),
+            docker_config: None,
+            credentials: HashMap::new(),
+            platform: Platform::host(),
+            deadline: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(30),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+/// Manifests and configs larger than this are refused (the distribution spec suggests 4 MiB).
+const MAX_MANIFEST: u64 = 8 << 20;
+
+/// The outcome of one attempt.
+enum Attempt {
+    Retry { reason: String, after: Option<Duration> },
+    Fatal(RegistryError),
+}
+
+impl From<RegistryError> for Attempt {
+    fn from(e: RegistryError) -> Self {
+        Attempt::Fatal(e)
+    }
+}
+
+/// What each request needs to know.
+#[derive(Clone)]
+struct Target<'a> {
+    registry: &'a str,
+    api_host: &'a str,
+    repository: &'a str,
+    push: bool,
+}
+
+#[derive(Default)]
+struct AuthState {
+    /// Last challenge seen per registry.
+    challenges: HashMap<String, Challenge>,
+    /// Bearer tokens by (registry, scope).
+    tokens: HashMap<(String, String), Token>,
+    /// Per endpoint base: use plain HTTP (learned by fallback).
+    plain_http: HashMap<String, bool>,
+}
+
+/// Counts what the client moved; shared with metrics and benchmarks.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub retries: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RegistryConfig,
+    docker_creds: HashMap<String, Credentials>,
+    clients: Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>,
+    state: Mutex<AuthState>,
+    stats: Stats,
+}
+
+impl Client {
+    pub fn new(cfg: RegistryConfig) -> Self {
+        let docker_creds = cfg
+            .docker_config
+            .clone()
+            .or_else(auth::docker_config_path)
+            .map(|p| auth::load_docker_config(&p))
+            .unwrap_or_default();
+        Client {
+            inner: Arc::new(Inner {
+                cfg,
+                docker_creds,
+                clients: Mutex::new(HashMap::new()),
+                state: Mutex::new(AuthState::default()),
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.inner.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    fn credentials(&self, registry: &str) -> Option<&Credentials> {
+        self.inner.cfg.credentials.get(registry).or_else(|| self.inner.docker_creds.get(registry))
+    }
+
+    fn http(&self, ep: &Endpoint) -> Result<reqwest::Client, RegistryError> {
+        let key = (ep.skip_verify, ep.ca.clone());
+        let mut clients = self.inner.clients.lock().expect("client cache lock");
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(self.inner.cfg.stall_timeout)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .danger_accept_invalid_certs(ep.skip_verify);
+        for ca in &ep.ca {
+            let pem = std::fs::read(ca).map_err(|e| RegistryError::Tls(format!("reading CA {}: {e}", ca.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| RegistryError::Tls(format!("parsing CA {}: {e}", ca.display())))?
+            {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let c = b.build().map_err(|e| RegistryError::Tls(e.to_string()))?;
+        clients.insert(key, c.clone());
+        Ok(c)
+    }
+
+    fn endpoints(&self, t: &Target) -> Vec<Endpoint> {
+        let mut eps = hosts::endpoints(t.registry, t.api_host, self.inner.cfg.hosts_dir.as_deref(), &self.inner.cfg.insecure);
+        if t.push {
+            eps.retain(|e| !e.mirror);
+        }
+        eps
+    }
+
+    fn base_url(&self, ep: &Endpoint) -> String {
+        let plain = self.inner.state.lock().expect("state lock").plain_http.get(&ep.base).copied().unwrap_or(false);
+        if plain {
+            ep.base.replacen("https://", "http://", 1)
+        } else {
+            ep.base.clone()
+        }
+    }
+
+    fn scope(t: &Target) -> String {
+        format!("repository:{}:{}", t.repository, if t.push { "pull,push" } else { "pull" })
+    }
+
+    /// The Authorization header to send, fetching a bearer token first if one is needed.
+    async fn authorization(&self, ep: &Endpoint, t: &Target<'_>, force: bool) -> Result<Option<String>, RegistryError> {
+        let scope = Self::scope(t);
+        let key = (t.registry.to_string(), scope.clone());
+        let challenge = {
+            let mut st = self.inner.state.lock().expect("state lock");
+            if force {
+                st.tokens.remove(&key);
+            } else if let Some(tok) = st.tokens.get(&key).filter(|t| t.fresh()) {
+                return Ok(Some(format!("Bearer {}", tok.value)));
+            }
+            st.challenges.get(t.registry).cloned()
+        };
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.credentials(t.registry).map(|c| c.basic_header())),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let token = self.fetch_token(ep, t, &realm, service.as_deref(), &scope).await?;
+                let header = format!("Bearer {}", token.value);
+                self.inner.state.lock().expect("state lock").tokens.insert(key, token);
+                Ok(Some(header))
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        t: &Target<'_>,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Token, RegistryError> {
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|e| RegistryError::Unauthorized { registry: t.registry.into(), detail: format!("bad token realm: {e}") })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let http = self.http(ep)?;
+        let what = format!("token for {}", t.registry);
+        let creds = self.credentials(t.registry).cloned();
+        self.retrying(&what, || {
+            let mut req = http.get(url.clone());
+            if let Some(c) = &creds {
+                req = req.header(AUTHORIZATION, c.basic_header());
+            }
+            let registry = t.registry.to_string();
+            async move {
+                let resp = req.send().await.map_err(transport)?;
+                let status = resp.status();
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                    return Err(Attempt::Fatal(RegistryError::Unauthorized {
+                        registry,
+                        detail: format!("token server answered {status}"),
+                    }));
+                }
+                let resp = classify(resp, "token server").await?;
+                let body = read_body(resp, Some(1 << 20), None).await?;
+                let tr: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+                    Attempt::Fatal(RegistryError::Unauthorized { registry: registry.clone(), detail: format!("bad token response: {e}") })
+                })?;
+                tr.into_token().ok_or_else(|| {
+                    Attempt::Fatal(RegistryError::Unauthorized { registry, detail: "token response without a token".into() })
+                })
+            }
+        })
+        .await
+    }
+
+    /// Runs `op` until it succeeds, fails fatally, or the deadline passes.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        let start = Instant::now();
+        let deadline = start + self.inner.cfg.deadline;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = match tokio::time::timeout(remaining, op()).await {
+                Ok(r) => r,
+                Err(_) => Err(Attempt::Retry { reason: "operation deadline reached".into(), after: None }),
+            };
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry { reason, after }) => {
+                    let backoff = self.inner.cfg.initial_backoff.saturating_mul(1 << attempts.min(16)).min(self.inner.cfg.max_backoff);
+                    let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
+                    let delay = after.unwrap_or(backoff + jitter);
+                    if Instant::now() + delay >= deadline {
+                        return Err(RegistryError::DeadlineExceeded {
+                            what: what.to_string(),
+                            attempts,
+                            elapsed: start.elapsed(),
+                            last: reason,
+                        });
+                    }
+                    tracing::debug!(what, attempts, ?delay, reason, "retrying");
+                    self.inner.stats.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a request built by `build(base_url)` to each endpoint in turn with auth and retries,
+    /// and hands the successful response to `consume` (inside the retry loop).
+    async fn execute<T, B, C, Fut>(&self, t: Target<'_>, what: &str, build: B, consume: C) -> Result<T, RegistryError>
+    where
+        B: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+        C: Fn(reqwest::Response) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        let eps = self.endpoints(&t);
+        let mut last_err = None;
+        for ep in &eps {
+            let http = self.http(ep)?;
+            let result = self
+                .retrying(what, || async {
+                    let mut force = false;
+                    for _ in 0..2 {
+                        let auth = self.authorization(ep, &t, force).await?;
+                        let base = self.base_url(ep);
+                        let mut req = build(&http, &base);
+                        if let Some(a) = &auth {
+                            req = req.header(AUTHORIZATION, a);
+                        }
+                        self.inner.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let resp = match req.send().await {
+                            Ok(r) => r,
+                            Err(e) if ep.http_fallback && base.starts_with("https://") && e.is_connect() => {
+                                tracing::debug!(endpoint = %ep.base, "TLS connect failed, using plain HTTP");
+                                self.inner.state.lock().expect("state lock").plain_http.insert(ep.base.clone(), true);
+                                return Err(Attempt::Retry { reason: format!("TLS to {} failed: {e}", ep.base), after: Some(Duration::ZERO) });
+                            }
+                            Err(e) => return Err(transport(e)),
+                        };
+                        if resp.status() == StatusCode::UNAUTHORIZED {
+                            let header = resp.headers().get("www-authenticate").and_then(|h| h.to_str().ok()).map(str::to_string);
+                            let challenge = header.as_deref().and_then(auth::parse_challenge);
+                            let Some(challenge) = challenge else {
+                                return Err(Attempt::Fatal(RegistryError::Unauthorized {
+                                    registry: t.registry.into(),
+                                    detail: "401 without a usable WWW-Authenticate challenge".into(),
+                                }));
+                            };
+                            let seen_before = {
+                                let mut st = self.inner.state.lock().expect("state lock");
+                                st.challenges.insert(t.registry.to_string(), challenge.clone()) == Some(challenge.clone())
+                            };
+                            if force || (seen_before && auth.is_some() && matches!(challenge, Challenge::Basic)) {
+                                let detail = if self.credentials(t.registry).is_some() { "credentials rejected" } else { "no credentials for this registry" };
+                                return Err(Attempt::Fatal(RegistryError::Unauthorized { registry: t.registry.into(), detail: detail.into() }));
+                            }
+                            force = true;
+                            continue;
+                        }
+                        if resp.status() == StatusCode::FORBIDDEN {
+                            return Err(Attempt::Fatal(RegistryError::Denied { registry: t.registry.into(), what: what.into() }));
+                        }
+                        if resp.status() == StatusCode::NOT_FOUND {
+                            return Err(Attempt::Fatal(RegistryError::NotFound { what: what.into() }));
+                        }
+                        let resp = classify(resp, what).await?;
+                        return consume(resp).await;
+                    }
+                    unreachable!("the second pass returns")
+                })
+                .await;
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e @ RegistryError::NotFound { .. }) if ep.mirror => last_err = Some(e),
+                Err(e @ (RegistryError::DeadlineExceeded { .. } | RegistryError::Http { .. })) if ep.mirror => {
+                    tracing::warn!(mirror = %ep.base, "mirror failed, trying the next endpoint: {e}");
+                    last_err = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| RegistryError::Other(format!("{what}: no endpoint"))))
+    }
+
+    fn target<'a>(r: &'a Reference, push: bool) -> Target<'a> {
+        Target { registry: &r.registry, api_host: r.api_host(), repository: &r.repository, push }
+    }
+
+    /// Fetches a manifest (by tag or digest); returns its bytes, media type and digest. A pinned
+    /// digest is verified.
+    pub async fn get_manifest(&self, r: &Reference, reference: &str) -> Result<(Bytes, String, Digest), RegistryError> {
+        let path = format!("/v2/{}/manifests/{}", r.repository, reference);
+        let what = format!("manifest {}@{}", r.repository, reference);
+        let (body, media_type) = self
+            .execute(
+                Self::target(r, false),
+                &what,
+                |http, base| http.get(format!("{base}{path}")).header(ACCEPT, ACCEPT_MANIFESTS),
+                |resp| async move {
+                    let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
+                    Ok((body, ct))
+                },
+            )
+            .await?;
+        self.count_bytes(body.len());
+        let digest = Digest::of(&body);
+        if let Ok(expected) = reference.parse::<Digest>() {
+            if expected != digest {
+                return Err(RegistryError::DigestMismatch { what, expected, actual: digest });
+            }
+        }
+        Ok((body, media_type, digest))
+    }
+
+    /// Fetches a whole (small) blob into memory and verifies its digest.
+    pub async fn get_blob(&self, r: &Reference, digest: &Digest, max: u64) -> Result<Bytes, RegistryError> {
+        let path = format!("/v2/{}/blobs/{}", r.repository, digest);
+        let what = format!("blob {}@{}", r.repository, digest);
+        let body = self
+            .execute(Self::target(r, false), &what, |http, base| http.get(format!("{base}{path}")), |resp| async move {
+                read_body(resp, Some(max), None).await
+            })
+            .await?;
+        self.count_bytes(body.len());
+        let actual = Digest::of(&body);
+        if actual != *digest {
+            return Err(RegistryError::DigestMismatch { what, expected: *digest, actual });
+        }
+        Ok(body)
+    }
+
+    /// Reads bytes `[start, start + len)` of a blob with one range request. The caller verifies
+    /// the content (span digests); this checks the server returned exactly that range.
+    pub async fn get_blob_range(&self, r: &Reference, digest: &Digest, start: u64, len: u64) -> Result<Bytes, RegistryError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let path = format!("/v2/{}/blobs/{}", r.repository, digest);
+        let what = format!("blob {}@{} bytes {}+{}", r.repository, digest, start, len);
+        let range = format!("bytes={}-{}", start, start + len - 1);
+        let body = self
+            .execute(
+                Self::target(r, false),
+                &what,
+                |http, base| http.get(format!("{base}{path}")).header(RANGE, range.clone()),
+                |resp| async move {
+                    let status = resp.status();
+                    if status == StatusCode::PARTIAL_CONTENT {
+                        check_content_range(resp.headers(), start, len)?;
+                        read_body(resp, Some(len), Some(len)).await
+                    } else {
+                        // The server ignored the range: take the slice we asked for from the whole blob.
+                        let all = read_body(resp, Some(start + len + (64 << 20)), None).await?;
+                        if (all.len() as u64) < start + len {
+                            return Err(Attempt::Fatal(RegistryError::Other(format!("{status}: blob shorter than requested range"))));
+                        }
+                        Ok(all.slice(start as usize..(start + len) as usize))
+                    }
+                },
+            )
+            .await?;
+        self.count_bytes(body.len());
+        Ok(body)
+    }
+
+    fn count_bytes(&self, n: usize) {
+        self.inner.stats.bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::registry_bytes(n as u64);
+    }
+
+    /// Streams a whole blob from `offset` into `tx`, resuming with range requests after failures.
+    /// The receiver gets chunks in order; an error ends the stream.
+    pub async fn stream_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+        tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    ) -> Result<(), RegistryError> {
+        let path = format!("/v2/{}/blobs/{}", r.repository, digest);
+        let what = format!("blob {}@{}", r.repository, digest);
+        let pos = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let result = self
+            .execute(
+                Self::target(r, false),
+                &what,
+                |http, base| {
+                    let at = pos.load(std::sync::atomic::Ordering::SeqCst);
+                    let req = http.get(format!("{base}{path}"));
+                    if at > 0 {
+                        req.header(RANGE, format!("bytes={at}-"))
+                    } else {
+                        req
+                    }
+                },
+                |mut resp| {
+                    let what = what.clone();
+                    let tx = tx.clone();
+                    let pos = pos.clone();
+                    let stall = self.inner.cfg.stall_timeout;
+                    async move {
+                        let at = pos.load(std::sync::atomic::Ordering::SeqCst);
+                        if at > 0 {
+                            if resp.status() != StatusCode::PARTIAL_CONTENT {
+                                return Err(Attempt::Fatal(RegistryError::Other(format!("{what}: server cannot resume (no range support)"))));
+                            }
+                            check_content_range(resp.headers(), at, size - at)?;
+                        }
+                        loop {
+                            let chunk = match tokio::time::timeout(stall, resp.chunk()).await {
+                                Err(_) => return Err(Attempt::Retry { reason: "body stalled".into(), after: Some(Duration::ZERO) }),
+                                Ok(Err(e)) => return Err(Attempt::Retry { reason: format!("body: {e}"), after: Some(Duration::ZERO) }),
+                                Ok(Ok(None)) => break,
+                                Ok(Ok(Some(c))) => c,
+                            };
+                            let now = pos.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst) + chunk.len() as u64;
+                            if now > size {
+                                return Err(Attempt::Fatal(RegistryError::Other(format!("{what}: longer than its descriptor's {size} bytes"))));
+                            }
+                            self.count_bytes(chunk.len());
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                return Ok(()); // the reader went away
+                            }
+                        }
+                        if pos.load(std::sync::atomic::Ordering::SeqCst) < size {
+                            return Err(Attempt::Retry { reason: "body ended early".into(), after: Some(Duration::ZERO) });
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .await;
+        if let Err(e) = &result {
+            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        }
+        result
+    }
+
+    /// True if the repository has the blob.
+    pub async fn blob_exists(&self, r: &Reference, digest: &Digest, push: bool) -> Result<bool, RegistryError> {
+        let path = format!("/v2/{}/blobs/{}", r.repository, digest);
+        match self
+            .execute(Self::target(r, push), &format!("blob {digest}"), |http, base| http.head(format!("{base}{path}")), |_| async { Ok(()) })
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(RegistryError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads a blob (monolithic upload) unless the repository already has it.
+    pub async fn push_blob(&self, r: &Reference, digest: &Digest, data: Bytes) -> Result<(), RegistryError> {
+        if self.blob_exists(r, digest, true).await? {
+            return Ok(());
+        }
+        let start = format!("/v2/{}/blobs/uploads/", r.repository);
+        let what = format!("upload of {digest} to {}", r.repository);
+        let location: String = self
+            .execute(Self::target(r, true), &what, |http, base| http.post(format!("{base}{start}")).header(CONTENT_LENGTH, 0), |resp| async move {
+                let loc = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
+                let base = resp.url().clone();
+                let loc = loc.ok_or_else(|| Attempt::Fatal(RegistryError::Other("upload without Location".into())))?;
+                base.join(&loc).map(|u| u.to_string()).map_err(|e| Attempt::Fatal(RegistryError::Other(format!("bad Location: {e}"))))
+            })
+            .await?;
+        let mut url = reqwest::Url::parse(&location).map_err(|e| RegistryError::Other(e.to_string()))?;
+        url.query_pairs_mut().append_pair("digest", &digest.to_string());
+        self.execute(
+            Self::target(r, true),
+            &what,
+            |http, _| {
+                http.put(url.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, data.len())
+                    .body(data.clone())
+            },
+            |_| async { Ok(()) },
+        )
+        .await
+    }
+
+    /// Uploads a manifest under `reference` (a tag or its digest).
+    pub async fn push_manifest(&self, r: &Reference, reference: &str, media_type: &str, body: Bytes) -> Result<Digest, RegistryError> {
+        let path = format!("/v2/{}/manifests/{}", r.repository, reference);
+        let what = format!("manifest {}:{}", r.repository, reference);
+        self.execute(
+            Self::target(r, true),
+            &what,
+            |http, base| http.put(format!("{base}{path}")).header(CONTENT_TYPE, media_type).body(body.clone()),
+            |_| async { Ok(()) },
+        )
+        .await?;
+        Ok(Digest::of(&body))
+    }
+
+    /// The referrers API (`GET /v2/<repo>/referrers/<digest>`); `Ok(None)` when the registry
+    /// does not implement it.
+    pub async fn referrers_api(&self, r: &Reference, subject: &Digest) -> Result<Option<Bytes>, RegistryError> {
+        let path = format!("/v2/{}/referrers/{}", r.repository, subject);
+        let what = format!("referrers of {subject}");
+        match self
+            .execute(
+                Self::target(r, false),
+                &what,
+                |http, base| http.get(format!("{base}{path}")).header(ACCEPT, MEDIA_OCI_INDEX),
+                |resp| async move {
+                    let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
+                    Ok((body, ct))
+                },
+            )
+            .await
+        {
+            Ok((body, ct)) if ct.starts_with(MEDIA_OCI_INDEX) => Ok(Some(body)),
+            Ok(_) => Ok(None),
+            Err(RegistryError::NotFound { .. }) => Ok(None),
+            Err(RegistryError::Http { status: 400 | 405, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolves a reference to one image manifest for the configured platform, with its config.
+    pub async fn resolve(&self, r: &Reference) -> Result<ResolvedImage, RegistryError> {
+        manifest::resolve(self, r).await
+    }
+}
+
+fn transport(e: reqwest::Error) -> Attempt {
+    // Connection refused/reset, timeouts, broken bodies: all worth another try.
+    Attempt::Retry { reason: format!("{e}"), after: None }
+}
+
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let v = h.get("retry-after")?.to_str().ok()?.trim();
+    v.parse::<u64>().ok().map(|s| Duration::from_secs(s.min(60)))
+}
+
+/// Turns non-success statuses into retry or failure.
+async fn classify(resp: reqwest::Response, what: &str) -> Result<reqwest::Response, Attempt> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let after = retry_after(resp.headers());
+    let url = resp.url().to_string();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        return Err(Attempt::Retry { reason: format!("{what}: HTTP {status}"), after });
+    }
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    Err(Attempt::Fatal(RegistryError::Http { url, status: status.as_u16(), body }))
+}
+
+/// Reads a body fully; refuses more than `max` bytes; with `exact`, anything else than that
+/// many bytes is a (retryable) truncation.
+async fn read_body(mut resp: reqwest::Response, max: Option<u64>, exact: Option<u64>) -> Result<Bytes, Attempt> {
+    if let (Some(max), Some(len)) = (max, resp.content_length()) {
+        if len > max {
+            return Err(Attempt::Fatal(RegistryError::Other(format!("response of {len} bytes exceeds the limit of {max}"))));
+        }
+    }
+    let declared = resp.content_length();
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max.unwrap_or(u64::MAX)).min(64 << 20) as usize);
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                buf.extend_from_slice(&c);
+                if max.is_some_and(|m| buf.len() as u64 > m) {
+                    return Err(Attempt::Fatal(RegistryError::Other(format!("response exceeds the limit of {} bytes", max.unwrap_or(0)))));
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Attempt::Retry { reason: format!("reading body: {e}"), after: None }),
+        }
+    }
+    let got = buf.len() as u64;
+    if let Some(want) = exact.or(declared) {
+        if got != want {
+            return Err(Attempt::Retry { reason: format!("body truncated: {got} of {want} bytes"), after: None });
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn check_content_range(h: &HeaderMap, start: u64, len: u64) -> Result<(), Attempt> {
+    let Some(v) = h.get("content-range").and_then(|v| v.to_str().ok()) else {
+        return Ok(()); // length is checked on the body
+    };
+    let expect = format!("bytes {}-{}/", start, start + len - 1);
+    if v.starts_with(&expect) {
+        Ok(())
+    } else {
+        Err(Attempt::Fatal(RegistryError::Other(format!("server returned range {v:?}, asked for {expect}"))))
+    }
+}

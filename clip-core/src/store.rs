@@ -1,0 +1,191 @@
+//! The local store: indexes and image records in sled, checkpoint windows as files.
+//!
+//! sled holds small metadata only (an encoded layer index is tens to hundreds of KiB); the
+//! windows blobs (about 30 KiB per checkpoint) are plain files named by digest, written to a
+//! temporary name, fsynced and renamed, so a crash never leaves a half-written blob under a real
+//! name. Every change is flushed before it is acknowledged. Everything here can be rebuilt from
+//! the registry, so a record that fails to decode is dropped (and logged), never served.
+
+use crate::digest::Digest;
+use crate::index::{format, BlobRef, IndexError, LayerIndex};
+use crate::registry::LayerDescriptor;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Db { path: String, source: sled::Error },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("stored record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// What the store knows of one image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageRecord {
+    pub reference: String,
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
+    pub layers: Vec<LayerDescriptor>,
+    /// The encoded index blob of each layer (same order as `layers`).
+    pub indexes: Vec<BlobRef>,
+    /// The published index artifact, if known.
+    pub artifact: Option<Digest>,
+}
+
+pub struct Store {
+    root: PathBuf,
+    db: sled::Db,
+    layers: sled::Tree,
+    images: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creating) the store under `root`.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let io = |p: &Path, source| StoreError::Io { path: p.display().to_string(), source };
+        std::fs::create_dir_all(root.join("windows")).map_err(|e| io(root, e))?;
+        let db_path = root.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(32 << 20)
+            .open()
+            .map_err(|source| StoreError::Db { path: db_path.display().to_string(), source })?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Db { path: db_path.display().to_string(), source })
+        };
+        Ok(Store { root: root.to_path_buf(), layers: tree("layer-index")?, images: tree("image")?, db })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn db_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Db { path: self.root.join("db").display().to_string(), source }
+    }
+
+    pub fn windows_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("windows").join(digest.hex())
+    }
+
+    /// Stores an encoded index and (when given) its windows blob; durable on return.
+    pub async fn put_layer(&self, layer: &Digest, encoded: &[u8], windows: Option<&[u8]>) -> Result<(), StoreError> {
+        if let Some(w) = windows {
+            let ix = format::decode(encoded).map_err(|e| StoreError::Corrupt { key: layer.to_string(), reason: e.to_string() })?;
+            self.write_file_atomic(&self.windows_path(&ix.windows.digest), w)?;
+        }
+        self.layers.insert(layer.to_string(), encoded).map_err(|e| self.db_err(e))?;
+        self.db.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    fn write_file_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io { path: path.display().to_string(), source };
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(())
+    }
+
+    /// The encoded index of a layer, checked. A corrupt record is removed and reported as absent.
+    pub fn get_layer(&self, layer: &Digest) -> Result<Option<(LayerIndex, Vec<u8>)>, StoreError> {
+        let Some(raw) = self.layers.get(layer.to_string()).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        match format::decode(&raw).and_then(|ix| {
+            if ix.layer == *layer {
+                Ok(ix)
+            } else {
+                Err(IndexError::Format(format!("record is for layer {}", ix.layer)))
+            }
+        }) {
+            Ok(ix) => Ok(Some((ix, raw.to_vec()))),
+            Err(e) => {
+                tracing::warn!(%layer, "dropping unreadable stored index: {e}");
+                self.layers.remove(layer.to_string()).map_err(|e| self.db_err(e))?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads a windows blob if it is present and intact.
+    pub fn get_windows(&self, blob: &BlobRef) -> Option<Vec<u8>> {
+        let data = std::fs::read(self.windows_path(&blob.digest)).ok()?;
+        (data.len() as u64 == blob.size && Digest::of(&data) == blob.digest).then_some(data)
+    }
+
+    pub async fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(rec).expect("image records serialise");
+        self.images.insert(rec.manifest_digest.to_string(), json).map_err(|e| self.db_err(e))?;
+        self.db.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    pub fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, StoreError> {
+        let Some(raw) = self.images.get(manifest.to_string()).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { key: manifest.to_string(), reason: e.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{EntryKind, Entry, Span};
+
+    fn sample() -> (LayerIndex, Vec<u8>) {
+        let windows = b"not really zstd".to_vec();
+        let ix = LayerIndex {
+            layer: Digest::of(b"layer"),
+            diff_id: Digest::of(b"diff"),
+            compressed_size: 10,
+            uncompressed_size: 20,
+            span_size: 1 << 20,
+            windows: BlobRef { digest: Digest::of(&windows), size: windows.len() as u64 },
+            spans: vec![Span { uncompressed: 0, compressed: 10, bits: 0, window_offset: 0, window_len: 0, digest: Digest::of(b"") }],
+            entries: vec![Entry {
+                path: b"a".to_vec(),
+                kind: EntryKind::File { offset: 0, size: 20 },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                xattrs: vec![],
+            }],
+        };
+        (ix, windows)
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_and_drops_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ix, windows) = sample();
+        let enc = format::encode(&ix);
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put_layer(&ix.layer, &enc, Some(&windows)).await.unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let (back, raw) = s.get_layer(&ix.layer).unwrap().unwrap();
+        assert_eq!((back, raw), (ix.clone(), enc.clone()));
+        assert_eq!(s.get_windows(&ix.windows).unwrap(), windows);
+        // A damaged windows file is not returned.
+        std::fs::write(s.windows_path(&ix.windows.digest), b"not really zstE").unwrap();
+        assert!(s.get_windows(&ix.windows).is_none());
+        // A damaged record is dropped, not served.
+        let mut bad = enc.clone();
+        bad[20] ^= 1;
+        s.layers.insert(ix.layer.to_string(), bad).unwrap();
+        assert!(s.get_layer(&ix.layer).unwrap().is_none());
+        assert!(s.get_layer(&ix.layer).unwrap().is_none());
+    }
+}

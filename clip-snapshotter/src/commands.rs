@@ -1,0 +1,298 @@
+//! Resolved settings and the subcommands.
+
+use crate::cli::{Cli, Command, GlobalArgs, IndexArgs, InspectArgs};
+use anyhow::{Context, Result};
+use clip_core::image::{self, LayerReport};
+use clip_core::index::{EntryKind, ImageView};
+use clip_core::registry::{Client, RegistryConfig, ResolvedImage};
+use clip_core::store::Store;
+use clip_core::Reference;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Index(a) => index(&cli.global, a).await,
+        Command::Inspect(a) => inspect(&cli.global, a).await,
+    }
+}
+
+fn default_root() -> PathBuf {
+    // SAFETY-free check for root: the effective uid via /proc.
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false);
+    if is_root {
+        PathBuf::from("/var/lib/clip")
+    } else {
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("clip")
+    }
+}
+
+struct Ctx {
+    client: Client,
+    store: Store,
+}
+
+fn context(g: &GlobalArgs) -> Result<Ctx> {
+    let mut cfg = RegistryConfig { insecure: g.insecure.clone(), deadline: Duration::from_secs(g.registry_timeout.max(1)), ..Default::default() };
+    if let Some(d) = &g.hosts_dir {
+        cfg.hosts_dir = Some(d.clone());
+    }
+    if let Some(p) = &g.platform {
+        cfg.platform = p.parse().map_err(anyhow::Error::msg)?;
+    }
+    let root = g.root.clone().unwrap_or_else(default_root);
+    let store = Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
+    Ok(Ctx { client: Client::new(cfg), store })
+}
+
+async fn resolve(ctx: &Ctx, reference: &str) -> Result<ResolvedImage> {
+    let r: Reference = reference.parse()?;
+    ctx.client.resolve(&r).await.with_context(|| format!("resolving {r}"))
+}
+
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn short(d: &clip_core::Digest) -> String {
+    d.to_string()[..19].to_string()
+}
+
+struct Totals {
+    compressed: u64,
+    uncompressed: u64,
+    index: u64,
+    windows: u64,
+    entries: usize,
+}
+
+fn totals(reports: &[LayerReport]) -> Totals {
+    Totals {
+        compressed: reports.iter().map(|r| r.index.compressed_size).sum(),
+        uncompressed: reports.iter().map(|r| r.index.uncompressed_size).sum(),
+        index: reports.iter().map(|r| r.encoded.len() as u64).sum(),
+        windows: reports.iter().map(|r| r.index.windows.size).sum(),
+        entries: reports.iter().map(|r| r.index.entries.len()).sum(),
+    }
+}
+
+fn summary_json(image: &ResolvedImage, reports: &[LayerReport], view: &ImageView) -> serde_json::Value {
+    let t = totals(reports);
+    json!({
+        "reference": image.reference.to_string(),
+        "manifest_digest": image.manifest_digest.to_string(),
+        "layers": reports.iter().map(|r| json!({
+            "digest": r.descriptor.digest.to_string(),
+            "diff_id": r.index.diff_id.to_string(),
+            "compressed_bytes": r.index.compressed_size,
+            "uncompressed_bytes": r.index.uncompressed_size,
+            "entries": r.index.entries.len(),
+            "files": r.index.file_count(),
+            "spans": r.index.spans.len(),
+            "span_size": r.index.span_size,
+            "index_bytes": r.encoded.len(),
+            "index_digest": r.encoded_ref().digest.to_string(),
+            "checkpoint_bytes": r.index.windows.size,
+        })).collect::<Vec<_>>(),
+        "files": view.file_count(),
+        "paths": view.nodes.len(),
+        "entries": t.entries,
+        "compressed_bytes": t.compressed,
+        "uncompressed_bytes": t.uncompressed,
+        "index_bytes": t.index,
+        "checkpoint_bytes": t.windows,
+    })
+}
+
+fn print_layers(reports: &[LayerReport]) {
+    println!("{:>3}  {:<19}  {:>10}  {:>12}  {:>7}  {:>5}  {:>9}  {:>9}", "#", "layer", "compressed", "uncompressed", "entries", "spans", "index", "windows");
+    for (i, r) in reports.iter().enumerate() {
+        println!(
+            "{:>3}  {:<19}  {:>10}  {:>12}  {:>7}  {:>5}  {:>9}  {:>9}",
+            i + 1,
+            short(&r.descriptor.digest),
+            human(r.index.compressed_size),
+            human(r.index.uncompressed_size),
+            r.index.entries.len(),
+            r.index.spans.len(),
+            human(r.encoded.len() as u64),
+            human(r.index.windows.size),
+        );
+    }
+}
+
+async fn index(g: &GlobalArgs, a: IndexArgs) -> Result<()> {
+    let ctx = context(g)?;
+    let image = resolve(&ctx, &a.reference).await?;
+    let total: u64 = image.layers.iter().map(|l| l.size).sum();
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("indexing {} layers", image.layers.len()));
+    let progress: image::Progress = {
+        let bar = bar.clone();
+        Arc::new(move |n| bar.inc(n))
+    };
+    let opts = clip_core::index::BuildOptions { span_size: a.span_size, ..Default::default() };
+    let start = Instant::now();
+    let reports = image::index_image(&ctx.client, &ctx.store, &image, &opts, progress, a.force, a.jobs).await;
+    bar.finish_and_clear();
+    let reports = reports.with_context(|| format!("indexing {}", image.reference))?;
+    let elapsed = start.elapsed();
+    let built: Vec<&LayerReport> = reports.iter().filter(|r| r.built).collect();
+    let built_bytes: u64 = built.iter().map(|r| r.index.uncompressed_size).sum();
+    let layers: Vec<Arc<_>> = reports.iter().map(|r| r.index.clone()).collect();
+    let view = ImageView::build(layers).context("merging the layers")?;
+    let artifact = if a.push {
+        Some(image::publish(&ctx.client, &ctx.store, &image, &reports).await.context("publishing the index")?)
+    } else {
+        None
+    };
+    let t = totals(&reports);
+    if a.json {
+        let mut j = summary_json(&image, &reports, &view);
+        j["seconds"] = json!(elapsed.as_secs_f64());
+        j["built_layers"] = json!(built.len());
+        j["artifact"] = json!(artifact.map(|d| d.to_string()));
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("{}", image.reference);
+    print_layers(&reports);
+    println!(
+        "total: {} layers, {} files, {} compressed, {} uncompressed; index {} ({:.3}% of compressed), checkpoint windows {}",
+        reports.len(),
+        view.file_count(),
+        human(t.compressed),
+        human(t.uncompressed),
+        human(t.index),
+        100.0 * t.index as f64 / t.compressed.max(1) as f64,
+        human(t.windows),
+    );
+    if built.is_empty() {
+        println!("all {} layer indexes were already in {} (use --force to rebuild)", reports.len(), ctx.store.root().display());
+    } else {
+        println!(
+            "indexed {} of {} layers in {:.2}s ({:.0} MB/s of uncompressed tar)",
+            built.len(),
+            reports.len(),
+            elapsed.as_secs_f64(),
+            built_bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9),
+        );
+    }
+    if let Some(d) = artifact {
+        println!("pushed index artifact {d} (referring to {})", image.manifest_digest);
+    }
+    Ok(())
+}
+
+fn kind_name(k: Option<&EntryKind>) -> &'static str {
+    match k {
+        None | Some(EntryKind::Dir) => "directory",
+        Some(EntryKind::File { .. }) => "file",
+        Some(EntryKind::Symlink { .. }) => "symlink",
+        Some(EntryKind::Hardlink { .. }) => "hardlink",
+        Some(EntryKind::CharDevice { .. }) => "char-device",
+        Some(EntryKind::BlockDevice { .. }) => "block-device",
+        Some(EntryKind::Fifo) => "fifo",
+        Some(EntryKind::Whiteout) => "whiteout",
+        Some(EntryKind::Opaque) => "opaque",
+    }
+}
+
+async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
+    let ctx = context(g)?;
+    let image = resolve(&ctx, &a.reference).await?;
+    let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
+    let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect()).context("merging the layers")?;
+    let Some(path) = a.path else {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&summary_json(&image, &reports, &view))?);
+        } else {
+            let t = totals(&reports);
+            println!("{}", image.reference);
+            print_layers(&reports);
+            println!(
+                "total: {} files ({} paths), {} compressed, {} uncompressed, index {}, checkpoint windows {}",
+                view.file_count(),
+                view.nodes.len(),
+                human(t.compressed),
+                human(t.uncompressed),
+                human(t.index),
+                human(t.windows)
+            );
+        }
+        return Ok(());
+    };
+    let norm = clip_core::index::builder::normalize(path.trim_start_matches('/').as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (node, entry) = view.get(&norm).ok_or_else(|| anyhow::anyhow!("{path}: no such file in {}", image.reference))?;
+    let layer = &reports[node.layer as usize];
+    let mut j = json!({
+        "path": format!("/{}", String::from_utf8_lossy(&norm)),
+        "type": kind_name(entry.map(|e| &e.kind)),
+        "layer": node.layer + 1,
+        "layer_digest": layer.descriptor.digest.to_string(),
+        "implied": entry.is_none(),
+    });
+    if let Some(e) = entry {
+        j["mode"] = json!(format!("{:04o}", e.mode));
+        j["uid"] = json!(e.uid);
+        j["gid"] = json!(e.gid);
+        j["mtime"] = json!(e.mtime);
+        j["xattrs"] = json!(e.xattrs.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>());
+        match &e.kind {
+            EntryKind::Symlink { target } | EntryKind::Hardlink { target } => {
+                j["target"] = json!(String::from_utf8_lossy(target));
+            }
+            EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } => {
+                j["device"] = json!(format!("{major}:{minor}"));
+            }
+            _ => {}
+        }
+    }
+    if let Some((li, offset, size)) = view.file_data(&node) {
+        let ix = &reports[li as usize].index;
+        let spans = ix.spans_covering(offset, size);
+        let (cs, _) = if spans.is_empty() { (0, 0) } else { ix.span_compressed_range(spans.start) };
+        let (_, ce) = if spans.is_empty() { (0, 0) } else { ix.span_compressed_range(spans.end - 1) };
+        j["data_layer"] = json!(li + 1);
+        j["data_layer_digest"] = json!(reports[li as usize].descriptor.digest.to_string());
+        j["size"] = json!(size);
+        j["offset"] = json!(offset);
+        j["spans"] = json!([spans.start, spans.end]);
+        j["compressed_range"] = json!([cs, ce]);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    for (k, v) in j.as_object().expect("object") {
+        println!("{k:>18}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+    }
+    Ok(())
+}
