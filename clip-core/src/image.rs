@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 pub enum ImageError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("layer {layer}: {source}")]
-    Index { layer: Digest, source: IndexError },
+    #[error("layer {layer}: {error}")]
+    Index { layer: Digest, error: IndexError },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -120,7 +120,7 @@ pub async fn index_layer(
     let streamed = streamer.await.map_err(|e| ImageError::Internal(format!("download task: {e}")))?;
     // A download failure explains a build failure better than "truncated gzip".
     streamed?;
-    let built = built.map_err(|source| ImageError::Index { layer: desc.digest, source })?;
+    let built = built.map_err(|error| ImageError::Index { layer: desc.digest, error })?;
     let encoded = format::encode(&built.index);
     store.put_layer(&desc.digest, &encoded, Some(&built.windows)).await?;
     crate::metrics::indexed_bytes(built.index.uncompressed_size, &desc.digest.to_string());

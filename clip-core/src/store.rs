@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {path}: {source}")]
-    Db { path: String, source: sled::Error },
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("database {path}: {error}")]
+    Db { path: String, error: sled::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("stored record {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -45,16 +45,16 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the store under `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let io = |p: &Path, source| StoreError::Io { path: p.display().to_string(), source };
+        let io = |p: &Path, error| StoreError::Io { path: p.display().to_string(), error };
         std::fs::create_dir_all(root.join("windows")).map_err(|e| io(root, e))?;
         let db_path = root.join("db");
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(32 << 20)
             .open()
-            .map_err(|source| StoreError::Db { path: db_path.display().to_string(), source })?;
+            .map_err(|error| StoreError::Db { path: db_path.display().to_string(), error })?;
         let tree = |name: &str| {
-            db.open_tree(name).map_err(|source| StoreError::Db { path: db_path.display().to_string(), source })
+            db.open_tree(name).map_err(|error| StoreError::Db { path: db_path.display().to_string(), error })
         };
         Ok(Store { root: root.to_path_buf(), layers: tree("layer-index")?, images: tree("image")?, db })
     }
@@ -63,8 +63,8 @@ impl Store {
         &self.root
     }
 
-    fn db_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Db { path: self.root.join("db").display().to_string(), source }
+    fn db_err(&self, error: sled::Error) -> StoreError {
+        StoreError::Db { path: self.root.join("db").display().to_string(), error }
     }
 
     pub fn windows_path(&self, digest: &Digest) -> PathBuf {
@@ -83,7 +83,7 @@ impl Store {
     }
 
     fn write_file_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
-        let io = |source| StoreError::Io { path: path.display().to_string(), source };
+        let io = |error| StoreError::Io { path: path.display().to_string(), error };
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(data).map_err(io)?;

@@ -122,7 +122,7 @@ fn tar_error(e: io::Error, entry: Option<&[u8]>) -> IndexError {
     if e.get_ref().is_some_and(|inner| inner.is::<GzipError>()) {
         return IndexError::Gzip(GzipError::from(e));
     }
-    IndexError::Tar { entry: entry.map(show_path), source: e }
+    IndexError::Tar { entry: entry.map(show_path), error: e }
 }
 
 fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) -> Result<(), IndexError> {
@@ -152,7 +152,7 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) ->
         let header = entry.header();
         let bad = |what: &str, e: io::Error| IndexError::Tar {
             entry: Some(show_path(&raw_path)),
-            source: io::Error::new(e.kind(), format!("{what}: {e}")),
+            error: io::Error::new(e.kind(), format!("{what}: {e}")),
         };
         let mode = header.mode().map_err(|e| bad("mode", e))? & 0o7777;
         let uid = pax_u32(&pax, "uid").map_or_else(|| header.uid().map_err(|e| bad("uid", e)), Ok)?;

@@ -133,8 +133,8 @@ impl LayerIndex {
 pub enum IndexError {
     #[error(transparent)]
     Gzip(#[from] GzipError),
-    #[error("malformed tar stream{}: {source}", at_entry(.entry))]
-    Tar { entry: Option<String>, source: std::io::Error },
+    #[error("malformed tar stream{}: {}", at_entry(.entry), tar_cause(.error))]
+    Tar { entry: Option<String>, error: std::io::Error },
     #[error("unsafe tar entry path {path:?}: {reason}")]
     UnsafePath { path: String, reason: &'static str },
     #[error("unsupported tar entry {path:?}: {what}")]
@@ -147,6 +147,14 @@ pub enum IndexError {
     Format(String),
     #[error("I/O error: {0}")]
     Io(std::io::Error),
+}
+
+fn tar_cause(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
+        format!("{e} (the layer is truncated, or an entry claims more bytes than the layer holds)")
+    } else {
+        e.to_string()
+    }
 }
 
 fn at_entry(e: &Option<String>) -> String {

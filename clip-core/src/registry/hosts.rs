@@ -16,6 +16,8 @@ pub struct Endpoint {
     pub http_fallback: bool,
     /// A mirror (vs the registry itself): a mirror's 404 means "try the next one".
     pub mirror: bool,
+    /// Listed with the `push` capability (the registry itself always may be pushed to).
+    pub push: bool,
 }
 
 /// True for hosts that are this machine (plain HTTP allowed, as containerd and docker do).
@@ -36,6 +38,7 @@ pub fn endpoints(registry: &str, api_host: &str, hosts_dir: Option<&Path>, insec
         ca: Vec::new(),
         http_fallback: marked_insecure || is_local(api_host),
         mirror: false,
+        push: true,
     };
     if let Some(dir) = hosts_dir {
         let candidates = [dir.join(registry).join("hosts.toml"), dir.join("_default").join("hosts.toml")];
@@ -57,7 +60,7 @@ pub fn endpoints(registry: &str, api_host: &str, hosts_dir: Option<&Path>, insec
                                 .and_then(|c| c.as_array())
                                 .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
                                 .unwrap_or_else(|| vec!["pull", "resolve"]);
-                            if !caps.contains(&"pull") {
+                            if !caps.contains(&"pull") && !caps.contains(&"push") {
                                 continue;
                             }
                             let mut ep = Endpoint {
@@ -65,7 +68,8 @@ pub fn endpoints(registry: &str, api_host: &str, hosts_dir: Option<&Path>, insec
                                 skip_verify: marked_insecure,
                                 ca: Vec::new(),
                                 http_fallback: url.starts_with("http://"),
-                                mirror: true,
+                                mirror: caps.contains(&"pull"),
+                                push: caps.contains(&"push"),
                             };
                             if !ep.base.contains("://") {
                                 ep.base = format!("https://{}", ep.base);
@@ -139,9 +143,10 @@ ca = "ca.pem"
         .unwrap();
         let e = endpoints("reg.example:5000", "reg.example:5000", Some(dir.path()), &[]);
         let bases: Vec<&str> = e.iter().map(|e| e.base.as_str()).collect();
-        assert_eq!(bases, ["https://mirror-b:5000", "https://mirror-a", "https://reg.example:5000"]);
+        assert_eq!(bases, ["https://mirror-b:5000", "https://mirror-a", "https://push-only", "https://reg.example:5000"]);
+        assert!(!e[2].mirror && e[2].push && !e[0].push);
         assert!(e[0].http_fallback && e[0].mirror);
         assert!(e[1].skip_verify);
-        assert_eq!(e[2].ca, vec![d.join("ca.pem")]);
+        assert_eq!(e[3].ca, vec![d.join("ca.pem")]);
     }
 }

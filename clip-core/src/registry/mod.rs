@@ -221,9 +221,11 @@ impl Client {
 
     fn endpoints(&self, t: &Target) -> Vec<Endpoint> {
         let mut eps = hosts::endpoints(t.registry, t.api_host, self.inner.cfg.hosts_dir.as_deref(), &self.inner.cfg.insecure);
-        if t.push {
-            eps.retain(|e| !e.mirror);
-        }
+        // The last endpoint is the registry itself; `[host]` entries serve reads (pull
+        // capability) or pushes (push capability).
+        let server = eps.pop().expect("hosts::endpoints always ends with the registry");
+        eps.retain(|e| if t.push { e.push } else { e.mirror });
+        eps.push(server);
         eps
     }
 
@@ -377,6 +379,13 @@ impl Client {
                         self.inner.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let resp = match req.send().await {
                             Ok(r) => r,
+                            Err(e) if is_certificate_error(&e) => {
+                                return Err(Attempt::Fatal(RegistryError::Tls(format!(
+                                    "{}: certificate not trusted ({}); add its CA to hosts.toml (ca = \"...\") or mark the host with --insecure-registry",
+                                    ep.base,
+                                    error_chain(&e)
+                                ))));
+                            }
                             Err(e) if ep.http_fallback && base.starts_with("https://") && e.is_connect() => {
                                 tracing::debug!(endpoint = %ep.base, "TLS connect failed, using plain HTTP");
                                 self.inner.state.lock().expect("state lock").plain_http.insert(ep.base.clone(), true);
@@ -418,8 +427,9 @@ impl Client {
                 .await;
             match result {
                 Ok(v) => return Ok(v),
-                Err(e @ RegistryError::NotFound { .. }) if ep.mirror => last_err = Some(e),
-                Err(e @ (RegistryError::DeadlineExceeded { .. } | RegistryError::Http { .. })) if ep.mirror => {
+                // Reads fall through mirrors; for pushes, the first push-capable host answers.
+                Err(e @ RegistryError::NotFound { .. }) if ep.mirror && !t.push => last_err = Some(e),
+                Err(e) if ep.mirror && !t.push => {
                     tracing::warn!(mirror = %ep.base, "mirror failed, trying the next endpoint: {e}");
                     last_err = Some(e)
                 }
@@ -674,9 +684,30 @@ impl Client {
     }
 }
 
+/// The error and its causes, joined (reqwest's Display alone hides the interesting part).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let s_str = s.to_string();
+        if !out.contains(&s_str) {
+            out.push_str(": ");
+            out.push_str(&s_str);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// A TLS certificate verification failure: retrying or falling back to HTTP cannot cure it.
+fn is_certificate_error(e: &reqwest::Error) -> bool {
+    let chain = error_chain(e).to_ascii_lowercase();
+    chain.contains("certificate") || chain.contains("unknownissuer") || chain.contains("caUsedAsEndEntity".to_ascii_lowercase().as_str())
+}
+
 fn transport(e: reqwest::Error) -> Attempt {
     // Connection refused/reset, timeouts, broken bodies: all worth another try.
-    Attempt::Retry { reason: format!("{e}"), after: None }
+    Attempt::Retry { reason: error_chain(&e), after: None }
 }
 
 fn retry_after(h: &HeaderMap) -> Option<Duration> {

@@ -1,0 +1,239 @@
+//! Helpers: real registries, image layouts, running `clip`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The `clip` binary (built by `cargo build` before the tests; CLIP_BIN overrides).
+pub fn clip_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CLIP_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("clip");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("the clip binary is not built: run `cargo build --workspace` before the integration tests (or set CLIP_BIN)");
+}
+
+pub fn need(tool: &str) {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success());
+    assert!(ok.unwrap_or(false), "{tool} is not installed: run scripts/install-deps.sh");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub fn wait_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on port {port} within 20 s");
+}
+
+/// A process killed (by pid) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub enum Auth {
+    None,
+    /// TLS with a self-signed certificate and htpasswd users.
+    TlsHtpasswd,
+    /// Token auth through the fixtures' token server.
+    Token,
+}
+
+pub const USER: &str = "clipuser";
+pub const PASSWORD: &str = "s3cret-Pa55";
+
+/// A real Debian `docker-registry` on loopback.
+pub struct Registry {
+    pub host: String,
+    pub _dir: tempfile::TempDir,
+    /// With TLS: the CA to trust.
+    pub ca: Option<PathBuf>,
+    pub token_port: Option<u16>,
+    _procs: Vec<Proc>,
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(out.status.success(), "{what} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.pem"));
+    run_ok(
+        Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .arg("-keyout").arg(&key).arg("-out").arg(&cert),
+        "openssl req",
+    );
+    (key, cert)
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (server key, server cert, CA cert).
+fn ca_and_server(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca_key, ca) = self_signed(dir, "ca");
+    let key = dir.join("server.key");
+    let csr = dir.join("server.csr");
+    let cert = dir.join("server.pem");
+    let ext = dir.join("server.ext");
+    std::fs::write(&ext, "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
+    run_ok(
+        Command::new("openssl").args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"])
+            .arg("-keyout").arg(&key).arg("-out").arg(&csr),
+        "openssl req (server)",
+    );
+    run_ok(
+        Command::new("openssl").args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in").arg(&csr).arg("-CA").arg(&ca).arg("-CAkey").arg(&ca_key).arg("-extfile").arg(&ext).arg("-out").arg(&cert),
+        "openssl x509 (sign server)",
+    );
+    (key, cert, ca)
+}
+
+impl Registry {
+    pub fn start(auth: Auth) -> Registry {
+        need("docker-registry");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let mut procs = Vec::new();
+        let mut ca = None;
+        let mut token_port = None;
+        let mut extra = String::new();
+        match auth {
+            Auth::None => {}
+            Auth::TlsHtpasswd => {
+                need("openssl");
+                need("htpasswd");
+                let (key, cert, ca_cert) = ca_and_server(dir.path());
+                let out = run_ok(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]), "htpasswd");
+                std::fs::write(dir.path().join("htpasswd"), out.stdout).expect("write htpasswd");
+                extra = format!(
+                    "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
+                    cert.display(),
+                    key.display(),
+                    dir.path().join("htpasswd").display()
+                );
+                ca = Some(ca_cert);
+            }
+            Auth::Token => {
+                need("openssl");
+                need("python3");
+                let (key, cert) = self_signed(dir.path(), "token");
+                let tport = free_port();
+                let mut child = Command::new("python3")
+                    .arg(workspace().join("integration/fixtures/token-server.py"))
+                    .arg(tport.to_string())
+                    .arg(&key)
+                    .arg(&cert)
+                    .args([USER, PASSWORD])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("start token server");
+                wait_port(tport, "token server", &mut child);
+                procs.push(Proc(child));
+                extra = format!(
+                    "auth:\n  token:\n    realm: http://127.0.0.1:{tport}/token\n    service: clip-test-registry\n    issuer: clip-test-issuer\n    rootcertbundle: {}\n",
+                    cert.display()
+                );
+                token_port = Some(tport);
+            }
+        }
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{extra}",
+            dir.path().join("data").display()
+        );
+        // `auth:` must be top level; `tls:` belongs under `http:`.
+        let config = config.replace("\nauth:", "\nauth:").replace("http:\n  addr", "http:\n  addr");
+        std::fs::write(dir.path().join("config.yml"), config).expect("write config");
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).expect("log"))
+            .spawn()
+            .expect("start docker-registry");
+        wait_port(port, "docker-registry", &mut child);
+        procs.push(Proc(child));
+        Registry { host, _dir: dir, ca, token_port, _procs: procs }
+    }
+
+    pub fn image(&self, name: &str) -> String {
+        format!("{}/{name}", self.host)
+    }
+
+    /// Pushes an OCI layout with skopeo (an independent tool), as `name:tag`.
+    pub fn push_layout(&self, layout: &Path, tag: &str, name: &str) {
+        need("skopeo");
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if self.ca.is_some() || self.token_port.is_some() {
+            cmd.arg(format!("--dest-creds={USER}:{PASSWORD}"));
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}:{tag}", self.image(name)));
+        run_ok(&mut cmd, &format!("skopeo push of {name}"));
+    }
+}
+
+/// Builds an OCI layout with scripts/mkimage.py.
+pub fn layout(dir: &Path, tag: &str, layers: &[&str]) -> PathBuf {
+    need("python3");
+    let out = dir.join(format!("layout-{tag}"));
+    run_ok(
+        Command::new("python3").arg(workspace().join("scripts/mkimage.py")).arg("layout").arg(&out).arg(tag).args(layers),
+        "mkimage.py",
+    );
+    out
+}
+
+/// Runs clip with its own root under `root`.
+pub fn clip(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(clip_bin());
+    cmd.arg("--root").arg(root).args(args).env_remove("DOCKER_CONFIG").env("HOME", root).env("CLIP_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run clip")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs clip and expects success; returns stdout parsed as JSON.
+pub fn clip_json(root: &Path, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let o = clip(root, args, env);
+    assert!(o.status.success(), "clip {args:?} failed:\n{}\n{}", stdout(&o), stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("clip {args:?}: bad JSON ({e}): {}", stdout(&o)))
+}

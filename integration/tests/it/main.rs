@@ -1,0 +1,9 @@
+//! clip's end-to-end tests: one test binary, real parts only (Debian's docker-registry, skopeo,
+//! openssl, the built `clip` binary). Each test starts its own registry in a temp dir.
+//!
+//! A missing real part is a failure with a clear message, never a skip: run
+//! `scripts/install-deps.sh` (or the README's test command) first.
+
+mod common;
+mod index_cli;
+mod registry_auth;

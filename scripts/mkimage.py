@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Builds OCI image layouts for clip's tests and benchmarks, with no registry or docker needed.
+
+Layers come from directories (with overlayfs upper-dir whiteouts converted to OCI whiteouts),
+from tar files, or from the built-in generators (tiny busybox, every-entry-type, hostile cases).
+Output: an OCI image layout directory that `skopeo copy oci:DIR:TAG docker://...` pushes.
+
+usage:
+  mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
+  mkimage.py gen NAME OUT.tar            write a generated layer tar
+Generators: busybox, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import sys
+import tarfile
+
+MTIME = 1700000000
+
+
+def sha256(b):
+    return "sha256:" + hashlib.sha256(b).hexdigest()
+
+
+def xattr_pax(path):
+    pax = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return pax
+    for n in sorted(names):
+        if n.startswith("trusted.overlay.") or n.startswith("security.selinux"):
+            continue
+        try:
+            v = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+        pax["SCHILY.xattr." + n] = v.decode("utf-8", "surrogateescape")
+    return pax
+
+
+def tar_dir(root, out, overlay=True):
+    """Tars a directory (numeric owners, sorted, xattrs, hardlinks). With overlay=True, char
+    devices 0/0 become .wh. files and opaque dirs get .wh..wh..opq."""
+    inodes = {}
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, root)
+            names = sorted(dirnames + filenames)
+            for name in names:
+                full = os.path.join(dirpath, name)
+                arc = os.path.normpath(os.path.join(rel_dir, name))
+                st = os.lstat(full)
+                if overlay and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    ti = tarfile.TarInfo(os.path.join(os.path.dirname(arc), ".wh." + name))
+                    ti.mtime = int(st.st_mtime)
+                    tf.addfile(ti)
+                    continue
+                ti = tf.gettarinfo(full, arc)
+                ti.uname = ti.gname = ""
+                key = (st.st_dev, st.st_ino)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    if key in inodes:
+                        ti.type = tarfile.LNKTYPE
+                        ti.linkname = inodes[key]
+                        ti.size = 0
+                    else:
+                        inodes[key] = arc
+                pax = xattr_pax(full)
+                if pax:
+                    ti.pax_headers.update(pax)
+                if ti.isreg():
+                    with open(full, "rb") as f:
+                        tf.addfile(ti, f)
+                else:
+                    tf.addfile(ti)
+                if overlay and stat.S_ISDIR(st.st_mode):
+                    try:
+                        opaque = os.getxattr(full, "trusted.overlay.opaque", follow_symlinks=False)
+                    except OSError:
+                        opaque = b""
+                    if opaque == b"y":
+                        o = tarfile.TarInfo(os.path.join(arc, ".wh..wh..opq"))
+                        o.mtime = int(st.st_mtime)
+                        tf.addfile(o)
+
+
+class RawTar:
+    """Writes tar headers by hand, for entries tarfile refuses or normalises."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.tf = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)
+
+    def add(self, name, data=b"", kind=tarfile.REGTYPE, mode=0o644, uid=0, gid=0, link="", pax=None, dev=(0, 0)):
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.size = len(data) if kind == tarfile.REGTYPE else 0
+        ti.mode = mode
+        ti.uid, ti.gid = uid, gid
+        ti.mtime = MTIME
+        ti.linkname = link
+        ti.devmajor, ti.devminor = dev
+        if pax:
+            ti.pax_headers.update(pax)
+        self.tf.addfile(ti, io.BytesIO(data) if ti.size else None)
+
+    def bytes(self):
+        self.tf.close()
+        return self.buf.getvalue()
+
+
+def prng(n, seed):
+    out = bytearray()
+    h = hashlib.sha256(seed.encode()).digest()
+    while len(out) < n:
+        h = hashlib.sha256(h).digest()
+        out += h
+    return bytes(out[:n])
+
+
+def gen(name):
+    t = RawTar()
+    if name == "busybox":
+        bb = open("/bin/busybox", "rb").read()
+        for d in ["bin", "etc", "tmp", "root", "proc", "sys", "dev"]:
+            t.add(d, kind=tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
+        t.add("bin/busybox", bb, mode=0o755)
+        for applet in ["sh", "ls", "cat", "echo", "id", "sha256sum", "find", "wc", "sleep", "stat", "head"]:
+            t.add("bin/" + applet, kind=tarfile.SYMTYPE, link="busybox", mode=0o777)
+        t.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
+        t.add("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+        t.add("etc/hello.txt", b"hello from clip\n")
+    elif name == "everytype-base":
+        for d in ["etc", "bin", "dev", "data", "data/sub", "gone", "gone/deep", "opq", "usr", "usr/share"]:
+            t.add(d, kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("etc/config", b"key=value\n", mode=0o640, uid=1000, gid=1000)
+        t.add("bin/ping", b"\x7fELF fake ping", mode=0o755,
+              pax={"SCHILY.xattr.security.capability": b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00".decode("utf-8", "surrogateescape"),
+                   "SCHILY.xattr.user.note": "hello"})
+        t.add("bin/su", b"setuid binary", mode=0o4755)
+        t.add("bin/sticky", kind=tarfile.DIRTYPE, mode=0o1777)
+        t.add("data/random.bin", prng(6 << 20, "random"), mode=0o600, uid=123, gid=456)
+        t.add("data/zeros.bin", bytes(24 << 20), mode=0o644)
+        t.add("data/empty", b"")
+        t.add("data/sub/link-to-config", kind=tarfile.SYMTYPE, link="../../etc/config", mode=0o777)
+        t.add("data/abs-link", kind=tarfile.SYMTYPE, link="/etc/config", mode=0o777)
+        t.add("data/hard-a", b"shared by three names\n")
+        t.add("data/hard-b", kind=tarfile.LNKTYPE, link="data/hard-a")
+        t.add("data/sub/hard-c", kind=tarfile.LNKTYPE, link="data/hard-a")
+        t.add("dev/null", kind=tarfile.CHRTYPE, mode=0o666, dev=(1, 3))
+        t.add("dev/loop9", kind=tarfile.BLKTYPE, mode=0o660, dev=(7, 9))
+        t.add("dev/fifo", kind=tarfile.FIFOTYPE, mode=0o644)
+        t.add("usr/share/" + "long-" * 40 + "name.txt", b"a long name\n")
+        t.add("gone/deep/file", b"to be whited out")
+        t.add("gone/file2", b"also gone")
+        t.add("opq/old", b"hidden by the opaque dir above")
+        t.add("data/to-delete", b"deleted in the top layer")
+        t.add("utf8-\u00e9\u00e8.txt", "unicode name\n".encode())
+    elif name == "everytype-top":
+        t.add(".wh.gone", b"")
+        t.add("data/.wh.to-delete", b"")
+        t.add("opq", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("opq/.wh..wh..opq", b"")
+        t.add("opq/new", b"only this survives in opq\n")
+        t.add("etc/config", b"key=replaced\n", mode=0o644)
+        t.add("implied/parent/dirs/file", b"parents not listed\n")
+        t.add("data/hard-d", kind=tarfile.LNKTYPE, link="data/hard-a")
+    elif name == "dotdot":
+        t.add("ok", b"fine")
+        t.add("../escape", b"evil")
+    elif name == "absolute":
+        t.add("/etc/evil", b"evil")
+    elif name == "hardlink-forward":
+        t.add("early-link", kind=tarfile.LNKTYPE, link="late-target")
+        t.add("late-target", b"target")
+    elif name == "huge-size":
+        raw = RawTar()
+        raw.add("huge", b"x" * 1024)
+        b = bytearray(raw.bytes())
+        # Claim 1 TiB in the ustar size field (octal) of the header and fix the checksum.
+        b[124:136] = b"%011o\0" % (1 << 40)
+        b[148:156] = b" " * 8
+        b[148:156] = b"%06o\0 " % sum(b[:512])
+        return bytes(b[:512 + 1024])
+    else:
+        raise SystemExit("unknown generator " + name)
+    return t.bytes()
+
+
+def layout(out, tag, layers):
+    os.makedirs(os.path.join(out, "blobs", "sha256"), exist_ok=True)
+
+    def put(b):
+        d = sha256(b)
+        with open(os.path.join(out, "blobs", "sha256", d[7:]), "wb") as f:
+            f.write(b)
+        return d
+
+    descs, diff_ids = [], []
+    for spec in layers:
+        kind, _, arg = spec.partition(":")
+        mode = "gzip"
+        if kind == "dir":
+            buf = io.BytesIO()
+            tar_dir(arg, buf)
+            raw = buf.getvalue()
+        elif kind == "tar":
+            raw = open(arg, "rb").read()
+        elif kind == "gen":
+            raw = gen(arg)
+        elif kind in ("corrupt", "truncated", "diffid"):
+            raw = gen(arg) if not os.path.exists(arg) else open(arg, "rb").read()
+            mode = kind
+        else:
+            raise SystemExit("bad layer spec " + spec)
+        gz = gzip.compress(raw, compresslevel=6, mtime=0)
+        diff = sha256(raw)
+        if mode == "corrupt":
+            b = bytearray(gz)
+            b[len(b) // 2] ^= 0xFF
+            gz = bytes(b)
+        elif mode == "truncated":
+            gz = gz[: len(gz) // 2]
+        elif mode == "diffid":
+            diff = sha256(b"not the layer")
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(gz), "size": len(gz)})
+        diff_ids.append(diff)
+        print(f"  layer {len(descs)}: {spec} -> {len(raw)} bytes tar, {len(gz)} bytes gzip", file=sys.stderr)
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": "clip mkimage.py"} for _ in diff_ids],
+    }, sort_keys=True).encode()
+    cd = put(config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
+        "layers": descs,
+    }, sort_keys=True).encode()
+    md = put(manifest)
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": len(manifest),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(out, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+
+def main(argv):
+    if len(argv) >= 4 and argv[1] == "layout":
+        layout(argv[2], argv[3], argv[4:])
+    elif len(argv) == 4 and argv[1] == "gen":
+        with open(argv[3], "wb") as f:
+            f.write(gen(argv[2]))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
