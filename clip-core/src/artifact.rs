@@ -46,19 +46,35 @@ fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Value {
 }
 
 /// Pushes the index artifact for `image`; returns the artifact manifest's digest.
-pub async fn push(client: &Client, image: &ResolvedImage, layers: &[PublishedLayer<'_>]) -> Result<Digest, ArtifactError> {
+pub async fn push(
+    client: &Client,
+    image: &ResolvedImage,
+    layers: &[PublishedLayer<'_>],
+) -> Result<Digest, ArtifactError> {
     let r = &image.reference;
     let empty = Digest::of(EMPTY_CONFIG);
-    client.push_blob(r, &empty, Bytes::from_static(EMPTY_CONFIG)).await?;
+    client
+        .push_blob(r, &empty, Bytes::from_static(EMPTY_CONFIG))
+        .await?;
     let mut descs = Vec::new();
     for l in layers {
         let enc_digest = Digest::of(&l.encoded);
         client.push_blob(r, &enc_digest, l.encoded.clone()).await?;
-        client.push_blob(r, &l.index.windows.digest, l.windows.clone()).await?;
-        let mut d = descriptor(format::MEDIA_TYPE_INDEX, &enc_digest, l.encoded.len() as u64);
+        client
+            .push_blob(r, &l.index.windows.digest, l.windows.clone())
+            .await?;
+        let mut d = descriptor(
+            format::MEDIA_TYPE_INDEX,
+            &enc_digest,
+            l.encoded.len() as u64,
+        );
         d["annotations"] = json!({ ANNOTATION_LAYER: l.index.layer.to_string() });
         descs.push(d);
-        let mut w = descriptor(format::MEDIA_TYPE_WINDOWS, &l.index.windows.digest, l.index.windows.size);
+        let mut w = descriptor(
+            format::MEDIA_TYPE_WINDOWS,
+            &l.index.windows.digest,
+            l.index.windows.size,
+        );
         w["annotations"] = json!({ ANNOTATION_LAYER: l.index.layer.to_string() });
         descs.push(w);
     }
@@ -72,9 +88,15 @@ pub async fn push(client: &Client, image: &ResolvedImage, layers: &[PublishedLay
     });
     let body = Bytes::from(serde_json::to_vec(&manifest).expect("json"));
     let digest = Digest::of(&body);
-    client.push_manifest(r, &digest.to_string(), MEDIA_OCI_MANIFEST, body.clone()).await?;
+    client
+        .push_manifest(r, &digest.to_string(), MEDIA_OCI_MANIFEST, body.clone())
+        .await?;
 
-    if client.referrers_api(r, &image.manifest_digest).await?.is_none() {
+    if client
+        .referrers_api(r, &image.manifest_digest)
+        .await?
+        .is_none()
+    {
         // No referrers API: maintain the referrers tag.
         let tag = referrers_tag(&image.manifest_digest);
         let mut index = match client.get_manifest(r, &tag).await {
@@ -82,7 +104,11 @@ pub async fn push(client: &Client, image: &ResolvedImage, layers: &[PublishedLay
             Err(RegistryError::NotFound { .. }) => json!({}),
             Err(e) => return Err(e.into()),
         };
-        let mut manifests: Vec<Value> = index.get("manifests").and_then(|m| m.as_array()).cloned().unwrap_or_default();
+        let mut manifests: Vec<Value> = index
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .cloned()
+            .unwrap_or_default();
         if !manifests.iter().any(|m| m["digest"] == digest.to_string()) {
             let mut d = descriptor(MEDIA_OCI_MANIFEST, &digest, body.len() as u64);
             d["artifactType"] = json!(ARTIFACT_TYPE);
@@ -103,45 +129,71 @@ pub struct FetchedLayer {
 
 /// Finds the newest clip index artifact for `image` and fetches its layer indexes (not the
 /// windows, which are read by range when needed). `Ok(None)` when there is none.
-pub async fn fetch(client: &Client, image: &ResolvedImage) -> Result<Option<(Digest, Vec<FetchedLayer>)>, ArtifactError> {
+pub async fn fetch(
+    client: &Client,
+    image: &ResolvedImage,
+) -> Result<Option<(Digest, Vec<FetchedLayer>)>, ArtifactError> {
     let r = &image.reference;
     let listing = match client.referrers_api(r, &image.manifest_digest).await? {
         Some(b) => b,
-        None => match client.get_manifest(r, &referrers_tag(&image.manifest_digest)).await {
+        None => match client
+            .get_manifest(r, &referrers_tag(&image.manifest_digest))
+            .await
+        {
             Ok((b, _, _)) => b,
             Err(RegistryError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         },
     };
-    let listing: Value = serde_json::from_slice(&listing)
-        .map_err(|e| ArtifactError::Invalid { digest: referrers_tag(&image.manifest_digest), reason: e.to_string() })?;
+    let listing: Value = serde_json::from_slice(&listing).map_err(|e| ArtifactError::Invalid {
+        digest: referrers_tag(&image.manifest_digest),
+        reason: e.to_string(),
+    })?;
     let candidate = listing["manifests"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|m| m["artifactType"] == ARTIFACT_TYPE)
         .filter_map(|m| m["digest"].as_str()?.parse::<Digest>().ok())
-        .last();
-    let Some(artifact) = candidate else { return Ok(None) };
+        .next_back();
+    let Some(artifact) = candidate else {
+        return Ok(None);
+    };
     let (body, _, _) = client.get_manifest(r, &artifact.to_string()).await?;
-    let invalid = |reason: String| ArtifactError::Invalid { digest: artifact.to_string(), reason };
+    let invalid = |reason: String| ArtifactError::Invalid {
+        digest: artifact.to_string(),
+        reason,
+    };
     let m: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
     if m["subject"]["digest"] != image.manifest_digest.to_string() {
         return Err(invalid("its subject is another manifest".into()));
     }
-    let descs = m["layers"].as_array().ok_or_else(|| invalid("no layers".into()))?;
+    let descs = m["layers"]
+        .as_array()
+        .ok_or_else(|| invalid("no layers".into()))?;
     let mut out = Vec::new();
     for layer in &image.layers {
         let d = descs
             .iter()
-            .find(|d| d["mediaType"] == format::MEDIA_TYPE_INDEX && d["annotations"][ANNOTATION_LAYER] == layer.digest.to_string())
+            .find(|d| {
+                d["mediaType"] == format::MEDIA_TYPE_INDEX
+                    && d["annotations"][ANNOTATION_LAYER] == layer.digest.to_string()
+            })
             .ok_or_else(|| invalid(format!("no index for layer {}", layer.digest)))?;
-        let digest: Digest = d["digest"].as_str().unwrap_or("").parse().map_err(|e: crate::digest::DigestParseError| invalid(e.to_string()))?;
+        let digest: Digest = d["digest"]
+            .as_str()
+            .unwrap_or("")
+            .parse()
+            .map_err(|e: crate::digest::DigestParseError| invalid(e.to_string()))?;
         let size = d["size"].as_u64().unwrap_or(0);
         let encoded = client.get_blob(r, &digest, size.max(1) + 1).await?;
-        let index = format::decode(&encoded).map_err(|e| invalid(format!("layer {}: {e}", layer.digest)))?;
+        let index = format::decode(&encoded)
+            .map_err(|e| invalid(format!("layer {}: {e}", layer.digest)))?;
         if index.layer != layer.digest || index.diff_id != layer.diff_id {
-            return Err(invalid(format!("index for layer {} describes another layer", layer.digest)));
+            return Err(invalid(format!(
+                "index for layer {} describes another layer",
+                layer.digest
+            )));
         }
         out.push(FetchedLayer { index, encoded });
     }
@@ -150,5 +202,8 @@ pub async fn fetch(client: &Client, image: &ResolvedImage) -> Result<Option<(Dig
 
 /// The encoded-index reference of a fetched or built layer.
 pub fn blob_ref(encoded: &[u8]) -> BlobRef {
-    BlobRef { digest: Digest::of(encoded), size: encoded.len() as u64 }
+    BlobRef {
+        digest: Digest::of(encoded),
+        size: encoded.len() as u64,
+    }
 }

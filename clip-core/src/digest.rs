@@ -59,7 +59,11 @@ impl FromStr for Digest {
         if algo != "sha256" {
             return Err(err("only sha256 digests are supported"));
         }
-        if hex_part.len() != 64 || !hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if hex_part.len() != 64
+            || !hex_part
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(err("expected 64 lowercase hex characters"));
         }
         let mut out = [0u8; 32];
@@ -113,7 +117,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "sha256:", "md5:abcd", "sha256:XYZ", &format!("sha256:{}", "A".repeat(64))] {
+        for bad in [
+            "",
+            "sha256:",
+            "md5:abcd",
+            "sha256:XYZ",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
     }

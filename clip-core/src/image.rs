@@ -22,7 +22,9 @@ pub enum ImageError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
-    #[error("layer {layer} has media type {media_type:?}; clip indexes gzip-compressed layers only")]
+    #[error(
+        "layer {layer} has media type {media_type:?}; clip indexes gzip-compressed layers only"
+    )]
     NotGzip { layer: Digest, media_type: String },
     #[error("no clip index for {reference}: build one with `clip index {reference}` (add --push to publish it)")]
     NoIndex { reference: String },
@@ -101,7 +103,10 @@ pub async fn index_layer(
         }
     }
     if !desc.is_gzip() {
-        return Err(ImageError::NotGzip { layer: desc.digest, media_type: desc.media_type.clone() });
+        return Err(ImageError::NotGzip {
+            layer: desc.digest,
+            media_type: desc.media_type.clone(),
+        });
     }
     let (tx, rx) = mpsc::channel(64);
     let streamer = {
@@ -110,19 +115,33 @@ pub async fn index_layer(
         let d = desc.clone();
         tokio::spawn(async move { client.stream_blob(&r, &d.digest, d.size, tx).await })
     };
-    let opts = BuildOptions { expected_layer: Some(desc.digest), expected_diff_id: Some(desc.diff_id), ..opts.clone() };
+    let opts = BuildOptions {
+        expected_layer: Some(desc.digest),
+        expected_diff_id: Some(desc.diff_id),
+        ..opts.clone()
+    };
     let built = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader { rx, cur: Bytes::new() };
+        let reader = ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        };
         build_layer_index(reader, &opts, |n| progress(n))
     })
     .await
     .map_err(|e| ImageError::Internal(format!("indexing task: {e}")))?;
-    let streamed = streamer.await.map_err(|e| ImageError::Internal(format!("download task: {e}")))?;
+    let streamed = streamer
+        .await
+        .map_err(|e| ImageError::Internal(format!("download task: {e}")))?;
     // A download failure explains a build failure better than "truncated gzip".
     streamed?;
-    let built = built.map_err(|error| ImageError::Index { layer: desc.digest, error })?;
+    let built = built.map_err(|error| ImageError::Index {
+        layer: desc.digest,
+        error,
+    })?;
     let encoded = format::encode(&built.index);
-    store.put_layer(&desc.digest, &encoded, Some(&built.windows)).await?;
+    store
+        .put_layer(&desc.digest, &encoded, Some(&built.windows))
+        .await?;
     crate::metrics::indexed_bytes(built.index.uncompressed_size, &desc.digest.to_string());
     Ok(LayerReport {
         descriptor: desc.clone(),
@@ -143,11 +162,12 @@ pub async fn index_image(
     force: bool,
     parallel: usize,
 ) -> Result<Vec<LayerReport>, ImageError> {
-    let reports: Vec<Result<LayerReport, ImageError>> = futures_util::stream::iter(image.layers.iter())
-        .map(|d| index_layer(client, store, image, d, opts, progress.clone(), force))
-        .buffered(parallel.max(1))
-        .collect()
-        .await;
+    let reports: Vec<Result<LayerReport, ImageError>> =
+        futures_util::stream::iter(image.layers.iter())
+            .map(|d| index_layer(client, store, image, d, opts, progress.clone(), force))
+            .buffered(parallel.max(1))
+            .collect()
+            .await;
     let reports = reports.into_iter().collect::<Result<Vec<_>, _>>()?;
     record_image(store, image, &reports, None).await?;
     Ok(reports)
@@ -159,7 +179,9 @@ pub async fn record_image(
     reports: &[LayerReport],
     artifact: Option<Digest>,
 ) -> Result<(), ImageError> {
-    let artifact = artifact.or(store.get_image(&image.manifest_digest)?.and_then(|r| r.artifact));
+    let artifact = artifact.or(store
+        .get_image(&image.manifest_digest)?
+        .and_then(|r| r.artifact));
     store
         .put_image(&ImageRecord {
             reference: image.reference.to_string(),
@@ -175,7 +197,11 @@ pub async fn record_image(
 
 /// The indexes of every layer of `image`: from the store, else from the registry's index
 /// artifact (then stored). Errors with [`ImageError::NoIndex`] when neither has them.
-pub async fn load_indexes(client: &Client, store: &Store, image: &ResolvedImage) -> Result<Vec<LayerReport>, ImageError> {
+pub async fn load_indexes(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+) -> Result<Vec<LayerReport>, ImageError> {
     let start = Instant::now();
     let mut found = Vec::new();
     for d in &image.layers {
@@ -194,7 +220,9 @@ pub async fn load_indexes(client: &Client, store: &Store, image: &ResolvedImage)
         return Ok(found);
     }
     let Some((artifact, fetched)) = artifact::fetch(client, image).await? else {
-        return Err(ImageError::NoIndex { reference: image.reference.to_string() });
+        return Err(ImageError::NoIndex {
+            reference: image.reference.to_string(),
+        });
     };
     let mut reports = Vec::new();
     for (d, f) in image.layers.iter().zip(fetched) {
@@ -212,18 +240,30 @@ pub async fn load_indexes(client: &Client, store: &Store, image: &ResolvedImage)
 }
 
 /// Publishes the indexes in `reports` (windows read from the store) as `image`'s index artifact.
-pub async fn publish(client: &Client, store: &Store, image: &ResolvedImage, reports: &[LayerReport]) -> Result<Digest, ImageError> {
+pub async fn publish(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    reports: &[LayerReport],
+) -> Result<Digest, ImageError> {
     let mut windows = Vec::new();
     for r in reports {
         let w = store.get_windows(&r.index.windows).ok_or_else(|| {
-            ImageError::Internal(format!("windows of layer {} are not in the local store; re-run with --force", r.descriptor.digest))
+            ImageError::Internal(format!(
+                "windows of layer {} are not in the local store; re-run with --force",
+                r.descriptor.digest
+            ))
         })?;
         windows.push(Bytes::from(w));
     }
     let layers: Vec<artifact::PublishedLayer<'_>> = reports
         .iter()
         .zip(windows)
-        .map(|(r, w)| artifact::PublishedLayer { index: &r.index, encoded: r.encoded.clone(), windows: w })
+        .map(|(r, w)| artifact::PublishedLayer {
+            index: &r.index,
+            encoded: r.encoded.clone(),
+            windows: w,
+        })
         .collect();
     let digest = artifact::push(client, image, &layers).await?;
     record_image(store, image, reports, Some(digest)).await?;

@@ -34,5 +34,7 @@ pub fn registry_bytes(n: u64) {
 }
 
 pub fn indexed_bytes(n: u64, layer: &str) {
-    instruments().indexed_bytes.add(n, &[KeyValue::new("layer", layer.to_string())]);
+    instruments()
+        .indexed_bytes
+        .add(n, &[KeyValue::new("layer", layer.to_string())]);
 }

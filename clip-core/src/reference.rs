@@ -56,7 +56,11 @@ impl Reference {
 
 fn valid_path_component(c: &str) -> bool {
     // [a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*
-    if c.is_empty() || !c.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-')) {
+    if c.is_empty()
+        || !c
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+    {
         return false;
     }
     let first = c.as_bytes()[0];
@@ -69,7 +73,8 @@ fn valid_tag(t: &str) -> bool {
         && t.len() <= 128
         && t.as_bytes()[0] != b'.'
         && t.as_bytes()[0] != b'-'
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 impl FromStr for Reference {
@@ -84,13 +89,19 @@ impl FromStr for Reference {
             return Err(err("empty or too long"));
         }
         let (rest, digest) = match input.split_once('@') {
-            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?)),
+            Some((r, d)) => (
+                r,
+                Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?),
+            ),
             None => (input, None),
         };
         // The registry is the first component if it looks like a host.
         let (registry, path) = match rest.split_once('/') {
             Some((first, remainder))
-                if first.contains('.') || first.contains(':') || first == "localhost" || first.starts_with('[') =>
+                if first.contains('.')
+                    || first.contains(':')
+                    || first == "localhost"
+                    || first.starts_with('[') =>
             {
                 (first.to_string(), remainder)
             }
@@ -108,7 +119,9 @@ impl FromStr for Reference {
             }
         }
         if repo.is_empty() || !repo.split('/').all(valid_path_component) {
-            return Err(err("invalid repository name (lowercase letters, digits, separators)"));
+            return Err(err(
+                "invalid repository name (lowercase letters, digits, separators)",
+            ));
         }
         let registry = if registry == "index.docker.io" || registry == DOCKER_HUB_API {
             DOCKER_HUB.to_string()
@@ -123,7 +136,11 @@ impl FromStr for Reference {
         Ok(Reference {
             registry,
             repository,
-            tag: tag.map(str::to_string).or(if digest.is_none() { Some("latest".into()) } else { None }),
+            tag: tag.map(str::to_string).or(if digest.is_none() {
+                Some("latest".into())
+            } else {
+                None
+            }),
             digest,
         })
     }
@@ -170,12 +187,24 @@ mod tests {
         let r: Reference = "localhost/x".parse().unwrap();
         assert_eq!(r.registry, "localhost");
         let r: Reference = "localhost:5000/x".parse().unwrap();
-        assert_eq!((r.registry.as_str(), r.tag.as_deref()), ("localhost:5000", Some("latest")));
+        assert_eq!(
+            (r.registry.as_str(), r.tag.as_deref()),
+            ("localhost:5000", Some("latest"))
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "UPPER/case", "a//b", "x:", "x:-bad", "x@sha256:zz", "/abs", "a/b/"] {
+        for bad in [
+            "",
+            "UPPER/case",
+            "a//b",
+            "x:",
+            "x:-bad",
+            "x@sha256:zz",
+            "/abs",
+            "a/b/",
+        ] {
             assert!(bad.parse::<Reference>().is_err(), "{bad}");
         }
     }

@@ -45,18 +45,32 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the store under `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let io = |p: &Path, error| StoreError::Io { path: p.display().to_string(), error };
+        let io = |p: &Path, error| StoreError::Io {
+            path: p.display().to_string(),
+            error,
+        };
         std::fs::create_dir_all(root.join("windows")).map_err(|e| io(root, e))?;
         let db_path = root.join("db");
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(32 << 20)
             .open()
-            .map_err(|error| StoreError::Db { path: db_path.display().to_string(), error })?;
+            .map_err(|error| StoreError::Db {
+                path: db_path.display().to_string(),
+                error,
+            })?;
         let tree = |name: &str| {
-            db.open_tree(name).map_err(|error| StoreError::Db { path: db_path.display().to_string(), error })
+            db.open_tree(name).map_err(|error| StoreError::Db {
+                path: db_path.display().to_string(),
+                error,
+            })
         };
-        Ok(Store { root: root.to_path_buf(), layers: tree("layer-index")?, images: tree("image")?, db })
+        Ok(Store {
+            root: root.to_path_buf(),
+            layers: tree("layer-index")?,
+            images: tree("image")?,
+            db,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -64,7 +78,10 @@ impl Store {
     }
 
     fn db_err(&self, error: sled::Error) -> StoreError {
-        StoreError::Db { path: self.root.join("db").display().to_string(), error }
+        StoreError::Db {
+            path: self.root.join("db").display().to_string(),
+            error,
+        }
     }
 
     pub fn windows_path(&self, digest: &Digest) -> PathBuf {
@@ -72,18 +89,31 @@ impl Store {
     }
 
     /// Stores an encoded index and (when given) its windows blob; durable on return.
-    pub async fn put_layer(&self, layer: &Digest, encoded: &[u8], windows: Option<&[u8]>) -> Result<(), StoreError> {
+    pub async fn put_layer(
+        &self,
+        layer: &Digest,
+        encoded: &[u8],
+        windows: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         if let Some(w) = windows {
-            let ix = format::decode(encoded).map_err(|e| StoreError::Corrupt { key: layer.to_string(), reason: e.to_string() })?;
+            let ix = format::decode(encoded).map_err(|e| StoreError::Corrupt {
+                key: layer.to_string(),
+                reason: e.to_string(),
+            })?;
             self.write_file_atomic(&self.windows_path(&ix.windows.digest), w)?;
         }
-        self.layers.insert(layer.to_string(), encoded).map_err(|e| self.db_err(e))?;
+        self.layers
+            .insert(layer.to_string(), encoded)
+            .map_err(|e| self.db_err(e))?;
         self.db.flush_async().await.map_err(|e| self.db_err(e))?;
         Ok(())
     }
 
     fn write_file_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
-        let io = |error| StoreError::Io { path: path.display().to_string(), error };
+        let io = |error| StoreError::Io {
+            path: path.display().to_string(),
+            error,
+        };
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(data).map_err(io)?;
@@ -94,20 +124,29 @@ impl Store {
 
     /// The encoded index of a layer, checked. A corrupt record is removed and reported as absent.
     pub fn get_layer(&self, layer: &Digest) -> Result<Option<(LayerIndex, Vec<u8>)>, StoreError> {
-        let Some(raw) = self.layers.get(layer.to_string()).map_err(|e| self.db_err(e))? else {
+        let Some(raw) = self
+            .layers
+            .get(layer.to_string())
+            .map_err(|e| self.db_err(e))?
+        else {
             return Ok(None);
         };
         match format::decode(&raw).and_then(|ix| {
             if ix.layer == *layer {
                 Ok(ix)
             } else {
-                Err(IndexError::Format(format!("record is for layer {}", ix.layer)))
+                Err(IndexError::Format(format!(
+                    "record is for layer {}",
+                    ix.layer
+                )))
             }
         }) {
             Ok(ix) => Ok(Some((ix, raw.to_vec()))),
             Err(e) => {
                 tracing::warn!(%layer, "dropping unreadable stored index: {e}");
-                self.layers.remove(layer.to_string()).map_err(|e| self.db_err(e))?;
+                self.layers
+                    .remove(layer.to_string())
+                    .map_err(|e| self.db_err(e))?;
                 Ok(None)
             }
         }
@@ -121,25 +160,34 @@ impl Store {
 
     pub async fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {
         let json = serde_json::to_vec(rec).expect("image records serialise");
-        self.images.insert(rec.manifest_digest.to_string(), json).map_err(|e| self.db_err(e))?;
+        self.images
+            .insert(rec.manifest_digest.to_string(), json)
+            .map_err(|e| self.db_err(e))?;
         self.db.flush_async().await.map_err(|e| self.db_err(e))?;
         Ok(())
     }
 
     pub fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, StoreError> {
-        let Some(raw) = self.images.get(manifest.to_string()).map_err(|e| self.db_err(e))? else {
+        let Some(raw) = self
+            .images
+            .get(manifest.to_string())
+            .map_err(|e| self.db_err(e))?
+        else {
             return Ok(None);
         };
         serde_json::from_slice(&raw)
             .map(Some)
-            .map_err(|e| StoreError::Corrupt { key: manifest.to_string(), reason: e.to_string() })
+            .map_err(|e| StoreError::Corrupt {
+                key: manifest.to_string(),
+                reason: e.to_string(),
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{EntryKind, Entry, Span};
+    use crate::index::{Entry, EntryKind, Span};
 
     fn sample() -> (LayerIndex, Vec<u8>) {
         let windows = b"not really zstd".to_vec();
@@ -149,11 +197,24 @@ mod tests {
             compressed_size: 10,
             uncompressed_size: 20,
             span_size: 1 << 20,
-            windows: BlobRef { digest: Digest::of(&windows), size: windows.len() as u64 },
-            spans: vec![Span { uncompressed: 0, compressed: 10, bits: 0, window_offset: 0, window_len: 0, digest: Digest::of(b"") }],
+            windows: BlobRef {
+                digest: Digest::of(&windows),
+                size: windows.len() as u64,
+            },
+            spans: vec![Span {
+                uncompressed: 0,
+                compressed: 10,
+                bits: 0,
+                window_offset: 0,
+                window_len: 0,
+                digest: Digest::of(b""),
+            }],
             entries: vec![Entry {
                 path: b"a".to_vec(),
-                kind: EntryKind::File { offset: 0, size: 20 },
+                kind: EntryKind::File {
+                    offset: 0,
+                    size: 20,
+                },
                 mode: 0o644,
                 uid: 0,
                 gid: 0,

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "clip", version, about = "Start containers from OCI images without downloading them first")]
+#[command(
+    name = "clip",
+    version,
+    about = "Start containers from OCI images without downloading them first"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -88,7 +92,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(format!("invalid size unit in {s:?} (use KiB, MiB or GiB)")),
     };
-    let v = n.checked_mul(mult).ok_or_else(|| format!("size {s:?} too large"))?;
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))?;
     if !(64 << 10..=64 << 20).contains(&v) {
         return Err(format!("span size {s:?} out of range (64KiB to 64MiB)"));
     }

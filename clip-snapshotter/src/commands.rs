@@ -24,7 +24,11 @@ fn default_root() -> PathBuf {
     // SAFETY-free check for root: the effective uid via /proc.
     let is_root = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false);
     if is_root {
         PathBuf::from("/var/lib/clip")
@@ -43,7 +47,11 @@ struct Ctx {
 }
 
 fn context(g: &GlobalArgs) -> Result<Ctx> {
-    let mut cfg = RegistryConfig { insecure: g.insecure.clone(), deadline: Duration::from_secs(g.registry_timeout.max(1)), ..Default::default() };
+    let mut cfg = RegistryConfig {
+        insecure: g.insecure.clone(),
+        deadline: Duration::from_secs(g.registry_timeout.max(1)),
+        ..Default::default()
+    };
     if let Some(d) = &g.hosts_dir {
         cfg.hosts_dir = Some(d.clone());
     }
@@ -51,13 +59,20 @@ fn context(g: &GlobalArgs) -> Result<Ctx> {
         cfg.platform = p.parse().map_err(anyhow::Error::msg)?;
     }
     let root = g.root.clone().unwrap_or_else(default_root);
-    let store = Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
-    Ok(Ctx { client: Client::new(cfg), store })
+    let store =
+        Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
+    Ok(Ctx {
+        client: Client::new(cfg),
+        store,
+    })
 }
 
 async fn resolve(ctx: &Ctx, reference: &str) -> Result<ResolvedImage> {
     let r: Reference = reference.parse()?;
-    ctx.client.resolve(&r).await.with_context(|| format!("resolving {r}"))
+    ctx.client
+        .resolve(&r)
+        .await
+        .with_context(|| format!("resolving {r}"))
 }
 
 pub fn human(n: u64) -> String {
@@ -97,7 +112,11 @@ fn totals(reports: &[LayerReport]) -> Totals {
     }
 }
 
-fn summary_json(image: &ResolvedImage, reports: &[LayerReport], view: &ImageView) -> serde_json::Value {
+fn summary_json(
+    image: &ResolvedImage,
+    reports: &[LayerReport],
+    view: &ImageView,
+) -> serde_json::Value {
     let t = totals(reports);
     json!({
         "reference": image.reference.to_string(),
@@ -126,7 +145,10 @@ fn summary_json(image: &ResolvedImage, reports: &[LayerReport], view: &ImageView
 }
 
 fn print_layers(reports: &[LayerReport]) {
-    println!("{:>3}  {:<19}  {:>10}  {:>12}  {:>7}  {:>5}  {:>9}  {:>9}", "#", "layer", "compressed", "uncompressed", "entries", "spans", "index", "windows");
+    println!(
+        "{:>3}  {:<19}  {:>10}  {:>12}  {:>7}  {:>5}  {:>9}  {:>9}",
+        "#", "layer", "compressed", "uncompressed", "entries", "spans", "index", "windows"
+    );
     for (i, r) in reports.iter().enumerate() {
         println!(
             "{:>3}  {:<19}  {:>10}  {:>12}  {:>7}  {:>5}  {:>9}  {:>9}",
@@ -148,18 +170,32 @@ async fn index(g: &GlobalArgs, a: IndexArgs) -> Result<()> {
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     bar.set_message(format!("indexing {} layers", image.layers.len()));
     let progress: image::Progress = {
         let bar = bar.clone();
         Arc::new(move |n| bar.inc(n))
     };
-    let opts = clip_core::index::BuildOptions { span_size: a.span_size, ..Default::default() };
+    let opts = clip_core::index::BuildOptions {
+        span_size: a.span_size,
+        ..Default::default()
+    };
     let start = Instant::now();
-    let reports = image::index_image(&ctx.client, &ctx.store, &image, &opts, progress, a.force, a.jobs).await;
+    let reports = image::index_image(
+        &ctx.client,
+        &ctx.store,
+        &image,
+        &opts,
+        progress,
+        a.force,
+        a.jobs,
+    )
+    .await;
     bar.finish_and_clear();
     let reports = reports.with_context(|| format!("indexing {}", image.reference))?;
     let elapsed = start.elapsed();
@@ -168,7 +204,11 @@ async fn index(g: &GlobalArgs, a: IndexArgs) -> Result<()> {
     let layers: Vec<Arc<_>> = reports.iter().map(|r| r.index.clone()).collect();
     let view = ImageView::build(layers).context("merging the layers")?;
     let artifact = if a.push {
-        Some(image::publish(&ctx.client, &ctx.store, &image, &reports).await.context("publishing the index")?)
+        Some(
+            image::publish(&ctx.client, &ctx.store, &image, &reports)
+                .await
+                .context("publishing the index")?,
+        )
     } else {
         None
     };
@@ -194,7 +234,11 @@ async fn index(g: &GlobalArgs, a: IndexArgs) -> Result<()> {
         human(t.windows),
     );
     if built.is_empty() {
-        println!("all {} layer indexes were already in {} (use --force to rebuild)", reports.len(), ctx.store.root().display());
+        println!(
+            "all {} layer indexes were already in {} (use --force to rebuild)",
+            reports.len(),
+            ctx.store.root().display()
+        );
     } else {
         println!(
             "indexed {} of {} layers in {:.2}s ({:.0} MB/s of uncompressed tar)",
@@ -205,7 +249,10 @@ async fn index(g: &GlobalArgs, a: IndexArgs) -> Result<()> {
         );
     }
     if let Some(d) = artifact {
-        println!("pushed index artifact {d} (referring to {})", image.manifest_digest);
+        println!(
+            "pushed index artifact {d} (referring to {})",
+            image.manifest_digest
+        );
     }
     Ok(())
 }
@@ -228,10 +275,14 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
     let ctx = context(g)?;
     let image = resolve(&ctx, &a.reference).await?;
     let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
-    let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect()).context("merging the layers")?;
+    let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect())
+        .context("merging the layers")?;
     let Some(path) = a.path else {
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&summary_json(&image, &reports, &view))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary_json(&image, &reports, &view))?
+            );
         } else {
             let t = totals(&reports);
             println!("{}", image.reference);
@@ -250,7 +301,9 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
     };
     let norm = clip_core::index::builder::normalize(path.trim_start_matches('/').as_bytes())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (node, entry) = view.get(&norm).ok_or_else(|| anyhow::anyhow!("{path}: no such file in {}", image.reference))?;
+    let (node, entry) = view
+        .get(&norm)
+        .ok_or_else(|| anyhow::anyhow!("{path}: no such file in {}", image.reference))?;
     let layer = &reports[node.layer as usize];
     let mut j = json!({
         "path": format!("/{}", String::from_utf8_lossy(&norm)),
@@ -264,7 +317,11 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
         j["uid"] = json!(e.uid);
         j["gid"] = json!(e.gid);
         j["mtime"] = json!(e.mtime);
-        j["xattrs"] = json!(e.xattrs.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>());
+        j["xattrs"] = json!(e
+            .xattrs
+            .iter()
+            .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>());
         match &e.kind {
             EntryKind::Symlink { target } | EntryKind::Hardlink { target } => {
                 j["target"] = json!(String::from_utf8_lossy(target));
@@ -278,8 +335,16 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
     if let Some((li, offset, size)) = view.file_data(&node) {
         let ix = &reports[li as usize].index;
         let spans = ix.spans_covering(offset, size);
-        let (cs, _) = if spans.is_empty() { (0, 0) } else { ix.span_compressed_range(spans.start) };
-        let (_, ce) = if spans.is_empty() { (0, 0) } else { ix.span_compressed_range(spans.end - 1) };
+        let (cs, _) = if spans.is_empty() {
+            (0, 0)
+        } else {
+            ix.span_compressed_range(spans.start)
+        };
+        let (_, ce) = if spans.is_empty() {
+            (0, 0)
+        } else {
+            ix.span_compressed_range(spans.end - 1)
+        };
         j["data_layer"] = json!(li + 1);
         j["data_layer_digest"] = json!(reports[li as usize].descriptor.digest.to_string());
         j["size"] = json!(size);
@@ -292,7 +357,12 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     for (k, v) in j.as_object().expect("object") {
-        println!("{k:>18}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+        println!(
+            "{k:>18}: {}",
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        );
     }
     Ok(())
 }

@@ -87,7 +87,8 @@ impl<R: Read> GzipIndexer<R> {
     /// Reads the rest of the stream (so every byte is checked) and returns the index and the input.
     pub fn finish(mut self) -> Result<(ZranOutput, R), GzipError> {
         io::copy(&mut self, &mut io::sink())?;
-        self.span_digests.push(std::mem::take(&mut self.span_hasher).finish());
+        self.span_digests
+            .push(std::mem::take(&mut self.span_hasher).finish());
         let out = ZranOutput {
             checkpoints: self.checkpoints,
             span_digests: self.span_digests,
@@ -171,9 +172,14 @@ impl<R: Read> GzipIndexer<R> {
             return Ok(());
         }
         if !self.checkpoints.is_empty() {
-            self.span_digests.push(std::mem::take(&mut self.span_hasher).finish());
+            self.span_digests
+                .push(std::mem::take(&mut self.span_hasher).finish());
         }
-        let window = if self.uncompressed == 0 { Vec::new() } else { self.inflater.dictionary()? };
+        let window = if self.uncompressed == 0 {
+            Vec::new()
+        } else {
+            self.inflater.dictionary()?
+        };
         self.checkpoints.push(Checkpoint {
             uncompressed: self.uncompressed,
             compressed: self.compressed,
@@ -201,12 +207,19 @@ impl<R: Read> Read for GzipIndexer<R> {
             if self.in_pos == self.in_len {
                 self.fill(1)?;
                 if self.in_pos == self.in_len {
-                    return Err(GzipError::Truncated { compressed: self.compressed }.into());
+                    return Err(GzipError::Truncated {
+                        compressed: self.compressed,
+                    }
+                    .into());
                 }
             }
             let step = self
                 .inflater
-                .inflate(&self.in_buf[self.in_pos..self.in_len], buf, libz_rs_sys::Z_BLOCK)
+                .inflate(
+                    &self.in_buf[self.in_pos..self.in_len],
+                    buf,
+                    libz_rs_sys::Z_BLOCK,
+                )
                 .map_err(|message| GzipError::Corrupt {
                     compressed: self.compressed,
                     message,

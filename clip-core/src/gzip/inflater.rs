@@ -62,7 +62,8 @@ impl Inflater {
             return Ok(());
         }
         // SAFETY: dict is a valid slice for its length.
-        let ret = unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
+        let ret =
+            unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
         check(ret, "inflateSetDictionary")
     }
 
@@ -93,10 +94,22 @@ impl Inflater {
         self.strm.next_in = std::ptr::null();
         self.strm.next_out = std::ptr::null_mut();
         match ret {
-            z::Z_OK | z::Z_BUF_ERROR => Ok(Step { consumed, produced, stream_end: false, data_type }),
-            z::Z_STREAM_END => Ok(Step { consumed, produced, stream_end: true, data_type }),
+            z::Z_OK | z::Z_BUF_ERROR => Ok(Step {
+                consumed,
+                produced,
+                stream_end: false,
+                data_type,
+            }),
+            z::Z_STREAM_END => Ok(Step {
+                consumed,
+                produced,
+                stream_end: true,
+                data_type,
+            }),
             z::Z_NEED_DICT => Err("stream needs a preset dictionary".into()),
-            _ => Err(self.message().unwrap_or_else(|| format!("inflate returned {ret}"))),
+            _ => Err(self
+                .message()
+                .unwrap_or_else(|| format!("inflate returned {ret}"))),
         }
     }
 
@@ -105,7 +118,11 @@ impl Inflater {
             return None;
         }
         // SAFETY: zlib sets msg to a static NUL-terminated string.
-        Some(unsafe { CStr::from_ptr(self.strm.msg) }.to_string_lossy().into_owned())
+        Some(
+            unsafe { CStr::from_ptr(self.strm.msg) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 }
 

@@ -78,7 +78,9 @@ impl From<GzipError> for std::io::Error {
     fn from(e: GzipError) -> Self {
         match e {
             GzipError::Io(io) => io,
-            GzipError::Truncated { .. } => std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e),
+            GzipError::Truncated { .. } => {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e)
+            }
             other => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
         }
     }

@@ -13,14 +13,23 @@ pub fn compressed_range(compressed: u64, bits: u8, next_compressed: u64) -> (u64
 
 /// Inflates exactly `out_len` bytes from `data` (the bytes of [`compressed_range`]), starting at a
 /// checkpoint with `bits` leftover bits and the given `window`.
-pub fn inflate_span(data: &[u8], bits: u8, window: &[u8], out_len: usize) -> Result<Vec<u8>, GzipError> {
+pub fn inflate_span(
+    data: &[u8],
+    bits: u8,
+    window: &[u8],
+    out_len: usize,
+) -> Result<Vec<u8>, GzipError> {
     if bits > 7 {
-        return Err(GzipError::Zlib(format!("invalid checkpoint bit offset {bits}")));
+        return Err(GzipError::Zlib(format!(
+            "invalid checkpoint bit offset {bits}"
+        )));
     }
     let mut inflater = Inflater::new(RAW)?;
     let mut input = data;
     if bits > 0 {
-        let (&first, rest) = input.split_first().ok_or(GzipError::Truncated { compressed: 0 })?;
+        let (&first, rest) = input
+            .split_first()
+            .ok_or(GzipError::Truncated { compressed: 0 })?;
         inflater.prime(bits, first >> (8 - bits))?;
         input = rest;
     }
@@ -41,7 +50,10 @@ pub fn inflate_span(data: &[u8], bits: u8, window: &[u8], out_len: usize) -> Res
             // The span crosses into the next gzip member: skip the 8-byte trailer and let zlib
             // parse the next member's header.
             if input.len() < 8 {
-                return Err(GzipError::ShortSpan { got: filled as u64, expected: out_len as u64 });
+                return Err(GzipError::ShortSpan {
+                    got: filled as u64,
+                    expected: out_len as u64,
+                });
             }
             input = &input[8..];
             inflater.reset(GZIP)?;
@@ -50,7 +62,10 @@ pub fn inflate_span(data: &[u8], bits: u8, window: &[u8], out_len: usize) -> Res
         if step.consumed == 0 && step.produced == 0 {
             stalls += 1;
             if input.is_empty() || stalls > 4 {
-                return Err(GzipError::ShortSpan { got: filled as u64, expected: out_len as u64 });
+                return Err(GzipError::ShortSpan {
+                    got: filled as u64,
+                    expected: out_len as u64,
+                });
             }
         } else {
             stalls = 0;

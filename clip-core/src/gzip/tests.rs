@@ -5,7 +5,9 @@ use std::io::{Read, Write};
 
 /// Deterministic mixed content: compressible text runs and incompressible noise.
 fn sample(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         x ^= x << 13;
@@ -47,9 +49,18 @@ fn check_all_spans(gz: &[u8], original: &[u8], z: &ZranOutput) {
             None => (z.uncompressed_size, gz.len() as u64),
         };
         let (s, e) = compressed_range(cp.compressed, cp.bits, next_c);
-        let got = inflate_span(&gz[s as usize..e as usize], cp.bits, &cp.window, (end_u - cp.uncompressed) as usize)
-            .unwrap_or_else(|err| panic!("span {i}: {err}"));
-        assert_eq!(&got[..], &original[cp.uncompressed as usize..end_u as usize], "span {i}");
+        let got = inflate_span(
+            &gz[s as usize..e as usize],
+            cp.bits,
+            &cp.window,
+            (end_u - cp.uncompressed) as usize,
+        )
+        .unwrap_or_else(|err| panic!("span {i}: {err}"));
+        assert_eq!(
+            &got[..],
+            &original[cp.uncompressed as usize..end_u as usize],
+            "span {i}"
+        );
         assert_eq!(Digest::of(&got), z.span_digests[i], "span {i} digest");
     }
 }
@@ -66,9 +77,16 @@ fn spans_round_trip_at_every_level() {
         assert_eq!(z.diff_id, Digest::of(&data));
         // zlib-rs at level 1 writes very long blocks, so checkpoints are fewer there.
         let min = if level == 1 { 2 } else { 10 };
-        assert!(z.checkpoints.len() >= min, "level {level}: {} checkpoints", z.checkpoints.len());
+        assert!(
+            z.checkpoints.len() >= min,
+            "level {level}: {} checkpoints",
+            z.checkpoints.len()
+        );
         if level != 1 {
-            assert!(z.checkpoints.iter().any(|c| c.bits != 0), "expected mid-byte checkpoints");
+            assert!(
+                z.checkpoints.iter().any(|c| c.bits != 0),
+                "expected mid-byte checkpoints"
+            );
         }
         check_all_spans(&gz, &data, &z);
     }
@@ -111,19 +129,28 @@ fn bad_streams_fail_cleanly() {
     let err = index(&gz[..gz.len() / 2], 65536).unwrap_err();
     assert!(matches!(err, GzipError::Truncated { .. }), "{err}");
     // Not gzip.
-    assert!(matches!(index(b"hello world", 65536).unwrap_err(), GzipError::NotGzip));
+    assert!(matches!(
+        index(b"hello world", 65536).unwrap_err(),
+        GzipError::NotGzip
+    ));
     assert!(matches!(index(b"", 65536).unwrap_err(), GzipError::NotGzip));
     // Trailing garbage.
     let mut g = gzip(b"abc", 6);
     g.extend(b"junk");
-    assert!(matches!(index(&g, 65536).unwrap_err(), GzipError::TrailingGarbage { .. }));
+    assert!(matches!(
+        index(&g, 65536).unwrap_err(),
+        GzipError::TrailingGarbage { .. }
+    ));
     // Corruption anywhere in the body never panics and never passes silently.
     for pos in (20..gz.len() - 8).step_by(gz.len() / 37) {
         let mut bad = gz.clone();
         bad[pos] ^= 0x5a;
         match index(&bad, 65536) {
             Err(_) => {}
-            Ok((z, out)) => assert!(out != data || z.diff_id != Digest::of(&data), "corruption at {pos} undetected"),
+            Ok((z, out)) => assert!(
+                out != data || z.diff_id != Digest::of(&data),
+                "corruption at {pos} undetected"
+            ),
         }
     }
 }
@@ -138,7 +165,13 @@ fn corrupt_span_input_is_an_error_not_a_panic() {
     let (s, e) = compressed_range(cp.compressed, cp.bits, next.compressed);
     let len = (next.uncompressed - cp.uncompressed) as usize;
     // Too little input.
-    assert!(inflate_span(&gz[s as usize..(s + (e - s) / 2) as usize], cp.bits, &cp.window, len).is_err());
+    assert!(inflate_span(
+        &gz[s as usize..(s + (e - s) / 2) as usize],
+        cp.bits,
+        &cp.window,
+        len
+    )
+    .is_err());
     // Wrong window: output differs (caught by the span digest) or errors.
     let bad_window = vec![0u8; cp.window.len()];
     if let Ok(out) = inflate_span(&gz[s as usize..e as usize], cp.bits, &bad_window, len) {

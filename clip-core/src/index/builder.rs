@@ -64,7 +64,12 @@ pub fn build_layer_index<R: Read>(
     opts: &BuildOptions,
     progress: impl FnMut(u64),
 ) -> Result<BuiltLayer, IndexError> {
-    let hashing = Hashing { inner: input, hasher: Hasher::new(), count: 0, progress };
+    let hashing = Hashing {
+        inner: input,
+        hasher: Hasher::new(),
+        count: 0,
+        progress,
+    };
     let gz = GzipIndexer::new(hashing, opts.span_size)?;
     let mut archive = tar::Archive::new(gz);
     let mut entries = Vec::new();
@@ -74,12 +79,20 @@ pub fn build_layer_index<R: Read>(
     let layer = hashing.hasher.finish();
     if let Some(expected) = opts.expected_layer {
         if expected != layer {
-            return Err(IndexError::DigestMismatch { what: "layer digest", expected, actual: layer });
+            return Err(IndexError::DigestMismatch {
+                what: "layer digest",
+                expected,
+                actual: layer,
+            });
         }
     }
     if let Some(expected) = opts.expected_diff_id {
         if expected != zran.diff_id {
-            return Err(IndexError::DigestMismatch { what: "DiffID", expected, actual: zran.diff_id });
+            return Err(IndexError::DigestMismatch {
+                what: "DiffID",
+                expected,
+                actual: zran.diff_id,
+            });
         }
     }
     check_hardlinks(&entries)?;
@@ -91,7 +104,8 @@ pub fn build_layer_index<R: Read>(
         let window_len = if cp.window.is_empty() {
             0
         } else {
-            let z = zstd::bulk::compress(&cp.window, opts.window_compression_level).map_err(IndexError::Io)?;
+            let z = zstd::bulk::compress(&cp.window, opts.window_compression_level)
+                .map_err(IndexError::Io)?;
             windows.extend_from_slice(&z);
             z.len() as u32
         };
@@ -110,7 +124,10 @@ pub fn build_layer_index<R: Read>(
         compressed_size: zran.compressed_size,
         uncompressed_size: zran.uncompressed_size,
         span_size: opts.span_size,
-        windows: BlobRef { digest: Digest::of(&windows), size: windows.len() as u64 },
+        windows: BlobRef {
+            digest: Digest::of(&windows),
+            size: windows.len() as u64,
+        },
         spans,
         entries,
     };
@@ -122,10 +139,16 @@ fn tar_error(e: io::Error, entry: Option<&[u8]>) -> IndexError {
     if e.get_ref().is_some_and(|inner| inner.is::<GzipError>()) {
         return IndexError::Gzip(GzipError::from(e));
     }
-    IndexError::Tar { entry: entry.map(show_path), error: e }
+    IndexError::Tar {
+        entry: entry.map(show_path),
+        error: e,
+    }
 }
 
-fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) -> Result<(), IndexError> {
+fn read_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    out: &mut Vec<Entry>,
+) -> Result<(), IndexError> {
     let mut last_path: Option<Vec<u8>> = None;
     let iter = archive.entries().map_err(|e| tar_error(e, None))?;
     for entry in iter {
@@ -138,7 +161,10 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) ->
         }
         let mut pax: HashMap<String, Vec<u8>> = HashMap::new();
         let mut xattrs = Vec::new();
-        if let Some(exts) = entry.pax_extensions().map_err(|e| tar_error(e, Some(&raw_path)))? {
+        if let Some(exts) = entry
+            .pax_extensions()
+            .map_err(|e| tar_error(e, Some(&raw_path)))?
+        {
             for ext in exts {
                 let ext = ext.map_err(|e| tar_error(e, Some(&raw_path)))?;
                 let key = ext.key_bytes();
@@ -155,8 +181,10 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) ->
             error: io::Error::new(e.kind(), format!("{what}: {e}")),
         };
         let mode = header.mode().map_err(|e| bad("mode", e))? & 0o7777;
-        let uid = pax_u32(&pax, "uid").map_or_else(|| header.uid().map_err(|e| bad("uid", e)), Ok)?;
-        let gid = pax_u32(&pax, "gid").map_or_else(|| header.gid().map_err(|e| bad("gid", e)), Ok)?;
+        let uid =
+            pax_u32(&pax, "uid").map_or_else(|| header.uid().map_err(|e| bad("uid", e)), Ok)?;
+        let gid =
+            pax_u32(&pax, "gid").map_or_else(|| header.gid().map_err(|e| bad("gid", e)), Ok)?;
         let uid = u32::try_from(uid).map_err(|_| bad("uid", io::Error::other("out of range")))?;
         let gid = u32::try_from(gid).map_err(|_| bad("gid", io::Error::other("out of range")))?;
         let (mtime, mtime_nsec) = match pax.get("mtime").and_then(|v| parse_pax_time(v)) {
@@ -177,15 +205,29 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) ->
                     },
                     tar::EntryType::Directory => EntryKind::Dir,
                     tar::EntryType::Symlink => EntryKind::Symlink {
-                        target: entry.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default(),
+                        target: entry
+                            .link_name_bytes()
+                            .map(|c| c.into_owned())
+                            .unwrap_or_default(),
                     },
                     tar::EntryType::Link => {
-                        let target = entry.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default();
-                        EntryKind::Hardlink { target: normalize(&target)? }
+                        let target = entry
+                            .link_name_bytes()
+                            .map(|c| c.into_owned())
+                            .unwrap_or_default();
+                        EntryKind::Hardlink {
+                            target: normalize(&target)?,
+                        }
                     }
                     tar::EntryType::Char | tar::EntryType::Block => {
-                        let major = header.device_major().map_err(|e| bad("device major", e))?.unwrap_or(0);
-                        let minor = header.device_minor().map_err(|e| bad("device minor", e))?.unwrap_or(0);
+                        let major = header
+                            .device_major()
+                            .map_err(|e| bad("device major", e))?
+                            .unwrap_or(0);
+                        let minor = header
+                            .device_minor()
+                            .map_err(|e| bad("device minor", e))?
+                            .unwrap_or(0);
                         if header_type == tar::EntryType::Char {
                             EntryKind::CharDevice { major, minor }
                         } else {
@@ -204,9 +246,21 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, out: &mut Vec<Entry>) ->
             }
         };
         if path.is_empty() && kind != EntryKind::Dir && kind != EntryKind::Opaque {
-            return Err(IndexError::UnsafePath { path: show_path(&raw_path), reason: "the root must be a directory" });
+            return Err(IndexError::UnsafePath {
+                path: show_path(&raw_path),
+                reason: "the root must be a directory",
+            });
         }
-        out.push(Entry { path, kind, mode, uid, gid, mtime, mtime_nsec, xattrs });
+        out.push(Entry {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            xattrs,
+        });
     }
     Ok(())
 }
@@ -233,7 +287,10 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
 
 /// Normalises a tar path: strips `./` and trailing `/`, refuses absolute paths and `..`.
 pub fn normalize(raw: &[u8]) -> Result<Vec<u8>, IndexError> {
-    let unsafe_path = |reason| IndexError::UnsafePath { path: show_path(raw), reason };
+    let unsafe_path = |reason| IndexError::UnsafePath {
+        path: show_path(raw),
+        reason,
+    };
     if raw.first() == Some(&b'/') {
         return Err(unsafe_path("absolute path"));
     }
@@ -292,13 +349,22 @@ fn check_hardlinks(entries: &[Entry]) -> Result<(), IndexError> {
     }
     for (i, e) in entries.iter().enumerate() {
         if let EntryKind::Hardlink { target } = &e.kind {
-            let err = |reason| IndexError::BadHardlink { path: show_path(&e.path), target: show_path(target), reason };
+            let err = |reason| IndexError::BadHardlink {
+                path: show_path(&e.path),
+                target: show_path(target),
+                reason,
+            };
             if target == &e.path {
                 return Err(err("is the link itself"));
             }
             match first_seen.get(target.as_slice()) {
                 Some(&j) if j > i => return Err(err("appears later in the layer")),
-                Some(&j) if !matches!(entries[j].kind, EntryKind::File { .. } | EntryKind::Hardlink { .. }) => {
+                Some(&j)
+                    if !matches!(
+                        entries[j].kind,
+                        EntryKind::File { .. } | EntryKind::Hardlink { .. }
+                    ) =>
+                {
                     return Err(err("is not a regular file"))
                 }
                 _ => {}

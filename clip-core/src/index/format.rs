@@ -94,7 +94,8 @@ pub fn encode(ix: &LayerIndex) -> Vec<u8> {
         pc = s.compressed;
     }
     let table = encode_entries(&ix.entries);
-    let z = zstd::bulk::compress(&table, ZSTD_LEVEL).expect("zstd compression of an in-memory buffer");
+    let z =
+        zstd::bulk::compress(&table, ZSTD_LEVEL).expect("zstd compression of an in-memory buffer");
     put_varint(&mut out, table.len() as u64);
     put_bytes(&mut out, &z);
     let sum = Digest::of(&out);
@@ -132,7 +133,9 @@ fn encode_entries(entries: &[Entry]) -> Vec<u8> {
                 put_varint(&mut t, *offset);
                 put_varint(&mut t, *size);
             }
-            EntryKind::Symlink { target } | EntryKind::Hardlink { target } => put_bytes(&mut t, target),
+            EntryKind::Symlink { target } | EntryKind::Hardlink { target } => {
+                put_bytes(&mut t, target)
+            }
             EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } => {
                 put_varint(&mut t, u64::from(*major));
                 put_varint(&mut t, u64::from(*minor));
@@ -214,15 +217,21 @@ impl<'a> Cursor<'a> {
 /// Decodes and validates an encoded index.
 pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
     if data.len() < 16 + 32 || &data[..8] != MAGIC {
-        return Err(IndexError::Format("not a clip layer index (bad magic)".into()));
+        return Err(IndexError::Format(
+            "not a clip layer index (bad magic)".into(),
+        ));
     }
     let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
-        return Err(IndexError::Format(format!("unsupported index version {version} (this clip reads {VERSION})")));
+        return Err(IndexError::Format(format!(
+            "unsupported index version {version} (this clip reads {VERSION})"
+        )));
     }
     let (body, sum) = data.split_at(data.len() - 32);
     if Digest::of(body).as_bytes() != sum {
-        return Err(IndexError::Format("checksum mismatch (index corrupted)".into()));
+        return Err(IndexError::Format(
+            "checksum mismatch (index corrupted)".into(),
+        ));
     }
     let mut c = Cursor::new(&body[16..], "index header");
     let layer = c.digest()?;
@@ -243,23 +252,39 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
     for i in 0..span_count {
         let du = c.varint()?;
         let dc = c.varint()?;
-        let uncompressed = pu.checked_add(du).ok_or_else(|| c.err("span offset overflow"))?;
-        let compressed = pc.checked_add(dc).ok_or_else(|| c.err("span offset overflow"))?;
+        let uncompressed = pu
+            .checked_add(du)
+            .ok_or_else(|| c.err("span offset overflow"))?;
+        let compressed = pc
+            .checked_add(dc)
+            .ok_or_else(|| c.err("span offset overflow"))?;
         let bits = c.u8()?;
         let window_len = c.u32v()?;
         let digest = c.digest()?;
         if bits > 7 || (i == 0 && uncompressed != 0) || (i > 0 && du == 0) {
             return Err(c.err("invalid span"));
         }
-        if uncompressed > uncompressed_size || compressed > compressed_size || (bits > 0 && compressed == 0) {
+        if uncompressed > uncompressed_size
+            || compressed > compressed_size
+            || (bits > 0 && compressed == 0)
+        {
             return Err(c.err("span outside the layer"));
         }
         let window_offset = woff;
-        woff = woff.checked_add(u64::from(window_len)).ok_or_else(|| c.err("window overflow"))?;
+        woff = woff
+            .checked_add(u64::from(window_len))
+            .ok_or_else(|| c.err("window overflow"))?;
         if woff > windows_size {
             return Err(c.err("window outside the windows blob"));
         }
-        spans.push(Span { uncompressed, compressed, bits, window_offset, window_len, digest });
+        spans.push(Span {
+            uncompressed,
+            compressed,
+            bits,
+            window_offset,
+            window_len,
+            digest,
+        });
         pu = uncompressed;
         pc = compressed;
     }
@@ -283,13 +308,20 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         compressed_size,
         uncompressed_size,
         span_size,
-        windows: BlobRef { digest: windows_digest, size: windows_size },
+        windows: BlobRef {
+            digest: windows_digest,
+            size: windows_size,
+        },
         spans,
         entries,
     })
 }
 
-fn decode_entries(table: &[u8], count: u64, uncompressed_size: u64) -> Result<Vec<Entry>, IndexError> {
+fn decode_entries(
+    table: &[u8],
+    count: u64,
+    uncompressed_size: u64,
+) -> Result<Vec<Entry>, IndexError> {
     let mut c = Cursor::new(table, "entry table");
     // An entry takes at least 9 bytes.
     if count > (table.len() / 9) as u64 {
@@ -315,15 +347,28 @@ fn decode_entries(table: &[u8], count: u64, uncompressed_size: u64) -> Result<Ve
             K_FILE => {
                 let offset = c.varint()?;
                 let size = c.varint()?;
-                if offset.checked_add(size).is_none_or(|end| end > uncompressed_size) {
+                if offset
+                    .checked_add(size)
+                    .is_none_or(|end| end > uncompressed_size)
+                {
                     return Err(c.err("file outside the layer"));
                 }
                 EntryKind::File { offset, size }
             }
-            K_SYMLINK => EntryKind::Symlink { target: c.bytes()?.to_vec() },
-            K_HARDLINK => EntryKind::Hardlink { target: c.bytes()?.to_vec() },
-            K_CHAR => EntryKind::CharDevice { major: c.u32v()?, minor: c.u32v()? },
-            K_BLOCK => EntryKind::BlockDevice { major: c.u32v()?, minor: c.u32v()? },
+            K_SYMLINK => EntryKind::Symlink {
+                target: c.bytes()?.to_vec(),
+            },
+            K_HARDLINK => EntryKind::Hardlink {
+                target: c.bytes()?.to_vec(),
+            },
+            K_CHAR => EntryKind::CharDevice {
+                major: c.u32v()?,
+                minor: c.u32v()?,
+            },
+            K_BLOCK => EntryKind::BlockDevice {
+                major: c.u32v()?,
+                minor: c.u32v()?,
+            },
             K_FIFO => EntryKind::Fifo,
             K_WHITEOUT => EntryKind::Whiteout,
             K_OPAQUE => EntryKind::Opaque,
@@ -339,7 +384,16 @@ fn decode_entries(table: &[u8], count: u64, uncompressed_size: u64) -> Result<Ve
             let v = c.bytes()?.to_vec();
             xattrs.push((k, v));
         }
-        entries.push(Entry { path, kind, mode, uid, gid, mtime, mtime_nsec, xattrs });
+        entries.push(Entry {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            xattrs,
+        });
     }
     if c.remaining() != 0 {
         return Err(c.err("trailing bytes"));
@@ -352,5 +406,6 @@ pub fn decode_window(compressed: &[u8]) -> Result<Vec<u8>, IndexError> {
     if compressed.is_empty() {
         return Ok(Vec::new());
     }
-    zstd::bulk::decompress(compressed, crate::gzip::WINDOW_SIZE).map_err(|e| IndexError::Format(format!("window: {e}")))
+    zstd::bulk::decompress(compressed, crate::gzip::WINDOW_SIZE)
+        .map_err(|e| IndexError::Format(format!("window: {e}")))
 }

@@ -47,12 +47,25 @@ pub struct Entry {
 pub enum EntryKind {
     Dir,
     /// A regular file: its bytes are `[offset, offset + size)` of the uncompressed tar stream.
-    File { offset: u64, size: u64 },
-    Symlink { target: Vec<u8> },
+    File {
+        offset: u64,
+        size: u64,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A hard link to another path (normalised), in this layer or a lower one.
-    Hardlink { target: Vec<u8> },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    Hardlink {
+        target: Vec<u8>,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     /// `.wh.NAME`: `path` (the whited-out name) is deleted from lower layers.
     Whiteout,
@@ -99,14 +112,20 @@ impl LayerIndex {
     /// The uncompressed range `[start, end)` of span `i`.
     pub fn span_range(&self, i: usize) -> (u64, u64) {
         let start = self.spans[i].uncompressed;
-        let end = self.spans.get(i + 1).map_or(self.uncompressed_size, |s| s.uncompressed);
+        let end = self
+            .spans
+            .get(i + 1)
+            .map_or(self.uncompressed_size, |s| s.uncompressed);
         (start, end)
     }
 
     /// The compressed range `[start, end)` that must be fetched to inflate span `i`.
     pub fn span_compressed_range(&self, i: usize) -> (u64, u64) {
         let s = &self.spans[i];
-        let next = self.spans.get(i + 1).map_or(self.compressed_size, |n| n.compressed);
+        let next = self
+            .spans
+            .get(i + 1)
+            .map_or(self.compressed_size, |n| n.compressed);
         crate::gzip::compressed_range(s.compressed, s.bits, next)
     }
 
@@ -115,9 +134,15 @@ impl LayerIndex {
         if self.spans.is_empty() || len == 0 {
             return 0..0;
         }
-        let first = self.spans.partition_point(|s| s.uncompressed <= offset).saturating_sub(1);
+        let first = self
+            .spans
+            .partition_point(|s| s.uncompressed <= offset)
+            .saturating_sub(1);
         let end = offset.saturating_add(len);
-        let last = self.spans.partition_point(|s| s.uncompressed < end).max(first + 1);
+        let last = self
+            .spans
+            .partition_point(|s| s.uncompressed < end)
+            .max(first + 1);
         first..last
     }
 
@@ -134,15 +159,26 @@ pub enum IndexError {
     #[error(transparent)]
     Gzip(#[from] GzipError),
     #[error("malformed tar stream{}: {}", at_entry(.entry), tar_cause(.error))]
-    Tar { entry: Option<String>, error: std::io::Error },
+    Tar {
+        entry: Option<String>,
+        error: std::io::Error,
+    },
     #[error("unsafe tar entry path {path:?}: {reason}")]
     UnsafePath { path: String, reason: &'static str },
     #[error("unsupported tar entry {path:?}: {what}")]
     Unsupported { path: String, what: String },
     #[error("hard link {path:?} points to {target:?}, which {reason}")]
-    BadHardlink { path: String, target: String, reason: &'static str },
+    BadHardlink {
+        path: String,
+        target: String,
+        reason: &'static str,
+    },
     #[error("{what} mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { what: &'static str, expected: Digest, actual: Digest },
+    DigestMismatch {
+        what: &'static str,
+        expected: Digest,
+        actual: Digest,
+    },
     #[error("invalid index: {0}")]
     Format(String),
     #[error("I/O error: {0}")]
@@ -158,14 +194,16 @@ fn tar_cause(e: &std::io::Error) -> String {
 }
 
 fn at_entry(e: &Option<String>) -> String {
-    e.as_ref().map(|p| format!(" at entry {p:?}")).unwrap_or_default()
+    e.as_ref()
+        .map(|p| format!(" at entry {p:?}"))
+        .unwrap_or_default()
 }
 
 /// A path for messages: lossy UTF-8, capped.
 pub(crate) fn show_path(p: &[u8]) -> String {
     let s = String::from_utf8_lossy(p);
-    if s.len() > 300 {
-        format!("{}...", &s[..s.floor_char_boundary(300)])
+    if s.chars().count() > 300 {
+        format!("{}...", s.chars().take(300).collect::<String>())
     } else {
         s.into_owned()
     }

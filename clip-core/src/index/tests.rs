@@ -12,7 +12,14 @@ impl TarWriter {
     fn new() -> Self {
         TarWriter(Vec::new())
     }
-    fn raw(&mut self, name: &[u8], kind: tar::EntryType, data: &[u8], link: &[u8], pax: &[(&str, &[u8])]) {
+    fn raw(
+        &mut self,
+        name: &[u8],
+        kind: tar::EntryType,
+        data: &[u8],
+        link: &[u8],
+        pax: &[(&str, &[u8])],
+    ) {
         if !pax.is_empty() {
             let mut body = Vec::new();
             for (k, v) in pax {
@@ -62,7 +69,14 @@ impl TarWriter {
 }
 
 fn build(gz: &[u8]) -> Result<BuiltLayer, IndexError> {
-    build_layer_index(gz, &BuildOptions { span_size: 4096, ..Default::default() }, |_| {})
+    build_layer_index(
+        gz,
+        &BuildOptions {
+            span_size: 4096,
+            ..Default::default()
+        },
+        |_| {},
+    )
 }
 
 fn every_type_layer() -> (Vec<u8>, Vec<u8>) {
@@ -72,14 +86,39 @@ fn every_type_layer() -> (Vec<u8>, Vec<u8>) {
     t.file("etc/hello", b"hello world\n");
     let big: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
     t.file("bin/big", &big);
-    t.raw(b"bin/ping", tar::EntryType::Regular, b"PING", b"", &[("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02\x00\x20\x00\x00")]);
-    t.raw(b"bin/link", tar::EntryType::Symlink, b"", b"../etc/hello", &[]);
+    t.raw(
+        b"bin/ping",
+        tar::EntryType::Regular,
+        b"PING",
+        b"",
+        &[(
+            "SCHILY.xattr.security.capability",
+            b"\x01\x00\x00\x02\x00\x20\x00\x00",
+        )],
+    );
+    t.raw(
+        b"bin/link",
+        tar::EntryType::Symlink,
+        b"",
+        b"../etc/hello",
+        &[],
+    );
     t.raw(b"bin/hard", tar::EntryType::Link, b"", b"etc/hello", &[]);
     t.raw(b"dev/null", tar::EntryType::Char, b"", b"", &[]);
     t.raw(b"dev/sda", tar::EntryType::Block, b"", b"", &[]);
     t.raw(b"run/fifo", tar::EntryType::Fifo, b"", b"", &[]);
     let long = format!("deep/{}/file", "d".repeat(200));
-    t.raw(b"ignored", tar::EntryType::Regular, b"long", b"", &[("path", long.as_bytes()), ("uid", b"70000"), ("mtime", b"1700000000.25")]);
+    t.raw(
+        b"ignored",
+        tar::EntryType::Regular,
+        b"long",
+        b"",
+        &[
+            ("path", long.as_bytes()),
+            ("uid", b"70000"),
+            ("mtime", b"1700000000.25"),
+        ],
+    );
     t.raw(b"etc/.wh.old", tar::EntryType::Regular, b"", b"", &[]);
     t.raw(b"var/.wh..wh..opq", tar::EntryType::Regular, b"", b"", &[]);
     (t.gz(), big)
@@ -92,9 +131,16 @@ fn every_entry_type_is_indexed() {
     let ix = &built.index;
     assert_eq!(ix.layer, Digest::of(&gz));
     assert_eq!(ix.compressed_size, gz.len() as u64);
-    let by_path = |p: &str| ix.entries.iter().find(|e| e.path == p.as_bytes()).unwrap_or_else(|| panic!("{p}"));
+    let by_path = |p: &str| {
+        ix.entries
+            .iter()
+            .find(|e| e.path == p.as_bytes())
+            .unwrap_or_else(|| panic!("{p}"))
+    };
     assert_eq!(by_path("").kind, EntryKind::Dir);
-    let EntryKind::File { offset, size } = by_path("bin/big").kind else { panic!() };
+    let EntryKind::File { offset, size } = by_path("bin/big").kind else {
+        panic!()
+    };
     assert_eq!(size, big.len() as u64);
     // The offset points at the bytes in the uncompressed stream: inflate the spans and compare.
     let spans = ix.spans_covering(offset, size);
@@ -103,9 +149,14 @@ fn every_entry_type_is_indexed() {
     for i in spans.clone() {
         let (s, e) = ix.span_compressed_range(i);
         let sp = &ix.spans[i];
-        let w = format::decode_window(&built.windows[sp.window_offset as usize..][..sp.window_len as usize]).unwrap();
+        let w = format::decode_window(
+            &built.windows[sp.window_offset as usize..][..sp.window_len as usize],
+        )
+        .unwrap();
         let (us, ue) = ix.span_range(i);
-        let out = crate::gzip::inflate_span(&gz[s as usize..e as usize], sp.bits, &w, (ue - us) as usize).unwrap();
+        let out =
+            crate::gzip::inflate_span(&gz[s as usize..e as usize], sp.bits, &w, (ue - us) as usize)
+                .unwrap();
         assert_eq!(Digest::of(&out), sp.digest);
         stream.extend(out);
     }
@@ -113,17 +164,49 @@ fn every_entry_type_is_indexed() {
     assert_eq!(&stream[(offset - base) as usize..][..big.len()], &big[..]);
 
     let ping = by_path("bin/ping");
-    assert_eq!(ping.xattrs, vec![(b"security.capability".to_vec(), b"\x01\x00\x00\x02\x00\x20\x00\x00".to_vec())]);
-    assert_eq!(by_path("bin/link").kind, EntryKind::Symlink { target: b"../etc/hello".to_vec() });
-    assert_eq!(by_path("bin/hard").kind, EntryKind::Hardlink { target: b"etc/hello".to_vec() });
-    assert_eq!(by_path("dev/null").kind, EntryKind::CharDevice { major: 1, minor: 3 });
-    assert_eq!(by_path("dev/sda").kind, EntryKind::BlockDevice { major: 1, minor: 3 });
+    assert_eq!(
+        ping.xattrs,
+        vec![(
+            b"security.capability".to_vec(),
+            b"\x01\x00\x00\x02\x00\x20\x00\x00".to_vec()
+        )]
+    );
+    assert_eq!(
+        by_path("bin/link").kind,
+        EntryKind::Symlink {
+            target: b"../etc/hello".to_vec()
+        }
+    );
+    assert_eq!(
+        by_path("bin/hard").kind,
+        EntryKind::Hardlink {
+            target: b"etc/hello".to_vec()
+        }
+    );
+    assert_eq!(
+        by_path("dev/null").kind,
+        EntryKind::CharDevice { major: 1, minor: 3 }
+    );
+    assert_eq!(
+        by_path("dev/sda").kind,
+        EntryKind::BlockDevice { major: 1, minor: 3 }
+    );
     assert_eq!(by_path("run/fifo").kind, EntryKind::Fifo);
     let long = by_path(&format!("deep/{}/file", "d".repeat(200)));
-    assert_eq!((long.uid, long.mtime, long.mtime_nsec), (70000, 1_700_000_000, 250_000_000));
+    assert_eq!(
+        (long.uid, long.mtime, long.mtime_nsec),
+        (70000, 1_700_000_000, 250_000_000)
+    );
     assert_eq!(by_path("etc/old").kind, EntryKind::Whiteout);
     assert_eq!(by_path("var").kind, EntryKind::Opaque);
-    assert_eq!((by_path("etc/hello").uid, by_path("etc/hello").gid, by_path("etc/hello").mode), (1000, 100, 0o644));
+    assert_eq!(
+        (
+            by_path("etc/hello").uid,
+            by_path("etc/hello").gid,
+            by_path("etc/hello").mode
+        ),
+        (1000, 100, 0o644)
+    );
 }
 
 #[test]
@@ -132,7 +215,11 @@ fn format_round_trips_deterministically_and_rejects_damage() {
     let a = build(&gz).unwrap();
     let b = build(&gz).unwrap();
     let ea = format::encode(&a.index);
-    assert_eq!(ea, format::encode(&b.index), "encoding must be deterministic");
+    assert_eq!(
+        ea,
+        format::encode(&b.index),
+        "encoding must be deterministic"
+    );
     assert_eq!(a.windows, b.windows);
     let back = format::decode(&ea).unwrap();
     assert_eq!(back, a.index);
@@ -201,7 +288,10 @@ fn hostile_names_and_links_are_refused() {
         let mut t = TarWriter::new();
         t.raw(name, kind, b"", link, &[]);
         t.file("y", b"later");
-        let err = build(&t.gz()).err().unwrap_or_else(|| panic!("{name:?} accepted")).to_string();
+        let err = build(&t.gz())
+            .err()
+            .unwrap_or_else(|| panic!("{name:?} accepted"))
+            .to_string();
         assert!(err.contains(want), "{name:?}: {err}");
     }
     let mut t = TarWriter::new();
@@ -214,15 +304,26 @@ fn digests_are_checked() {
     let (gz, _) = every_type_layer();
     let ok = build(&gz).unwrap().index;
     let wrong = Digest::of(b"nope");
-    let opts = |l, d| BuildOptions { expected_layer: l, expected_diff_id: d, ..Default::default() };
+    let opts = |l, d| BuildOptions {
+        expected_layer: l,
+        expected_diff_id: d,
+        ..Default::default()
+    };
     assert!(build_layer_index(&gz[..], &opts(Some(ok.layer), Some(ok.diff_id)), |_| {}).is_ok());
-    let e = build_layer_index(&gz[..], &opts(Some(wrong), None), |_| {}).err().unwrap();
+    let e = build_layer_index(&gz[..], &opts(Some(wrong), None), |_| {})
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("layer digest mismatch"), "{e}");
-    let e = build_layer_index(&gz[..], &opts(None, Some(wrong)), |_| {}).err().unwrap();
+    let e = build_layer_index(&gz[..], &opts(None, Some(wrong)), |_| {})
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("DiffID mismatch"), "{e}");
     // A truncated layer is a gzip error, whatever the tar parser was doing.
     let e = build(&gz[..gz.len() - 100]).err().unwrap();
-    assert!(matches!(e, IndexError::Gzip(_) | IndexError::Tar { .. }), "{e}");
+    assert!(
+        matches!(e, IndexError::Gzip(_) | IndexError::Tar { .. }),
+        "{e}"
+    );
     // A header claiming a huge file in a small stream.
     let mut t = TarWriter::new();
     t.file("a", b"x");
@@ -274,10 +375,25 @@ fn merged_view_applies_whiteouts_opaque_dirs_and_implied_parents() {
     let mut l2 = TarWriter::new();
     l2.raw(b".wh.data", tar::EntryType::Regular, b"", b"", &[]);
     let v = ImageView::build(vec![layer_of(l0), layer_of(l1), layer_of(l2)]).unwrap();
-    let paths: Vec<String> = v.nodes.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    let paths: Vec<String> = v
+        .nodes
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
     assert_eq!(
         paths,
-        ["", "d", "etc", "etc/b", "implied", "implied/deep", "implied/deep/file", "link", "var", "var/new"]
+        [
+            "",
+            "d",
+            "etc",
+            "etc/b",
+            "implied",
+            "implied/deep",
+            "implied/deep/file",
+            "link",
+            "var",
+            "var/new"
+        ]
     );
     assert_eq!(v.get(b"etc/b").unwrap().0.layer, 1);
     assert_eq!(v.get(b"implied").unwrap().1, None);

@@ -42,8 +42,16 @@ fn remove_under(nodes: &mut BTreeMap<Vec<u8>, Node>, dir: &[u8], keep: impl Fn(&
         (lo, Some(hi))
     };
     let doomed: Vec<Vec<u8>> = match &hi {
-        Some(hi) => nodes.range(lo..hi.clone()).filter(|(_, n)| !keep(n)).map(|(k, _)| k.clone()).collect(),
-        None => nodes.iter().filter(|(k, n)| !k.is_empty() && !keep(n)).map(|(k, _)| k.clone()).collect(),
+        Some(hi) => nodes
+            .range(lo..hi.clone())
+            .filter(|(_, n)| !keep(n))
+            .map(|(k, _)| k.clone())
+            .collect(),
+        None => nodes
+            .iter()
+            .filter(|(k, n)| !k.is_empty() && !keep(n))
+            .map(|(k, _)| k.clone())
+            .collect(),
     };
     for k in doomed {
         nodes.remove(&k);
@@ -54,13 +62,24 @@ fn parent(path: &[u8]) -> Option<&[u8]> {
     if path.is_empty() {
         return None;
     }
-    Some(path.iter().rposition(|&b| b == b'/').map_or(&path[..0], |i| &path[..i]))
+    Some(
+        path.iter()
+            .rposition(|&b| b == b'/')
+            .map_or(&path[..0], |i| &path[..i]),
+    )
 }
 
 impl ImageView {
     pub fn build(layers: Vec<Arc<LayerIndex>>) -> Result<Self, IndexError> {
         let mut nodes: BTreeMap<Vec<u8>, Node> = BTreeMap::new();
-        nodes.insert(Vec::new(), Node { layer: 0, entry: IMPLIED, data: None });
+        nodes.insert(
+            Vec::new(),
+            Node {
+                layer: 0,
+                entry: IMPLIED,
+                data: None,
+            },
+        );
         for (li, layer) in layers.iter().enumerate() {
             let li = li as u32;
             for (ei, e) in layer.entries.iter().enumerate() {
@@ -83,14 +102,23 @@ impl ImageView {
                     _ => {}
                 }
                 let data = match &e.kind {
-                    EntryKind::Hardlink { target } => Some(Self::resolve_link(&layers, &nodes, target, &e.path)?),
+                    EntryKind::Hardlink { target } => {
+                        Some(Self::resolve_link(&layers, &nodes, target, &e.path)?)
+                    }
                     _ => None,
                 };
                 if e.kind != EntryKind::Dir {
                     remove_under(&mut nodes, &e.path, |_| false);
                 }
                 Self::imply_parents(&layers, &mut nodes, &e.path, li, false);
-                nodes.insert(e.path.clone(), Node { layer: li, entry: ei, data });
+                nodes.insert(
+                    e.path.clone(),
+                    Node {
+                        layer: li,
+                        entry: ei,
+                        data,
+                    },
+                );
             }
         }
         Ok(ImageView { layers, nodes })
@@ -106,18 +134,30 @@ impl ImageView {
         include_self: bool,
     ) {
         let mut todo = Vec::new();
-        let mut p = if include_self { Some(path) } else { parent(path) };
+        let mut p = if include_self {
+            Some(path)
+        } else {
+            parent(path)
+        };
         while let Some(dir) = p {
             todo.push(dir);
             p = parent(dir);
         }
         for dir in todo.into_iter().rev() {
             let ok = nodes.get(dir).is_some_and(|n| {
-                n.entry == IMPLIED || layers[n.layer as usize].entries[n.entry as usize].kind == EntryKind::Dir
+                n.entry == IMPLIED
+                    || layers[n.layer as usize].entries[n.entry as usize].kind == EntryKind::Dir
             });
             if !ok {
                 remove_under(nodes, dir, |_| false);
-                nodes.insert(dir.to_vec(), Node { layer, entry: IMPLIED, data: None });
+                nodes.insert(
+                    dir.to_vec(),
+                    Node {
+                        layer,
+                        entry: IMPLIED,
+                        data: None,
+                    },
+                );
             }
         }
     }
@@ -128,7 +168,11 @@ impl ImageView {
         target: &[u8],
         path: &[u8],
     ) -> Result<(u32, u32), IndexError> {
-        let err = |reason| IndexError::BadHardlink { path: show_path(path), target: show_path(target), reason };
+        let err = |reason| IndexError::BadHardlink {
+            path: show_path(path),
+            target: show_path(target),
+            reason,
+        };
         let n = nodes.get(target).ok_or(err("does not exist"))?;
         if let Some(d) = n.data {
             return Ok(d);
@@ -166,6 +210,9 @@ impl ImageView {
 
     /// Number of regular files (hard links included) in the merged tree.
     pub fn file_count(&self) -> usize {
-        self.nodes.values().filter(|n| self.file_data(n).is_some()).count()
+        self.nodes
+            .values()
+            .filter(|n| self.file_data(n).is_some())
+            .count()
     }
 }

@@ -22,7 +22,10 @@ impl fmt::Debug for Credentials {
 impl Credentials {
     pub fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
     }
 }
 
@@ -38,7 +41,9 @@ pub fn docker_config_path() -> Option<PathBuf> {
 /// is reported (without its contents) and ignored.
 pub fn load_docker_config(path: &Path) -> HashMap<String, Credentials> {
     let mut out = HashMap::new();
-    let Ok(text) = std::fs::read_to_string(path) else { return out };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return out;
+    };
     let json: serde_json::Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
@@ -46,17 +51,34 @@ pub fn load_docker_config(path: &Path) -> HashMap<String, Credentials> {
             return out;
         }
     };
-    let Some(auths) = json.get("auths").and_then(|a| a.as_object()) else { return out };
+    let Some(auths) = json.get("auths").and_then(|a| a.as_object()) else {
+        return out;
+    };
     for (key, v) in auths {
-        let creds = if let Some(auth) = v.get("auth").and_then(|a| a.as_str()).filter(|a| !a.is_empty()) {
+        let creds = if let Some(auth) = v
+            .get("auth")
+            .and_then(|a| a.as_str())
+            .filter(|a| !a.is_empty())
+        {
             base64::engine::general_purpose::STANDARD
                 .decode(auth.trim())
                 .ok()
                 .and_then(|raw| String::from_utf8(raw).ok())
-                .and_then(|s| s.split_once(':').map(|(u, p)| Credentials { username: u.into(), password: p.into() }))
+                .and_then(|s| {
+                    s.split_once(':').map(|(u, p)| Credentials {
+                        username: u.into(),
+                        password: p.into(),
+                    })
+                })
         } else {
-            match (v.get("username").and_then(|u| u.as_str()), v.get("password").and_then(|p| p.as_str())) {
-                (Some(u), Some(p)) => Some(Credentials { username: u.into(), password: p.into() }),
+            match (
+                v.get("username").and_then(|u| u.as_str()),
+                v.get("password").and_then(|p| p.as_str()),
+            ) {
+                (Some(u), Some(p)) => Some(Credentials {
+                    username: u.into(),
+                    password: p.into(),
+                }),
                 _ => None,
             }
         };
@@ -69,7 +91,9 @@ pub fn load_docker_config(path: &Path) -> HashMap<String, Credentials> {
 
 /// `https://index.docker.io/v1/` -> `docker.io`; `https://host:5000/` -> `host:5000`.
 pub fn normalize_auth_key(key: &str) -> String {
-    let k = key.trim_start_matches("https://").trim_start_matches("http://");
+    let k = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
     let host = k.split('/').next().unwrap_or(k);
     match host {
         "index.docker.io" | "registry-1.docker.io" => "docker.io".into(),
@@ -81,7 +105,11 @@ pub fn normalize_auth_key(key: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Challenge {
     Basic,
-    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
 }
 
 pub fn parse_challenge(header: &str) -> Option<Challenge> {
@@ -94,7 +122,12 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
             chars.next();
         }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_ascii_lowercase();
+        let key: String = chars
+            .by_ref()
+            .take_while(|c| *c != '=')
+            .collect::<String>()
+            .trim()
+            .to_ascii_lowercase();
         if key.is_empty() {
             break;
         }
@@ -139,7 +172,11 @@ pub struct Token {
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Token(<redacted>, expires in {:?})", self.expires.saturating_duration_since(Instant::now()))
+        write!(
+            f,
+            "Token(<redacted>, expires in {:?})",
+            self.expires.saturating_duration_since(Instant::now())
+        )
     }
 }
 
@@ -162,7 +199,10 @@ impl TokenResponse {
         let value = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         // The distribution spec's default lifetime is 60 s.
         let ttl = Duration::from_secs(self.expires_in.unwrap_or(60).max(10));
-        Some(Token { value, expires: Instant::now() + ttl })
+        Some(Token {
+            value,
+            expires: Instant::now() + ttl,
+        })
     }
 }
 
@@ -172,9 +212,14 @@ mod tests {
 
     #[test]
     fn challenges() {
-        assert_eq!(parse_challenge("Basic realm=\"Registry\""), Some(Challenge::Basic));
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push""#),
+            parse_challenge("Basic realm=\"Registry\""),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.example/token".into(),
                 service: Some("reg.example".into()),
@@ -195,7 +240,13 @@ mod tests {
         )
         .unwrap();
         let c = load_docker_config(&p);
-        assert_eq!(c["docker.io"], Credentials { username: "user".into(), password: "pass".into() });
+        assert_eq!(
+            c["docker.io"],
+            Credentials {
+                username: "user".into(),
+                password: "pass".into()
+            }
+        );
         assert_eq!(c["localhost:5000"].password, "b:c");
         assert!(!format!("{:?}", c["docker.io"]).contains("pass"));
         std::fs::write(&p, "{not json").unwrap();

@@ -22,14 +22,25 @@ pub struct Endpoint {
 
 /// True for hosts that are this machine (plain HTTP allowed, as containerd and docker do).
 pub fn is_local(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host });
+    let h = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
     let h = h.trim_start_matches('[').trim_end_matches(']');
     h == "localhost" || h.starts_with("127.") || h == "::1"
 }
 
 /// The endpoints for `registry_host` (the API host, e.g. `registry-1.docker.io`), in the order
 /// to try them: mirrors from `hosts.toml`, then the registry itself.
-pub fn endpoints(registry: &str, api_host: &str, hosts_dir: Option<&Path>, insecure: &[String]) -> Vec<Endpoint> {
+pub fn endpoints(
+    registry: &str,
+    api_host: &str,
+    hosts_dir: Option<&Path>,
+    insecure: &[String],
+) -> Vec<Endpoint> {
     let marked_insecure = insecure.iter().any(|h| h == registry || h == api_host);
     let mut eps = Vec::new();
     let mut server = Endpoint {
@@ -41,8 +52,14 @@ pub fn endpoints(registry: &str, api_host: &str, hosts_dir: Option<&Path>, insec
         push: true,
     };
     if let Some(dir) = hosts_dir {
-        let candidates = [dir.join(registry).join("hosts.toml"), dir.join("_default").join("hosts.toml")];
-        if let Some((path, text)) = candidates.into_iter().find_map(|p| std::fs::read_to_string(&p).ok().map(|t| (p, t))) {
+        let candidates = [
+            dir.join(registry).join("hosts.toml"),
+            dir.join("_default").join("hosts.toml"),
+        ];
+        if let Some((path, text)) = candidates
+            .into_iter()
+            .find_map(|p| std::fs::read_to_string(&p).ok().map(|t| (p, t)))
+        {
             match text.parse::<toml::Table>() {
                 Ok(table) => {
                     if let Some(s) = table.get("server").and_then(|v| v.as_str()) {
@@ -79,7 +96,9 @@ pub fn endpoints(registry: &str, api_host: &str, hosts_dir: Option<&Path>, insec
                         }
                     }
                 }
-                Err(e) => tracing::warn!(path = %path.display(), "ignoring malformed hosts.toml: {e}"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "ignoring malformed hosts.toml: {e}")
+                }
             }
         }
     }
@@ -100,7 +119,9 @@ fn apply_tls(ep: &mut Endpoint, t: &toml::Table, file: &Path) {
     let base = file.parent().unwrap_or(Path::new("/"));
     match t.get("ca") {
         Some(toml::Value::String(s)) => ep.ca.push(base.join(s)),
-        Some(toml::Value::Array(a)) => ep.ca.extend(a.iter().filter_map(|v| v.as_str()).map(|s| base.join(s))),
+        Some(toml::Value::Array(a)) => ep
+            .ca
+            .extend(a.iter().filter_map(|v| v.as_str()).map(|s| base.join(s))),
         _ => {}
     }
 }
@@ -141,9 +162,22 @@ ca = "ca.pem"
 "#,
         )
         .unwrap();
-        let e = endpoints("reg.example:5000", "reg.example:5000", Some(dir.path()), &[]);
+        let e = endpoints(
+            "reg.example:5000",
+            "reg.example:5000",
+            Some(dir.path()),
+            &[],
+        );
         let bases: Vec<&str> = e.iter().map(|e| e.base.as_str()).collect();
-        assert_eq!(bases, ["https://mirror-b:5000", "https://mirror-a", "https://push-only", "https://reg.example:5000"]);
+        assert_eq!(
+            bases,
+            [
+                "https://mirror-b:5000",
+                "https://mirror-a",
+                "https://push-only",
+                "https://reg.example:5000"
+            ]
+        );
         assert!(!e[2].mirror && e[2].push && !e[0].push);
         assert!(e[0].http_fallback && e[0].mirror);
         assert!(e[1].skip_verify);

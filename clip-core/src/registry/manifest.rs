@@ -1,6 +1,9 @@
 //! Resolving a reference to one image: index/list -> platform -> manifest -> config.
 
-use super::{Client, RegistryError, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
+use super::{
+    Client, RegistryError, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+};
 use crate::digest::Digest;
 use crate::reference::Reference;
 use bytes::Bytes;
@@ -25,7 +28,11 @@ impl Platform {
             "powerpc64" => "ppc64le",
             a => a,
         };
-        Platform { os: "linux".into(), arch: arch.into(), variant: (arch == "arm64").then(|| "v8".into()) }
+        Platform {
+            os: "linux".into(),
+            arch: arch.into(),
+            variant: (arch == "arm64").then(|| "v8".into()),
+        }
     }
 }
 
@@ -44,9 +51,19 @@ impl std::str::FromStr for Platform {
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
-            [os, arch] => Ok(Platform { os: (*os).into(), arch: (*arch).into(), variant: None }),
-            [os, arch, v] => Ok(Platform { os: (*os).into(), arch: (*arch).into(), variant: Some((*v).into()) }),
-            _ => Err(format!("invalid platform {s:?} (expected os/arch[/variant])")),
+            [os, arch] => Ok(Platform {
+                os: (*os).into(),
+                arch: (*arch).into(),
+                variant: None,
+            }),
+            [os, arch, v] => Ok(Platform {
+                os: (*os).into(),
+                arch: (*arch).into(),
+                variant: Some((*v).into()),
+            }),
+            _ => Err(format!(
+                "invalid platform {s:?} (expected os/arch[/variant])"
+            )),
         }
     }
 }
@@ -64,7 +81,9 @@ pub struct LayerDescriptor {
 impl LayerDescriptor {
     /// gzip-compressed tar, the kind clip indexes.
     pub fn is_gzip(&self) -> bool {
-        self.media_type.ends_with("tar+gzip") || self.media_type.ends_with("tar.gzip") || self.media_type.ends_with(".tar.gz")
+        self.media_type.ends_with("tar+gzip")
+            || self.media_type.ends_with("tar.gzip")
+            || self.media_type.ends_with(".tar.gz")
     }
 }
 
@@ -81,21 +100,35 @@ pub struct ResolvedImage {
 }
 
 fn invalid(what: &str, reason: impl fmt::Display) -> RegistryError {
-    RegistryError::InvalidManifest { what: what.into(), reason: reason.to_string() }
+    RegistryError::InvalidManifest {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
 }
 
 fn media_type_of(body: &[u8], header: &str) -> String {
     let from_body = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string));
+        .and_then(|v| {
+            v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        });
     from_body.unwrap_or_else(|| header.split(';').next().unwrap_or("").trim().to_string())
 }
 
-pub(super) async fn resolve(client: &Client, r: &Reference) -> Result<ResolvedImage, RegistryError> {
+pub(super) async fn resolve(
+    client: &Client,
+    r: &Reference,
+) -> Result<ResolvedImage, RegistryError> {
     let what = r.to_string();
     let (mut body, header_type, mut digest) = client.get_manifest(r, &r.manifest_ref()).await?;
     let mut mt = media_type_of(&body, &header_type);
-    let looks_like_index = || serde_json::from_slice::<serde_json::Value>(&body).ok().is_some_and(|v| v.get("manifests").is_some());
+    let looks_like_index = || {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .is_some_and(|v| v.get("manifests").is_some())
+    };
     if mt == MEDIA_OCI_INDEX || mt == MEDIA_DOCKER_LIST || (mt.is_empty() && looks_like_index()) {
         let index: ImageIndex = serde_json::from_slice(&body).map_err(|e| invalid(&what, e))?;
         let want = &client.config().platform;
@@ -103,15 +136,29 @@ pub(super) async fn resolve(client: &Client, r: &Reference) -> Result<ResolvedIm
         let mut chosen = None;
         for m in index.manifests() {
             let Some(p) = m.platform() else { continue };
-            let (os, arch, variant) = (p.os().to_string(), p.architecture().to_string(), p.variant().clone());
-            available.push(format!("{os}/{arch}{}", variant.as_deref().map(|v| format!("/{v}")).unwrap_or_default()));
+            let (os, arch, variant) = (
+                p.os().to_string(),
+                p.architecture().to_string(),
+                p.variant().clone(),
+            );
+            available.push(format!(
+                "{os}/{arch}{}",
+                variant
+                    .as_deref()
+                    .map(|v| format!("/{v}"))
+                    .unwrap_or_default()
+            ));
             let variant_ok = want.variant.is_none() || variant.is_none() || variant == want.variant;
             if os == want.os && arch == want.arch && variant_ok && chosen.is_none() {
                 chosen = Some(m.digest().to_string());
             }
         }
         let Some(chosen) = chosen else {
-            return Err(RegistryError::NoMatchingPlatform { what, platform: want.to_string(), available: available.join(", ") });
+            return Err(RegistryError::NoMatchingPlatform {
+                what,
+                platform: want.to_string(),
+                available: available.join(", "),
+            });
         };
         let (b, h, d) = client.get_manifest(r, &chosen).await?;
         body = b;
@@ -119,23 +166,42 @@ pub(super) async fn resolve(client: &Client, r: &Reference) -> Result<ResolvedIm
         digest = d;
     }
     if !(mt == MEDIA_OCI_MANIFEST || mt == MEDIA_DOCKER_MANIFEST || mt.is_empty()) {
-        return Err(invalid(&what, format!("unsupported manifest media type {mt:?}")));
+        return Err(invalid(
+            &what,
+            format!("unsupported manifest media type {mt:?}"),
+        ));
     }
     let manifest: ImageManifest = serde_json::from_slice(&body).map_err(|e| invalid(&what, e))?;
-    let config_digest: Digest = manifest.config().digest().to_string().parse().map_err(|e| invalid(&what, e))?;
-    let config_bytes = client.get_blob(r, &config_digest, super::MAX_MANIFEST).await?;
-    let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| invalid(&format!("{what} config"), e))?;
+    let config_digest: Digest = manifest
+        .config()
+        .digest()
+        .to_string()
+        .parse()
+        .map_err(|e| invalid(&what, e))?;
+    let config_bytes = client
+        .get_blob(r, &config_digest, super::MAX_MANIFEST)
+        .await?;
+    let config: ImageConfiguration =
+        serde_json::from_slice(&config_bytes).map_err(|e| invalid(&format!("{what} config"), e))?;
     let diff_ids = config.rootfs().diff_ids();
     if diff_ids.len() != manifest.layers().len() {
         return Err(invalid(
             &what,
-            format!("{} layers but {} DiffIDs in the config", manifest.layers().len(), diff_ids.len()),
+            format!(
+                "{} layers but {} DiffIDs in the config",
+                manifest.layers().len(),
+                diff_ids.len()
+            ),
         ));
     }
     let mut layers = Vec::with_capacity(diff_ids.len());
     for (l, diff) in manifest.layers().iter().zip(diff_ids) {
         layers.push(LayerDescriptor {
-            digest: l.digest().to_string().parse().map_err(|e| invalid(&what, e))?,
+            digest: l
+                .digest()
+                .to_string()
+                .parse()
+                .map_err(|e| invalid(&what, e))?,
             size: l.size(),
             media_type: l.media_type().to_string(),
             diff_id: diff.parse().map_err(|e| invalid(&what, e))?,
@@ -144,7 +210,11 @@ pub(super) async fn resolve(client: &Client, r: &Reference) -> Result<ResolvedIm
     Ok(ResolvedImage {
         reference: r.with_digest(digest),
         manifest_digest: digest,
-        manifest_media_type: if mt.is_empty() { MEDIA_OCI_MANIFEST.into() } else { mt },
+        manifest_media_type: if mt.is_empty() {
+            MEDIA_OCI_MANIFEST.into()
+        } else {
+            mt
+        },
         manifest_bytes: body,
         config_digest,
         layers,

@@ -24,7 +24,9 @@ use crate::reference::Reference;
 use auth::{Challenge, Credentials, Token, TokenResponse};
 use bytes::Bytes;
 use hosts::Endpoint;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE,
+};
 use reqwest::StatusCode;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,15 +44,32 @@ pub enum RegistryError {
     #[error("not found: {what}")]
     NotFound { what: String },
     #[error("{url}: HTTP {status}: {body}")]
-    Http { url: String, status: u16, body: String },
+    Http {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("{what}: gave up after {attempts} attempts in {elapsed:?}: {last}")]
-    DeadlineExceeded { what: String, attempts: u32, elapsed: Duration, last: String },
+    DeadlineExceeded {
+        what: String,
+        attempts: u32,
+        elapsed: Duration,
+        last: String,
+    },
     #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { what: String, expected: Digest, actual: Digest },
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
     #[error("invalid manifest {what}: {reason}")]
     InvalidManifest { what: String, reason: String },
     #[error("no manifest for platform {platform} in {what} (available: {available})")]
-    NoMatchingPlatform { what: String, platform: String, available: String },
+    NoMatchingPlatform {
+        what: String,
+        platform: String,
+        available: String,
+    },
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("{0}")]
@@ -113,7 +132,10 @@ const MAX_MANIFEST: u64 = 8 << 20;
 
 /// The outcome of one attempt.
 enum Attempt {
-    Retry { reason: String, after: Option<Duration> },
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
     Fatal(RegistryError),
 }
 
@@ -191,7 +213,11 @@ impl Client {
     }
 
     fn credentials(&self, registry: &str) -> Option<&Credentials> {
-        self.inner.cfg.credentials.get(registry).or_else(|| self.inner.docker_creds.get(registry))
+        self.inner
+            .cfg
+            .credentials
+            .get(registry)
+            .or_else(|| self.inner.docker_creds.get(registry))
     }
 
     fn http(&self, ep: &Endpoint) -> Result<reqwest::Client, RegistryError> {
@@ -207,7 +233,8 @@ impl Client {
             .redirect(reqwest::redirect::Policy::limited(5))
             .danger_accept_invalid_certs(ep.skip_verify);
         for ca in &ep.ca {
-            let pem = std::fs::read(ca).map_err(|e| RegistryError::Tls(format!("reading CA {}: {e}", ca.display())))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| RegistryError::Tls(format!("reading CA {}: {e}", ca.display())))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| RegistryError::Tls(format!("parsing CA {}: {e}", ca.display())))?
             {
@@ -220,17 +247,32 @@ impl Client {
     }
 
     fn endpoints(&self, t: &Target) -> Vec<Endpoint> {
-        let mut eps = hosts::endpoints(t.registry, t.api_host, self.inner.cfg.hosts_dir.as_deref(), &self.inner.cfg.insecure);
+        let mut eps = hosts::endpoints(
+            t.registry,
+            t.api_host,
+            self.inner.cfg.hosts_dir.as_deref(),
+            &self.inner.cfg.insecure,
+        );
         // The last endpoint is the registry itself; `[host]` entries serve reads (pull
         // capability) or pushes (push capability).
-        let server = eps.pop().expect("hosts::endpoints always ends with the registry");
+        let server = eps
+            .pop()
+            .expect("hosts::endpoints always ends with the registry");
         eps.retain(|e| if t.push { e.push } else { e.mirror });
         eps.push(server);
         eps
     }
 
     fn base_url(&self, ep: &Endpoint) -> String {
-        let plain = self.inner.state.lock().expect("state lock").plain_http.get(&ep.base).copied().unwrap_or(false);
+        let plain = self
+            .inner
+            .state
+            .lock()
+            .expect("state lock")
+            .plain_http
+            .get(&ep.base)
+            .copied()
+            .unwrap_or(false);
         if plain {
             ep.base.replacen("https://", "http://", 1)
         } else {
@@ -239,11 +281,20 @@ impl Client {
     }
 
     fn scope(t: &Target) -> String {
-        format!("repository:{}:{}", t.repository, if t.push { "pull,push" } else { "pull" })
+        format!(
+            "repository:{}:{}",
+            t.repository,
+            if t.push { "pull,push" } else { "pull" }
+        )
     }
 
     /// The Authorization header to send, fetching a bearer token first if one is needed.
-    async fn authorization(&self, ep: &Endpoint, t: &Target<'_>, force: bool) -> Result<Option<String>, RegistryError> {
+    async fn authorization(
+        &self,
+        ep: &Endpoint,
+        t: &Target<'_>,
+        force: bool,
+    ) -> Result<Option<String>, RegistryError> {
         let scope = Self::scope(t);
         let key = (t.registry.to_string(), scope.clone());
         let challenge = {
@@ -259,9 +310,16 @@ impl Client {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(self.credentials(t.registry).map(|c| c.basic_header())),
             Some(Challenge::Bearer { realm, service, .. }) => {
-                let token = self.fetch_token(ep, t, &realm, service.as_deref(), &scope).await?;
+                let token = self
+                    .fetch_token(ep, t, &realm, service.as_deref(), &scope)
+                    .await?;
                 let header = format!("Bearer {}", token.value);
-                self.inner.state.lock().expect("state lock").tokens.insert(key, token);
+                self.inner
+                    .state
+                    .lock()
+                    .expect("state lock")
+                    .tokens
+                    .insert(key, token);
                 Ok(Some(header))
             }
         }
@@ -275,8 +333,10 @@ impl Client {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Token, RegistryError> {
-        let mut url = reqwest::Url::parse(realm)
-            .map_err(|e| RegistryError::Unauthorized { registry: t.registry.into(), detail: format!("bad token realm: {e}") })?;
+        let mut url = reqwest::Url::parse(realm).map_err(|e| RegistryError::Unauthorized {
+            registry: t.registry.into(),
+            detail: format!("bad token realm: {e}"),
+        })?;
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -305,10 +365,16 @@ impl Client {
                 let resp = classify(resp, "token server").await?;
                 let body = read_body(resp, Some(1 << 20), None).await?;
                 let tr: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-                    Attempt::Fatal(RegistryError::Unauthorized { registry: registry.clone(), detail: format!("bad token response: {e}") })
+                    Attempt::Fatal(RegistryError::Unauthorized {
+                        registry: registry.clone(),
+                        detail: format!("bad token response: {e}"),
+                    })
                 })?;
                 tr.into_token().ok_or_else(|| {
-                    Attempt::Fatal(RegistryError::Unauthorized { registry, detail: "token response without a token".into() })
+                    Attempt::Fatal(RegistryError::Unauthorized {
+                        registry,
+                        detail: "token response without a token".into(),
+                    })
                 })
             }
         })
@@ -329,14 +395,24 @@ impl Client {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let outcome = match tokio::time::timeout(remaining, op()).await {
                 Ok(r) => r,
-                Err(_) => Err(Attempt::Retry { reason: "operation deadline reached".into(), after: None }),
+                Err(_) => Err(Attempt::Retry {
+                    reason: "operation deadline reached".into(),
+                    after: None,
+                }),
             };
             match outcome {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry { reason, after }) => {
-                    let backoff = self.inner.cfg.initial_backoff.saturating_mul(1 << attempts.min(16)).min(self.inner.cfg.max_backoff);
-                    let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
+                    let backoff = self
+                        .inner
+                        .cfg
+                        .initial_backoff
+                        .saturating_mul(1 << attempts.min(16))
+                        .min(self.inner.cfg.max_backoff);
+                    let jitter = Duration::from_millis(
+                        rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1),
+                    );
                     let delay = after.unwrap_or(backoff + jitter);
                     if Instant::now() + delay >= deadline {
                         return Err(RegistryError::DeadlineExceeded {
@@ -347,7 +423,10 @@ impl Client {
                         });
                     }
                     tracing::debug!(what, attempts, ?delay, reason, "retrying");
-                    self.inner.stats.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.inner
+                        .stats
+                        .retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -356,7 +435,13 @@ impl Client {
 
     /// Sends a request built by `build(base_url)` to each endpoint in turn with auth and retries,
     /// and hands the successful response to `consume` (inside the retry loop).
-    async fn execute<T, B, C, Fut>(&self, t: Target<'_>, what: &str, build: B, consume: C) -> Result<T, RegistryError>
+    async fn execute<T, B, C, Fut>(
+        &self,
+        t: Target<'_>,
+        what: &str,
+        build: B,
+        consume: C,
+    ) -> Result<T, RegistryError>
     where
         B: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
         C: Fn(reqwest::Response) -> Fut,
@@ -428,7 +513,9 @@ impl Client {
             match result {
                 Ok(v) => return Ok(v),
                 // Reads fall through mirrors; for pushes, the first push-capable host answers.
-                Err(e @ RegistryError::NotFound { .. }) if ep.mirror && !t.push => last_err = Some(e),
+                Err(e @ RegistryError::NotFound { .. }) if ep.mirror && !t.push => {
+                    last_err = Some(e)
+                }
                 Err(e) if ep.mirror && !t.push => {
                     tracing::warn!(mirror = %ep.base, "mirror failed, trying the next endpoint: {e}");
                     last_err = Some(e)
@@ -440,21 +527,38 @@ impl Client {
     }
 
     fn target<'a>(r: &'a Reference, push: bool) -> Target<'a> {
-        Target { registry: &r.registry, api_host: r.api_host(), repository: &r.repository, push }
+        Target {
+            registry: &r.registry,
+            api_host: r.api_host(),
+            repository: &r.repository,
+            push,
+        }
     }
 
     /// Fetches a manifest (by tag or digest); returns its bytes, media type and digest. A pinned
     /// digest is verified.
-    pub async fn get_manifest(&self, r: &Reference, reference: &str) -> Result<(Bytes, String, Digest), RegistryError> {
+    pub async fn get_manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+    ) -> Result<(Bytes, String, Digest), RegistryError> {
         let path = format!("/v2/{}/manifests/{}", r.repository, reference);
         let what = format!("manifest {}@{}", r.repository, reference);
         let (body, media_type) = self
             .execute(
                 Self::target(r, false),
                 &what,
-                |http, base| http.get(format!("{base}{path}")).header(ACCEPT, ACCEPT_MANIFESTS),
+                |http, base| {
+                    http.get(format!("{base}{path}"))
+                        .header(ACCEPT, ACCEPT_MANIFESTS)
+                },
                 |resp| async move {
-                    let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    let ct = resp
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
                     let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
                     Ok((body, ct))
                 },
@@ -464,32 +568,54 @@ impl Client {
         let digest = Digest::of(&body);
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != digest {
-                return Err(RegistryError::DigestMismatch { what, expected, actual: digest });
+                return Err(RegistryError::DigestMismatch {
+                    what,
+                    expected,
+                    actual: digest,
+                });
             }
         }
         Ok((body, media_type, digest))
     }
 
     /// Fetches a whole (small) blob into memory and verifies its digest.
-    pub async fn get_blob(&self, r: &Reference, digest: &Digest, max: u64) -> Result<Bytes, RegistryError> {
+    pub async fn get_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        max: u64,
+    ) -> Result<Bytes, RegistryError> {
         let path = format!("/v2/{}/blobs/{}", r.repository, digest);
         let what = format!("blob {}@{}", r.repository, digest);
         let body = self
-            .execute(Self::target(r, false), &what, |http, base| http.get(format!("{base}{path}")), |resp| async move {
-                read_body(resp, Some(max), None).await
-            })
+            .execute(
+                Self::target(r, false),
+                &what,
+                |http, base| http.get(format!("{base}{path}")),
+                |resp| async move { read_body(resp, Some(max), None).await },
+            )
             .await?;
         self.count_bytes(body.len());
         let actual = Digest::of(&body);
         if actual != *digest {
-            return Err(RegistryError::DigestMismatch { what, expected: *digest, actual });
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: *digest,
+                actual,
+            });
         }
         Ok(body)
     }
 
     /// Reads bytes `[start, start + len)` of a blob with one range request. The caller verifies
     /// the content (span digests); this checks the server returned exactly that range.
-    pub async fn get_blob_range(&self, r: &Reference, digest: &Digest, start: u64, len: u64) -> Result<Bytes, RegistryError> {
+    pub async fn get_blob_range(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<Bytes, RegistryError> {
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -500,7 +626,10 @@ impl Client {
             .execute(
                 Self::target(r, false),
                 &what,
-                |http, base| http.get(format!("{base}{path}")).header(RANGE, range.clone()),
+                |http, base| {
+                    http.get(format!("{base}{path}"))
+                        .header(RANGE, range.clone())
+                },
                 |resp| async move {
                     let status = resp.status();
                     if status == StatusCode::PARTIAL_CONTENT {
@@ -510,7 +639,9 @@ impl Client {
                         // The server ignored the range: take the slice we asked for from the whole blob.
                         let all = read_body(resp, Some(start + len + (64 << 20)), None).await?;
                         if (all.len() as u64) < start + len {
-                            return Err(Attempt::Fatal(RegistryError::Other(format!("{status}: blob shorter than requested range"))));
+                            return Err(Attempt::Fatal(RegistryError::Other(format!(
+                                "{status}: blob shorter than requested range"
+                            ))));
                         }
                         Ok(all.slice(start as usize..(start + len) as usize))
                     }
@@ -522,7 +653,10 @@ impl Client {
     }
 
     fn count_bytes(&self, n: usize) {
-        self.inner.stats.bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .stats
+            .bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         crate::metrics::registry_bytes(n as u64);
     }
 
@@ -560,20 +694,36 @@ impl Client {
                         let at = pos.load(std::sync::atomic::Ordering::SeqCst);
                         if at > 0 {
                             if resp.status() != StatusCode::PARTIAL_CONTENT {
-                                return Err(Attempt::Fatal(RegistryError::Other(format!("{what}: server cannot resume (no range support)"))));
+                                return Err(Attempt::Fatal(RegistryError::Other(format!(
+                                    "{what}: server cannot resume (no range support)"
+                                ))));
                             }
                             check_content_range(resp.headers(), at, size - at)?;
                         }
                         loop {
                             let chunk = match tokio::time::timeout(stall, resp.chunk()).await {
-                                Err(_) => return Err(Attempt::Retry { reason: "body stalled".into(), after: Some(Duration::ZERO) }),
-                                Ok(Err(e)) => return Err(Attempt::Retry { reason: format!("body: {e}"), after: Some(Duration::ZERO) }),
+                                Err(_) => {
+                                    return Err(Attempt::Retry {
+                                        reason: "body stalled".into(),
+                                        after: Some(Duration::ZERO),
+                                    })
+                                }
+                                Ok(Err(e)) => {
+                                    return Err(Attempt::Retry {
+                                        reason: format!("body: {e}"),
+                                        after: Some(Duration::ZERO),
+                                    })
+                                }
                                 Ok(Ok(None)) => break,
                                 Ok(Ok(Some(c))) => c,
                             };
-                            let now = pos.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst) + chunk.len() as u64;
+                            let now = pos
+                                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst)
+                                + chunk.len() as u64;
                             if now > size {
-                                return Err(Attempt::Fatal(RegistryError::Other(format!("{what}: longer than its descriptor's {size} bytes"))));
+                                return Err(Attempt::Fatal(RegistryError::Other(format!(
+                                    "{what}: longer than its descriptor's {size} bytes"
+                                ))));
                             }
                             self.count_bytes(chunk.len());
                             if tx.send(Ok(chunk)).await.is_err() {
@@ -581,7 +731,10 @@ impl Client {
                             }
                         }
                         if pos.load(std::sync::atomic::Ordering::SeqCst) < size {
-                            return Err(Attempt::Retry { reason: "body ended early".into(), after: Some(Duration::ZERO) });
+                            return Err(Attempt::Retry {
+                                reason: "body ended early".into(),
+                                after: Some(Duration::ZERO),
+                            });
                         }
                         Ok(())
                     }
@@ -595,10 +748,20 @@ impl Client {
     }
 
     /// True if the repository has the blob.
-    pub async fn blob_exists(&self, r: &Reference, digest: &Digest, push: bool) -> Result<bool, RegistryError> {
+    pub async fn blob_exists(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        push: bool,
+    ) -> Result<bool, RegistryError> {
         let path = format!("/v2/{}/blobs/{}", r.repository, digest);
         match self
-            .execute(Self::target(r, push), &format!("blob {digest}"), |http, base| http.head(format!("{base}{path}")), |_| async { Ok(()) })
+            .execute(
+                Self::target(r, push),
+                &format!("blob {digest}"),
+                |http, base| http.head(format!("{base}{path}")),
+                |_| async { Ok(()) },
+            )
             .await
         {
             Ok(()) => Ok(true),
@@ -608,22 +771,45 @@ impl Client {
     }
 
     /// Uploads a blob (monolithic upload) unless the repository already has it.
-    pub async fn push_blob(&self, r: &Reference, digest: &Digest, data: Bytes) -> Result<(), RegistryError> {
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        data: Bytes,
+    ) -> Result<(), RegistryError> {
         if self.blob_exists(r, digest, true).await? {
             return Ok(());
         }
         let start = format!("/v2/{}/blobs/uploads/", r.repository);
         let what = format!("upload of {digest} to {}", r.repository);
         let location: String = self
-            .execute(Self::target(r, true), &what, |http, base| http.post(format!("{base}{start}")).header(CONTENT_LENGTH, 0), |resp| async move {
-                let loc = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
-                let base = resp.url().clone();
-                let loc = loc.ok_or_else(|| Attempt::Fatal(RegistryError::Other("upload without Location".into())))?;
-                base.join(&loc).map(|u| u.to_string()).map_err(|e| Attempt::Fatal(RegistryError::Other(format!("bad Location: {e}"))))
-            })
+            .execute(
+                Self::target(r, true),
+                &what,
+                |http, base| {
+                    http.post(format!("{base}{start}"))
+                        .header(CONTENT_LENGTH, 0)
+                },
+                |resp| async move {
+                    let loc = resp
+                        .headers()
+                        .get(LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .map(str::to_string);
+                    let base = resp.url().clone();
+                    let loc = loc.ok_or_else(|| {
+                        Attempt::Fatal(RegistryError::Other("upload without Location".into()))
+                    })?;
+                    base.join(&loc).map(|u| u.to_string()).map_err(|e| {
+                        Attempt::Fatal(RegistryError::Other(format!("bad Location: {e}")))
+                    })
+                },
+            )
             .await?;
-        let mut url = reqwest::Url::parse(&location).map_err(|e| RegistryError::Other(e.to_string()))?;
-        url.query_pairs_mut().append_pair("digest", &digest.to_string());
+        let mut url =
+            reqwest::Url::parse(&location).map_err(|e| RegistryError::Other(e.to_string()))?;
+        url.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
         self.execute(
             Self::target(r, true),
             &what,
@@ -639,13 +825,23 @@ impl Client {
     }
 
     /// Uploads a manifest under `reference` (a tag or its digest).
-    pub async fn push_manifest(&self, r: &Reference, reference: &str, media_type: &str, body: Bytes) -> Result<Digest, RegistryError> {
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<Digest, RegistryError> {
         let path = format!("/v2/{}/manifests/{}", r.repository, reference);
         let what = format!("manifest {}:{}", r.repository, reference);
         self.execute(
             Self::target(r, true),
             &what,
-            |http, base| http.put(format!("{base}{path}")).header(CONTENT_TYPE, media_type).body(body.clone()),
+            |http, base| {
+                http.put(format!("{base}{path}"))
+                    .header(CONTENT_TYPE, media_type)
+                    .body(body.clone())
+            },
             |_| async { Ok(()) },
         )
         .await?;
@@ -654,16 +850,28 @@ impl Client {
 
     /// The referrers API (`GET /v2/<repo>/referrers/<digest>`); `Ok(None)` when the registry
     /// does not implement it.
-    pub async fn referrers_api(&self, r: &Reference, subject: &Digest) -> Result<Option<Bytes>, RegistryError> {
+    pub async fn referrers_api(
+        &self,
+        r: &Reference,
+        subject: &Digest,
+    ) -> Result<Option<Bytes>, RegistryError> {
         let path = format!("/v2/{}/referrers/{}", r.repository, subject);
         let what = format!("referrers of {subject}");
         match self
             .execute(
                 Self::target(r, false),
                 &what,
-                |http, base| http.get(format!("{base}{path}")).header(ACCEPT, MEDIA_OCI_INDEX),
+                |http, base| {
+                    http.get(format!("{base}{path}"))
+                        .header(ACCEPT, MEDIA_OCI_INDEX)
+                },
                 |resp| async move {
-                    let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    let ct = resp
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
                     let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
                     Ok((body, ct))
                 },
@@ -673,7 +881,9 @@ impl Client {
             Ok((body, ct)) if ct.starts_with(MEDIA_OCI_INDEX) => Ok(Some(body)),
             Ok(_) => Ok(None),
             Err(RegistryError::NotFound { .. }) => Ok(None),
-            Err(RegistryError::Http { status: 400 | 405, .. }) => Ok(None),
+            Err(RegistryError::Http {
+                status: 400 | 405, ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -702,17 +912,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// A TLS certificate verification failure: retrying or falling back to HTTP cannot cure it.
 fn is_certificate_error(e: &reqwest::Error) -> bool {
     let chain = error_chain(e).to_ascii_lowercase();
-    chain.contains("certificate") || chain.contains("unknownissuer") || chain.contains("caUsedAsEndEntity".to_ascii_lowercase().as_str())
+    chain.contains("certificate")
+        || chain.contains("unknownissuer")
+        || chain.contains("caUsedAsEndEntity".to_ascii_lowercase().as_str())
 }
 
 fn transport(e: reqwest::Error) -> Attempt {
     // Connection refused/reset, timeouts, broken bodies: all worth another try.
-    Attempt::Retry { reason: error_chain(&e), after: None }
+    Attempt::Retry {
+        reason: error_chain(&e),
+        after: None,
+    }
 }
 
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
     let v = h.get("retry-after")?.to_str().ok()?.trim();
-    v.parse::<u64>().ok().map(|s| Duration::from_secs(s.min(60)))
+    v.parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s.min(60)))
 }
 
 /// Turns non-success statuses into retry or failure.
@@ -723,40 +940,72 @@ async fn classify(resp: reqwest::Response, what: &str) -> Result<reqwest::Respon
     }
     let after = retry_after(resp.headers());
     let url = resp.url().to_string();
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
-        return Err(Attempt::Retry { reason: format!("{what}: HTTP {status}"), after });
+    if status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        return Err(Attempt::Retry {
+            reason: format!("{what}: HTTP {status}"),
+            after,
+        });
     }
     let body = resp.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
-    Err(Attempt::Fatal(RegistryError::Http { url, status: status.as_u16(), body }))
+    Err(Attempt::Fatal(RegistryError::Http {
+        url,
+        status: status.as_u16(),
+        body,
+    }))
 }
 
 /// Reads a body fully; refuses more than `max` bytes; with `exact`, anything else than that
 /// many bytes is a (retryable) truncation.
-async fn read_body(mut resp: reqwest::Response, max: Option<u64>, exact: Option<u64>) -> Result<Bytes, Attempt> {
+async fn read_body(
+    mut resp: reqwest::Response,
+    max: Option<u64>,
+    exact: Option<u64>,
+) -> Result<Bytes, Attempt> {
     if let (Some(max), Some(len)) = (max, resp.content_length()) {
         if len > max {
-            return Err(Attempt::Fatal(RegistryError::Other(format!("response of {len} bytes exceeds the limit of {max}"))));
+            return Err(Attempt::Fatal(RegistryError::Other(format!(
+                "response of {len} bytes exceeds the limit of {max}"
+            ))));
         }
     }
     let declared = resp.content_length();
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(max.unwrap_or(u64::MAX)).min(64 << 20) as usize);
+    let mut buf = bytes::BytesMut::with_capacity(
+        declared
+            .unwrap_or(0)
+            .min(max.unwrap_or(u64::MAX))
+            .min(64 << 20) as usize,
+    );
     loop {
         match resp.chunk().await {
             Ok(Some(c)) => {
                 buf.extend_from_slice(&c);
                 if max.is_some_and(|m| buf.len() as u64 > m) {
-                    return Err(Attempt::Fatal(RegistryError::Other(format!("response exceeds the limit of {} bytes", max.unwrap_or(0)))));
+                    return Err(Attempt::Fatal(RegistryError::Other(format!(
+                        "response exceeds the limit of {} bytes",
+                        max.unwrap_or(0)
+                    ))));
                 }
             }
             Ok(None) => break,
-            Err(e) => return Err(Attempt::Retry { reason: format!("reading body: {e}"), after: None }),
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    reason: format!("reading body: {e}"),
+                    after: None,
+                })
+            }
         }
     }
     let got = buf.len() as u64;
     if let Some(want) = exact.or(declared) {
         if got != want {
-            return Err(Attempt::Retry { reason: format!("body truncated: {got} of {want} bytes"), after: None });
+            return Err(Attempt::Retry {
+                reason: format!("body truncated: {got} of {want} bytes"),
+                after: None,
+            });
         }
     }
     Ok(buf.freeze())
@@ -770,6 +1019,8 @@ fn check_content_range(h: &HeaderMap, start: u64, len: u64) -> Result<(), Attemp
     if v.starts_with(&expect) {
         Ok(())
     } else {
-        Err(Attempt::Fatal(RegistryError::Other(format!("server returned range {v:?}, asked for {expect}"))))
+        Err(Attempt::Fatal(RegistryError::Other(format!(
+            "server returned range {v:?}, asked for {expect}"
+        ))))
     }
 }

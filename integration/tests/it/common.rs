@@ -6,7 +6,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The `clip` binary (built by `cargo build` before the tests; CLIP_BIN overrides).
@@ -14,7 +17,9 @@ pub fn clip_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("CLIP_BIN") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
     for profile in ["debug", "release"] {
         let p = target.join(profile).join("clip");
         if p.exists() {
@@ -25,12 +30,24 @@ pub fn clip_bin() -> PathBuf {
 }
 
 pub fn need(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success());
-    assert!(ok.unwrap_or(false), "{tool} is not installed: run scripts/install-deps.sh");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success());
+    assert!(
+        ok.unwrap_or(false),
+        "{tool} is not installed: run scripts/install-deps.sh"
+    );
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub fn wait_port(port: u16, what: &str, child: &mut Child) {
@@ -79,8 +96,15 @@ pub struct Registry {
 }
 
 fn run_ok(cmd: &mut Command, what: &str) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-    assert!(out.status.success(), "{what} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -88,9 +112,23 @@ fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let key = dir.join(format!("{name}.key"));
     let cert = dir.join(format!("{name}.pem"));
     run_ok(
-        Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
             .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-            .arg("-keyout").arg(&key).arg("-out").arg(&cert),
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
         "openssl req",
     );
     (key, cert)
@@ -105,13 +143,35 @@ fn ca_and_server(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ext = dir.join("server.ext");
     std::fs::write(&ext, "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
     run_ok(
-        Command::new("openssl").args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"])
-            .arg("-keyout").arg(&key).arg("-out").arg(&csr),
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr),
         "openssl req (server)",
     );
     run_ok(
-        Command::new("openssl").args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-            .arg("-in").arg(&csr).arg("-CA").arg(&ca).arg("-CAkey").arg(&ca_key).arg("-extfile").arg(&ext).arg("-out").arg(&cert),
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&cert),
         "openssl x509 (sign server)",
     );
     (key, cert, ca)
@@ -133,7 +193,10 @@ impl Registry {
                 need("openssl");
                 need("htpasswd");
                 let (key, cert, ca_cert) = ca_and_server(dir.path());
-                let out = run_ok(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]), "htpasswd");
+                let out = run_ok(
+                    Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]),
+                    "htpasswd",
+                );
                 std::fs::write(dir.path().join("htpasswd"), out.stdout).expect("write htpasswd");
                 extra = format!(
                     "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
@@ -170,8 +233,6 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{extra}",
             dir.path().join("data").display()
         );
-        // `auth:` must be top level; `tls:` belongs under `http:`.
-        let config = config.replace("\nauth:", "\nauth:").replace("http:\n  addr", "http:\n  addr");
         std::fs::write(dir.path().join("config.yml"), config).expect("write config");
         let mut child = Command::new("docker-registry")
             .arg("serve")
@@ -182,7 +243,13 @@ impl Registry {
             .expect("start docker-registry");
         wait_port(port, "docker-registry", &mut child);
         procs.push(Proc(child));
-        Registry { host, _dir: dir, ca, token_port, _procs: procs }
+        Registry {
+            host,
+            _dir: dir,
+            ca,
+            token_port,
+            _procs: procs,
+        }
     }
 
     pub fn image(&self, name: &str) -> String {
@@ -197,7 +264,8 @@ impl Registry {
         if self.ca.is_some() || self.token_port.is_some() {
             cmd.arg(format!("--dest-creds={USER}:{PASSWORD}"));
         }
-        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}:{tag}", self.image(name)));
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}:{tag}", self.image(name)));
         run_ok(&mut cmd, &format!("skopeo push of {name}"));
     }
 }
@@ -207,7 +275,12 @@ pub fn layout(dir: &Path, tag: &str, layers: &[&str]) -> PathBuf {
     need("python3");
     let out = dir.join(format!("layout-{tag}"));
     run_ok(
-        Command::new("python3").arg(workspace().join("scripts/mkimage.py")).arg("layout").arg(&out).arg(tag).args(layers),
+        Command::new("python3")
+            .arg(workspace().join("scripts/mkimage.py"))
+            .arg("layout")
+            .arg(&out)
+            .arg(tag)
+            .args(layers),
         "mkimage.py",
     );
     out
@@ -216,7 +289,12 @@ pub fn layout(dir: &Path, tag: &str, layers: &[&str]) -> PathBuf {
 /// Runs clip with its own root under `root`.
 pub fn clip(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(clip_bin());
-    cmd.arg("--root").arg(root).args(args).env_remove("DOCKER_CONFIG").env("HOME", root).env("CLIP_LOG", "warn");
+    cmd.arg("--root")
+        .arg(root)
+        .args(args)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", root)
+        .env("CLIP_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -234,6 +312,12 @@ pub fn stderr(o: &Output) -> String {
 /// Runs clip and expects success; returns stdout parsed as JSON.
 pub fn clip_json(root: &Path, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let o = clip(root, args, env);
-    assert!(o.status.success(), "clip {args:?} failed:\n{}\n{}", stdout(&o), stderr(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("clip {args:?}: bad JSON ({e}): {}", stdout(&o)))
+    assert!(
+        o.status.success(),
+        "clip {args:?} failed:\n{}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("clip {args:?}: bad JSON ({e}): {}", stdout(&o)))
 }

@@ -6,12 +6,20 @@ use crate::common::*;
 fn every_entry_type_image_indexes_merges_and_is_deterministic() {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:everytype-base", "gen:everytype-top"]);
+    let l = layout(
+        tmp.path(),
+        "v1",
+        &["gen:everytype-base", "gen:everytype-top"],
+    );
     reg.push_layout(&l, "v1", "everytype");
     let image = format!("{}:v1", reg.image("everytype"));
     let root = tmp.path().join("root");
 
-    let j = clip_json(&root, &["index", &image, "--span-size", "1MiB", "--json"], &[]);
+    let j = clip_json(
+        &root,
+        &["index", &image, "--span-size", "1MiB", "--json"],
+        &[],
+    );
     assert_eq!(j["layers"].as_array().unwrap().len(), 2);
     assert_eq!(j["built_layers"], 2);
     // The base layer holds ~31 MB of tar: several 1 MiB spans, windows for each.
@@ -26,26 +34,57 @@ fn every_entry_type_image_indexes_merges_and_is_deterministic() {
     let inspect = |path: &str| clip_json(&root, &["inspect", &image, path, "--json"], &[]);
     let ping = inspect("/bin/ping");
     assert_eq!(ping["type"], "file");
-    assert!(ping["xattrs"].as_array().unwrap().iter().any(|x| x == "security.capability"), "{ping}");
+    assert!(
+        ping["xattrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == "security.capability"),
+        "{ping}"
+    );
     assert_eq!(inspect("/bin/su")["mode"], "4755");
     assert_eq!(inspect("/bin/sticky")["mode"], "1777");
     assert_eq!(inspect("/dev/null")["device"], "1:3");
     assert_eq!(inspect("/dev/loop9")["type"], "block-device");
     assert_eq!(inspect("/dev/fifo")["type"], "fifo");
-    assert_eq!(inspect("/data/sub/link-to-config")["target"], "../../etc/config");
+    assert_eq!(
+        inspect("/data/sub/link-to-config")["target"],
+        "../../etc/config"
+    );
     let cfg = inspect("/etc/config");
-    assert_eq!((cfg["layer"].as_u64(), cfg["size"].as_u64()), (Some(2), Some(13)));
+    assert_eq!(
+        (cfg["layer"].as_u64(), cfg["size"].as_u64()),
+        (Some(2), Some(13))
+    );
     let random = inspect("/data/random.bin");
-    assert_eq!((random["uid"].as_u64(), random["gid"].as_u64(), random["size"].as_u64()), (Some(123), Some(456), Some(6 << 20)));
+    assert_eq!(
+        (
+            random["uid"].as_u64(),
+            random["gid"].as_u64(),
+            random["size"].as_u64()
+        ),
+        (Some(123), Some(456), Some(6 << 20))
+    );
     let spans = random["spans"].as_array().unwrap();
-    assert!(spans[1].as_u64().unwrap() - spans[0].as_u64().unwrap() >= 6, "{random}");
+    assert!(
+        spans[1].as_u64().unwrap() - spans[0].as_u64().unwrap() >= 6,
+        "{random}"
+    );
     let hard = inspect("/data/hard-d");
-    assert_eq!((hard["type"].as_str(), hard["data_layer"].as_u64()), (Some("hardlink"), Some(1)));
+    assert_eq!(
+        (hard["type"].as_str(), hard["data_layer"].as_u64()),
+        (Some("hardlink"), Some(1))
+    );
     assert_eq!(inspect("/implied/parent/dirs")["implied"], true);
     assert_eq!(inspect("/opq/new")["layer"], 2);
     for gone in ["/gone", "/gone/deep/file", "/opq/old", "/data/to-delete"] {
         let o = clip(&root, &["inspect", &image, gone], &[]);
-        assert_eq!(o.status.code(), Some(1), "{gone} should be absent: {}", stdout(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{gone} should be absent: {}",
+            stdout(&o)
+        );
         assert!(stderr(&o).contains("no such file"), "{}", stderr(&o));
     }
 
@@ -55,12 +94,19 @@ fn every_entry_type_image_indexes_merges_and_is_deterministic() {
     let other_root = tmp.path().join("root2");
     let forced = clip_json(&other_root, &["index", &image, "--json", "--force"], &[]);
     for i in 0..2 {
-        assert_eq!(forced["layers"][i]["index_digest"], j["layers"][i]["index_digest"], "index must be deterministic");
+        assert_eq!(
+            forced["layers"][i]["index_digest"], j["layers"][i]["index_digest"],
+            "index must be deterministic"
+        );
     }
 
     // Human output and progress do not break.
     let o = clip(&root, &["inspect", &image], &[]);
-    assert!(o.status.success() && stdout(&o).contains("total:"), "{}", stdout(&o));
+    assert!(
+        o.status.success() && stdout(&o).contains("total:"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -70,13 +116,28 @@ fn push_then_a_fresh_node_finds_the_index_in_the_registry() {
     let l = layout(tmp.path(), "latest", &["gen:busybox"]);
     reg.push_layout(&l, "latest", "tiny");
     let image = reg.image("tiny");
-    let a = clip_json(&tmp.path().join("a"), &["index", &image, "--push", "--json"], &[]);
+    let a = clip_json(
+        &tmp.path().join("a"),
+        &["index", &image, "--push", "--json"],
+        &[],
+    );
     let artifact = a["artifact"].as_str().expect("artifact digest").to_string();
     // Distribution 2.8 has no referrers API: the referrers tag must list the artifact.
-    let manifest = a["manifest_digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let manifest = a["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
     let url = format!("http://{}/v2/tiny/manifests/sha256-{manifest}", reg.host);
     let listing: serde_json::Value = reqwest::blocking_get_json(&url);
-    assert!(listing["manifests"].as_array().unwrap().iter().any(|m| m["digest"] == artifact.as_str()), "{listing}");
+    assert!(
+        listing["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["digest"] == artifact.as_str()),
+        "{listing}"
+    );
 
     // A node with an empty store inspects without indexing anything.
     let b_root = tmp.path().join("b");
@@ -86,12 +147,20 @@ fn push_then_a_fresh_node_finds_the_index_in_the_registry() {
     let f = clip_json(&b_root, &["inspect", &image, "/bin/busybox", "--json"], &[]);
     assert_eq!(f["type"], "file");
     // Pushing again is idempotent (same artifact, listed once).
-    let again = clip_json(&tmp.path().join("a"), &["index", &image, "--push", "--json"], &[]);
+    let again = clip_json(
+        &tmp.path().join("a"),
+        &["index", &image, "--push", "--json"],
+        &[],
+    );
     assert_eq!(again["artifact"], a["artifact"]);
     let listing: serde_json::Value = reqwest::blocking_get_json(&url);
     assert_eq!(listing["manifests"].as_array().unwrap().len(), 1);
     // Without a published index, inspect says what to do.
-    let o = clip(&tmp.path().join("c"), &["inspect", &format!("{}:nope", reg.image("tiny"))], &[]);
+    let o = clip(
+        &tmp.path().join("c"),
+        &["inspect", &format!("{}:nope", reg.image("tiny"))],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
 }
@@ -103,8 +172,16 @@ fn hostile_and_broken_images_fail_cleanly() {
     let cases = [
         ("dotdot", "gen:dotdot", "'..' component"),
         ("absolute", "gen:absolute", "absolute path"),
-        ("hardlink-forward", "gen:hardlink-forward", "appears later in the layer"),
-        ("huge-size", "gen:huge-size", "claims more bytes than the layer holds"),
+        (
+            "hardlink-forward",
+            "gen:hardlink-forward",
+            "appears later in the layer",
+        ),
+        (
+            "huge-size",
+            "gen:huge-size",
+            "claims more bytes than the layer holds",
+        ),
         ("corrupt", "corrupt:busybox", "corrupt gzip data"),
         ("truncated", "truncated:busybox", "truncated"),
         ("diffid", "diffid:busybox", "DiffID mismatch"),
@@ -115,22 +192,64 @@ fn hostile_and_broken_images_fail_cleanly() {
     }
     for (name, _, want) in &cases {
         let root = tmp.path().join(format!("root-{name}"));
-        let o = clip(&root, &["index", &format!("{}:{name}", reg.image(name))], &[]);
-        assert_eq!(o.status.code(), Some(1), "{name}: expected a clean failure, got {:?}\n{}", o.status, stderr(&o));
-        assert!(stderr(&o).contains(want), "{name}: error should mention {want:?}: {}", stderr(&o));
+        let o = clip(
+            &root,
+            &["index", &format!("{}:{name}", reg.image(name))],
+            &[],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{name}: expected a clean failure, got {:?}\n{}",
+            o.status,
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains(want),
+            "{name}: error should mention {want:?}: {}",
+            stderr(&o)
+        );
         assert!(!stderr(&o).contains("panicked"), "{name}: {}", stderr(&o));
         // Nothing half-built is kept: inspect still has no index.
-        let o = clip(&root, &["inspect", &format!("{}:{name}", reg.image(name))], &[]);
-        assert!(stderr(&o).contains("no clip index"), "{name}: {}", stderr(&o));
+        let o = clip(
+            &root,
+            &["inspect", &format!("{}:{name}", reg.image(name))],
+            &[],
+        );
+        assert!(
+            stderr(&o).contains("no clip index"),
+            "{name}: {}",
+            stderr(&o)
+        );
     }
     // An unknown tag and an unreachable registry.
-    let o = clip(&tmp.path().join("r"), &["index", &format!("{}:missing", reg.image("dotdot"))], &[]);
-    assert!(o.status.code() == Some(1) && stderr(&o).contains("not found"), "{}", stderr(&o));
+    let o = clip(
+        &tmp.path().join("r"),
+        &["index", &format!("{}:missing", reg.image("dotdot"))],
+        &[],
+    );
+    assert!(
+        o.status.code() == Some(1) && stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
     let dead = format!("127.0.0.1:{}/x:y", free_port());
-    let o = clip(&tmp.path().join("r"), &["index", &dead, "--registry-timeout", "2"], &[]);
-    assert!(o.status.code() == Some(1) && stderr(&o).contains("gave up after"), "{}", stderr(&o));
+    let o = clip(
+        &tmp.path().join("r"),
+        &["index", &dead, "--registry-timeout", "2"],
+        &[],
+    );
+    assert!(
+        o.status.code() == Some(1) && stderr(&o).contains("gave up after"),
+        "{}",
+        stderr(&o)
+    );
     let o = clip(&tmp.path().join("r"), &["index", "Not A Reference"], &[]);
-    assert!(o.status.code() == Some(1) && stderr(&o).contains("invalid image reference"), "{}", stderr(&o));
+    assert!(
+        o.status.code() == Some(1) && stderr(&o).contains("invalid image reference"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -143,7 +262,10 @@ fn malformed_manifest_and_config_are_reported() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // A config blob that is not an image config.
     let config = b"this is not json".to_vec();
-    let cd = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config)));
+    let cd = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config))
+    );
     rt.block_on(async {
         let loc = http.post(format!("http://{}/v2/bad/blobs/uploads/", reg.host)).send().await.unwrap();
         let loc = loc.headers()["location"].to_str().unwrap().to_string();
@@ -158,7 +280,11 @@ fn malformed_manifest_and_config_are_reported() {
             .body(manifest.to_string()).send().await.unwrap();
         assert!(put.status().is_success(), "{}", put.status());
     });
-    let o = clip(tmp.path(), &["index", &format!("{}:badconfig", reg.image("bad"))], &[]);
+    let o = clip(
+        tmp.path(),
+        &["index", &format!("{}:badconfig", reg.image("bad"))],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid manifest"), "{}", stderr(&o));
 }

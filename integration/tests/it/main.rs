@@ -6,4 +6,5 @@
 
 mod common;
 mod index_cli;
+mod large_image;
 mod registry_auth;

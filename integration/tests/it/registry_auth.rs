@@ -8,7 +8,11 @@ fn docker_config(dir: &Path, host: &str, user: &str, password: &str) -> String {
     let d = dir.join("docker");
     std::fs::create_dir_all(&d).unwrap();
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    std::fs::write(d.join("config.json"), format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#)).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
     d.display().to_string()
 }
 
@@ -24,31 +28,70 @@ fn tls_and_htpasswd() {
     std::fs::create_dir_all(hosts.join(&reg.host)).unwrap();
     std::fs::write(
         hosts.join(&reg.host).join("hosts.toml"),
-        format!("server = \"https://{}\"\nca = \"{}\"\n", reg.host, reg.ca.as_ref().unwrap().display()),
+        format!(
+            "server = \"https://{}\"\nca = \"{}\"\n",
+            reg.host,
+            reg.ca.as_ref().unwrap().display()
+        ),
     )
     .unwrap();
     let hosts_arg = hosts.display().to_string();
 
     let good = docker_config(tmp.path(), &reg.host, USER, PASSWORD);
-    let j = clip_json(&tmp.path().join("ok"), &["--hosts-dir", &hosts_arg, "index", &image, "--push", "--json"], &[("DOCKER_CONFIG", &good)]);
+    let j = clip_json(
+        &tmp.path().join("ok"),
+        &[
+            "--hosts-dir",
+            &hosts_arg,
+            "index",
+            &image,
+            "--push",
+            "--json",
+        ],
+        &[("DOCKER_CONFIG", &good)],
+    );
     assert_eq!(j["layers"].as_array().unwrap().len(), 1);
     assert!(j["artifact"].is_string());
 
     // No credentials, wrong credentials: clear auth errors, no secret in the output.
-    let o = clip(&tmp.path().join("anon"), &["--hosts-dir", &hosts_arg, "index", &image], &[]);
+    let o = clip(
+        &tmp.path().join("anon"),
+        &["--hosts-dir", &hosts_arg, "index", &image],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("authentication failed") && stderr(&o).contains("no credentials"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("authentication failed") && stderr(&o).contains("no credentials"),
+        "{}",
+        stderr(&o)
+    );
     let bad_dir = tmp.path().join("bad");
     let bad = docker_config(&bad_dir, &reg.host, USER, "wrong-password-xyz");
-    let o = clip(&tmp.path().join("bad-root"), &["--hosts-dir", &hosts_arg, "index", &image], &[("DOCKER_CONFIG", &bad)]);
+    let o = clip(
+        &tmp.path().join("bad-root"),
+        &["--hosts-dir", &hosts_arg, "index", &image],
+        &[("DOCKER_CONFIG", &bad)],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("credentials rejected"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("credentials rejected"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!stderr(&o).contains("wrong-password-xyz"));
     // Without the CA the certificate is refused (TLS is verified by default).
-    let o = clip(&tmp.path().join("noca"), &["index", &image, "--registry-timeout", "3"], &[("DOCKER_CONFIG", &good)]);
+    let o = clip(
+        &tmp.path().join("noca"),
+        &["index", &image, "--registry-timeout", "3"],
+        &[("DOCKER_CONFIG", &good)],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     // Marked insecure, it works without the CA.
-    let o = clip(&tmp.path().join("insecure"), &["--insecure-registry", &reg.host, "index", &image], &[("DOCKER_CONFIG", &good)]);
+    let o = clip(
+        &tmp.path().join("insecure"),
+        &["--insecure-registry", &reg.host, "index", &image],
+        &[("DOCKER_CONFIG", &good)],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -60,16 +103,32 @@ fn bearer_token_flow() {
     reg.push_layout(&l, "latest", "team/tiny");
     let image = reg.image("team/tiny");
     let good = docker_config(tmp.path(), &reg.host, USER, PASSWORD);
-    let j = clip_json(&tmp.path().join("a"), &["index", &image, "--push", "--json"], &[("DOCKER_CONFIG", &good)]);
+    let j = clip_json(
+        &tmp.path().join("a"),
+        &["index", &image, "--push", "--json"],
+        &[("DOCKER_CONFIG", &good)],
+    );
     assert!(j["artifact"].is_string(), "{j}");
     // A fresh node pulls the published index with a token.
-    let b = clip_json(&tmp.path().join("b"), &["inspect", &image, "--json"], &[("DOCKER_CONFIG", &good)]);
+    let b = clip_json(
+        &tmp.path().join("b"),
+        &["inspect", &image, "--json"],
+        &[("DOCKER_CONFIG", &good)],
+    );
     assert_eq!(b["files"], j["files"]);
     // Tokens are cached: far fewer tokens than requests.
     let count: u64 = {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            reqwest::get(format!("http://127.0.0.1:{}/count", reg.token_port.unwrap())).await.unwrap().text().await.unwrap()
+            reqwest::get(format!(
+                "http://127.0.0.1:{}/count",
+                reg.token_port.unwrap()
+            ))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
         })
         .parse()
         .unwrap()
@@ -78,9 +137,21 @@ fn bearer_token_flow() {
     // Anonymous: the token server grants nothing, the registry refuses.
     let o = clip(&tmp.path().join("anon"), &["index", &image], &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("authentication failed"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("authentication failed"),
+        "{}",
+        stderr(&o)
+    );
     let bad = docker_config(&tmp.path().join("bad"), &reg.host, USER, "nope");
-    let o = clip(&tmp.path().join("badroot"), &["index", &image], &[("DOCKER_CONFIG", &bad)]);
+    let o = clip(
+        &tmp.path().join("badroot"),
+        &["index", &image],
+        &[("DOCKER_CONFIG", &bad)],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("authentication failed"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("authentication failed"),
+        "{}",
+        stderr(&o)
+    );
 }
