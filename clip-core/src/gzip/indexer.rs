@@ -4,9 +4,11 @@
 use super::inflater::{Inflater, GZIP};
 use super::{Checkpoint, GzipError};
 use crate::digest::{Digest, Hasher};
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 const IN_BUF: usize = 256 * 1024;
+/// Output is inflated in large steps (few, long `inflate` calls) and handed out from here.
+const OUT_BUF: usize = 256 * 1024;
 
 /// What indexing a gzip stream produces.
 #[derive(Debug)]
@@ -50,6 +52,9 @@ pub struct GzipIndexer<R> {
     span_digests: Vec<Digest>,
     diff_hasher: Hasher,
     stalls: u32,
+    out_buf: Box<[u8]>,
+    out_pos: usize,
+    out_len: usize,
 }
 
 impl<R: Read> GzipIndexer<R> {
@@ -71,6 +76,9 @@ impl<R: Read> GzipIndexer<R> {
             span_digests: Vec::new(),
             diff_hasher: Hasher::new(),
             stalls: 0,
+            out_buf: vec![0u8; OUT_BUF].into_boxed_slice(),
+            out_pos: 0,
+            out_len: 0,
         })
     }
 
@@ -117,7 +125,7 @@ impl<R: Read> GzipIndexer<R> {
         Ok(())
     }
 
-    fn consume(&mut self, n: usize) {
+    fn consume_input(&mut self, n: usize) {
         self.in_pos += n;
         self.compressed += n as u64;
     }
@@ -154,7 +162,7 @@ impl<R: Read> GzipIndexer<R> {
                 .into());
             }
             let n = avail.len();
-            self.consume(n);
+            self.consume_input(n);
             if self.input_eof {
                 self.state = State::Done;
                 return Ok(());
@@ -190,14 +198,20 @@ impl<R: Read> GzipIndexer<R> {
     }
 }
 
-impl<R: Read> Read for GzipIndexer<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl<R: Read> GzipIndexer<R> {
+    /// Inflates the next piece of output into `out_buf`; 0 at the end of the stream.
+    fn produce(&mut self) -> io::Result<usize> {
+        // Z_BLOCK returns at every deflate block boundary (every few tens of KiB of output); keep
+        // going until the buffer is nearly full so readers see large pieces.
+        let mut filled = 0;
         loop {
+            if filled > 0
+                && (self.out_buf.len() - filled < 64 * 1024 || self.state != State::InMember)
+            {
+                return Ok(filled);
+            }
             match self.state {
-                State::Done => return Ok(0),
+                State::Done => return Ok(filled),
                 State::BetweenMembers => {
                     self.start_member()?;
                     continue;
@@ -217,15 +231,15 @@ impl<R: Read> Read for GzipIndexer<R> {
                 .inflater
                 .inflate(
                     &self.in_buf[self.in_pos..self.in_len],
-                    buf,
+                    &mut self.out_buf[filled..],
                     libz_rs_sys::Z_BLOCK,
                 )
                 .map_err(|message| GzipError::Corrupt {
                     compressed: self.compressed,
                     message,
                 })?;
-            self.consume(step.consumed);
-            let out = &buf[..step.produced];
+            self.consume_input(step.consumed);
+            let out = &self.out_buf[filled..filled + step.produced];
             if !out.is_empty() {
                 self.span_hasher.update(out);
                 self.diff_hasher.update(out);
@@ -236,9 +250,10 @@ impl<R: Read> Read for GzipIndexer<R> {
             } else if step.data_type & 128 != 0 && step.data_type & 64 == 0 {
                 self.checkpoint((step.data_type & 7) as u8)?;
             }
+            filled += step.produced;
             if step.produced > 0 {
                 self.stalls = 0;
-                return Ok(step.produced);
+                continue;
             }
             if step.consumed == 0 && !step.stream_end {
                 self.stalls += 1;
@@ -253,5 +268,29 @@ impl<R: Read> Read for GzipIndexer<R> {
                 self.stalls = 0;
             }
         }
+    }
+}
+
+impl<R: Read> Read for GzipIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: Read> io::BufRead for GzipIndexer<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.out_pos == self.out_len {
+            self.out_len = self.produce()?;
+            self.out_pos = 0;
+        }
+        Ok(&self.out_buf[self.out_pos..self.out_len])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.out_pos = (self.out_pos + amt).min(self.out_len);
     }
 }

@@ -35,15 +35,37 @@ fn large_image_index_fits_the_mount_time_budget() {
         j["checkpoint_bytes"],
         j["seconds"].as_f64().unwrap()
     );
-    assert!(compressed >= 250 << 20, "the large image must be >= 250 MiB gzip, is {compressed}");
-    assert!(files >= 30_000, "the large image must hold >= 30k files, has {files}");
+    assert!(
+        compressed >= 250 << 20,
+        "the large image must be >= 250 MiB gzip, is {compressed}"
+    );
+    assert!(
+        files >= 30_000,
+        "the large image must hold >= 30k files, has {files}"
+    );
     assert!(j["layers"].as_array().unwrap().len() >= 4);
     // The mount-time part must stay within 0.5 % of the compressed image.
-    assert!(index * 200 <= compressed, "index {index} bytes exceeds 0.5% of {compressed}");
+    assert!(
+        index * 200 <= compressed,
+        "index {index} bytes exceeds 0.5% of {compressed}"
+    );
     // Real files resolve through the merged view.
-    let py = clip_json(tmp.path(), &["inspect", &image, "/usr/bin/python3", "--json"], &[]);
+    let py = clip_json(
+        tmp.path(),
+        &["inspect", &image, "/usr/bin/python3", "--json"],
+        &[],
+    );
     assert_eq!(py["type"], "symlink");
-    let libc = clip_json(tmp.path(), &["inspect", &image, "/usr/lib/x86_64-linux-gnu/libc.so.6", "--json"], &[]);
+    let libc = clip_json(
+        tmp.path(),
+        &[
+            "inspect",
+            &image,
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "--json",
+        ],
+        &[],
+    );
     assert_eq!(libc["data_layer"], 1, "{libc}");
     assert!(libc["size"].as_u64().unwrap() > 1 << 20);
 }
