@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The newcomer demo: installs what clip needs, builds it, starts a local registry on loopback,
+# pushes test images built locally (no public registry needed), indexes them with clip, publishes
+# the index next to the image, and shows where a file's bytes live: what a lazy read will fetch.
+# Usage: sudo scripts/demo.sh [--large]   (--large also builds the ~257 MiB debootstrap image)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/install-deps.sh
+echo "==> building clip (release; a few minutes the first time)"
+cargo build --release --quiet -p clip-snapshotter
+source scripts/bench/lib.sh
+WORK=$(mktemp -d /tmp/clip-demo.XXXXXX)
+trap 'kill $REGISTRY_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+start_registry "$WORK/registry"
+echo "==> local registry on $REGISTRY (Debian's docker-registry)"
+python3 scripts/mkimage.py layout "$WORK/tiny" latest gen:busybox 2>/dev/null
+python3 scripts/mkimage.py layout "$WORK/everytype" latest gen:everytype-base gen:everytype-top 2>/dev/null
+push_layout "$WORK/tiny" latest tiny
+push_layout "$WORK/everytype" latest everytype
+images=("$REGISTRY/tiny:latest" "$REGISTRY/everytype:latest")
+if [[ ${1:-} == --large ]]; then
+  bash scripts/build-large-image.sh
+  push_layout "${CLIP_LARGE_IMAGE:-/var/cache/clip-test-images/large}" large large
+  images+=("$REGISTRY/large:large")
+fi
+for img in "${images[@]}"; do
+  echo; echo "==> clip index $img --push"
+  "$CLIP" --root "$WORK/root" index "$img" --push
+done
+echo; echo "==> a fresh node finds the published index in the registry: clip inspect"
+"$CLIP" --root "$WORK/fresh-node" inspect "$REGISTRY/everytype:latest"
+echo; echo "==> where a file's bytes are (what a lazy read of it fetches)"
+"$CLIP" --root "$WORK/fresh-node" inspect "$REGISTRY/everytype:latest" /data/random.bin
+echo; echo "demo done: the image was never downloaded whole to answer these questions."
