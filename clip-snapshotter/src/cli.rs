@@ -34,6 +34,9 @@ pub struct GlobalArgs {
     /// Give up on a registry operation (including retries) after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 120, global = true)]
     pub registry_timeout: u64,
+    /// Retry a registry response whose headers or next body chunk take longer than this.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
+    pub stall_timeout: u64,
     /// More log output (-v: info, -vv: debug). CLIP_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,

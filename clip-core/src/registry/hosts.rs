@@ -43,11 +43,17 @@ pub fn endpoints(
 ) -> Vec<Endpoint> {
     let marked_insecure = insecure.iter().any(|h| h == registry || h == api_host);
     let mut eps = Vec::new();
+    // As containerd does: localhost speaks plain HTTP; insecure hosts try TLS (unverified) and
+    // fall back to HTTP; everything else is verified TLS. hosts.toml schemes are taken as written.
+    let local_plain = is_local(api_host) && !marked_insecure;
     let mut server = Endpoint {
-        base: format!("https://{api_host}"),
+        base: format!(
+            "{}://{api_host}",
+            if local_plain { "http" } else { "https" }
+        ),
         skip_verify: marked_insecure,
         ca: Vec::new(),
-        http_fallback: marked_insecure || is_local(api_host),
+        http_fallback: marked_insecure,
         mirror: false,
         push: true,
     };
@@ -64,9 +70,6 @@ pub fn endpoints(
                 Ok(table) => {
                     if let Some(s) = table.get("server").and_then(|v| v.as_str()) {
                         server.base = s.trim_end_matches('/').to_string();
-                        if server.base.starts_with("http://") {
-                            server.http_fallback = true;
-                        }
                     }
                     apply_tls(&mut server, &table, &path);
                     if let Some(hosts) = table.get("host").and_then(|h| h.as_table()) {
@@ -84,7 +87,7 @@ pub fn endpoints(
                                 base: url.trim_end_matches('/').to_string(),
                                 skip_verify: marked_insecure,
                                 ca: Vec::new(),
-                                http_fallback: url.starts_with("http://"),
+                                http_fallback: marked_insecure,
                                 mirror: caps.contains(&"pull"),
                                 push: caps.contains(&"push"),
                             };
@@ -103,12 +106,6 @@ pub fn endpoints(
         }
     }
     eps.push(server);
-    for ep in &mut eps {
-        if let Some(rest) = ep.base.strip_prefix("http://") {
-            ep.base = format!("https://{rest}");
-            ep.http_fallback = true;
-        }
-    }
     eps
 }
 
@@ -137,7 +134,7 @@ mod tests {
         assert_eq!(e[0].base, "https://example.com");
         assert!(!e[0].http_fallback && !e[0].skip_verify);
         let e = endpoints("127.0.0.1:5000", "127.0.0.1:5000", None, &[]);
-        assert!(e[0].http_fallback);
+        assert_eq!(e[0].base, "http://127.0.0.1:5000");
         let e = endpoints("reg:5000", "reg:5000", None, &["reg:5000".into()]);
         assert!(e[0].http_fallback && e[0].skip_verify);
         assert!(is_local("localhost:5000") && is_local("[::1]:5000") && !is_local("example.com"));
@@ -172,14 +169,14 @@ ca = "ca.pem"
         assert_eq!(
             bases,
             [
-                "https://mirror-b:5000",
+                "http://mirror-b:5000",
                 "https://mirror-a",
                 "https://push-only",
                 "https://reg.example:5000"
             ]
         );
         assert!(!e[2].mirror && e[2].push && !e[0].push);
-        assert!(e[0].http_fallback && e[0].mirror);
+        assert!(!e[0].http_fallback && e[0].mirror);
         assert!(e[1].skip_verify);
         assert_eq!(e[3].ca, vec![d.join("ca.pem")]);
     }

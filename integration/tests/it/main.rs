@@ -5,6 +5,7 @@
 //! `scripts/install-deps.sh` (or the README's test command) first.
 
 mod common;
+mod faults;
 mod index_cli;
 mod large_image;
 mod registry_auth;
