@@ -163,27 +163,28 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     }
 }
 
-/// A bearer token and when to stop using it.
+/// A bearer token and when to replace it.
 #[derive(Clone)]
 pub struct Token {
     pub value: String,
-    pub expires: Instant,
+    /// Ahead of the real expiry (by min(5 s, a quarter of the lifetime)), so no request goes
+    /// out with a token that expires in flight.
+    pub refresh_at: Instant,
 }
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Token(<redacted>, expires in {:?})",
-            self.expires.saturating_duration_since(Instant::now())
+            "Token(<redacted>, refresh in {:?})",
+            self.refresh_at.saturating_duration_since(Instant::now())
         )
     }
 }
 
 impl Token {
-    /// Usable for at least another few seconds.
     pub fn fresh(&self) -> bool {
-        Instant::now() + Duration::from_secs(5) < self.expires
+        Instant::now() < self.refresh_at
     }
 }
 
@@ -198,10 +199,11 @@ impl TokenResponse {
     pub fn into_token(self) -> Option<Token> {
         let value = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         // The distribution spec's default lifetime is 60 s.
-        let ttl = Duration::from_secs(self.expires_in.unwrap_or(60).max(10));
+        let ttl = Duration::from_secs(self.expires_in.unwrap_or(60));
+        let margin = (ttl / 4).min(Duration::from_secs(5));
         Some(Token {
             value,
-            expires: Instant::now() + ttl,
+            refresh_at: Instant::now() + ttl - margin,
         })
     }
 }

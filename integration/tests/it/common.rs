@@ -78,8 +78,8 @@ pub enum Auth {
     None,
     /// TLS with a self-signed certificate and htpasswd users.
     TlsHtpasswd,
-    /// Token auth through the fixtures' token server.
-    Token,
+    /// Token auth through the fixtures' token server; tokens live this many seconds.
+    Token(u64),
 }
 
 pub const USER: &str = "clipuser";
@@ -206,7 +206,7 @@ impl Registry {
                 );
                 ca = Some(ca_cert);
             }
-            Auth::Token => {
+            Auth::Token(expiry) => {
                 need("openssl");
                 need("python3");
                 let (key, cert) = self_signed(dir.path(), "token");
@@ -217,6 +217,7 @@ impl Registry {
                     .arg(&key)
                     .arg(&cert)
                     .args([USER, PASSWORD])
+                    .arg(expiry.to_string())
                     .stdout(Stdio::null())
                     .spawn()
                     .expect("start token server");

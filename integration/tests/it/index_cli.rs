@@ -306,3 +306,35 @@ mod reqwest {
         })
     }
 }
+
+#[test]
+fn hosts_toml_mirror_serves_reads() {
+    // The image lives only on the mirror; the origin registry has never seen it.
+    let origin = Registry::start(Auth::None);
+    let mirror = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "latest", &["gen:busybox"]);
+    mirror.push_layout(&l, "latest", "mirrored");
+    let hosts = tmp.path().join("certs.d");
+    std::fs::create_dir_all(hosts.join(&origin.host)).unwrap();
+    std::fs::write(
+        hosts.join(&origin.host).join("hosts.toml"),
+        format!("server = \"http://{}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", origin.host, mirror.host),
+    )
+    .unwrap();
+    let image = format!("{}:latest", origin.image("mirrored"));
+    let hosts_arg = hosts.display().to_string();
+    let j = clip_json(
+        &tmp.path().join("r"),
+        &["--hosts-dir", &hosts_arg, "index", &image, "--json"],
+        &[],
+    );
+    assert_eq!(j["layers"].as_array().unwrap().len(), 1);
+    // Without the hosts.toml the origin answers "not found".
+    let o = clip(&tmp.path().join("r2"), &["index", &image], &[]);
+    assert!(
+        o.status.code() == Some(1) && stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
+}

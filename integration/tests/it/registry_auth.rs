@@ -97,7 +97,7 @@ fn tls_and_htpasswd() {
 
 #[test]
 fn bearer_token_flow() {
-    let reg = Registry::start(Auth::Token);
+    let reg = Registry::start(Auth::Token(300));
     let tmp = tempfile::tempdir().unwrap();
     let l = layout(tmp.path(), "latest", &["gen:busybox"]);
     reg.push_layout(&l, "latest", "team/tiny");
@@ -153,5 +153,57 @@ fn bearer_token_flow() {
         stderr(&o).contains("authentication failed"),
         "{}",
         stderr(&o)
+    );
+}
+
+fn tokens_issued(reg: &Registry) -> u64 {
+    let url = format!("http://127.0.0.1:{}/count", reg.token_port.unwrap());
+    std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import urllib.request; print(urllib.request.urlopen('{url}').read().decode())"
+            ),
+        ])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_are_cached_and_refreshed_before_they_expire() {
+    use clip_core::registry::{auth::Credentials, Client, RegistryConfig};
+    let reg = Registry::start(Auth::Token(8));
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "latest", &["gen:busybox"]);
+    reg.push_layout(&l, "latest", "tiny");
+    let mut cfg = RegistryConfig {
+        docker_config: Some(tmp.path().join("none.json")),
+        ..Default::default()
+    };
+    cfg.credentials.insert(
+        reg.host.clone(),
+        Credentials {
+            username: USER.into(),
+            password: PASSWORD.into(),
+        },
+    );
+    let client = Client::new(cfg);
+    let r: clip_core::Reference = reg.image("tiny").parse().unwrap();
+    client.resolve(&r).await.unwrap();
+    let first = tokens_issued(&reg);
+    client.resolve(&r).await.unwrap();
+    assert_eq!(tokens_issued(&reg), first, "a fresh token is reused");
+    // An 8 s token is renewed 2 s before it expires.
+    tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
+    client.resolve(&r).await.unwrap();
+    assert!(
+        tokens_issued(&reg) > first,
+        "an expiring token is refreshed"
     );
 }
