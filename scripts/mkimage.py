@@ -7,6 +7,7 @@ Output: an OCI image layout directory that `skopeo copy oci:DIR:TAG docker://...
 
 usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
+  mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
 Generators: busybox, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
 """
@@ -171,6 +172,9 @@ def gen(name):
         t.add("etc/config", b"key=replaced\n", mode=0o644)
         t.add("implied/parent/dirs/file", b"parents not listed\n")
         t.add("data/hard-d", kind=tarfile.LNKTYPE, link="data/hard-a")
+    elif name == "arm64-marker":
+        t.add("etc", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("etc/arch", b"arm64\n")
     elif name == "dotdot":
         t.add("ok", b"fine")
         t.add("../escape", b"evil")
@@ -193,7 +197,7 @@ def gen(name):
     return t.bytes()
 
 
-def layout(out, tag, layers):
+def blob_writer(out):
     os.makedirs(os.path.join(out, "blobs", "sha256"), exist_ok=True)
 
     def put(b):
@@ -201,7 +205,36 @@ def layout(out, tag, layers):
         with open(os.path.join(out, "blobs", "sha256", d[7:]), "wb") as f:
             f.write(b)
         return d
+    return put
 
+
+def write_index_json(out, tag, desc):
+    desc = dict(desc)
+    desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]}, f)
+    with open(os.path.join(out, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+
+def layout(out, tag, layers):
+    put = blob_writer(out)
+    desc = manifest(put, layers, "amd64")
+    write_index_json(out, tag, desc)
+
+
+def multiarch(out, tag):
+    put = blob_writer(out)
+    descs = []
+    for arch, variant, layer in [("amd64", None, "gen:busybox"), ("arm64", "v8", "gen:arm64-marker")]:
+        d = manifest(put, [layer], arch, variant)
+        d["platform"] = {"architecture": arch, "os": "linux", **({"variant": variant} if variant else {})}
+        descs.append(d)
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": descs}, sort_keys=True).encode()
+    write_index_json(out, tag, {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": put(index), "size": len(index)})
+
+
+def manifest(put, layers, arch, variant=None):
     descs, diff_ids = [], []
     for spec in layers:
         kind, _, arg = spec.partition(":")
@@ -233,30 +266,25 @@ def layout(out, tag, layers):
         diff_ids.append(diff)
         print(f"  layer {len(descs)}: {spec} -> {len(raw)} bytes tar, {len(gz)} bytes gzip", file=sys.stderr)
     config = json.dumps({
-        "architecture": "amd64", "os": "linux",
+        "architecture": arch, "os": "linux", **({"variant": variant} if variant else {}),
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created_by": "clip mkimage.py"} for _ in diff_ids],
     }, sort_keys=True).encode()
     cd = put(config)
-    manifest = json.dumps({
+    manifest_json = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
         "layers": descs,
     }, sort_keys=True).encode()
-    md = put(manifest)
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": len(manifest),
-         "annotations": {"org.opencontainers.image.ref.name": tag}}]}
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump(index, f)
-    with open(os.path.join(out, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest_json), "size": len(manifest_json)}
 
 
 def main(argv):
     if len(argv) >= 4 and argv[1] == "layout":
         layout(argv[2], argv[3], argv[4:])
+    elif len(argv) == 4 and argv[1] == "multiarch":
+        multiarch(argv[2], argv[3])
     elif len(argv) == 4 and argv[1] == "gen":
         with open(argv[3], "wb") as f:
             f.write(gen(argv[2]))

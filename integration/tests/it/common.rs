@@ -261,7 +261,7 @@ impl Registry {
     pub fn push_layout(&self, layout: &Path, tag: &str, name: &str) {
         need("skopeo");
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        cmd.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
         if self.ca.is_some() || self.token_port.is_some() {
             cmd.arg(format!("--dest-creds={USER}:{PASSWORD}"));
         }

@@ -338,3 +338,72 @@ fn hosts_toml_mirror_serves_reads() {
         stderr(&o)
     );
 }
+
+#[test]
+fn platform_is_selected_from_an_image_index() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("multi");
+    let o = std::process::Command::new("python3")
+        .arg(workspace().join("scripts/mkimage.py"))
+        .args(["multiarch", out.to_str().unwrap(), "latest"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    reg.push_layout(&out, "latest", "multi");
+    let image = reg.image("multi");
+    let amd = clip_json(
+        &tmp.path().join("a"),
+        &["--platform", "linux/amd64", "index", &image, "--json"],
+        &[],
+    );
+    assert_eq!(
+        clip_json(
+            &tmp.path().join("a"),
+            &[
+                "--platform",
+                "linux/amd64",
+                "inspect",
+                &image,
+                "/bin/busybox",
+                "--json"
+            ],
+            &[]
+        )["type"],
+        "file"
+    );
+    let arm = clip_json(
+        &tmp.path().join("b"),
+        &["--platform", "linux/arm64", "index", &image, "--json"],
+        &[],
+    );
+    assert_ne!(amd["manifest_digest"], arm["manifest_digest"]);
+    assert_eq!(
+        clip_json(
+            &tmp.path().join("b"),
+            &[
+                "--platform",
+                "linux/arm64",
+                "inspect",
+                &image,
+                "/etc/arch",
+                "--json"
+            ],
+            &[]
+        )["type"],
+        "file"
+    );
+    let o = clip(
+        &tmp.path().join("c"),
+        &["--platform", "linux/s390x", "index", &image],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("no manifest for platform linux/s390x")
+            && e.contains("linux/arm64/v8")
+            && e.contains("linux/amd64"),
+        "{e}"
+    );
+}
