@@ -535,6 +535,32 @@ impl Client {
         }
     }
 
+    /// GETs a small JSON document (manifest, index, referrers list): its body and content type.
+    async fn get_document(
+        &self,
+        r: &Reference,
+        path: &str,
+        what: &str,
+        accept: &'static str,
+    ) -> Result<(Bytes, String), RegistryError> {
+        self.execute(
+            Self::target(r, false),
+            what,
+            |http, base| http.get(format!("{base}{path}")).header(ACCEPT, accept),
+            |resp| async move {
+                let ct = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
+                Ok((body, ct))
+            },
+        )
+        .await
+    }
+
     /// Fetches a manifest (by tag or digest); returns its bytes, media type and digest. A pinned
     /// digest is verified.
     pub async fn get_manifest(
@@ -544,26 +570,7 @@ impl Client {
     ) -> Result<(Bytes, String, Digest), RegistryError> {
         let path = format!("/v2/{}/manifests/{}", r.repository, reference);
         let what = format!("manifest {}@{}", r.repository, reference);
-        let (body, media_type) = self
-            .execute(
-                Self::target(r, false),
-                &what,
-                |http, base| {
-                    http.get(format!("{base}{path}"))
-                        .header(ACCEPT, ACCEPT_MANIFESTS)
-                },
-                |resp| async move {
-                    let ct = resp
-                        .headers()
-                        .get(CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
-                    Ok((body, ct))
-                },
-            )
-            .await?;
+        let (body, media_type) = self.get_document(r, &path, &what, ACCEPT_MANIFESTS).await?;
         self.count_bytes(body.len());
         let digest = Digest::of(&body);
         if let Ok(expected) = reference.parse::<Digest>() {
@@ -857,27 +864,7 @@ impl Client {
     ) -> Result<Option<Bytes>, RegistryError> {
         let path = format!("/v2/{}/referrers/{}", r.repository, subject);
         let what = format!("referrers of {subject}");
-        match self
-            .execute(
-                Self::target(r, false),
-                &what,
-                |http, base| {
-                    http.get(format!("{base}{path}"))
-                        .header(ACCEPT, MEDIA_OCI_INDEX)
-                },
-                |resp| async move {
-                    let ct = resp
-                        .headers()
-                        .get(CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let body = read_body(resp, Some(MAX_MANIFEST), None).await?;
-                    Ok((body, ct))
-                },
-            )
-            .await
-        {
+        match self.get_document(r, &path, &what, MEDIA_OCI_INDEX).await {
             Ok((body, ct)) if ct.starts_with(MEDIA_OCI_INDEX) => Ok(Some(body)),
             Ok(_) => Ok(None),
             Err(RegistryError::NotFound { .. }) => Ok(None),
