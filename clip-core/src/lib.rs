@@ -12,17 +12,21 @@
 //! - [`index`]: the per-layer index (every tar entry, where each file's bytes sit in the
 //!   uncompressed tar stream, checkpoints and a digest per span), its builder (one streaming
 //!   pass), its versioned checksummed binary format, and the merged view of an image's layers.
+//! - [`cache`]: the tiered span cache (bounded memory, bounded disk, shared Redis), verified.
+//! - [`reader`]: lazy reads of a layer's bytes through the cache, from the registry on a miss.
 //! - [`store`]: the local sled database holding indexes and image records across restarts.
 //! - [`image`]: indexing whole images (registry -> builder -> store) and loading their indexes.
 //! - [`artifact`]: publishing and discovering indexes in the registry as OCI referrers.
 //! - [`metrics`]: OpenTelemetry instruments.
 
 pub mod artifact;
+pub mod cache;
 pub mod digest;
 pub mod gzip;
 pub mod image;
 pub mod index;
 pub mod metrics;
+pub mod reader;
 pub mod reference;
 pub mod registry;
 pub mod store;

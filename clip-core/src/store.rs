@@ -77,6 +77,11 @@ impl Store {
         &self.root
     }
 
+    /// A named sled tree for other components' small state (e.g. the disk cache's records).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        self.db.open_tree(name).map_err(|e| self.db_err(e))
+    }
+
     fn db_err(&self, error: sled::Error) -> StoreError {
         StoreError::Db {
             path: self.root.join("db").display().to_string(),

@@ -48,6 +48,52 @@ pub enum Command {
     Index(IndexArgs),
     /// Show an image's layers, files and index sizes, or where one file's bytes are.
     Inspect(InspectArgs),
+    /// Write one file of an image to stdout, reading lazily through the cache tiers.
+    Cat(CatArgs),
+    /// Read every file of an image into the cache (pre-warming a node).
+    Warm(WarmArgs),
+}
+
+/// Cache tiers for commands that read file bytes.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Memory tier size.
+    #[arg(long, default_value = "256MiB", value_parser = parse_cap)]
+    pub memory_cap: u64,
+    /// Local disk tier size (0 disables it).
+    #[arg(long, default_value = "10GiB", value_parser = parse_cap)]
+    pub disk_cap: u64,
+    /// Directory of the disk tier (default: ROOT/cache).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Shared Redis tier: redis://HOST:PORT/ or redis+cluster://H1:P1,H2:P2 (off by default).
+    #[arg(long, env = "CLIP_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Print what the read did (tier hits, registry requests and bytes, inflated bytes) as JSON
+    /// on stderr.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// Image reference.
+    pub reference: String,
+    /// Path of a file in the image.
+    pub path: String,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct WarmArgs {
+    /// Image reference.
+    pub reference: String,
+    /// Files read in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub jobs: usize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Args, Debug)]
@@ -82,8 +128,21 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-/// Parses sizes like `1048576`, `512KiB`, `1MiB`, `4M`.
+/// Parses a cache capacity: like [`parse_size`] without its span-size range; `0` allowed.
+pub fn parse_cap(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+
+/// Parses sizes like `1048576`, `512KiB`, `1MiB`, `4M` for span sizes (64 KiB to 64 MiB).
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let v = parse_bytes(s)?;
+    if !(64 << 10..=64 << 20).contains(&v) {
+        return Err(format!("span size {s:?} out of range (64KiB to 64MiB)"));
+    }
+    Ok(v)
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -93,15 +152,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
         _ => return Err(format!("invalid size unit in {s:?} (use KiB, MiB or GiB)")),
     };
-    let v = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} too large"))?;
-    if !(64 << 10..=64 << 20).contains(&v) {
-        return Err(format!("span size {s:?} out of range (64KiB to 64MiB)"));
-    }
-    Ok(v)
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))
 }
 
 #[cfg(test)]
@@ -115,5 +170,7 @@ mod tests {
         assert!(parse_size("1").is_err());
         assert!(parse_size("1XB").is_err());
         assert!(parse_size("1GiB").is_err());
+        assert_eq!(parse_cap("0"), Ok(0));
+        assert_eq!(parse_cap("10GiB"), Ok(10 << 30));
     }
 }

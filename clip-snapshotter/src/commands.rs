@@ -1,9 +1,11 @@
 //! Resolved settings and the subcommands.
 
-use crate::cli::{Cli, Command, GlobalArgs, IndexArgs, InspectArgs};
+use crate::cli::{CacheArgs, CatArgs, Cli, Command, GlobalArgs, IndexArgs, InspectArgs, WarmArgs};
 use anyhow::{Context, Result};
+use clip_core::cache::{CacheConfig, TieredCache};
 use clip_core::image::{self, LayerReport};
 use clip_core::index::{EntryKind, ImageView};
+use clip_core::reader::{LayerReader, ReaderConfig};
 use clip_core::registry::{Client, RegistryConfig, ResolvedImage};
 use clip_core::store::Store;
 use clip_core::Reference;
@@ -17,6 +19,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Index(a) => index(&cli.global, a).await,
         Command::Inspect(a) => inspect(&cli.global, a).await,
+        Command::Cat(a) => cat(&cli.global, a).await,
+        Command::Warm(a) => warm(&cli.global, a).await,
     }
 }
 
@@ -363,6 +367,193 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
                 .map(str::to_string)
                 .unwrap_or_else(|| v.to_string())
         );
+    }
+    Ok(())
+}
+
+/// An image opened for lazy reads: its merged view and a reader per layer.
+struct OpenImage {
+    view: ImageView,
+    readers: Vec<Arc<LayerReader>>,
+    cache: Arc<TieredCache>,
+}
+
+async fn open_image(
+    ctx: &Ctx,
+    reference: &str,
+    c: &CacheArgs,
+) -> Result<(ResolvedImage, OpenImage)> {
+    let image = resolve(ctx, reference).await?;
+    let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
+    let cfg = CacheConfig {
+        memory_bytes: c.memory_cap,
+        disk_bytes: c.disk_cap,
+        disk_dir: Some(
+            c.cache_dir
+                .clone()
+                .unwrap_or_else(|| ctx.store.root().join("cache")),
+        ),
+        remote: c.redis.clone(),
+    };
+    let cache = Arc::new(TieredCache::open(&cfg, Some(ctx.store.tree("disk-cache")?)).await?);
+    let readers = reports
+        .iter()
+        .map(|r| {
+            let windows = ctx
+                .store
+                .get_windows(&r.index.windows)
+                .map(bytes::Bytes::from);
+            LayerReader::new(
+                ctx.client.clone(),
+                image.reference.clone(),
+                r.index.clone(),
+                windows,
+                cache.clone(),
+                ReaderConfig::default(),
+            )
+        })
+        .collect();
+    let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect())
+        .context("merging the layers")?;
+    Ok((
+        image,
+        OpenImage {
+            view,
+            readers,
+            cache,
+        },
+    ))
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn report_stats(o: &OpenImage, extra: serde_json::Value) {
+    o.cache.flush().await;
+    let mut j = o.cache.stats.snapshot();
+    let (mb, db, me, de) = o.cache.usage();
+    j["memory_bytes"] = json!(mb);
+    j["disk_bytes"] = json!(db);
+    j["memory_evictions"] = json!(me);
+    j["disk_evictions"] = json!(de);
+    j["peak_rss_bytes"] = json!(peak_rss());
+    if let (Some(obj), Some(extra)) = (j.as_object_mut(), extra.as_object()) {
+        obj.extend(extra.clone());
+    }
+    eprintln!("{j}");
+}
+
+async fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
+    use std::io::Write;
+    let ctx = context(g)?;
+    let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let norm = clip_core::index::builder::normalize(a.path.trim_start_matches('/').as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (node, entry) = o
+        .view
+        .get(&norm)
+        .ok_or_else(|| anyhow::anyhow!("{}: no such file in {}", a.path, image.reference))?;
+    let (layer, offset, size) = o.view.file_data(&node).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: not a regular file ({})",
+            a.path,
+            kind_name(entry.map(|e| &e.kind))
+        )
+    })?;
+    let reader = &o.readers[layer as usize];
+    let mut out = std::io::stdout().lock();
+    let chunk: u64 = 8 << 20;
+    let mut pos = 0;
+    let start = Instant::now();
+    while pos < size {
+        let n = chunk.min(size - pos);
+        let data = reader
+            .read(offset + pos, n)
+            .await
+            .with_context(|| format!("reading {}", a.path))?;
+        anyhow::ensure!(data.len() as u64 == n, "short read of {} at {pos}", a.path);
+        out.write_all(&data).context("writing to stdout")?;
+        pos += n;
+    }
+    out.flush().context("writing to stdout")?;
+    if a.cache.stats {
+        report_stats(
+            &o,
+            json!({ "file_bytes": size, "seconds": start.elapsed().as_secs_f64() }),
+        )
+        .await;
+    } else {
+        o.cache.flush().await;
+    }
+    Ok(())
+}
+
+async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
+    use futures_util::StreamExt;
+    let ctx = context(g)?;
+    let (_image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let files: Vec<(u32, u64, u64)> = o
+        .view
+        .nodes
+        .values()
+        .filter_map(|n| o.view.file_data(n))
+        .collect();
+    let total: u64 = files.iter().map(|f| f.2).sum();
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("warming [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    let chunk: u64 = 1 << 20;
+    let results: Vec<Result<u64>> = futures_util::stream::iter(files.iter().copied())
+        .map(|(layer, offset, size)| {
+            let reader = o.readers[layer as usize].clone();
+            let bar = bar.clone();
+            async move {
+                let mut pos = 0;
+                while pos < size {
+                    let n = chunk.min(size - pos);
+                    reader.read(offset + pos, n).await?;
+                    bar.inc(n);
+                    pos += n;
+                }
+                Ok(size)
+            }
+        })
+        .buffer_unordered(a.jobs.max(1))
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    let read: u64 = results
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .sum();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "read {} files, {} in {:.2}s",
+        files.len(),
+        human(read),
+        secs
+    );
+    if a.cache.stats {
+        report_stats(
+            &o,
+            json!({ "files": files.len(), "file_bytes": read, "seconds": secs }),
+        )
+        .await;
+    } else {
+        o.cache.flush().await;
     }
     Ok(())
 }

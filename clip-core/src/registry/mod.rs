@@ -585,7 +585,8 @@ impl Client {
         Ok((body, media_type, digest))
     }
 
-    /// Fetches a whole (small) blob into memory and verifies its digest.
+    /// Fetches a whole (small) blob into memory and verifies its digest. Bytes that fail
+    /// verification (damaged in transit) are fetched again until the deadline.
     pub async fn get_blob(
         &self,
         r: &Reference,
@@ -594,23 +595,26 @@ impl Client {
     ) -> Result<Bytes, RegistryError> {
         let path = format!("/v2/{}/blobs/{}", r.repository, digest);
         let what = format!("blob {}@{}", r.repository, digest);
+        let expected = *digest;
         let body = self
             .execute(
                 Self::target(r, false),
                 &what,
                 |http, base| http.get(format!("{base}{path}")),
-                |resp| async move { read_body(resp, Some(max), None).await },
+                |resp| async move {
+                    let body = read_body(resp, Some(max), None).await?;
+                    let actual = Digest::of(&body);
+                    if actual != expected {
+                        return Err(Attempt::Retry {
+                            reason: format!("digest mismatch: expected {expected}, got {actual}"),
+                            after: None,
+                        });
+                    }
+                    Ok(body)
+                },
             )
             .await?;
         self.count_bytes(body.len());
-        let actual = Digest::of(&body);
-        if actual != *digest {
-            return Err(RegistryError::DigestMismatch {
-                what,
-                expected: *digest,
-                actual,
-            });
-        }
         Ok(body)
     }
 

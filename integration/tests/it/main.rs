@@ -8,4 +8,5 @@ mod common;
 mod faults;
 mod index_cli;
 mod large_image;
+mod lazy_reads;
 mod registry_auth;

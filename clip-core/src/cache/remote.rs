@@ -1,0 +1,97 @@
+//! The shared remote tier on Redis (single node, or a cluster with `redis+cluster://h1,h2`).
+//!
+//! Keys are `clip:span:<sha256>`: spans are content-addressed, so every node and every image that
+//! has the same bytes shares one entry. The remote tier is an accelerator, never a dependency: a
+//! slow or unreachable Redis is a miss (each call is bounded by a short timeout), and bytes read
+//! from it are verified by the caller like any other.
+
+use super::CacheError;
+use crate::digest::Digest;
+use bytes::Bytes;
+use redis::AsyncCommands;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Entries expire after a week without being written again.
+const TTL_SECS: u64 = 7 * 24 * 3600;
+
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+pub struct RemoteTier {
+    conn: Conn,
+}
+
+fn key(d: &Digest) -> String {
+    format!("clip:span:{}", d.hex())
+}
+
+impl RemoteTier {
+    pub async fn connect(url: &str) -> Result<Self, CacheError> {
+        let err = |e: redis::RedisError| CacheError::Remote(format!("{}: {e}", redact(url)));
+        let conn = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = rest
+                .split(',')
+                .map(|h| format!("redis://{}", h.trim_end_matches('/')))
+                .collect();
+            let client = redis::cluster::ClusterClient::new(nodes).map_err(err)?;
+            Conn::Cluster(
+                tokio::time::timeout(TIMEOUT * 5, client.get_async_connection())
+                    .await
+                    .map_err(|_| CacheError::Remote(format!("{}: connect timed out", redact(url))))?
+                    .map_err(err)?,
+            )
+        } else {
+            let client = redis::Client::open(url).map_err(err)?;
+            Conn::Single(
+                tokio::time::timeout(TIMEOUT * 5, redis::aio::ConnectionManager::new(client))
+                    .await
+                    .map_err(|_| CacheError::Remote(format!("{}: connect timed out", redact(url))))?
+                    .map_err(err)?,
+            )
+        };
+        Ok(RemoteTier { conn })
+    }
+
+    pub async fn get(&self, d: &Digest) -> Option<Bytes> {
+        let k = key(d);
+        let r: Result<Option<Vec<u8>>, redis::RedisError> = match &self.conn {
+            Conn::Single(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
+            Conn::Cluster(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
+        };
+        match r {
+            Ok(v) => v.map(Bytes::from),
+            Err(e) => {
+                tracing::debug!("remote cache get failed: {e}");
+                None
+            }
+        }
+    }
+
+    pub async fn put(&self, d: &Digest, data: &Bytes) {
+        let k = key(d);
+        let r: Result<Result<(), redis::RedisError>, _> = match &self.conn {
+            Conn::Single(c) => {
+                tokio::time::timeout(TIMEOUT, c.clone().set_ex(k, data.as_ref(), TTL_SECS)).await
+            }
+            Conn::Cluster(c) => {
+                tokio::time::timeout(TIMEOUT, c.clone().set_ex(k, data.as_ref(), TTL_SECS)).await
+            }
+        };
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::debug!(span = %d, "remote cache put failed or timed out");
+        }
+    }
+}
+
+/// A Redis URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            format!("{}://<credentials>@{}", &url[..s], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}

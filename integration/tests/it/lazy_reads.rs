@@ -1,0 +1,369 @@
+//! Lazy reads through the tiers (`clip cat`, `clip warm`), checked against an independent
+//! extractor, with restarts, caps, faults, concurrency and a shared Redis.
+
+use crate::common::*;
+use crate::faults::{Fault, FaultProxy};
+use std::path::Path;
+use std::process::Command;
+
+/// The file as Python's tarfile sees it in the layout.
+fn reference_bytes(layout: &Path, path: &str) -> Vec<u8> {
+    let o = Command::new("python3")
+        .arg(workspace().join("integration/fixtures/extract.py"))
+        .arg(layout)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "extract {path}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+/// Runs `clip cat --stats`; returns (file bytes, stats).
+fn cat(root: &Path, image: &str, path: &str, extra: &[&str]) -> (Vec<u8>, serde_json::Value) {
+    let mut args = vec!["cat", image, path, "--stats"];
+    args.extend_from_slice(extra);
+    let o = clip(root, &args, &[]);
+    assert!(o.status.success(), "clip cat {path}: {}", stderr(&o));
+    let line = stderr(&o)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no stats: {}", stderr(&o)))
+        .to_string();
+    (o.stdout, serde_json::from_str(&line).unwrap())
+}
+
+fn everytype(reg: &Registry, dir: &Path) -> (std::path::PathBuf, String) {
+    let l = layout(dir, "v1", &["gen:everytype-base", "gen:everytype-top"]);
+    reg.push_layout(&l, "v1", "everytype");
+    (l, format!("{}:v1", reg.image("everytype")))
+}
+
+#[test]
+fn cat_matches_an_independent_extractor_and_restarts_reuse_the_disk_cache() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--push", "--json"], &[]);
+    for path in [
+        "/data/random.bin",
+        "/etc/config",
+        "/data/sub/hard-c",
+        "/data/empty",
+        "/bin/ping",
+        "/data/zeros.bin",
+    ] {
+        let (got, _) = cat(&root, &image, path, &[]);
+        assert!(
+            got == reference_bytes(&l, path),
+            "{path}: content differs from the image"
+        );
+    }
+    // A fresh node, cold: bytes fetched ~ the file's compressed size, not the layer's.
+    let fresh = tmp.path().join("fresh");
+    let (got, s) = cat(&fresh, &image, "/data/random.bin", &[]);
+    assert_eq!(got.len(), 6 << 20);
+    let fetched = s["registry_bytes"].as_u64().unwrap();
+    assert!(fetched < (6 << 20) + (2 << 20), "fetched {fetched}");
+    assert!(s["registry_requests"].as_u64().unwrap() <= 3, "{s}");
+    // Restart (a new process on the same root): served from disk, no registry bytes.
+    let (again, s) = cat(&fresh, &image, "/data/random.bin", &[]);
+    assert!(again == got);
+    assert_eq!(
+        (s["registry_bytes"].as_u64(), s["misses"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    assert!(s["disk_hits"].as_u64().unwrap() >= 6, "{s}");
+    // Errors: not a file, no such file.
+    let o = clip(&fresh, &["cat", &image, "/dev/null"], &[]);
+    assert!(
+        o.status.code() == Some(1) && stderr(&o).contains("not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = clip(&fresh, &["cat", &image, "/nope"], &[]);
+    assert!(
+        o.status.code() == Some(1) && stderr(&o).contains("no such file"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn caps_are_honoured_with_eviction_and_damaged_cache_files_are_refetched() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let want = reference_bytes(&l, "/data/random.bin");
+    let (got, s) = cat(
+        &root,
+        &image,
+        "/data/random.bin",
+        &["--disk-cap", "2MiB", "--memory-cap", "2MiB"],
+    );
+    assert!(got == want);
+    assert!(s["disk_bytes"].as_u64().unwrap() <= 2 << 20, "{s}");
+    assert!(s["memory_bytes"].as_u64().unwrap() <= 2 << 20, "{s}");
+    assert!(
+        s["disk_evictions"].as_u64().unwrap() > 0 && s["memory_evictions"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+    // Damage every cached span file: the next read refetches and still returns the right bytes.
+    let cache = root.join("cache");
+    let mut damaged = 0;
+    for sub in std::fs::read_dir(&cache).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            let mut b = std::fs::read(f.path()).unwrap();
+            let n = b.len();
+            b[n - 1] ^= 0xff;
+            std::fs::write(f.path(), b).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    let (got, s) = cat(
+        &root,
+        &image,
+        "/data/random.bin",
+        &["--disk-cap", "2MiB", "--memory-cap", "2MiB"],
+    );
+    assert!(got == want, "a damaged cache file was served");
+    assert!(s["registry_bytes"].as_u64().unwrap() > 0, "{s}");
+}
+
+#[test]
+fn range_reads_survive_faults_and_never_serve_corrupted_bytes() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, _) = everytype(&reg, tmp.path());
+    let proxy = FaultProxy::start(&reg.host);
+    let image = format!("{}/everytype:v1", proxy.host);
+    let root = tmp.path().join("root");
+    let j = clip_json(&root, &["index", &image, "--json"], &[]);
+    let layer = format!("/blobs/{}", j["layers"][0]["digest"].as_str().unwrap());
+    let want = reference_bytes(&l, "/data/random.bin");
+    for f in [
+        Fault::Status503,
+        Fault::ResetMidBody,
+        Fault::TooMany429,
+        Fault::CorruptByte,
+        Fault::Stall(20),
+    ] {
+        proxy.inject(&layer, f);
+    }
+    let (got, s) = cat(
+        &root,
+        &image,
+        "/data/random.bin",
+        &["--disk-cap", "0", "--stall-timeout", "2"],
+    );
+    assert!(got == want, "wrong bytes after faults");
+    assert!(
+        s["verify_failures"].as_u64().unwrap() >= 1,
+        "the corrupted byte must have been caught: {s}"
+    );
+    assert!(
+        proxy.faults.lock().unwrap().is_empty(),
+        "every fault was exercised"
+    );
+    // A registry that keeps failing: a clear error after the deadline, no hang, no bytes.
+    for _ in 0..100 {
+        proxy.inject(&layer, Fault::Status503);
+    }
+    let o = clip(
+        &root,
+        &[
+            "cat",
+            &image,
+            "/bin/ping",
+            "--disk-cap",
+            "0",
+            "--registry-timeout",
+            "3",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    assert!(stderr(&o).contains("gave up after"), "{}", stderr(&o));
+}
+
+#[test]
+fn concurrent_readers_of_a_cold_span_make_one_request() {
+    use clip_core::cache::TieredCache;
+    use clip_core::reader::{LayerReader, ReaderConfig};
+    use clip_core::registry::{Client, RegistryConfig};
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, _) = everytype(&reg, tmp.path());
+    // Publish directly (the proxy forwards only body-less requests), read through the proxy.
+    clip_json(
+        &tmp.path().join("root"),
+        &[
+            "index",
+            &format!("{}:v1", reg.image("everytype")),
+            "--push",
+            "--json",
+        ],
+        &[],
+    );
+    let proxy = FaultProxy::start(&reg.host);
+    let image = format!("{}/everytype:v1", proxy.host);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::new(RegistryConfig::default());
+        let r: clip_core::Reference = image.parse().unwrap();
+        let resolved = client.resolve(&r).await.unwrap();
+        let store = clip_core::store::Store::open(&tmp.path().join("node")).unwrap();
+        let reports = clip_core::image::load_indexes(&client, &store, &resolved)
+            .await
+            .unwrap();
+        let cache = std::sync::Arc::new(TieredCache::memory_only(64 << 20));
+        let cfg = ReaderConfig {
+            readahead: 0,
+            ..Default::default()
+        };
+        let reader = LayerReader::new(
+            client,
+            resolved.reference.clone(),
+            reports[0].index.clone(),
+            None,
+            cache.clone(),
+            cfg,
+        );
+        let layer = reports[0].index.layer.to_string();
+        proxy.seen.lock().unwrap().clear();
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let reader = reader.clone();
+                tokio::spawn(
+                    async move { reader.read(4096 + i * 100, 4096).await.map(|b| b.len()) },
+                )
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), 4096);
+        }
+        let span_requests = proxy
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(&layer))
+            .count();
+        assert_eq!(span_requests, 1, "{:#?}", proxy.seen.lock().unwrap());
+        assert_eq!(
+            cache
+                .stats
+                .inflated_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            reports[0].index.span_range(0).1
+        );
+    });
+}
+
+#[test]
+fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
+    need("redis-server");
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    wait_port(port, "redis-server", &mut child);
+    let _redis = Proc(child);
+    let url = format!("redis://127.0.0.1:{port}/");
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    clip_json(
+        &tmp.path().join("a"),
+        &["index", &image, "--push", "--json"],
+        &[],
+    );
+    let (a, sa) = cat(
+        &tmp.path().join("a"),
+        &image,
+        "/data/random.bin",
+        &["--redis", &url],
+    );
+    assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
+    let (b, sb) = cat(
+        &tmp.path().join("b"),
+        &image,
+        "/data/random.bin",
+        &["--redis", &url],
+    );
+    assert!(a == b && b == reference_bytes(&l, "/data/random.bin"));
+    assert_eq!(sb["registry_bytes"], 0, "node b fetched span bytes: {sb}");
+    assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
+    // An unreachable Redis is a clear error at start, not a hang.
+    let dead = format!("redis://127.0.0.1:{}/", free_port());
+    let o = clip(
+        &tmp.path().join("c"),
+        &["cat", &image, "/etc/config", "--redis", &dead],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("remote cache"), "{}", stderr(&o));
+}
+
+#[test]
+fn memory_cap_bounds_rss_reading_every_file_of_the_large_image() {
+    let layout = crate::large_image::large_layout();
+    let reg = Registry::start(Auth::None);
+    reg.push_layout(&layout, "large", "large");
+    let image = format!("{}:large", reg.image("large"));
+    let tmp = tempfile::tempdir().unwrap();
+    clip_json(tmp.path(), &["index", &image, "--json"], &[]);
+    let o = clip(
+        tmp.path(),
+        &[
+            "warm",
+            &image,
+            "--memory-cap",
+            "64MiB",
+            "--disk-cap",
+            "0",
+            "--stats",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stderr(&o)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap()
+        .to_string();
+    let s: serde_json::Value = serde_json::from_str(&line).unwrap();
+    eprintln!("warm large image, 64 MiB memory cap: {s}");
+    let rss = s["peak_rss_bytes"].as_u64().unwrap();
+    assert!(s["files"].as_u64().unwrap() >= 30_000);
+    assert!(s["memory_bytes"].as_u64().unwrap() <= 64 << 20);
+    assert!(
+        rss <= (64 + 64) << 20,
+        "peak RSS {rss} exceeds the memory cap + 64 MiB"
+    );
+}
