@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -197,6 +199,58 @@ impl LayerReader {
         Ok(())
     }
 
+    /// Background fill: fetches every span of the layer that no tier has, in order, one run at a
+    /// time, yielding to demand reads (it waits while any demand fetch is in flight) and keeping
+    /// to `bytes_per_sec` of registry traffic (0 = no cap). Stops early when `cancel` fires.
+    /// Returns the compressed bytes it fetched.
+    pub async fn fill(
+        self: &Arc<Self>,
+        bytes_per_sec: u64,
+        cancel: CancellationToken,
+    ) -> Result<u64, ReadError> {
+        let started = Instant::now();
+        let mut fetched = 0u64;
+        let n = self.index.spans.len();
+        let mut i = 0;
+        while i < n {
+            if cancel.is_cancelled() {
+                break;
+            }
+            // Demand first: wait while demand fetches hold permits.
+            while self.cache.fetch_permits.available_permits() < self.cache.fetch_permits_total() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(fetched),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                }
+            }
+            let run = i..(i + self.cfg.max_run.max(1)).min(n);
+            i = run.end;
+            let (cs, _) = self.index.span_compressed_range(run.start);
+            let (_, ce) = self.index.span_compressed_range(run.end - 1);
+            let missing = run
+                .clone()
+                .any(|k| !self.cache.contains_local(&self.index.spans[k].digest));
+            if !missing {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.claim_and_fetch(run, true) => r?,
+            }
+            fetched += ce - cs;
+            if bytes_per_sec > 0 {
+                let due = std::time::Duration::from_secs_f64(fetched as f64 / bytes_per_sec as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        Ok(fetched)
+    }
+
     /// Claims unclaimed spans (starting fetches for them in runs) and returns receivers for all
     /// of `spans` (if `wait`) or none.
     fn claim(
@@ -247,7 +301,8 @@ impl LayerReader {
         let range = run[0].0..run[run.len() - 1].0 + 1;
         let permit = self.cache.fetch_permits.clone().acquire_owned().await;
         let started = Instant::now();
-        let result = self.fetch_verified(range.clone()).await;
+        let span = tracing::debug_span!("fetch_spans", layer = %self.index.layer, first = range.start, count = range.len());
+        let result = self.fetch_verified(range.clone()).instrument(span).await;
         drop(permit);
         crate::metrics::span_fetch(started.elapsed().as_secs_f64(), range.len());
         match result {

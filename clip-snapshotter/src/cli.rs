@@ -37,6 +37,9 @@ pub struct GlobalArgs {
     /// Retry a registry response whose headers or next body chunk take longer than this.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
     pub stall_timeout: u64,
+    /// Serve Prometheus metrics (OpenTelemetry instruments) on this address, e.g. 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// More log output (-v: info, -vv: debug). CLIP_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -52,6 +55,20 @@ pub enum Command {
     Cat(CatArgs),
     /// Read every file of an image into the cache (pre-warming a node).
     Warm(WarmArgs),
+    /// Fetch every span of an image into the cache in the background order (layer by layer),
+    /// under a bandwidth cap; Ctrl-C stops it cleanly.
+    Fill(FillArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FillArgs {
+    /// Image reference.
+    pub reference: String,
+    /// Registry bandwidth cap in bytes per second (e.g. 20MiB); 0 = none.
+    #[arg(long, default_value = "0", value_parser = parse_cap)]
+    pub rate: u64,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 /// Cache tiers for commands that read file bytes.

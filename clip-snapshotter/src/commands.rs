@@ -1,6 +1,8 @@
 //! Resolved settings and the subcommands.
 
-use crate::cli::{CacheArgs, CatArgs, Cli, Command, GlobalArgs, IndexArgs, InspectArgs, WarmArgs};
+use crate::cli::{
+    CacheArgs, CatArgs, Cli, Command, FillArgs, GlobalArgs, IndexArgs, InspectArgs, WarmArgs,
+};
 use anyhow::{Context, Result};
 use clip_core::cache::{CacheConfig, TieredCache};
 use clip_core::image::{self, LayerReport};
@@ -16,11 +18,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub async fn run(cli: Cli) -> Result<()> {
+    if let Some(addr) = cli.global.metrics_address {
+        let exporter = clip_core::metrics::prometheus::install();
+        let listener_check =
+            std::net::TcpListener::bind(addr).with_context(|| format!("metrics address {addr}"))?;
+        drop(listener_check);
+        tokio::spawn(async move {
+            if let Err(e) = exporter.serve(addr).await {
+                tracing::error!("metrics endpoint on {addr} stopped: {e}");
+            }
+        });
+    }
     match cli.command {
         Command::Index(a) => index(&cli.global, a).await,
         Command::Inspect(a) => inspect(&cli.global, a).await,
         Command::Cat(a) => cat(&cli.global, a).await,
         Command::Warm(a) => warm(&cli.global, a).await,
+        Command::Fill(a) => fill(&cli.global, a).await,
     }
 }
 
@@ -552,6 +566,52 @@ async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
             json!({ "files": files.len(), "file_bytes": read, "seconds": secs }),
         )
         .await;
+    } else {
+        o.cache.flush().await;
+    }
+    Ok(())
+}
+
+async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
+    let ctx = context(g)?;
+    let (_image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping the fill (what was fetched stays cached)");
+                cancel.cancel();
+            }
+        });
+    }
+    let start = Instant::now();
+    let mut fetched = 0;
+    for (i, r) in o.readers.iter().enumerate() {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let n = r
+            .fill(a.rate, cancel.clone())
+            .await
+            .with_context(|| format!("filling layer {}", i + 1))?;
+        eprintln!("layer {}: fetched {}", i + 1, human(n));
+        fetched += n;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "fetched {} in {:.2}s ({}/s){}",
+        human(fetched),
+        secs,
+        human((fetched as f64 / secs.max(1e-9)) as u64),
+        if cancel.is_cancelled() {
+            " before being stopped"
+        } else {
+            ""
+        }
+    );
+    if a.cache.stats {
+        report_stats(&o, json!({ "fetched_bytes": fetched, "seconds": secs, "cancelled": cancel.is_cancelled() })).await;
     } else {
         o.cache.flush().await;
     }

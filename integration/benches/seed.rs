@@ -29,8 +29,14 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let layout = std::env::var_os("CLIP_LARGE_IMAGE").map(std::path::PathBuf::from).unwrap_or_else(|| "/var/cache/clip-test-images/large".into());
-    assert!(layout.join("index.json").exists(), "missing {}: run scripts/build-large-image.sh", layout.display());
+    let layout = std::env::var_os("CLIP_LARGE_IMAGE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/clip-test-images/large".into());
+    assert!(
+        layout.join("index.json").exists(),
+        "missing {}: run scripts/build-large-image.sh",
+        layout.display()
+    );
     let reg = common::Registry::start(common::Auth::None);
     reg.push_layout(&layout, "large", "large");
     let image = format!("{}:large", reg.image("large"));

@@ -75,6 +75,7 @@ pub struct TieredCache {
     /// Bounds the registry fetches in flight across every reader sharing this cache, and so the
     /// memory they hold (each run holds its compressed and inflated bytes).
     pub fetch_permits: Arc<tokio::sync::Semaphore>,
+    permits_total: usize,
 }
 
 /// Registry fetches in flight at once for a memory-only cache of `bytes`: each fetch holds up to
@@ -123,25 +124,27 @@ impl TieredCache {
             Some(url) => Some(remote::RemoteTier::connect(url).await?),
             None => None,
         };
-        Ok(TieredCache {
-            memory: memory::MemoryTier::new(cfg.memory_bytes),
-            disk,
-            remote,
-            stats: CacheStats::default(),
-            fetch_permits: Arc::new(tokio::sync::Semaphore::new(concurrent_fetches(
-                cfg.memory_bytes,
-            ))),
-        })
+        Ok(Self::with_tiers(cfg.memory_bytes, disk, remote))
     }
 
     /// A memory-only cache (tests, one-shot commands).
     pub fn memory_only(bytes: u64) -> Self {
+        Self::with_tiers(bytes, None, None)
+    }
+
+    fn with_tiers(
+        memory_bytes: u64,
+        disk: Option<Arc<disk::DiskTier>>,
+        remote: Option<remote::RemoteTier>,
+    ) -> Self {
+        let permits = concurrent_fetches(memory_bytes);
         TieredCache {
-            memory: memory::MemoryTier::new(bytes),
-            disk: None,
-            remote: None,
+            memory: memory::MemoryTier::new(memory_bytes),
+            disk,
+            remote,
             stats: CacheStats::default(),
-            fetch_permits: Arc::new(tokio::sync::Semaphore::new(concurrent_fetches(bytes))),
+            fetch_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
+            permits_total: permits,
         }
     }
 
@@ -208,6 +211,11 @@ impl TieredCache {
         if let Some(d) = &self.disk {
             d.flush().await;
         }
+    }
+
+    /// How many registry fetches may run at once through this cache.
+    pub fn fetch_permits_total(&self) -> usize {
+        self.permits_total
     }
 
     /// (memory bytes, disk bytes, memory evictions, disk evictions)

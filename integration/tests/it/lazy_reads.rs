@@ -367,3 +367,73 @@ fn memory_cap_bounds_rss_reading_every_file_of_the_large_image() {
         "peak RSS {rss} exceeds the memory cap + 64 MiB"
     );
 }
+
+#[test]
+fn background_fill_keeps_to_its_rate_and_can_be_cancelled() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, image) = everytype(&reg, tmp.path());
+    let root = tmp.path().join("root");
+    let j = clip_json(&root, &["index", &image, "--json"], &[]);
+    let compressed = j["compressed_bytes"].as_u64().unwrap();
+    // 4 MiB/s over ~6.3 MB of layers cannot finish in under ~1.2 s.
+    let start = std::time::Instant::now();
+    let o = clip(&root, &["fill", &image, "--rate", "4MiB", "--stats"], &[]);
+    let took = start.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let floor = (compressed as f64 * 0.8) / (4u64 << 20) as f64;
+    assert!(
+        took >= floor,
+        "fill took {took:.2}s, the rate cap allows no less than {floor:.2}s"
+    );
+    // Everything is now cached: a read needs no registry bytes.
+    let (_, s) = cat(&root, &image, "/data/random.bin", &[]);
+    assert_eq!(s["registry_bytes"], 0, "{s}");
+    // Cancellation (library level): a fill stopped early returns promptly with part of the layer.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use clip_core::cache::TieredCache;
+        use clip_core::reader::{LayerReader, ReaderConfig};
+        use clip_core::registry::{Client, RegistryConfig};
+        let client = Client::new(RegistryConfig::default());
+        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
+        let store = clip_core::store::Store::open(&tmp.path().join("node")).unwrap();
+        let reports = clip_core::image::index_image(
+            &client,
+            &store,
+            &resolved,
+            &Default::default(),
+            std::sync::Arc::new(|_| {}),
+            false,
+            1,
+        )
+        .await
+        .unwrap();
+        let cache = std::sync::Arc::new(TieredCache::memory_only(64 << 20));
+        let reader = LayerReader::new(
+            client,
+            resolved.reference.clone(),
+            reports[0].index.clone(),
+            None,
+            cache,
+            ReaderConfig::default(),
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            c2.cancel();
+        });
+        let t = std::time::Instant::now();
+        let fetched = reader.fill(1 << 20, cancel).await.unwrap();
+        assert!(
+            t.elapsed().as_secs_f64() < 2.0,
+            "cancel was not prompt: {:?}",
+            t.elapsed()
+        );
+        assert!(
+            fetched < reports[0].index.compressed_size,
+            "fetched {fetched}"
+        );
+    });
+}
