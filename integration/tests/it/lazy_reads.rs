@@ -437,3 +437,104 @@ fn background_fill_keeps_to_its_rate_and_can_be_cancelled() {
         );
     });
 }
+
+#[test]
+fn redis_cluster_mode_is_supported() {
+    need("redis-server");
+    need("redis-cli");
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for p in &ports {
+        let d = dir.path().join(p.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &p.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&d)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        wait_port(*p, "redis-server (cluster node)", &mut child);
+        nodes.push(Proc(child));
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let o = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cluster create: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Wait for the cluster to agree that it is up.
+    for _ in 0..100 {
+        let info = Command::new("redis-cli")
+            .args(["-p", &ports[0].to_string(), "cluster", "info"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let url = format!("redis+cluster://{}", addrs.join(","));
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    clip_json(
+        &tmp.path().join("a"),
+        &["index", &image, "--push", "--json"],
+        &[],
+    );
+    let (_, sa) = cat(
+        &tmp.path().join("a"),
+        &image,
+        "/data/random.bin",
+        &["--redis", &url],
+    );
+    assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
+    let (b, sb) = cat(
+        &tmp.path().join("b"),
+        &image,
+        "/data/random.bin",
+        &["--redis", &url],
+    );
+    assert!(b == reference_bytes(&l, "/data/random.bin"));
+    assert_eq!(sb["registry_bytes"], 0, "{sb}");
+    assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
+    // The spans are spread over the cluster's nodes.
+    let holding = ports
+        .iter()
+        .filter(|p| {
+            let o = Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "dbsize"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+                > 0
+        })
+        .count();
+    assert!(
+        holding >= 2,
+        "spans should hash to several cluster nodes, found on {holding}"
+    );
+}
