@@ -58,6 +58,34 @@ pub enum Command {
     /// Fetch every span of an image into the cache in the background order (layer by layer),
     /// under a bandwidth cap; Ctrl-C stops it cleanly.
     Fill(FillArgs),
+    /// Mount an image's merged root filesystem read-only at DIR (foreground; Ctrl-C or SIGTERM
+    /// unmounts).
+    Mount(MountArgs),
+    /// Unmount a clip mount.
+    Umount(UmountArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Image reference.
+    pub reference: String,
+    /// Mount point (an existing directory).
+    pub dir: PathBuf,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Only the mounting user may access the mount (default: everyone, for containers'
+    /// non-root users; permissions are still checked against the image's modes).
+    #[arg(long)]
+    pub no_allow_other: bool,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// Mount point.
+    pub dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

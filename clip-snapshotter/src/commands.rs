@@ -1,7 +1,8 @@
 //! Resolved settings and the subcommands.
 
 use crate::cli::{
-    CacheArgs, CatArgs, Cli, Command, FillArgs, GlobalArgs, IndexArgs, InspectArgs, WarmArgs,
+    CacheArgs, CatArgs, Cli, Command, FillArgs, GlobalArgs, IndexArgs, InspectArgs, MountArgs,
+    UmountArgs, WarmArgs,
 };
 use anyhow::{Context, Result};
 use clip_core::cache::{CacheConfig, TieredCache};
@@ -35,6 +36,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat(&cli.global, a).await,
         Command::Warm(a) => warm(&cli.global, a).await,
         Command::Fill(a) => fill(&cli.global, a).await,
+        Command::Mount(a) => mount(&cli.global, a).await,
+        Command::Umount(a) => umount(a),
     }
 }
 
@@ -616,4 +619,63 @@ async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
         o.cache.flush().await;
     }
     Ok(())
+}
+
+async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    anyhow::ensure!(a.dir.is_dir(), "{}: not a directory", a.dir.display());
+    let ctx = context(g)?;
+    let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone());
+    let opts = clip_fuse::MountOptions {
+        allow_other: !a.no_allow_other,
+        threads: a.threads,
+        ..Default::default()
+    };
+    let session = clip_fuse::mount(fs, &a.dir, tokio::runtime::Handle::current(), &opts)
+        .with_context(|| {
+            format!(
+                "mounting {} (FUSE needs root or /dev/fuse access)",
+                a.dir.display()
+            )
+        })?;
+    eprintln!(
+        "mounted {} at {} ({} paths); Ctrl-C or SIGTERM unmounts",
+        image.reference,
+        a.dir.display(),
+        o.view.nodes.len()
+    );
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("unmounting {}", a.dir.display());
+    o.cache.flush().await;
+    tokio::task::spawn_blocking(move || session.umount_and_join())
+        .await
+        .context("unmount task")?
+        .context("unmounting")?;
+    Ok(())
+}
+
+fn umount(a: UmountArgs) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(a.dir.as_os_str().as_bytes()).context("mount point path")?;
+    // SAFETY: path is a valid NUL-terminated string; umount2 has no other preconditions.
+    let rc = unsafe { libc::umount2(path.as_ptr(), 0) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    // Not root: let fusermount3 do it.
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&a.dir)
+        .status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        _ => Err(anyhow::anyhow!("unmounting {}: {err}", a.dir.display())),
+    }
 }

@@ -6,6 +6,7 @@
 
 mod common;
 mod faults;
+mod fuse_mount;
 mod index_cli;
 mod large_image;
 mod lazy_reads;

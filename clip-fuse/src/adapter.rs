@@ -1,0 +1,316 @@
+//! The thin fuser binding: each kernel request is answered from [`ClipFs`]; reads run on the
+//! tokio runtime and reply when their bytes are verified, so slow fetches never block the FUSE
+//! worker threads. Errors become errno here and nowhere else.
+
+use crate::fs::{Attr, ClipFs, FsError, Kind};
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The image never changes under a mount: the kernel may cache entries and attributes long.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Let other users (a container's non-root users) use the mount (`allow_other`).
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// The name shown in /proc/mounts.
+    pub fsname: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: true,
+            threads: 4,
+            fsname: "clip".into(),
+        }
+    }
+}
+
+struct Adapter {
+    fs: Arc<ClipFs>,
+    rt: tokio::runtime::Handle,
+}
+
+fn errno(e: &FsError) -> Errno {
+    if let FsError::Read(r) = e {
+        tracing::warn!("read failed, returning EIO: {r}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn time(secs: i64, nsec: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let t = time(a.mtime, a.mtime_nsec);
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl Filesystem for Adapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(i) => reply.entry(&TTL, &file_attr(&i.attr), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.get(ino.0) {
+            Ok(i) => reply.attr(&TTL, &file_attr(&i.attr)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
+        match self.fs.get(ino.0) {
+            // Immutable content: keep the kernel's page cache across opens.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.read(ino.0, offset, size).await {
+                Ok(b) => reply.data(&b),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let kids = match self.fs.children(ino.0) {
+            Ok(k) => k,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        // Offsets: 1 = ".", 2 = "..", 3.. = children.
+        let mut i = offset;
+        loop {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(ino, 2, FileType::Directory, ".."),
+                n => match kids.get(n as usize - 2) {
+                    Some((name, child)) => {
+                        let kind = self
+                            .fs
+                            .get(*child)
+                            .map(|c| file_type(c.attr.kind))
+                            .unwrap_or(FileType::RegularFile);
+                        reply.add(INodeNo(*child), n + 1, kind, OsStr::from_bytes(name))
+                    }
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (kids, me) = match (self.fs.children(ino.0), self.fs.get(ino.0)) {
+            (Ok(k), Ok(me)) => (k, me),
+            (Err(e), _) | (_, Err(e)) => return reply.error(errno(&e)),
+        };
+        let mut i = offset;
+        loop {
+            let full = match i {
+                0 => reply.add(ino, 1, ".", &TTL, &file_attr(&me.attr), Generation(0)),
+                1 => reply.add(ino, 2, "..", &TTL, &file_attr(&me.attr), Generation(0)),
+                n => match kids.get(n as usize - 2) {
+                    Some((name, child)) => match self.fs.get(*child) {
+                        Ok(c) => reply.add(
+                            INodeNo(*child),
+                            n + 1,
+                            OsStr::from_bytes(name),
+                            &TTL,
+                            &file_attr(&c.attr),
+                            Generation(0),
+                        ),
+                        Err(_) => false,
+                    },
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    /// No ioctls (isatty() and friends probe with them): ENOTTY, quietly.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, self.fs.inode_count() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.xattr(ino.0, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() <= size as usize => reply.data(v),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let list: Vec<u8> = match self.fs.xattrs(ino.0) {
+            Ok(x) => x
+                .iter()
+                .flat_map(|(k, _)| k.iter().copied().chain([0u8]))
+                .collect(),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if list.len() <= size as usize {
+            reply.data(&list)
+        } else {
+            reply.error(Errno::ERANGE)
+        }
+    }
+}
+
+/// Mounts `fs` read-only at `dir`; unmounted when the returned session is dropped.
+pub fn mount(
+    fs: ClipFs,
+    dir: &Path,
+    rt: tokio::runtime::Handle,
+    opts: &MountOptions,
+) -> std::io::Result<BackgroundSession> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(opts.fsname.clone()),
+        MountOption::Subtype("clip".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    if opts.allow_other {
+        cfg.acl = SessionACL::All;
+    }
+    cfg.n_threads = Some(opts.threads.max(1));
+    fuser::spawn_mount(
+        Adapter {
+            fs: Arc::new(fs),
+            rt,
+        },
+        dir,
+        &cfg,
+    )
+}

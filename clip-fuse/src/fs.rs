@@ -1,0 +1,410 @@
+//! The image's merged tree as inodes.
+//!
+//! Inode numbers are assigned in path order from the merged view (root = 1), so the same image
+//! always gets the same numbers. Hard links share one inode (the file's), with `nlink` counting
+//! its names; directories count `2 + subdirectories`. Everything but file bytes is answered
+//! from these tables.
+
+use bytes::Bytes;
+use clip_core::index::{view::IMPLIED, EntryKind, ImageView};
+use clip_core::reader::{LayerReader, ReadError};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("read failed: {0}")]
+    Read(#[from] ReadError),
+}
+
+impl FsError {
+    /// The errno the kernel gets.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::Invalid => libc::EINVAL,
+            FsError::Read(_) => libc::EIO,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+}
+
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub rdev: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+}
+
+#[derive(Debug)]
+enum Data {
+    Dir { children: Vec<(Vec<u8>, u64)> },
+    File { layer: u32, offset: u64 },
+    Symlink(Vec<u8>),
+    None,
+}
+
+/// Extended attributes: (name, value) pairs.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+#[derive(Debug)]
+pub struct Inode {
+    pub attr: Attr,
+    data: Data,
+    xattrs: Xattrs,
+}
+
+pub struct ClipFs {
+    inodes: Vec<Inode>,
+    readers: Vec<Arc<LayerReader>>,
+}
+
+fn makedev(major: u32, minor: u32) -> u32 {
+    // The kernel's new_encode_dev, which FUSE's rdev carries.
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+impl ClipFs {
+    /// Builds the inode tables from the merged view; `readers[i]` reads layer `i`.
+    pub fn new(view: &ImageView, readers: Vec<Arc<LayerReader>>) -> Self {
+        let mut inodes: Vec<Inode> = Vec::with_capacity(view.nodes.len());
+        let mut by_path: HashMap<&[u8], u64> = HashMap::with_capacity(view.nodes.len());
+        let mut by_data: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut children: HashMap<u64, Vec<(Vec<u8>, u64)>> = HashMap::new();
+        for (path, node) in &view.nodes {
+            let entry = view.entry(node.layer, node.entry);
+            let file_key = match entry.map(|e| &e.kind) {
+                Some(EntryKind::File { .. }) => Some((node.layer, node.entry)),
+                Some(EntryKind::Hardlink { .. }) => node.data,
+                _ => None,
+            };
+            let ino = match file_key.and_then(|k| by_data.get(&k)) {
+                Some(&ino) => {
+                    inodes[ino as usize - 1].attr.nlink += 1;
+                    ino
+                }
+                None => {
+                    let ino = inodes.len() as u64 + 1;
+                    // A hard link takes the metadata of the file it names.
+                    let meta = match file_key {
+                        Some((l, e)) => view.entry(l, e),
+                        None => entry,
+                    };
+                    let (kind, size, rdev, data) =
+                        match (entry.map(|e| &e.kind), meta.map(|m| &m.kind)) {
+                            (None, _) | (Some(EntryKind::Dir), _) => (
+                                Kind::Dir,
+                                0,
+                                0,
+                                Data::Dir {
+                                    children: Vec::new(),
+                                },
+                            ),
+                            (_, Some(EntryKind::File { offset, size })) => {
+                                let (l, _) = file_key.expect("file key for files");
+                                (
+                                    Kind::File,
+                                    *size,
+                                    0,
+                                    Data::File {
+                                        layer: l,
+                                        offset: *offset,
+                                    },
+                                )
+                            }
+                            (Some(EntryKind::Symlink { target }), _) => (
+                                Kind::Symlink,
+                                target.len() as u64,
+                                0,
+                                Data::Symlink(target.clone()),
+                            ),
+                            (Some(EntryKind::CharDevice { major, minor }), _) => {
+                                (Kind::CharDevice, 0, makedev(*major, *minor), Data::None)
+                            }
+                            (Some(EntryKind::BlockDevice { major, minor }), _) => {
+                                (Kind::BlockDevice, 0, makedev(*major, *minor), Data::None)
+                            }
+                            (Some(EntryKind::Fifo), _) => (Kind::Fifo, 0, 0, Data::None),
+                            _ => (Kind::File, 0, 0, Data::None),
+                        };
+                    let (perm, uid, gid, mtime, mtime_nsec, xattrs) = match meta {
+                        Some(m) => (
+                            m.mode as u16 & 0o7777,
+                            m.uid,
+                            m.gid,
+                            m.mtime,
+                            m.mtime_nsec,
+                            m.xattrs.clone(),
+                        ),
+                        None => (0o755, 0, 0, 0, 0, Vec::new()),
+                    };
+                    let nlink = if kind == Kind::Dir { 2 } else { 1 };
+                    inodes.push(Inode {
+                        attr: Attr {
+                            ino,
+                            kind,
+                            perm,
+                            nlink,
+                            uid,
+                            gid,
+                            size,
+                            rdev,
+                            mtime,
+                            mtime_nsec,
+                        },
+                        data,
+                        xattrs,
+                    });
+                    if let Some(k) = file_key {
+                        by_data.insert(k, ino);
+                    }
+                    ino
+                }
+            };
+            by_path.insert(path.as_slice(), ino);
+            if !path.is_empty() {
+                let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+                    Some(i) => (&path[..i], &path[i + 1..]),
+                    None => (&path[..0], &path[..]),
+                };
+                let pino = by_path[parent];
+                children.entry(pino).or_default().push((name.to_vec(), ino));
+                if node.entry == IMPLIED || entry.is_some_and(|e| e.kind == EntryKind::Dir) {
+                    inodes[pino as usize - 1].attr.nlink += 1;
+                }
+            }
+        }
+        for (pino, mut kids) in children {
+            kids.sort();
+            if let Data::Dir { children } = &mut inodes[pino as usize - 1].data {
+                *children = kids;
+            }
+        }
+        ClipFs { inodes, readers }
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn get(&self, ino: u64) -> Result<&Inode, FsError> {
+        ino.checked_sub(1)
+            .and_then(|i| self.inodes.get(i as usize))
+            .ok_or(FsError::NotFound)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<&Inode, FsError> {
+        match &self.get(parent)?.data {
+            Data::Dir { children } => {
+                let i = children
+                    .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+                    .map_err(|_| FsError::NotFound)?;
+                self.get(children[i].1)
+            }
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    /// The directory's entries (name, inode), sorted by name; `.` and `..` are the adapter's.
+    pub fn children(&self, ino: u64) -> Result<&[(Vec<u8>, u64)], FsError> {
+        match &self.get(ino)?.data {
+            Data::Dir { children } => Ok(children),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
+        match &self.get(ino)?.data {
+            Data::Symlink(t) => Ok(t),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    pub fn xattrs(&self, ino: u64) -> Result<&Xattrs, FsError> {
+        Ok(&self.get(ino)?.xattrs)
+    }
+
+    pub fn xattr(&self, ino: u64, name: &[u8]) -> Result<&[u8], FsError> {
+        self.xattrs(ino)?
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+            .ok_or(FsError::NoAttr)
+    }
+
+    /// Up to `size` bytes of a file at `offset`, read lazily through the cache.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let inode = self.get(ino)?;
+        match &inode.data {
+            Data::File {
+                layer,
+                offset: base,
+            } => {
+                let file_size = inode.attr.size;
+                if offset >= file_size {
+                    return Ok(Bytes::new());
+                }
+                let len = u64::from(size).min(file_size - offset);
+                let reader = self.readers.get(*layer as usize).ok_or(FsError::Invalid)?;
+                Ok(reader.read(base + offset, len).await?)
+            }
+            Data::Dir { .. } => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clip_core::digest::Digest;
+    use clip_core::index::{BlobRef, Entry, LayerIndex};
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 7,
+            gid: 8,
+            mtime: 1,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    fn fs() -> ClipFs {
+        let mut ping = entry(
+            "bin/ping",
+            EntryKind::File {
+                offset: 512,
+                size: 4,
+            },
+        );
+        ping.xattrs = vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2])];
+        let layer = LayerIndex {
+            layer: Digest::of(b"l"),
+            diff_id: Digest::of(b"d"),
+            compressed_size: 1,
+            uncompressed_size: 4096,
+            span_size: 1 << 20,
+            windows: BlobRef {
+                digest: Digest::of(b""),
+                size: 0,
+            },
+            spans: vec![],
+            entries: vec![
+                entry("bin", EntryKind::Dir),
+                ping,
+                entry(
+                    "bin/a",
+                    EntryKind::File {
+                        offset: 1024,
+                        size: 10,
+                    },
+                ),
+                entry(
+                    "bin/b",
+                    EntryKind::Hardlink {
+                        target: b"bin/a".to_vec(),
+                    },
+                ),
+                entry(
+                    "etc/deep/x",
+                    EntryKind::Symlink {
+                        target: b"../../bin/a".to_vec(),
+                    },
+                ),
+                entry("dev/null", EntryKind::CharDevice { major: 1, minor: 3 }),
+            ],
+        };
+        let view = ImageView::build(vec![Arc::new(layer)]).unwrap();
+        ClipFs::new(&view, vec![])
+    }
+
+    #[test]
+    fn tables_without_a_kernel() {
+        let fs = fs();
+        let root = fs.get(1).unwrap();
+        assert_eq!(root.attr.kind, Kind::Dir);
+        // root: ".", "..", and subdirectories bin, dev, etc.
+        assert_eq!(root.attr.nlink, 5);
+        let bin = fs.lookup(1, b"bin").unwrap().attr.ino;
+        let names: Vec<&[u8]> = fs
+            .children(bin)
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.as_slice())
+            .collect();
+        assert_eq!(names, [&b"a"[..], b"b", b"ping"]);
+        let a = fs.lookup(bin, b"a").unwrap();
+        let b = fs.lookup(bin, b"b").unwrap();
+        assert_eq!(a.attr.ino, b.attr.ino, "hard links share an inode");
+        assert_eq!(a.attr.nlink, 2);
+        assert_eq!((a.attr.uid, a.attr.gid, a.attr.size), (7, 8, 10));
+        let ping = fs.lookup(bin, b"ping").unwrap().attr.ino;
+        assert_eq!(
+            fs.xattr(ping, b"security.capability").unwrap(),
+            &[1, 0, 0, 2]
+        );
+        assert_eq!(
+            fs.xattr(ping, b"user.none").unwrap_err().errno(),
+            libc::ENODATA
+        );
+        let etc = fs.lookup(1, b"etc").unwrap();
+        assert_eq!(
+            (etc.attr.perm, etc.attr.uid),
+            (0o755, 0),
+            "implied directories"
+        );
+        let deep = fs.lookup(etc.attr.ino, b"deep").unwrap().attr.ino;
+        let x = fs.lookup(deep, b"x").unwrap().attr.ino;
+        assert_eq!(fs.readlink(x).unwrap(), b"../../bin/a");
+        let dev = fs.lookup(1, b"dev").unwrap().attr.ino;
+        assert_eq!(fs.lookup(dev, b"null").unwrap().attr.rdev, (1 << 8) | 3);
+        assert_eq!(fs.lookup(1, b"nope").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(fs.lookup(ping, b"x").unwrap_err().errno(), libc::ENOTDIR);
+        assert_eq!(fs.get(9999).unwrap_err().errno(), libc::ENOENT);
+    }
+
+    #[tokio::test]
+    async fn reads_map_to_errno() {
+        let fs = fs();
+        let bin = fs.lookup(1, b"bin").unwrap().attr.ino;
+        assert_eq!(fs.read(bin, 0, 10).await.unwrap_err().errno(), libc::EISDIR);
+        let a = fs.lookup(bin, b"a").unwrap().attr.ino;
+        // Past the end of the file: empty, no read issued.
+        assert!(fs.read(a, 10, 10).await.unwrap().is_empty());
+        // No reader for the layer (a broken setup): EINVAL, not a panic.
+        assert_eq!(fs.read(a, 0, 4).await.unwrap_err().errno(), libc::EINVAL);
+    }
+}

@@ -1,0 +1,165 @@
+//! Real FUSE mounts (`clip mount`) compared with an independent extraction (`umoci unpack`).
+
+use crate::common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A running `clip mount`, unmounted (SIGTERM) when dropped.
+struct Mounted {
+    child: std::process::Child,
+    pub dir: PathBuf,
+}
+
+impl Mounted {
+    fn start(root: &Path, image: &str, dir: &Path) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut child = Command::new(clip_bin())
+            .arg("--root")
+            .arg(root)
+            .args(["mount", image])
+            .arg(dir)
+            .env("CLIP_LOG", "warn,fuser=error")
+            // A file, not a pipe: an unread pipe would block the daemon once it fills.
+            .stderr(std::fs::File::create(root.with_extension("mount.log")).unwrap())
+            .spawn()
+            .expect("start clip mount");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+            if mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(dir.to_str().unwrap()))
+            {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let err =
+                    std::fs::read_to_string(root.with_extension("mount.log")).unwrap_or_default();
+                panic!("clip mount exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mounted {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(self.dir.to_str().unwrap_or("")))
+        {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    need("umoci");
+    let o = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(bundle)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    bundle.join("rootfs")
+}
+
+fn treecmp(expected: &Path, actual: &Path) {
+    let o = Command::new("python3")
+        .arg(workspace().join("integration/fixtures/treecmp.py"))
+        .arg(expected)
+        .arg(actual)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    assert!(
+        o.status.success(),
+        "the mount differs from umoci's extraction:\n{out}"
+    );
+}
+
+#[test]
+fn every_entry_type_mount_matches_umoci_unpack() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(
+        tmp.path(),
+        "v1",
+        &["gen:everytype-base", "gen:everytype-top"],
+    );
+    reg.push_layout(&l, "v1", "everytype");
+    let image = format!("{}:v1", reg.image("everytype"));
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let expected = umoci_unpack(&l, "v1", &tmp.path().join("bundle"));
+    let m = Mounted::start(&root, &image, &tmp.path().join("mnt"));
+    treecmp(&expected, &m.dir);
+    // Read-only, and errors are errno: writes refused, missing names ENOENT.
+    assert!(std::fs::write(m.dir.join("etc/config"), b"x").is_err());
+    assert_eq!(
+        std::fs::metadata(m.dir.join("nope")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn large_image_mount_matches_umoci_unpack_and_serves_parallel_readers() {
+    let layout = crate::large_image::large_layout();
+    let reg = Registry::start(Auth::None);
+    reg.push_layout(&layout, "large", "large");
+    let image = format!("{}:large", reg.image("large"));
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let m = Mounted::start(&root, &image, &tmp.path().join("mnt"));
+    // 8 parallel readers of different large files all finish (no serialisation deadlock).
+    // The 8 largest regular files of the image (a walk of the mount: metadata only).
+    let mut all = Vec::new();
+    let mut stack = vec![m.dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let md = e.path().symlink_metadata().unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                all.push((md.len(), e.path()));
+            }
+        }
+    }
+    assert!(all.len() >= 30_000, "{} files", all.len());
+    all.sort();
+    let files: Vec<PathBuf> = all.iter().rev().take(8).map(|(_, p)| p.clone()).collect();
+    let handles: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let p = f.clone();
+            std::thread::spawn(move || {
+                std::fs::read(&p)
+                    .map(|b| b.len())
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap() > 0);
+    }
+    let expected = umoci_unpack(&layout, "large", &tmp.path().join("bundle"));
+    treecmp(&expected, &m.dir);
+}
