@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, bigfile, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
 """
 import gzip
 import hashlib
@@ -172,6 +172,12 @@ def gen(name):
         t.add("etc/config", b"key=replaced\n", mode=0o644)
         t.add("implied/parent/dirs/file", b"parents not listed\n")
         t.add("data/hard-d", kind=tarfile.LNKTYPE, link="data/hard-a")
+    elif name == "bigfile":
+        t.add("data", kind=tarfile.DIRTYPE, mode=0o755)
+        # 128 MiB: half incompressible, half text, so it spans many checkpoints.
+        block = prng(1 << 20, "big")
+        text = (b"clip lazy read benchmark line\n" * 40000)[: 1 << 20]
+        t.add("data/big.bin", b"".join(block if i % 2 else text for i in range(128)))
     elif name == "arm64-marker":
         t.add("etc", kind=tarfile.DIRTYPE, mode=0o755)
         t.add("etc/arch", b"arm64\n")

@@ -5,9 +5,9 @@
 use crate::fs::{Attr, ClipFs, FsError, Kind};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request, SessionACL,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -94,7 +94,28 @@ fn file_attr(a: &Attr) -> FileAttr {
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
+        // Each is optional: a kernel without one simply does without.
+        for flag in [
+            // Listings carry attributes (fills the kernel's entry and attribute caches).
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            // The kernel answers and caches POSIX ACL lookups (images carry none).
+            InitFlags::FUSE_POSIX_ACL,
+            // No OPENDIR/RELEASEDIR round trips; the kernel caches listings (see opendir).
+            InitFlags::FUSE_NO_OPENDIR_SUPPORT,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
         Ok(())
+    }
+
+    /// With `FUSE_NO_OPENDIR_SUPPORT`, ENOSYS here tells the kernel to skip OPENDIR and
+    /// RELEASEDIR from now on and to cache directory listings itself: a warm `find` over the
+    /// mount then costs what it costs on local disk.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -259,6 +280,11 @@ impl Filesystem for Adapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // An image without any xattr: ENOSYS makes the kernel stop asking for the whole mount
+        // (FUSE cannot cache "no such attribute", and `ls -l` asks twice per file).
+        if !self.fs.has_xattrs() {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.xattr(ino.0, name.as_bytes()) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(v),
@@ -268,6 +294,9 @@ impl Filesystem for Adapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.fs.has_xattrs() {
+            return reply.error(Errno::ENOSYS);
+        }
         let list: Vec<u8> = match self.fs.xattrs(ino.0) {
             Ok(x) => x
                 .iter()

@@ -86,6 +86,7 @@ pub struct Inode {
 pub struct ClipFs {
     inodes: Vec<Inode>,
     readers: Vec<Arc<LayerReader>>,
+    has_xattrs: bool,
 }
 
 fn makedev(major: u32, minor: u32) -> u32 {
@@ -209,7 +210,17 @@ impl ClipFs {
                 *children = kids;
             }
         }
-        ClipFs { inodes, readers }
+        let has_xattrs = inodes.iter().any(|i| !i.xattrs.is_empty());
+        ClipFs {
+            inodes,
+            readers,
+            has_xattrs,
+        }
+    }
+
+    /// False when no file of the image has an extended attribute.
+    pub fn has_xattrs(&self) -> bool {
+        self.has_xattrs
     }
 
     pub fn inode_count(&self) -> usize {
