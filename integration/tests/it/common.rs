@@ -322,3 +322,10 @@ pub fn clip_json(root: &Path, args: &[&str], env: &[(&str, &str)]) -> serde_json
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("clip {args:?}: bad JSON ({e}): {}", stdout(&o)))
 }
+
+/// The every-entry-type test image (two layers), pushed as `everytype:v1`: (layout, reference).
+pub fn everytype(reg: &Registry, dir: &Path) -> (PathBuf, String) {
+    let l = layout(dir, "v1", &["gen:everytype-base", "gen:everytype-top"]);
+    reg.push_layout(&l, "v1", "everytype");
+    (l, format!("{}:v1", reg.image("everytype")))
+}

@@ -99,13 +99,7 @@ fn treecmp(expected: &Path, actual: &Path) {
 fn every_entry_type_mount_matches_umoci_unpack() {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(
-        tmp.path(),
-        "v1",
-        &["gen:everytype-base", "gen:everytype-top"],
-    );
-    reg.push_layout(&l, "v1", "everytype");
-    let image = format!("{}:v1", reg.image("everytype"));
+    let (l, image) = everytype(&reg, tmp.path());
     let root = tmp.path().join("root");
     clip_json(&root, &["index", &image, "--json"], &[]);
     let expected = umoci_unpack(&l, "v1", &tmp.path().join("bundle"));

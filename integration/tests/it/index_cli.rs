@@ -6,13 +6,7 @@ use crate::common::*;
 fn every_entry_type_image_indexes_merges_and_is_deterministic() {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(
-        tmp.path(),
-        "v1",
-        &["gen:everytype-base", "gen:everytype-top"],
-    );
-    reg.push_layout(&l, "v1", "everytype");
-    let image = format!("{}:v1", reg.image("everytype"));
+    let (_, image) = everytype(&reg, tmp.path());
     let root = tmp.path().join("root");
 
     let j = clip_json(

@@ -37,12 +37,6 @@ fn cat(root: &Path, image: &str, path: &str, extra: &[&str]) -> (Vec<u8>, serde_
     (o.stdout, serde_json::from_str(&line).unwrap())
 }
 
-fn everytype(reg: &Registry, dir: &Path) -> (std::path::PathBuf, String) {
-    let l = layout(dir, "v1", &["gen:everytype-base", "gen:everytype-top"]);
-    reg.push_layout(&l, "v1", "everytype");
-    (l, format!("{}:v1", reg.image("everytype")))
-}
-
 #[test]
 fn cat_matches_an_independent_extractor_and_restarts_reuse_the_disk_cache() {
     let reg = Registry::start(Auth::None);
@@ -270,6 +264,36 @@ fn concurrent_readers_of_a_cold_span_make_one_request() {
     });
 }
 
+/// Node a reads a file (from the registry, filling the remote tier); node b, with its own root,
+/// reads it with zero registry bytes. Returns what the caller may check further.
+fn two_nodes_share_a_remote_tier(url: &str) -> (Registry, tempfile::TempDir, String) {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    clip_json(
+        &tmp.path().join("a"),
+        &["index", &image, "--push", "--json"],
+        &[],
+    );
+    let (a, sa) = cat(
+        &tmp.path().join("a"),
+        &image,
+        "/data/random.bin",
+        &["--redis", url],
+    );
+    assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
+    let (b, sb) = cat(
+        &tmp.path().join("b"),
+        &image,
+        "/data/random.bin",
+        &["--redis", url],
+    );
+    assert!(a == b && b == reference_bytes(&l, "/data/random.bin"));
+    assert_eq!(sb["registry_bytes"], 0, "node b fetched span bytes: {sb}");
+    assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
+    (reg, tmp, image)
+}
+
 #[test]
 fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
     need("redis-server");
@@ -294,30 +318,7 @@ fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
     wait_port(port, "redis-server", &mut child);
     let _redis = Proc(child);
     let url = format!("redis://127.0.0.1:{port}/");
-    let reg = Registry::start(Auth::None);
-    let tmp = tempfile::tempdir().unwrap();
-    let (l, image) = everytype(&reg, tmp.path());
-    clip_json(
-        &tmp.path().join("a"),
-        &["index", &image, "--push", "--json"],
-        &[],
-    );
-    let (a, sa) = cat(
-        &tmp.path().join("a"),
-        &image,
-        "/data/random.bin",
-        &["--redis", &url],
-    );
-    assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
-    let (b, sb) = cat(
-        &tmp.path().join("b"),
-        &image,
-        "/data/random.bin",
-        &["--redis", &url],
-    );
-    assert!(a == b && b == reference_bytes(&l, "/data/random.bin"));
-    assert_eq!(sb["registry_bytes"], 0, "node b fetched span bytes: {sb}");
-    assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
+    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&url);
     // An unreachable Redis is a clear error at start, not a hang.
     let dead = format!("redis://127.0.0.1:{}/", free_port());
     let o = clip(
@@ -494,30 +495,7 @@ fn redis_cluster_mode_is_supported() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let url = format!("redis+cluster://{}", addrs.join(","));
-    let reg = Registry::start(Auth::None);
-    let tmp = tempfile::tempdir().unwrap();
-    let (l, image) = everytype(&reg, tmp.path());
-    clip_json(
-        &tmp.path().join("a"),
-        &["index", &image, "--push", "--json"],
-        &[],
-    );
-    let (_, sa) = cat(
-        &tmp.path().join("a"),
-        &image,
-        "/data/random.bin",
-        &["--redis", &url],
-    );
-    assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
-    let (b, sb) = cat(
-        &tmp.path().join("b"),
-        &image,
-        "/data/random.bin",
-        &["--redis", &url],
-    );
-    assert!(b == reference_bytes(&l, "/data/random.bin"));
-    assert_eq!(sb["registry_bytes"], 0, "{sb}");
-    assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
+    let _ = two_nodes_share_a_remote_tier(&url);
     // The spans are spread over the cluster's nodes.
     let holding = ports
         .iter()
