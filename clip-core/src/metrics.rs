@@ -1,7 +1,7 @@
 //! OpenTelemetry instruments. Without an installed meter provider they cost next to nothing;
 //! the daemon and the command line install an exporter when asked to.
 
-use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
 use opentelemetry::KeyValue;
 use std::sync::OnceLock;
 
@@ -13,6 +13,10 @@ struct Instruments {
     inflated_bytes: Counter<u64>,
     inflate_seconds: Counter<f64>,
     span_fetch_seconds: Histogram<f64>,
+    registry_requests: Counter<u64>,
+    registry_request_seconds: Histogram<f64>,
+    cache_bytes: UpDownCounter<i64>,
+    cache_evictions: Counter<u64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -53,6 +57,24 @@ fn instruments() -> &'static Instruments {
                 .with_description("Latency of fetching a run of spans from the registry")
                 .with_unit("s")
                 .build(),
+            registry_requests: meter
+                .u64_counter("clip.registry.requests")
+                .with_description("Registry HTTP requests by outcome")
+                .build(),
+            registry_request_seconds: meter
+                .f64_histogram("clip.registry.request.seconds")
+                .with_description("Registry request latency (to response headers)")
+                .with_unit("s")
+                .build(),
+            cache_bytes: meter
+                .i64_up_down_counter("clip.cache.size")
+                .with_description("Bytes held per cache tier")
+                .with_unit("By")
+                .build(),
+            cache_evictions: meter
+                .u64_counter("clip.cache.evictions")
+                .with_description("Spans evicted per cache tier")
+                .build(),
         }
     })
 }
@@ -65,6 +87,28 @@ pub fn indexed_bytes(n: u64, layer: &str) {
     instruments()
         .indexed_bytes
         .add(n, &[KeyValue::new("layer", layer.to_string())]);
+}
+
+/// One registry request: `outcome` is the HTTP status class or the transport failure.
+pub fn registry_request(outcome: &'static str, seconds: f64) {
+    let i = instruments();
+    i.registry_requests
+        .add(1, &[KeyValue::new("outcome", outcome)]);
+    i.registry_request_seconds
+        .record(seconds, &[KeyValue::new("outcome", outcome)]);
+}
+
+/// A cache tier grew (positive) or shrank (negative) by `delta` bytes.
+pub fn cache_size(tier: &'static str, delta: i64) {
+    instruments()
+        .cache_bytes
+        .add(delta, &[KeyValue::new("tier", tier)]);
+}
+
+pub fn cache_eviction(tier: &'static str) {
+    instruments()
+        .cache_evictions
+        .add(1, &[KeyValue::new("tier", tier)]);
 }
 
 pub fn cache_hit(tier: &'static str) {

@@ -32,7 +32,9 @@ impl State {
         if let Some((old_size, old_tick)) = self.map.insert(key, (size, tick)) {
             self.order.remove(&old_tick);
             self.bytes -= old_size;
+            crate::metrics::cache_size("disk", -(old_size as i64));
         }
+        crate::metrics::cache_size("disk", size as i64);
         self.order.insert(tick, key);
         self.bytes += size;
         tick
@@ -41,6 +43,7 @@ impl State {
         if let Some((size, tick)) = self.map.remove(key) {
             self.order.remove(&tick);
             self.bytes -= size;
+            crate::metrics::cache_size("disk", -(size as i64));
         }
     }
 }
@@ -254,6 +257,7 @@ impl DiskTier {
                     return;
                 };
                 s.evictions += 1;
+                crate::metrics::cache_eviction("disk");
                 v
             };
             self.remove(&victim);

@@ -462,7 +462,17 @@ impl Client {
                             req = req.header(AUTHORIZATION, a);
                         }
                         self.inner.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let resp = match req.send().await {
+                        let sent = Instant::now();
+                        let result = req.send().await;
+                        let outcome = match &result {
+                            Ok(r) if r.status().is_success() => "2xx",
+                            Ok(r) if r.status().is_client_error() => "4xx",
+                            Ok(r) if r.status().is_server_error() => "5xx",
+                            Ok(_) => "other",
+                            Err(_) => "transport-error",
+                        };
+                        crate::metrics::registry_request(outcome, sent.elapsed().as_secs_f64());
+                        let resp = match result {
                             Ok(r) => r,
                             Err(e) if is_certificate_error(&e) => {
                                 return Err(Attempt::Fatal(RegistryError::Tls(format!(
