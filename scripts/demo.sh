@@ -2,7 +2,7 @@
 # The newcomer demo: installs what clip needs, builds it, starts a local registry on loopback,
 # pushes test images built locally (no public registry needed), indexes them with clip, publishes
 # the index next to the image, and shows where a file's bytes live: what a lazy read will fetch.
-# Usage: sudo scripts/demo.sh [--large]   (--large also builds the ~257 MiB debootstrap image)
+# Usage (as root): bash scripts/demo.sh [--large]   (--large also builds the ~257 MiB debootstrap image)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

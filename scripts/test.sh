@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything clip needs on Debian 12 and runs every test: formatting, clippy, unit tests
 # and the integration tests against real parts (docker-registry, skopeo, openssl, ...).
-# Usage: sudo scripts/test.sh        (the README's test command; CI runs it too)
+# Usage (as root): bash scripts/test.sh   (the README's test command; CI runs it too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
