@@ -516,3 +516,73 @@ fn redis_cluster_mode_is_supported() {
         "spans should hash to several cluster nodes, found on {holding}"
     );
 }
+
+#[test]
+fn sequential_reads_trigger_read_ahead() {
+    use clip_core::cache::TieredCache;
+    use clip_core::reader::{LayerReader, ReaderConfig};
+    use clip_core::registry::{Client, RegistryConfig};
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, image) = everytype(&reg, tmp.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::new(RegistryConfig::default());
+        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
+        let store = clip_core::store::Store::open(&tmp.path().join("node")).unwrap();
+        let reports = clip_core::image::index_image(
+            &client,
+            &store,
+            &resolved,
+            &Default::default(),
+            std::sync::Arc::new(|_| {}),
+            false,
+            1,
+        )
+        .await
+        .unwrap();
+        let ix = reports[0].index.clone();
+        assert!(ix.spans.len() >= 8);
+        let cache = std::sync::Arc::new(TieredCache::memory_only(256 << 20));
+        let cfg = ReaderConfig {
+            readahead: 3,
+            ..Default::default()
+        };
+        // Built here, not pushed: the windows come from the local store.
+        let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
+        assert!(windows.is_some());
+        let reader = LayerReader::new(
+            client,
+            resolved.reference.clone(),
+            ix.clone(),
+            windows,
+            cache.clone(),
+            cfg,
+        );
+        // A random read: no read-ahead.
+        let (s3, e3) = ix.span_range(3);
+        reader.read(s3, e3 - s3).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !cache.contains_local(&ix.spans[4].digest),
+            "read-ahead after a single random read"
+        );
+        // Two sequential reads: the next 3 spans arrive without being asked for.
+        let (s0, e0) = ix.span_range(0);
+        reader.read(s0, e0 - s0).await.unwrap();
+        let (s1, e1) = ix.span_range(1);
+        reader.read(s1, e1 - s1).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(2..5).all(|i| cache.contains_local(&ix.spans[i].digest)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read-ahead did not fetch spans 2..5"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            !cache.contains_local(&ix.spans[6].digest),
+            "read-ahead went further than configured"
+        );
+    });
+}
