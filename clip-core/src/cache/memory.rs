@@ -46,6 +46,15 @@ impl MemoryTier {
         Some(data)
     }
 
+    /// Presence only: no clone, and the LRU order is left alone (a probe is not a use).
+    pub fn contains(&self, key: &Digest) -> bool {
+        self.state
+            .lock()
+            .expect("memory tier lock")
+            .map
+            .contains_key(key)
+    }
+
     /// Inserts (spans larger than the whole cap are not kept) and evicts least recently used.
     pub fn put(&self, key: Digest, data: Bytes) {
         if data.len() as u64 > self.cap {

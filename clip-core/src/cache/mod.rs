@@ -184,7 +184,7 @@ impl TieredCache {
 
     /// True if memory or disk has the span (no I/O).
     pub fn contains_local(&self, key: &Digest) -> bool {
-        self.memory.get(key).is_some() || self.disk.as_ref().is_some_and(|d| d.contains(key))
+        self.memory.contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
     }
 
     async fn fill_local(&self, key: &Digest, data: &Bytes) {
