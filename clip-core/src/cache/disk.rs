@@ -150,8 +150,7 @@ impl DiskTier {
                     continue;
                 }
                 let size = len - HEADER as u64;
-                let tick = self.state.lock().expect("disk tier lock").touch(d, size);
-                let _ = self.tree.insert(d.as_bytes(), &record(size, tick));
+                self.record_use(&d, size);
             }
         }
         Ok(())
@@ -182,14 +181,7 @@ impl DiskTier {
         });
         match ok {
             Some(data) => {
-                let tick = self
-                    .state
-                    .lock()
-                    .expect("disk tier lock")
-                    .touch(*key, data.len() as u64);
-                let _ = self
-                    .tree
-                    .insert(key.as_bytes(), &record(data.len() as u64, tick));
+                self.record_use(key, data.len() as u64);
                 Some(data)
             }
             None => {
@@ -228,16 +220,15 @@ impl DiskTier {
             f.write_all(data)?;
         }
         std::fs::rename(&tmp, &path)?;
-        let tick = self
-            .state
-            .lock()
-            .expect("disk tier lock")
-            .touch(*key, data.len() as u64);
-        let _ = self
-            .tree
-            .insert(key.as_bytes(), &record(data.len() as u64, tick));
+        self.record_use(key, data.len() as u64);
         self.evict();
         Ok(())
+    }
+
+    /// Marks `key` (of `size` bytes) most recently used, in memory and in its sled record.
+    fn record_use(&self, key: &Digest, size: u64) {
+        let tick = self.state.lock().expect("disk tier lock").touch(*key, size);
+        let _ = self.tree.insert(key.as_bytes(), &record(size, tick));
     }
 
     fn remove(&self, key: &Digest) {
