@@ -93,7 +93,8 @@ impl Store {
         self.root.join("windows").join(digest.hex())
     }
 
-    /// Stores an encoded index and (when given) its windows blob; durable on return.
+    /// Stores an encoded index and (when given) its windows blob, named by its content digest
+    /// (which is what the index records); durable on return.
     pub async fn put_layer(
         &self,
         layer: &Digest,
@@ -101,11 +102,7 @@ impl Store {
         windows: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         if let Some(w) = windows {
-            let ix = format::decode(encoded).map_err(|e| StoreError::Corrupt {
-                key: layer.to_string(),
-                reason: e.to_string(),
-            })?;
-            self.write_file_atomic(&self.windows_path(&ix.windows.digest), w)?;
+            self.write_file_atomic(&self.windows_path(&Digest::of(w)), w)?;
         }
         self.layers
             .insert(layer.to_string(), encoded)
