@@ -14,6 +14,7 @@ struct Instruments {
     inflate_seconds: Counter<f64>,
     span_fetch_seconds: Histogram<f64>,
     registry_requests: Counter<u64>,
+    registry_retries: Counter<u64>,
     registry_request_seconds: Histogram<f64>,
     cache_bytes: UpDownCounter<i64>,
     cache_evictions: Counter<u64>,
@@ -61,6 +62,10 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.registry.requests")
                 .with_description("Registry HTTP requests by outcome")
                 .build(),
+            registry_retries: meter
+                .u64_counter("clip.registry.retries")
+                .with_description("Registry attempts retried after a transient failure")
+                .build(),
             registry_request_seconds: meter
                 .f64_histogram("clip.registry.request.seconds")
                 .with_description("Registry request latency (to response headers)")
@@ -96,6 +101,10 @@ pub fn registry_request(outcome: &'static str, seconds: f64) {
         .add(1, &[KeyValue::new("outcome", outcome)]);
     i.registry_request_seconds
         .record(seconds, &[KeyValue::new("outcome", outcome)]);
+}
+
+pub fn registry_retry() {
+    instruments().registry_retries.add(1, &[]);
 }
 
 /// A cache tier grew (positive) or shrank (negative) by `delta` bytes.

@@ -14,6 +14,7 @@ async fn prometheus_endpoint_serves_clip_metrics() {
     clip_core::metrics::inflated(1 << 20, 0.002);
     clip_core::metrics::span_fetch(0.015, 2);
     clip_core::metrics::registry_request("2xx", 0.004);
+    clip_core::metrics::registry_retry();
     clip_core::metrics::cache_size("memory", 4096);
     clip_core::metrics::cache_size("memory", -1024);
     clip_core::metrics::cache_eviction("disk");
@@ -28,6 +29,7 @@ async fn prometheus_endpoint_serves_clip_metrics() {
         "clip_span_fetch_seconds_count{spans=\"2\"} 1",
         "clip_registry_requests_total{outcome=\"2xx\"} 1",
         "clip_registry_request_seconds_count{outcome=\"2xx\"} 1",
+        "clip_registry_retries_total 1",
         "clip_cache_size_bytes{tier=\"memory\"} 3072",
         "clip_cache_evictions_total{tier=\"disk\"} 1",
     ] {

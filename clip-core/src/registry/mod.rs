@@ -76,13 +76,6 @@ pub enum RegistryError {
     Other(String),
 }
 
-impl RegistryError {
-    /// Transient failures that a later attempt (or a retry by the caller) may cure.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, RegistryError::DeadlineExceeded { .. })
-    }
-}
-
 /// How to reach registries. Every field has a sane default.
 #[derive(Clone, Debug)]
 pub struct RegistryConfig {
@@ -164,14 +157,6 @@ struct AuthState {
     plain_http: HashMap<String, bool>,
 }
 
-/// Counts what the client moved; shared with metrics and benchmarks.
-#[derive(Default, Debug)]
-pub struct Stats {
-    pub requests: std::sync::atomic::AtomicU64,
-    pub bytes: std::sync::atomic::AtomicU64,
-    pub retries: std::sync::atomic::AtomicU64,
-}
-
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -182,7 +167,6 @@ struct Inner {
     docker_creds: HashMap<String, Credentials>,
     clients: Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>,
     state: Mutex<AuthState>,
-    stats: Stats,
 }
 
 impl Client {
@@ -199,17 +183,12 @@ impl Client {
                 docker_creds,
                 clients: Mutex::new(HashMap::new()),
                 state: Mutex::new(AuthState::default()),
-                stats: Stats::default(),
             }),
         }
     }
 
     pub fn config(&self) -> &RegistryConfig {
         &self.inner.cfg
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
     }
 
     fn credentials(&self, registry: &str) -> Option<&Credentials> {
@@ -423,10 +402,7 @@ impl Client {
                         });
                     }
                     tracing::debug!(what, attempts, ?delay, reason, "retrying");
-                    self.inner
-                        .stats
-                        .retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::metrics::registry_retry();
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -461,7 +437,6 @@ impl Client {
                         if let Some(a) = &auth {
                             req = req.header(AUTHORIZATION, a);
                         }
-                        self.inner.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let sent = Instant::now();
                         let result = req.send().await;
                         let outcome = match &result {
@@ -674,10 +649,6 @@ impl Client {
     }
 
     fn count_bytes(&self, n: usize) {
-        self.inner
-            .stats
-            .bytes
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         crate::metrics::registry_bytes(n as u64);
     }
 
