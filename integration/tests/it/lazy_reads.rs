@@ -6,6 +6,34 @@ use crate::faults::{Fault, FaultProxy};
 use std::path::Path;
 use std::process::Command;
 
+/// A node that resolves `image` and indexes it itself (library level, no push): its client,
+/// the resolved image, its store (holding the windows) and the layer reports.
+async fn index_here(
+    image: &str,
+    root: &Path,
+) -> (
+    clip_core::registry::Client,
+    clip_core::registry::ResolvedImage,
+    clip_core::store::Store,
+    Vec<clip_core::image::LayerReport>,
+) {
+    let client = clip_core::registry::Client::new(Default::default());
+    let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
+    let store = clip_core::store::Store::open(root).unwrap();
+    let reports = clip_core::image::index_image(
+        &client,
+        &store,
+        &resolved,
+        &Default::default(),
+        std::sync::Arc::new(|_| {}),
+        false,
+        1,
+    )
+    .await
+    .unwrap();
+    (client, resolved, store, reports)
+}
+
 /// The file as Python's tarfile sees it in the layout.
 fn reference_bytes(layout: &Path, path: &str) -> Vec<u8> {
     let o = Command::new("python3")
@@ -395,21 +423,8 @@ fn background_fill_keeps_to_its_rate_and_can_be_cancelled() {
     rt.block_on(async {
         use clip_core::cache::TieredCache;
         use clip_core::reader::{LayerReader, ReaderConfig};
-        use clip_core::registry::{Client, RegistryConfig};
-        let client = Client::new(RegistryConfig::default());
-        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
-        let store = clip_core::store::Store::open(&tmp.path().join("node")).unwrap();
-        let reports = clip_core::image::index_image(
-            &client,
-            &store,
-            &resolved,
-            &Default::default(),
-            std::sync::Arc::new(|_| {}),
-            false,
-            1,
-        )
-        .await
-        .unwrap();
+        let (client, resolved, _store, reports) =
+            index_here(&image, &tmp.path().join("node")).await;
         let cache = std::sync::Arc::new(TieredCache::memory_only(64 << 20));
         let reader = LayerReader::new(
             client,
@@ -521,26 +536,12 @@ fn redis_cluster_mode_is_supported() {
 fn sequential_reads_trigger_read_ahead() {
     use clip_core::cache::TieredCache;
     use clip_core::reader::{LayerReader, ReaderConfig};
-    use clip_core::registry::{Client, RegistryConfig};
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
     let (_, image) = everytype(&reg, tmp.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = Client::new(RegistryConfig::default());
-        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
-        let store = clip_core::store::Store::open(&tmp.path().join("node")).unwrap();
-        let reports = clip_core::image::index_image(
-            &client,
-            &store,
-            &resolved,
-            &Default::default(),
-            std::sync::Arc::new(|_| {}),
-            false,
-            1,
-        )
-        .await
-        .unwrap();
+        let (client, resolved, store, reports) = index_here(&image, &tmp.path().join("node")).await;
         let ix = reports[0].index.clone();
         assert!(ix.spans.len() >= 8);
         let cache = std::sync::Arc::new(TieredCache::memory_only(256 << 20));
