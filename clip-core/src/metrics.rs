@@ -18,6 +18,8 @@ struct Instruments {
     registry_request_seconds: Histogram<f64>,
     cache_bytes: UpDownCounter<i64>,
     cache_evictions: Counter<u64>,
+    fuse_read_bytes: Counter<u64>,
+    fuse_opens: Counter<u64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -80,6 +82,15 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.cache.evictions")
                 .with_description("Spans evicted per cache tier")
                 .build(),
+            fuse_read_bytes: meter
+                .u64_counter("clip.fuse.read.bytes")
+                .with_description("File bytes served by the daemon over FUSE (not passthrough)")
+                .with_unit("By")
+                .build(),
+            fuse_opens: meter
+                .u64_counter("clip.fuse.opens")
+                .with_description("File opens by mode: daemon (page-cached) or passthrough")
+                .build(),
         }
     })
 }
@@ -134,6 +145,16 @@ pub fn inflated(bytes: u64, seconds: f64) {
     let i = instruments();
     i.inflated_bytes.add(bytes, &[]);
     i.inflate_seconds.add(seconds, &[]);
+}
+
+pub fn fuse_read(bytes: u64) {
+    instruments().fuse_read_bytes.add(bytes, &[]);
+}
+
+pub fn fuse_open(mode: &'static str) {
+    instruments()
+        .fuse_opens
+        .add(1, &[KeyValue::new("mode", mode)]);
 }
 
 pub fn span_fetch(seconds: f64, spans: usize) {

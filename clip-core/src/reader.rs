@@ -107,6 +107,13 @@ impl LayerReader {
         &self.index
     }
 
+    /// True if every span covering `[offset, offset + len)` is in memory or on local disk.
+    pub fn is_local(&self, offset: u64, len: u64) -> bool {
+        self.index
+            .spans_covering(offset, len)
+            .all(|i| self.cache.contains_local(&self.index.spans[i].digest))
+    }
+
     /// Bytes `[offset, offset + len)` of the layer's uncompressed stream (clamped to its end).
     pub async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Bytes, ReadError> {
         let size = self.index.uncompressed_size;

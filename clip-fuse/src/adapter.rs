@@ -4,15 +4,16 @@
 
 use crate::fs::{Attr, ClipFs, FsError, Kind};
 use fuser::{
-    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+    BackgroundSession, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The image never changes under a mount: the kernel may cache entries and attributes long.
@@ -27,6 +28,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// The name shown in /proc/mounts.
     pub fsname: String,
+    /// Serve files whose bytes are all local by FUSE passthrough (when the kernel offers it).
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -35,6 +38,7 @@ impl Default for MountOptions {
             allow_other: true,
             threads: 4,
             fsname: "clip".into(),
+            passthrough: true,
         }
     }
 }
@@ -42,6 +46,39 @@ impl Default for MountOptions {
 struct Adapter {
     fs: Arc<ClipFs>,
     rt: tokio::runtime::Handle,
+    /// Asked for by the mount, and granted by the kernel at init.
+    passthrough: bool,
+    /// How each open inode is open. The kernel refuses (EIO) to mix page-cached and passthrough
+    /// opens of one inode, and every passthrough open of an inode must name the same backing
+    /// file, so an inode keeps its mode until its last open file is released.
+    open: Mutex<HashMap<u64, OpenMode>>,
+}
+
+enum OpenMode {
+    Cached(u32),
+    Passthrough(BackingId, u32),
+}
+
+impl Adapter {
+    /// A registered backing file for a passthrough open of `ino`, if it has a verified local
+    /// copy; otherwise starts making one for later opens.
+    fn backing(&self, ino: u64, reply: &ReplyOpen) -> Option<BackingId> {
+        if !self.passthrough {
+            return None;
+        }
+        let Some(file) = self.fs.backing_file(ino) else {
+            self.fs.prepare_backing(ino, &self.rt);
+            return None;
+        };
+        match reply.open_backing(&file) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                // E.g. the cache directory is on a stacked filesystem: serve through the daemon.
+                tracing::warn!(ino, "FUSE passthrough unavailable for this file: {e}");
+                None
+            }
+        }
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -93,7 +130,20 @@ fn file_attr(a: &Attr) -> FileAttr {
 
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // 1 MiB reads (the kernel's FUSE limit, 256 pages, is derived from this).
         let _ = config.set_max_readahead(1 << 20);
+        if self.passthrough {
+            // Depth 1: backing files on a plain filesystem, and this mount usable as an
+            // overlayfs lower layer.
+            self.passthrough = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !self.passthrough {
+                tracing::info!(
+                    "the kernel offers no FUSE passthrough; every read goes through the daemon"
+                );
+            }
+        }
         // Each is optional: a kernel without one simply does without.
         for flag in [
             // Listings carry attributes (fills the kernel's entry and attribute caches).
@@ -143,10 +193,59 @@ impl Filesystem for Adapter {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
         }
-        match self.fs.get(ino.0) {
-            // Immutable content: keep the kernel's page cache across opens.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+        if let Err(e) = self.fs.get(ino.0) {
+            return reply.error(errno(&e));
+        }
+        let mut open = self.open.lock().expect("open lock");
+        match open.get_mut(&ino.0) {
+            Some(OpenMode::Passthrough(id, n)) => {
+                *n += 1;
+                clip_core::metrics::fuse_open("passthrough");
+                return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
+            }
+            Some(OpenMode::Cached(n)) => *n += 1,
+            None => {
+                if let Some(id) = self.backing(ino.0, &reply) {
+                    reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
+                    open.insert(ino.0, OpenMode::Passthrough(id, 1));
+                    clip_core::metrics::fuse_open("passthrough");
+                    return;
+                }
+                open.insert(ino.0, OpenMode::Cached(1));
+            }
+        }
+        clip_core::metrics::fuse_open("daemon");
+        // Immutable content: keep the kernel's page cache across opens.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+        let mut open = self.open.lock().expect("open lock");
+        let last = match open.get_mut(&ino.0) {
+            Some(OpenMode::Cached(n) | OpenMode::Passthrough(_, n)) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if last {
+            // Dropping a BackingId closes it; open files keep their own reference.
+            open.remove(&ino.0);
+            drop(open);
+            if self.passthrough {
+                // A file just read whole through the daemon is now local: copy it for next time.
+                self.fs.prepare_backing(ino.0, &self.rt);
+            }
         }
     }
 
@@ -164,7 +263,10 @@ impl Filesystem for Adapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(ino.0, offset, size).await {
-                Ok(b) => reply.data(&b),
+                Ok(b) => {
+                    clip_core::metrics::fuse_read(b.len() as u64);
+                    reply.data(&b)
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -338,6 +440,8 @@ pub fn mount(
         Adapter {
             fs: Arc::new(fs),
             rt,
+            passthrough: opts.passthrough,
+            open: Mutex::new(HashMap::new()),
         },
         dir,
         &cfg,

@@ -78,6 +78,10 @@ pub struct MountArgs {
     /// non-root users; permissions are still checked against the image's modes).
     #[arg(long)]
     pub no_allow_other: bool,
+    /// Files at least this big are served by FUSE passthrough (the kernel reads a local copy
+    /// directly) once all their bytes are in the disk tier; --passthrough-cap 0 turns it off.
+    #[arg(long, default_value = "1MiB", value_parser = parse_cap)]
+    pub passthrough_min_size: u64,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
@@ -114,6 +118,10 @@ pub struct CacheArgs {
     /// Shared Redis tier: redis://HOST:PORT/ or redis+cluster://H1:P1,H2:P2 (off by default).
     #[arg(long, env = "CLIP_REDIS", value_name = "URL")]
     pub redis: Option<String>,
+    /// Bytes of whole files kept beside the disk tier for FUSE passthrough (default: a quarter
+    /// of --disk-cap; 0 disables passthrough).
+    #[arg(long, value_parser = parse_cap)]
+    pub passthrough_cap: Option<u64>,
     /// Print what the read did (tier hits, registry requests and bytes, inflated bytes) as JSON
     /// on stderr.
     #[arg(long)]

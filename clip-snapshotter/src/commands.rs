@@ -411,8 +411,9 @@ async fn open_image(
                 .unwrap_or_else(|| ctx.store.root().join("cache")),
         ),
         remote: c.redis.clone(),
+        files_bytes: c.passthrough_cap,
     };
-    let cache = Arc::new(TieredCache::open(&cfg, Some(ctx.store.tree("disk-cache")?)).await?);
+    let cache = Arc::new(TieredCache::open(&cfg, Some(&ctx.store)).await?);
     let readers = reports
         .iter()
         .map(|r| {
@@ -626,10 +627,14 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     anyhow::ensure!(a.dir.is_dir(), "{}: not a directory", a.dir.display());
     let ctx = context(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
-    let fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone());
+    let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone());
+    if let Some(store) = o.cache.files() {
+        fs = fs.with_passthrough(store.clone(), a.passthrough_min_size);
+    }
     let opts = clip_fuse::MountOptions {
         allow_other: !a.no_allow_other,
         threads: a.threads,
+        passthrough: o.cache.files().is_some(),
         ..Default::default()
     };
     let session = clip_fuse::mount(fs, &a.dir, tokio::runtime::Handle::current(), &opts)

@@ -2,8 +2,9 @@
 # FUSE benchmarks: clip's merged mount vs the same image extracted to local disk (umoci unpack).
 #   1. metadata, warm: `find -type f | wc -l` and `ls -lR` over the large image
 #   2. sequential read of a 128 MiB file: cold (empty clip cache, registry bytes reported),
-#      warm from clip's cache (kernel page cache dropped), hot (kernel page cache kept), vs local
-#      disk (page cache dropped) and local page cache
+#      warm from clip's cache (kernel page cache dropped), hot (kernel page cache kept), each
+#      through the daemon and with FUSE passthrough, vs local disk (page cache dropped) and
+#      local page cache
 # Usage: scripts/bench/fuse.sh [RUNS]   (root; release build; large image built)
 source "$(dirname "$0")/lib.sh"
 RUNS=${1:-3}
@@ -24,13 +25,14 @@ push_layout "$WORK/big" v1 big
 umoci unpack --image "$LAYOUT:large" "$WORK/large-bundle" >/dev/null
 umoci unpack --image "$WORK/big:v1" "$WORK/big-bundle" >/dev/null
 
-mount_image() { # IMAGE DIR ROOT METRICS_PORT
-  mkdir -p "$2"
-  "$CLIP" --root "$3" index "$1" >/dev/null
-  "$CLIP" --root "$3" --metrics-address "127.0.0.1:$4" mount "$1" "$2" 2>"$3.log" &
+mount_image() { # IMAGE DIR ROOT METRICS_PORT [MOUNT OPTIONS...]
+  local image=$1 dir=$2 root=$3 port=$4; shift 4
+  mkdir -p "$dir"
+  "$CLIP" --root "$root" index "$image" >/dev/null
+  "$CLIP" --root "$root" --metrics-address "127.0.0.1:$port" mount "$image" "$dir" "$@" 2>"$root.log" &
   MPID=$!
-  for _ in $(seq 200); do mountpoint -q "$2" && return 0; sleep 0.05; done
-  echo "mount failed:" >&2; cat "$3.log" >&2; return 1
+  for _ in $(seq 200); do mountpoint -q "$dir" && return 0; sleep 0.05; done
+  echo "mount failed:" >&2; cat "$root.log" >&2; return 1
 }
 unmount_image() { kill -TERM "$MPID"; wait "$MPID" 2>/dev/null || true; MPID=""; }
 registry_bytes() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^clip_registry_bytes_total/ {print $2}'; }
@@ -56,32 +58,55 @@ for what in "find -type f" "ls -lR"; do
 done
 unmount_image
 
-echo "## sequential read of a 128 MiB file"
 FILE=data/big.bin
 SIZE=$(stat -c %s "$WORK/big-bundle/rootfs/$FILE")
-declare -a cold=() warm=() hot=() disk=() pcache=() creg=()
+mbps() { echo "$SIZE / $(echo "$1" | awk '{print $1}') / 1000000" | bc -l | xargs printf '%.0f MB/s'; }
+row() { # LABEL TIMES...
+  local label=$1; shift
+  local med; med=$(echo "$@" | tr ' ' '\n' | grep -v '^$' | median)
+  echo "| $label | $(echo "$@" | stats) | $(mbps "$med") |"
+}
+# Waits until the mount's background copy of the file for passthrough is in place.
+wait_copy() { # ROOT
+  for _ in $(seq 600); do
+    [[ -n $(find "$1/cache/files" -maxdepth 1 -type f ! -name 'new.*' 2>/dev/null) ]] && return 0
+    sleep 0.05
+  done
+  echo "no passthrough copy appeared under $1/cache/files" >&2; return 1
+}
+
+echo "## sequential read of a 128 MiB file ($SIZE bytes)"
+declare -a cold=() warm=() hot=() pwarm=() phot=() disk=() pcache=() creg=()
 for r in $(seq "$RUNS"); do
+  # Through the daemon: passthrough off.
   P2=$(free_port)
   rm -rf "$WORK/root-big"
-  mount_image "$REGISTRY/big:v1" "$WORK/mnt-big" "$WORK/root-big" "$P2"
+  mount_image "$REGISTRY/big:v1" "$WORK/mnt-big" "$WORK/root-big" "$P2" --passthrough-cap 0
   drop; cold+=("$(timeit cat "$WORK/mnt-big/$FILE")"); creg+=("$(registry_bytes "$P2")")
   drop; warm+=("$(timeit cat "$WORK/mnt-big/$FILE")")
   hot+=("$(timeit cat "$WORK/mnt-big/$FILE")")
   unmount_image
+  # Passthrough: the first (cold) read fills the disk tier, closing the file starts the copy,
+  # later opens are handed to the kernel.
+  P3=$(free_port)
+  rm -rf "$WORK/root-big"
+  mount_image "$REGISTRY/big:v1" "$WORK/mnt-big" "$WORK/root-big" "$P3"
+  cat "$WORK/mnt-big/$FILE" >/dev/null
+  wait_copy "$WORK/root-big"
+  drop; pwarm+=("$(timeit cat "$WORK/mnt-big/$FILE")")
+  phot+=("$(timeit cat "$WORK/mnt-big/$FILE")")
+  after=$(registry_bytes "$P3")
+  unmount_image
   drop; disk+=("$(timeit cat "$WORK/big-bundle/rootfs/$FILE")")
   pcache+=("$(timeit cat "$WORK/big-bundle/rootfs/$FILE")")
 done
-mbps() { echo "$SIZE / $(echo "$1" | awk '{print $1}') / 1000000" | bc -l | xargs printf '%.0f MB/s'; }
-for name in cold warm hot disk pcache; do
-  declare -n arr=$name
-  med=$(echo "${arr[@]}" | tr ' ' '\n' | grep -v '^$' | median)
-  case $name in
-    cold) label="clip, cold (empty cache, from the registry)";;
-    warm) label="clip, warm (clip cache; kernel page cache dropped)";;
-    hot) label="clip, hot (kernel page cache kept: FOPEN_KEEP_CACHE)";;
-    disk) label="local disk (page cache dropped)";;
-    pcache) label="local disk, page cache";;
-  esac
-  echo "| $label | $(echo "${arr[@]}" | stats) | $(mbps "$med") |"
-done
-echo "cold registry bytes per run: ${creg[*]} (file: $SIZE bytes)"
+echo "| read | time, median (min-max) | throughput |"
+echo "|---|---|---|"
+row "clip, cold (empty cache, from the registry)" "${cold[@]}"
+row "clip, warm through the daemon (clip cache; kernel page cache dropped)" "${warm[@]}"
+row "clip, hot through the daemon (kernel page cache kept: FOPEN_KEEP_CACHE)" "${hot[@]}"
+row "clip, warm with passthrough (local copy; page cache dropped)" "${pwarm[@]}"
+row "clip, hot with passthrough (page cache of the local copy)" "${phot[@]}"
+row "local disk (page cache dropped)" "${disk[@]}"
+row "local disk, page cache" "${pcache[@]}"
+echo "cold registry bytes per run: ${creg[*]} (file: $SIZE bytes); passthrough mount, total: $after"

@@ -17,33 +17,50 @@ use std::sync::Mutex;
 const MAGIC: &[u8; 8] = b"CLIPSPN1";
 const HEADER: usize = 8 + 32 + 8;
 
-struct State {
-    map: HashMap<Digest, (u64, u64)>,
+/// LRU bookkeeping of a bounded on-disk store (sizes and use order; the files are elsewhere).
+pub(super) struct State {
+    /// Metric label of the store ("disk", "files").
+    label: &'static str,
+    pub(super) map: HashMap<Digest, (u64, u64)>,
     order: BTreeMap<u64, Digest>,
-    tick: u64,
-    bytes: u64,
-    evictions: u64,
+    pub(super) tick: u64,
+    pub(super) bytes: u64,
+    pub(super) evictions: u64,
 }
 
 impl State {
-    fn touch(&mut self, key: Digest, size: u64) -> u64 {
+    pub(super) fn new(label: &'static str) -> Self {
+        State {
+            label,
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+            bytes: 0,
+            evictions: 0,
+        }
+    }
+    /// The least recently used key.
+    pub(super) fn oldest(&self) -> Option<Digest> {
+        self.order.first_key_value().map(|(_, &d)| d)
+    }
+    pub(super) fn touch(&mut self, key: Digest, size: u64) -> u64 {
         self.tick += 1;
         let tick = self.tick;
         if let Some((old_size, old_tick)) = self.map.insert(key, (size, tick)) {
             self.order.remove(&old_tick);
             self.bytes -= old_size;
-            crate::metrics::cache_size("disk", -(old_size as i64));
+            crate::metrics::cache_size(self.label, -(old_size as i64));
         }
-        crate::metrics::cache_size("disk", size as i64);
+        crate::metrics::cache_size(self.label, size as i64);
         self.order.insert(tick, key);
         self.bytes += size;
         tick
     }
-    fn forget(&mut self, key: &Digest) {
+    pub(super) fn forget(&mut self, key: &Digest) {
         if let Some((size, tick)) = self.map.remove(key) {
             self.order.remove(&tick);
             self.bytes -= size;
-            crate::metrics::cache_size("disk", -(size as i64));
+            crate::metrics::cache_size(self.label, -(size as i64));
         }
     }
 }
@@ -55,7 +72,18 @@ pub struct DiskTier {
     state: Mutex<State>,
 }
 
-fn record(size: u64, tick: u64) -> [u8; 16] {
+/// Parses a [`record`]: (size, tick).
+pub(super) fn parse_record(v: &[u8]) -> Option<(u64, u64)> {
+    let v: &[u8; 16] = v.try_into().ok()?;
+    let (size, tick) = v.split_at(8);
+    Some((
+        u64::from_le_bytes(size.try_into().ok()?),
+        u64::from_le_bytes(tick.try_into().ok()?),
+    ))
+}
+
+/// A sled record of a stored file: its size and last-use tick.
+pub(super) fn record(size: u64, tick: u64) -> [u8; 16] {
     let mut r = [0u8; 16];
     r[..8].copy_from_slice(&size.to_le_bytes());
     r[8..].copy_from_slice(&tick.to_le_bytes());
@@ -69,24 +97,15 @@ impl DiskTier {
         std::fs::create_dir_all(dir)?;
         let mut recorded: Vec<(Digest, u64, u64)> = Vec::new();
         for (k, v) in tree.iter().flatten() {
-            if k.len() == 32 && v.len() == 16 {
-                let mut d = [0u8; 32];
-                d.copy_from_slice(&k);
-                let size = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
-                let tick = u64::from_le_bytes(v[8..].try_into().expect("8 bytes"));
-                recorded.push((Digest::from_bytes(d), size, tick));
-            } else {
-                let _ = tree.remove(k);
+            match (<[u8; 32]>::try_from(&k[..]), parse_record(&v)) {
+                (Ok(d), Some((size, tick))) => recorded.push((Digest::from_bytes(d), size, tick)),
+                _ => {
+                    let _ = tree.remove(k);
+                }
             }
         }
         recorded.sort_by_key(|r| r.2);
-        let state = State {
-            map: HashMap::new(),
-            order: BTreeMap::new(),
-            tick: 0,
-            bytes: 0,
-            evictions: 0,
-        };
+        let state = State::new("disk");
         let tier = DiskTier {
             dir: dir.to_path_buf(),
             cap,
@@ -122,7 +141,8 @@ impl DiskTier {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Ok(());
         };
-        for sub in rd.flatten() {
+        // Span files live in two-hex-digit subdirectories; anything else is not ours.
+        for sub in rd.flatten().filter(|s| s.file_name().len() == 2) {
             let Ok(files) = std::fs::read_dir(sub.path()) else {
                 continue;
             };
@@ -244,7 +264,7 @@ impl DiskTier {
                 if s.bytes <= self.cap {
                     return;
                 }
-                let Some((_, &v)) = s.order.first_key_value() else {
+                let Some(v) = s.oldest() else {
                     return;
                 };
                 s.evictions += 1;

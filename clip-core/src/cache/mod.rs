@@ -6,6 +6,7 @@
 //! never a wrong byte. A hit in a lower tier fills the tiers above it.
 
 pub mod disk;
+pub mod files;
 pub mod memory;
 pub mod remote;
 
@@ -26,6 +27,9 @@ pub struct CacheConfig {
     pub disk_dir: Option<PathBuf>,
     /// A shared Redis tier, e.g. `redis://127.0.0.1:6379/` (`redis+cluster://h1,h2` for a cluster).
     pub remote: Option<String>,
+    /// Bytes of whole files kept for FUSE passthrough, in `<disk_dir>/files` (default: a quarter
+    /// of `disk_bytes`; 0 disables passthrough). Counted apart from the span files.
+    pub files_bytes: Option<u64>,
 }
 
 impl Default for CacheConfig {
@@ -35,6 +39,7 @@ impl Default for CacheConfig {
             disk_bytes: 10 << 30,
             disk_dir: None,
             remote: None,
+            files_bytes: None,
         }
     }
 }
@@ -70,6 +75,7 @@ impl CacheStats {
 pub struct TieredCache {
     memory: memory::MemoryTier,
     disk: Option<Arc<disk::DiskTier>>,
+    files: Option<Arc<files::FileStore>>,
     remote: Option<remote::RemoteTier>,
     pub stats: CacheStats,
     /// Bounds the registry fetches in flight across every reader sharing this cache, and so the
@@ -85,46 +91,72 @@ pub fn concurrent_fetches(memory_bytes: u64) -> usize {
     (memory_bytes / (32 << 20)).clamp(2, 8) as usize
 }
 
+fn dir_name(cfg: &CacheConfig) -> String {
+    cfg.disk_dir
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("disk cache {path}: {error}")]
     Disk { path: String, error: std::io::Error },
     #[error("remote cache: {0}")]
     Remote(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl TieredCache {
-    /// A cache with the given tiers. `disk_state` holds the disk tier's records (a sled tree).
+    /// A cache with the given tiers; the disk tiers keep their records in `store`'s sled
+    /// database (without a store there is no disk tier).
     pub async fn open(
         cfg: &CacheConfig,
-        disk_state: Option<sled::Tree>,
+        store: Option<&crate::store::Store>,
     ) -> Result<Self, CacheError> {
-        let disk = match (&cfg.disk_dir, disk_state) {
-            (Some(dir), Some(tree)) if cfg.disk_bytes > 0 => {
+        let mut disk = None;
+        let mut files = None;
+        if let (Some(dir), Some(store)) = (&cfg.disk_dir, store) {
+            if cfg.disk_bytes > 0 {
+                let (spans, file_recs, names) = (
+                    store.tree("disk-cache")?,
+                    store.tree("file-cache")?,
+                    store.tree("file-names")?,
+                );
                 let (dir, cap) = (dir.clone(), cfg.disk_bytes);
-                let d = tokio::task::spawn_blocking(move || disk::DiskTier::open(&dir, tree, cap))
-                    .await
-                    .map_err(|e| CacheError::Disk {
-                        path: String::new(),
-                        error: std::io::Error::other(e),
-                    })?
-                    .map_err(|error| CacheError::Disk {
-                        path: cfg
-                            .disk_dir
-                            .as_ref()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default(),
-                        error,
-                    })?;
-                Some(Arc::new(d))
+                let files_cap = cfg.files_bytes.unwrap_or(cap / 4);
+                let opened = tokio::task::spawn_blocking(move || {
+                    let d = disk::DiskTier::open(&dir, spans, cap)?;
+                    let f = match files_cap {
+                        0 => None,
+                        c => Some(files::FileStore::open(
+                            &dir.join("files"),
+                            file_recs,
+                            names,
+                            c,
+                        )?),
+                    };
+                    Ok::<_, std::io::Error>((d, f))
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(|error| CacheError::Disk {
+                    path: dir_name(cfg),
+                    error,
+                })?;
+                disk = Some(Arc::new(opened.0));
+                files = opened.1.map(Arc::new);
             }
-            _ => None,
-        };
+        }
         let remote = match &cfg.remote {
             Some(url) => Some(remote::RemoteTier::connect(url).await?),
             None => None,
         };
-        Ok(Self::with_tiers(cfg.memory_bytes, disk, remote))
+        let mut c = Self::with_tiers(cfg.memory_bytes, disk, remote);
+        c.files = files;
+        Ok(c)
     }
 
     /// A memory-only cache (tests, one-shot commands).
@@ -141,6 +173,7 @@ impl TieredCache {
         TieredCache {
             memory: memory::MemoryTier::new(memory_bytes),
             disk,
+            files: None,
             remote,
             stats: CacheStats::default(),
             fetch_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
@@ -211,6 +244,11 @@ impl TieredCache {
         if let Some(d) = &self.disk {
             d.flush().await;
         }
+    }
+
+    /// The whole-file store for FUSE passthrough, when there is a disk tier and it is enabled.
+    pub fn files(&self) -> Option<&Arc<files::FileStore>> {
+        self.files.as_ref()
     }
 
     /// How many registry fetches may run at once through this cache.

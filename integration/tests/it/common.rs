@@ -329,3 +329,25 @@ pub fn everytype(reg: &Registry, dir: &Path) -> (PathBuf, String) {
     reg.push_layout(&l, "v1", "everytype");
     (l, format!("{}:v1", reg.image("everytype")))
 }
+
+/// The Prometheus text served by a clip process started with `--metrics-address 127.0.0.1:PORT`.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The sum of a metric's samples (every label set) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -13,10 +13,16 @@ struct Mounted {
 
 impl Mounted {
     fn start(root: &Path, image: &str, dir: &Path) -> Mounted {
+        Self::start_with(root, image, dir, &[])
+    }
+
+    /// `args` go before the `mount` command (global options such as --metrics-address).
+    fn start_with(root: &Path, image: &str, dir: &Path, args: &[&str]) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
         let mut child = Command::new(clip_bin())
             .arg("--root")
             .arg(root)
+            .args(args)
             .args(["mount", image])
             .arg(dir)
             .env("CLIP_LOG", "warn,fuser=error")
@@ -156,4 +162,124 @@ fn large_image_mount_matches_umoci_unpack_and_serves_parallel_readers() {
     }
     let expected = umoci_unpack(&layout, "large", &tmp.path().join("bundle"));
     treecmp(&expected, &m.dir);
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (root)");
+}
+
+/// The content digest named by the store's one whole-file copy, once it exists.
+fn wait_for_copy(root: &Path) -> PathBuf {
+    let dir = root.join("cache/files");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("new."))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(p) = done.into_iter().next() {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no passthrough copy in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn passthrough_serves_wholly_cached_files_without_the_daemon() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    // A 6 MiB file (above the 1 MiB passthrough threshold) and a small one (below it).
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    let big: Vec<u8> = (0..6u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(src.join("data/big.bin"), &big).unwrap();
+    std::fs::write(src.join("data/small.txt"), b"small file\n").unwrap();
+    let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
+    reg.push_layout(&l, "v1", "pt");
+    let image = format!("{}:v1", reg.image("pt"));
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mounted::start_with(
+        &root,
+        &image,
+        &tmp.path().join("mnt"),
+        &["--metrics-address", &addr],
+    );
+    let file = m.dir.join("data/big.bin");
+    // Cold: through the daemon (bytes fetched, verified, cached); closing it starts the copy.
+    assert!(std::fs::read(&file).unwrap() == big);
+    let served = metric(&scrape(port), "clip_fuse_read_bytes_total");
+    assert!(served >= big.len() as f64, "daemon served {served} bytes");
+    let copy = wait_for_copy(&root);
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        big,
+        "the copy holds the file's bytes"
+    );
+    // Warm, page cache dropped: the kernel reads the copy; the daemon serves no byte.
+    drop_page_cache();
+    assert!(std::fs::read(&file).unwrap() == big);
+    let text = scrape(port);
+    assert_eq!(metric(&text, "clip_fuse_read_bytes_total"), served);
+    assert!(
+        metric(&text, "clip_fuse_opens_total{mode=\"passthrough\"}") >= 1.0,
+        "{text}"
+    );
+    // Files below the threshold stay on the daemon path.
+    assert_eq!(
+        std::fs::read(m.dir.join("data/small.txt")).unwrap(),
+        b"small file\n"
+    );
+    // Two opens at once share the inode's passthrough mode (the kernel refuses mixed modes).
+    let (a, b) = (
+        std::fs::File::open(&file).unwrap(),
+        std::fs::File::open(&file).unwrap(),
+    );
+    drop((a, b));
+    drop(m);
+
+    // After a restart a copy is hashed again before use: a damaged copy is dropped, never
+    // served, and the file still reads right (from the span cache).
+    let mut raw = std::fs::read(&copy).unwrap();
+    raw[4096] ^= 0xff;
+    std::fs::write(&copy, raw).unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mounted::start_with(
+        &root,
+        &image,
+        &tmp.path().join("mnt"),
+        &["--metrics-address", &addr],
+    );
+    let file = m.dir.join("data/big.bin");
+    drop_page_cache();
+    for _ in 0..3 {
+        assert!(std::fs::read(&file).unwrap() == big);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        std::fs::read(wait_for_copy(&root)).unwrap(),
+        big,
+        "rewritten copy"
+    );
+    let text = scrape(port);
+    // Every span came from the disk tier (the registry only answered the manifest lookup).
+    assert_eq!(metric(&text, "clip_cache_misses_total"), 0.0, "{text}");
+    assert!(metric(&text, "clip_cache_hits_total") > 0.0, "{text}");
+    drop_page_cache();
+    assert!(std::fs::read(&file).unwrap() == big);
 }

@@ -1,0 +1,347 @@
+//! Whole files on local disk, for FUSE passthrough: when a file's bytes are all local, the FUSE
+//! layer writes them out once as a plain file and hands the kernel that file, so later reads
+//! never reach the daemon.
+//!
+//! Files are content-addressed (named by the sha256 of their bytes, so identical files of
+//! different layers or images are stored once) and bounded in bytes with LRU eviction; sled
+//! keeps their sizes and use order (tree `file-cache`) and which layer file each one is (tree
+//! `file-names`: layer digest + offset of the file's bytes in the layer's tar stream). The bytes
+//! come from verified spans and are hashed while written; after a restart a file is hashed again
+//! before it is handed out ([`FileStore::verify`]), so a file damaged on disk is dropped, not
+//! served. Files are written under a temporary name and renamed.
+
+use super::disk::{parse_record, record, State};
+use crate::digest::{Digest, Hasher};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct FileStore {
+    dir: PathBuf,
+    cap: u64,
+    tree: sled::Tree,
+    names: sled::Tree,
+    state: Mutex<State>,
+    /// Files hashed (or written) by this process: safe to hand out.
+    verified: Mutex<HashSet<Digest>>,
+}
+
+/// A file being written into the store; removed unless committed.
+pub struct NewFile {
+    file: File,
+    tmp: PathBuf,
+    hasher: Hasher,
+    len: u64,
+    done: bool,
+}
+
+impl NewFile {
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+        self.file.write_all(data)
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn name_key(layer: &Digest, offset: u64) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..32].copy_from_slice(layer.as_bytes());
+    k[32..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+impl FileStore {
+    /// Opens the store in `dir`; records without a whole file are dropped, files without a
+    /// record and leftover temporaries are deleted, and the store is evicted down to `cap`.
+    pub fn open(
+        dir: &Path,
+        tree: sled::Tree,
+        names: sled::Tree,
+        cap: u64,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut recorded: Vec<(Digest, u64, u64)> = Vec::new();
+        for (k, v) in tree.iter().flatten() {
+            match (<[u8; 32]>::try_from(&k[..]), parse_record(&v)) {
+                (Ok(d), Some((size, tick))) => recorded.push((Digest::from_bytes(d), size, tick)),
+                _ => {
+                    let _ = tree.remove(k);
+                }
+            }
+        }
+        recorded.sort_by_key(|r| r.2);
+        let store = FileStore {
+            dir: dir.to_path_buf(),
+            cap,
+            tree,
+            names,
+            state: Mutex::new(State::new("files")),
+            verified: Mutex::new(HashSet::new()),
+        };
+        {
+            let mut s = store.state.lock().expect("file store lock");
+            for (d, size, tick) in recorded {
+                match std::fs::metadata(store.path(&d)) {
+                    Ok(m) if m.len() == size => {
+                        s.tick = s.tick.max(tick);
+                        s.touch(d, size);
+                    }
+                    _ => {
+                        let _ = store.tree.remove(d.as_bytes());
+                    }
+                }
+            }
+            for f in std::fs::read_dir(dir)?.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let ours = format!("sha256:{name}")
+                    .parse::<Digest>()
+                    .is_ok_and(|d| s.map.contains_key(&d));
+                if !ours {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
+        }
+        store.evict();
+        Ok(store)
+    }
+
+    fn path(&self, content: &Digest) -> PathBuf {
+        self.dir.join(content.hex())
+    }
+
+    /// The stored file holding the bytes of the layer file at `offset`, if there is one.
+    pub fn lookup(&self, layer: &Digest, offset: u64) -> Option<Digest> {
+        let v = self.names.get(name_key(layer, offset)).ok()??;
+        let d = Digest::from_bytes(<[u8; 32]>::try_from(&v[..]).ok()?);
+        self.state
+            .lock()
+            .expect("file store lock")
+            .map
+            .contains_key(&d)
+            .then_some(d)
+    }
+
+    /// True if `content` was hashed or written by this process.
+    pub fn is_verified(&self, content: &Digest) -> bool {
+        self.verified
+            .lock()
+            .expect("file store lock")
+            .contains(content)
+    }
+
+    /// Opens a stored file for reading if this process has verified it (marks it used).
+    pub fn open_verified(&self, content: &Digest) -> Option<File> {
+        if !self.is_verified(content) {
+            return None;
+        }
+        let size = *self
+            .state
+            .lock()
+            .expect("file store lock")
+            .map
+            .get(content)?;
+        let f = File::open(self.path(content)).ok()?;
+        self.record_use(content, size.0);
+        Some(f)
+    }
+
+    /// Hashes a stored file (blocking); a file that does not match its name is removed.
+    pub fn verify(&self, content: &Digest) -> bool {
+        if self.is_verified(content) {
+            return true;
+        }
+        let ok = File::open(self.path(content))
+            .and_then(|mut f| {
+                let mut h = Hasher::new();
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(h.finish());
+                    }
+                    h.update(&buf[..n]);
+                }
+            })
+            .is_ok_and(|d| d == *content);
+        if ok {
+            self.verified
+                .lock()
+                .expect("file store lock")
+                .insert(*content);
+        } else {
+            tracing::warn!(file = %content, "dropping damaged passthrough file");
+            self.remove(content);
+        }
+        ok
+    }
+
+    /// Starts writing a file of `size` bytes; None if it could never fit.
+    pub fn create(&self, size: u64) -> std::io::Result<Option<NewFile>> {
+        if size > self.cap {
+            return Ok(None);
+        }
+        let tmp = self.dir.join(format!(
+            "new.{}.{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        Ok(Some(NewFile {
+            file: File::create(&tmp)?,
+            tmp,
+            hasher: Hasher::new(),
+            len: 0,
+            done: false,
+        }))
+    }
+
+    /// Stores a fully written file as the bytes of the layer file at `offset`.
+    pub fn commit(&self, mut f: NewFile, layer: &Digest, offset: u64) -> std::io::Result<Digest> {
+        f.file.flush()?;
+        let content = std::mem::take(&mut f.hasher).finish();
+        let path = self.path(&content);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == f.len) {
+            std::fs::remove_file(&f.tmp)?;
+        } else {
+            std::fs::rename(&f.tmp, &path)?;
+        }
+        f.done = true;
+        self.verified
+            .lock()
+            .expect("file store lock")
+            .insert(content);
+        self.record_use(&content, f.len);
+        let _ = self
+            .names
+            .insert(name_key(layer, offset), content.as_bytes());
+        self.evict();
+        Ok(content)
+    }
+
+    fn record_use(&self, key: &Digest, size: u64) {
+        let tick = self
+            .state
+            .lock()
+            .expect("file store lock")
+            .touch(*key, size);
+        let _ = self.tree.insert(key.as_bytes(), &record(size, tick));
+    }
+
+    /// Drops a file. A file the kernel still has open stays readable until it is closed.
+    fn remove(&self, key: &Digest) {
+        self.state.lock().expect("file store lock").forget(key);
+        self.verified.lock().expect("file store lock").remove(key);
+        let _ = self.tree.remove(key.as_bytes());
+        let _ = std::fs::remove_file(self.path(key));
+    }
+
+    fn evict(&self) {
+        loop {
+            let victim = {
+                let mut s = self.state.lock().expect("file store lock");
+                if s.bytes <= self.cap {
+                    return;
+                }
+                let Some(v) = s.oldest() else { return };
+                s.evictions += 1;
+                crate::metrics::cache_eviction("files");
+                v
+            };
+            self.remove(&victim);
+        }
+    }
+
+    /// (bytes held, files, evictions so far)
+    pub fn usage(&self) -> (u64, usize, u64) {
+        let s = self.state.lock().expect("file store lock");
+        (s.bytes, s.map.len(), s.evictions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, cap: u64) -> FileStore {
+        let db = sled::open(dir.join("db")).unwrap();
+        FileStore::open(
+            &dir.join("files"),
+            db.open_tree("file-cache").unwrap(),
+            db.open_tree("file-names").unwrap(),
+            cap,
+        )
+        .unwrap()
+    }
+
+    fn put(s: &FileStore, layer: &Digest, offset: u64, data: &[u8]) -> Digest {
+        let mut f = s.create(data.len() as u64).unwrap().unwrap();
+        for c in data.chunks(7) {
+            f.write(c).unwrap();
+        }
+        s.commit(f, layer, offset).unwrap()
+    }
+
+    #[test]
+    fn content_addressed_bounded_verified_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"layer");
+        let files: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000]).collect();
+        let content;
+        {
+            let s = open(dir.path(), 2500);
+            let d: Vec<Digest> = files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| put(&s, &layer, i as u64 * 4096, f))
+                .collect();
+            assert_eq!(d[0], Digest::of(&files[0]));
+            assert_eq!(s.usage().1, 2, "two 1000-byte files fit in 2500");
+            assert_eq!(s.lookup(&layer, 0), None, "oldest evicted");
+            assert_eq!(s.lookup(&layer, 3 * 4096), Some(d[3]));
+            let mut got = Vec::new();
+            s.open_verified(&d[3])
+                .unwrap()
+                .read_to_end(&mut got)
+                .unwrap();
+            assert_eq!(got, files[3]);
+            // The same bytes under another name are stored once.
+            assert_eq!(put(&s, &Digest::of(b"other"), 0, &files[3]), d[3]);
+            assert_eq!(s.usage().1, 2);
+            // A write that is dropped half way leaves nothing behind.
+            let mut f = s.create(10).unwrap().unwrap();
+            f.write(b"half").unwrap();
+            drop(f);
+            assert_eq!(
+                std::fs::read_dir(dir.path().join("files")).unwrap().count(),
+                2
+            );
+            content = d[2];
+            s.tree.flush().unwrap();
+            s.names.flush().unwrap();
+        }
+        let s = open(dir.path(), 2500);
+        assert_eq!(s.lookup(&layer, 2 * 4096), Some(content));
+        // Not handed out before it is hashed again in this process.
+        assert!(s.open_verified(&content).is_none());
+        assert!(s.verify(&content));
+        assert!(s.open_verified(&content).is_some());
+        // A file damaged on disk is dropped at verification.
+        let other = s.lookup(&layer, 3 * 4096).unwrap();
+        let p = s.path(&other);
+        let mut raw = std::fs::read(&p).unwrap();
+        raw[10] ^= 1;
+        std::fs::write(&p, raw).unwrap();
+        assert!(!s.verify(&other));
+        assert!(!p.exists());
+        assert_eq!(s.lookup(&layer, 3 * 4096), None);
+    }
+}
