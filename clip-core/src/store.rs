@@ -77,6 +77,11 @@ impl Store {
         &self.root
     }
 
+    /// The sled database (for components that need ids or transactions of their own).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// A named sled tree for other components' small state (e.g. the disk cache's records).
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         self.db.open_tree(name).map_err(|e| self.db_err(e))

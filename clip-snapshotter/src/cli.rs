@@ -63,6 +63,23 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a clip mount.
     Umount(UmountArgs),
+    /// Run the containerd snapshotter daemon (a proxy plugin serving the snapshots API on a
+    /// unix socket; see docs/snapshotter.md).
+    Snapshotter(SnapshotterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotterArgs {
+    /// Configuration file (default: /etc/clip/config.toml if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Socket to serve on (default: the configuration's `address`, else
+    /// /run/clip/snapshotter.sock).
+    #[arg(long, value_name = "SOCKET")]
+    pub address: Option<PathBuf>,
+    /// Index images without a published index while they are pulled.
+    #[arg(long)]
+    pub index_on_demand: bool,
 }
 
 #[derive(Args, Debug)]

@@ -18,18 +18,29 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Serves Prometheus metrics on `addr` (if given) for the life of the process.
+pub(crate) fn serve_metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let exporter = clip_core::metrics::prometheus::install();
+    let listener_check =
+        std::net::TcpListener::bind(addr).with_context(|| format!("metrics address {addr}"))?;
+    drop(listener_check);
+    tokio::spawn(async move {
+        if let Err(e) = exporter.serve(addr).await {
+            tracing::error!("metrics endpoint on {addr} stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
-    if let Some(addr) = cli.global.metrics_address {
-        let exporter = clip_core::metrics::prometheus::install();
-        let listener_check =
-            std::net::TcpListener::bind(addr).with_context(|| format!("metrics address {addr}"))?;
-        drop(listener_check);
-        tokio::spawn(async move {
-            if let Err(e) = exporter.serve(addr).await {
-                tracing::error!("metrics endpoint on {addr} stopped: {e}");
-            }
-        });
+    if let Command::Snapshotter(a) = cli.command {
+        // Merges its configuration file into the flags first (metrics address included).
+        return crate::daemon::run(&cli.global, a).await;
     }
+    serve_metrics(cli.global.metrics_address)?;
     match cli.command {
         Command::Index(a) => index(&cli.global, a).await,
         Command::Inspect(a) => inspect(&cli.global, a).await,
@@ -38,6 +49,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Fill(a) => fill(&cli.global, a).await,
         Command::Mount(a) => mount(&cli.global, a).await,
         Command::Umount(a) => umount(a),
+        Command::Snapshotter(_) => unreachable!("handled above"),
     }
 }
 
@@ -62,15 +74,16 @@ fn default_root() -> PathBuf {
     }
 }
 
-struct Ctx {
-    client: Client,
-    store: Store,
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub store: Store,
 }
 
-fn context(g: &GlobalArgs) -> Result<Ctx> {
+pub(crate) fn context(g: &GlobalArgs) -> Result<Ctx> {
     let mut cfg = RegistryConfig {
         insecure: g.insecure.clone(),
         deadline: Duration::from_secs(g.registry_timeout.max(1)),
+        stall_timeout: Duration::from_secs(g.stall_timeout.max(1)),
         ..Default::default()
     };
     if let Some(d) = &g.hosts_dir {

@@ -1,8 +1,10 @@
-//! `clip`: lazy container images. This binary hosts the command line (and, later, the
-//! containerd snapshotter daemon).
+//! `clip`: lazy container images. This binary hosts the command line and the containerd
+//! snapshotter daemon (`clip snapshotter`).
 
 mod cli;
 mod commands;
+mod daemon;
+mod snapshotter;
 
 use clap::Parser;
 

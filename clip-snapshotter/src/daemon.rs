@@ -1,0 +1,207 @@
+//! `clip snapshotter`: the containerd proxy snapshotter daemon and its TOML configuration.
+
+use crate::cli::{parse_cap, GlobalArgs, SnapshotterArgs};
+use crate::snapshotter::{ClipSnapshotter, Options};
+use anyhow::{Context, Result};
+use clip_core::cache::{CacheConfig, TieredCache};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const DEFAULT_CONFIG: &str = "/etc/clip/config.toml";
+pub const DEFAULT_ADDRESS: &str = "/run/clip/snapshotter.sock";
+
+/// `/etc/clip/config.toml` (every key optional; see docs/snapshotter.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// clip's root directory (database, indexes, cache, snapshots).
+    pub root: Option<PathBuf>,
+    /// The gRPC socket containerd's proxy_plugins entry points at.
+    pub address: Option<PathBuf>,
+    /// Prometheus metrics endpoint, e.g. "127.0.0.1:9102".
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Index images that have no published index when they are pulled (streams every layer once).
+    pub index_on_demand: bool,
+    pub cache: CacheSection,
+    pub registry: RegistrySection,
+    pub fuse: FuseSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Memory tier, e.g. "256MiB".
+    pub memory: Option<String>,
+    /// Local disk tier, e.g. "10GiB" ("0" disables it).
+    pub disk: Option<String>,
+    /// Directory of the disk tier (default ROOT/cache).
+    pub dir: Option<PathBuf>,
+    /// Shared Redis tier: "redis://host:6379/" or "redis+cluster://h1:p1,h2:p2".
+    pub redis: Option<String>,
+    /// Whole-file copies for FUSE passthrough (default: a quarter of the disk tier; "0": off).
+    pub passthrough: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Hosts (host[:port]) that may use plain HTTP or unverified TLS.
+    pub insecure: Vec<String>,
+    /// containerd-style hosts directory (HOST/hosts.toml), e.g. "/etc/containerd/certs.d".
+    pub hosts_dir: Option<PathBuf>,
+    /// Give up on a registry operation after this many seconds (default 120).
+    pub timeout_secs: Option<u64>,
+    /// Retry a response that stalls this long (default 30).
+    pub stall_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FuseSection {
+    /// FUSE worker threads per mount (default 4).
+    pub threads: Option<usize>,
+    /// Smallest file served by passthrough once local (default "1MiB").
+    pub passthrough_min_size: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("configuration {}", path.display()))
+    }
+}
+
+fn size(v: &Option<String>, default: u64, what: &str) -> Result<u64> {
+    match v {
+        Some(s) => parse_cap(s).map_err(|e| anyhow::anyhow!("{what}: {e}")),
+        None => Ok(default),
+    }
+}
+
+/// Global flags with the configuration file's values filled in where a flag was not given.
+fn merged_globals(g: &GlobalArgs, c: &Config) -> GlobalArgs {
+    let mut insecure = g.insecure.clone();
+    insecure.extend(c.registry.insecure.iter().cloned());
+    GlobalArgs {
+        root: g.root.clone().or_else(|| c.root.clone()),
+        insecure,
+        hosts_dir: g.hosts_dir.clone().or_else(|| c.registry.hosts_dir.clone()),
+        platform: g.platform.clone(),
+        registry_timeout: c.registry.timeout_secs.unwrap_or(g.registry_timeout),
+        stall_timeout: c.registry.stall_secs.unwrap_or(g.stall_timeout),
+        metrics_address: g.metrics_address.or(c.metrics_address),
+        verbose: g.verbose,
+    }
+}
+
+pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let cfg_path = a.config.clone().or_else(|| {
+        Path::new(DEFAULT_CONFIG)
+            .exists()
+            .then(|| PathBuf::from(DEFAULT_CONFIG))
+    });
+    let cfg = match &cfg_path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let g = merged_globals(g, &cfg);
+    if g.metrics_address.is_some() {
+        crate::commands::serve_metrics(g.metrics_address)?;
+    }
+    let ctx = crate::commands::context(&g)?;
+    let root = ctx.store.root().to_path_buf();
+    let cache_cfg = CacheConfig {
+        memory_bytes: size(&cfg.cache.memory, 256 << 20, "cache.memory")?,
+        disk_bytes: size(&cfg.cache.disk, 10 << 30, "cache.disk")?,
+        disk_dir: Some(cfg.cache.dir.clone().unwrap_or_else(|| root.join("cache"))),
+        remote: cfg.cache.redis.clone(),
+        files_bytes: cfg
+            .cache
+            .passthrough
+            .as_ref()
+            .map(|s| parse_cap(s).map_err(|e| anyhow::anyhow!("cache.passthrough: {e}")))
+            .transpose()?,
+    };
+    let store = Arc::new(ctx.store);
+    let cache = Arc::new(
+        TieredCache::open(&cache_cfg, Some(&store))
+            .await
+            .context("opening the cache")?,
+    );
+    let opts = Options {
+        index_on_demand: cfg.index_on_demand || a.index_on_demand,
+        fuse_threads: cfg.fuse.threads.unwrap_or(4).max(1),
+        passthrough_min_size: size(&cfg.fuse.passthrough_min_size, 1 << 20, "fuse.passthrough_min_size")?,
+    };
+    let sn = ClipSnapshotter::open(&root, store, ctx.client, cache, opts)
+        .await
+        .context("opening the snapshotter state")?;
+
+    let address = a
+        .address
+        .clone()
+        .or(cfg.address.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS));
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&address) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the old socket {}", address.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(&address)
+        .with_context(|| format!("listening on {}", address.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("permissions of {}", address.display()))?;
+    }
+    eprintln!(
+        "clip snapshotter: serving on {} (root {}{})",
+        address.display(),
+        root.display(),
+        cfg_path
+            .map(|p| format!(", config {}", p.display()))
+            .unwrap_or_default()
+    );
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    containerd_snapshots::tonic::transport::Server::builder()
+        .add_service(containerd_snapshots::server(sn.clone()))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+        .await
+        .context("serving the snapshots API")?;
+    eprintln!("clip snapshotter: stopping");
+    sn.shutdown().await;
+    let _ = std::fs::remove_file(&address);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_typos_are_refused() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/config.toml"
+        ))
+        .unwrap();
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(c.address.unwrap(), PathBuf::from(DEFAULT_ADDRESS));
+        assert!(size(&c.cache.disk, 0, "disk").unwrap() > 0);
+        let err = toml::from_str::<Config>("[cache]\nmemroy = \"1GiB\"\n").unwrap_err();
+        assert!(err.to_string().contains("memroy"), "{err}");
+    }
+}

@@ -1,0 +1,735 @@
+//! The containerd snapshotter (a proxy plugin): containerd's overlayfs semantics for ordinary
+//! snapshots, plus *remote* snapshots: committed layers whose content is served lazily from their
+//! clip index by one merged FUSE mount per chain of remote layers.
+//!
+//! Remote handshake: containerd's unpacker calls `Prepare(key, parent)` with the label
+//! `containerd.io/snapshot.ref=<chain ID>` and the pull's labels (`containerd.io/snapshot/cri.*`:
+//! image reference, manifest digest, layer digest). When the layer's index is in the local store
+//! or published next to the image, we commit `<chain ID>` as a remote snapshot ourselves and
+//! answer AlreadyExists, so containerd neither downloads nor unpacks the layer. Remote snapshots
+//! only stack on remote snapshots (or nothing), so a chain is a run of remote layers at the
+//! bottom with ordinary, unpacked layers above; the FUSE mount of the topmost remote snapshot is
+//! the lowest lowerdir of every overlay above it.
+//!
+//! Anything without an index (no artifact, a non-gzip layer, a registry error) falls back to
+//! an ordinary snapshot that containerd unpacks into: never a failure for lack of an index.
+
+pub mod meta;
+
+use clip_core::cache::TieredCache;
+use clip_core::digest::Digest;
+use clip_core::image::{self, ImageError};
+use clip_core::index::ImageView;
+use clip_core::reader::{LayerReader, ReaderConfig};
+use clip_core::reference::Reference;
+use clip_core::registry::Client;
+use clip_core::store::Store;
+use containerd_snapshots::{api::types::Mount, tonic, Info, Kind as ApiKind, Usage};
+use meta::{Kind, Meta, Record, Remote};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Set on the snapshots this snapshotter serves lazily.
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/clip.remote";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0}: not found")]
+    NotFound(String),
+    #[error("snapshot {0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("snapshot metadata: {0}")]
+    Db(#[from] sled::Error),
+    #[error("snapshot metadata record {name}: {reason}")]
+    Corrupt { name: String, reason: String },
+    #[error("{context}: {error}")]
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
+    #[error("mounting the lazy layers of {name}: {reason}")]
+    Mount { name: String, reason: String },
+}
+
+impl From<SnapshotError> for tonic::Status {
+    fn from(e: SnapshotError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
+            SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            SnapshotError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let context = context.into();
+    move |error| SnapshotError::Io { context, error }
+}
+
+/// How the snapshotter serves lazy layers.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Index layers on demand when an image has no published index (streams each layer once).
+    pub index_on_demand: bool,
+    /// FUSE worker threads per mount.
+    pub fuse_threads: usize,
+    /// Smallest file served by FUSE passthrough once local.
+    pub passthrough_min_size: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            index_on_demand: false,
+            fuse_threads: 4,
+            passthrough_min_size: 1 << 20,
+        }
+    }
+}
+
+/// A live merged FUSE mount of a remote chain.
+struct Mounted {
+    session: clip_fuse::BackgroundSession,
+}
+
+pub struct ClipSnapshotter {
+    dir: PathBuf,
+    meta: Meta,
+    store: Arc<Store>,
+    client: Client,
+    cache: Arc<TieredCache>,
+    opts: Options,
+    rt: tokio::runtime::Handle,
+    /// Remote snapshot id -> its chain's FUSE mount. A tokio mutex: mounting is serialised.
+    mounts: tokio::sync::Mutex<HashMap<u64, Mounted>>,
+}
+
+fn info(name: &str, r: &Record) -> Info {
+    Info {
+        kind: match r.kind {
+            Kind::View => ApiKind::View,
+            Kind::Active => ApiKind::Active,
+            Kind::Committed => ApiKind::Committed,
+        },
+        name: name.to_string(),
+        parent: r.parent.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        created_at: meta::time(r.created),
+        updated_at: meta::time(r.updated),
+    }
+}
+
+/// Bytes and inodes under `dir` (not following symlinks, each hard-linked inode once).
+fn disk_usage(dir: &Path) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut size, mut inodes) = (0i64, 0i64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            inodes += 1;
+            size += (m.blocks() * 512) as i64;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (size, inodes)
+}
+
+/// Mount points (from /proc/self/mountinfo) at or under `dir`.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+fn lazy_unmount(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) {
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+impl ClipSnapshotter {
+    /// Opens the snapshotter's state under `dir` (snapshot directories) and the store's sled
+    /// database (metadata); detaches stale mounts a killed daemon left behind and remounts the
+    /// lazy chains that ordinary snapshots stand on.
+    pub async fn open(
+        dir: &Path,
+        store: Arc<Store>,
+        client: Client,
+        cache: Arc<TieredCache>,
+        opts: Options,
+    ) -> Result<Arc<Self>, SnapshotError> {
+        let snapshots = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(io_err(snapshots.display().to_string()))?;
+        for stale in mounts_under(&snapshots) {
+            tracing::info!(path = %stale.display(), "detaching a mount left by a previous run");
+            lazy_unmount(&stale);
+        }
+        let meta = Meta::open(store.db().clone())?;
+        let sn = Arc::new(ClipSnapshotter {
+            dir: dir.to_path_buf(),
+            meta,
+            store,
+            client,
+            cache,
+            opts,
+            rt: tokio::runtime::Handle::current(),
+            mounts: tokio::sync::Mutex::new(HashMap::new()),
+        });
+        sn.restore().await;
+        Ok(sn)
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.join("snapshots").join(id.to_string())
+    }
+
+    /// Remounts every remote chain an active or view snapshot stands on.
+    async fn restore(&self) {
+        let Ok(all) = self.meta.list() else {
+            return;
+        };
+        for (name, r) in &all {
+            if r.kind == Kind::Committed || r.parent.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.lowerdirs(&r.parent).await {
+                tracing::warn!(snapshot = %name, "restoring its lower layers: {e}");
+            }
+        }
+    }
+
+    /// The lowerdirs of a snapshot on `parent`, topmost first; mounts the remote part.
+    async fn lowerdirs(&self, parent: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+        let mut out = Vec::new();
+        let mut cur = parent.to_string();
+        while !cur.is_empty() {
+            let r = self.meta.must(&cur)?;
+            if r.remote.is_some() {
+                out.push(self.ensure_mounted(&cur, &r).await?);
+                break;
+            }
+            out.push(self.path(r.id).join("fs"));
+            cur = r.parent;
+        }
+        Ok(out)
+    }
+
+    /// The merged FUSE mount of the remote chain topped by `name`, mounted if it is not.
+    async fn ensure_mounted(&self, name: &str, top: &Record) -> Result<PathBuf, SnapshotError> {
+        let dir = self.path(top.id).join("fs");
+        let mut mounts = self.mounts.lock().await;
+        if mounts.contains_key(&top.id) {
+            return Ok(dir);
+        }
+        let fail = |reason: String| SnapshotError::Mount {
+            name: name.to_string(),
+            reason,
+        };
+        // The chain, bottom layer first.
+        let mut chain = vec![top.clone()];
+        while !chain.last().expect("non-empty").parent.is_empty() {
+            let p = self.meta.must(&chain.last().expect("non-empty").parent)?;
+            if p.remote.is_none() {
+                return Err(fail("a lazy layer stands on an unpacked one".into()));
+            }
+            chain.push(p);
+        }
+        chain.reverse();
+        let mut indexes = Vec::new();
+        let mut readers = Vec::new();
+        for r in &chain {
+            let remote = r.remote.as_ref().expect("checked");
+            let (ix, _) = self
+                .store
+                .get_layer(&remote.layer)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("no index for layer {} in the store", remote.layer)))?;
+            let ix = Arc::new(ix);
+            let reference: Reference = remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
+            let windows = self.store.get_windows(&ix.windows).map(bytes::Bytes::from);
+            readers.push(LayerReader::new(
+                self.client.clone(),
+                reference,
+                ix.clone(),
+                windows,
+                self.cache.clone(),
+                ReaderConfig::default(),
+            ));
+            indexes.push(ix);
+        }
+        let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
+        let mut fs = clip_fuse::ClipFs::new(&view, readers);
+        if let Some(files) = self.cache.files() {
+            fs = fs.with_passthrough(files.clone(), self.opts.passthrough_min_size);
+        }
+        let opts = clip_fuse::MountOptions {
+            allow_other: true,
+            threads: self.opts.fuse_threads,
+            fsname: format!("clip:{name}"),
+            passthrough: self.cache.files().is_some(),
+        };
+        std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
+        if !mounts_under(&dir).is_empty() {
+            lazy_unmount(&dir);
+        }
+        let (d, rt) = (dir.clone(), self.rt.clone());
+        let session = tokio::task::spawn_blocking(move || clip_fuse::mount(fs, &d, rt, &opts))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(snapshot = name, layers = chain.len(), dir = %dir.display(), "mounted lazy layers");
+        mounts.insert(top.id, Mounted { session });
+        Ok(dir)
+    }
+
+    fn mounts_for(&self, r: &Record, lowers: &[PathBuf]) -> Vec<Mount> {
+        let fs = self.path(r.id).join("fs");
+        let bind = |src: &Path, rw: bool| Mount {
+            r#type: "bind".into(),
+            source: src.display().to_string(),
+            target: String::new(),
+            options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
+        };
+        let lowerdir = || {
+            format!(
+                "lowerdir={}",
+                lowers
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
+            )
+        };
+        match (r.kind, lowers.len()) {
+            (Kind::View, 0) => vec![bind(&fs, false)],
+            (Kind::View, 1) => vec![bind(&lowers[0], false)],
+            (Kind::View, _) => vec![Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options: vec!["index=off".into(), lowerdir()],
+            }],
+            (_, 0) => vec![bind(&fs, true)],
+            _ => vec![Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options: vec![
+                    "index=off".into(),
+                    format!("workdir={}", self.path(r.id).join("work").display()),
+                    format!("upperdir={}", fs.display()),
+                    lowerdir(),
+                ],
+            }],
+        }
+    }
+
+    /// The layer behind a Prepare's labels, if it can be served lazily.
+    async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<Remote> {
+        let layer: Digest = labels.get(LABEL_LAYER)?.parse().ok()?;
+        let manifest: Digest = labels.get(LABEL_MANIFEST)?.parse().ok()?;
+        let image_ref: Reference = labels.get(LABEL_IMAGE_REF)?.parse().ok()?;
+        let pinned = image_ref.with_digest(manifest);
+        let remote = Remote {
+            layer,
+            reference: pinned.to_string(),
+        };
+        if matches!(self.store.get_layer(&layer), Ok(Some(_))) {
+            return Some(remote);
+        }
+        let image = match self.client.resolve(&pinned).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(image = %pinned, "cannot resolve the image, unpacking normally: {e}");
+                return None;
+            }
+        };
+        let d = image.layers.iter().find(|d| d.digest == layer)?;
+        if !d.is_gzip() {
+            return None;
+        }
+        match image::load_indexes(&self.client, &self.store, &image).await {
+            Ok(_) => {}
+            Err(ImageError::NoIndex { .. }) if self.opts.index_on_demand => {
+                tracing::info!(image = %pinned, "no published index: indexing on demand");
+                if let Err(e) = self.index_now(&image).await {
+                    tracing::warn!(image = %pinned, "indexing failed, unpacking normally: {e}");
+                    return None;
+                }
+            }
+            Err(ImageError::NoIndex { .. }) => {
+                tracing::info!(image = %pinned, "no index: containerd unpacks it");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(image = %pinned, "loading its index failed, unpacking normally: {e}");
+                return None;
+            }
+        }
+        matches!(self.store.get_layer(&layer), Ok(Some(_))).then_some(remote)
+    }
+
+    /// Indexes every gzip layer of `image` (one pass over each) and records the image.
+    async fn index_now(&self, image: &clip_core::registry::ResolvedImage) -> Result<(), ImageError> {
+        let opts = clip_core::index::builder::BuildOptions::default();
+        let mut reports = Vec::new();
+        for d in &image.layers {
+            let progress: image::Progress = Arc::new(|_| {});
+            reports.push(
+                image::index_layer(&self.client, &self.store, image, d, &opts, progress, false)
+                    .await?,
+            );
+        }
+        image::record_image(&self.store, image, &reports, None).await
+    }
+
+    async fn create(
+        &self,
+        kind: Kind,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        if key.is_empty() {
+            return Err(SnapshotError::InvalidArgument("empty snapshot key".into()));
+        }
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        let parent_rec = match parent.as_str() {
+            "" => None,
+            p => {
+                let r = self.meta.must(p)?;
+                if r.kind != Kind::Committed {
+                    return Err(SnapshotError::FailedPrecondition(format!(
+                        "parent {p} is not committed"
+                    )));
+                }
+                Some(r)
+            }
+        };
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(LABEL_TARGET) {
+                if self.meta.get(target)?.is_some() {
+                    return Err(SnapshotError::AlreadyExists(target.clone()));
+                }
+                let stackable = parent_rec.as_ref().is_none_or(|p| p.remote.is_some());
+                if stackable {
+                    if let Some(remote) = self.remote_layer(&labels).await {
+                        let mut labels = labels.clone();
+                        labels.insert(LABEL_REMOTE.into(), "true".into());
+                        let t = meta::now();
+                        let rec = Record {
+                            id: self.meta.next_id()?,
+                            kind: Kind::Committed,
+                            parent: parent.clone(),
+                            labels,
+                            created: t,
+                            updated: t,
+                            remote: Some(remote),
+                            size: 0,
+                            inodes: 0,
+                        };
+                        self.meta.create(target, &rec)?;
+                        tracing::info!(snapshot = %target, layer = %rec.remote.as_ref().expect("set").layer, "remote snapshot");
+                        // containerd takes AlreadyExists as "the target exists, skip this layer".
+                        return Err(SnapshotError::AlreadyExists(target.clone()));
+                    }
+                }
+            }
+        }
+        let id = self.meta.next_id()?;
+        let dir = self.path(id);
+        for sub in ["fs", "work"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(io_err(dir.display().to_string()))?;
+        }
+        let t = meta::now();
+        let rec = Record {
+            id,
+            kind,
+            parent: parent.clone(),
+            labels,
+            created: t,
+            updated: t,
+            remote: None,
+            size: 0,
+            inodes: 0,
+        };
+        if let Err(e) = self.meta.create(&key, &rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let lowers = match self.lowerdirs(&parent).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.meta.remove(&key);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        Ok(self.mounts_for(&rec, &lowers))
+    }
+
+    /// Unmounts everything (daemon shutdown). Busy mounts are detached lazily.
+    pub async fn shutdown(&self) {
+        let mut mounts = self.mounts.lock().await;
+        for (id, m) in mounts.drain() {
+            let dir = self.path(id).join("fs");
+            drop(m.session);
+            if !mounts_under(&dir).is_empty() {
+                lazy_unmount(&dir);
+            }
+        }
+        let _ = self.meta.flush().await;
+        self.cache.flush().await;
+    }
+
+    fn matches(filters: &[String], name: &str, r: &Record) -> bool {
+        if filters.is_empty() {
+            return true;
+        }
+        // Each filter is a conjunction of `field==value` / `field!=value` / `field` terms;
+        // the filters are alternatives.
+        filters.iter().any(|f| {
+            f.split(',').all(|term| {
+                let (field, op, value) = if let Some((a, b)) = term.split_once("==") {
+                    (a, "==", b)
+                } else if let Some((a, b)) = term.split_once("!=") {
+                    (a, "!=", b)
+                } else {
+                    (term, "", "")
+                };
+                let field = field.trim();
+                let value = value.trim().trim_matches('"');
+                let actual: Option<String> = match field {
+                    "name" => Some(name.to_string()),
+                    "parent" => Some(r.parent.clone()),
+                    "kind" => Some(
+                        match r.kind {
+                            Kind::View => "view",
+                            Kind::Active => "active",
+                            Kind::Committed => "committed",
+                        }
+                        .to_string(),
+                    ),
+                    f => f
+                        .strip_prefix("labels.")
+                        .and_then(|k| r.labels.get(k.trim_matches('"')).cloned()),
+                };
+                match op {
+                    "==" => actual.as_deref() == Some(value),
+                    "!=" => actual.as_deref() != Some(value),
+                    _ => actual.is_some(),
+                }
+            })
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl containerd_snapshots::Snapshotter for ClipSnapshotter {
+    type Error = SnapshotError;
+
+    async fn stat(&self, key: String) -> Result<Info, Self::Error> {
+        let r = self.meta.must(&key)?;
+        Ok(info(&key, &r))
+    }
+
+    async fn update(
+        &self,
+        new: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<Info, Self::Error> {
+        let mut r = self.meta.must(&new.name)?;
+        let paths = fieldpaths.unwrap_or_default();
+        if paths.is_empty() {
+            r.labels = new.labels.into_iter().collect();
+        } else {
+            for p in paths {
+                if p == "labels" {
+                    r.labels = new.labels.clone().into_iter().collect();
+                } else if let Some(k) = p.strip_prefix("labels.") {
+                    match new.labels.get(k) {
+                        Some(v) => r.labels.insert(k.to_string(), v.clone()),
+                        None => r.labels.remove(k),
+                    };
+                } else {
+                    return Err(SnapshotError::InvalidArgument(format!(
+                        "cannot update field {p:?}"
+                    )));
+                }
+            }
+        }
+        r.updated = meta::now();
+        self.meta.put(&new.name, &r)?;
+        Ok(info(&new.name, &r))
+    }
+
+    async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
+        let r = self.meta.must(&key)?;
+        if r.kind == Kind::Active {
+            let fs = self.path(r.id).join("fs");
+            let (size, inodes) = tokio::task::spawn_blocking(move || disk_usage(&fs))
+                .await
+                .unwrap_or((0, 0));
+            return Ok(Usage { size, inodes });
+        }
+        Ok(Usage {
+            size: r.size,
+            inodes: r.inodes,
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, Self::Error> {
+        let r = self.meta.must(&key)?;
+        if r.kind == Kind::Committed {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key} is committed: it has no mounts"
+            )));
+        }
+        let lowers = self.lowerdirs(&r.parent).await?;
+        Ok(self.mounts_for(&r, &lowers))
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Self::Error> {
+        self.create(Kind::Active, key, parent, labels).await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Self::Error> {
+        self.create(Kind::View, key, parent, labels).await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Self::Error> {
+        let r = self.meta.must(&key)?;
+        if r.kind != Kind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key} is not active"
+            )));
+        }
+        let fs = self.path(r.id).join("fs");
+        let (size, inodes) = tokio::task::spawn_blocking(move || disk_usage(&fs))
+            .await
+            .unwrap_or((0, 0));
+        let t = meta::now();
+        let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+        if labels.is_empty() {
+            labels = r.labels.clone();
+        }
+        let committed = Record {
+            kind: Kind::Committed,
+            labels,
+            created: t,
+            updated: t,
+            size,
+            inodes,
+            ..r
+        };
+        self.meta.commit(&key, &name, &committed)?;
+        Ok(())
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Self::Error> {
+        let r = self.meta.must(&key)?;
+        if self.meta.has_children(&key)? {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key} has children"
+            )));
+        }
+        if let Some(m) = self.mounts.lock().await.remove(&r.id) {
+            drop(m.session);
+        }
+        let dir = self.path(r.id);
+        if !mounts_under(&dir).is_empty() {
+            lazy_unmount(&dir.join("fs"));
+        }
+        self.meta.remove(&key)?;
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .ok()
+            .and_then(Result::err)
+            .filter(|e| e.kind() != std::io::ErrorKind::NotFound)
+            .map_or(Ok(()), |e| Err(io_err(format!("removing snapshot {key}"))(e)))
+    }
+
+    /// Removes snapshot directories no record names (left by a crash between steps).
+    async fn clear(&self) -> Result<(), Self::Error> {
+        let ids: std::collections::HashSet<u64> =
+            self.meta.list()?.into_iter().map(|(_, r)| r.id).collect();
+        let root = self.dir.join("snapshots");
+        let rd = std::fs::read_dir(&root).map_err(io_err(root.display().to_string()))?;
+        for e in rd.flatten() {
+            let orphan = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| !ids.contains(&id));
+            if orphan && mounts_under(&e.path()).is_empty() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    type InfoStream = futures_util::stream::Iter<std::vec::IntoIter<Result<Info, SnapshotError>>>;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Self::Error> {
+        let items: Vec<Result<Info, SnapshotError>> = self
+            .meta
+            .list()?
+            .into_iter()
+            .filter(|(n, r)| Self::matches(&filters, n, r))
+            .map(|(n, r)| Ok(info(&n, &r)))
+            .collect();
+        Ok(futures_util::stream::iter(items))
+    }
+}
