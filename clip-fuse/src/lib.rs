@@ -13,5 +13,5 @@ pub mod adapter;
 pub mod fs;
 
 pub use adapter::{mount, MountOptions};
-pub use fuser::BackgroundSession;
 pub use fs::{ClipFs, FsError};
+pub use fuser::BackgroundSession;

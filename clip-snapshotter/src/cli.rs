@@ -63,9 +63,35 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a clip mount.
     Umount(UmountArgs),
+    /// Pull an image into containerd for the clip snapshotter: layers with a clip index become
+    /// lazy snapshots and are not downloaded; others are downloaded and unpacked as usual. Then
+    /// `ctr run --snapshotter clip REF ...` starts it.
+    Pull(PullArgs),
     /// Run the containerd snapshotter daemon (a proxy plugin serving the snapshots API on a
     /// unix socket; see docs/snapshotter.md).
     Snapshotter(SnapshotterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Image reference.
+    pub reference: String,
+    /// containerd's socket.
+    #[arg(
+        long,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub address: PathBuf,
+    /// containerd namespace.
+    #[arg(long, env = "CONTAINERD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The name the snapshotter has in containerd's proxy_plugins.
+    #[arg(long, default_value = "clip")]
+    pub snapshotter: String,
+    /// Image name in containerd (default: the reference as given).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 #[derive(Args, Debug)]

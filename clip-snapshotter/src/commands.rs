@@ -49,6 +49,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Fill(a) => fill(&cli.global, a).await,
         Command::Mount(a) => mount(&cli.global, a).await,
         Command::Umount(a) => umount(a),
+        Command::Pull(a) => crate::pull::pull(&cli.global, a).await,
         Command::Snapshotter(_) => unreachable!("handled above"),
     }
 }

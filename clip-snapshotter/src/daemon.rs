@@ -134,7 +134,11 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     let opts = Options {
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
         fuse_threads: cfg.fuse.threads.unwrap_or(4).max(1),
-        passthrough_min_size: size(&cfg.fuse.passthrough_min_size, 1 << 20, "fuse.passthrough_min_size")?,
+        passthrough_min_size: size(
+            &cfg.fuse.passthrough_min_size,
+            1 << 20,
+            "fuse.passthrough_min_size",
+        )?,
     };
     let sn = ClipSnapshotter::open(&root, store, ctx.client, cache, opts)
         .await
@@ -151,7 +155,9 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     match std::fs::remove_file(&address) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing the old socket {}", address.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing the old socket {}", address.display()))
+        }
     }
     let listener = tokio::net::UnixListener::bind(&address)
         .with_context(|| format!("listening on {}", address.display()))?;
@@ -178,7 +184,10 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     };
     containerd_snapshots::tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(sn.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            stop,
+        )
         .await
         .context("serving the snapshots API")?;
     eprintln!("clip snapshotter: stopping");

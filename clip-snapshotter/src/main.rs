@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod daemon;
+mod pull;
 mod snapshotter;
 
 use clap::Parser;

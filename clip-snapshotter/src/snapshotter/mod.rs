@@ -278,7 +278,8 @@ impl ClipSnapshotter {
                 .map_err(|e| fail(e.to_string()))?
                 .ok_or_else(|| fail(format!("no index for layer {} in the store", remote.layer)))?;
             let ix = Arc::new(ix);
-            let reference: Reference = remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
+            let reference: Reference =
+                remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
             let windows = self.store.get_windows(&ix.windows).map(bytes::Bytes::from);
             readers.push(LayerReader::new(
                 self.client.clone(),
@@ -403,7 +404,10 @@ impl ClipSnapshotter {
     }
 
     /// Indexes every gzip layer of `image` (one pass over each) and records the image.
-    async fn index_now(&self, image: &clip_core::registry::ResolvedImage) -> Result<(), ImageError> {
+    async fn index_now(
+        &self,
+        image: &clip_core::registry::ResolvedImage,
+    ) -> Result<(), ImageError> {
         let opts = clip_core::index::builder::BuildOptions::default();
         let mut reports = Vec::new();
         for d in &image.layers {
@@ -694,7 +698,9 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
             .ok()
             .and_then(Result::err)
             .filter(|e| e.kind() != std::io::ErrorKind::NotFound)
-            .map_or(Ok(()), |e| Err(io_err(format!("removing snapshot {key}"))(e)))
+            .map_or(Ok(()), |e| {
+                Err(io_err(format!("removing snapshot {key}"))(e))
+            })
     }
 
     /// Removes snapshot directories no record names (left by a crash between steps).
