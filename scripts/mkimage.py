@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, bigfile, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, users, bigfile, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
 """
 import gzip
 import hashlib
@@ -137,6 +137,25 @@ def gen(name):
         t.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
         t.add("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
         t.add("etc/hello.txt", b"hello from clip\n")
+    elif name == "users":
+        # On top of busybox: a non-root user, files only root may read, a 4 MiB file, and a
+        # busybox copy with a file capability (cap_net_raw, permitted + effective).
+        bb = open("/bin/busybox", "rb").read()
+        cap = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)
+        t.add("etc", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n")
+        t.add("etc/group", b"root:x:0:\nuser:x:1000:\n")
+        t.add("etc/secret", b"root only\n", mode=0o600)
+        t.add("etc/public", b"anyone\n", mode=0o644)
+        t.add("home", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("home/user", kind=tarfile.DIRTYPE, mode=0o700, uid=1000, gid=1000)
+        t.add("home/user/notes", b"user's notes\n", mode=0o600, uid=1000, gid=1000)
+        t.add("home/user/big.bin", prng(4 << 20, "user"), mode=0o644, uid=1000, gid=1000)
+        # Named busybox: busybox picks its applet from argv[0] unless it is called "busybox".
+        t.add("opt", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("opt/cap", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("opt/cap/busybox", bb, mode=0o755,
+              pax={"SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape")})
     elif name == "everytype-base":
         for d in ["etc", "bin", "dev", "data", "data/sub", "gone", "gone/deep", "opq", "usr", "usr/share"]:
             t.add(d, kind=tarfile.DIRTYPE, mode=0o755)

@@ -116,6 +116,18 @@ impl LayerReader {
 
     /// Bytes `[offset, offset + len)` of the layer's uncompressed stream (clamped to its end).
     pub async fn read(self: &Arc<Self>, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+        self.read_within(offset, len, u64::MAX).await
+    }
+
+    /// Like [`LayerReader::read`], for a read inside a file whose bytes end at `end` in the
+    /// layer: read-ahead never goes past the file (files are read one by one in an order
+    /// unrelated to the tar order, so spans past the file are a guess, and usually wrong).
+    pub async fn read_within(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        end: u64,
+    ) -> Result<Bytes, ReadError> {
         let size = self.index.uncompressed_size;
         if offset > size {
             return Err(ReadError::OutOfRange { offset, len, size });
@@ -129,8 +141,13 @@ impl LayerReader {
         // Sequential: this read starts where the last one ended (or re-reads its last span).
         let sequential = prev != usize::MAX
             && (prev == spans.start || prev == spans.start + 1 || prev == spans.end);
-        if self.cfg.readahead > 0 && sequential {
-            let ahead = spans.end..(spans.end + self.cfg.readahead).min(self.index.spans.len());
+        if self.cfg.readahead > 0 && sequential && end > offset + len {
+            let last = self
+                .index
+                .spans_covering(end.min(size) - 1, 1)
+                .end
+                .min(self.index.spans.len());
+            let ahead = spans.end..(spans.end + self.cfg.readahead).min(last);
             if !ahead.is_empty() {
                 let me = self.clone();
                 tokio::spawn(async move {

@@ -414,7 +414,9 @@ impl ClipFs {
                 }
                 let len = u64::from(size).min(file_size - offset);
                 let reader = self.readers.get(*layer as usize).ok_or(FsError::Invalid)?;
-                Ok(reader.read(base + offset, len).await?)
+                Ok(reader
+                    .read_within(base + offset, len, base + file_size)
+                    .await?)
             }
             Data::Dir { .. } => Err(FsError::IsDir),
             _ => Err(FsError::Invalid),

@@ -20,7 +20,7 @@ use containerd_client::services::v1::{
     leases_client::LeasesClient,
     snapshots::{self as snap, snapshots_client::SnapshotsClient},
 };
-use containerd_client::tonic::{transport::Channel, Code, Request};
+use containerd_client::tonic::{self, transport::Channel, Code, Request};
 use containerd_client::types::Descriptor;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -172,16 +172,47 @@ impl Containerd {
     }
 
     async fn snapshot_exists(&self, key: &str) -> Result<bool> {
-        let r = SnapshotsClient::new(self.channel.clone())
-            .stat(self.req(snap::StatSnapshotRequest {
+        let r = while_unavailable(|| {
+            let mut c = SnapshotsClient::new(self.channel.clone());
+            let req = self.req(snap::StatSnapshotRequest {
                 snapshotter: self.snapshotter.clone(),
                 key: key.to_string(),
-            }))
-            .await;
+            });
+            async move { c.stat(req).await }
+        })
+        .await;
         match r {
             Ok(_) => Ok(true),
             Err(s) if s.code() == Code::NotFound => Ok(false),
             Err(s) => bail!("snapshot stat {key}: {}", s.message()),
+        }
+    }
+}
+
+/// Retries `f` while containerd reports the snapshotter unavailable (it redials a restarted
+/// snapshotter with a backoff of a few seconds), for up to 60 s.
+async fn while_unavailable<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut told = false;
+    loop {
+        match f().await {
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                if !told {
+                    eprintln!(
+                        "waiting for containerd to reach the snapshotter: {}",
+                        s.message()
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            r => return r,
         }
     }
 }
@@ -353,14 +384,17 @@ async fn pull_under_lease(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         );
-        let prepared = SnapshotsClient::new(cd.channel.clone())
-            .prepare(cd.req(snap::PrepareSnapshotRequest {
+        let prepared = while_unavailable(|| {
+            let mut c = SnapshotsClient::new(cd.channel.clone());
+            let req = cd.req(snap::PrepareSnapshotRequest {
                 snapshotter: cd.snapshotter.clone(),
                 key: key.clone(),
                 parent: parent.clone(),
                 labels: labels.clone(),
-            }))
-            .await;
+            });
+            async move { c.prepare(req).await }
+        })
+        .await;
         let mounts = match prepared {
             Ok(m) => m.into_inner().mounts,
             Err(s) if s.code() == Code::AlreadyExists => {

@@ -351,3 +351,68 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A TCP proxy that counts the bytes the upstream sends (what a registry really served,
+/// headers included).
+pub struct CountingProxy {
+    pub host: String,
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl CountingProxy {
+    pub fn start(upstream: &str) -> CountingProxy {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (b, up) = (bytes.clone(), upstream.to_string());
+        rt.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (b, up) = (b.clone(), up.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&up).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up_task = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let _ = sw.shutdown().await;
+                    });
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                b.fetch_add(n as u64, Relaxed);
+                                if cw.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                    up_task.abort();
+                });
+            }
+        });
+        CountingProxy {
+            host,
+            bytes,
+            _rt: rt,
+        }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

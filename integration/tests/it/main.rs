@@ -11,3 +11,4 @@ mod index_cli;
 mod large_image;
 mod lazy_reads;
 mod registry_auth;
+mod snapshotter;

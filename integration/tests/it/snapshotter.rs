@@ -1,0 +1,543 @@
+//! The containerd snapshotter end to end: Debian's containerd 1.6 with `clip snapshotter` as a
+//! proxy plugin, runc, docker-registry, `clip pull` and `ctr run`.
+
+use crate::common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// One node: its own containerd (own root, state and socket) and its own clip snapshotter.
+pub struct Node {
+    pub dir: PathBuf,
+    containerd: Option<Child>,
+    snapshotter: Option<Child>,
+    pub metrics_port: u16,
+    extra_args: Vec<String>,
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+impl Node {
+    pub fn start(dir: &Path) -> Node {
+        Self::start_with(dir, &[])
+    }
+
+    /// `extra_args` go to `clip snapshotter` (e.g. --index-on-demand).
+    pub fn start_with(dir: &Path, extra_args: &[&str]) -> Node {
+        need("containerd");
+        need("ctr");
+        need("runc");
+        std::fs::create_dir_all(dir).unwrap();
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            containerd: None,
+            snapshotter: None,
+            metrics_port: free_port(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        n.start_snapshotter();
+        let cfg = format!(
+            "version = 2\nroot = \"{d}/containerd/root\"\nstate = \"{d}/containerd/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [proxy_plugins.clip]\n  type = \"snapshot\"\n  address = \"{d}/clip.sock\"\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("containerd.toml"), cfg).unwrap();
+        let log = dir.join("containerd.log");
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("containerd.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start containerd");
+        let sock = dir.join("containerd.sock");
+        wait_for(
+            "containerd",
+            || {
+                sock.exists()
+                    && Command::new("ctr")
+                        .arg("-a")
+                        .arg(&sock)
+                        .arg("version")
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+            },
+            &mut child,
+            &log,
+        );
+        n.containerd = Some(child);
+        n
+    }
+
+    pub fn clip_root(&self) -> PathBuf {
+        self.dir.join("clip")
+    }
+
+    pub fn start_snapshotter(&mut self) {
+        let sock = self.dir.join("clip.sock");
+        let _ = std::fs::remove_file(&sock);
+        let log = self.dir.join("snapshotter.log");
+        let mut child = Command::new(clip_bin())
+            .arg("--root")
+            .arg(self.clip_root())
+            .arg("--metrics-address")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .arg("snapshotter")
+            .arg("--address")
+            .arg(&sock)
+            .args(&self.extra_args)
+            .env("CLIP_LOG", "info,fuser=error")
+            .env("HOME", &self.dir)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start clip snapshotter");
+        wait_for(
+            "clip snapshotter",
+            || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+            &mut child,
+            &log,
+        );
+        self.snapshotter = Some(child);
+        // After a restart containerd redials the socket with a backoff of a few seconds.
+        if self.containerd.is_some() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !self
+                .ctr(&["snapshots", "--snapshotter", "clip", "ls"])
+                .status
+                .success()
+            {
+                assert!(Instant::now() < deadline, "containerd did not reconnect");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    /// Stops the snapshotter with `sig` (SIGTERM: clean; SIGKILL: a crash).
+    pub fn stop_snapshotter(&mut self, sig: i32) {
+        if let Some(mut c) = self.snapshotter.take() {
+            signal(&c, sig);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(self.dir.join("containerd.sock"))
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let o = self.ctr(args);
+        assert!(
+            o.status.success(),
+            "ctr {args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    /// `clip pull` into this node's containerd.
+    pub fn pull(&self, image: &str) -> Output {
+        Command::new(clip_bin())
+            .arg("--root")
+            .arg(self.dir.join("pull-root"))
+            .args(["pull", image, "--address"])
+            .arg(self.dir.join("containerd.sock"))
+            .env("CLIP_LOG", "warn")
+            .env("HOME", &self.dir)
+            .output()
+            .expect("run clip pull")
+    }
+
+    pub fn pull_ok(&self, image: &str) -> String {
+        let o = self.pull(image);
+        assert!(
+            o.status.success(),
+            "clip pull {image}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stderr(&o)
+    }
+
+    /// `ctr run --rm` on `snapshotter` (no-new-privileges off, so file capabilities apply as
+    /// they do under Docker's defaults).
+    pub fn run(&self, snapshotter: &str, image: &str, id: &str, cmd: &[&str]) -> Output {
+        let runc = self.dir.join("runc");
+        let fifo = self.dir.join("fifo");
+        let mut args = vec![
+            "run".to_string(),
+            "--rm".into(),
+            "--snapshotter".into(),
+            snapshotter.into(),
+            "--runc-root".into(),
+            runc.display().to_string(),
+            "--fifo-dir".into(),
+            fifo.display().to_string(),
+            "--allow-new-privs".into(),
+        ];
+        args.push(image.into());
+        args.push(id.into());
+        args.extend(cmd.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ctr(&a)
+    }
+
+    pub fn metrics(&self) -> String {
+        scrape(self.metrics_port)
+    }
+
+    /// FUSE mounts of this node's snapshotter.
+    pub fn fuse_mounts(&self) -> Vec<String> {
+        let root = self.clip_root().display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .filter(|p| p.starts_with(&root))
+            .collect()
+    }
+
+    /// The clip snapshots containerd lists.
+    pub fn snapshots(&self) -> Vec<String> {
+        self.ctr_ok(&["snapshots", "--snapshotter", "clip", "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Running tasks first (their shims outlive containerd).
+        if self.containerd.is_some() {
+            let tasks = self.ctr(&["tasks", "ls", "-q"]);
+            for id in stdout(&tasks).lines() {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+                let _ = self.ctr(&["containers", "delete", id]);
+            }
+        }
+        self.stop_snapshotter(libc::SIGTERM);
+        if let Some(mut c) = self.containerd.take() {
+            signal(&c, libc::SIGTERM);
+            let _ = c.wait();
+        }
+        let dir = self.dir.display().to_string();
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .filter(|p| p.starts_with(&dir))
+            .collect();
+        for m in mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+/// Indexes `image` on a separate publisher root and pushes the index artifact.
+fn publish_index(tmp: &Path, image: &str) {
+    let o = clip(&tmp.join("publisher"), &["index", "--push", image], &[]);
+    assert!(o.status.success(), "clip index --push: {}", stderr(&o));
+}
+
+fn out(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}{}",
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+#[test]
+fn lazy_pull_runs_python_from_the_large_image_reading_a_fraction_of_it() {
+    let layout = crate::large_image::large_layout();
+    let reg = Registry::start(Auth::None);
+    reg.push_layout(&layout, "large", "large");
+    let tmp = tempfile::tempdir().unwrap();
+    publish_index(tmp.path(), &format!("{}:large", reg.image("large")));
+    let proxy = CountingProxy::start(&reg.host);
+    let image = format!("{}/large:large", proxy.host);
+    let node = Node::start(&tmp.path().join("node"));
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("4 lazy layer(s), 0 unpacked"), "{pulled}");
+    let o = node.run("clip", &image, "py1", &["python3", "-c", "print(1)"]);
+    assert_eq!(out(&o).trim(), "1");
+    let image_bytes: u64 = {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap())
+                .unwrap();
+        let digest = m["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .replace("sha256:", "");
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap(),
+        )
+        .unwrap();
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum()
+    };
+    let sent = proxy.sent();
+    eprintln!(
+        "large image: registry sent {sent} bytes for pull + python3 -c 'print(1)' ({:.2} % of {image_bytes})",
+        sent as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(sent * 10 < image_bytes, "{sent} of {image_bytes} bytes");
+    let m = node.metrics();
+    eprintln!(
+        "snapshotter: {} registry bytes, {} bytes inflated, {} bytes served over FUSE",
+        metric(&m, "clip_registry_bytes_total"),
+        metric(&m, "clip_inflate_bytes_total"),
+        metric(&m, "clip_fuse_read_bytes_total")
+    );
+    assert!(metric(&m, "clip_fuse_read_bytes_total") > 0.0, "{m}");
+    // A second container on the same node: every span is cached, nothing more is fetched.
+    let before = proxy.sent();
+    let o = node.run("clip", &image, "py2", &["python3", "-c", "print(2)"]);
+    assert_eq!(out(&o).trim(), "2");
+    assert_eq!(proxy.sent(), before, "warm start fetched from the registry");
+}
+
+#[test]
+fn images_without_an_index_work_like_overlayfs() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "noindex");
+    let image = format!("{}:v1", reg.image("noindex"));
+    let node = Node::start(&tmp.path().join("node"));
+    // Plain `ctr pull` (no labels at all): containerd unpacks into clip's snapshots.
+    node.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "clip",
+        &image,
+    ]);
+    let o = node.run("clip", &image, "plain", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+    assert!(
+        node.fuse_mounts().is_empty(),
+        "no lazy mount without an index"
+    );
+    node.ctr_ok(&["images", "rm", "--sync", &image]);
+    // `clip pull` of an image without an index: every layer downloaded and unpacked.
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("0 lazy layer(s), 2 unpacked"), "{pulled}");
+    let o = node.run(
+        "clip",
+        &image,
+        "pulled",
+        &["sha256sum", "/home/user/big.bin"],
+    );
+    let expected = {
+        let o = Command::new("python3")
+            .arg(workspace().join("scripts/mkimage.py"))
+            .args(["gen", "users"])
+            .arg(tmp.path().join("users.tar"))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "tar -xOf {} home/user/big.bin | sha256sum",
+                tmp.path().join("users.tar").display()
+            ))
+            .output()
+            .unwrap();
+        stdout(&o).split_whitespace().next().unwrap().to_string()
+    };
+    assert!(out(&o).starts_with(&expected), "{}", stdout(&o));
+}
+
+#[test]
+fn non_root_users_and_file_capabilities_behave_as_under_overlayfs() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "users");
+    let image = format!("{}:v1", reg.image("users"));
+    publish_index(tmp.path(), &image);
+    let node = Node::start(&tmp.path().join("node"));
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("2 lazy layer(s)"), "{pulled}");
+    node.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &image,
+    ]);
+    let script = "id; cat /etc/public; cat /etc/secret 2>&1; cat /home/user/notes 2>&1; \
+                  ls -ln /home/user | grep -v ^total; sha256sum /home/user/big.bin; \
+                  /opt/cap/busybox grep -E '^Cap(Prm|Eff)' /proc/self/status; \
+                  grep -E '^Cap(Prm|Eff)' /proc/self/status";
+    // ctr has no --user: root drops to the image's user 1000 with busybox su.
+    for user in ["root", "user"] {
+        let cmd = ["busybox", "su", "-s", "/bin/sh", user, "-c", script];
+        let lazy = node.run("clip", &image, &format!("clip-{user}"), &cmd);
+        let overlay = node.run("overlayfs", &image, &format!("ovl-{user}"), &cmd);
+        assert_eq!(out(&lazy), out(&overlay), "user {user}: clip vs overlayfs");
+        if user == "user" {
+            let s = stdout(&lazy);
+            assert!(s.contains("user's notes"), "{s}");
+            assert!(s.contains("Permission denied"), "{s}");
+            // The file capability took effect for the non-root user (cap_net_raw = bit 13).
+            assert!(s.contains("CapPrm:\t0000000000002000"), "{s}");
+        }
+    }
+}
+
+#[test]
+fn restarts_keep_snapshots_cache_and_new_containers_working() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "restart");
+    let upstream = format!("{}:v1", reg.image("restart"));
+    publish_index(tmp.path(), &upstream);
+    let proxy = CountingProxy::start(&reg.host);
+    let image = format!("{}/restart:v1", proxy.host);
+    let mut node = Node::start(&tmp.path().join("node"));
+
+    // Killed in the middle of a pull: the pull fails cleanly; after a restart it succeeds.
+    let mut pull = Command::new(clip_bin())
+        .arg("--root")
+        .arg(node.dir.join("pull-root"))
+        .args(["pull", &image, "--address"])
+        .arg(node.dir.join("containerd.sock"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    node.stop_snapshotter(libc::SIGKILL);
+    node.start_snapshotter();
+    // The interrupted pull waits for the snapshotter to come back and finishes (or fails
+    // cleanly); pulling again afterwards completes whatever is missing.
+    let _ = pull.wait();
+    node.pull_ok(&image);
+    let sum = |node: &Node, id: &str| {
+        out(&node.run("clip", &image, id, &["sha256sum", "/home/user/big.bin"]))
+    };
+    let first = sum(&node, "r1");
+
+    // A long-running container, then SIGTERM and restart: new containers start and read right,
+    // and spans cached before the restart are not fetched again.
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "clip",
+        "--runc-root",
+        &node.dir.join("runc").display().to_string(),
+        "--fifo-dir",
+        &node.dir.join("fifo").display().to_string(),
+        &image,
+        "sleeper",
+        "sleep",
+        "600",
+    ]);
+    let fetched = proxy.sent();
+    node.stop_snapshotter(libc::SIGTERM);
+    node.start_snapshotter();
+    assert_eq!(sum(&node, "r2"), first);
+    // kill -9, restart: the same.
+    node.stop_snapshotter(libc::SIGKILL);
+    node.start_snapshotter();
+    assert_eq!(sum(&node, "r3"), first);
+    // The image's two layers and the sleeper's active snapshot survived both restarts.
+    assert!(node.snapshots().len() >= 3, "{:?}", node.snapshots());
+    // Only manifest lookups went to the registry after the first read (no span refetched).
+    let after = proxy.sent() - fetched;
+    assert!(
+        after < 64 << 10,
+        "{after} bytes from the registry after restarts"
+    );
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(
+        log.contains("detaching a mount left by a previous run"),
+        "{log}"
+    );
+}
+
+#[test]
+fn removing_the_image_leaves_no_snapshots_mounts_or_pinned_cache() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "gone");
+    let image = format!("{}:v1", reg.image("gone"));
+    publish_index(tmp.path(), &image);
+    let node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    let o = node.run("clip", &image, "once", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+    assert!(!node.fuse_mounts().is_empty());
+    assert_eq!(node.snapshots().len(), 2);
+    node.ctr_ok(&["images", "rm", "--sync", &image]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(node.snapshots().is_empty() && node.fuse_mounts().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: snapshots {:?}, mounts {:?}",
+            node.snapshots(),
+            node.fuse_mounts()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dirs: Vec<_> = std::fs::read_dir(node.clip_root().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(dirs.is_empty(), "snapshot directories left: {dirs:?}");
+}
