@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The newcomer demo: installs what clip needs, builds it, starts a local registry on loopback,
 # pushes test images built locally (no public registry needed), indexes them with clip, publishes
-# the index next to the image, and shows where a file's bytes live: what a lazy read will fetch.
+# the index next to the image, shows where a file's bytes live (what a lazy read will fetch), reads
+# one lazily, then starts a container from it through containerd + the clip snapshotter.
 # Usage (as root): bash scripts/demo.sh [--large]   (--large also builds the ~257 MiB debootstrap image)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,12 @@ echo "==> building clip (release; a few minutes the first time)"
 cargo build --release --quiet -p clip-snapshotter
 source scripts/bench/lib.sh
 WORK=$(mktemp -d /tmp/clip-demo.XXXXXX)
-trap 'kill $REGISTRY_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+cleanup() {
+  stop_node "$WORK/node" || true
+  kill "$REGISTRY_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
 start_registry "$WORK/registry"
 echo "==> local registry on $REGISTRY (Debian's docker-registry)"
 python3 scripts/mkimage.py layout "$WORK/tiny" latest gen:busybox 2>/dev/null
@@ -35,4 +41,11 @@ echo; echo "==> where a file's bytes are (what a lazy read of it fetches)"
 echo; echo "==> read it lazily (cold: only its spans come from the registry), then again (warm)"
 "$CLIP" --root "$WORK/fresh-node" cat "$REGISTRY/everytype:latest" /data/random.bin --stats | sha256sum
 "$CLIP" --root "$WORK/fresh-node" cat "$REGISTRY/everytype:latest" /data/random.bin --stats | sha256sum
-echo; echo "demo done: the image was never downloaded whole; the stats lines show registry bytes per read."
+
+echo; echo "==> containerd + the clip snapshotter (proxy plugin): lazy-start a container"
+start_node "$WORK/node"
+"$CLIP" --root "$WORK/node/pull" pull "$REGISTRY/tiny:latest" --address "$WORK/node/containerd.sock"
+$NODE_CTR run --snapshotter clip --rm --runc-root "$WORK/node/runc" --fifo-dir "$WORK/node/fifo" \
+  "$REGISTRY/tiny:latest" demo1 sh -c 'echo "in the container: $(cat /etc/hello.txt)"; ls /bin | wc -l'
+echo "lazy mounts: $(awk -v d="$WORK/node" 'index($5, d) == 1 && / - fuse/ {print $5}' /proc/self/mountinfo)"
+echo; echo "demo done: images were never downloaded whole; the stats lines show registry bytes per read."

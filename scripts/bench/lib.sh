@@ -38,3 +38,46 @@ push_layout() { # LAYOUT TAG NAME
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
+
+# start_node DIR [SNAPSHOTTER ARGS...] -> a containerd with the clip snapshotter as a proxy plugin,
+# both with state under DIR; sets NODE_CTR (ctr command prefix), NODE_SNAP_PID, NODE_CD_PID.
+start_node() {
+  local dir=$1; shift
+  mkdir -p "$dir/runc" "$dir/fifo"
+  cat >"$dir/containerd.toml" <<TOML
+version = 2
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/containerd.sock"
+[proxy_plugins.clip]
+  type = "snapshot"
+  address = "$dir/clip.sock"
+TOML
+  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" "$@" 2>>"$dir/snapshotter.log" &
+  NODE_SNAP_PID=$!
+  for _ in $(seq 200); do [[ -S $dir/clip.sock ]] && break; sleep 0.05; done
+  [[ -S $dir/clip.sock ]] || { echo "clip snapshotter did not start:" >&2; cat "$dir/snapshotter.log" >&2; return 1; }
+  containerd --config "$dir/containerd.toml" 2>"$dir/containerd.log" &
+  NODE_CD_PID=$!
+  NODE_CTR="ctr -a $dir/containerd.sock"
+  for _ in $(seq 200); do $NODE_CTR version >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "containerd did not start:" >&2; tail -20 "$dir/containerd.log" >&2; return 1
+}
+
+# stop_node DIR: stops tasks, the snapshotter and containerd; detaches leftover mounts under DIR.
+stop_node() {
+  local dir=$1 id
+  if [[ -n ${NODE_CD_PID:-} ]]; then
+    for id in $($NODE_CTR tasks ls -q 2>/dev/null); do
+      $NODE_CTR tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+      sleep 0.2; $NODE_CTR tasks delete -f "$id" >/dev/null 2>&1 || true
+      $NODE_CTR containers delete "$id" >/dev/null 2>&1 || true
+    done
+  fi
+  [[ -n ${NODE_SNAP_PID:-} ]] && { kill -TERM "$NODE_SNAP_PID" 2>/dev/null; wait "$NODE_SNAP_PID" 2>/dev/null || true; }
+  [[ -n ${NODE_CD_PID:-} ]] && { kill -TERM "$NODE_CD_PID" 2>/dev/null; wait "$NODE_CD_PID" 2>/dev/null || true; }
+  NODE_SNAP_PID=""; NODE_CD_PID=""
+  awk -v d="$dir" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}

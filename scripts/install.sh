@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs clip on this machine: system packages, a release build, /usr/local/bin/clip,
+# /etc/clip/config.toml (kept if present) and the clip-snapshotter systemd unit (enabled and
+# started when systemd runs). containerd's side: see scripts/containerd-clip.toml.
+# Usage (as root): bash scripts/install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/install-deps.sh
+echo "==> building clip (release)"
+cargo build --release --quiet -p clip-snapshotter
+install -m 0755 target/release/clip /usr/local/bin/clip
+mkdir -p /etc/clip
+if [[ -e /etc/clip/config.toml ]]; then
+  echo "==> keeping the existing /etc/clip/config.toml"
+else
+  install -m 0644 scripts/config.toml /etc/clip/config.toml
+fi
+install -m 0644 scripts/clip-snapshotter.service /etc/systemd/system/clip-snapshotter.service
+if [[ -d /run/systemd/system ]]; then
+  systemctl daemon-reload
+  systemctl enable --now clip-snapshotter.service
+  echo "==> clip-snapshotter.service started; now add scripts/containerd-clip.toml to /etc/containerd/config.toml and restart containerd"
+else
+  echo "==> no systemd here: run 'clip snapshotter' yourself"
+fi
