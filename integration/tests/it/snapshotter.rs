@@ -541,3 +541,49 @@ fn removing_the_image_leaves_no_snapshots_mounts_or_pinned_cache() {
         .collect();
     assert!(dirs.is_empty(), "snapshot directories left: {dirs:?}");
 }
+
+#[test]
+fn mixed_chains_stack_unpacked_layers_on_lazy_ones() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    // The base image is indexed; the derived image (same base layer + one more) is not.
+    let base = layout(tmp.path(), "base", &["gen:busybox"]);
+    reg.push_layout(&base, "base", "base");
+    let derived = layout(tmp.path(), "derived", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&derived, "derived", "derived");
+    publish_index(tmp.path(), &format!("{}:base", reg.image("base")));
+    let node = Node::start(&tmp.path().join("node"));
+    let pulled = node.pull_ok(&format!("{}:base", reg.image("base")));
+    assert!(pulled.contains("1 lazy layer(s), 0 unpacked"), "{pulled}");
+    let image = format!("{}:derived", reg.image("derived"));
+    let pulled = node.pull_ok(&image);
+    assert!(
+        pulled.contains("already present") && pulled.contains("0 lazy layer(s), 1 unpacked"),
+        "{pulled}"
+    );
+    // The container's rootfs: the unpacked top layer over the lazy base.
+    let o = node.run(
+        "clip",
+        &image,
+        "mixed",
+        &["sh", "-c", "cat /etc/hello.txt /etc/public; ls /opt/cap"],
+    );
+    assert_eq!(out(&o), "hello from clip\nanyone\nbusybox\n");
+    assert_eq!(node.fuse_mounts().len(), 1, "{:?}", node.fuse_mounts());
+}
+
+#[test]
+fn index_on_demand_makes_unindexed_images_lazy() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "ondemand");
+    let image = format!("{}:v1", reg.image("ondemand"));
+    let node = Node::start_with(&tmp.path().join("node"), &["--index-on-demand"]);
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("2 lazy layer(s), 0 unpacked"), "{pulled}");
+    let o = node.run("clip", &image, "od", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("indexing on demand"), "{log}");
+}
