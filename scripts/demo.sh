@@ -3,7 +3,9 @@
 # pushes test images built locally (no public registry needed), indexes them with clip, publishes
 # the index next to the image, shows where a file's bytes live (what a lazy read will fetch), reads
 # one lazily, then starts a container from it through containerd + the clip snapshotter.
-# Usage (as root): bash scripts/demo.sh [--large]   (--large also builds the ~257 MiB debootstrap image)
+# Ends with a short side-by-side cold start: overlayfs full pull vs clip lazy pull of the large
+# test image (built once with debootstrap, cached in /var/cache/clip-test-images).
+# Usage (as root): bash scripts/demo.sh [--large]   (--large also indexes the large image up front)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -48,4 +50,10 @@ start_node "$WORK/node"
 $NODE_CTR run --snapshotter clip --rm --runc-root "$WORK/node/runc" --fifo-dir "$WORK/node/fifo" \
   "$REGISTRY/tiny:latest" demo1 sh -c 'echo "in the container: $(cat /etc/hello.txt)"; ls /bin | wc -l'
 echo "lazy mounts: $(awk -v d="$WORK/node" 'index($5, d) == 1 && / - fuse/ {print $5}' /proc/self/mountinfo)"
-echo; echo "demo done: images were never downloaded whole; the stats lines show registry bytes per read."
+stop_node "$WORK/node"
+
+echo; echo "==> side by side on the ~257 MiB test image (debootstrap + python3/numpy/gcc/perl; built once, ~2 min):"
+echo "    containerd's overlayfs (full pull + unpack) vs clip (lazy pull), python3 -c 'print(1)', fresh node each"
+bash scripts/build-large-image.sh
+bash scripts/bench/coldstart.sh --quick
+echo; echo "demo done: the full benchmark (both links, warm starts, Redis, span sizes): bash scripts/bench/run.sh"

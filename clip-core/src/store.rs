@@ -18,6 +18,8 @@ pub enum StoreError {
     Db { path: String, error: sled::Error },
     #[error("{path}: {error}")]
     Io { path: String, error: std::io::Error },
+    #[error("database {path} is in use by another clip process (one --root per process)")]
+    Busy { path: String },
     #[error("stored record {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -51,14 +53,36 @@ impl Store {
         };
         std::fs::create_dir_all(root.join("windows")).map_err(|e| io(root, e))?;
         let db_path = root.join("db");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(32 << 20)
-            .open()
-            .map_err(|error| StoreError::Db {
-                path: db_path.display().to_string(),
-                error,
-            })?;
+        // sled holds an exclusive lock on the database. A process that just exited (a restart)
+        // or a store dropped a moment ago (its flusher thread still winding down) may hold it
+        // briefly: wait a few seconds before calling the database busy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new()
+                .path(&db_path)
+                .cache_capacity(32 << 20)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::Busy {
+                        path: db_path.display().to_string(),
+                    })
+                }
+                Err(error) => {
+                    return Err(StoreError::Db {
+                        path: db_path.display().to_string(),
+                        error,
+                    })
+                }
+            }
+        };
         let tree = |name: &str| {
             db.open_tree(name).map_err(|error| StoreError::Db {
                 path: db_path.display().to_string(),

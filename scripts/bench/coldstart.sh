@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Container start, side by side: containerd's overlayfs snapshotter (full pull + unpack) vs clip
+# (lazy pull through the clip snapshotter), on the large test image, each on a fresh node
+# (own containerd, own clip root, kernel page cache dropped), measured from the pull's start to the
+# container's output. Reports time, the bytes the registry sent (counted by a proxy in front of
+# it), warm starts (a new container on the same node, page cache dropped), a second node sharing
+# the first one's Redis tier, daemon RSS and cache size.
+#
+# Links: loopback, and "shaped": the registry in its own network namespace behind a veth pair
+# with `tc tbf` at 100 Mbit/s each way, plus a userspace proxy adding 5 ms each way (~10 ms RTT;
+# there is no sch_netem here).
+#
+# Usage (root; release build; large image built):
+#   scripts/bench/coldstart.sh [RUNS] [--quick] [--out FILE]
+#   --quick: loopback, print(1) only, one run (what the README demo shows)
+#   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
+source "$(dirname "$0")/lib.sh"
+RUNS=3 QUICK=0 OUT=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --quick) QUICK=1; RUNS=1;;
+    --out) OUT=$2; shift;;
+    *) RUNS=$1;;
+  esac
+  shift
+done
+LAYOUT=${CLIP_LARGE_IMAGE:-/var/cache/clip-test-images/large}
+[[ -x $CLIP ]] || { echo "build first: cargo build --release" >&2; exit 1; }
+[[ -d $LAYOUT ]] || { echo "build the large image first: bash scripts/build-large-image.sh" >&2; exit 1; }
+WORK=$(mktemp -d /var/tmp/clip-coldstart.XXXXXX)
+NS="clipbench$$" VETH="cbv$$"
+PIDS=()
+cleanup() {
+  stop_node "$WORK/node" 2>/dev/null || true
+  stop_node "$WORK/node2" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  kill "${REGISTRY_PID:-}" 2>/dev/null || true
+  ip netns del "$NS" 2>/dev/null || true
+  ip link del "$VETH" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+stats() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f s (%.2f-%.2f)", m, a[1], a[NR]}'; }
+med() { tr ' ' '\n' | grep -v '^$' | median; }
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+
+echo "==> registry, image, published index"
+start_registry "$WORK/registry"
+push_layout "$LAYOUT" large large
+"$CLIP" --root "$WORK/publisher" index --push "$REGISTRY/large:large" >/dev/null 2>&1
+IMAGE_BYTES=$("$CLIP" --root "$WORK/publisher" inspect "$REGISTRY/large:large" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["compressed_bytes"])')
+echo "image: $(mib "$IMAGE_BYTES") compressed"
+
+# proxy NAME UPSTREAM DELAY_MS -> sets PROXY (host:port) and STATS (byte counter file)
+proxy() {
+  local port; port=$(free_port)
+  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"
+  python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
+  PIDS+=($!)
+  PROXY=127.0.0.1:$port
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.05; done
+  echo "proxy did not start" >&2; return 1
+}
+
+declare -A LINK_HOST LINK_STATS
+proxy loopback "$REGISTRY" 0
+LINK_HOST[loopback]=$PROXY LINK_STATS[loopback]=$STATS
+LINKS=(loopback)
+if [[ $QUICK == 0 ]]; then
+  echo "==> shaped link: registry in netns $NS, tbf 100 Mbit/s each way, +5 ms each way"
+  ip netns add "$NS"
+  ip link add "$VETH" type veth peer name "${VETH}p"
+  ip link set "${VETH}p" netns "$NS"
+  ip addr add 10.231.0.1/30 dev "$VETH"; ip link set "$VETH" up
+  ip netns exec "$NS" ip addr add 10.231.0.2/30 dev "${VETH}p"
+  ip netns exec "$NS" ip link set "${VETH}p" up
+  ip netns exec "$NS" ip link set lo up
+  tc qdisc add dev "$VETH" root tbf rate 100mbit burst 256kb latency 100ms
+  ip netns exec "$NS" tc qdisc add dev "${VETH}p" root tbf rate 100mbit burst 256kb latency 100ms
+  # A second docker-registry serving the same storage, inside the namespace.
+  sed "s|addr: .*|addr: 10.231.0.2:5000|" "$WORK/registry/config.yml" >"$WORK/registry/config-ns.yml"
+  ip netns exec "$NS" docker-registry serve "$WORK/registry/config-ns.yml" >"$WORK/registry/ns.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do (echo >/dev/tcp/10.231.0.2/5000) 2>/dev/null && break; sleep 0.1; done
+  proxy shaped 10.231.0.2:5000 5
+  LINK_HOST[shaped]=$PROXY LINK_STATS[shaped]=$STATS
+  LINKS+=(shaped)
+fi
+
+WORKLOADS=("print(1)")
+[[ $QUICK == 0 ]] && WORKLOADS+=("import numpy; print(numpy.__version__)")
+CSV="$WORK/coldstart.csv"
+echo "link,workload,mode,seconds" >"$CSV"
+ROWS=()
+
+# start_once LINK MODE WORKLOAD DIR [SNAPSHOTTER ARGS] -> COLD_S COLD_B WARM_S RSS CACHE OUTPUT
+start_once() {
+  local link=$1 mode=$2 w=$3 dir=$4; shift 4
+  local img="${LINK_HOST[$link]}/${REPO:-large}:large" sf="${LINK_STATS[$link]}" sn=$mode b0 s e
+  stop_node "$dir" 2>/dev/null || true
+  rm -rf "$dir"; mkdir -p "$dir"
+  start_node "$dir" "$@"
+  drop
+  b0=$(cat "$sf")
+  s=$(now)
+  if [[ $mode == overlayfs ]]; then
+    $NODE_CTR images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
+  else
+    "$CLIP" --root "$dir/pull" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
+  fi
+  OUTPUT=$($NODE_CTR run --rm --snapshotter "$sn" --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c1 python3 -c "$w")
+  e=$(now)
+  sleep 0.3
+  COLD_S=$(echo "$e - $s" | bc); COLD_B=$(( $(cat "$sf") - b0 ))
+  drop
+  s=$(now)
+  $NODE_CTR run --rm --snapshotter "$sn" --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c2 python3 -c "$w" >/dev/null
+  e=$(now)
+  WARM_S=$(echo "$e - $s" | bc)
+  RSS=$(awk '/^VmHWM/ {print $2 * 1024}' "/proc/$NODE_SNAP_PID/status")
+  CACHE=$(du -sb "$dir/clip/cache" 2>/dev/null | cut -f1); CACHE=${CACHE:-0}
+}
+
+for link in "${LINKS[@]}"; do
+  for w in "${WORKLOADS[@]}"; do
+    for mode in overlayfs clip; do
+      declare -a cold=() bytes=() warm=() rss=() cache=()
+      for r in $(seq "$RUNS"); do
+        start_once "$link" "$mode" "$w" "$WORK/node"
+        stop_node "$WORK/node"
+        cold+=("$COLD_S"); bytes+=("$COLD_B"); warm+=("$WARM_S"); rss+=("$RSS"); cache+=("$CACHE")
+        echo "$link,$w,$mode,$COLD_S" >>"$CSV"
+        echo "  $link | $w | $mode | run $r: ${COLD_S}s cold, $(mib "$COLD_B") from the registry, ${WARM_S}s warm -> $OUTPUT" >&2
+      done
+      b=$(echo "${bytes[@]}" | med)
+      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
+    done
+  done
+done
+
+{
+  echo "| link | workload | snapshotter | cold start: pull + run to output | registry sent (of the image) | warm start (new container, page cache dropped) | clip daemon peak RSS / disk cache |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '%s\n' "${ROWS[@]}"
+} | tee "$WORK/table.md"
+
+if [[ $QUICK == 0 ]]; then
+  echo
+  echo "==> second node sharing the first node's Redis tier (loopback)"
+  RPORT=$(free_port)
+  redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --maxmemory 2gb >/dev/null &
+  PIDS+=($!)
+  sleep 0.5
+  printf '[cache]\nredis = "redis://127.0.0.1:%s/"\n' "$RPORT" >"$WORK/redis.toml"
+  w="print(1)"
+  start_once loopback clip "$w" "$WORK/node" --config "$WORK/redis.toml"
+  A_S=$COLD_S A_B=$COLD_B
+  stop_node "$WORK/node"
+  PORT2=$(free_port)
+  # Node B: its own root and disk cache, the same Redis; metrics to count span misses.
+  dir="$WORK/node2"; rm -rf "$dir"; mkdir -p "$dir"
+  start_node "$dir" --config "$WORK/redis.toml" --metrics-address "127.0.0.1:$PORT2"
+  img="${LINK_HOST[loopback]}/large:large"; sf="${LINK_STATS[loopback]}"
+  drop; b0=$(cat "$sf"); s=$(now)
+  "$CLIP" --root "$dir/pull" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
+  $NODE_CTR run --rm --snapshotter clip --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c1 python3 -c "$w" >/dev/null
+  e=$(now); sleep 0.3
+  B_S=$(echo "$e - $s" | bc); B_B=$(( $(cat "$sf") - b0 ))
+  MISSES=$(curl -s "http://127.0.0.1:$PORT2/metrics" | awk '/^clip_cache_misses_total/ {s += $2} END {print s + 0}')
+  REMOTE=$(curl -s "http://127.0.0.1:$PORT2/metrics" | awk '/^clip_cache_hits_total\{.*remote/ {s += $2} END {print s + 0}')
+  stop_node "$dir"
+  {
+    echo
+    echo "| shared Redis tier, \`print(1)\` | cold start | registry sent | spans from Redis | spans from the registry |"
+    echo "|---|---|---|---|---|"
+    echo "| node A (fills Redis) | ${A_S} s | $(mib "$A_B") | - | - |"
+    echo "| node B (own disk cache, same Redis) | ${B_S} s | $(mib "$B_B") (manifest, config, index) | $REMOTE | $MISSES |"
+  } | tee -a "$WORK/table.md"
+fi
+
+if [[ $QUICK == 0 ]]; then
+  echo
+  echo "==> span size (loopback, print(1)): index size and cold start"
+  {
+    echo
+    echo "| span size | index (mount-time part) | checkpoint windows | clip cold start, \`print(1)\` | registry sent |"
+    echo "|---|---|---|---|---|"
+  } | tee -a "$WORK/table.md"
+  for ss in 512KiB 1MiB 4MiB; do
+    REPO=large-$(echo "$ss" | tr 'A-Z' 'a-z')
+    push_layout "$LAYOUT" large "$REPO"
+    "$CLIP" --root "$WORK/pub-$ss" index --span-size "$ss" --push "$REGISTRY/$REPO:large" >/dev/null 2>&1
+    read -r IXB CPB < <("$CLIP" --root "$WORK/pub-$ss" inspect "$REGISTRY/$REPO:large" --json | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["index_bytes"], j["checkpoint_bytes"])')
+    declare -a cold=() bytes=()
+    for r in $(seq "$RUNS"); do
+      start_once loopback clip "print(1)" "$WORK/node"
+      stop_node "$WORK/node"
+      cold+=("$COLD_S"); bytes+=("$COLD_B")
+    done
+    b=$(echo "${bytes[@]}" | med)
+    echo "| $ss | $(mib "$IXB") ($(awk -v b="$IXB" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.3f", b * 100 / t}') %) | $(mib "$CPB") | $(echo "${cold[@]}" | stats) | $(mib "${b%.*}") |" | tee -a "$WORK/table.md"
+  done
+  REPO=large
+fi
+
+if [[ -n $OUT ]]; then
+  cp "$WORK/table.md" "$OUT"
+  cp "$CSV" "$OUT.csv"
+fi

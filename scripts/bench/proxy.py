@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""A TCP proxy for benchmarks: adds a one-way delay to every chunk in both directions (pipelined,
+so it adds latency without capping throughput; there is no sch_netem here) and counts the bytes
+the upstream sends. The count is written to STATS_FILE every 100 ms and on exit.
+
+usage: proxy.py LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS STATS_FILE
+"""
+import asyncio
+import os
+import signal
+import sys
+import time
+
+sent = 0
+
+
+async def pipe(reader, writer, delay, count):
+    global sent
+    queue = asyncio.Queue()
+
+    async def deliver():
+        while True:
+            due, data = await queue.get()
+            if data is None:
+                break
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+        try:
+            writer.write_eof()
+        except (OSError, RuntimeError):
+            pass
+
+    task = asyncio.create_task(deliver())
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            if count:
+                sent += len(data)
+            await queue.put((time.monotonic() + delay, data))
+    except (ConnectionError, OSError):
+        pass
+    await queue.put((0, None))
+    try:
+        await task
+    except (ConnectionError, OSError):
+        pass
+
+
+async def handle(client_r, client_w, upstream, delay):
+    host, port = upstream.rsplit(":", 1)
+    try:
+        up_r, up_w = await asyncio.open_connection(host, int(port))
+    except OSError:
+        client_w.close()
+        return
+    await asyncio.gather(
+        pipe(client_r, up_w, delay, False),
+        pipe(up_r, client_w, delay, True),
+    )
+    for w in (client_w, up_w):
+        try:
+            w.close()
+        except OSError:
+            pass
+
+
+async def report(path):
+    last = -1
+    while True:
+        if sent != last:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(sent))
+            os.replace(tmp, path)
+            last = sent
+        await asyncio.sleep(0.1)
+
+
+async def main():
+    port, upstream, delay_ms, stats = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    server = await asyncio.start_server(
+        lambda r, w: handle(r, w, upstream, delay_ms / 1000.0), "127.0.0.1", port
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, stop.set)
+    reporter = asyncio.create_task(report(stats))
+    async with server:
+        await stop.wait()
+    reporter.cancel()
+    with open(stats, "w") as f:
+        f.write(str(sent))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
