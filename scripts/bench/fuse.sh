@@ -76,7 +76,21 @@ wait_copy() { # ROOT
 }
 
 echo "## sequential read of a 128 MiB file ($SIZE bytes)"
-declare -a cold=() warm=() hot=() pfirst=() pwarm=() phot=() disk=() pcache=() creg=()
+declare -a cold=() warm=() hot=() pfirst=() pwarm=() phot=() disk=() pcache=() creg=() rand=() prand=() drand=()
+# 20,000 reads of 4 KiB at random aligned offsets (fixed seed), page cache dropped first.
+randread() {
+  python3 - "$1" <<'PY'
+import os, random, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+rng = random.Random(42)
+offs = [rng.randrange(0, size // 4096) * 4096 for _ in range(20000)]
+t = time.monotonic()
+for o in offs:
+    assert len(os.pread(fd, 4096, o)) == 4096
+print(f"{time.monotonic() - t:.4f}")
+PY
+}
 for r in $(seq "$RUNS"); do
   # Through the daemon: passthrough off.
   P2=$(free_port)
@@ -85,6 +99,7 @@ for r in $(seq "$RUNS"); do
   drop; cold+=("$(timeit cat "$WORK/mnt-big/$FILE")"); creg+=("$(registry_bytes "$P2")")
   drop; warm+=("$(timeit cat "$WORK/mnt-big/$FILE")")
   hot+=("$(timeit cat "$WORK/mnt-big/$FILE")")
+  drop; rand+=("$(randread "$WORK/mnt-big/$FILE")")
   unmount_image
   # Passthrough: the first (cold) read fills the disk tier, closing the file starts the copy,
   # later opens are handed to the kernel.
@@ -97,10 +112,12 @@ for r in $(seq "$RUNS"); do
   drop; pfirst+=("$(timeit cat "$WORK/mnt-big/$FILE")")
   drop; pwarm+=("$(timeit cat "$WORK/mnt-big/$FILE")")
   phot+=("$(timeit cat "$WORK/mnt-big/$FILE")")
+  drop; prand+=("$(randread "$WORK/mnt-big/$FILE")")
   after=$(registry_bytes "$P3")
   unmount_image
   drop; disk+=("$(timeit cat "$WORK/big-bundle/rootfs/$FILE")")
   pcache+=("$(timeit cat "$WORK/big-bundle/rootfs/$FILE")")
+  drop; drand+=("$(randread "$WORK/big-bundle/rootfs/$FILE")")
 done
 echo "| read | time, median (min-max) | throughput |"
 echo "|---|---|---|"
@@ -112,4 +129,11 @@ row "clip, warm with passthrough (local copy; page cache dropped)" "${pwarm[@]}"
 row "clip, hot with passthrough (page cache of the local copy)" "${phot[@]}"
 row "local disk (page cache dropped)" "${disk[@]}"
 row "local disk, page cache" "${pcache[@]}"
+echo
+echo "| 20,000 random 4 KiB reads (page cache dropped) | time, median (min-max) | reads/s |"
+echo "|---|---|---|"
+rrow() { local med; med=$(echo "${@:2}" | tr ' ' '\n' | grep -v '^$' | median); echo "| $1 | $(echo "${@:2}" | stats) | $(echo "20000 / $med" | bc) |"; }
+rrow "clip through the daemon (spans in clip's cache)" "${rand[@]}"
+rrow "clip with passthrough (local copy)" "${prand[@]}"
+rrow "local disk" "${drand[@]}"
 echo "cold registry bytes per run: ${creg[*]} (file: $SIZE bytes); passthrough mount, total: $after"
