@@ -174,8 +174,8 @@ if [[ $QUICK == 0 ]]; then
     echo
     echo "| shared Redis tier, \`print(1)\` | cold start | registry sent | spans from Redis | spans from the registry |"
     echo "|---|---|---|---|---|"
-    echo "| node A (fills Redis) | ${A_S} s | $(mib "$A_B") | - | - |"
-    echo "| node B (own disk cache, same Redis) | ${B_S} s | $(mib "$B_B") (manifest, config, index) | $REMOTE | $MISSES |"
+    printf '| node A (fills Redis) | %.2f s | %s | - | - |\n' "$A_S" "$(mib "$A_B")"
+    printf '| node B (own disk cache, same Redis) | %.2f s | %s (manifest, config, index, windows) | %s | %s |\n' "$B_S" "$(mib "$B_B")" "$REMOTE" "$MISSES"
   } | tee -a "$WORK/table.md"
 fi
 
