@@ -14,6 +14,7 @@
 #   scripts/bench/coldstart.sh [RUNS] [--quick] [--out FILE]
 #   --quick: loopback, print(1) only, one run (what the README demo shows)
 #   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
+#   CLIP_BENCH_WORKLOAD=CODE: the python3 -c code of the first workload (default print(1))
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
 while [[ $# -gt 0 ]]; do
@@ -88,7 +89,7 @@ if [[ $QUICK == 0 ]]; then
   LINKS+=(shaped)
 fi
 
-WORKLOADS=("print(1)")
+WORKLOADS=("${CLIP_BENCH_WORKLOAD:-print(1)}")
 [[ $QUICK == 0 ]] && WORKLOADS+=("import numpy; print(numpy.__version__)")
 CSV="$WORK/coldstart.csv"
 echo "link,workload,mode,seconds" >"$CSV"
