@@ -46,7 +46,7 @@ echo; echo "==> read it lazily (cold: only its spans come from the registry), th
 
 echo; echo "==> containerd + the clip snapshotter (proxy plugin): lazy-start a container"
 start_node "$WORK/node"
-"$CLIP" --root "$WORK/node/pull" pull "$REGISTRY/tiny:latest" --address "$WORK/node/containerd.sock"
+"$CLIP" --root "$WORK/node/clip" pull "$REGISTRY/tiny:latest" --address "$WORK/node/containerd.sock"
 $NODE_CTR run --snapshotter clip --rm --runc-root "$WORK/node/runc" --fifo-dir "$WORK/node/fifo" \
   "$REGISTRY/tiny:latest" demo1 sh -c 'echo "in the container: $(cat /etc/hello.txt)"; ls /bin | wc -l'
 echo "lazy mounts: $(awk -v d="$WORK/node" 'index($5, d) == 1 && / - fuse/ {print $5}' /proc/self/mountinfo)"

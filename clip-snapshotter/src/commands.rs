@@ -80,7 +80,8 @@ pub(crate) struct Ctx {
     pub store: Store,
 }
 
-pub(crate) fn context(g: &GlobalArgs) -> Result<Ctx> {
+/// The registry client the global flags describe.
+pub(crate) fn registry_client(g: &GlobalArgs) -> Result<Client> {
     let mut cfg = RegistryConfig {
         insecure: g.insecure.clone(),
         deadline: Duration::from_secs(g.registry_timeout.max(1)),
@@ -93,13 +94,15 @@ pub(crate) fn context(g: &GlobalArgs) -> Result<Ctx> {
     if let Some(p) = &g.platform {
         cfg.platform = p.parse().map_err(anyhow::Error::msg)?;
     }
+    Ok(Client::new(cfg))
+}
+
+pub(crate) fn context(g: &GlobalArgs) -> Result<Ctx> {
+    let client = registry_client(g)?;
     let root = g.root.clone().unwrap_or_else(default_root);
     let store =
         Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
-    Ok(Ctx {
-        client: Client::new(cfg),
-        store,
-    })
+    Ok(Ctx { client, store })
 }
 
 async fn resolve(ctx: &Ctx, reference: &str) -> Result<ResolvedImage> {

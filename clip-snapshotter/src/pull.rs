@@ -6,7 +6,7 @@
 //! way leaves nothing containerd's garbage collector will not reclaim.
 
 use crate::cli::PullArgs;
-use crate::commands::{context, human};
+use crate::commands::{human, registry_client};
 use crate::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
 use anyhow::{bail, Context, Result};
 use clip_core::digest::Digest;
@@ -228,10 +228,11 @@ fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
 
 pub async fn pull(g: &crate::cli::GlobalArgs, a: PullArgs) -> Result<()> {
     let start = Instant::now();
-    let ctx = context(g)?;
+    // The registry client only: the store belongs to the snapshotter daemon (sled allows one
+    // process per database), and a pull needs nothing from it.
+    let client = registry_client(g)?;
     let reference: Reference = a.reference.parse()?;
-    let image: ResolvedImage = ctx
-        .client
+    let image: ResolvedImage = client
         .resolve(&reference)
         .await
         .with_context(|| format!("resolving {reference}"))?;
@@ -256,7 +257,7 @@ pub async fn pull(g: &crate::cli::GlobalArgs, a: PullArgs) -> Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("creating a lease in containerd: {}", s.message()))?;
     cd.lease = Some(lease_id.clone());
-    let result = pull_under_lease(&ctx, &cd, &a, &image).await;
+    let result = pull_under_lease(&client, &cd, &a, &image).await;
     cd.lease = None;
     let _ = LeasesClient::new(cd.channel.clone())
         .delete(cd.req(api::DeleteRequest {
@@ -299,7 +300,7 @@ fn humantime_rfc3339(t: std::time::SystemTime) -> String {
 }
 
 async fn pull_under_lease(
-    ctx: &crate::commands::Ctx,
+    client: &clip_core::registry::Client,
     cd: &Containerd,
     a: &PullArgs,
     image: &ResolvedImage,
@@ -313,8 +314,7 @@ async fn pull_under_lease(
     );
     // Content: config (holding the snapshot chain for GC) and manifest (holding the config and
     // layers), the same labels containerd's own pull sets.
-    let config = ctx
-        .client
+    let config = client
         .get_blob(r, &image.config_digest, 64 << 20)
         .await
         .context("fetching the image config")?;
@@ -418,7 +418,7 @@ async fn pull_under_lease(
             layer.digest,
             human(layer.size)
         );
-        let applied = unpack_layer(ctx, cd, r, layer, mounts, &source).await;
+        let applied = unpack_layer(client, cd, r, layer, mounts, &source).await;
         let applied = match applied {
             Ok(d) => d,
             Err(e) => {
@@ -490,7 +490,7 @@ async fn pull_under_lease(
 /// Downloads a layer into containerd's content store and applies it to `mounts` with
 /// containerd's diff service; returns the digest of what was applied (the DiffID).
 async fn unpack_layer(
-    ctx: &crate::commands::Ctx,
+    client: &clip_core::registry::Client,
     cd: &Containerd,
     r: &Reference,
     layer: &clip_core::registry::LayerDescriptor,
@@ -499,7 +499,7 @@ async fn unpack_layer(
 ) -> Result<Digest> {
     if !cd.content_exists(&layer.digest).await? {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let (client, rr, d, size) = (ctx.client.clone(), r.clone(), layer.digest, layer.size);
+        let (client, rr, d, size) = (client.clone(), r.clone(), layer.digest, layer.size);
         let fetch = tokio::spawn(async move { client.stream_blob(&rr, &d, size, tx).await });
         cd.write_content(
             &layer.digest,

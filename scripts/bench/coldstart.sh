@@ -108,7 +108,7 @@ start_once() {
   if [[ $mode == overlayfs ]]; then
     $NODE_CTR images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
   else
-    "$CLIP" --root "$dir/pull" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
+    "$CLIP" --root "$dir/clip" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
   fi
   OUTPUT=$($NODE_CTR run --rm --snapshotter "$sn" --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c1 python3 -c "$w")
   e=$(now)
@@ -164,7 +164,7 @@ if [[ $QUICK == 0 ]]; then
   start_node "$dir" --config "$WORK/redis.toml" --metrics-address "127.0.0.1:$PORT2"
   img="${LINK_HOST[loopback]}/large:large"; sf="${LINK_STATS[loopback]}"
   drop; b0=$(cat "$sf"); s=$(now)
-  "$CLIP" --root "$dir/pull" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
+  "$CLIP" --root "$dir/clip" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
   $NODE_CTR run --rm --snapshotter clip --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c1 python3 -c "$w" >/dev/null
   e=$(now); sleep 0.3
   B_S=$(echo "$e - $s" | bc); B_B=$(( $(cat "$sf") - b0 ))

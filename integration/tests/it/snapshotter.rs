@@ -176,7 +176,7 @@ impl Node {
     pub fn pull(&self, image: &str) -> Output {
         Command::new(clip_bin())
             .arg("--root")
-            .arg(self.dir.join("pull-root"))
+            .arg(self.clip_root()) // the daemon's own root: a pull does not open its database
             .args(["pull", image, "--address"])
             .arg(self.dir.join("containerd.sock"))
             .env("CLIP_LOG", "warn")
@@ -452,7 +452,7 @@ fn restarts_keep_snapshots_cache_and_new_containers_working() {
     // Killed in the middle of a pull: the pull fails cleanly; after a restart it succeeds.
     let mut pull = Command::new(clip_bin())
         .arg("--root")
-        .arg(node.dir.join("pull-root"))
+        .arg(node.clip_root())
         .args(["pull", &image, "--address"])
         .arg(node.dir.join("containerd.sock"))
         .stderr(Stdio::null())
