@@ -2,7 +2,7 @@
 
 use crate::artifact::{self, ArtifactError};
 use crate::digest::Digest;
-use crate::index::{build_layer_index, format, BlobRef, BuildOptions, IndexError, LayerIndex};
+use crate::index::{format, BlobRef, BuildOptions, IndexError, LayerIndex};
 use crate::registry::{Client, LayerDescriptor, RegistryError, ResolvedImage};
 use crate::store::{ImageRecord, Store, StoreError};
 use bytes::Bytes;
@@ -87,6 +87,22 @@ pub async fn index_layer(
     progress: Progress,
     force: bool,
 ) -> Result<LayerReport, ImageError> {
+    index_layer_filling(client, store, image, desc, opts, progress, force, None).await
+}
+
+/// [`index_layer`] that also writes every span it inflates to `fill`'s disk tier in the same
+/// pass, so a node that indexes an image on demand reads it without fetching it again.
+#[allow(clippy::too_many_arguments)]
+pub async fn index_layer_filling(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    desc: &LayerDescriptor,
+    opts: &BuildOptions,
+    progress: Progress,
+    force: bool,
+    fill: Option<Arc<crate::cache::TieredCache>>,
+) -> Result<LayerReport, ImageError> {
     let start = Instant::now();
     if !force {
         if let Some((ix, enc)) = store.get_layer(&desc.digest)? {
@@ -120,15 +136,35 @@ pub async fn index_layer(
         expected_diff_id: Some(desc.diff_id),
         ..opts.clone()
     };
+    // Spans for the cache go through a small bounded channel: the build waits for the disk
+    // rather than holding a layer's worth of spans in memory.
+    let (sink, filler) = match fill {
+        Some(cache) => {
+            let (stx, mut srx) = mpsc::channel::<(crate::digest::Digest, Vec<u8>)>(4);
+            let filler = tokio::spawn(async move {
+                while let Some((d, b)) = srx.recv().await {
+                    cache.put_disk(&d, Bytes::from(b)).await;
+                }
+            });
+            let sink: crate::gzip::SpanSink = Box::new(move |d, b| {
+                let _ = stx.blocking_send((d, b));
+            });
+            (Some(sink), Some(filler))
+        }
+        None => (None, None),
+    };
     let built = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader {
             rx,
             cur: Bytes::new(),
         };
-        build_layer_index(reader, &opts, |n| progress(n))
+        crate::index::builder::build_layer_index_with_sink(reader, &opts, |n| progress(n), sink)
     })
     .await
     .map_err(|e| ImageError::Internal(format!("indexing task: {e}")))?;
+    if let Some(f) = filler {
+        let _ = f.await;
+    }
     let streamed = streamer
         .await
         .map_err(|e| ImageError::Internal(format!("download task: {e}")))?;

@@ -232,6 +232,19 @@ impl TieredCache {
         }
     }
 
+    /// Stores a span in the disk tier only (bulk fills that should not evict the memory tier's
+    /// hot spans); nothing without a disk tier.
+    pub async fn put_disk(&self, key: &Digest, data: Bytes) {
+        if let Some(disk) = &self.disk {
+            let (d, k) = (disk.clone(), *key);
+            match tokio::task::spawn_blocking(move || d.put(&k, &data)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(span = %key, "disk cache write failed: {e}"),
+                Err(e) => tracing::warn!(span = %key, "disk cache task failed: {e}"),
+            }
+        }
+    }
+
     /// Stores a verified span in every tier.
     pub async fn put(&self, key: &Digest, data: &Bytes) {
         self.fill_local(key, data).await;

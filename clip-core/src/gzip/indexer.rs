@@ -55,7 +55,12 @@ pub struct GzipIndexer<R> {
     out_buf: Box<[u8]>,
     out_pos: usize,
     out_len: usize,
+    /// Receives each span's bytes with its digest as the span completes.
+    sink: Option<(SpanSink, Vec<u8>)>,
 }
+
+/// Called with each completed span (digest, uncompressed bytes), in order.
+pub type SpanSink = Box<dyn FnMut(Digest, Vec<u8>) + Send>;
 
 impl<R: Read> GzipIndexer<R> {
     pub fn new(input: R, span_size: u64) -> Result<Self, GzipError> {
@@ -79,7 +84,22 @@ impl<R: Read> GzipIndexer<R> {
             out_buf: vec![0u8; OUT_BUF].into_boxed_slice(),
             out_pos: 0,
             out_len: 0,
+            sink: None,
         })
+    }
+
+    /// Hands every span's bytes to `sink` as it completes (e.g. to fill a cache while indexing).
+    pub fn with_span_sink(mut self, sink: SpanSink) -> Self {
+        self.sink = Some((sink, Vec::new()));
+        self
+    }
+
+    fn end_span(&mut self) {
+        let digest = std::mem::take(&mut self.span_hasher).finish();
+        self.span_digests.push(digest);
+        if let Some((sink, buf)) = &mut self.sink {
+            sink(digest, std::mem::take(buf));
+        }
     }
 
     /// Uncompressed bytes produced so far.
@@ -95,8 +115,7 @@ impl<R: Read> GzipIndexer<R> {
     /// Reads the rest of the stream (so every byte is checked) and returns the index and the input.
     pub fn finish(mut self) -> Result<(ZranOutput, R), GzipError> {
         io::copy(&mut self, &mut io::sink())?;
-        self.span_digests
-            .push(std::mem::take(&mut self.span_hasher).finish());
+        self.end_span();
         let out = ZranOutput {
             checkpoints: self.checkpoints,
             span_digests: self.span_digests,
@@ -180,8 +199,7 @@ impl<R: Read> GzipIndexer<R> {
             return Ok(());
         }
         if !self.checkpoints.is_empty() {
-            self.span_digests
-                .push(std::mem::take(&mut self.span_hasher).finish());
+            self.end_span();
         }
         let window = if self.uncompressed == 0 {
             Vec::new()
@@ -243,6 +261,9 @@ impl<R: Read> GzipIndexer<R> {
             if !out.is_empty() {
                 self.span_hasher.update(out);
                 self.diff_hasher.update(out);
+                if let Some((_, buf)) = &mut self.sink {
+                    buf.extend_from_slice(out);
+                }
                 self.uncompressed += out.len() as u64;
             }
             if step.stream_end {

@@ -23,7 +23,7 @@ mod indexer;
 mod inflater;
 mod span;
 
-pub use indexer::{GzipIndexer, ZranOutput};
+pub use indexer::{GzipIndexer, SpanSink, ZranOutput};
 pub use span::{compressed_range, inflate_span, inflate_spans};
 
 /// The size of a deflate window: the farthest a back-reference can reach.

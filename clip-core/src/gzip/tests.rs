@@ -180,3 +180,26 @@ fn corrupt_span_input_is_an_error_not_a_panic() {
     assert!(inflate_span(&[], 3, &[], 10).is_err());
     assert!(inflate_span(&[1, 2], 9, &[], 10).is_err());
 }
+
+#[test]
+fn span_sink_gets_every_span_with_its_digest() {
+    let original = sample(5 << 20, 9);
+    let gz = gzip(&original, 6);
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Digest, Vec<u8>)>::new()));
+    let g = got.clone();
+    let mut ix = GzipIndexer::new(&gz[..], 1 << 20)
+        .unwrap()
+        .with_span_sink(Box::new(move |d, b| g.lock().unwrap().push((d, b))));
+    let mut out = Vec::new();
+    ix.read_to_end(&mut out).unwrap();
+    let (z, _) = ix.finish().unwrap();
+    let got = got.lock().unwrap();
+    assert!(got.len() >= 4, "{} spans", got.len());
+    assert_eq!(got.len(), z.span_digests.len());
+    for ((d, b), want) in got.iter().zip(&z.span_digests) {
+        assert_eq!(d, want);
+        assert_eq!(Digest::of(b), *d);
+    }
+    let joined: Vec<u8> = got.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+    assert_eq!(joined, original);
+}

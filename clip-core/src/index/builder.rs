@@ -64,13 +64,28 @@ pub fn build_layer_index<R: Read>(
     opts: &BuildOptions,
     progress: impl FnMut(u64),
 ) -> Result<BuiltLayer, IndexError> {
+    build_layer_index_with_sink(input, opts, progress, None)
+}
+
+/// [`build_layer_index`], handing each span's bytes and digest to `sink` as it completes (spans
+/// are keyed by their own digest, so bytes of a stream that later fails verification can never
+/// be mistaken for a span of the right one).
+pub fn build_layer_index_with_sink<R: Read>(
+    input: R,
+    opts: &BuildOptions,
+    progress: impl FnMut(u64),
+    sink: Option<crate::gzip::SpanSink>,
+) -> Result<BuiltLayer, IndexError> {
     let hashing = Hashing {
         inner: input,
         hasher: Hasher::new(),
         count: 0,
         progress,
     };
-    let gz = GzipIndexer::new(hashing, opts.span_size)?;
+    let mut gz = GzipIndexer::new(hashing, opts.span_size)?;
+    if let Some(sink) = sink {
+        gz = gz.with_span_sink(sink);
+    }
     let mut archive = tar::Archive::new(gz);
     let mut entries = Vec::new();
     read_entries(&mut archive, &mut entries)?;
