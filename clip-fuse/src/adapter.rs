@@ -3,17 +3,19 @@
 //! worker threads. Errors become errno here and nowhere else.
 
 use crate::fs::{Attr, ClipFs, FsError, Kind};
+use crate::handover::{self, Held, Keeper, OpenState};
 use fuser::{
     BackgroundSession, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, MountOption,
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request, Session, SessionACL,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The image never changes under a mount: the kernel may cache entries and attributes long.
@@ -43,6 +45,15 @@ impl Default for MountOptions {
     }
 }
 
+/// A mount's link to the FUSE keeper (see [`crate::handover`]): the connection survives the
+/// daemon, and the keeper learns which inodes are open in which mode.
+#[derive(Clone, Debug)]
+pub struct Handover {
+    pub keeper: Arc<Keeper>,
+    /// The connection's id with the keeper (the snapshotter uses the snapshot id).
+    pub id: u64,
+}
+
 struct Adapter {
     fs: Arc<ClipFs>,
     rt: tokio::runtime::Handle,
@@ -52,17 +63,26 @@ struct Adapter {
     /// opens of one inode, and every passthrough open of an inode must name the same backing
     /// file, so an inode keeps its mode until its last open file is released.
     open: Mutex<HashMap<u64, OpenMode>>,
+    /// The `/dev/fuse` descriptor (set before the session serves its first request).
+    fuse_fd: Arc<OnceLock<RawFd>>,
+    /// What the kernel offered at INIT: capability flags and ABI minor version.
+    kernel: Arc<OnceLock<(u64, u32)>>,
+    handover: Option<Handover>,
 }
 
 enum OpenMode {
     Cached(u32),
-    Passthrough(BackingId, u32),
+    /// The backing id (managed, and its number for the keeper) and the open count.
+    Passthrough(BackingId, u32, u32),
+    /// Open by passthrough since before a daemon restart, on a backing id the previous daemon
+    /// registered (still registered in the kernel's connection).
+    Inherited(u32, u32),
 }
 
 impl Adapter {
     /// A registered backing file for a passthrough open of `ino`, if it has a verified local
     /// copy; otherwise starts making one for later opens.
-    fn backing(&self, ino: u64, reply: &ReplyOpen) -> Option<BackingId> {
+    fn backing(&self, ino: u64, reply: &ReplyOpen) -> Option<(u32, BackingId)> {
         if !self.passthrough {
             return None;
         }
@@ -70,8 +90,12 @@ impl Adapter {
             self.fs.prepare_backing(ino, &self.rt);
             return None;
         };
-        match reply.open_backing(&file) {
-            Ok(id) => Some(id),
+        let fuse = *self.fuse_fd.get()?;
+        // SAFETY: the session owns this descriptor for as long as requests are served.
+        let fuse = unsafe { BorrowedFd::borrow_raw(fuse) };
+        match BackingId::create_raw(fuse, &file) {
+            // SAFETY: a backing id just registered on this connection, wrapped once.
+            Ok(raw) => Some((raw, unsafe { reply.wrap_backing(raw) })),
             Err(e) => {
                 // E.g. the cache directory is on a stacked filesystem: serve through the daemon.
                 tracing::warn!(ino, "FUSE passthrough unavailable for this file: {e}");
@@ -130,6 +154,9 @@ fn file_attr(a: &Attr) -> FileAttr {
 
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = self
+            .kernel
+            .set((config.capabilities().bits(), config.kernel_abi().1));
         // 1 MiB reads (the kernel's FUSE limit, 256 pages, is derived from this).
         let _ = config.set_max_readahead(1 << 20);
         if self.passthrough {
@@ -197,23 +224,42 @@ impl Filesystem for Adapter {
             return reply.error(errno(&e));
         }
         let mut open = self.open.lock().expect("open lock");
+        let note = |state| {
+            if let Some(h) = &self.handover {
+                h.keeper.note_open(h.id, ino.0, state);
+            }
+        };
         match open.get_mut(&ino.0) {
-            Some(OpenMode::Passthrough(id, n)) => {
+            Some(OpenMode::Passthrough(id, raw, n)) => {
                 *n += 1;
+                note(OpenState::Passthrough(*raw));
                 clip_core::metrics::fuse_open("passthrough");
                 return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
             }
+            Some(OpenMode::Inherited(raw, n)) => {
+                let (raw, n) = (*raw, *n + 1);
+                note(OpenState::Passthrough(raw));
+                // SAFETY: the previous daemon registered this id on this connection; it is
+                // wrapped once, and closed when the last open file is released.
+                let id = unsafe { reply.wrap_backing(raw) };
+                reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
+                open.insert(ino.0, OpenMode::Passthrough(id, raw, n));
+                clip_core::metrics::fuse_open("passthrough");
+                return;
+            }
             Some(OpenMode::Cached(n)) => *n += 1,
             None => {
-                if let Some(id) = self.backing(ino.0, &reply) {
+                if let Some((raw, id)) = self.backing(ino.0, &reply) {
+                    note(OpenState::Passthrough(raw));
                     reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
-                    open.insert(ino.0, OpenMode::Passthrough(id, 1));
+                    open.insert(ino.0, OpenMode::Passthrough(id, raw, 1));
                     clip_core::metrics::fuse_open("passthrough");
                     return;
                 }
                 open.insert(ino.0, OpenMode::Cached(1));
             }
         }
+        note(OpenState::Cached);
         clip_core::metrics::fuse_open("daemon");
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
@@ -229,10 +275,15 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(h) = &self.handover {
+            h.keeper.note_release(h.id, ino.0);
+        }
         reply.ok();
         let mut open = self.open.lock().expect("open lock");
         let last = match open.get_mut(&ino.0) {
-            Some(OpenMode::Cached(n) | OpenMode::Passthrough(_, n)) => {
+            Some(
+                OpenMode::Cached(n) | OpenMode::Passthrough(_, _, n) | OpenMode::Inherited(_, n),
+            ) => {
                 *n = n.saturating_sub(1);
                 *n == 0
             }
@@ -240,7 +291,11 @@ impl Filesystem for Adapter {
         };
         if last {
             // Dropping a BackingId closes it; open files keep their own reference.
-            open.remove(&ino.0);
+            if let Some(OpenMode::Inherited(raw, _)) = open.remove(&ino.0) {
+                if let Some(fd) = self.fuse_fd.get() {
+                    handover::close_backing(*fd, raw);
+                }
+            }
             drop(open);
             if self.passthrough {
                 // A file just read whole through the daemon is now local: copy it for next time.
@@ -416,13 +471,7 @@ impl Filesystem for Adapter {
     }
 }
 
-/// Mounts `fs` read-only at `dir`; unmounted when the returned session is dropped.
-pub fn mount(
-    fs: ClipFs,
-    dir: &Path,
-    rt: tokio::runtime::Handle,
-    opts: &MountOptions,
-) -> std::io::Result<BackgroundSession> {
+fn config(opts: &MountOptions) -> Config {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::RO,
@@ -435,15 +484,106 @@ pub fn mount(
     if opts.allow_other {
         cfg.acl = SessionACL::All;
     }
+    // One descriptor shared by every worker thread (no FUSE_DEV_IOC_CLONE): a request a dying
+    // daemon had read stays on the connection the keeper holds, and can be resent.
+    cfg.clone_fd = false;
     cfg.n_threads = Some(opts.threads.max(1));
-    fuser::spawn_mount(
-        Adapter {
-            fs: Arc::new(fs),
-            rt,
-            passthrough: opts.passthrough,
-            open: Mutex::new(HashMap::new()),
-        },
-        dir,
-        &cfg,
-    )
+    cfg
+}
+
+fn adapter(
+    fs: ClipFs,
+    rt: tokio::runtime::Handle,
+    opts: &MountOptions,
+    h: Option<Handover>,
+) -> Adapter {
+    Adapter {
+        fs: Arc::new(fs),
+        rt,
+        passthrough: opts.passthrough,
+        open: Mutex::new(HashMap::new()),
+        fuse_fd: Arc::new(OnceLock::new()),
+        kernel: Arc::new(OnceLock::new()),
+        handover: h,
+    }
+}
+
+/// Mounts `fs` read-only at `dir`; unmounted when the returned session is dropped.
+pub fn mount(
+    fs: ClipFs,
+    dir: &Path,
+    rt: tokio::runtime::Handle,
+    opts: &MountOptions,
+) -> std::io::Result<BackgroundSession> {
+    mount_with(fs, dir, rt, opts, None)
+}
+
+/// [`mount`], and with `handover` the keeper holds the connection so that it outlives this
+/// process (see [`crate::handover`]).
+pub fn mount_with(
+    fs: ClipFs,
+    dir: &Path,
+    rt: tokio::runtime::Handle,
+    opts: &MountOptions,
+    handover: Option<Handover>,
+) -> std::io::Result<BackgroundSession> {
+    let a = adapter(fs, rt, opts, handover.clone());
+    let (fuse_fd, kernel) = (a.fuse_fd.clone(), a.kernel.clone());
+    let session = Session::new(a, dir, &config(opts))?;
+    let _ = fuse_fd.set(session.as_fd().as_raw_fd());
+    if let Some(h) = &handover {
+        let (caps, minor) = kernel.get().copied().unwrap_or((0, 0));
+        if let Err(e) = h.keeper.hold(h.id, session.as_fd(), caps, minor) {
+            // Still a working mount; it just will not outlive this daemon.
+            tracing::warn!(dir = %dir.display(), "the FUSE keeper did not take the connection: {e}");
+        }
+    }
+    session.spawn()
+}
+
+/// Serves again a connection a previous daemon mounted and the keeper kept alive: the same
+/// image's inode numbers, the previous daemon's open files and backing ids, and the requests
+/// it read but never answered resent by the kernel.
+pub fn resume(
+    fs: ClipFs,
+    held: Held,
+    rt: tokio::runtime::Handle,
+    opts: &MountOptions,
+    handover: Handover,
+) -> std::io::Result<BackgroundSession> {
+    let a = adapter(fs, rt, opts, Some(handover));
+    {
+        let mut open = a.open.lock().expect("open lock");
+        for (ino, state, n) in &held.opens {
+            open.insert(
+                *ino,
+                match state {
+                    OpenState::Cached => OpenMode::Cached(*n),
+                    OpenState::Passthrough(raw) => OpenMode::Inherited(*raw, *n),
+                },
+            );
+        }
+    }
+    let fuse_fd = a.fuse_fd.clone();
+    // fuser needs an INIT handshake; the kernel's happened long ago. Feed it one through a
+    // socket, then put the real connection in that socket's place.
+    let (ours, theirs) = handover::socket_pair()?;
+    handover::send_bytes(
+        ours.as_fd(),
+        &handover::synthetic_init(held.caps, held.minor, 1 << 20),
+    )?;
+    let cfg = config(opts);
+    let session = Session::from_fd(a, theirs, cfg.acl, cfg.clone())?;
+    let raw = session.as_fd().as_raw_fd();
+    handover::replace_fd(held.fd.as_fd(), raw)?;
+    let _ = fuse_fd.set(raw);
+    drop(ours);
+    let bg = session.spawn()?;
+    if let Err(e) = handover::notify_resend(held.fd.as_fd()) {
+        tracing::warn!(
+            "the kernel cannot resend requests the previous daemon left unanswered ({e}); \
+             their callers wait until interrupted"
+        );
+    }
+    Ok(bg)
 }

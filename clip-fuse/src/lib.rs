@@ -11,7 +11,8 @@
 
 pub mod adapter;
 pub mod fs;
+pub mod handover;
 
-pub use adapter::{mount, MountOptions};
+pub use adapter::{mount, mount_with, resume, Handover, MountOptions};
 pub use fs::{ClipFs, FsError};
 pub use fuser::BackgroundSession;

@@ -70,6 +70,17 @@ pub enum Command {
     /// Run the containerd snapshotter daemon (a proxy plugin serving the snapshots API on a
     /// unix socket; see docs/snapshotter.md).
     Snapshotter(SnapshotterArgs),
+    /// Hold the snapshotter's FUSE connections so that they outlive a daemon restart (started
+    /// by `clip snapshotter`; not run by hand).
+    #[command(hide = true)]
+    FuseKeeper(FuseKeeperArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FuseKeeperArgs {
+    /// The socket to listen on.
+    #[arg(long, value_name = "SOCKET")]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +117,10 @@ pub struct SnapshotterArgs {
     /// Index images without a published index while they are pulled.
     #[arg(long)]
     pub index_on_demand: bool,
+    /// Let lazy mounts die with the daemon (default: a keeper process holds their FUSE
+    /// connections, so running containers keep reading across a restart).
+    #[arg(long)]
+    pub no_handover: bool,
 }
 
 #[derive(Args, Debug)]

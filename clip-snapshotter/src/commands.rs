@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Umount(a) => umount(a),
         Command::Pull(a) => crate::pull::pull(&cli.global, a).await,
         Command::Snapshotter(_) => unreachable!("handled above"),
+        Command::FuseKeeper(_) => unreachable!("handled in main"),
     }
 }
 

@@ -63,6 +63,9 @@ pub struct FuseSection {
     pub threads: Option<usize>,
     /// Smallest file served by passthrough once local (default "1MiB").
     pub passthrough_min_size: Option<String>,
+    /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
+    /// connections; default true).
+    pub handover: Option<bool>,
 }
 
 impl Config {
@@ -133,6 +136,7 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     );
     let opts = Options {
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
+        handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
         fuse_threads: cfg.fuse.threads.unwrap_or(4).max(1),
         passthrough_min_size: size(
             &cfg.fuse.passthrough_min_size,

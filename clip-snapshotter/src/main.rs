@@ -25,6 +25,14 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let cli::Command::FuseKeeper(a) = &cli.command {
+        // No runtime: a small single-threaded process that must outlive the daemon.
+        if let Err(e) = clip_fuse::handover::run_keeper(&a.socket) {
+            eprintln!("clip fuse-keeper: error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -24,6 +24,7 @@ use clip_core::reader::{LayerReader, ReaderConfig};
 use clip_core::reference::Reference;
 use clip_core::registry::Client;
 use clip_core::store::Store;
+use clip_fuse::handover::{Held, Keeper};
 use containerd_snapshots::{api::types::Mount, tonic, Info, Kind as ApiKind, Usage};
 use meta::{Kind, Meta, Record, Remote};
 use std::collections::{BTreeMap, HashMap};
@@ -87,11 +88,15 @@ pub struct Options {
     pub fuse_threads: usize,
     /// Smallest file served by FUSE passthrough once local.
     pub passthrough_min_size: u64,
+    /// Hand FUSE connections to a keeper process so lazy mounts (and the containers reading
+    /// them) survive a daemon restart.
+    pub handover: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
+            handover: true,
             index_on_demand: false,
             fuse_threads: 4,
             passthrough_min_size: 1 << 20,
@@ -114,6 +119,8 @@ pub struct ClipSnapshotter {
     rt: tokio::runtime::Handle,
     /// Remote snapshot id -> its chain's FUSE mount. A tokio mutex: mounting is serialised.
     mounts: tokio::sync::Mutex<HashMap<u64, Mounted>>,
+    /// Holds the FUSE connections across restarts (with `Options::handover`).
+    keeper: Option<Arc<Keeper>>,
 }
 
 fn info(name: &str, r: &Record) -> Info {
@@ -158,6 +165,64 @@ fn disk_usage(dir: &Path) -> (i64, i64) {
     (size, inodes)
 }
 
+/// The FUSE keeper (started if none runs) and the connections a previous daemon left with it.
+/// Without one, lazy mounts work but do not outlive this daemon.
+async fn connect_keeper(sock: &Path) -> (Option<Arc<Keeper>>, Vec<Held>) {
+    let sock = sock.to_path_buf();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut last = None;
+        // Twice: a keeper that was just exiting (nothing held, no daemon) drops the connection.
+        for _ in 0..2 {
+            match Keeper::connect_or_spawn(&sock, || spawn_keeper(&sock))
+                .and_then(|k| k.list().map(|held| (k, held)))
+            {
+                Ok(ok) => return Ok(ok),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err(last.expect("tried"))
+    })
+    .await;
+    match got {
+        Ok(Ok((k, held))) => (Some(Arc::new(k)), held),
+        Ok(Err(e)) => {
+            tracing::warn!("no FUSE keeper, lazy mounts will not survive a restart: {e}");
+            (None, Vec::new())
+        }
+        Err(e) => {
+            tracing::warn!("no FUSE keeper, lazy mounts will not survive a restart: {e}");
+            (None, Vec::new())
+        }
+    }
+}
+
+/// Starts `clip fuse-keeper` in its own session (signals for the daemon's process group miss it),
+/// reaped by a thread if it exits while the daemon runs.
+fn spawn_keeper(sock: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("fuse-keeper")
+        .arg("--socket")
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    tracing::info!(pid = child.id(), socket = %sock.display(), "started the FUSE keeper");
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
 /// Mount points (from /proc/self/mountinfo) at or under `dir`.
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -193,11 +258,37 @@ impl ClipSnapshotter {
     ) -> Result<Arc<Self>, SnapshotError> {
         let snapshots = dir.join("snapshots");
         std::fs::create_dir_all(&snapshots).map_err(io_err(snapshots.display().to_string()))?;
-        for stale in mounts_under(&snapshots) {
-            tracing::info!(path = %stale.display(), "detaching a mount left by a previous run");
-            lazy_unmount(&stale);
-        }
         let meta = Meta::open(store.db().clone())?;
+        let (keeper, held) = if opts.handover {
+            connect_keeper(&dir.join("fuse-keeper.sock")).await
+        } else {
+            (None, Vec::new())
+        };
+        let records: HashMap<u64, (String, Record)> = meta
+            .list()?
+            .into_iter()
+            .map(|(n, r)| (r.id, (n, r)))
+            .collect();
+        let mut resumable = Vec::new();
+        for h in held {
+            let fs_dir = snapshots.join(h.id.to_string()).join("fs");
+            let live = records.get(&h.id).is_some_and(|(_, r)| r.remote.is_some())
+                && mounts_under(&fs_dir).contains(&fs_dir);
+            if live {
+                resumable.push(h);
+            } else if let Some(k) = &keeper {
+                k.drop_connection(h.id);
+            }
+        }
+        for stale in mounts_under(&snapshots) {
+            let kept = resumable
+                .iter()
+                .any(|h| stale == snapshots.join(h.id.to_string()).join("fs"));
+            if !kept {
+                tracing::info!(path = %stale.display(), "detaching a mount left by a previous run");
+                lazy_unmount(&stale);
+            }
+        }
         let sn = Arc::new(ClipSnapshotter {
             dir: dir.to_path_buf(),
             meta,
@@ -207,7 +298,15 @@ impl ClipSnapshotter {
             opts,
             rt: tokio::runtime::Handle::current(),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
+            keeper,
         });
+        for h in resumable {
+            let (name, r) = records[&h.id].clone();
+            if let Err(e) = sn.resume(&name, &r, h).await {
+                tracing::warn!(snapshot = %name, "resuming its lazy mount failed, remounting: {e}");
+                lazy_unmount(&sn.path(r.id).join("fs"));
+            }
+        }
         sn.restore().await;
         Ok(sn)
     }
@@ -258,6 +357,64 @@ impl ClipSnapshotter {
             name: name.to_string(),
             reason,
         };
+        let (fs, opts) = self.chain_fs(name, top)?;
+        std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
+        if !mounts_under(&dir).is_empty() {
+            lazy_unmount(&dir);
+        }
+        let (d, rt) = (dir.clone(), self.rt.clone());
+        let handover = self
+            .keeper
+            .clone()
+            .map(|keeper| clip_fuse::Handover { keeper, id: top.id });
+        let session =
+            tokio::task::spawn_blocking(move || clip_fuse::mount_with(fs, &d, rt, &opts, handover))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(snapshot = name, dir = %dir.display(), "mounted lazy layers");
+        mounts.insert(top.id, Mounted { session });
+        Ok(dir)
+    }
+
+    /// Serves again the mount of the remote chain topped by `name` that a previous daemon left
+    /// with the keeper (running containers have been waiting on it).
+    async fn resume(&self, name: &str, top: &Record, held: Held) -> Result<(), SnapshotError> {
+        let fail = |reason: String| SnapshotError::Mount {
+            name: name.to_string(),
+            reason,
+        };
+        let keeper = self
+            .keeper
+            .clone()
+            .ok_or_else(|| fail("no keeper".into()))?;
+        let (fs, opts) = self.chain_fs(name, top)?;
+        let (rt, id, opens) = (self.rt.clone(), top.id, held.opens.len());
+        let handover = clip_fuse::Handover { keeper, id };
+        let session =
+            tokio::task::spawn_blocking(move || clip_fuse::resume(fs, held, rt, &opts, handover))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(
+            snapshot = name,
+            open_files = opens,
+            "resumed a lazy mount kept across the restart"
+        );
+        self.mounts.lock().await.insert(id, Mounted { session });
+        Ok(())
+    }
+
+    /// The filesystem of the remote chain topped by `top`, and how to mount it.
+    fn chain_fs(
+        &self,
+        name: &str,
+        top: &Record,
+    ) -> Result<(clip_fuse::ClipFs, clip_fuse::MountOptions), SnapshotError> {
+        let fail = |reason: String| SnapshotError::Mount {
+            name: name.to_string(),
+            reason,
+        };
         // The chain, bottom layer first.
         let mut chain = vec![top.clone()];
         while !chain.last().expect("non-empty").parent.is_empty() {
@@ -302,18 +459,7 @@ impl ClipSnapshotter {
             fsname: format!("clip:{name}"),
             passthrough: self.cache.files().is_some(),
         };
-        std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
-        if !mounts_under(&dir).is_empty() {
-            lazy_unmount(&dir);
-        }
-        let (d, rt) = (dir.clone(), self.rt.clone());
-        let session = tokio::task::spawn_blocking(move || clip_fuse::mount(fs, &d, rt, &opts))
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .map_err(|e| fail(e.to_string()))?;
-        tracing::info!(snapshot = name, layers = chain.len(), dir = %dir.display(), "mounted lazy layers");
-        mounts.insert(top.id, Mounted { session });
-        Ok(dir)
+        Ok((fs, opts))
     }
 
     fn mounts_for(&self, r: &Record, lowers: &[PathBuf]) -> Vec<Mount> {
@@ -403,7 +549,8 @@ impl ClipSnapshotter {
         matches!(self.store.get_layer(&layer), Ok(Some(_))).then_some(remote)
     }
 
-    /// Indexes every gzip layer of `image` (one pass over each) and records the image.
+    /// Indexes every gzip layer of `image` (one pass over each, filling the disk cache with every
+    /// span on the way) and records the image.
     async fn index_now(
         &self,
         image: &clip_core::registry::ResolvedImage,
@@ -413,8 +560,17 @@ impl ClipSnapshotter {
         for d in &image.layers {
             let progress: image::Progress = Arc::new(|_| {});
             reports.push(
-                image::index_layer(&self.client, &self.store, image, d, &opts, progress, false)
-                    .await?,
+                image::index_layer_filling(
+                    &self.client,
+                    &self.store,
+                    image,
+                    d,
+                    &opts,
+                    progress,
+                    false,
+                    Some(self.cache.clone()),
+                )
+                .await?,
             );
         }
         image::record_image(&self.store, image, &reports, None).await
@@ -505,9 +661,16 @@ impl ClipSnapshotter {
         Ok(self.mounts_for(&rec, &lowers))
     }
 
-    /// Unmounts everything (daemon shutdown). Busy mounts are detached lazily.
+    /// Daemon shutdown. With a keeper the lazy mounts stay (the next daemon serves them; readers
+    /// wait meanwhile); without one they are unmounted (busy ones detached lazily).
     pub async fn shutdown(&self) {
         let mut mounts = self.mounts.lock().await;
+        if self.keeper.is_some() {
+            for (_, m) in mounts.drain() {
+                // Dropping the session would unmount it: leave it to the process exit.
+                std::mem::forget(m.session);
+            }
+        }
         for (id, m) in mounts.drain() {
             let dir = self.path(id).join("fs");
             drop(m.session);
@@ -686,6 +849,9 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
             )));
         }
         if let Some(m) = self.mounts.lock().await.remove(&r.id) {
+            if let Some(k) = &self.keeper {
+                k.drop_connection(r.id);
+            }
             drop(m.session);
         }
         let dir = self.path(r.id);

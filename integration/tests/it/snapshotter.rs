@@ -502,11 +502,129 @@ fn restarts_keep_snapshots_cache_and_new_containers_working() {
         after < 64 << 10,
         "{after} bytes from the registry after restarts"
     );
+    // The sleeper's lazy mount was handed over, not torn down and remounted.
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("resumed a lazy mount"), "{log}");
+    assert!(
+        !log.contains("detaching a mount left by a previous run"),
+        "{log}"
+    );
+}
+
+/// `ctr tasks exec` of `cmd` in the running container `task`.
+fn exec(node: &Node, task: &str, id: &str, cmd: &[&str]) -> Command {
+    let mut c = Command::new("ctr");
+    c.arg("-a")
+        .arg(node.dir.join("containerd.sock"))
+        .args(["tasks", "exec", "--exec-id", id, task])
+        .args(cmd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (root)");
+}
+
+#[test]
+fn running_containers_keep_reading_across_daemon_restarts() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "live");
+    let image = format!("{}:v1", reg.image("live"));
+    publish_index(tmp.path(), &image);
+    let mut node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    let sum = &["sha256sum", "/home/user/big.bin", "/etc/public"];
+    let want = out(&node.run("clip", &image, "ref", sum));
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "clip",
+        "--runc-root",
+        &node.dir.join("runc").display().to_string(),
+        "--fifo-dir",
+        &node.dir.join("fifo").display().to_string(),
+        &image,
+        "live",
+        "sleep",
+        "600",
+    ]);
+    let run_exec = |node: &Node, id: &str| {
+        let o = exec(node, "live", id, sum).output().unwrap();
+        out(&o)
+    };
+    assert_eq!(run_exec(&node, "e0"), want);
+
+    // SIGTERM and restart: the running container's lazy root keeps working (not ENOTCONN),
+    // read from scratch (kernel caches dropped) through the new daemon.
+    node.stop_snapshotter(libc::SIGTERM);
+    node.start_snapshotter();
+    drop_page_cache();
+    assert_eq!(run_exec(&node, "e1"), want);
+
+    // kill -9; a reader that starts while no daemon runs waits (it neither fails nor gets
+    // wrong bytes) and finishes once the next daemon serves the mount again.
+    node.stop_snapshotter(libc::SIGKILL);
+    drop_page_cache();
+    let waiting = exec(&node, "live", "e2", sum).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut waiting = waiting;
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the reader did not wait for the daemon: {:?}",
+        waiting.wait_with_output().map(|o| (stdout(&o), stderr(&o)))
+    );
+    node.start_snapshotter();
+    let o = waiting.wait_with_output().unwrap();
+    assert_eq!(out(&o), want);
+    // And again after the second restart, with new containers too.
+    drop_page_cache();
+    assert_eq!(run_exec(&node, "e3"), want);
+    assert_eq!(out(&node.run("clip", &image, "new", sum)), want);
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert_eq!(log.matches("resumed a lazy mount").count(), 2, "{log}");
+}
+
+/// With handover off (`--no-handover`) a restart tears the lazy mounts down, as before.
+#[test]
+fn without_handover_a_restart_remounts_for_new_containers() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "nohand");
+    let image = format!("{}:v1", reg.image("nohand"));
+    publish_index(tmp.path(), &image);
+    let mut node = Node::start_with(&tmp.path().join("node"), &["--no-handover"]);
+    node.pull_ok(&image);
+    let want = out(&node.run("clip", &image, "a", &["sha256sum", "/home/user/big.bin"]));
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "clip",
+        "--runc-root",
+        &node.dir.join("runc").display().to_string(),
+        "--fifo-dir",
+        &node.dir.join("fifo").display().to_string(),
+        &image,
+        "sleeper",
+        "sleep",
+        "600",
+    ]);
+    node.stop_snapshotter(libc::SIGKILL);
+    node.start_snapshotter();
+    let got = out(&node.run("clip", &image, "b", &["sha256sum", "/home/user/big.bin"]));
+    assert_eq!(got, want);
     let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
     assert!(
         log.contains("detaching a mount left by a previous run"),
         "{log}"
     );
+    assert!(!log.contains("FUSE keeper"), "{log}");
 }
 
 #[test]
@@ -582,8 +700,17 @@ fn index_on_demand_makes_unindexed_images_lazy() {
     let node = Node::start_with(&tmp.path().join("node"), &["--index-on-demand"]);
     let pulled = node.pull_ok(&image);
     assert!(pulled.contains("2 lazy layer(s), 0 unpacked"), "{pulled}");
-    let o = node.run("clip", &image, "od", &["cat", "/etc/public"]);
-    assert_eq!(out(&o), "anyone\n");
+    let o = node.run(
+        "clip",
+        &image,
+        "od",
+        &["sh", "-c", "cat /etc/public; sha256sum /home/user/big.bin"],
+    );
+    assert!(out(&o).starts_with("anyone\n"), "{}", stdout(&o));
     let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
     assert!(log.contains("indexing on demand"), "{log}");
+    // The indexing pass filled the disk cache: the container's reads fetched no span.
+    let m = node.metrics();
+    assert_eq!(metric(&m, "clip_cache_misses_total"), 0.0, "{m}");
+    assert!(metric(&m, "clip_cache_hits_total") > 0.0, "{m}");
 }
