@@ -714,3 +714,79 @@ fn index_on_demand_makes_unindexed_images_lazy() {
     assert_eq!(metric(&m, "clip_cache_misses_total"), 0.0, "{m}");
     assert!(metric(&m, "clip_cache_hits_total") > 0.0, "{m}");
 }
+
+/// A read the daemon is in the middle of serving (its range request stalled at the registry)
+/// when it is killed: the kernel resends it to the next daemon (`FUSE_NOTIFY_RESEND`), which
+/// answers it with the right bytes. Without the resend the reader would wait forever.
+#[test]
+fn a_read_in_flight_when_the_daemon_dies_is_answered_by_the_next_one() {
+    use crate::faults::{Fault, FaultProxy};
+    use sha2::Digest as _;
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "inflight");
+    let upstream = format!("{}:v1", reg.image("inflight"));
+    publish_index(tmp.path(), &upstream);
+    // The reference, read on another root straight from the registry.
+    let o = clip(
+        &tmp.path().join("reference"),
+        &["cat", &upstream, "/home/user/big.bin"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout.len(), 4 << 20);
+    let want = format!(
+        "{}  /home/user/big.bin\n",
+        hex::encode(sha2::Sha256::digest(&o.stdout))
+    );
+    let proxy = FaultProxy::start(&reg.host);
+    let image = format!("{}/inflight:v1", proxy.host);
+    let mut node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "clip",
+        "--runc-root",
+        &node.dir.join("runc").display().to_string(),
+        "--fifo-dir",
+        &node.dir.join("fifo").display().to_string(),
+        &image,
+        "live",
+        "sleep",
+        "600",
+    ]);
+    // The next blob request stalls: the daemon will be inside a FUSE read when it dies.
+    let seen_before = proxy.seen.lock().unwrap().len();
+    proxy.inject("/blobs/", Fault::Stall(60));
+    let mut reader = exec(&node, "live", "e1", &["sha256sum", "/home/user/big.bin"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.seen.lock().unwrap()[seen_before..]
+        .iter()
+        .any(|l| l.contains("/blobs/"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the registry"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    node.stop_snapshotter(libc::SIGKILL);
+    assert!(reader.try_wait().unwrap().is_none(), "the reader failed");
+    node.start_snapshotter();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reader.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = reader.kill();
+            panic!("the read the dead daemon held was never answered");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = reader.wait_with_output().unwrap();
+    assert_eq!(out(&o), want);
+}
