@@ -283,7 +283,8 @@ fn publish_index(tmp: &Path, image: &str) {
 fn out(o: &Output) -> String {
     assert!(
         o.status.success(),
-        "command failed: {}{}",
+        "command failed ({}): {}{}",
+        o.status,
         stdout(o),
         stderr(o)
     );
@@ -783,10 +784,93 @@ fn a_read_in_flight_when_the_daemon_dies_is_answered_by_the_next_one() {
     while reader.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = reader.kill();
-            panic!("the read the dead daemon held was never answered");
+            panic!(
+                "the read the dead daemon held was never answered: {}",
+                std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let o = reader.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}{}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o),
+        std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap_or_default()
+    );
     assert_eq!(out(&o), want);
+}
+
+/// A file a running container holds open by FUSE passthrough across a `kill -9` of the daemon:
+/// the next daemon continues that open (same registered backing file), so new opens of the
+/// file work. The kernel refuses (EIO) a second backing file, or a page-cached open, for an inode
+/// that is open by passthrough.
+#[test]
+fn files_open_by_passthrough_stay_usable_across_a_restart() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "ptlive");
+    let image = format!("{}:v1", reg.image("ptlive"));
+    publish_index(tmp.path(), &image);
+    let mut node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    let sum = &["sha256sum", "/home/user/big.bin"];
+    // Read whole through the daemon; closing it makes the verified local copy.
+    let want = out(&node.run("clip", &image, "first", sum));
+    let files = node.clip_root().join("cache/files");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_dir(&files).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with("new."))
+    }) {
+        assert!(Instant::now() < deadline, "no passthrough copy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A container that keeps the file open (by passthrough now).
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "clip",
+        "--runc-root",
+        &node.dir.join("runc").display().to_string(),
+        "--fifo-dir",
+        &node.dir.join("fifo").display().to_string(),
+        &image,
+        "holder",
+        "sh",
+        "-c",
+        "exec 3</home/user/big.bin; echo yes > /opened; sleep 600",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exec(&node, "holder", "probe", &["cat", "/opened"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the holder did not open the file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = node.metrics();
+    assert!(
+        metric(&m, "clip_fuse_opens_total{mode=\"passthrough\"}") >= 1.0,
+        "{m}"
+    );
+    node.stop_snapshotter(libc::SIGKILL);
+    node.start_snapshotter();
+    drop_page_cache();
+    let o = exec(&node, "holder", "again", sum).output().unwrap();
+    assert_eq!(out(&o), want);
+    assert_eq!(out(&node.run("clip", &image, "second", sum)), want);
+    let m = node.metrics();
+    assert!(
+        metric(&m, "clip_fuse_opens_total{mode=\"passthrough\"}") >= 2.0,
+        "{m}"
+    );
 }
