@@ -5,6 +5,7 @@
 # docs/coldstart.svg.
 #   cold/warm start vs overlayfs (loopback and a shaped 100 Mbit + 10 ms link), second node via
 #   Redis, daemon RSS and cache size, span sizes       scripts/bench/coldstart.sh
+#   a running container across daemon restarts (handover)          scripts/bench/restart.sh
 #   seed scenario: 50 files of one layer vs whole-layer inflate     cargo bench --bench seed
 #   FUSE throughput and metadata vs local disk, passthrough          scripts/bench/fuse.sh
 #   indexing speed and index size vs gzip -dc                        scripts/bench/index.sh
@@ -26,6 +27,8 @@ bash scripts/build-large-image.sh
 echo "==> cold and warm starts (scripts/bench/coldstart.sh $RUNS)"
 bash scripts/bench/coldstart.sh "$RUNS" --out "$OUT/coldstart.md"
 python3 scripts/bench/plot.py "$OUT/coldstart.md.csv" docs/coldstart.svg
+echo "==> daemon restarts under running containers (scripts/bench/restart.sh $RUNS)"
+bash scripts/bench/restart.sh "$RUNS" --out "$OUT/restart.md"
 echo "==> seed scenario (cargo bench --bench seed)"
 cargo bench --quiet -p integration --bench seed 2>/dev/null | grep -E '^\||^[a-z]' >"$OUT/seed.md"
 echo "==> FUSE (scripts/bench/fuse.sh $RUNS)"
