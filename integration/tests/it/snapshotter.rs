@@ -219,6 +219,25 @@ impl Node {
         self.ctr(&a)
     }
 
+    /// `ctr run -d` on the clip snapshotter: a container left running.
+    pub fn run_detached(&self, image: &str, id: &str, cmd: &[&str]) {
+        let (runc, fifo) = (self.dir.join("runc"), self.dir.join("fifo"));
+        let mut args = vec![
+            "run",
+            "-d",
+            "--snapshotter",
+            "clip",
+            "--runc-root",
+            runc.to_str().unwrap(),
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            image,
+            id,
+        ];
+        args.extend_from_slice(cmd);
+        self.ctr_ok(&args);
+    }
+
     pub fn metrics(&self) -> String {
         scrape(self.metrics_port)
     }
@@ -278,6 +297,16 @@ impl Drop for Node {
 fn publish_index(tmp: &Path, image: &str) {
     let o = clip(&tmp.join("publisher"), &["index", "--push", image], &[]);
     assert!(o.status.success(), "clip index --push: {}", stderr(&o));
+}
+
+/// A registry holding a busybox + users image as `REPO:v1`, its index published.
+fn indexed_busybox_users(tmp: &Path, repo: &str) -> (Registry, String) {
+    let reg = Registry::start(Auth::None);
+    let l = layout(tmp, "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", repo);
+    let image = format!("{}:v1", reg.image(repo));
+    publish_index(tmp, &image);
+    (reg, image)
 }
 
 fn out(o: &Output) -> String {
@@ -401,12 +430,8 @@ fn images_without_an_index_work_like_overlayfs() {
 
 #[test]
 fn non_root_users_and_file_capabilities_behave_as_under_overlayfs() {
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "users");
-    let image = format!("{}:v1", reg.image("users"));
-    publish_index(tmp.path(), &image);
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "users");
     let node = Node::start(&tmp.path().join("node"));
     let pulled = node.pull_ok(&image);
     assert!(pulled.contains("2 lazy layer(s)"), "{pulled}");
@@ -440,12 +465,8 @@ fn non_root_users_and_file_capabilities_behave_as_under_overlayfs() {
 
 #[test]
 fn restarts_keep_snapshots_cache_and_new_containers_working() {
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "restart");
-    let upstream = format!("{}:v1", reg.image("restart"));
-    publish_index(tmp.path(), &upstream);
+    let (reg, _upstream) = indexed_busybox_users(tmp.path(), "restart");
     let proxy = CountingProxy::start(&reg.host);
     let image = format!("{}/restart:v1", proxy.host);
     let mut node = Node::start(&tmp.path().join("node"));
@@ -473,20 +494,7 @@ fn restarts_keep_snapshots_cache_and_new_containers_working() {
 
     // A long-running container, then SIGTERM and restart: new containers start and read right,
     // and spans cached before the restart are not fetched again.
-    node.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "clip",
-        "--runc-root",
-        &node.dir.join("runc").display().to_string(),
-        "--fifo-dir",
-        &node.dir.join("fifo").display().to_string(),
-        &image,
-        "sleeper",
-        "sleep",
-        "600",
-    ]);
+    node.run_detached(&image, "sleeper", &["sleep", "600"]);
     let fetched = proxy.sent();
     node.stop_snapshotter(libc::SIGTERM);
     node.start_snapshotter();
@@ -530,30 +538,13 @@ fn drop_page_cache() {
 
 #[test]
 fn running_containers_keep_reading_across_daemon_restarts() {
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "live");
-    let image = format!("{}:v1", reg.image("live"));
-    publish_index(tmp.path(), &image);
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "live");
     let mut node = Node::start(&tmp.path().join("node"));
     node.pull_ok(&image);
     let sum = &["sha256sum", "/home/user/big.bin", "/etc/public"];
     let want = out(&node.run("clip", &image, "ref", sum));
-    node.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "clip",
-        "--runc-root",
-        &node.dir.join("runc").display().to_string(),
-        "--fifo-dir",
-        &node.dir.join("fifo").display().to_string(),
-        &image,
-        "live",
-        "sleep",
-        "600",
-    ]);
+    node.run_detached(&image, "live", &["sleep", "600"]);
     let run_exec = |node: &Node, id: &str| {
         let o = exec(node, "live", id, sum).output().unwrap();
         out(&o)
@@ -593,29 +584,12 @@ fn running_containers_keep_reading_across_daemon_restarts() {
 /// With handover off (`--no-handover`) a restart tears the lazy mounts down, as before.
 #[test]
 fn without_handover_a_restart_remounts_for_new_containers() {
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "nohand");
-    let image = format!("{}:v1", reg.image("nohand"));
-    publish_index(tmp.path(), &image);
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "nohand");
     let mut node = Node::start_with(&tmp.path().join("node"), &["--no-handover"]);
     node.pull_ok(&image);
     let want = out(&node.run("clip", &image, "a", &["sha256sum", "/home/user/big.bin"]));
-    node.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "clip",
-        "--runc-root",
-        &node.dir.join("runc").display().to_string(),
-        "--fifo-dir",
-        &node.dir.join("fifo").display().to_string(),
-        &image,
-        "sleeper",
-        "sleep",
-        "600",
-    ]);
+    node.run_detached(&image, "sleeper", &["sleep", "600"]);
     node.stop_snapshotter(libc::SIGKILL);
     node.start_snapshotter();
     let got = out(&node.run("clip", &image, "b", &["sha256sum", "/home/user/big.bin"]));
@@ -630,12 +604,8 @@ fn without_handover_a_restart_remounts_for_new_containers() {
 
 #[test]
 fn removing_the_image_leaves_no_snapshots_mounts_or_pinned_cache() {
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "gone");
-    let image = format!("{}:v1", reg.image("gone"));
-    publish_index(tmp.path(), &image);
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "gone");
     let node = Node::start(&tmp.path().join("node"));
     node.pull_ok(&image);
     let o = node.run("clip", &image, "once", &["cat", "/etc/public"]);
@@ -723,12 +693,8 @@ fn index_on_demand_makes_unindexed_images_lazy() {
 fn a_read_in_flight_when_the_daemon_dies_is_answered_by_the_next_one() {
     use crate::faults::{Fault, FaultProxy};
     use sha2::Digest as _;
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "inflight");
-    let upstream = format!("{}:v1", reg.image("inflight"));
-    publish_index(tmp.path(), &upstream);
+    let (reg, upstream) = indexed_busybox_users(tmp.path(), "inflight");
     // The reference, read on another root straight from the registry.
     let o = clip(
         &tmp.path().join("reference"),
@@ -745,20 +711,7 @@ fn a_read_in_flight_when_the_daemon_dies_is_answered_by_the_next_one() {
     let image = format!("{}/inflight:v1", proxy.host);
     let mut node = Node::start(&tmp.path().join("node"));
     node.pull_ok(&image);
-    node.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "clip",
-        "--runc-root",
-        &node.dir.join("runc").display().to_string(),
-        "--fifo-dir",
-        &node.dir.join("fifo").display().to_string(),
-        &image,
-        "live",
-        "sleep",
-        "600",
-    ]);
+    node.run_detached(&image, "live", &["sleep", "600"]);
     // The next blob request stalls: the daemon will be inside a FUSE read when it dies.
     let seen_before = proxy.seen.lock().unwrap().len();
     proxy.inject("/blobs/", Fault::Stall(60));
@@ -809,12 +762,8 @@ fn a_read_in_flight_when_the_daemon_dies_is_answered_by_the_next_one() {
 /// that is open by passthrough.
 #[test]
 fn files_open_by_passthrough_stay_usable_across_a_restart() {
-    let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
-    reg.push_layout(&l, "v1", "ptlive");
-    let image = format!("{}:v1", reg.image("ptlive"));
-    publish_index(tmp.path(), &image);
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "ptlive");
     let mut node = Node::start(&tmp.path().join("node"));
     node.pull_ok(&image);
     let sum = &["sha256sum", "/home/user/big.bin"];
@@ -830,21 +779,15 @@ fn files_open_by_passthrough_stay_usable_across_a_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // A container that keeps the file open (by passthrough now).
-    node.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "clip",
-        "--runc-root",
-        &node.dir.join("runc").display().to_string(),
-        "--fifo-dir",
-        &node.dir.join("fifo").display().to_string(),
+    node.run_detached(
         &image,
         "holder",
-        "sh",
-        "-c",
-        "exec 3</home/user/big.bin; echo yes > /opened; sleep 600",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "exec 3</home/user/big.bin; echo yes > /opened; sleep 600",
+        ],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !exec(&node, "holder", "probe", &["cat", "/opened"])
         .status()
