@@ -140,6 +140,13 @@ pub struct MountArgs {
     /// directly) once all their bytes are in the disk tier; --passthrough-cap 0 turns it off.
     #[arg(long, default_value = "1MiB", value_parser = parse_cap)]
     pub passthrough_min_size: u64,
+    /// Run in the background once mounted (its log: --log, default ROOT/mount.log);
+    /// `clip umount DIR` stops it.
+    #[arg(long)]
+    pub daemon: bool,
+    /// The background mount's log file (with --daemon).
+    #[arg(long, value_name = "FILE", requires = "daemon")]
+    pub log: Option<PathBuf>,
     #[command(flatten)]
     pub cache: CacheArgs,
 }

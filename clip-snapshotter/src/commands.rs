@@ -640,9 +640,98 @@ async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `dir` is a mount point (in /proc/self/mountinfo).
+fn is_mount_point(dir: &std::path::Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .any(|p| std::path::Path::new(&p.replace("\\040", " ")) == dir)
+}
+
+/// `clip mount --daemon`: the same command again, without --daemon, in its own session with its
+/// output in a log file; returns once the mount is up (or with the child's error if it is not).
+fn mount_in_background(g: &GlobalArgs, a: &MountArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let root = g.root.clone().unwrap_or_else(default_root);
+    let log = a.log.clone().unwrap_or_else(|| root.join("mount.log"));
+    if let Some(d) = log.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening the log {}", log.display()))?;
+    let start = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // The same arguments without --daemon and --log (which only the parent uses).
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(x) = it.next() {
+        if x == "--daemon" {
+            continue;
+        }
+        if x == "--log" {
+            it.next();
+            continue;
+        }
+        if x.to_string_lossy().starts_with("--log=") {
+            continue;
+        }
+        args.push(x);
+    }
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the background mount")?;
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(g.registry_timeout + 60);
+    loop {
+        if is_mount_point(&a.dir) {
+            eprintln!(
+                "mounted {} at {} in the background (pid {}, log {}); `clip umount {}` stops it",
+                a.reference,
+                a.dir.display(),
+                child.id(),
+                log.display(),
+                a.dir.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read(&log).unwrap_or_default();
+            let tail = String::from_utf8_lossy(&text[(start as usize).min(text.len())..]);
+            anyhow::bail!("the background mount exited ({status}): {}", tail.trim());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!(
+                "the background mount did not come up; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     anyhow::ensure!(a.dir.is_dir(), "{}: not a directory", a.dir.display());
+    if a.daemon {
+        return mount_in_background(g, &a);
+    }
     let ctx = context(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone());
@@ -663,16 +752,28 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
             )
         })?;
     eprintln!(
-        "mounted {} at {} ({} paths); Ctrl-C or SIGTERM unmounts",
+        "mounted {} at {} ({} paths); Ctrl-C, SIGTERM or `clip umount` unmounts",
         image.reference,
         a.dir.display(),
         o.view.nodes.len()
     );
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // Unmounted from outside (`clip umount`, umount): the session ends; so does this process.
+    let ended = async {
+        while !session.guard.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let unmounted = tokio::select! {
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+        _ = ended => true,
+    };
+    if unmounted {
+        eprintln!("{} was unmounted", a.dir.display());
+        o.cache.flush().await;
+        return Ok(());
     }
     eprintln!("unmounting {}", a.dir.display());
     o.cache.flush().await;

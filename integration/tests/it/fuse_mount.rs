@@ -283,3 +283,68 @@ fn passthrough_serves_wholly_cached_files_without_the_daemon() {
     drop_page_cache();
     assert!(std::fs::read(&file).unwrap() == big);
 }
+
+#[test]
+fn mount_daemon_runs_in_the_background_until_clip_umount() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = clip(
+        &root,
+        &["mount", &image, dir.to_str().unwrap(), "--daemon"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    let pid: i32 = said
+        .split("(pid ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    // The command returned with the mount up and serving; the mount outlives the command.
+    let expected = umoci_unpack(&l, "v1", &tmp.path().join("bundle"));
+    treecmp(&expected, &dir);
+    // `clip umount` ends the background process too.
+    let o = clip(&root, &["umount", dir.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Gone, or a zombie waiting for whoever reaps orphans.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|t| !t.trim_start().starts_with('Z'))
+        })
+    };
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the background mount did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(root.join("mount.log")).unwrap();
+    assert!(log.contains("was unmounted"), "{log}");
+    // A mount that cannot come up reports the background process's error.
+    let o = clip(
+        &root,
+        &[
+            "mount",
+            &format!("{}/nothing:here", reg.host),
+            dir.to_str().unwrap(),
+            "--daemon",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the background mount exited"),
+        "{}",
+        stderr(&o)
+    );
+}
