@@ -197,6 +197,27 @@ async fn connect_keeper(sock: &Path) -> (Option<Arc<Keeper>>, Vec<Held>) {
     }
 }
 
+/// Handover is off, but a keeper from an earlier run may still hold connections: have it let
+/// go, so their mounts end (ENOTCONN for their readers) instead of waiting for a server that
+/// will not come; the keeper then exits.
+fn release_keeper(sock: &Path) {
+    let Ok(k) = Keeper::connect(sock) else {
+        return;
+    };
+    match k.list() {
+        Ok(held) => {
+            for h in held {
+                tracing::info!(
+                    id = h.id,
+                    "handover is off: releasing a kept FUSE connection"
+                );
+                k.drop_connection(h.id);
+            }
+        }
+        Err(e) => tracing::warn!("asking the FUSE keeper for its connections: {e}"),
+    }
+}
+
 /// Starts `clip fuse-keeper` in its own session (signals for the daemon's process group miss it),
 /// reaped by a thread if it exits while the daemon runs.
 fn spawn_keeper(sock: &Path) -> std::io::Result<()> {
@@ -262,6 +283,7 @@ impl ClipSnapshotter {
         let (keeper, held) = if opts.handover {
             connect_keeper(&dir.join("fuse-keeper.sock")).await
         } else {
+            release_keeper(&dir.join("fuse-keeper.sock"));
             (None, Vec::new())
         };
         let records: HashMap<u64, (String, Record)> = meta

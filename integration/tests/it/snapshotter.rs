@@ -581,25 +581,51 @@ fn running_containers_keep_reading_across_daemon_restarts() {
     assert_eq!(log.matches("resumed a lazy mount").count(), 2, "{log}");
 }
 
-/// With handover off (`--no-handover`) a restart tears the lazy mounts down, as before.
+/// With handover off (`--no-handover`) a restart tears the lazy mounts down, as before; a
+/// daemon started that way also has an earlier run's keeper let go of its connections, so
+/// readers of the old mounts fail promptly instead of waiting for a server that will not come.
 #[test]
 fn without_handover_a_restart_remounts_for_new_containers() {
     let tmp = tempfile::tempdir().unwrap();
     let (_reg, image) = indexed_busybox_users(tmp.path(), "nohand");
     let mut node = Node::start_with(&tmp.path().join("node"), &["--no-handover"]);
     node.pull_ok(&image);
-    let want = out(&node.run("clip", &image, "a", &["sha256sum", "/home/user/big.bin"]));
+    let sum = &["sha256sum", "/home/user/big.bin"];
+    let want = out(&node.run("clip", &image, "a", sum));
     node.run_detached(&image, "sleeper", &["sleep", "600"]);
     node.stop_snapshotter(libc::SIGKILL);
     node.start_snapshotter();
-    let got = out(&node.run("clip", &image, "b", &["sha256sum", "/home/user/big.bin"]));
-    assert_eq!(got, want);
+    assert_eq!(out(&node.run("clip", &image, "b", sum)), want);
     let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
     assert!(
         log.contains("detaching a mount left by a previous run"),
         "{log}"
     );
     assert!(!log.contains("FUSE keeper"), "{log}");
+
+    // Switching handover off while a keeper holds a running container's mount.
+    node.extra_args.clear();
+    node.stop_snapshotter(libc::SIGTERM);
+    node.start_snapshotter();
+    node.run_detached(&image, "kept", &["sleep", "600"]);
+    assert_eq!(out(&exec(&node, "kept", "e0", sum).output().unwrap()), want);
+    node.stop_snapshotter(libc::SIGKILL);
+    node.extra_args = vec!["--no-handover".into()];
+    node.start_snapshotter();
+    drop_page_cache();
+    let mut reader = exec(&node, "kept", "e1", sum).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reader.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = reader.kill();
+            panic!("a reader of the released mount hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!reader.wait_with_output().unwrap().status.success());
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("releasing a kept FUSE connection"), "{log}");
+    assert_eq!(out(&node.run("clip", &image, "c", sum)), want);
 }
 
 #[test]
