@@ -568,9 +568,10 @@ pub fn resume(
     // fuser needs an INIT handshake; the kernel's happened long ago. Feed it one through a
     // socket, then put the real connection in that socket's place.
     let (ours, theirs) = handover::socket_pair()?;
-    handover::send_bytes(
+    handover::send_msg(
         ours.as_fd(),
         &handover::synthetic_init(held.caps, held.minor, 1 << 20),
+        None,
     )?;
     let cfg = config(opts);
     let session = Session::from_fd(a, theirs, cfg.acl, cfg.clone())?;

@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How an inode is open, as far as the kernel's I/O mode is concerned.
@@ -107,7 +107,7 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 }
 
 /// Sends one message, with `fd` attached if given.
-fn send_msg(sock: BorrowedFd, data: &[u8], fd: Option<BorrowedFd>) -> io::Result<()> {
+pub(crate) fn send_msg(sock: BorrowedFd, data: &[u8], fd: Option<BorrowedFd>) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -140,12 +140,9 @@ fn send_msg(sock: BorrowedFd, data: &[u8], fd: Option<BorrowedFd>) -> io::Result
     Ok(())
 }
 
-/// Receives one message (0 bytes: the peer closed) and the descriptor attached to it, if any.
-fn recv_msg(sock: BorrowedFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
-    recv_msg_flags(sock, buf, 0)
-}
-
-fn recv_msg_flags(
+/// Receives one message (0 bytes: the peer closed) and the descriptor attached to it, if any;
+/// `flags` as for recvmsg(2) (e.g. MSG_DONTWAIT).
+fn recv_msg(
     sock: BorrowedFd,
     buf: &mut [u8],
     flags: libc::c_int,
@@ -193,7 +190,6 @@ fn words(msg: &[u8]) -> Vec<&str> {
 #[derive(Debug)]
 pub struct Keeper {
     sock: OwnedFd,
-    path: PathBuf,
 }
 
 impl Keeper {
@@ -209,10 +205,7 @@ impl Keeper {
                 len,
             )
         })?;
-        Ok(Keeper {
-            sock,
-            path: path.to_path_buf(),
-        })
+        Ok(Keeper { sock })
     }
 
     /// Connects to the keeper on `path`, starting one with `spawn` if none answers.
@@ -237,11 +230,6 @@ impl Keeper {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-    }
-
-    /// The keeper's socket.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn send(&self, text: &str, fd: Option<BorrowedFd>) -> io::Result<()> {
@@ -284,7 +272,7 @@ impl Keeper {
         let mut out: Vec<Held> = Vec::new();
         let mut buf = [0u8; MAX_MSG];
         loop {
-            let (n, fd) = recv_msg(self.sock.as_fd(), &mut buf)?;
+            let (n, fd) = recv_msg(self.sock.as_fd(), &mut buf, 0)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -409,7 +397,7 @@ pub fn run_keeper(path: &Path) -> io::Result<()> {
                 continue;
             }
             loop {
-                match recv_msg_flags(c.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                match recv_msg(c.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
                     Ok((0, _)) => {
                         closed.push(i);
                         break;
@@ -604,14 +592,10 @@ pub(crate) fn replace_fd(src: BorrowedFd, target: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::dup3(src.as_raw_fd(), target, libc::O_CLOEXEC) }).map(|_| ())
 }
 
-/// Writes one whole message to a socket.
-pub(crate) fn send_bytes(sock: BorrowedFd, data: &[u8]) -> io::Result<()> {
-    send_msg(sock, data, None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn keeper_holds_descriptors_and_open_state_for_the_next_daemon() {

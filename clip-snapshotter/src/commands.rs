@@ -640,22 +640,9 @@ async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether `dir` is a mount point (in /proc/self/mountinfo).
-fn is_mount_point(dir: &std::path::Path) -> bool {
-    let Ok(dir) = dir.canonicalize() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .any(|p| std::path::Path::new(&p.replace("\\040", " ")) == dir)
-}
-
 /// `clip mount --daemon`: the same command again, without --daemon, in its own session with its
 /// output in a log file; returns once the mount is up (or with the child's error if it is not).
 fn mount_in_background(g: &GlobalArgs, a: &MountArgs) -> Result<()> {
-    use std::os::unix::process::CommandExt;
     let root = g.root.clone().unwrap_or_else(default_root);
     let log = a.log.clone().unwrap_or_else(|| root.join("mount.log"));
     if let Some(d) = log.parent() {
@@ -688,18 +675,14 @@ fn mount_in_background(g: &GlobalArgs, a: &MountArgs) -> Result<()> {
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file);
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the background mount")?;
+    let mut child = crate::snapshotter::own_session(&mut cmd)
+        .spawn()
+        .context("starting the background mount")?;
+    let dir = a.dir.canonicalize().unwrap_or_else(|_| a.dir.clone());
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_secs(g.registry_timeout + 60);
     loop {
-        if is_mount_point(&a.dir) {
+        if crate::snapshotter::is_mounted(&dir) {
             eprintln!(
                 "mounted {} at {} in the background (pid {}, log {}); `clip umount {}` stops it",
                 a.reference,

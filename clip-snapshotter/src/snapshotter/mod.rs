@@ -183,13 +183,10 @@ async fn connect_keeper(sock: &Path) -> (Option<Arc<Keeper>>, Vec<Held>) {
         }
         Err(last.expect("tried"))
     })
-    .await;
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match got {
-        Ok(Ok((k, held))) => (Some(Arc::new(k)), held),
-        Ok(Err(e)) => {
-            tracing::warn!("no FUSE keeper, lazy mounts will not survive a restart: {e}");
-            (None, Vec::new())
-        }
+        Ok((k, held)) => (Some(Arc::new(k)), held),
         Err(e) => {
             tracing::warn!("no FUSE keeper, lazy mounts will not survive a restart: {e}");
             (None, Vec::new())
@@ -221,27 +218,36 @@ fn release_keeper(sock: &Path) {
 /// Starts `clip fuse-keeper` in its own session (signals for the daemon's process group miss it),
 /// reaped by a thread if it exits while the daemon runs.
 fn spawn_keeper(sock: &Path) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("fuse-keeper")
         .arg("--socket")
         .arg(sock)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
+    let mut child = own_session(&mut cmd).spawn()?;
     tracing::info!(pid = child.id(), socket = %sock.display(), "started the FUSE keeper");
     std::thread::spawn(move || {
         let _ = child.wait();
     });
     Ok(())
+}
+
+/// Makes `cmd` start in a session of its own, so that signals for this process's group (a
+/// terminal's Ctrl-C, a supervisor) miss it.
+pub(crate) fn own_session(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        })
+    }
+}
+
+/// Whether `dir` itself is a mount point.
+pub(crate) fn is_mounted(dir: &Path) -> bool {
+    mounts_under(dir).iter().any(|m| m == dir)
 }
 
 /// Mount points (from /proc/self/mountinfo) at or under `dir`.
@@ -294,8 +300,8 @@ impl ClipSnapshotter {
         let mut resumable = Vec::new();
         for h in held {
             let fs_dir = snapshots.join(h.id.to_string()).join("fs");
-            let live = records.get(&h.id).is_some_and(|(_, r)| r.remote.is_some())
-                && mounts_under(&fs_dir).contains(&fs_dir);
+            let live =
+                records.get(&h.id).is_some_and(|(_, r)| r.remote.is_some()) && is_mounted(&fs_dir);
             if live {
                 resumable.push(h);
             } else if let Some(k) = &keeper {
