@@ -143,7 +143,7 @@ pub async fn index_layer_filling(
             let (stx, mut srx) = mpsc::channel::<(crate::digest::Digest, Vec<u8>)>(4);
             let filler = tokio::spawn(async move {
                 while let Some((d, b)) = srx.recv().await {
-                    cache.put_disk(&d, Bytes::from(b)).await;
+                    cache.put_slow(&d, &Bytes::from(b), true).await;
                 }
             });
             let sink: crate::gzip::SpanSink = Box::new(move |d, b| {

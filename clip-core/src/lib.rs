@@ -13,7 +13,10 @@
 //!   uncompressed tar stream, checkpoints and a digest per span), its builder (one streaming
 //!   pass), its versioned checksummed binary format, and the merged view of an image's layers.
 //! - [`cache`]: the tiered span cache (bounded memory, bounded disk, shared Redis), verified.
-//! - [`reader`]: lazy reads of a layer's bytes through the cache, from the registry on a miss.
+//! - [`reader`]: lazy reads of a layer's byte ranges, assembled from spans.
+//! - [`fetch`]: spans no tier has: single flight, runs, range requests, inflate, verify,
+//!   write-back; fetch permits and registry/inflate counters.
+//! - [`source`]: the blob-source seam (the registry client, and a fake with scripted faults).
 //! - [`store`]: the local sled database holding indexes and image records across restarts.
 //! - [`image`]: indexing whole images (registry -> builder -> store) and loading their indexes.
 //! - [`artifact`]: publishing and discovering indexes in the registry as OCI referrers.
@@ -22,6 +25,7 @@
 pub mod artifact;
 pub mod cache;
 pub mod digest;
+pub mod fetch;
 pub mod gzip;
 pub mod image;
 pub mod index;
@@ -29,7 +33,10 @@ pub mod metrics;
 pub mod reader;
 pub mod reference;
 pub mod registry;
+pub mod source;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 
 pub use digest::Digest;
 pub use reference::Reference;

@@ -1,5 +1,6 @@
-//! OpenTelemetry instruments. Without an installed meter provider they cost next to nothing;
-//! the daemon and the command line install an exporter when asked to.
+//! The engine's OpenTelemetry instruments (registry, cache, inflate). Without an installed meter
+//! provider they cost next to nothing; the `clip` binary installs its Prometheus exporter when
+//! asked to. The FUSE counters live in clip-fuse.
 
 use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
 use opentelemetry::KeyValue;
@@ -18,8 +19,6 @@ struct Instruments {
     registry_request_seconds: Histogram<f64>,
     cache_bytes: UpDownCounter<i64>,
     cache_evictions: Counter<u64>,
-    fuse_read_bytes: Counter<u64>,
-    fuse_opens: Counter<u64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -82,15 +81,6 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.cache.evictions")
                 .with_description("Spans evicted per cache tier")
                 .build(),
-            fuse_read_bytes: meter
-                .u64_counter("clip.fuse.read.bytes")
-                .with_description("File bytes served by the daemon over FUSE (not passthrough)")
-                .with_unit("By")
-                .build(),
-            fuse_opens: meter
-                .u64_counter("clip.fuse.opens")
-                .with_description("File opens by mode: daemon (page-cached) or passthrough")
-                .build(),
         }
     })
 }
@@ -147,239 +137,8 @@ pub fn inflated(bytes: u64, seconds: f64) {
     i.inflate_seconds.add(seconds, &[]);
 }
 
-pub fn fuse_read(bytes: u64) {
-    instruments().fuse_read_bytes.add(bytes, &[]);
-}
-
-pub fn fuse_open(mode: &'static str) {
-    instruments()
-        .fuse_opens
-        .add(1, &[KeyValue::new("mode", mode)]);
-}
-
 pub fn span_fetch(seconds: f64, spans: usize) {
     instruments()
         .span_fetch_seconds
         .record(seconds, &[KeyValue::new("spans", spans as i64)]);
-}
-
-/// A Prometheus scrape endpoint over clip's OpenTelemetry instruments.
-///
-/// The OpenTelemetry Prometheus exporter crate is discontinued (and pulls an unmaintained
-/// protobuf crate), so this renders the text exposition format itself from a manual reader:
-/// counters as `<name>_total`, histograms as `_bucket`/`_sum`/`_count`, units as suffixes.
-pub mod prometheus {
-    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
-    use opentelemetry_sdk::metrics::reader::MetricReader;
-    use opentelemetry_sdk::metrics::{
-        InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
-    };
-    use std::fmt::Write as _;
-    use std::sync::{Arc, Weak};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[derive(Debug, Clone)]
-    struct SharedReader(Arc<ManualReader>);
-
-    impl MetricReader for SharedReader {
-        fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
-            self.0.register_pipeline(pipeline)
-        }
-        fn collect(&self, rm: &mut ResourceMetrics) -> opentelemetry_sdk::error::OTelSdkResult {
-            self.0.collect(rm)
-        }
-        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-            self.0.force_flush()
-        }
-        fn shutdown_with_timeout(
-            &self,
-            t: std::time::Duration,
-        ) -> opentelemetry_sdk::error::OTelSdkResult {
-            self.0.shutdown_with_timeout(t)
-        }
-        fn temporality(&self, kind: InstrumentKind) -> Temporality {
-            self.0.temporality(kind)
-        }
-    }
-
-    /// Installed as the global meter provider; renders what it has collected.
-    pub struct Exporter {
-        reader: SharedReader,
-        _provider: SdkMeterProvider,
-    }
-
-    /// Installs the exporter as the global meter provider. Call before the first metric is
-    /// recorded (instruments bind to the provider that is global when they are created).
-    pub fn install() -> Arc<Exporter> {
-        let reader = SharedReader(Arc::new(ManualReader::builder().build()));
-        let provider = SdkMeterProvider::builder()
-            .with_reader(reader.clone())
-            .build();
-        opentelemetry::global::set_meter_provider(provider.clone());
-        Arc::new(Exporter {
-            reader,
-            _provider: provider,
-        })
-    }
-
-    fn sanitize(name: &str) -> String {
-        name.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    }
-
-    fn labels(
-        attrs: impl Iterator<Item = impl std::borrow::Borrow<opentelemetry::KeyValue>>,
-        extra: Option<(&str, String)>,
-    ) -> String {
-        let mut parts: Vec<String> = attrs
-            .map(|kv| {
-                let kv = kv.borrow();
-                format!(
-                    "{}=\"{}\"",
-                    sanitize(kv.key.as_str()),
-                    kv.value.as_str().replace('\\', "\\\\").replace('"', "\\\"")
-                )
-            })
-            .collect();
-        if let Some((k, v)) = extra {
-            parts.push(format!("{k}=\"{v}\""));
-        }
-        if parts.is_empty() {
-            String::new()
-        } else {
-            format!("{{{}}}", parts.join(","))
-        }
-    }
-
-    fn render_data<T: Copy + std::fmt::Display>(
-        out: &mut String,
-        name: &str,
-        help: &str,
-        data: &MetricData<T>,
-    ) {
-        match data {
-            MetricData::Sum(s) => {
-                let (name, kind) = if s.is_monotonic() {
-                    (format!("{name}_total"), "counter")
-                } else {
-                    (name.to_string(), "gauge")
-                };
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                for p in s.data_points() {
-                    let _ = writeln!(out, "{name}{} {}", labels(p.attributes(), None), p.value());
-                }
-            }
-            MetricData::Gauge(g) => {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-                for p in g.data_points() {
-                    let _ = writeln!(out, "{name}{} {}", labels(p.attributes(), None), p.value());
-                }
-            }
-            MetricData::Histogram(h) => {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-                for p in h.data_points() {
-                    let mut cumulative = 0;
-                    let bounds: Vec<f64> = p.bounds().collect();
-                    for (i, c) in p.bucket_counts().enumerate() {
-                        cumulative += c;
-                        let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-                        let _ = writeln!(
-                            out,
-                            "{name}_bucket{} {cumulative}",
-                            labels(p.attributes(), Some(("le", le)))
-                        );
-                    }
-                    let l = labels(p.attributes(), None);
-                    let _ = writeln!(
-                        out,
-                        "{name}_sum{l} {}\n{name}_count{l} {}",
-                        p.sum(),
-                        p.count()
-                    );
-                }
-            }
-            MetricData::ExponentialHistogram(_) => {}
-        }
-    }
-
-    impl Exporter {
-        /// The current values in Prometheus' text exposition format.
-        pub fn render(&self) -> String {
-            let mut rm = ResourceMetrics::default();
-            if let Err(e) = self.reader.collect(&mut rm) {
-                return format!("# collection failed: {e}\n");
-            }
-            let mut out = String::new();
-            for scope in rm.scope_metrics() {
-                for m in scope.metrics() {
-                    let unit = match m.unit() {
-                        "By" => "_bytes",
-                        "s" => "_seconds",
-                        _ => "",
-                    };
-                    let base = sanitize(m.name());
-                    let name = if unit.is_empty() || base.ends_with(unit) {
-                        base
-                    } else {
-                        format!("{base}{unit}")
-                    };
-                    let name = name
-                        .replace("_bytes_bytes", "_bytes")
-                        .replace("_seconds_seconds", "_seconds");
-                    match m.data() {
-                        AggregatedMetrics::U64(d) => {
-                            render_data(&mut out, &name, m.description(), d)
-                        }
-                        AggregatedMetrics::I64(d) => {
-                            render_data(&mut out, &name, m.description(), d)
-                        }
-                        AggregatedMetrics::F64(d) => {
-                            render_data(&mut out, &name, m.description(), d)
-                        }
-                    }
-                }
-            }
-            out
-        }
-
-        /// Serves `GET /metrics` on `addr` until the task is dropped.
-        pub async fn serve(self: Arc<Self>, addr: std::net::SocketAddr) -> std::io::Result<()> {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
-            loop {
-                let (mut conn, _) = listener.accept().await?;
-                let me = self.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let n = match tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        conn.read(&mut buf),
-                    )
-                    .await
-                    {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
-                    let req = String::from_utf8_lossy(&buf[..n]);
-                    let (status, body) = if req.starts_with("GET /metrics") {
-                        ("200 OK", me.render())
-                    } else {
-                        ("404 Not Found", "try /metrics\n".to_string())
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(resp.as_bytes()).await;
-                });
-            }
-        }
-    }
 }

@@ -233,7 +233,7 @@ impl Filesystem for Adapter {
             Some(OpenMode::Passthrough(id, raw, n)) => {
                 *n += 1;
                 note(OpenState::Passthrough(*raw));
-                clip_core::metrics::fuse_open("passthrough");
+                crate::metrics::open("passthrough");
                 return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
             }
             Some(OpenMode::Inherited(raw, n)) => {
@@ -244,7 +244,7 @@ impl Filesystem for Adapter {
                 let id = unsafe { reply.wrap_backing(raw) };
                 reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
                 open.insert(ino.0, OpenMode::Passthrough(id, raw, n));
-                clip_core::metrics::fuse_open("passthrough");
+                crate::metrics::open("passthrough");
                 return;
             }
             Some(OpenMode::Cached(n)) => *n += 1,
@@ -253,14 +253,14 @@ impl Filesystem for Adapter {
                     note(OpenState::Passthrough(raw));
                     reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
                     open.insert(ino.0, OpenMode::Passthrough(id, raw, 1));
-                    clip_core::metrics::fuse_open("passthrough");
+                    crate::metrics::open("passthrough");
                     return;
                 }
                 open.insert(ino.0, OpenMode::Cached(1));
             }
         }
         note(OpenState::Cached);
-        clip_core::metrics::fuse_open("daemon");
+        crate::metrics::open("daemon");
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
@@ -319,7 +319,7 @@ impl Filesystem for Adapter {
         self.rt.spawn(async move {
             match fs.read(ino.0, offset, size).await {
                 Ok(b) => {
-                    clip_core::metrics::fuse_read(b.len() as u64);
+                    crate::metrics::read(b.len() as u64);
                     reply.data(&b)
                 }
                 Err(e) => reply.error(errno(&e)),

@@ -12,6 +12,7 @@
 pub mod adapter;
 pub mod fs;
 pub mod handover;
+mod metrics;
 
 pub use adapter::{mount, mount_with, resume, Handover, MountOptions};
 pub use fs::{ClipFs, FsError};

@@ -1,39 +1,21 @@
-//! Resolved settings and the subcommands.
+//! The subcommands.
 
 use crate::cli::{
     CacheArgs, CatArgs, Cli, Command, FillArgs, GlobalArgs, IndexArgs, InspectArgs, MountArgs,
     UmountArgs, WarmArgs,
 };
+use crate::settings::{context, default_root, human, serve_metrics, Ctx};
 use anyhow::{Context, Result};
-use clip_core::cache::{CacheConfig, TieredCache};
+use clip_core::cache::CacheConfig;
 use clip_core::image::{self, LayerReport};
 use clip_core::index::{EntryKind, ImageView};
-use clip_core::reader::{LayerReader, ReaderConfig};
-use clip_core::registry::{Client, RegistryConfig, ResolvedImage};
-use clip_core::store::Store;
+use clip_core::reader::{LayerReader, ReadPath};
+use clip_core::registry::ResolvedImage;
 use clip_core::Reference;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// Serves Prometheus metrics on `addr` (if given) for the life of the process.
-pub(crate) fn serve_metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
-    let Some(addr) = addr else {
-        return Ok(());
-    };
-    let exporter = clip_core::metrics::prometheus::install();
-    let listener_check =
-        std::net::TcpListener::bind(addr).with_context(|| format!("metrics address {addr}"))?;
-    drop(listener_check);
-    tokio::spawn(async move {
-        if let Err(e) = exporter.serve(addr).await {
-            tracing::error!("metrics endpoint on {addr} stopped: {e}");
-        }
-    });
-    Ok(())
-}
+use std::time::Instant;
 
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Snapshotter(a) = cli.command {
@@ -55,78 +37,12 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn default_root() -> PathBuf {
-    // SAFETY-free check for root: the effective uid via /proc.
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    if is_root {
-        PathBuf::from("/var/lib/clip")
-    } else {
-        let base = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-            .unwrap_or_else(|| PathBuf::from("."));
-        base.join("clip")
-    }
-}
-
-pub(crate) struct Ctx {
-    pub client: Client,
-    pub store: Store,
-}
-
-/// The registry client the global flags describe.
-pub(crate) fn registry_client(g: &GlobalArgs) -> Result<Client> {
-    let mut cfg = RegistryConfig {
-        insecure: g.insecure.clone(),
-        deadline: Duration::from_secs(g.registry_timeout.max(1)),
-        stall_timeout: Duration::from_secs(g.stall_timeout.max(1)),
-        ..Default::default()
-    };
-    if let Some(d) = &g.hosts_dir {
-        cfg.hosts_dir = Some(d.clone());
-    }
-    if let Some(p) = &g.platform {
-        cfg.platform = p.parse().map_err(anyhow::Error::msg)?;
-    }
-    Ok(Client::new(cfg))
-}
-
-pub(crate) fn context(g: &GlobalArgs) -> Result<Ctx> {
-    let client = registry_client(g)?;
-    let root = g.root.clone().unwrap_or_else(default_root);
-    let store =
-        Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
-    Ok(Ctx { client, store })
-}
-
 async fn resolve(ctx: &Ctx, reference: &str) -> Result<ResolvedImage> {
     let r: Reference = reference.parse()?;
     ctx.client
         .resolve(&r)
         .await
         .with_context(|| format!("resolving {r}"))
-}
-
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn short(d: &clip_core::Digest) -> String {
@@ -410,7 +326,7 @@ async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
 struct OpenImage {
     view: ImageView,
     readers: Vec<Arc<LayerReader>>,
-    cache: Arc<TieredCache>,
+    path: ReadPath,
 }
 
 async fn open_image(
@@ -431,7 +347,7 @@ async fn open_image(
         remote: c.redis.clone(),
         files_bytes: c.passthrough_cap,
     };
-    let cache = Arc::new(TieredCache::open(&cfg, Some(&ctx.store)).await?);
+    let path = ReadPath::open(&cfg, &ctx.store).await?;
     let readers = reports
         .iter()
         .map(|r| {
@@ -439,14 +355,7 @@ async fn open_image(
                 .store
                 .get_windows(&r.index.windows)
                 .map(bytes::Bytes::from);
-            LayerReader::new(
-                ctx.client.clone(),
-                image.reference.clone(),
-                r.index.clone(),
-                windows,
-                cache.clone(),
-                ReaderConfig::default(),
-            )
+            path.reader(&ctx.client, &image.reference, r.index.clone(), windows)
         })
         .collect();
     let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect())
@@ -456,7 +365,7 @@ async fn open_image(
         OpenImage {
             view,
             readers,
-            cache,
+            path,
         },
     ))
 }
@@ -473,13 +382,8 @@ fn peak_rss() -> u64 {
 }
 
 async fn report_stats(o: &OpenImage, extra: serde_json::Value) {
-    o.cache.flush().await;
-    let mut j = o.cache.stats.snapshot();
-    let (mb, db, me, de) = o.cache.usage();
-    j["memory_bytes"] = json!(mb);
-    j["disk_bytes"] = json!(db);
-    j["memory_evictions"] = json!(me);
-    j["disk_evictions"] = json!(de);
+    o.path.flush().await;
+    let mut j = o.path.stats();
     j["peak_rss_bytes"] = json!(peak_rss());
     if let (Some(obj), Some(extra)) = (j.as_object_mut(), extra.as_object()) {
         obj.extend(extra.clone());
@@ -527,7 +431,7 @@ async fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
         )
         .await;
     } else {
-        o.cache.flush().await;
+        o.path.flush().await;
     }
     Ok(())
 }
@@ -589,7 +493,7 @@ async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
         )
         .await;
     } else {
-        o.cache.flush().await;
+        o.path.flush().await;
     }
     Ok(())
 }
@@ -635,7 +539,7 @@ async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
     if a.cache.stats {
         report_stats(&o, json!({ "fetched_bytes": fetched, "seconds": secs, "cancelled": cancel.is_cancelled() })).await;
     } else {
-        o.cache.flush().await;
+        o.path.flush().await;
     }
     Ok(())
 }
@@ -675,14 +579,14 @@ fn mount_in_background(g: &GlobalArgs, a: &MountArgs) -> Result<()> {
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file);
-    let mut child = crate::snapshotter::own_session(&mut cmd)
+    let mut child = crate::os::own_session(&mut cmd)
         .spawn()
         .context("starting the background mount")?;
     let dir = a.dir.canonicalize().unwrap_or_else(|_| a.dir.clone());
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_secs(g.registry_timeout + 60);
     loop {
-        if crate::snapshotter::is_mounted(&dir) {
+        if crate::os::is_mounted(&dir) {
             eprintln!(
                 "mounted {} at {} in the background (pid {}, log {}); `clip umount {}` stops it",
                 a.reference,
@@ -718,13 +622,13 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     let ctx = context(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone());
-    if let Some(store) = o.cache.files() {
+    if let Some(store) = &o.path.files {
         fs = fs.with_passthrough(store.clone(), a.passthrough_min_size);
     }
     let opts = clip_fuse::MountOptions {
         allow_other: !a.no_allow_other,
         threads: a.threads,
-        passthrough: o.cache.files().is_some(),
+        passthrough: o.path.files.is_some(),
         ..Default::default()
     };
     let session = clip_fuse::mount(fs, &a.dir, tokio::runtime::Handle::current(), &opts)
@@ -755,11 +659,11 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     };
     if unmounted {
         eprintln!("{} was unmounted", a.dir.display());
-        o.cache.flush().await;
+        o.path.flush().await;
         return Ok(());
     }
     eprintln!("unmounting {}", a.dir.display());
-    o.cache.flush().await;
+    o.path.flush().await;
     tokio::task::spawn_blocking(move || session.umount_and_join())
         .await
         .context("unmount task")?

@@ -3,7 +3,8 @@
 use crate::cli::{parse_cap, GlobalArgs, SnapshotterArgs};
 use crate::snapshotter::{ClipSnapshotter, Options};
 use anyhow::{Context, Result};
-use clip_core::cache::{CacheConfig, TieredCache};
+use clip_core::cache::CacheConfig;
+use clip_core::reader::ReadPath;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -112,9 +113,9 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     };
     let g = merged_globals(g, &cfg);
     if g.metrics_address.is_some() {
-        crate::commands::serve_metrics(g.metrics_address)?;
+        crate::settings::serve_metrics(g.metrics_address)?;
     }
-    let ctx = crate::commands::context(&g)?;
+    let ctx = crate::settings::context(&g)?;
     let root = ctx.store.root().to_path_buf();
     let cache_cfg = CacheConfig {
         memory_bytes: size(&cfg.cache.memory, 256 << 20, "cache.memory")?,
@@ -129,11 +130,9 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             .transpose()?,
     };
     let store = Arc::new(ctx.store);
-    let cache = Arc::new(
-        TieredCache::open(&cache_cfg, Some(&store))
-            .await
-            .context("opening the cache")?,
-    );
+    let reads = ReadPath::open(&cache_cfg, &store)
+        .await
+        .context("opening the cache")?;
     let opts = Options {
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
         handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
@@ -144,7 +143,7 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             "fuse.passthrough_min_size",
         )?,
     };
-    let sn = ClipSnapshotter::open(&root, store, ctx.client, cache, opts)
+    let sn = ClipSnapshotter::open(&root, store, ctx.client, reads, opts)
         .await
         .context("opening the snapshotter state")?;
 

@@ -4,7 +4,10 @@
 mod cli;
 mod commands;
 mod daemon;
+mod os;
+mod prometheus;
 mod pull;
+mod settings;
 mod snapshotter;
 
 use clap::Parser;

@@ -6,7 +6,7 @@
 //! way leaves nothing containerd's garbage collector will not reclaim.
 
 use crate::cli::PullArgs;
-use crate::commands::{human, registry_client};
+use crate::settings::{human, registry_client};
 use crate::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
 use anyhow::{bail, Context, Result};
 use clip_core::digest::Digest;

@@ -11,13 +11,11 @@
 #[allow(dead_code)]
 mod common;
 
-use clip_core::cache::TieredCache;
 use clip_core::index::EntryKind;
-use clip_core::reader::{LayerReader, ReaderConfig};
+use clip_core::reader::ReadPath;
 use clip_core::registry::{Client, RegistryConfig};
 use std::io::Read;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::Instant;
 
 const RUNS: usize = 3;
@@ -77,8 +75,8 @@ fn main() {
         let mut warm_reader = None;
         for _ in 0..RUNS {
             // clip: a fresh node's cache, windows and spans from the registry.
-            let cache = Arc::new(TieredCache::memory_only(256 << 20));
-            let reader = LayerReader::new(client.clone(), resolved.reference.clone(), ix.clone(), None, cache.clone(), ReaderConfig::default());
+            let reads = ReadPath::memory_only(256 << 20);
+            let reader = reads.reader(&client, &resolved.reference, ix.clone(), None);
             let start = Instant::now();
             let mut got = 0;
             for (_, off, size) in &files {
@@ -86,8 +84,8 @@ fn main() {
             }
             clip_t.push(start.elapsed().as_secs_f64());
             assert_eq!(got, file_bytes);
-            clip_reg = cache.stats.registry_bytes.load(Relaxed);
-            clip_infl = cache.stats.inflated_bytes.load(Relaxed);
+            clip_reg = reads.fetcher.stats.registry_bytes.load(Relaxed);
+            clip_infl = reads.fetcher.stats.inflated_bytes.load(Relaxed);
             warm_reader = Some(reader);
 
             // Whole layer: download, inflate everything once, then serve the reads.

@@ -10,7 +10,7 @@
 //! before it is handed out ([`FileStore::verify`]), so a file damaged on disk is dropped, not
 //! served. Files are written under a temporary name and renamed.
 
-use super::disk::{parse_record, record, State};
+use super::ledger::Ledger;
 use crate::digest::{Digest, Hasher};
 use std::collections::HashSet;
 use std::fs::File;
@@ -20,10 +20,8 @@ use std::sync::Mutex;
 
 pub struct FileStore {
     dir: PathBuf,
-    cap: u64,
-    tree: sled::Tree,
+    ledger: Ledger,
     names: sled::Tree,
-    state: Mutex<State>,
     /// Files hashed (or written) by this process: safe to hand out.
     verified: Mutex<HashSet<Digest>>,
 }
@@ -70,49 +68,52 @@ impl FileStore {
         cap: u64,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut recorded: Vec<(Digest, u64, u64)> = Vec::new();
-        for (k, v) in tree.iter().flatten() {
-            match (<[u8; 32]>::try_from(&k[..]), parse_record(&v)) {
-                (Ok(d), Some((size, tick))) => recorded.push((Digest::from_bytes(d), size, tick)),
-                _ => {
-                    let _ = tree.remove(k);
-                }
+        let ledger = Ledger::open("files", tree, cap, |d, size| {
+            std::fs::metadata(dir.join(d.hex())).is_ok_and(|m| m.len() == size)
+        });
+        for f in std::fs::read_dir(dir)?.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let ours = format!("sha256:{name}")
+                .parse::<Digest>()
+                .is_ok_and(|d| ledger.contains(&d));
+            if !ours {
+                let _ = std::fs::remove_file(f.path());
             }
         }
-        recorded.sort_by_key(|r| r.2);
         let store = FileStore {
             dir: dir.to_path_buf(),
-            cap,
-            tree,
+            ledger,
             names,
-            state: Mutex::new(State::new("files")),
             verified: Mutex::new(HashSet::new()),
         };
-        {
-            let mut s = store.state.lock().expect("file store lock");
-            for (d, size, tick) in recorded {
-                match std::fs::metadata(store.path(&d)) {
-                    Ok(m) if m.len() == size => {
-                        s.tick = s.tick.max(tick);
-                        s.touch(d, size);
-                    }
-                    _ => {
-                        let _ = store.tree.remove(d.as_bytes());
-                    }
-                }
-            }
-            for f in std::fs::read_dir(dir)?.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                let ours = format!("sha256:{name}")
-                    .parse::<Digest>()
-                    .is_ok_and(|d| s.map.contains_key(&d));
-                if !ours {
-                    let _ = std::fs::remove_file(f.path());
-                }
-            }
-        }
-        store.evict();
+        store.ledger.evict(|d| store.delete(d));
         Ok(store)
+    }
+
+    /// The store `cfg` asks for: `<disk_dir>/files`, records in `store`'s sled database. None
+    /// when there is no disk tier or passthrough is off (a cap of 0).
+    pub async fn open_for(
+        cfg: &super::CacheConfig,
+        store: &crate::store::Store,
+    ) -> Result<Option<std::sync::Arc<Self>>, super::CacheError> {
+        let (Some(dir), cap) = (&cfg.disk_dir, cfg.files_cap()) else {
+            return Ok(None);
+        };
+        if cfg.disk_bytes == 0 || cap == 0 {
+            return Ok(None);
+        }
+        let (tree, names) = (store.tree("file-cache")?, store.tree("file-names")?);
+        let files = dir.join("files");
+        let at = files.clone();
+        tokio::task::spawn_blocking(move || FileStore::open(&at, tree, names, cap))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map(|f| Some(std::sync::Arc::new(f)))
+            .map_err(|error| super::CacheError::Disk {
+                path: files.display().to_string(),
+                error,
+            })
     }
 
     fn path(&self, content: &Digest) -> PathBuf {
@@ -123,12 +124,7 @@ impl FileStore {
     pub fn lookup(&self, layer: &Digest, offset: u64) -> Option<Digest> {
         let v = self.names.get(name_key(layer, offset)).ok()??;
         let d = Digest::from_bytes(<[u8; 32]>::try_from(&v[..]).ok()?);
-        self.state
-            .lock()
-            .expect("file store lock")
-            .map
-            .contains_key(&d)
-            .then_some(d)
+        self.ledger.contains(&d).then_some(d)
     }
 
     /// True if `content` was hashed or written by this process.
@@ -144,14 +140,9 @@ impl FileStore {
         if !self.is_verified(content) {
             return None;
         }
-        let size = *self
-            .state
-            .lock()
-            .expect("file store lock")
-            .map
-            .get(content)?;
+        let size = self.ledger.size(content)?;
         let f = File::open(self.path(content)).ok()?;
-        self.record_use(content, size.0);
+        self.ledger.record_use(content, size);
         Some(f)
     }
 
@@ -187,7 +178,7 @@ impl FileStore {
 
     /// Starts writing a file of `size` bytes; None if it could never fit.
     pub fn create(&self, size: u64) -> std::io::Result<Option<NewFile>> {
-        if size > self.cap {
+        if size > self.ledger.cap() {
             return Ok(None);
         }
         let tmp = self.dir.join(format!(
@@ -219,51 +210,28 @@ impl FileStore {
             .lock()
             .expect("file store lock")
             .insert(content);
-        self.record_use(&content, f.len);
+        self.ledger.record_use(&content, f.len);
         let _ = self
             .names
             .insert(name_key(layer, offset), content.as_bytes());
-        self.evict();
+        self.ledger.evict(|d| self.delete(d));
         Ok(content)
     }
 
-    fn record_use(&self, key: &Digest, size: u64) {
-        let tick = self
-            .state
-            .lock()
-            .expect("file store lock")
-            .touch(*key, size);
-        let _ = self.tree.insert(key.as_bytes(), &record(size, tick));
+    fn delete(&self, key: &Digest) {
+        self.verified.lock().expect("file store lock").remove(key);
+        let _ = std::fs::remove_file(self.path(key));
     }
 
     /// Drops a file. A file the kernel still has open stays readable until it is closed.
     fn remove(&self, key: &Digest) {
-        self.state.lock().expect("file store lock").forget(key);
-        self.verified.lock().expect("file store lock").remove(key);
-        let _ = self.tree.remove(key.as_bytes());
-        let _ = std::fs::remove_file(self.path(key));
-    }
-
-    fn evict(&self) {
-        loop {
-            let victim = {
-                let mut s = self.state.lock().expect("file store lock");
-                if s.bytes <= self.cap {
-                    return;
-                }
-                let Some(v) = s.oldest() else { return };
-                s.evictions += 1;
-                crate::metrics::cache_eviction("files");
-                v
-            };
-            self.remove(&victim);
-        }
+        self.ledger.forget(key);
+        self.delete(key);
     }
 
     /// (bytes held, files, evictions so far)
     pub fn usage(&self) -> (u64, usize, u64) {
-        let s = self.state.lock().expect("file store lock");
-        (s.bytes, s.map.len(), s.evictions)
+        self.ledger.usage()
     }
 }
 
@@ -325,7 +293,7 @@ mod tests {
                 2
             );
             content = d[2];
-            s.tree.flush().unwrap();
+            s.ledger.flush_blocking();
             s.names.flush().unwrap();
         }
         let s = open(dir.path(), 2500);

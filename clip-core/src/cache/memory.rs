@@ -1,6 +1,8 @@
 //! The memory tier: an LRU of verified spans, bounded in bytes.
 
+use super::Tier;
 use crate::digest::Digest;
+use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -85,6 +87,35 @@ impl MemoryTier {
     pub fn usage(&self) -> (u64, usize, u64) {
         let s = self.state.lock().expect("memory tier lock");
         (s.bytes, s.map.len(), s.evictions)
+    }
+}
+
+#[async_trait]
+impl Tier for MemoryTier {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    async fn get(&self, key: &Digest) -> Option<Bytes> {
+        MemoryTier::get(self, key)
+    }
+    async fn put(&self, key: &Digest, data: Bytes) {
+        MemoryTier::put(self, *key, data)
+    }
+    fn contains(&self, key: &Digest) -> bool {
+        MemoryTier::contains(self, key)
+    }
+    async fn remove(&self, key: &Digest) {
+        let mut s = self.state.lock().expect("memory tier lock");
+        if let Some((d, tick)) = s.map.remove(key) {
+            s.order.remove(&tick);
+            s.bytes -= d.len() as u64;
+        }
+    }
+    fn trusted(&self) -> bool {
+        true
+    }
+    fn usage(&self) -> (u64, usize, u64) {
+        MemoryTier::usage(self)
     }
 }
 

@@ -7,14 +7,45 @@
 
 pub mod disk;
 pub mod files;
+pub mod ledger;
 pub mod memory;
 pub mod remote;
 
 use crate::digest::Digest;
+use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+
+/// One cache tier. Keys are span digests; a tier stores whatever it is given (already
+/// verified) and may return anything: the composed [`TieredCache`] verifies what it reads.
+#[async_trait]
+pub trait Tier: Send + Sync {
+    /// Metric and log label ("memory", "disk", "remote").
+    fn name(&self) -> &'static str;
+    async fn get(&self, key: &Digest) -> Option<Bytes>;
+    async fn put(&self, key: &Digest, data: Bytes);
+    /// Whether the tier holds `key`, answered without I/O; a tier that cannot tell says false.
+    fn contains(&self, key: &Digest) -> bool;
+    /// Drops an entry (one that failed verification).
+    async fn remove(&self, _key: &Digest) {}
+    /// Bytes returned were verified when put and cannot have changed since (process memory):
+    /// reads need not hash them again.
+    fn trusted(&self) -> bool {
+        false
+    }
+    /// On this node (memory, disk) rather than shared over the network.
+    fn local(&self) -> bool {
+        true
+    }
+    /// Makes the tier's records durable.
+    async fn flush(&self) {}
+    /// (bytes held, entries, evictions so far)
+    fn usage(&self) -> (u64, usize, u64) {
+        (0, 0, 0)
+    }
+}
 
 /// Cache sizing and tiers. Defaults: 256 MiB memory, 10 GiB disk, no remote tier.
 #[derive(Clone, Debug)]
@@ -32,11 +63,16 @@ pub struct CacheConfig {
     pub files_bytes: Option<u64>,
 }
 
+/// Default memory tier: 256 MiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
+/// Default disk tier: 10 GiB.
+pub const DEFAULT_DISK_BYTES: u64 = 10 << 30;
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            memory_bytes: 256 << 20,
-            disk_bytes: 10 << 30,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            disk_bytes: DEFAULT_DISK_BYTES,
             disk_dir: None,
             remote: None,
             files_bytes: None,
@@ -44,58 +80,49 @@ impl Default for CacheConfig {
     }
 }
 
-/// What the cache and the reads through it did; also exported as metrics.
+impl CacheConfig {
+    /// The passthrough store's cap: `files_bytes`, else a quarter of the disk tier.
+    pub fn files_cap(&self) -> u64 {
+        self.files_bytes.unwrap_or(self.disk_bytes / 4)
+    }
+}
+
+/// What the cache served; also exported as metrics.
 #[derive(Default, Debug)]
 pub struct CacheStats {
     pub memory_hits: AtomicU64,
     pub disk_hits: AtomicU64,
     pub remote_hits: AtomicU64,
     pub misses: AtomicU64,
-    pub registry_requests: AtomicU64,
-    pub registry_bytes: AtomicU64,
-    pub inflated_bytes: AtomicU64,
-    pub verify_failures: AtomicU64,
+    /// Entries a tier returned that failed verification (dropped, never served).
+    pub damaged: AtomicU64,
 }
 
 impl CacheStats {
+    fn hit(&self, tier: &'static str) {
+        let c = match tier {
+            "memory" => &self.memory_hits,
+            "disk" => &self.disk_hits,
+            _ => &self.remote_hits,
+        };
+        c.fetch_add(1, Relaxed);
+        crate::metrics::cache_hit(tier);
+    }
+
+    fn miss(&self) {
+        self.misses.fetch_add(1, Relaxed);
+        crate::metrics::cache_miss();
+    }
+
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "memory_hits": self.memory_hits.load(Relaxed),
             "disk_hits": self.disk_hits.load(Relaxed),
             "remote_hits": self.remote_hits.load(Relaxed),
             "misses": self.misses.load(Relaxed),
-            "registry_requests": self.registry_requests.load(Relaxed),
-            "registry_bytes": self.registry_bytes.load(Relaxed),
-            "inflated_bytes": self.inflated_bytes.load(Relaxed),
-            "verify_failures": self.verify_failures.load(Relaxed),
+            "damaged_entries": self.damaged.load(Relaxed),
         })
     }
-}
-
-pub struct TieredCache {
-    memory: memory::MemoryTier,
-    disk: Option<Arc<disk::DiskTier>>,
-    files: Option<Arc<files::FileStore>>,
-    remote: Option<remote::RemoteTier>,
-    pub stats: CacheStats,
-    /// Bounds the registry fetches in flight across every reader sharing this cache, and so the
-    /// memory they hold (each run holds its compressed and inflated bytes).
-    pub fetch_permits: Arc<tokio::sync::Semaphore>,
-    permits_total: usize,
-}
-
-/// Registry fetches in flight at once for a memory-only cache of `bytes`: each fetch holds up to
-/// a few MiB of compressed and inflated data, so in-flight memory scales with the memory budget
-/// (one fetch per 32 MiB of cap, 2 to 8).
-pub fn concurrent_fetches(memory_bytes: u64) -> usize {
-    (memory_bytes / (32 << 20)).clamp(2, 8) as usize
-}
-
-fn dir_name(cfg: &CacheConfig) -> String {
-    cfg.disk_dir
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,171 +135,155 @@ pub enum CacheError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// Tiers, fastest first. Reads verify in one place and fill faster tiers on a slower tier's hit.
+pub struct TieredCache {
+    tiers: Vec<Arc<dyn Tier>>,
+    pub stats: CacheStats,
+}
+
 impl TieredCache {
-    /// A cache with the given tiers; the disk tiers keep their records in `store`'s sled
-    /// database (without a store there is no disk tier).
+    /// The tiers `cfg` asks for; the disk tier keeps its records in `store`'s sled database
+    /// (without a store there is no disk tier).
     pub async fn open(
         cfg: &CacheConfig,
         store: Option<&crate::store::Store>,
     ) -> Result<Self, CacheError> {
-        let mut disk = None;
-        let mut files = None;
+        let mut tiers: Vec<Arc<dyn Tier>> =
+            vec![Arc::new(memory::MemoryTier::new(cfg.memory_bytes))];
         if let (Some(dir), Some(store)) = (&cfg.disk_dir, store) {
             if cfg.disk_bytes > 0 {
-                let (spans, file_recs, names) = (
-                    store.tree("disk-cache")?,
-                    store.tree("file-cache")?,
-                    store.tree("file-names")?,
-                );
-                let (dir, cap) = (dir.clone(), cfg.disk_bytes);
-                let files_cap = cfg.files_bytes.unwrap_or(cap / 4);
-                let opened = tokio::task::spawn_blocking(move || {
-                    let d = disk::DiskTier::open(&dir, spans, cap)?;
-                    let f = match files_cap {
-                        0 => None,
-                        c => Some(files::FileStore::open(
-                            &dir.join("files"),
-                            file_recs,
-                            names,
-                            c,
-                        )?),
-                    };
-                    Ok::<_, std::io::Error>((d, f))
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r)
-                .map_err(|error| CacheError::Disk {
-                    path: dir_name(cfg),
-                    error,
-                })?;
-                disk = Some(Arc::new(opened.0));
-                files = opened.1.map(Arc::new);
+                let tree = store.tree("disk-cache")?;
+                let (d, cap) = (dir.clone(), cfg.disk_bytes);
+                let disk = tokio::task::spawn_blocking(move || disk::DiskTier::open(&d, tree, cap))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|error| CacheError::Disk {
+                        path: dir.display().to_string(),
+                        error,
+                    })?;
+                tiers.push(Arc::new(disk));
             }
         }
-        let remote = match &cfg.remote {
-            Some(url) => Some(remote::RemoteTier::connect(url).await?),
-            None => None,
-        };
-        let mut c = Self::with_tiers(cfg.memory_bytes, disk, remote);
-        c.files = files;
-        Ok(c)
+        if let Some(url) = &cfg.remote {
+            tiers.push(Arc::new(remote::RemoteTier::connect(url).await?));
+        }
+        Ok(Self::with_tiers(tiers))
+    }
+
+    /// A cache over the given tiers, fastest first.
+    pub fn with_tiers(tiers: Vec<Arc<dyn Tier>>) -> Self {
+        TieredCache {
+            tiers,
+            stats: CacheStats::default(),
+        }
     }
 
     /// A memory-only cache (tests, one-shot commands).
     pub fn memory_only(bytes: u64) -> Self {
-        Self::with_tiers(bytes, None, None)
+        Self::with_tiers(vec![Arc::new(memory::MemoryTier::new(bytes))])
     }
 
-    fn with_tiers(
-        memory_bytes: u64,
-        disk: Option<Arc<disk::DiskTier>>,
-        remote: Option<remote::RemoteTier>,
-    ) -> Self {
-        let permits = concurrent_fetches(memory_bytes);
-        TieredCache {
-            memory: memory::MemoryTier::new(memory_bytes),
-            disk,
-            files: None,
-            remote,
-            stats: CacheStats::default(),
-            fetch_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
-            permits_total: permits,
-        }
-    }
-
+    /// The verified bytes of `key` from the fastest tier that has them. A hit fills the local
+    /// tiers above it (memory at once, disk in the background); an entry that fails
+    /// verification is removed from its tier and the next tier is tried.
     pub async fn get(&self, key: &Digest) -> Option<Bytes> {
-        if let Some(b) = self.memory.get(key) {
-            self.stats.memory_hits.fetch_add(1, Relaxed);
-            crate::metrics::cache_hit("memory");
-            return Some(b);
-        }
-        if let Some(disk) = &self.disk {
-            let (d, k) = (disk.clone(), *key);
-            if disk.contains(key) {
-                if let Ok(Some(b)) = tokio::task::spawn_blocking(move || d.get(&k)).await {
-                    self.stats.disk_hits.fetch_add(1, Relaxed);
-                    crate::metrics::cache_hit("disk");
-                    self.memory.put(*key, b.clone());
-                    return Some(b);
-                }
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if tier.local() && !tier.contains(key) {
+                continue;
             }
-        }
-        if let Some(remote) = &self.remote {
-            if let Some(b) = remote.get(key).await {
-                if Digest::of(&b) == *key {
-                    self.stats.remote_hits.fetch_add(1, Relaxed);
-                    crate::metrics::cache_hit("remote");
-                    self.fill_local(key, &b).await;
-                    return Some(b);
-                }
-                self.stats.verify_failures.fetch_add(1, Relaxed);
-                tracing::warn!(span = %key, "remote cache returned bytes that fail verification; ignoring them");
+            let Some(data) = tier.get(key).await else {
+                continue;
+            };
+            if !tier.trusted() && Digest::of(&data) != *key {
+                self.stats.damaged.fetch_add(1, Relaxed);
+                tracing::warn!(span = %key, tier = tier.name(), "cached bytes fail verification; dropping them");
+                tier.remove(key).await;
+                continue;
             }
+            self.stats.hit(tier.name());
+            if i > 0 {
+                self.fill(&self.tiers[..i], key, &data, true);
+            }
+            return Some(data);
         }
-        self.stats.misses.fetch_add(1, Relaxed);
-        crate::metrics::cache_miss();
+        self.stats.miss();
         None
     }
 
-    /// True if memory or disk has the span (no I/O).
+    /// Puts verified bytes into the trusted (memory) tiers above `upto` now, and into the
+    /// others in a background task (with `local_only`, only local ones).
+    fn fill(&self, tiers: &[Arc<dyn Tier>], key: &Digest, data: &Bytes, local_only: bool) {
+        let mut slow = Vec::new();
+        for t in tiers {
+            if t.trusted() {
+                // Memory tiers are synchronous under the hood: no await needed in practice.
+                futures_util::FutureExt::now_or_never(t.put(key, data.clone()));
+            } else if t.local() || !local_only {
+                slow.push(t.clone());
+            }
+        }
+        if !slow.is_empty() {
+            let (key, data) = (*key, data.clone());
+            tokio::spawn(async move {
+                for t in slow {
+                    t.put(&key, data.clone()).await;
+                }
+            });
+        }
+    }
+
+    /// True if a tier on this node has the span (no I/O).
     pub fn contains_local(&self, key: &Digest) -> bool {
-        self.memory.contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
+        self.tiers.iter().any(|t| t.local() && t.contains(key))
     }
 
-    async fn fill_local(&self, key: &Digest, data: &Bytes) {
-        self.memory.put(*key, data.clone());
-        if let Some(disk) = &self.disk {
-            let (d, k, b) = (disk.clone(), *key, data.clone());
-            match tokio::task::spawn_blocking(move || d.put(&k, &b)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(span = %key, "disk cache write failed: {e}"),
-                Err(e) => tracing::warn!(span = %key, "disk cache task failed: {e}"),
+    /// Stores verified bytes in the fast (memory) tiers; returns at once.
+    pub fn put_fast(&self, key: &Digest, data: &Bytes) {
+        for t in self.tiers.iter().filter(|t| t.trusted()) {
+            futures_util::FutureExt::now_or_never(t.put(key, data.clone()));
+        }
+    }
+
+    /// Stores verified bytes in the slower tiers (disk, and the shared tier unless
+    /// `local_only`), waiting for the writes. Readers never wait for this: the fetcher calls it
+    /// after they have their bytes.
+    pub async fn put_slow(&self, key: &Digest, data: &Bytes, local_only: bool) {
+        for t in self.tiers.iter().filter(|t| !t.trusted()) {
+            if t.local() || !local_only {
+                t.put(key, data.clone()).await;
             }
         }
     }
 
-    /// Stores a span in the disk tier only (bulk fills that should not evict the memory tier's
-    /// hot spans); nothing without a disk tier.
-    pub async fn put_disk(&self, key: &Digest, data: Bytes) {
-        if let Some(disk) = &self.disk {
-            let (d, k) = (disk.clone(), *key);
-            match tokio::task::spawn_blocking(move || d.put(&k, &data)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(span = %key, "disk cache write failed: {e}"),
-                Err(e) => tracing::warn!(span = %key, "disk cache task failed: {e}"),
-            }
-        }
-    }
-
-    /// Stores a verified span in every tier.
+    /// Stores verified bytes in every tier.
     pub async fn put(&self, key: &Digest, data: &Bytes) {
-        self.fill_local(key, data).await;
-        if let Some(remote) = &self.remote {
-            remote.put(key, data).await;
-        }
+        self.put_fast(key, data);
+        self.put_slow(key, data, false).await;
     }
 
     pub async fn flush(&self) {
-        if let Some(d) = &self.disk {
-            d.flush().await;
+        for t in &self.tiers {
+            t.flush().await;
         }
     }
 
-    /// The whole-file store for FUSE passthrough, when there is a disk tier and it is enabled.
-    pub fn files(&self) -> Option<&Arc<files::FileStore>> {
-        self.files.as_ref()
+    /// Bytes held by the memory tier: sizes the fetcher's in-flight budget.
+    pub fn memory_bytes(&self) -> u64 {
+        self.tier("memory").map_or(0, |t| t.usage().0)
     }
 
-    /// How many registry fetches may run at once through this cache.
-    pub fn fetch_permits_total(&self) -> usize {
-        self.permits_total
+    fn tier(&self, name: &str) -> Option<&Arc<dyn Tier>> {
+        self.tiers.iter().find(|t| t.name() == name)
     }
 
     /// (memory bytes, disk bytes, memory evictions, disk evictions)
     pub fn usage(&self) -> (u64, u64, u64, u64) {
-        let (mb, _, me) = self.memory.usage();
-        let (db, _, de) = self.disk.as_ref().map(|d| d.usage()).unwrap_or((0, 0, 0));
+        let (mb, _, me) = self.tier("memory").map_or((0, 0, 0), |t| t.usage());
+        let (db, _, de) = self.tier("disk").map_or((0, 0, 0), |t| t.usage());
         (mb, db, me, de)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,8 +5,9 @@
 //! slow or unreachable Redis is a miss (each call is bounded by a short timeout), and bytes read
 //! from it are verified by the caller like any other.
 
-use super::CacheError;
+use super::{CacheError, Tier};
 use crate::digest::Digest;
+use async_trait::async_trait;
 use bytes::Bytes;
 use redis::AsyncCommands;
 use std::time::Duration;
@@ -55,7 +56,7 @@ impl RemoteTier {
         Ok(RemoteTier { conn })
     }
 
-    pub async fn get(&self, d: &Digest) -> Option<Bytes> {
+    async fn fetch(&self, d: &Digest) -> Option<Bytes> {
         let k = key(d);
         let r: Result<Option<Vec<u8>>, redis::RedisError> = match &self.conn {
             Conn::Single(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
@@ -70,7 +71,7 @@ impl RemoteTier {
         }
     }
 
-    pub async fn put(&self, d: &Digest, data: &Bytes) {
+    async fn store(&self, d: &Digest, data: &Bytes) {
         let k = key(d);
         let r: Result<Result<(), redis::RedisError>, _> = match &self.conn {
             Conn::Single(c) => {
@@ -83,6 +84,37 @@ impl RemoteTier {
         if !matches!(r, Ok(Ok(()))) {
             tracing::debug!(span = %d, "remote cache put failed or timed out");
         }
+    }
+}
+
+#[async_trait]
+impl Tier for RemoteTier {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+    async fn get(&self, key: &Digest) -> Option<Bytes> {
+        self.fetch(key).await
+    }
+    async fn put(&self, key: &Digest, data: Bytes) {
+        self.store(key, &data).await
+    }
+    /// A damaged entry is deleted so no node is served it again.
+    async fn remove(&self, key: &Digest) {
+        let k = self::key(key);
+        let r: Result<Result<(), redis::RedisError>, _> = match &self.conn {
+            Conn::Single(c) => tokio::time::timeout(TIMEOUT, c.clone().del(k)).await,
+            Conn::Cluster(c) => tokio::time::timeout(TIMEOUT, c.clone().del(k)).await,
+        };
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::debug!(span = %key, "remote cache delete failed or timed out");
+        }
+    }
+    /// Redis cannot be asked without a round trip: the remote tier never claims a key.
+    fn contains(&self, _key: &Digest) -> bool {
+        false
+    }
+    fn local(&self) -> bool {
+        false
     }
 }
 

@@ -16,11 +16,11 @@
 
 pub mod meta;
 
-use clip_core::cache::TieredCache;
+use crate::os::{is_mounted, lazy_unmount, mounts_under};
 use clip_core::digest::Digest;
 use clip_core::image::{self, ImageError};
 use clip_core::index::ImageView;
-use clip_core::reader::{LayerReader, ReaderConfig};
+use clip_core::reader::ReadPath;
 use clip_core::reference::Reference;
 use clip_core::registry::Client;
 use clip_core::store::Store;
@@ -114,7 +114,7 @@ pub struct ClipSnapshotter {
     meta: Meta,
     store: Arc<Store>,
     client: Client,
-    cache: Arc<TieredCache>,
+    reads: ReadPath,
     opts: Options,
     rt: tokio::runtime::Handle,
     /// Remote snapshot id -> its chain's FUSE mount. A tokio mutex: mounting is serialised.
@@ -170,104 +170,15 @@ fn disk_usage(dir: &Path) -> (i64, i64) {
 async fn connect_keeper(sock: &Path) -> (Option<Arc<Keeper>>, Vec<Held>) {
     let sock = sock.to_path_buf();
     let got = tokio::task::spawn_blocking(move || {
-        let mut last = None;
-        // Twice: a keeper that was just exiting (nothing held, no daemon) drops the connection.
-        for _ in 0..2 {
-            match Keeper::connect_or_spawn(&sock, || spawn_keeper(&sock))
-                .and_then(|k| k.list().map(|held| (k, held)))
-            {
-                Ok(ok) => return Ok(ok),
-                Err(e) => last = Some(e),
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        Err(last.expect("tried"))
+        Keeper::connect_or_start(&sock, &std::env::current_exe()?)
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match got {
-        Ok((k, held)) => (Some(Arc::new(k)), held),
+        Ok((k, held)) => (Some(k), held),
         Err(e) => {
             tracing::warn!("no FUSE keeper, lazy mounts will not survive a restart: {e}");
             (None, Vec::new())
-        }
-    }
-}
-
-/// Handover is off, but a keeper from an earlier run may still hold connections: have it let
-/// go, so their mounts end (ENOTCONN for their readers) instead of waiting for a server that
-/// will not come; the keeper then exits.
-fn release_keeper(sock: &Path) {
-    let Ok(k) = Keeper::connect(sock) else {
-        return;
-    };
-    match k.list() {
-        Ok(held) => {
-            for h in held {
-                tracing::info!(
-                    id = h.id,
-                    "handover is off: releasing a kept FUSE connection"
-                );
-                k.drop_connection(h.id);
-            }
-        }
-        Err(e) => tracing::warn!("asking the FUSE keeper for its connections: {e}"),
-    }
-}
-
-/// Starts `clip fuse-keeper` in its own session (signals for the daemon's process group miss it),
-/// reaped by a thread if it exits while the daemon runs.
-fn spawn_keeper(sock: &Path) -> std::io::Result<()> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("fuse-keeper")
-        .arg("--socket")
-        .arg(sock)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    let mut child = own_session(&mut cmd).spawn()?;
-    tracing::info!(pid = child.id(), socket = %sock.display(), "started the FUSE keeper");
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
-    Ok(())
-}
-
-/// Makes `cmd` start in a session of its own, so that signals for this process's group (a
-/// terminal's Ctrl-C, a supervisor) miss it.
-pub(crate) fn own_session(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        })
-    }
-}
-
-/// Whether `dir` itself is a mount point.
-pub(crate) fn is_mounted(dir: &Path) -> bool {
-    mounts_under(dir).iter().any(|m| m == dir)
-}
-
-/// Mount points (from /proc/self/mountinfo) at or under `dir`.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-fn lazy_unmount(p: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) {
-        // SAFETY: c is a valid NUL-terminated path.
-        unsafe {
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
         }
     }
 }
@@ -280,7 +191,7 @@ impl ClipSnapshotter {
         dir: &Path,
         store: Arc<Store>,
         client: Client,
-        cache: Arc<TieredCache>,
+        reads: ReadPath,
         opts: Options,
     ) -> Result<Arc<Self>, SnapshotError> {
         let snapshots = dir.join("snapshots");
@@ -289,7 +200,7 @@ impl ClipSnapshotter {
         let (keeper, held) = if opts.handover {
             connect_keeper(&dir.join("fuse-keeper.sock")).await
         } else {
-            release_keeper(&dir.join("fuse-keeper.sock"));
+            Keeper::release_all(&dir.join("fuse-keeper.sock"));
             (None, Vec::new())
         };
         let records: HashMap<u64, (String, Record)> = meta
@@ -322,7 +233,7 @@ impl ClipSnapshotter {
             meta,
             store,
             client,
-            cache,
+            reads,
             opts,
             rt: tokio::runtime::Handle::current(),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
@@ -466,26 +377,22 @@ impl ClipSnapshotter {
             let reference: Reference =
                 remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
             let windows = self.store.get_windows(&ix.windows).map(bytes::Bytes::from);
-            readers.push(LayerReader::new(
-                self.client.clone(),
-                reference,
-                ix.clone(),
-                windows,
-                self.cache.clone(),
-                ReaderConfig::default(),
-            ));
+            readers.push(
+                self.reads
+                    .reader(&self.client, &reference, ix.clone(), windows),
+            );
             indexes.push(ix);
         }
         let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
         let mut fs = clip_fuse::ClipFs::new(&view, readers);
-        if let Some(files) = self.cache.files() {
+        if let Some(files) = &self.reads.files {
             fs = fs.with_passthrough(files.clone(), self.opts.passthrough_min_size);
         }
         let opts = clip_fuse::MountOptions {
             allow_other: true,
             threads: self.opts.fuse_threads,
             fsname: format!("clip:{name}"),
-            passthrough: self.cache.files().is_some(),
+            passthrough: self.reads.files.is_some(),
         };
         Ok((fs, opts))
     }
@@ -596,7 +503,7 @@ impl ClipSnapshotter {
                     &opts,
                     progress,
                     false,
-                    Some(self.cache.clone()),
+                    Some(self.reads.cache().clone()),
                 )
                 .await?,
             );
@@ -707,7 +614,7 @@ impl ClipSnapshotter {
             }
         }
         let _ = self.meta.flush().await;
-        self.cache.flush().await;
+        self.reads.flush().await;
     }
 
     fn matches(filters: &[String], name: &str, r: &Record) -> bool {

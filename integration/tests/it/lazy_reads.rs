@@ -220,9 +220,9 @@ fn range_reads_survive_faults_and_never_serve_corrupted_bytes() {
 
 #[test]
 fn concurrent_readers_of_a_cold_span_make_one_request() {
-    use clip_core::cache::TieredCache;
-    use clip_core::reader::{LayerReader, ReaderConfig};
+    use clip_core::reader::{LayerReader, ReadPath, ReaderConfig};
     use clip_core::registry::{Client, RegistryConfig};
+    use clip_core::source::RegistrySource;
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
     let (_, _) = everytype(&reg, tmp.path());
@@ -248,17 +248,13 @@ fn concurrent_readers_of_a_cold_span_make_one_request() {
         let reports = clip_core::image::load_indexes(&client, &store, &resolved)
             .await
             .unwrap();
-        let cache = std::sync::Arc::new(TieredCache::memory_only(64 << 20));
-        let cfg = ReaderConfig {
-            readahead: 0,
-            ..Default::default()
-        };
+        let reads = ReadPath::memory_only(64 << 20);
+        let cfg = ReaderConfig { readahead: 0 };
         let reader = LayerReader::new(
-            client,
-            resolved.reference.clone(),
+            &reads.fetcher,
+            std::sync::Arc::new(RegistrySource::new(client, resolved.reference.clone())),
             reports[0].index.clone(),
             None,
-            cache.clone(),
             cfg,
         );
         let layer = reports[0].index.layer.to_string();
@@ -283,7 +279,8 @@ fn concurrent_readers_of_a_cold_span_make_one_request() {
             .count();
         assert_eq!(span_requests, 1, "{:#?}", proxy.seen.lock().unwrap());
         assert_eq!(
-            cache
+            reads
+                .fetcher
                 .stats
                 .inflated_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -421,19 +418,11 @@ fn background_fill_keeps_to_its_rate_and_can_be_cancelled() {
     // Cancellation (library level): a fill stopped early returns promptly with part of the layer.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use clip_core::cache::TieredCache;
-        use clip_core::reader::{LayerReader, ReaderConfig};
+        use clip_core::reader::ReadPath;
         let (client, resolved, _store, reports) =
             index_here(&image, &tmp.path().join("node")).await;
-        let cache = std::sync::Arc::new(TieredCache::memory_only(64 << 20));
-        let reader = LayerReader::new(
-            client,
-            resolved.reference.clone(),
-            reports[0].index.clone(),
-            None,
-            cache,
-            ReaderConfig::default(),
-        );
+        let reads = ReadPath::memory_only(64 << 20);
+        let reader = reads.reader(&client, &resolved.reference, reports[0].index.clone(), None);
         let cancel = tokio_util::sync::CancellationToken::new();
         let c2 = cancel.clone();
         tokio::spawn(async move {
@@ -534,8 +523,8 @@ fn redis_cluster_mode_is_supported() {
 
 #[test]
 fn sequential_reads_trigger_read_ahead() {
-    use clip_core::cache::TieredCache;
-    use clip_core::reader::{LayerReader, ReaderConfig};
+    use clip_core::reader::{LayerReader, ReadPath, ReaderConfig};
+    use clip_core::source::RegistrySource;
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
     let (_, image) = everytype(&reg, tmp.path());
@@ -544,20 +533,17 @@ fn sequential_reads_trigger_read_ahead() {
         let (client, resolved, store, reports) = index_here(&image, &tmp.path().join("node")).await;
         let ix = reports[0].index.clone();
         assert!(ix.spans.len() >= 8);
-        let cache = std::sync::Arc::new(TieredCache::memory_only(256 << 20));
-        let cfg = ReaderConfig {
-            readahead: 3,
-            ..Default::default()
-        };
+        let reads = ReadPath::memory_only(256 << 20);
+        let cache = reads.cache().clone();
+        let cfg = ReaderConfig { readahead: 3 };
         // Built here, not pushed: the windows come from the local store.
         let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
         assert!(windows.is_some());
         let reader = LayerReader::new(
-            client,
-            resolved.reference.clone(),
+            &reads.fetcher,
+            std::sync::Arc::new(RegistrySource::new(client, resolved.reference.clone())),
             ix.clone(),
             windows,
-            cache.clone(),
             cfg,
         );
         // A random read: no read-ahead.

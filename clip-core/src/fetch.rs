@@ -1,0 +1,521 @@
+//! Fetching spans that no cache tier has: claim, single flight, runs, range requests, inflate,
+//! verify, then write-back.
+//!
+//! A [`Fetcher`] is shared by every layer reader of a process: it owns the fetch permits (how
+//! many range requests run at once, and so how much compressed and inflated data is in flight),
+//! the write-back budget and the registry/inflate counters. A [`LayerFetcher`] fetches the spans
+//! of one layer from its [`BlobSource`]:
+//!
+//! 1. **claim**: missing spans are claimed under a lock; a span already claimed is waited on,
+//!    never fetched twice (single flight).
+//! 2. **runs**: adjacent claimed spans become one run, up to `max_run` spans: one range request.
+//! 3. **fetch**: the run's compressed bytes, and (unless on local disk) the 32 KiB checkpoint
+//!    window of its first span, requested concurrently: one round trip, not two.
+//! 4. **inflate** from the checkpoint, cut at span boundaries, and **verify** each span against
+//!    its digest; a run that fails verification is fetched again (`verify_attempts`).
+//! 5. **reply**: verified spans go to the memory tier and to every waiting reader at once;
+//!    **write-back** to the disk and shared tiers happens afterwards, in the background, within
+//!    a bounded budget of bytes.
+//!
+//! Fetches run as their own tasks, so a reader that gives up does not strand the readers waiting
+//! on the same spans.
+
+use crate::cache::TieredCache;
+use crate::digest::Digest;
+use crate::gzip::inflate_spans;
+use crate::index::{format, LayerIndex};
+use crate::registry::RegistryError;
+use crate::source::BlobSource;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("layer {layer} span {span}: {detail}")]
+    Corrupt {
+        layer: Digest,
+        span: usize,
+        detail: String,
+    },
+    #[error("read of {len} bytes at {offset} is outside the layer ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("{0}")]
+    Internal(String),
+    #[error(transparent)]
+    Shared(Arc<ReadError>),
+}
+
+type SpanResult = Option<Result<Bytes, Arc<ReadError>>>;
+
+/// How spans are fetched. Defaults: 4-span runs, 3 attempts, fetches in flight sized from the
+/// memory tier, 64 MiB of pending write-back.
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Most spans fetched by one range request.
+    pub max_run: usize,
+    /// Attempts at a run whose bytes fail verification.
+    pub verify_attempts: u32,
+    /// Range requests in flight at once, across every layer.
+    pub concurrency: usize,
+    /// Bytes of verified spans waiting to be written to the slower tiers; a fetch that would
+    /// exceed it waits (holding its fetch permit) until writes drain.
+    pub writeback_bytes: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            max_run: 4,
+            verify_attempts: 3,
+            concurrency: concurrent_fetches(crate::cache::DEFAULT_MEMORY_BYTES),
+            writeback_bytes: 64 << 20,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// Defaults, with the fetches in flight sized for a memory tier of `memory_bytes`.
+    pub fn for_memory(memory_bytes: u64) -> Self {
+        FetchConfig {
+            concurrency: concurrent_fetches(memory_bytes),
+            ..Self::default()
+        }
+    }
+}
+
+/// Registry fetches in flight at once for a memory tier of `bytes`: each fetch holds up to a few
+/// MiB of compressed and inflated data, so in-flight memory scales with the memory budget (one
+/// fetch per 32 MiB of cap, 2 to 8).
+pub fn concurrent_fetches(memory_bytes: u64) -> usize {
+    (memory_bytes / (32 << 20)).clamp(2, 8) as usize
+}
+
+/// What the fetcher did.
+#[derive(Default, Debug)]
+pub struct FetchStats {
+    pub registry_requests: AtomicU64,
+    pub registry_bytes: AtomicU64,
+    /// Window requests (each one a round trip a local windows blob would have saved).
+    pub window_requests: AtomicU64,
+    pub inflated_bytes: AtomicU64,
+    pub verify_failures: AtomicU64,
+}
+
+impl FetchStats {
+    fn fetched(&self, bytes: usize) {
+        self.registry_requests.fetch_add(1, Relaxed);
+        self.registry_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "registry_requests": self.registry_requests.load(Relaxed),
+            "registry_bytes": self.registry_bytes.load(Relaxed),
+            "window_requests": self.window_requests.load(Relaxed),
+            "inflated_bytes": self.inflated_bytes.load(Relaxed),
+            "verify_failures": self.verify_failures.load(Relaxed),
+        })
+    }
+}
+
+/// Fetch permits, write-back budget and counters shared by every layer of a process.
+pub struct Fetcher {
+    cache: Arc<TieredCache>,
+    cfg: FetchConfig,
+    permits: Arc<Semaphore>,
+    /// Write-back budget in KiB.
+    writeback: Arc<Semaphore>,
+    pub stats: FetchStats,
+}
+
+impl Fetcher {
+    pub fn new(cache: Arc<TieredCache>, cfg: FetchConfig) -> Arc<Self> {
+        let kib = (cfg.writeback_bytes >> 10).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        Arc::new(Fetcher {
+            cache,
+            permits: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            writeback: Arc::new(Semaphore::new(kib)),
+            cfg,
+            stats: FetchStats::default(),
+        })
+    }
+
+    pub fn cache(&self) -> &Arc<TieredCache> {
+        &self.cache
+    }
+
+    /// A fetcher for one layer, reading from `source`; `local_windows` is the layer's windows
+    /// blob when it is on this node (the index was built here).
+    pub fn layer(
+        self: &Arc<Self>,
+        source: Arc<dyn BlobSource>,
+        index: Arc<LayerIndex>,
+        local_windows: Option<Bytes>,
+    ) -> Arc<LayerFetcher> {
+        Arc::new(LayerFetcher {
+            shared: self.clone(),
+            source,
+            index,
+            local_windows,
+            inflight: Mutex::new(HashMap::new()),
+            finished: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// True while no fetch holds a permit (background work yields to demand).
+    fn idle(&self) -> bool {
+        self.permits.available_permits() >= self.cfg.concurrency.max(1)
+    }
+
+    /// Waits until every write-back started so far has finished.
+    pub async fn drain_writeback(&self) {
+        let total = self.writeback_total();
+        if let Ok(p) = self.writeback.acquire_many(total as u32).await {
+            drop(p);
+        }
+    }
+
+    fn writeback_total(&self) -> usize {
+        (self.cfg.writeback_bytes >> 10).clamp(1, Semaphore::MAX_PERMITS as u64) as usize
+    }
+}
+
+/// Fetches the spans of one layer; single flight per span.
+pub struct LayerFetcher {
+    shared: Arc<Fetcher>,
+    source: Arc<dyn BlobSource>,
+    index: Arc<LayerIndex>,
+    local_windows: Option<Bytes>,
+    inflight: Mutex<HashMap<usize, watch::Receiver<SpanResult>>>,
+    /// Signalled whenever fetches finish (see [`LayerFetcher::settled`]).
+    finished: tokio::sync::Notify,
+}
+
+impl LayerFetcher {
+    /// Waits until no fetch of this layer is in flight (claims made so far have completed).
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight.lock().expect("inflight lock").is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn index(&self) -> &Arc<LayerIndex> {
+        &self.index
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.shared
+    }
+
+    fn key(&self, i: usize) -> &Digest {
+        &self.index.spans[i].digest
+    }
+
+    /// True if a tier on this node has span `i`.
+    pub fn is_local(&self, i: usize) -> bool {
+        self.shared.cache.contains_local(self.key(i))
+    }
+
+    /// The verified bytes of each span in `range`: from the cache, else fetched.
+    pub async fn spans(self: &Arc<Self>, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
+        let mut out: Vec<Option<Bytes>> = vec![None; range.len()];
+        let mut missing = Vec::new();
+        for i in range.clone() {
+            match self.shared.cache.get(self.key(i)).await {
+                Some(b) => out[i - range.start] = Some(b),
+                None => missing.push(i),
+            }
+        }
+        for (i, mut rx) in self.claim(&missing, true) {
+            let got = rx
+                .wait_for(|v| v.is_some())
+                .await
+                .map_err(|_| ReadError::Internal("span fetch was dropped".into()))?;
+            match got.as_ref() {
+                Some(Ok(b)) => out[i - range.start] = Some(b.clone()),
+                Some(Err(e)) => return Err(ReadError::Shared(e.clone())),
+                None => return Err(ReadError::Internal("span fetch gave nothing".into())),
+            }
+        }
+        out.into_iter()
+            .map(|b| b.ok_or_else(|| ReadError::Internal("span not filled".into())))
+            .collect()
+    }
+
+    /// Starts fetches of the spans of `range` that no local tier has, without waiting.
+    pub fn prefetch(self: &Arc<Self>, range: Range<usize>) {
+        let missing: Vec<usize> = range.filter(|&i| !self.is_local(i)).collect();
+        self.claim(&missing, false);
+    }
+
+    /// Fetches the spans of `range` that no local tier has and waits for them.
+    pub async fn fetch_missing(self: &Arc<Self>, range: Range<usize>) -> Result<(), ReadError> {
+        let missing: Vec<usize> = range.filter(|&i| !self.is_local(i)).collect();
+        for (_, mut rx) in self.claim(&missing, true) {
+            let got = rx
+                .wait_for(|v| v.is_some())
+                .await
+                .map_err(|_| ReadError::Internal("span fetch was dropped".into()))?;
+            if let Some(Err(e)) = got.as_ref() {
+                return Err(ReadError::Shared(e.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Background fill: fetches every span of the layer that no tier has, in order, one run at a
+    /// time, yielding to demand reads (it waits while any demand fetch is in flight) and keeping
+    /// to `bytes_per_sec` of registry traffic (0 = no cap). Stops early when `cancel` fires.
+    /// Returns the compressed bytes it fetched.
+    pub async fn fill(
+        self: &Arc<Self>,
+        bytes_per_sec: u64,
+        cancel: CancellationToken,
+    ) -> Result<u64, ReadError> {
+        let started = Instant::now();
+        let mut fetched = 0u64;
+        let n = self.index.spans.len();
+        let mut i = 0;
+        while i < n {
+            if cancel.is_cancelled() {
+                break;
+            }
+            while !self.shared.idle() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(fetched),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+            let run = i..(i + self.shared.cfg.max_run.max(1)).min(n);
+            i = run.end;
+            if run.clone().all(|k| self.is_local(k)) {
+                continue;
+            }
+            let (cs, _) = self.index.span_compressed_range(run.start);
+            let (_, ce) = self.index.span_compressed_range(run.end - 1);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.fetch_missing(run) => r?,
+            }
+            fetched += ce - cs;
+            if bytes_per_sec > 0 {
+                let due = Duration::from_secs_f64(fetched as f64 / bytes_per_sec as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Claims unclaimed spans (starting fetches for them in runs) and returns receivers for all
+    /// of `spans` (if `wait`) or none.
+    fn claim(
+        self: &Arc<Self>,
+        spans: &[usize],
+        wait: bool,
+    ) -> Vec<(usize, watch::Receiver<SpanResult>)> {
+        let mut waits = Vec::new();
+        let mut mine: Vec<(usize, watch::Sender<SpanResult>)> = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            for &i in spans {
+                if let Some(rx) = inflight.get(&i) {
+                    if wait {
+                        waits.push((i, rx.clone()));
+                    }
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(i, rx.clone());
+                if wait {
+                    waits.push((i, rx));
+                }
+                mine.push((i, tx));
+            }
+        }
+        // Adjacent claimed spans become one run (one range request), up to max_run spans.
+        let max_run = self.shared.cfg.max_run.max(1);
+        let mut runs: Vec<Vec<(usize, watch::Sender<SpanResult>)>> = Vec::new();
+        for (i, tx) in mine {
+            match runs.last_mut() {
+                Some(run)
+                    if run.last().is_some_and(|(j, _)| *j + 1 == i) && run.len() < max_run =>
+                {
+                    run.push((i, tx))
+                }
+                _ => runs.push(vec![(i, tx)]),
+            }
+        }
+        for run in runs {
+            let me = self.clone();
+            tokio::spawn(async move { me.fetch_run(run).await });
+        }
+        waits
+    }
+
+    async fn fetch_run(self: Arc<Self>, run: Vec<(usize, watch::Sender<SpanResult>)>) {
+        let range = run[0].0..run[run.len() - 1].0 + 1;
+        let permit = self.shared.permits.clone().acquire_owned().await;
+        let started = Instant::now();
+        let span = tracing::debug_span!("fetch_spans", layer = %self.index.layer, first = range.start, count = range.len());
+        let result = self.fetch_verified(range.clone()).instrument(span).await;
+        crate::metrics::span_fetch(started.elapsed().as_secs_f64(), range.len());
+        let cache = &self.shared.cache;
+        match result {
+            Ok(parts) => {
+                // Readers first: memory tier, then every waiter, then the claim is released.
+                for ((i, tx), data) in run.into_iter().zip(&parts) {
+                    cache.put_fast(self.key(i), data);
+                    let _ = tx.send(Some(Ok(data.clone())));
+                    self.inflight.lock().expect("inflight lock").remove(&i);
+                }
+                self.finished.notify_waiters();
+                // Write-back after the reply, within the budget (held with the fetch permit so
+                // a slow disk throttles fetching instead of piling up bytes).
+                let kib: usize = parts.iter().map(|p| p.len().div_ceil(1024)).sum();
+                let kib = kib.clamp(1, self.shared.writeback_total()) as u32;
+                let budget = self.shared.writeback.clone().acquire_many_owned(kib).await;
+                drop(permit);
+                for (i, data) in range.zip(parts) {
+                    cache.put_slow(self.key(i), &data, false).await;
+                }
+                drop(budget);
+            }
+            Err(e) => {
+                drop(permit);
+                let e = Arc::new(e);
+                for (i, tx) in run {
+                    let _ = tx.send(Some(Err(e.clone())));
+                    self.inflight.lock().expect("inflight lock").remove(&i);
+                }
+                self.finished.notify_waiters();
+            }
+        }
+    }
+
+    /// Fetches a run and verifies every span, retrying runs that fail verification.
+    async fn fetch_verified(&self, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.fetch_once(range.clone()).await {
+                Err(e @ ReadError::Corrupt { .. }) => {
+                    self.shared.stats.verify_failures.fetch_add(1, Relaxed);
+                    if attempt >= self.shared.cfg.verify_attempts {
+                        return Err(e);
+                    }
+                    tracing::warn!(layer = %self.index.layer, "refetching after a verification failure: {e}");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The raw checkpoint window of span `i`: from the local windows blob, else one small range
+    /// read of the published one.
+    async fn window(&self, i: usize) -> Result<Bytes, ReadError> {
+        let s = &self.index.spans[i];
+        if s.window_len == 0 {
+            return Ok(Bytes::new());
+        }
+        let (off, len) = (s.window_offset, u64::from(s.window_len));
+        match &self.local_windows {
+            Some(w) if off.checked_add(len).is_some_and(|e| e <= w.len() as u64) => {
+                Ok(w.slice(off as usize..(off + len) as usize))
+            }
+            _ => {
+                let b = self
+                    .source
+                    .read_range(&self.index.windows.digest, off, len)
+                    .await?;
+                self.shared.stats.fetched(b.len());
+                self.shared.stats.window_requests.fetch_add(1, Relaxed);
+                Ok(b)
+            }
+        }
+    }
+
+    async fn fetch_once(&self, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
+        let ix = &self.index;
+        let (cs, _) = ix.span_compressed_range(range.start);
+        let (_, ce) = ix.span_compressed_range(range.end - 1);
+        // The window and the data travel concurrently: one round trip.
+        let data = async {
+            let b = self
+                .source
+                .read_range(&ix.layer, cs, ce.saturating_sub(cs))
+                .await?;
+            self.shared.stats.fetched(b.len());
+            Ok::<_, ReadError>(b)
+        };
+        let (raw_window, compressed) = tokio::try_join!(self.window(range.start), data)?;
+        let layer = ix.layer;
+        let first = range.start;
+        // A wrong window cannot produce the right span digests, so the span check covers it.
+        let window = format::decode_window(&raw_window).map_err(|e| ReadError::Corrupt {
+            layer,
+            span: first,
+            detail: format!("window: {e}"),
+        })?;
+        let lens: Vec<usize> = range
+            .clone()
+            .map(|i| {
+                let (s, e) = ix.span_range(i);
+                (e - s) as usize
+            })
+            .collect();
+        let bits = ix.spans[first].bits;
+        let started = Instant::now();
+        let outs =
+            tokio::task::spawn_blocking(move || inflate_spans(&compressed, bits, &window, &lens))
+                .await
+                .map_err(|e| ReadError::Internal(format!("inflate task: {e}")))?
+                .map_err(|e| ReadError::Corrupt {
+                    layer,
+                    span: first,
+                    detail: e.to_string(),
+                })?;
+        let inflated: u64 = outs.iter().map(|o| o.len() as u64).sum();
+        crate::metrics::inflated(inflated, started.elapsed().as_secs_f64());
+        self.shared
+            .stats
+            .inflated_bytes
+            .fetch_add(inflated, Relaxed);
+        let mut parts = Vec::with_capacity(range.len());
+        for (i, out) in range.zip(outs) {
+            let part = Bytes::from(out);
+            let actual = Digest::of(&part);
+            if actual != ix.spans[i].digest {
+                return Err(ReadError::Corrupt {
+                    layer,
+                    span: i,
+                    detail: format!(
+                        "span digest mismatch: expected {}, got {actual}",
+                        ix.spans[i].digest
+                    ),
+                });
+            }
+            parts.push(part);
+        }
+        Ok(parts)
+    }
+}

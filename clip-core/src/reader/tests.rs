@@ -1,0 +1,244 @@
+//! The read path against an in-memory blob source with scripted faults: no registry, no root.
+
+use super::*;
+use crate::cache::{memory::MemoryTier, Tier, TieredCache};
+use crate::fetch::{FetchConfig, Fetcher};
+use crate::source::fake::{FakeSource, Fault};
+use crate::testutil::{layer, TestTier};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+struct Setup {
+    source: Arc<FakeSource>,
+    fetcher: Arc<Fetcher>,
+    reader: Arc<LayerReader>,
+    index: Arc<LayerIndex>,
+    tar: Vec<u8>,
+}
+
+/// 16 files of 48 KiB in 16 KiB spans; windows local unless `remote_windows`.
+fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Setup {
+    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    assert!(
+        index.spans.len() >= 16,
+        "fixture has {} spans",
+        index.spans.len()
+    );
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows.clone()));
+    let fetcher = Fetcher::new(Arc::new(cache), FetchConfig::default());
+    let reader = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        index.clone(),
+        (!remote_windows).then_some(windows),
+        ReaderConfig { readahead },
+    );
+    Setup {
+        source,
+        fetcher,
+        reader,
+        index,
+        tar,
+    }
+}
+
+fn setup(readahead: usize) -> Setup {
+    setup_with(TieredCache::memory_only(64 << 20), readahead, false)
+}
+
+impl Setup {
+    /// (offset, len) of spans `r` in the uncompressed stream.
+    fn spans(&self, r: Range<usize>) -> (u64, u64) {
+        let (s, _) = self.index.span_range(r.start);
+        let (_, e) = self.index.span_range(r.end - 1);
+        (s, e - s)
+    }
+    fn expect(&self, off: u64, len: u64) -> &[u8] {
+        &self.tar[off as usize..(off + len) as usize]
+    }
+    /// Requests for the layer blob, as compressed (start, end).
+    fn layer_requests(&self) -> Vec<(u64, u64)> {
+        self.source
+            .requests()
+            .into_iter()
+            .filter(|r| r.blob == self.index.layer)
+            .map(|r| (r.start, r.start + r.len))
+            .collect()
+    }
+    fn compressed(&self, r: Range<usize>) -> (u64, u64) {
+        let (s, _) = self.index.span_compressed_range(r.start);
+        let (_, e) = self.index.span_compressed_range(r.end - 1);
+        (s, e)
+    }
+}
+
+#[tokio::test]
+async fn concurrent_readers_share_one_request() {
+    let t = setup(0);
+    t.source.script([Fault::Delay(Duration::from_millis(50))]);
+    let (off, len) = t.spans(5..6);
+    let readers: Vec<_> = (0..32)
+        .map(|_| {
+            let r = t.reader.clone();
+            tokio::spawn(async move { r.read(off, len).await })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(&r.await.unwrap().unwrap()[..], t.expect(off, len));
+    }
+    assert_eq!(t.layer_requests(), vec![t.compressed(5..6)]);
+}
+
+#[tokio::test]
+async fn adjacent_misses_are_one_range_request() {
+    let t = setup(0);
+    let (off, len) = t.spans(2..6);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(t.layer_requests(), vec![t.compressed(2..6)]);
+    // Only the misses are fetched: a read over cached spans 2..6 and new 6..8 asks for 6..8.
+    let (off, len) = t.spans(3..8);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(t.layer_requests()[1], t.compressed(6..8));
+}
+
+#[tokio::test]
+async fn corrupted_span_is_refetched_and_never_served() {
+    let t = setup(0);
+    t.source.script([Fault::Corrupt(100)]);
+    let (off, len) = t.spans(4..5);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(
+        t.layer_requests().len(),
+        2,
+        "fetched again after the bad bytes"
+    );
+    assert_eq!(t.fetcher.stats.verify_failures.load(Relaxed), 1);
+
+    // A source that always corrupts: an error after the attempts, nothing cached or served.
+    t.source.always(Some(Fault::Corrupt(100)));
+    let (off, len) = t.spans(9..10);
+    let e = t.reader.read(off, len).await.unwrap_err();
+    assert!(e.to_string().contains("digest mismatch"), "{e}");
+    assert_eq!(t.layer_requests().len(), 2 + 3, "three attempts");
+    assert!(!t.reader.is_local(off, len));
+    t.source.always(None);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+}
+
+#[tokio::test]
+async fn readahead_follows_sequential_reads_only() {
+    // One file spans several spans: read it in 4 KiB steps from its start.
+    let t = setup(2);
+    let (base, size) = t
+        .index
+        .entries
+        .iter()
+        .find_map(|e| match e.kind {
+            crate::index::EntryKind::File { offset, size } if size > 40 << 10 => {
+                Some((offset, size))
+            }
+            _ => None,
+        })
+        .unwrap();
+    let end = base + size;
+    let first = t.index.spans_covering(base, 1).start;
+    t.reader.read_within(base, 4096, end).await.unwrap();
+    t.reader.read_within(base + 4096, 4096, end).await.unwrap();
+    t.reader.spans.settled().await;
+    let covering = t.index.spans_covering(base, 8192);
+    let ahead = covering.end..(covering.end + 2).min(t.index.spans_covering(end - 1, 1).end);
+    assert!(!ahead.is_empty());
+    assert!(
+        ahead.clone().all(|i| t.reader.spans.is_local(i)),
+        "spans {ahead:?} after a sequential read were fetched ahead (first span {first})"
+    );
+
+    // Random reads far apart: only the spans read are fetched.
+    let t = setup(2);
+    for i in [12usize, 3, 8] {
+        let (off, _) = t.spans(i..i + 1);
+        t.reader.read_within(off, 512, u64::MAX).await.unwrap();
+    }
+    t.reader.spans.settled().await;
+    let wanted: Vec<_> = [12usize, 3, 8]
+        .iter()
+        .map(|&i| t.compressed(i..i + 1))
+        .collect();
+    assert_eq!(t.layer_requests(), wanted);
+}
+
+#[tokio::test]
+async fn failing_source_gives_a_clear_error_and_no_partial_bytes() {
+    let t = setup(0);
+    let (off, len) = t.spans(0..1);
+    t.reader.read(off, len).await.unwrap();
+    t.source
+        .always(Some(Fault::Error("registry is down".into())));
+    // Spans 0 (cached) and 1 (failing): the read fails as a whole.
+    let (off, len) = t.spans(0..2);
+    let e = t.reader.read(off, len).await.unwrap_err();
+    assert!(e.to_string().contains("registry is down"), "{e}");
+    assert!(!t.reader.spans.is_local(1));
+    // A truncated answer is an error too, never short data.
+    t.source.always(Some(Fault::Truncate(10)));
+    let e = t.reader.read(off, len).await.unwrap_err();
+    assert!(e.to_string().contains("got 10 of"), "{e}");
+    // Once the source recovers, the same read succeeds.
+    t.source.always(None);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+}
+
+#[tokio::test]
+async fn reply_does_not_wait_for_a_slow_tier_write() {
+    // A second tier whose writes are held until the test lets them go.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let slow = Arc::new(TestTier {
+        gate: Some(gate.clone()),
+        local: true,
+        ..Default::default()
+    });
+    let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), slow.clone()];
+    let t = setup_with(TieredCache::with_tiers(tiers), 0, false);
+    let (off, len) = t.spans(3..5);
+    let got = tokio::time::timeout(Duration::from_secs(5), t.reader.read(off, len))
+        .await
+        .expect("the reply waited for the slow tier's write");
+    assert_eq!(&got.unwrap()[..], t.expect(off, len));
+    assert_eq!(slow.puts.load(Relaxed), 0, "the write is still held");
+    // Released, the write-back completes.
+    gate.add_permits(100);
+    t.fetcher.drain_writeback().await;
+    assert_eq!(slow.puts.load(Relaxed), 2);
+}
+
+#[tokio::test]
+async fn window_travels_with_its_data() {
+    // Windows not on this node: each fetch asks for the window and the data concurrently (one
+    // round trip), which the source sees as two requests in flight at once.
+    let t = setup_with(TieredCache::memory_only(64 << 20), 0, true);
+    let (off, len) = t.spans(6..7);
+    assert!(t.index.spans[6].window_len > 0);
+    t.source.hold_until_concurrent(2);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(t.source.request_count(), 2, "window + data");
+    assert_eq!(t.source.max_in_flight(), 2);
+    assert_eq!(t.fetcher.stats.window_requests.load(Relaxed), 1);
+}

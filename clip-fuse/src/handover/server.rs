@@ -1,0 +1,210 @@
+//! The keeper process: a single-threaded poll loop holding FUSE descriptors for daemons.
+
+use super::fdpass::{cvt, recv_msg, send_msg, seqpacket, sockaddr, words, MAX_MSG};
+use super::OpenState;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+struct Conn {
+    fd: OwnedFd,
+    caps: u64,
+    minor: u32,
+    /// ino -> (mode, open count)
+    opens: HashMap<u64, (OpenState, u32)>,
+}
+
+/// The keeper process: holds FUSE descriptors for daemons on `path` until the kernel reports the
+/// connection gone, a daemon drops it, or nothing is left to hold and no daemon is connected.
+pub fn run_keeper(path: &Path) -> io::Result<()> {
+    let listener = seqpacket()?;
+    let (addr, len) = sockaddr(path)?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    // SAFETY: addr is a valid sockaddr_un of length len; listen on our own socket.
+    unsafe {
+        cvt(libc::bind(
+            listener.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len,
+        ))?;
+        cvt(libc::listen(listener.as_raw_fd(), 16))?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let mut clients: Vec<OwnedFd> = Vec::new();
+    let mut ever_connected = false;
+    let mut buf = [0u8; MAX_MSG];
+    loop {
+        if ever_connected && clients.is_empty() && conns.is_empty() {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
+        let ids: Vec<u64> = conns.keys().copied().collect();
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(1 + clients.len() + ids.len());
+        pfds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for c in &clients {
+            pfds.push(libc::pollfd {
+                fd: c.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // Events 0: never read a FUSE descriptor (that would steal a request); the kernel still
+        // reports POLLERR once the connection is aborted (the mount is gone).
+        for id in &ids {
+            pfds.push(libc::pollfd {
+                fd: conns[id].fd.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            });
+        }
+        // SAFETY: pfds is a live array of pollfd of the given length.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let nclients = clients.len();
+        for (i, id) in ids.iter().enumerate() {
+            if pfds[1 + nclients + i].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL)
+                != 0
+            {
+                conns.remove(id);
+            }
+        }
+        // Every queued message of every daemon first (a dead daemon's last opens and releases
+        // are still queued when its successor asks), then the list requests.
+        let mut closed = Vec::new();
+        let mut lists = Vec::new();
+        for (i, c) in clients.iter().enumerate() {
+            if pfds[1 + i].revents == 0 {
+                continue;
+            }
+            loop {
+                match recv_msg(c.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok((0, _)) => {
+                        closed.push(i);
+                        break;
+                    }
+                    Ok((n, fd)) => {
+                        if words(&buf[..n]).first() == Some(&"L") {
+                            lists.push(i);
+                        } else {
+                            keeper_message(&mut conns, &buf[..n], fd);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        closed.push(i);
+                        break;
+                    }
+                }
+            }
+        }
+        for i in lists {
+            if !closed.contains(&i) && send_list(&conns, clients[i].as_fd()).is_err() {
+                closed.push(i);
+            }
+        }
+        closed.sort_unstable();
+        closed.dedup();
+        for i in closed.into_iter().rev() {
+            clients.remove(i);
+        }
+        if pfds[0].revents & libc::POLLIN != 0 {
+            // SAFETY: accept(2) on our listening socket; the new descriptor is ours.
+            let fd = unsafe {
+                libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: fd is a fresh descriptor nobody else owns.
+                clients.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                ever_connected = true;
+            }
+        }
+    }
+}
+
+fn keeper_message(conns: &mut HashMap<u64, Conn>, msg: &[u8], fd: Option<OwnedFd>) {
+    let w = words(msg);
+    let num = |i: usize| -> Option<u64> { w.get(i).and_then(|s| s.parse().ok()) };
+    match (w.first().copied(), num(1)) {
+        (Some("P"), Some(id)) => {
+            if let (Some(fd), Some(caps), Some(minor)) = (fd, num(2), num(3)) {
+                conns.insert(
+                    id,
+                    Conn {
+                        fd,
+                        caps,
+                        minor: minor as u32,
+                        opens: HashMap::new(),
+                    },
+                );
+            }
+        }
+        (Some("D"), Some(id)) => {
+            conns.remove(&id);
+        }
+        (Some("O"), Some(id)) => {
+            if let (Some(c), Some(ino)) = (conns.get_mut(&id), num(2)) {
+                let state = match (w.get(3), num(4)) {
+                    (Some(&"p"), Some(b)) => OpenState::Passthrough(b as u32),
+                    _ => OpenState::Cached,
+                };
+                let e = c.opens.entry(ino).or_insert((state, 0));
+                e.0 = state;
+                e.1 += 1;
+            }
+        }
+        (Some("R"), Some(id)) => {
+            if let (Some(c), Some(ino)) = (conns.get_mut(&id), num(2)) {
+                if let Some(e) = c.opens.get_mut(&ino) {
+                    e.1 = e.1.saturating_sub(1);
+                    if e.1 == 0 {
+                        c.opens.remove(&ino);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Answers `L`: every held connection with its descriptor and open inodes, then `E`.
+fn send_list(conns: &HashMap<u64, Conn>, client: BorrowedFd) -> io::Result<()> {
+    for (id, c) in conns {
+        send_msg(
+            client,
+            format!("H {id} {} {}", c.caps, c.minor).as_bytes(),
+            Some(c.fd.as_fd()),
+        )?;
+        for (ino, (state, n)) in &c.opens {
+            let (m, b) = match state {
+                OpenState::Cached => ("c", 0),
+                OpenState::Passthrough(b) => ("p", *b),
+            };
+            send_msg(client, format!("S {id} {ino} {m} {b} {n}").as_bytes(), None)?;
+        }
+    }
+    send_msg(client, b"E", None)
+}

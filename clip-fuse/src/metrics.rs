@@ -1,0 +1,36 @@
+//! The filesystem's OpenTelemetry instruments: bytes served through the daemon, opens by mode.
+
+use opentelemetry::metrics::Counter;
+use opentelemetry::KeyValue;
+use std::sync::OnceLock;
+
+struct Instruments {
+    read_bytes: Counter<u64>,
+    opens: Counter<u64>,
+}
+
+fn instruments() -> &'static Instruments {
+    static I: OnceLock<Instruments> = OnceLock::new();
+    I.get_or_init(|| {
+        let meter = opentelemetry::global::meter("clip");
+        Instruments {
+            read_bytes: meter
+                .u64_counter("clip.fuse.read.bytes")
+                .with_description("File bytes served by the daemon over FUSE (not passthrough)")
+                .with_unit("By")
+                .build(),
+            opens: meter
+                .u64_counter("clip.fuse.opens")
+                .with_description("File opens by mode: daemon (page-cached) or passthrough")
+                .build(),
+        }
+    })
+}
+
+pub fn read(bytes: u64) {
+    instruments().read_bytes.add(bytes, &[]);
+}
+
+pub fn open(mode: &'static str) {
+    instruments().opens.add(1, &[KeyValue::new("mode", mode)]);
+}

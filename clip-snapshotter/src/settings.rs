@@ -1,0 +1,92 @@
+//! Settings every command shares: the root directory, the registry client and the store, the
+//! metrics endpoint, and byte formatting.
+
+use crate::cli::GlobalArgs;
+use anyhow::{Context, Result};
+use clip_core::registry::{Client, RegistryConfig};
+use clip_core::store::Store;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Serves Prometheus metrics on `addr` (if given) for the life of the process.
+pub(crate) fn serve_metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let exporter = crate::prometheus::install();
+    let listener_check =
+        std::net::TcpListener::bind(addr).with_context(|| format!("metrics address {addr}"))?;
+    drop(listener_check);
+    tokio::spawn(async move {
+        if let Err(e) = exporter.serve(addr).await {
+            tracing::error!("metrics endpoint on {addr} stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+pub fn default_root() -> PathBuf {
+    // SAFETY-free check for root: the effective uid via /proc.
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if is_root {
+        PathBuf::from("/var/lib/clip")
+    } else {
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("clip")
+    }
+}
+
+pub struct Ctx {
+    pub client: Client,
+    pub store: Store,
+}
+
+/// The registry client the global flags describe.
+pub fn registry_client(g: &GlobalArgs) -> Result<Client> {
+    let mut cfg = RegistryConfig {
+        insecure: g.insecure.clone(),
+        deadline: Duration::from_secs(g.registry_timeout.max(1)),
+        stall_timeout: Duration::from_secs(g.stall_timeout.max(1)),
+        ..Default::default()
+    };
+    if let Some(d) = &g.hosts_dir {
+        cfg.hosts_dir = Some(d.clone());
+    }
+    if let Some(p) = &g.platform {
+        cfg.platform = p.parse().map_err(anyhow::Error::msg)?;
+    }
+    Ok(Client::new(cfg))
+}
+
+pub fn context(g: &GlobalArgs) -> Result<Ctx> {
+    let client = registry_client(g)?;
+    let root = g.root.clone().unwrap_or_else(default_root);
+    let store =
+        Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
+    Ok(Ctx { client, store })
+}
+
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
