@@ -15,6 +15,8 @@
 #   --quick: loopback, print(1) only, one run (what the README demo shows)
 #   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
 #   CLIP_BENCH_WORKLOAD=CODE: the python3 -c code of the first workload (default print(1))
+#   CLIP_BENCH_MODES="clip": snapshotters to run (default "overlayfs clip")
+#   CLIP_BENCH_EXTRAS=0: skip the shared-Redis and span-size sections (before/after comparisons)
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
 while [[ $# -gt 0 ]]; do
@@ -125,7 +127,7 @@ start_once() {
 
 for link in "${LINKS[@]}"; do
   for w in "${WORKLOADS[@]}"; do
-    for mode in overlayfs clip; do
+    for mode in ${CLIP_BENCH_MODES:-overlayfs clip}; do
       declare -a cold=() bytes=() warm=() rss=() cache=()
       for r in $(seq "$RUNS"); do
         start_once "$link" "$mode" "$w" "$WORK/node"
@@ -146,7 +148,9 @@ done
   printf '%s\n' "${ROWS[@]}"
 } | tee "$WORK/table.md"
 
-if [[ $QUICK == 0 ]]; then
+EXTRAS=${CLIP_BENCH_EXTRAS:-1}
+[[ $QUICK == 1 ]] && EXTRAS=0
+if [[ $EXTRAS == 1 ]]; then
   echo
   echo "==> second node sharing the first node's Redis tier (loopback)"
   RPORT=$(free_port)
@@ -180,7 +184,7 @@ if [[ $QUICK == 0 ]]; then
   } | tee -a "$WORK/table.md"
 fi
 
-if [[ $QUICK == 0 ]]; then
+if [[ $EXTRAS == 1 ]]; then
   echo
   echo "==> span size (loopback, print(1)): index size and cold start"
   {
