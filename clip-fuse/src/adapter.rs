@@ -34,6 +34,10 @@ pub struct MountOptions {
     pub passthrough: bool,
 }
 
+/// Files at least this big are served by passthrough once local (smaller ones are cheap to
+/// serve from the page cache, and each passthrough file costs a copy on disk).
+pub const DEFAULT_PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
+
 impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {

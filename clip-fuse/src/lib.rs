@@ -14,6 +14,8 @@ pub mod fs;
 pub mod handover;
 mod metrics;
 
-pub use adapter::{mount, mount_with, resume, Handover, MountOptions};
+pub use adapter::{
+    mount, mount_with, resume, Handover, MountOptions, DEFAULT_PASSTHROUGH_MIN_SIZE,
+};
 pub use fs::{ClipFs, FsError};
 pub use fuser::BackgroundSession;

@@ -1,6 +1,10 @@
 //! What the user typed. Resolved into settings in `commands`.
 
 use clap::{Args, Parser, Subcommand};
+use clip_core::cache::CacheConfig;
+use clip_core::index::DEFAULT_SPAN_SIZE;
+use clip_core::registry::RegistryConfig;
+use clip_fuse::{MountOptions, DEFAULT_PASSTHROUGH_MIN_SIZE};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -32,10 +36,10 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     pub platform: Option<String>,
     /// Give up on a registry operation (including retries) after this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 120, global = true)]
+    #[arg(long, value_name = "SECONDS", default_value_t = RegistryConfig::default().deadline.as_secs(), global = true)]
     pub registry_timeout: u64,
     /// Retry a registry response whose headers or next body chunk take longer than this.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
+    #[arg(long, value_name = "SECONDS", default_value_t = RegistryConfig::default().stall_timeout.as_secs(), global = true)]
     pub stall_timeout: u64,
     /// Serve Prometheus metrics (OpenTelemetry instruments) on this address, e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR", global = true)]
@@ -130,7 +134,7 @@ pub struct MountArgs {
     /// Mount point (an existing directory).
     pub dir: PathBuf,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = MountOptions::default().threads)]
     pub threads: usize,
     /// Only the mounting user may access the mount (default: everyone, for containers'
     /// non-root users; permissions are still checked against the image's modes).
@@ -138,7 +142,7 @@ pub struct MountArgs {
     pub no_allow_other: bool,
     /// Files at least this big are served by FUSE passthrough (the kernel reads a local copy
     /// directly) once all their bytes are in the disk tier; --passthrough-cap 0 turns it off.
-    #[arg(long, default_value = "1MiB", value_parser = parse_cap)]
+    #[arg(long, default_value = size_default(DEFAULT_PASSTHROUGH_MIN_SIZE), value_parser = parse_cap)]
     pub passthrough_min_size: u64,
     /// Run in the background once mounted (its log: --log, default ROOT/mount.log);
     /// `clip umount DIR` stops it.
@@ -172,10 +176,10 @@ pub struct FillArgs {
 #[derive(Args, Debug, Clone)]
 pub struct CacheArgs {
     /// Memory tier size.
-    #[arg(long, default_value = "256MiB", value_parser = parse_cap)]
+    #[arg(long, default_value = size_default(CacheConfig::default().memory_bytes), value_parser = parse_cap)]
     pub memory_cap: u64,
     /// Local disk tier size (0 disables it).
-    #[arg(long, default_value = "10GiB", value_parser = parse_cap)]
+    #[arg(long, default_value = size_default(CacheConfig::default().disk_bytes), value_parser = parse_cap)]
     pub disk_cap: u64,
     /// Directory of the disk tier (default: ROOT/cache).
     #[arg(long, value_name = "DIR")]
@@ -222,7 +226,7 @@ pub struct IndexArgs {
     #[arg(long)]
     pub push: bool,
     /// Uncompressed bytes between checkpoints (e.g. 512KiB, 1MiB, 4MiB).
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    #[arg(long, default_value = size_default(DEFAULT_SPAN_SIZE), value_parser = parse_size)]
     pub span_size: u64,
     /// Rebuild indexes already in the local store.
     #[arg(long)]
@@ -244,6 +248,22 @@ pub struct InspectArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A default stated by the config structs, as a flag's default text ("256MiB"). Leaked: a few
+/// bytes once per flag, when the command line is built.
+fn size_default(n: u64) -> &'static str {
+    Box::leak(format_size(n).into_boxed_str())
+}
+
+/// `n` in the largest unit that divides it exactly: 268435456 -> "256MiB".
+pub fn format_size(n: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if n != 0 && n % (1u64 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
 }
 
 /// Parses a cache capacity: like [`parse_size`] without its span-size range; `0` allowed.
@@ -290,5 +310,9 @@ mod tests {
         assert!(parse_size("1GiB").is_err());
         assert_eq!(parse_cap("0"), Ok(0));
         assert_eq!(parse_cap("10GiB"), Ok(10 << 30));
+        for n in [0, 1, 1000, 512 << 10, 256 << 20, 10 << 30, (1 << 20) + 1] {
+            assert_eq!(parse_cap(&format_size(n)), Ok(n));
+        }
+        assert_eq!(format_size(256 << 20), "256MiB");
     }
 }

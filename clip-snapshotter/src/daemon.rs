@@ -117,9 +117,10 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     }
     let ctx = crate::settings::context(&g)?;
     let root = ctx.store.root().to_path_buf();
+    let defaults = CacheConfig::default();
     let cache_cfg = CacheConfig {
-        memory_bytes: size(&cfg.cache.memory, 256 << 20, "cache.memory")?,
-        disk_bytes: size(&cfg.cache.disk, 10 << 30, "cache.disk")?,
+        memory_bytes: size(&cfg.cache.memory, defaults.memory_bytes, "cache.memory")?,
+        disk_bytes: size(&cfg.cache.disk, defaults.disk_bytes, "cache.disk")?,
         disk_dir: Some(cfg.cache.dir.clone().unwrap_or_else(|| root.join("cache"))),
         remote: cfg.cache.redis.clone(),
         files_bytes: cfg
@@ -136,10 +137,14 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     let opts = Options {
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
         handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
-        fuse_threads: cfg.fuse.threads.unwrap_or(4).max(1),
+        fuse_threads: cfg
+            .fuse
+            .threads
+            .unwrap_or(clip_fuse::MountOptions::default().threads)
+            .max(1),
         passthrough_min_size: size(
             &cfg.fuse.passthrough_min_size,
-            1 << 20,
+            clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
             "fuse.passthrough_min_size",
         )?,
     };
@@ -212,7 +217,24 @@ mod tests {
         .unwrap();
         let c: Config = toml::from_str(&text).unwrap();
         assert_eq!(c.address.unwrap(), PathBuf::from(DEFAULT_ADDRESS));
-        assert!(size(&c.cache.disk, 0, "disk").unwrap() > 0);
+        // scripts/config.toml states the defaults: they must be the ones the code uses.
+        let cache = CacheConfig::default();
+        assert_eq!(size(&c.cache.memory, 0, "").unwrap(), cache.memory_bytes);
+        assert_eq!(size(&c.cache.disk, 0, "").unwrap(), cache.disk_bytes);
+        let reg = clip_core::registry::RegistryConfig::default();
+        assert_eq!(c.registry.timeout_secs, Some(reg.deadline.as_secs()));
+        assert_eq!(c.registry.stall_secs, Some(reg.stall_timeout.as_secs()));
+        assert_eq!(
+            c.fuse.threads,
+            Some(clip_fuse::MountOptions::default().threads)
+        );
+        assert_eq!(
+            size(&c.fuse.passthrough_min_size, 0, "").unwrap(),
+            clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE
+        );
+        assert_eq!(c.fuse.handover, Some(true));
+        assert!(!c.index_on_demand);
+        assert_eq!(c.root, Some(PathBuf::from("/var/lib/clip")));
         let err = toml::from_str::<Config>("[cache]\nmemroy = \"1GiB\"\n").unwrap_err();
         assert!(err.to_string().contains("memroy"), "{err}");
     }
