@@ -557,6 +557,10 @@ impl ClipSnapshotter {
                             inodes: 0,
                         };
                         self.meta.create(target, &rec)?;
+                        // Durable before containerd hears of it: a kill -9 right after a pull
+                        // must not lose the committed layer (containerd would unpack it again,
+                        // from content a lazy pull never downloaded).
+                        self.meta.flush().await?;
                         tracing::info!(snapshot = %target, layer = %rec.remote.as_ref().expect("set").layer, "remote snapshot");
                         // containerd takes AlreadyExists as "the target exists, skip this layer".
                         return Err(SnapshotError::AlreadyExists(target.clone()));
@@ -585,6 +589,7 @@ impl ClipSnapshotter {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        self.meta.flush().await?;
         let lowers = match self.lowerdirs(&parent).await {
             Ok(l) => l,
             Err(e) => {
@@ -695,6 +700,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         }
         r.updated = meta::now();
         self.meta.put(&new.name, &r)?;
+        self.meta.flush().await?;
         Ok(info(&new.name, &r))
     }
 
@@ -773,6 +779,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
             ..r
         };
         self.meta.commit(&key, &name, &committed)?;
+        self.meta.flush().await?;
         Ok(())
     }
 
@@ -794,6 +801,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
             lazy_unmount(&dir.join("fs"));
         }
         self.meta.remove(&key)?;
+        self.meta.flush().await?;
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
             .await
             .ok()
