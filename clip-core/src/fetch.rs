@@ -56,6 +56,11 @@ pub enum ReadError {
 
 type SpanResult = Option<Result<Bytes, Arc<ReadError>>>;
 
+/// A fetch whose caller already holds a permit (prefetch holds one of its own pool).
+enum Permit {
+    Held,
+}
+
 /// How spans are fetched. Defaults: 4-span runs, 3 attempts, fetches in flight sized from the
 /// memory tier, 64 MiB of pending write-back.
 #[derive(Clone, Debug)]
@@ -69,6 +74,11 @@ pub struct FetchConfig {
     /// Bytes of verified spans waiting to be written to the slower tiers; a fetch that would
     /// exceed it waits (holding its fetch permit) until writes drain.
     pub writeback_bytes: u64,
+    /// Prefetch (startup profiles) range requests in flight at once, from a pool of their own:
+    /// demand reads never wait for a prefetch permit.
+    pub prefetch_concurrency: usize,
+    /// Most spans one prefetch range request covers.
+    pub prefetch_run: usize,
 }
 
 impl Default for FetchConfig {
@@ -78,6 +88,8 @@ impl Default for FetchConfig {
             verify_attempts: 3,
             concurrency: concurrent_fetches(crate::cache::DEFAULT_MEMORY_BYTES),
             writeback_bytes: 64 << 20,
+            prefetch_concurrency: 4,
+            prefetch_run: 16,
         }
     }
 }
@@ -132,6 +144,8 @@ pub struct Fetcher {
     cache: Arc<TieredCache>,
     cfg: FetchConfig,
     permits: Arc<Semaphore>,
+    /// Permits of prefetch fetches.
+    background: Arc<Semaphore>,
     /// Write-back budget in KiB.
     writeback: Arc<Semaphore>,
     pub stats: FetchStats,
@@ -143,6 +157,7 @@ impl Fetcher {
         Arc::new(Fetcher {
             cache,
             permits: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            background: Arc::new(Semaphore::new(cfg.prefetch_concurrency.max(1))),
             writeback: Arc::new(Semaphore::new(kib)),
             cfg,
             stats: FetchStats::default(),
@@ -367,14 +382,73 @@ impl LayerFetcher {
         }
         for run in runs {
             let me = self.clone();
-            tokio::spawn(async move { me.fetch_run(run).await });
+            tokio::spawn(async move { me.fetch_run(run, None).await });
         }
         waits
     }
 
-    async fn fetch_run(self: Arc<Self>, run: Vec<(usize, watch::Sender<SpanResult>)>) {
+    /// Fetches `spans` ahead of need (a startup profile), in runs of up to `prefetch_run`
+    /// adjacent spans ordered by first use, on the prefetch pool. A run claims its spans only
+    /// once it holds a permit, so a demand read never waits behind queued prefetch; spans a
+    /// demand read already claimed are left to it. Returns when every run has finished; the
+    /// result is the number of runs fetched (errors are logged, prefetch is only a hint).
+    pub async fn prefetch_spans(self: &Arc<Self>, spans: &[usize]) -> usize {
+        let wanted: Vec<usize> = spans
+            .iter()
+            .copied()
+            .filter(|&i| i < self.index.spans.len() && !self.is_local(i))
+            .collect();
+        let runs = crate::profile::runs(&wanted, self.shared.cfg.prefetch_run);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut fetched = 0;
+        for run in runs {
+            let Ok(permit) = self.shared.background.clone().acquire_owned().await else {
+                break;
+            };
+            let mine: Vec<(usize, watch::Sender<SpanResult>)> = {
+                let mut inflight = self.inflight.lock().expect("inflight lock");
+                let mut mine = Vec::new();
+                for i in run {
+                    if inflight.contains_key(&i) || self.is_local(i) {
+                        continue;
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(i, rx);
+                    mine.push((i, tx));
+                }
+                mine
+            };
+            // Claimed spans split where demand reads had taken some: one request per piece.
+            let mut pieces: Vec<Vec<(usize, watch::Sender<SpanResult>)>> = Vec::new();
+            for (i, tx) in mine {
+                match pieces.last_mut() {
+                    Some(p) if p.last().is_some_and(|(j, _)| *j + 1 == i) => p.push((i, tx)),
+                    _ => pieces.push(vec![(i, tx)]),
+                }
+            }
+            let me = self.clone();
+            fetched += usize::from(!pieces.is_empty());
+            tasks.spawn(async move {
+                for piece in pieces {
+                    me.clone().fetch_run(piece, Some(Permit::Held)).await;
+                }
+                drop(permit);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        fetched
+    }
+
+    async fn fetch_run(
+        self: Arc<Self>,
+        run: Vec<(usize, watch::Sender<SpanResult>)>,
+        held: Option<Permit>,
+    ) {
         let range = run[0].0..run[run.len() - 1].0 + 1;
-        let permit = self.shared.permits.clone().acquire_owned().await;
+        let permit = match held {
+            Some(Permit::Held) => None,
+            None => self.shared.permits.clone().acquire_owned().await.ok(),
+        };
         let started = Instant::now();
         let span = tracing::debug_span!("fetch_spans", layer = %self.index.layer, first = range.start, count = range.len());
         let result = self.fetch_verified(range.clone()).instrument(span).await;

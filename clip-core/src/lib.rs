@@ -17,6 +17,7 @@
 //! - [`fetch`]: spans no tier has: single flight, runs, range requests, inflate, verify,
 //!   write-back; fetch permits and registry/inflate counters.
 //! - [`source`]: the blob-source seam (the registry client, and a fake with scripted faults).
+//! - [`profile`]: startup profiles: what a container read first, replayed as prefetch.
 //! - [`store`]: the local sled database holding indexes and image records across restarts.
 //! - [`image`]: indexing whole images (registry -> builder -> store) and loading their indexes.
 //! - [`artifact`]: publishing and discovering indexes in the registry as OCI referrers.
@@ -30,6 +31,7 @@ pub mod gzip;
 pub mod image;
 pub mod index;
 pub mod metrics;
+pub mod profile;
 pub mod reader;
 pub mod reference;
 pub mod registry;

@@ -11,6 +11,7 @@ use crate::cache::{CacheConfig, CacheError, TieredCache};
 pub use crate::fetch::ReadError;
 use crate::fetch::{FetchConfig, Fetcher, LayerFetcher};
 use crate::index::LayerIndex;
+use crate::profile::Recorder;
 use crate::reference::Reference;
 use crate::registry::Client;
 use crate::source::{BlobSource, RegistrySource};
@@ -40,6 +41,8 @@ pub struct LayerReader {
     cfg: ReaderConfig,
     /// One past the last span of the previous read (for read-ahead).
     last_end: AtomicUsize,
+    /// Notes the ranges read while a startup profile is being recorded.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl LayerReader {
@@ -56,7 +59,25 @@ impl LayerReader {
             spans: fetcher.layer(source, index, local_windows),
             cfg,
             last_end: AtomicUsize::new(usize::MAX),
+            recorder: None,
         })
+    }
+
+    /// This reader, noting what it reads in `recorder` (see [`crate::profile`]).
+    pub fn recording(self: Arc<Self>, recorder: Arc<Recorder>) -> Arc<Self> {
+        Arc::new(LayerReader {
+            spans: self.spans.clone(),
+            cfg: self.cfg.clone(),
+            last_end: AtomicUsize::new(usize::MAX),
+            recorder: Some(recorder),
+        })
+    }
+
+    /// Fetches the spans a startup profile's `ranges` touch, ahead of the program, in large
+    /// runs on the prefetch pool (demand reads go first). Returns the runs fetched.
+    pub async fn prefetch_ranges(self: &Arc<Self>, ranges: &[(u64, u64)]) -> usize {
+        let spans = crate::profile::spans_of(self.index(), ranges);
+        self.spans.prefetch_spans(&spans).await
     }
 
     pub fn index(&self) -> &Arc<LayerIndex> {
@@ -92,6 +113,9 @@ impl LayerReader {
         let len = len.min(size - offset);
         if len == 0 {
             return Ok(Bytes::new());
+        }
+        if let Some(r) = &self.recorder {
+            r.note(offset, len);
         }
         let spans = index.spans_covering(offset, len);
         let prev = self.last_end.swap(spans.end, Relaxed);

@@ -242,3 +242,97 @@ async fn window_travels_with_its_data() {
     assert_eq!(t.source.max_in_flight(), 2);
     assert_eq!(t.fetcher.stats.window_requests.load(Relaxed), 1);
 }
+
+fn setup_prefetch(cfg: FetchConfig) -> Setup {
+    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows.clone()));
+    let fetcher = Fetcher::new(Arc::new(TieredCache::memory_only(64 << 20)), cfg);
+    let reader = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        index.clone(),
+        Some(windows),
+        ReaderConfig { readahead: 0 },
+    );
+    Setup {
+        source,
+        fetcher,
+        reader,
+        index,
+        tar,
+    }
+}
+
+#[tokio::test]
+async fn a_profile_is_prefetched_in_large_runs_and_then_served_locally() {
+    let t = setup(0);
+    // Ranges as a recorder would note them: spans 10-11 first, then 3-6.
+    let (o1, l1) = t.spans(10..12);
+    let (o2, l2) = t.spans(3..7);
+    let runs = t
+        .reader
+        .prefetch_ranges(&[(o1 + 5, l1 - 10), (o2, l2)])
+        .await;
+    assert_eq!(runs, 2);
+    assert_eq!(
+        t.layer_requests(),
+        vec![t.compressed(10..12), t.compressed(3..7)],
+        "one request per run, in first-read order"
+    );
+    for (o, l) in [(o1, l1), (o2, l2)] {
+        assert_eq!(&t.reader.read(o, l).await.unwrap()[..], t.expect(o, l));
+    }
+    assert_eq!(
+        t.layer_requests().len(),
+        2,
+        "reads after the prefetch are local"
+    );
+    // Ranges outside the layer (a stale profile) are ignored.
+    let size = t.index.uncompressed_size;
+    assert_eq!(
+        t.reader
+            .prefetch_ranges(&[(size, 10), (size + 1 << 30, 1)])
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn prefetch_yields_to_demand_reads() {
+    // One prefetch request at a time, one span each, each answered after 100 ms.
+    let t = setup_prefetch(FetchConfig {
+        prefetch_concurrency: 1,
+        prefetch_run: 1,
+        ..FetchConfig::default()
+    });
+    t.source
+        .always(Some(Fault::Delay(Duration::from_millis(100))));
+    let ranges: Vec<(u64, u64)> = (0..8).map(|i| t.spans(i..i + 1)).collect();
+    let r = t.reader.clone();
+    let prefetch = tokio::spawn(async move { r.prefetch_ranges(&ranges).await });
+    // The program wants span 7, last in the profile: it must not wait for spans 0-6.
+    while t.source.request_count() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (off, len) = t.spans(7..8);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert!(
+        !prefetch.is_finished(),
+        "the demand read waited for the prefetch"
+    );
+    let at = t
+        .layer_requests()
+        .iter()
+        .position(|r| *r == t.compressed(7..8))
+        .unwrap();
+    assert!(at <= 1, "span 7 was requested after {at} prefetch requests");
+    assert_eq!(
+        prefetch.await.unwrap(),
+        7,
+        "the prefetch left span 7 to the demand read"
+    );
+    assert_eq!(t.layer_requests().len(), 8, "no span fetched twice");
+}
