@@ -12,11 +12,13 @@
 
 use crate::digest::Digest;
 use crate::index::{format, BlobRef, LayerIndex};
+use crate::profile::Profile;
 use crate::registry::{Client, RegistryError, ResolvedImage, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.clip.index.v1";
+pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.clip.profile.v1";
 pub const ANNOTATION_LAYER: &str = "dev.clip.layer.digest";
 const EMPTY_CONFIG: &[u8] = b"{}";
 const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
@@ -52,10 +54,6 @@ pub async fn push(
     layers: &[PublishedLayer<'_>],
 ) -> Result<Digest, ArtifactError> {
     let r = &image.reference;
-    let empty = Digest::of(EMPTY_CONFIG);
-    client
-        .push_blob(r, &empty, Bytes::from_static(EMPTY_CONFIG))
-        .await?;
     let mut descs = Vec::new();
     for l in layers {
         let enc_digest = Digest::of(&l.encoded);
@@ -78,10 +76,27 @@ pub async fn push(
         w["annotations"] = json!({ ANNOTATION_LAYER: l.index.layer.to_string() });
         descs.push(w);
     }
+    push_artifact(client, image, ARTIFACT_TYPE, descs).await
+}
+
+/// Pushes an artifact manifest of `artifact_type` whose subject is `image`'s manifest and whose
+/// layers are `descs` (blobs already pushed), and lists it in the referrers tag when the
+/// registry has no referrers API. Returns the artifact manifest's digest.
+async fn push_artifact(
+    client: &Client,
+    image: &ResolvedImage,
+    artifact_type: &str,
+    descs: Vec<Value>,
+) -> Result<Digest, ArtifactError> {
+    let r = &image.reference;
+    let empty = Digest::of(EMPTY_CONFIG);
+    client
+        .push_blob(r, &empty, Bytes::from_static(EMPTY_CONFIG))
+        .await?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": artifact_type,
         "config": descriptor(MEDIA_EMPTY, &empty, EMPTY_CONFIG.len() as u64),
         "layers": descs,
         "subject": descriptor(&image.manifest_media_type, &image.manifest_digest, image.manifest_bytes.len() as u64),
@@ -111,7 +126,7 @@ pub async fn push(
             .unwrap_or_default();
         if !manifests.iter().any(|m| m["digest"] == digest.to_string()) {
             let mut d = descriptor(MEDIA_OCI_MANIFEST, &digest, body.len() as u64);
-            d["artifactType"] = json!(ARTIFACT_TYPE);
+            d["artifactType"] = json!(artifact_type);
             manifests.push(d);
         }
         index = json!({ "schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests });
@@ -134,40 +149,13 @@ pub async fn fetch(
     image: &ResolvedImage,
 ) -> Result<Option<(Digest, Vec<FetchedLayer>)>, ArtifactError> {
     let r = &image.reference;
-    let listing = match client.referrers_api(r, &image.manifest_digest).await? {
-        Some(b) => b,
-        None => match client
-            .get_manifest(r, &referrers_tag(&image.manifest_digest))
-            .await
-        {
-            Ok((b, _, _)) => b,
-            Err(RegistryError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        },
-    };
-    let listing: Value = serde_json::from_slice(&listing).map_err(|e| ArtifactError::Invalid {
-        digest: referrers_tag(&image.manifest_digest),
-        reason: e.to_string(),
-    })?;
-    let candidate = listing["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["artifactType"] == ARTIFACT_TYPE)
-        .filter_map(|m| m["digest"].as_str()?.parse::<Digest>().ok())
-        .next_back();
-    let Some(artifact) = candidate else {
+    let Some((artifact, m)) = find_artifact(client, image, ARTIFACT_TYPE).await? else {
         return Ok(None);
     };
-    let (body, _, _) = client.get_manifest(r, &artifact.to_string()).await?;
     let invalid = |reason: String| ArtifactError::Invalid {
         digest: artifact.to_string(),
         reason,
     };
-    let m: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
-    if m["subject"]["digest"] != image.manifest_digest.to_string() {
-        return Err(invalid("its subject is another manifest".into()));
-    }
     let descs = m["layers"]
         .as_array()
         .ok_or_else(|| invalid("no layers".into()))?;
@@ -198,6 +186,105 @@ pub async fn fetch(
         out.push(FetchedLayer { index, encoded });
     }
     Ok(Some((artifact, out)))
+}
+
+/// The newest artifact of `artifact_type` referring to `image`: its digest and manifest.
+async fn find_artifact(
+    client: &Client,
+    image: &ResolvedImage,
+    artifact_type: &str,
+) -> Result<Option<(Digest, Value)>, ArtifactError> {
+    let r = &image.reference;
+    let listing = match client.referrers_api(r, &image.manifest_digest).await? {
+        Some(b) => b,
+        None => match client
+            .get_manifest(r, &referrers_tag(&image.manifest_digest))
+            .await
+        {
+            Ok((b, _, _)) => b,
+            Err(RegistryError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let listing: Value = serde_json::from_slice(&listing).map_err(|e| ArtifactError::Invalid {
+        digest: referrers_tag(&image.manifest_digest),
+        reason: e.to_string(),
+    })?;
+    let candidate = listing["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["artifactType"] == artifact_type)
+        .filter_map(|m| m["digest"].as_str()?.parse::<Digest>().ok())
+        .next_back();
+    let Some(artifact) = candidate else {
+        return Ok(None);
+    };
+    let (body, _, _) = client.get_manifest(r, &artifact.to_string()).await?;
+    let invalid = |reason: String| ArtifactError::Invalid {
+        digest: artifact.to_string(),
+        reason,
+    };
+    let m: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    if m["subject"]["digest"] != image.manifest_digest.to_string() {
+        return Err(invalid("its subject is another manifest".into()));
+    }
+    Ok(Some((artifact, m)))
+}
+
+/// Publishes a startup profile for `image` (see [`crate::profile`]); returns the artifact's
+/// digest. The newest profile artifact is the one nodes use.
+pub async fn push_profile(
+    client: &Client,
+    image: &ResolvedImage,
+    profile: &Profile,
+) -> Result<Digest, ArtifactError> {
+    let body = Bytes::from(profile.encode());
+    let digest = Digest::of(&body);
+    client
+        .push_blob(&image.reference, &digest, body.clone())
+        .await?;
+    let d = descriptor(crate::profile::MEDIA_TYPE, &digest, body.len() as u64);
+    push_artifact(client, image, PROFILE_ARTIFACT_TYPE, vec![d]).await
+}
+
+/// The newest startup profile published for `image`, if any. A profile recorded on another
+/// manifest is refused (stale).
+pub async fn fetch_profile(
+    client: &Client,
+    image: &ResolvedImage,
+) -> Result<Option<Profile>, ArtifactError> {
+    let Some((artifact, m)) = find_artifact(client, image, PROFILE_ARTIFACT_TYPE).await? else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| ArtifactError::Invalid {
+        digest: artifact.to_string(),
+        reason,
+    };
+    let d = m["layers"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|d| d["mediaType"] == crate::profile::MEDIA_TYPE)
+        })
+        .ok_or_else(|| invalid("no profile blob".into()))?;
+    let digest: Digest = d["digest"]
+        .as_str()
+        .unwrap_or("")
+        .parse()
+        .map_err(|e: crate::digest::DigestParseError| invalid(e.to_string()))?;
+    let raw = client
+        .get_blob(
+            &image.reference,
+            &digest,
+            crate::profile::MAX_ENCODED as u64,
+        )
+        .await?;
+    let p = Profile::decode(&raw).map_err(|e| invalid(e.to_string()))?;
+    if p.manifest != image.manifest_digest {
+        return Err(invalid(format!("recorded on manifest {}", p.manifest)));
+    }
+    Ok(Some(p))
 }
 
 /// The encoded-index reference of a fetched or built layer.

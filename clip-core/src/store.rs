@@ -198,6 +198,26 @@ impl Store {
         Ok(())
     }
 
+    /// The startup profile recorded or fetched for an image manifest (a damaged record is
+    /// treated as absent: a profile is only a hint).
+    pub fn get_profile(&self, manifest: &Digest) -> Option<crate::profile::Profile> {
+        let raw = self
+            .tree("profiles")
+            .ok()?
+            .get(manifest.as_bytes())
+            .ok()??;
+        crate::profile::Profile::decode(&raw).ok()
+    }
+
+    /// Stores the startup profile of `profile.manifest`; durable on return.
+    pub async fn put_profile(&self, profile: &crate::profile::Profile) -> Result<(), StoreError> {
+        let t = self.tree("profiles")?;
+        t.insert(profile.manifest.as_bytes(), profile.encode())
+            .map_err(|e| self.db_err(e))?;
+        t.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
     pub fn get_image(&self, manifest: &Digest) -> Result<Option<ImageRecord>, StoreError> {
         let Some(raw) = self
             .images
