@@ -428,6 +428,7 @@ impl LayerFetcher {
             }
             let me = self.clone();
             fetched += usize::from(!pieces.is_empty());
+            crate::metrics::prefetched(pieces.iter().map(Vec::len).sum());
             tasks.spawn(async move {
                 for piece in pieces {
                     me.clone().fetch_run(piece, Some(Permit::Held)).await;

@@ -14,6 +14,7 @@ struct Instruments {
     inflated_bytes: Counter<u64>,
     inflate_seconds: Counter<f64>,
     span_fetch_seconds: Histogram<f64>,
+    prefetched_spans: Counter<u64>,
     registry_requests: Counter<u64>,
     registry_retries: Counter<u64>,
     registry_request_seconds: Histogram<f64>,
@@ -53,6 +54,10 @@ fn instruments() -> &'static Instruments {
                 .f64_counter("clip.inflate.seconds")
                 .with_description("CPU time inflating")
                 .with_unit("s")
+                .build(),
+            prefetched_spans: meter
+                .u64_counter("clip.prefetch.spans")
+                .with_description("Spans fetched ahead of the program from a startup profile")
                 .build(),
             span_fetch_seconds: meter
                 .f64_histogram("clip.span.fetch.seconds")
@@ -141,4 +146,8 @@ pub fn span_fetch(seconds: f64, spans: usize) {
     instruments()
         .span_fetch_seconds
         .record(seconds, &[KeyValue::new("spans", spans as i64)]);
+}
+
+pub fn prefetched(spans: usize) {
+    instruments().prefetched_spans.add(spans as u64, &[]);
 }

@@ -231,6 +231,11 @@ impl Recorder {
         s.bytes += len;
     }
 
+    /// True once something was read.
+    pub fn started(&self) -> bool {
+        self.state.lock().expect("recorder lock").started.is_some()
+    }
+
     /// True once the window has closed (after the first read).
     pub fn done(&self) -> bool {
         let s = self.state.lock().expect("recorder lock");

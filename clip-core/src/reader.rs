@@ -73,6 +73,11 @@ impl LayerReader {
         })
     }
 
+    /// The recorder this reader notes its reads in, if any.
+    pub fn recorder(&self) -> Option<&Arc<Recorder>> {
+        self.recorder.as_ref()
+    }
+
     /// Fetches the spans a startup profile's `ranges` touch, ahead of the program, in large
     /// runs on the prefetch pool (demand reads go first). Returns the runs fetched.
     pub async fn prefetch_ranges(self: &Arc<Self>, ranges: &[(u64, u64)]) -> usize {

@@ -71,6 +71,11 @@ pub enum Command {
     /// lazy snapshots and are not downloaded; others are downloaded and unpacked as usual. Then
     /// `ctr run --snapshotter clip REF ...` starts it.
     Pull(PullArgs),
+    /// Record an image's startup profile: run CMD in the image (mounted lazily, chrooted, in
+    /// private mount and pid namespaces), note which byte ranges of which layers it reads, and
+    /// publish the profile next to the image's index so that later cold starts on any node
+    /// prefetch them. Run it where a publisher runs `clip index --push` (CI).
+    Profile(ProfileArgs),
     /// Run the containerd snapshotter daemon (a proxy plugin serving the snapshots API on a
     /// unix socket; see docs/snapshotter.md).
     Snapshotter(SnapshotterArgs),
@@ -78,6 +83,23 @@ pub enum Command {
     /// by `clip snapshotter`; not run by hand).
     #[command(hide = true)]
     FuseKeeper(FuseKeeperArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// Image reference (its index must be published or in the local store).
+    pub reference: String,
+    /// Record at most this many seconds after the first read (the command may run longer).
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Keep the profile in the local store only; do not push it to the registry.
+    #[arg(long)]
+    pub no_push: bool,
+    /// The command to run inside the image, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Args, Debug)]

@@ -2,7 +2,7 @@
 
 use crate::cli::{
     CacheArgs, CatArgs, Cli, Command, FillArgs, GlobalArgs, IndexArgs, InspectArgs, MountArgs,
-    UmountArgs, WarmArgs,
+    ProfileArgs, UmountArgs, WarmArgs,
 };
 use crate::settings::{context, default_root, human, serve_metrics, Ctx};
 use anyhow::{Context, Result};
@@ -15,7 +15,7 @@ use clip_core::Reference;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Snapshotter(a) = cli.command {
@@ -32,6 +32,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Mount(a) => mount(&cli.global, a).await,
         Command::Umount(a) => umount(a),
         Command::Pull(a) => crate::pull::pull(&cli.global, a).await,
+        Command::Profile(a) => profile(&cli.global, a).await,
         Command::Snapshotter(_) => unreachable!("handled above"),
         Command::FuseKeeper(_) => unreachable!("handled in main"),
     }
@@ -669,6 +670,131 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
         .context("unmount task")?
         .context("unmounting")?;
     Ok(())
+}
+
+async fn profile(g: &GlobalArgs, a: ProfileArgs) -> Result<()> {
+    use clip_core::profile::{LayerProfile, Profile, Recorder};
+    let ctx = context(g)?;
+    let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let window = Duration::from_secs(a.seconds.max(1));
+    let recorders: Vec<Arc<Recorder>> = o
+        .readers
+        .iter()
+        .map(|_| Arc::new(Recorder::new(window)))
+        .collect();
+    let readers: Vec<Arc<LayerReader>> = o
+        .readers
+        .iter()
+        .zip(&recorders)
+        .map(|(r, rec)| r.clone().recording(rec.clone()))
+        .collect();
+    // No passthrough: every read must reach the recorders.
+    let fs = clip_fuse::ClipFs::new(&o.view, readers);
+    let opts = clip_fuse::MountOptions {
+        passthrough: false,
+        ..Default::default()
+    };
+    let mnt = tempfile_dir(ctx.store.root(), "profile-root")?;
+    let session = clip_fuse::mount(fs, &mnt, tokio::runtime::Handle::current(), &opts)
+        .with_context(|| format!("mounting {} at {}", image.reference, mnt.display()))?;
+    eprintln!(
+        "recording {} while running {:?} (at most {} s after the first read)",
+        image.reference,
+        a.command.join(" "),
+        window.as_secs()
+    );
+    let started = Instant::now();
+    let mut cmd = tokio::process::Command::new("unshare");
+    cmd.args(["--mount", "--pid", "--fork"]);
+    if mnt.join("proc").is_dir() {
+        cmd.arg(format!("--mount-proc={}", mnt.join("proc").display()));
+    }
+    cmd.arg("chroot").arg(&mnt).args(&a.command);
+    // The command's output goes to stderr: stdout carries only the artifact digest.
+    let to_stderr = {
+        use std::os::fd::AsFd;
+        std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stderr")?
+    };
+    let status = cmd
+        .stdout(std::process::Stdio::from(to_stderr))
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .status()
+        .await
+        .context("running the command (unshare and chroot from util-linux/coreutils)");
+    tokio::task::spawn_blocking(move || session.umount_and_join())
+        .await
+        .context("unmount task")?
+        .context("unmounting")?;
+    let _ = std::fs::remove_dir(&mnt);
+    let status = status?;
+    let mut recorded = Profile::new(image.manifest_digest);
+    for (r, rec) in o.readers.iter().zip(&recorders) {
+        let ranges = rec.ranges();
+        if !ranges.is_empty() {
+            recorded.layers.push(LayerProfile {
+                layer: r.index().layer,
+                ranges,
+            });
+        }
+    }
+    anyhow::ensure!(
+        !recorded.layers.is_empty(),
+        "the command read no file of the image ({status}); nothing to record"
+    );
+    let mut merged = if a.no_push {
+        ctx.store.get_profile(&image.manifest_digest)
+    } else {
+        clip_core::artifact::fetch_profile(&ctx.client, &image)
+            .await
+            .unwrap_or_else(|e| {
+                eprintln!("ignoring the published profile: {e}");
+                None
+            })
+    }
+    .unwrap_or_else(|| Profile::new(image.manifest_digest));
+    merged.merge(&recorded);
+    ctx.store.put_profile(&merged).await?;
+    let covered: u64 = merged
+        .layers
+        .iter()
+        .flat_map(|l| l.ranges.iter().map(|r| r.1))
+        .sum();
+    let ranges: usize = merged.layers.iter().map(|l| l.ranges.len()).sum();
+    eprintln!(
+        "command {status} after {:.2}s; profile: {} layers, {ranges} ranges, {} of file data",
+        started.elapsed().as_secs_f64(),
+        merged.layers.len(),
+        human(covered)
+    );
+    if !a.no_push {
+        let d = clip_core::artifact::push_profile(&ctx.client, &image, &merged)
+            .await
+            .context("publishing the profile")?;
+        println!("{d}");
+    }
+    Ok(())
+}
+
+/// A new private directory under `root`.
+fn tempfile_dir(root: &std::path::Path, prefix: &str) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    for _ in 0..16 {
+        let p = root.join(format!("{prefix}.{:08x}", rand::random::<u32>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", p.display())),
+        }
+    }
+    anyhow::bail!("no free directory name under {}", root.display())
 }
 
 fn umount(a: UmountArgs) -> Result<()> {

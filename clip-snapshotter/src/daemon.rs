@@ -27,6 +27,18 @@ pub struct Config {
     pub cache: CacheSection,
     pub registry: RegistrySection,
     pub fuse: FuseSection,
+    pub profiles: ProfilesSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfilesSection {
+    /// Seconds after a lazy mount's first read during which an image without a startup
+    /// profile records one (default 20; 0: never record).
+    pub window_secs: Option<u64>,
+    /// Push recorded profiles to the image's registry next to its index (default false:
+    /// nodes rarely have push access; `clip profile` publishes from CI).
+    pub publish: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,7 +146,13 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     let reads = ReadPath::open(&cache_cfg, &store)
         .await
         .context("opening the cache")?;
+    let defaults = Options::default();
     let opts = Options {
+        profile_window: cfg
+            .profiles
+            .window_secs
+            .map_or(defaults.profile_window, std::time::Duration::from_secs),
+        publish_profiles: cfg.profiles.publish.unwrap_or(defaults.publish_profiles),
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
         handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
         fuse_threads: cfg
@@ -235,6 +253,9 @@ mod tests {
         assert_eq!(c.fuse.handover, Some(true));
         assert!(!c.index_on_demand);
         assert_eq!(c.root, Some(PathBuf::from("/var/lib/clip")));
+        let sn = Options::default();
+        assert_eq!(c.profiles.window_secs, Some(sn.profile_window.as_secs()));
+        assert_eq!(c.profiles.publish, Some(sn.publish_profiles));
         let err = toml::from_str::<Config>("[cache]\nmemroy = \"1GiB\"\n").unwrap_err();
         assert!(err.to_string().contains("memroy"), "{err}");
     }

@@ -291,7 +291,7 @@ async fn a_profile_is_prefetched_in_large_runs_and_then_served_locally() {
     let size = t.index.uncompressed_size;
     assert_eq!(
         t.reader
-            .prefetch_ranges(&[(size, 10), (size + 1 << 30, 1)])
+            .prefetch_ranges(&[(size, 10), (size + (1 << 30), 1)])
             .await,
         0
     );

@@ -20,7 +20,8 @@ use crate::os::{is_mounted, lazy_unmount, mounts_under};
 use clip_core::digest::Digest;
 use clip_core::image::{self, ImageError};
 use clip_core::index::ImageView;
-use clip_core::reader::ReadPath;
+use clip_core::profile::{Profile, Recorder};
+use clip_core::reader::{LayerReader, ReadPath};
 use clip_core::reference::Reference;
 use clip_core::registry::Client;
 use clip_core::store::Store;
@@ -91,6 +92,12 @@ pub struct Options {
     /// Hand FUSE connections to a keeper process so lazy mounts (and the containers reading
     /// them) survive a daemon restart.
     pub handover: bool,
+    /// How long after its first read a lazy mount of an image without a startup profile records
+    /// one (zero: never record).
+    pub profile_window: std::time::Duration,
+    /// Push recorded profiles to the image's registry (needs push access; otherwise they stay
+    /// on this node).
+    pub publish_profiles: bool,
 }
 
 impl Default for Options {
@@ -98,8 +105,10 @@ impl Default for Options {
         Options {
             handover: true,
             index_on_demand: false,
-            fuse_threads: 4,
-            passthrough_min_size: 1 << 20,
+            fuse_threads: clip_fuse::MountOptions::default().threads,
+            passthrough_min_size: clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
+            profile_window: std::time::Duration::from_secs(20),
+            publish_profiles: false,
         }
     }
 }
@@ -121,6 +130,57 @@ pub struct ClipSnapshotter {
     mounts: tokio::sync::Mutex<HashMap<u64, Mounted>>,
     /// Holds the FUSE connections across restarts (with `Options::handover`).
     keeper: Option<Arc<Keeper>>,
+    /// Startup profile lookups by image manifest (started at Prepare, awaited at mount).
+    profiles: Arc<ProfileLookups>,
+}
+
+type ProfileLookups =
+    std::sync::Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<Option<Profile>>>>>;
+
+/// The startup profile of image `manifest` (pinned `reference`): this node's, else the one
+/// published next to the image. Looked up once per manifest (a lookup started by Prepare is
+/// awaited, not repeated), waited for at most 5 s.
+async fn lookup_profile(
+    lookups: &ProfileLookups,
+    store: &Arc<Store>,
+    client: &Client,
+    manifest: Digest,
+    reference: &str,
+) -> Option<Profile> {
+    let cell = lookups
+        .lock()
+        .expect("profiles lock")
+        .entry(manifest)
+        .or_default()
+        .clone();
+    let lookup = cell.get_or_init(|| async {
+        if let Some(p) = store.get_profile(&manifest) {
+            return Some(p);
+        }
+        let r: Reference = reference.parse().ok()?;
+        let image = client.resolve(&r).await.ok()?;
+        match clip_core::artifact::fetch_profile(client, &image).await {
+            Ok(Some(p)) => {
+                tracing::info!(image = %reference, "found a published startup profile");
+                let _ = store.put_profile(&p).await;
+                Some(p)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(image = %reference, "ignoring its startup profile: {e}");
+                None
+            }
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(5), lookup)
+        .await
+        .ok()
+        .and_then(|p| p.clone())
+}
+
+/// The manifest digest of a remote layer's pinned reference.
+fn manifest_of(remote: &Remote) -> Option<Digest> {
+    remote.reference.parse::<Reference>().ok()?.digest
 }
 
 fn info(name: &str, r: &Record) -> Info {
@@ -238,6 +298,7 @@ impl ClipSnapshotter {
             rt: tokio::runtime::Handle::current(),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
             keeper,
+            profiles: Arc::new(std::sync::Mutex::new(HashMap::new())),
         });
         for h in resumable {
             let (name, r) = records[&h.id].clone();
@@ -296,7 +357,31 @@ impl ClipSnapshotter {
             name: name.to_string(),
             reason,
         };
-        let (fs, opts) = self.chain_fs(name, top)?;
+        let remote = top
+            .remote
+            .as_ref()
+            .ok_or_else(|| fail("not a remote snapshot".into()))?;
+        let manifest = manifest_of(remote);
+        let profile = match manifest {
+            Some(m) => {
+                lookup_profile(
+                    &self.profiles,
+                    &self.store,
+                    &self.client,
+                    m,
+                    &remote.reference,
+                )
+                .await
+            }
+            None => None,
+        };
+        let record = profile.is_none() && !self.opts.profile_window.is_zero();
+        let (fs, opts, readers) = self.chain_fs(name, top, record)?;
+        match (&profile, manifest) {
+            (Some(p), _) => self.replay_profile(name, p, &readers),
+            (None, Some(m)) if record => self.record_profile(name, m, &remote.reference, &readers),
+            _ => {}
+        }
         std::fs::create_dir_all(&dir).map_err(io_err(dir.display().to_string()))?;
         if !mounts_under(&dir).is_empty() {
             lazy_unmount(&dir);
@@ -327,7 +412,7 @@ impl ClipSnapshotter {
             .keeper
             .clone()
             .ok_or_else(|| fail("no keeper".into()))?;
-        let (fs, opts) = self.chain_fs(name, top)?;
+        let (fs, opts, _) = self.chain_fs(name, top, false)?;
         let (rt, id, opens) = (self.rt.clone(), top.id, held.opens.len());
         let handover = clip_fuse::Handover { keeper, id };
         let session =
@@ -345,11 +430,21 @@ impl ClipSnapshotter {
     }
 
     /// The filesystem of the remote chain topped by `top`, and how to mount it.
+    /// With `record`, every layer's reads are noted for a startup profile. Also returns the
+    /// readers, bottom layer first.
     fn chain_fs(
         &self,
         name: &str,
         top: &Record,
-    ) -> Result<(clip_fuse::ClipFs, clip_fuse::MountOptions), SnapshotError> {
+        record: bool,
+    ) -> Result<
+        (
+            clip_fuse::ClipFs,
+            clip_fuse::MountOptions,
+            Vec<Arc<LayerReader>>,
+        ),
+        SnapshotError,
+    > {
         let fail = |reason: String| SnapshotError::Mount {
             name: name.to_string(),
             reason,
@@ -384,7 +479,14 @@ impl ClipSnapshotter {
             indexes.push(ix);
         }
         let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
-        let mut fs = clip_fuse::ClipFs::new(&view, readers);
+        if record {
+            let window = self.opts.profile_window;
+            readers = readers
+                .into_iter()
+                .map(|r| r.recording(Arc::new(Recorder::new(window))))
+                .collect();
+        }
+        let mut fs = clip_fuse::ClipFs::new(&view, readers.clone());
         if let Some(files) = &self.reads.files {
             fs = fs.with_passthrough(files.clone(), self.opts.passthrough_min_size);
         }
@@ -394,7 +496,123 @@ impl ClipSnapshotter {
             fsname: format!("clip:{name}"),
             passthrough: self.reads.files.is_some(),
         };
-        Ok((fs, opts))
+        Ok((fs, opts, readers))
+    }
+
+    /// Starts the startup-profile lookup of the image a remote layer belongs to, so that the
+    /// mount finds it done.
+    fn lookup_profile_soon(&self, remote: &Remote) {
+        let Some(manifest) = manifest_of(remote) else {
+            return;
+        };
+        let (lookups, store, client) = (
+            self.profiles.clone(),
+            self.store.clone(),
+            self.client.clone(),
+        );
+        let reference = remote.reference.clone();
+        tokio::spawn(async move {
+            lookup_profile(&lookups, &store, &client, manifest, &reference).await;
+        });
+    }
+
+    /// Prefetches what `profile` lists for the chain's layers, in the background.
+    fn replay_profile(&self, name: &str, profile: &Profile, readers: &[Arc<LayerReader>]) {
+        let mut layers = 0;
+        for r in readers {
+            let Some(lp) = profile.layer(&r.index().layer) else {
+                continue;
+            };
+            layers += 1;
+            let (r, ranges) = (r.clone(), lp.ranges.clone());
+            tokio::spawn(async move {
+                r.prefetch_ranges(&ranges).await;
+            });
+        }
+        tracing::info!(snapshot = name, layers, "prefetching a startup profile");
+    }
+
+    /// Collects what `readers` read in their first `profile_window` into this node's profile
+    /// of `manifest` (and the registry's, when publishing).
+    fn record_profile(
+        &self,
+        name: &str,
+        manifest: Digest,
+        reference: &str,
+        readers: &[Arc<LayerReader>],
+    ) {
+        let recorders: Vec<(Digest, Arc<Recorder>)> = readers
+            .iter()
+            .filter_map(|r| Some((r.index().layer, r.recorder()?.clone())))
+            .collect();
+        let (store, client, publish) = (
+            self.store.clone(),
+            self.client.clone(),
+            self.opts.publish_profiles,
+        );
+        let window = self.opts.profile_window;
+        let (name, reference) = (name.to_string(), reference.to_string());
+        tracing::info!(snapshot = %name, "recording a startup profile");
+        let cell = self
+            .profiles
+            .lock()
+            .expect("profiles lock")
+            .get(&manifest)
+            .cloned();
+        tokio::spawn(async move {
+            // The window starts at each layer's first read; wait until every layer that was
+            // read has closed (bounded: layers never read are not waited for).
+            tokio::time::sleep(window).await;
+            let deadline = tokio::time::Instant::now() + window;
+            while recorders.iter().any(|(_, r)| r.started() && !r.done())
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            let mut p = Profile::new(manifest);
+            for (layer, r) in &recorders {
+                let ranges = r.ranges();
+                if !ranges.is_empty() {
+                    p.layers.push(clip_core::profile::LayerProfile {
+                        layer: *layer,
+                        ranges,
+                    });
+                }
+            }
+            if p.layers.is_empty() {
+                return;
+            }
+            let mut merged = store
+                .get_profile(&manifest)
+                .unwrap_or_else(|| Profile::new(manifest));
+            merged.merge(&p);
+            if let Err(e) = store.put_profile(&merged).await {
+                tracing::warn!(snapshot = %name, "storing the startup profile: {e}");
+                return;
+            }
+            tracing::info!(snapshot = %name, layers = merged.layers.len(), "recorded a startup profile");
+            if let Some(c) = cell {
+                let _ = c.set(Some(merged.clone()));
+            }
+            if publish {
+                let Ok(r) = reference.parse::<Reference>() else {
+                    return;
+                };
+                match client.resolve(&r).await {
+                    Ok(img) => {
+                        match clip_core::artifact::push_profile(&client, &img, &merged).await {
+                            Ok(d) => {
+                                tracing::info!(image = %r, artifact = %d, "published the startup profile")
+                            }
+                            Err(e) => {
+                                tracing::warn!(image = %r, "publishing the startup profile: {e}")
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(image = %r, "publishing the startup profile: {e}"),
+                }
+            }
+        });
     }
 
     fn mounts_for(&self, r: &Record, lowers: &[PathBuf]) -> Vec<Mount> {
@@ -562,6 +780,11 @@ impl ClipSnapshotter {
                         // from content a lazy pull never downloaded).
                         self.meta.flush().await?;
                         tracing::info!(snapshot = %target, layer = %rec.remote.as_ref().expect("set").layer, "remote snapshot");
+                        if parent.is_empty() {
+                            if let Some(r) = &rec.remote {
+                                self.lookup_profile_soon(r);
+                            }
+                        }
                         // containerd takes AlreadyExists as "the target exists, skip this layer".
                         return Err(SnapshotError::AlreadyExists(target.clone()));
                     }

@@ -843,3 +843,63 @@ fn files_open_by_passthrough_stay_usable_across_a_restart() {
         "{m}"
     );
 }
+
+/// Startup profiles end to end: `clip profile` records what a command reads and publishes it
+/// next to the index; a fresh node finds it at mount time and prefetches those ranges (counted
+/// by `clip_prefetch_spans_total`) before the program asks, in fewer registry requests than a
+/// node without it; a changed image (another manifest) does not use the old image's profile.
+#[test]
+fn startup_profile_is_recorded_published_found_and_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, image) = indexed_busybox_users(tmp.path(), "prof");
+    let sum = &["sha256sum", "/home/user/big.bin"];
+
+    // A node before any profile exists: no prefetch; it records one locally.
+    let a = Node::start(&tmp.path().join("a"));
+    a.pull_ok(&image);
+    let want = out(&a.run("clip", &image, "c", sum));
+    let ma = a.metrics();
+    assert_eq!(metric(&ma, "clip_prefetch_spans_total"), 0.0, "{ma}");
+    let log = std::fs::read_to_string(a.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("recording a startup profile"), "{log}");
+
+    // The publisher records and publishes one.
+    let mut args = vec!["profile", image.as_str(), "--seconds", "30", "--"];
+    args.extend(sum);
+    let o = clip(&tmp.path().join("publisher"), &args, &[]);
+    assert!(o.status.success(), "clip profile: {}", stderr(&o));
+    let artifact = stdout(&o);
+    assert!(artifact.trim().starts_with("sha256:"), "{artifact}");
+    assert!(stderr(&o).contains("profile: "), "{}", stderr(&o));
+
+    // A fresh node finds it and prefetches what the command reads.
+    let b = Node::start(&tmp.path().join("b"));
+    b.pull_ok(&image);
+    assert_eq!(out(&b.run("clip", &image, "c", sum)), want);
+    let mb = b.metrics();
+    let log = std::fs::read_to_string(b.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("found a published startup profile"), "{log}");
+    assert!(log.contains("prefetching a startup profile"), "{log}");
+    // The 4 MiB file is 4+ spans: all of them come from the prefetch.
+    assert!(metric(&mb, "clip_prefetch_spans_total") >= 4.0, "{mb}");
+    let (ra, rb) = (
+        metric(&ma, "clip_registry_requests_total"),
+        metric(&mb, "clip_registry_requests_total"),
+    );
+    assert!(
+        rb <= ra,
+        "with the profile {rb} registry requests, without {ra}"
+    );
+
+    // Another image in the same repository (another manifest): the profile is not used.
+    let l2 = layout(tmp.path(), "v2", &["gen:busybox", "gen:bigfile"]);
+    reg.push_layout(&l2, "v2", "prof");
+    let image2 = format!("{}:v2", reg.image("prof"));
+    publish_index(tmp.path(), &image2);
+    let c = Node::start(&tmp.path().join("c"));
+    c.pull_ok(&image2);
+    out(&c.run("clip", &image2, "c", &["ls", "/"]));
+    let log = std::fs::read_to_string(c.dir.join("snapshotter.log")).unwrap();
+    assert!(!log.contains("prefetching a startup profile"), "{log}");
+    assert_eq!(metric(&c.metrics(), "clip_prefetch_spans_total"), 0.0);
+}
