@@ -162,6 +162,38 @@ pub fn spans_of(index: &LayerIndex, ranges: &[(u64, u64)]) -> Vec<usize> {
     out
 }
 
+/// The bytes `ranges` cover in a layer: (uncompressed, compressed), the compressed part
+/// pro-rated by span (what fetching exactly those bytes would cost at best). Overlapping
+/// ranges count once.
+pub fn floor_bytes(index: &LayerIndex, ranges: &[(u64, u64)]) -> (u64, u64) {
+    let mut sorted: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|r| r.1 > 0 && r.0 < index.uncompressed_size)
+        .map(|&(o, n)| (o, (o + n).min(index.uncompressed_size)))
+        .collect();
+    sorted.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in sorted {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let (mut u, mut c) = (0u64, 0f64);
+    for (s, e) in merged {
+        u += e - s;
+        for i in index.spans_covering(s, e - s) {
+            let (us, ue) = index.span_range(i);
+            let (cs, ce) = index.span_compressed_range(i);
+            let overlap = e.min(ue).saturating_sub(s.max(us));
+            if ue > us {
+                c += overlap as f64 * (ce - cs) as f64 / (ue - us) as f64;
+            }
+        }
+    }
+    (u, c as u64)
+}
+
 /// Groups spans into runs of adjacent spans (at most `max_run` each), keeping the order of each
 /// run's first span.
 pub fn runs(spans: &[usize], max_run: usize) -> Vec<Range<usize>> {
@@ -306,6 +338,18 @@ mod tests {
         r.note(5, 1);
         assert!(r.done());
         assert_eq!(r.ranges(), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn floor_counts_overlaps_once_and_prorates_compressed_bytes() {
+        let (_, ix, _, _) = crate::testutil::layer(8, 48 << 10, 16 << 10);
+        let (u, c) = floor_bytes(&ix, &[(0, 1000), (500, 1000), (ix.uncompressed_size, 9)]);
+        assert_eq!(u, 1500);
+        assert!(c > 0 && c < 1500, "{c}");
+        let (u, c) = floor_bytes(&ix, &[(0, ix.uncompressed_size)]);
+        assert_eq!(u, ix.uncompressed_size);
+        let whole = ix.compressed_size as f64;
+        assert!((c as f64 - whole).abs() / whole < 0.01, "{c} vs {whole}");
     }
 
     #[test]

@@ -15,7 +15,13 @@
 #   --quick: loopback, print(1) only, one run (what the README demo shows)
 #   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
 #   CLIP_BENCH_WORKLOAD=CODE: the python3 -c code of the first workload (default print(1))
-#   CLIP_BENCH_MODES="clip": snapshotters to run (default "overlayfs clip")
+#   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile"); clip+profile
+#     publishes a startup profile of the workload first (`clip profile`, on its own copy of the
+#     image) so the node prefetches what the workload reads
+#
+# Floor: the compressed bytes of the file ranges the workload reads (`clip profile` reports
+# them, pro-rated by span) over the link rate (loopback: not limiting), plus the same
+# container's warm start. Each row shows time / floor.
 #   CLIP_BENCH_EXTRAS=0: skip the shared-Redis and span-size sections (before/after comparisons)
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
@@ -100,7 +106,7 @@ ROWS=()
 # start_once LINK MODE WORKLOAD DIR [SNAPSHOTTER ARGS] -> COLD_S COLD_B WARM_S RSS CACHE OUTPUT
 start_once() {
   local link=$1 mode=$2 w=$3 dir=$4; shift 4
-  local img="${LINK_HOST[$link]}/${REPO:-large}:large" sf="${LINK_STATS[$link]}" sn=$mode b0 s e
+  local img="${LINK_HOST[$link]}/${REPO:-large}:large" sf="${LINK_STATS[$link]}" sn=${mode%%+*} b0 s e
   stop_node "$dir" 2>/dev/null || true
   rm -rf "$dir"; mkdir -p "$dir"
   start_node "$dir" "$@"
@@ -125,9 +131,27 @@ start_once() {
   CACHE=$(du -sb "$dir/clip/cache" 2>/dev/null | cut -f1); CACHE=${CACHE:-0}
 }
 
+MODES=${CLIP_BENCH_MODES:-overlayfs clip clip+profile}
+# Per workload: its own copy of the image with a published profile, and its floor bytes.
+declare -A PROF_REPO FLOOR_B
+k=0
+for w in "${WORKLOADS[@]}"; do
+  k=$((k + 1))
+  repo="large-prof$k"
+  push_layout "$LAYOUT" large "$repo"
+  "$CLIP" --root "$WORK/publisher" index --push "$REGISTRY/$repo:large" >/dev/null 2>&1
+  line=$("$CLIP" --root "$WORK/publisher" profile "$REGISTRY/$repo:large" -- python3 -c "$w" 2>&1 >/dev/null | grep '^read: ')
+  PROF_REPO[$w]=$repo
+  FLOOR_B[$w]=$(echo "$line" | awk '{print $(NF-2)}')
+  echo "profile of \`$w\`: $line" >&2
+done
+# link rate in bytes/s (0: not limiting)
+declare -A RATE=([loopback]=0 [shaped]=12500000)
+
 for link in "${LINKS[@]}"; do
   for w in "${WORKLOADS[@]}"; do
-    for mode in ${CLIP_BENCH_MODES:-overlayfs clip}; do
+    for mode in $MODES; do
+      if [[ $mode == clip+profile ]]; then REPO=${PROF_REPO[$w]}; else REPO=large; fi
       declare -a cold=() bytes=() warm=() rss=() cache=()
       for r in $(seq "$RUNS"); do
         start_once "$link" "$mode" "$w" "$WORK/node"
@@ -137,14 +161,19 @@ for link in "${LINKS[@]}"; do
         echo "  $link | $w | $mode | run $r: ${COLD_S}s cold, $(mib "$COLD_B") from the registry, ${WARM_S}s warm -> $OUTPUT" >&2
       done
       b=$(echo "${bytes[@]}" | med)
-      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
+      cm=$(echo "${cold[@]}" | med); wm=$(echo "${warm[@]}" | med)
+      floor=$(awk -v f="${FLOOR_B[$w]}" -v r="${RATE[$link]}" -v w="$wm" 'BEGIN {printf "%.2f", (r > 0 ? f / r : 0) + w}')
+      ratio=$(awk -v c="$cm" -v f="$floor" 'BEGIN {printf "%.1f", c / f}')
+      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
     done
   done
 done
+REPO=large
+echo "floor bytes (compressed file ranges read): $(for w in "${WORKLOADS[@]}"; do printf '%s=%s ' "$w" "$(mib "${FLOOR_B[$w]}")"; done)" >&2
 
 {
-  echo "| link | workload | snapshotter | cold start: pull + run to output | registry sent (of the image) | warm start (new container, page cache dropped) | clip daemon peak RSS / disk cache |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| link | workload | mode | cold start: pull + run to output | floor | time / floor | registry sent (of the image) | warm start (new container, page cache dropped) | clip daemon peak RSS / disk cache |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$WORK/table.md"
 
