@@ -61,12 +61,13 @@ enum Permit {
     Held,
 }
 
-/// How spans are fetched. Defaults: 4-span runs, 3 attempts, fetches in flight sized from the
+/// How spans are fetched. Defaults: 4 MiB runs, 3 attempts, fetches in flight sized from the
 /// memory tier, 64 MiB of pending write-back.
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
-    /// Most spans fetched by one range request.
-    pub max_run: usize,
+    /// Most uncompressed bytes (in whole spans, at least one) fetched by one demand range
+    /// request.
+    pub run_bytes: u64,
     /// Attempts at a run whose bytes fail verification.
     pub verify_attempts: u32,
     /// Range requests in flight at once, across every layer.
@@ -77,19 +78,19 @@ pub struct FetchConfig {
     /// Prefetch (startup profiles) range requests in flight at once, from a pool of their own:
     /// demand reads never wait for a prefetch permit.
     pub prefetch_concurrency: usize,
-    /// Most spans one prefetch range request covers.
-    pub prefetch_run: usize,
+    /// Most uncompressed bytes (in whole spans) one prefetch range request covers.
+    pub prefetch_run_bytes: u64,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
-            max_run: 4,
+            run_bytes: 4 << 20,
             verify_attempts: 3,
             concurrency: concurrent_fetches(crate::cache::DEFAULT_MEMORY_BYTES),
             writeback_bytes: 64 << 20,
             prefetch_concurrency: 4,
-            prefetch_run: 16,
+            prefetch_run_bytes: 16 << 20,
         }
     }
 }
@@ -237,6 +238,11 @@ impl LayerFetcher {
         &self.shared
     }
 
+    /// Whole spans in `bytes` of this layer (at least one).
+    pub fn spans_in(&self, bytes: u64) -> usize {
+        (bytes / self.index.span_size.max(1)).max(1) as usize
+    }
+
     fn key(&self, i: usize) -> &Digest {
         &self.index.spans[i].digest
     }
@@ -316,7 +322,7 @@ impl LayerFetcher {
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
-            let run = i..(i + self.shared.cfg.max_run.max(1)).min(n);
+            let run = i..(i + self.spans_in(self.shared.cfg.run_bytes)).min(n);
             i = run.end;
             if run.clone().all(|k| self.is_local(k)) {
                 continue;
@@ -368,7 +374,7 @@ impl LayerFetcher {
             }
         }
         // Adjacent claimed spans become one run (one range request), up to max_run spans.
-        let max_run = self.shared.cfg.max_run.max(1);
+        let max_run = self.spans_in(self.shared.cfg.run_bytes);
         let mut runs: Vec<Vec<(usize, watch::Sender<SpanResult>)>> = Vec::new();
         for (i, tx) in mine {
             match runs.last_mut() {
@@ -398,7 +404,7 @@ impl LayerFetcher {
             .copied()
             .filter(|&i| i < self.index.spans.len() && !self.is_local(i))
             .collect();
-        let runs = crate::profile::runs(&wanted, self.shared.cfg.prefetch_run);
+        let runs = crate::profile::runs(&wanted, self.spans_in(self.shared.cfg.prefetch_run_bytes));
         let mut tasks = tokio::task::JoinSet::new();
         let mut fetched = 0;
         for run in runs {

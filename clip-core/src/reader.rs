@@ -22,16 +22,18 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// How a layer reader behaves. Default: 4 spans of read-ahead.
+/// How a layer reader behaves. Default: 4 MiB of read-ahead.
 #[derive(Clone, Debug)]
 pub struct ReaderConfig {
-    /// Spans fetched ahead of a sequential reader (0: none).
-    pub readahead: usize,
+    /// Uncompressed bytes (in whole spans) fetched ahead of a sequential reader (0: none).
+    pub readahead_bytes: u64,
 }
 
 impl Default for ReaderConfig {
     fn default() -> Self {
-        ReaderConfig { readahead: 4 }
+        ReaderConfig {
+            readahead_bytes: 4 << 20,
+        }
     }
 }
 
@@ -71,6 +73,13 @@ impl LayerReader {
             last_end: AtomicUsize::new(usize::MAX),
             recorder: Some(recorder),
         })
+    }
+
+    /// Starts fetches of the spans covering `[offset, offset + len)` that no local tier has,
+    /// without waiting (must be called within the runtime).
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        let spans = self.index().spans_covering(offset, len);
+        self.spans.prefetch(spans);
     }
 
     /// The recorder this reader notes its reads in, if any.
@@ -127,12 +136,13 @@ impl LayerReader {
         // Sequential: this read starts where the last one ended (or re-reads its last span).
         let sequential = prev != usize::MAX
             && (prev == spans.start || prev == spans.start + 1 || prev == spans.end);
-        if self.cfg.readahead > 0 && sequential && end > offset + len {
+        if self.cfg.readahead_bytes > 0 && sequential && end > offset + len {
             let last = index
                 .spans_covering(end.min(size) - 1, 1)
                 .end
                 .min(index.spans.len());
-            let ahead = spans.end..(spans.end + self.cfg.readahead).min(last);
+            let n = self.spans.spans_in(self.cfg.readahead_bytes);
+            let ahead = spans.end..(spans.end + n).min(last);
             if !ahead.is_empty() {
                 self.spans.prefetch(ahead);
             }

@@ -32,11 +32,17 @@ pub struct MountOptions {
     pub fsname: String,
     /// Serve files whose bytes are all local by FUSE passthrough (when the kernel offers it).
     pub passthrough: bool,
+    /// Opening a cold file of at most this many bytes requests all of its spans at once
+    /// (0: off; files are then fetched read by read).
+    pub prefetch_on_open: u64,
 }
 
 /// Files at least this big are served by passthrough once local (smaller ones are cheap to
 /// serve from the page cache, and each passthrough file costs a copy on disk).
 pub const DEFAULT_PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
+
+/// Files up to this size are requested whole when opened cold.
+pub const DEFAULT_PREFETCH_ON_OPEN: u64 = 8 << 20;
 
 impl Default for MountOptions {
     fn default() -> Self {
@@ -45,6 +51,7 @@ impl Default for MountOptions {
             threads: 4,
             fsname: "clip".into(),
             passthrough: true,
+            prefetch_on_open: DEFAULT_PREFETCH_ON_OPEN,
         }
     }
 }
@@ -63,6 +70,7 @@ struct Adapter {
     rt: tokio::runtime::Handle,
     /// Asked for by the mount, and granted by the kernel at init.
     passthrough: bool,
+    prefetch_on_open: u64,
     /// How each open inode is open. The kernel refuses (EIO) to mix page-cached and passthrough
     /// opens of one inode, and every passthrough open of an inode must name the same backing
     /// file, so an inode keeps its mode until its last open file is released.
@@ -265,6 +273,10 @@ impl Filesystem for Adapter {
         }
         note(OpenState::Cached);
         crate::metrics::open("daemon");
+        if self.prefetch_on_open > 0 {
+            let _rt = self.rt.enter();
+            self.fs.prefetch_on_open(ino.0, self.prefetch_on_open);
+        }
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
@@ -505,6 +517,7 @@ fn adapter(
         fs: Arc::new(fs),
         rt,
         passthrough: opts.passthrough,
+        prefetch_on_open: opts.prefetch_on_open,
         open: Mutex::new(HashMap::new()),
         fuse_fd: Arc::new(OnceLock::new()),
         kernel: Arc::new(OnceLock::new()),

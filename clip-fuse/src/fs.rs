@@ -264,6 +264,17 @@ impl ClipFs {
         }
     }
 
+    /// Starts fetching every span of regular file `ino` that no local tier has, if the file is
+    /// at most `max` bytes: a program that opens a file reads it, so its runs are requested
+    /// at once, concurrently, instead of read by read (no wait; demand reads join them).
+    pub fn prefetch_on_open(&self, ino: u64, max: u64) {
+        if let Some((reader, offset, size)) = self.file_data(ino) {
+            if size > 0 && size <= max {
+                reader.prefetch(offset, size);
+            }
+        }
+    }
+
     /// A verified local copy of the whole file to hand the kernel for passthrough, if there is
     /// one (cheap: a lookup and an open). Without one, [`ClipFs::prepare_backing`] makes one
     /// in the background when the file qualifies.

@@ -16,6 +16,7 @@ mod metrics;
 
 pub use adapter::{
     mount, mount_with, resume, Handover, MountOptions, DEFAULT_PASSTHROUGH_MIN_SIZE,
+    DEFAULT_PREFETCH_ON_OPEN,
 };
 pub use fs::{ClipFs, FsError};
 pub use fuser::BackgroundSession;

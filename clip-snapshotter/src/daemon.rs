@@ -76,6 +76,9 @@ pub struct FuseSection {
     pub threads: Option<usize>,
     /// Smallest file served by passthrough once local (default "1MiB").
     pub passthrough_min_size: Option<String>,
+    /// Largest file whose spans are all requested when it is opened cold (default "8MiB";
+    /// "0": files are fetched read by read).
+    pub prefetch_on_open: Option<String>,
     /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
     /// connections; default true).
     pub handover: Option<bool>,
@@ -160,6 +163,11 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             .threads
             .unwrap_or(clip_fuse::MountOptions::default().threads)
             .max(1),
+        prefetch_on_open: size(
+            &cfg.fuse.prefetch_on_open,
+            defaults.prefetch_on_open,
+            "fuse.prefetch_on_open",
+        )?,
         passthrough_min_size: size(
             &cfg.fuse.passthrough_min_size,
             clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
@@ -251,6 +259,10 @@ mod tests {
             clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE
         );
         assert_eq!(c.fuse.handover, Some(true));
+        assert_eq!(
+            size(&c.fuse.prefetch_on_open, 0, "").unwrap(),
+            clip_fuse::DEFAULT_PREFETCH_ON_OPEN
+        );
         assert!(!c.index_on_demand);
         assert_eq!(c.root, Some(PathBuf::from("/var/lib/clip")));
         let sn = Options::default();

@@ -22,6 +22,7 @@
 # Floor: the compressed bytes of the file ranges the workload reads (`clip profile` reports
 # them, pro-rated by span) over the link rate (loopback: not limiting), plus the same
 # container's warm start. Each row shows time / floor.
+#   CLIP_BENCH_SPAN=SIZE: span size of the published indexes (default: clip index's default)
 #   CLIP_BENCH_EXTRAS=0: skip the shared-Redis and span-size sections (before/after comparisons)
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
@@ -57,7 +58,8 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
 echo "==> registry, image, published index"
 start_registry "$WORK/registry"
 push_layout "$LAYOUT" large large
-"$CLIP" --root "$WORK/publisher" index --push "$REGISTRY/large:large" >/dev/null 2>&1
+SPAN_ARGS=(); [[ -n ${CLIP_BENCH_SPAN:-} ]] && SPAN_ARGS=(--span-size "$CLIP_BENCH_SPAN")
+"$CLIP" --root "$WORK/publisher" index "${SPAN_ARGS[@]}" --push "$REGISTRY/large:large" >/dev/null 2>&1
 IMAGE_BYTES=$("$CLIP" --root "$WORK/publisher" inspect "$REGISTRY/large:large" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["compressed_bytes"])')
 echo "image: $(mib "$IMAGE_BYTES") compressed"
 
@@ -139,7 +141,7 @@ for w in "${WORKLOADS[@]}"; do
   k=$((k + 1))
   repo="large-prof$k"
   push_layout "$LAYOUT" large "$repo"
-  "$CLIP" --root "$WORK/publisher" index --push "$REGISTRY/$repo:large" >/dev/null 2>&1
+  "$CLIP" --root "$WORK/publisher" index "${SPAN_ARGS[@]}" --push "$REGISTRY/$repo:large" >/dev/null 2>&1
   line=$("$CLIP" --root "$WORK/publisher" profile "$REGISTRY/$repo:large" -- python3 -c "$w" 2>&1 >/dev/null | grep '^read: ')
   PROF_REPO[$w]=$repo
   FLOOR_B[$w]=$(echo "$line" | awk '{print $(NF-2)}')

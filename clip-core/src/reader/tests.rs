@@ -31,7 +31,9 @@ fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Set
         source.clone(),
         index.clone(),
         (!remote_windows).then_some(windows),
-        ReaderConfig { readahead },
+        ReaderConfig {
+            readahead_bytes: readahead as u64 * index.span_size,
+        },
     );
     Setup {
         source,
@@ -252,7 +254,7 @@ fn setup_prefetch(cfg: FetchConfig) -> Setup {
         source.clone(),
         index.clone(),
         Some(windows),
-        ReaderConfig { readahead: 0 },
+        ReaderConfig { readahead_bytes: 0 },
     );
     Setup {
         source,
@@ -302,7 +304,7 @@ async fn prefetch_yields_to_demand_reads() {
     // One prefetch request at a time, one span each, each answered after 100 ms.
     let t = setup_prefetch(FetchConfig {
         prefetch_concurrency: 1,
-        prefetch_run: 1,
+        prefetch_run_bytes: 16 << 10,
         ..FetchConfig::default()
     });
     t.source
@@ -335,4 +337,17 @@ async fn prefetch_yields_to_demand_reads() {
         "the prefetch left span 7 to the demand read"
     );
     assert_eq!(t.layer_requests().len(), 8, "no span fetched twice");
+}
+
+#[tokio::test]
+async fn opening_a_file_requests_all_its_spans_at_once() {
+    let t = setup(0);
+    // A file over spans 2..9 (7 spans; runs of 4 MiB hold them all): one request, no wait.
+    let (off, len) = t.spans(2..9);
+    t.reader.prefetch(off + 10, len - 20);
+    t.reader.spans.settled().await;
+    assert_eq!(t.layer_requests(), vec![t.compressed(2..9)]);
+    assert!((2..9).all(|i| t.reader.spans.is_local(i)));
+    assert_eq!(&t.reader.read(off, len).await.unwrap()[..], t.expect(off, len));
+    assert_eq!(t.layer_requests().len(), 1);
 }

@@ -89,6 +89,8 @@ pub struct Options {
     pub fuse_threads: usize,
     /// Smallest file served by FUSE passthrough once local.
     pub passthrough_min_size: u64,
+    /// Largest file requested whole when opened cold (0: off).
+    pub prefetch_on_open: u64,
     /// Hand FUSE connections to a keeper process so lazy mounts (and the containers reading
     /// them) survive a daemon restart.
     pub handover: bool,
@@ -107,6 +109,7 @@ impl Default for Options {
             index_on_demand: false,
             fuse_threads: clip_fuse::MountOptions::default().threads,
             passthrough_min_size: clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
+            prefetch_on_open: clip_fuse::DEFAULT_PREFETCH_ON_OPEN,
             profile_window: std::time::Duration::from_secs(20),
             publish_profiles: false,
         }
@@ -495,6 +498,7 @@ impl ClipSnapshotter {
             threads: self.opts.fuse_threads,
             fsname: format!("clip:{name}"),
             passthrough: self.reads.files.is_some(),
+            prefetch_on_open: self.opts.prefetch_on_open,
         };
         Ok((fs, opts, readers))
     }
