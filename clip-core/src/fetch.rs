@@ -374,18 +374,26 @@ impl LayerFetcher {
             }
         }
         // Adjacent claimed spans become one run (one range request), up to max_run spans.
-        let max_run = self.spans_in(self.shared.cfg.run_bytes);
-        let mut runs: Vec<Vec<(usize, watch::Sender<SpanResult>)>> = Vec::new();
+        // Runs are bounded in uncompressed bytes (at least one span), so they keep their size
+        // whatever the spans' sizes (denser where files are small).
+        let limit = self.shared.cfg.run_bytes;
+        let len = |i: usize| {
+            let (s, e) = self.index.span_range(i);
+            e - s
+        };
+        let mut runs: Vec<(u64, Vec<(usize, watch::Sender<SpanResult>)>)> = Vec::new();
         for (i, tx) in mine {
             match runs.last_mut() {
-                Some(run)
-                    if run.last().is_some_and(|(j, _)| *j + 1 == i) && run.len() < max_run =>
+                Some((bytes, run))
+                    if run.last().is_some_and(|(j, _)| *j + 1 == i) && *bytes + len(i) <= limit =>
                 {
+                    *bytes += len(i);
                     run.push((i, tx))
                 }
-                _ => runs.push(vec![(i, tx)]),
+                _ => runs.push((len(i), vec![(i, tx)])),
             }
         }
+        let runs = runs.into_iter().map(|(_, r)| r);
         for run in runs {
             let me = self.clone();
             tokio::spawn(async move { me.fetch_run(run, None).await });

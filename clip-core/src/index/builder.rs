@@ -20,6 +20,10 @@ pub struct BuildOptions {
     pub expected_diff_id: Option<Digest>,
     /// zstd level for the checkpoint windows.
     pub window_compression_level: i32,
+    /// Checkpoint distance inside files smaller than `small_file` (used when smaller than
+    /// `span_size`; 0: uniform spans).
+    pub dense_span_size: u64,
+    pub small_file: u64,
 }
 
 impl Default for BuildOptions {
@@ -29,6 +33,8 @@ impl Default for BuildOptions {
             expected_layer: None,
             expected_diff_id: None,
             window_compression_level: 3,
+            dense_span_size: 256 << 10,
+            small_file: 1 << 20,
         }
     }
 }
@@ -82,7 +88,8 @@ pub fn build_layer_index_with_sink<R: Read>(
         count: 0,
         progress,
     };
-    let mut gz = GzipIndexer::new(hashing, opts.span_size)?;
+    let mut gz = GzipIndexer::new(hashing, opts.span_size)?
+        .with_density(opts.dense_span_size, opts.small_file);
     if let Some(sink) = sink {
         gz = gz.with_span_sink(sink);
     }

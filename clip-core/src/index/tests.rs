@@ -403,3 +403,77 @@ fn merged_view_applies_whiteouts_opaque_dirs_and_implied_parents() {
     assert_eq!((layer, size), (0, 12));
     assert_eq!(v.file_count(), 5);
 }
+
+#[test]
+fn checkpoints_are_denser_inside_small_files() {
+    // 96 files of 8 KiB, then one of 1 MiB; pseudo-random text so deflate emits many blocks.
+    let mut x: u32 = 7;
+    let mut text = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                b"abcdefghijklmnopqrstuvwxyz \n"[(x >> 16) as usize % 28]
+            })
+            .collect()
+    };
+    let mut t = TarWriter::new();
+    for i in 0..96 {
+        t.file(&format!("small/{i}"), &text(8 << 10));
+    }
+    t.file("big", &text(1 << 20));
+    let gz = t.gz();
+    let build = |dense| {
+        build_layer_index(
+            &gz[..],
+            &BuildOptions {
+                span_size: 128 << 10,
+                dense_span_size: dense,
+                small_file: 64 << 10,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .unwrap()
+    };
+    let uniform = build(0).index;
+    let built = build(32 << 10);
+    // Every span of the dense index reads back right through the whole read path.
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut tar).unwrap();
+    let source = Arc::new(
+        crate::source::fake::FakeSource::new()
+            .with_blob(gz.clone())
+            .with_blob(built.windows.clone()),
+    );
+    let fetcher = crate::fetch::Fetcher::new(
+        Arc::new(crate::cache::TieredCache::memory_only(64 << 20)),
+        Default::default(),
+    );
+    let dense = Arc::new(built.index);
+    let reader =
+        crate::reader::LayerReader::new(&fetcher, source, dense.clone(), None, Default::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let all = rt
+        .block_on(reader.read(0, dense.uncompressed_size))
+        .unwrap();
+    assert!(all[..] == tar[..dense.uncompressed_size as usize]);
+    let dense = &*dense;
+    let big_at = 96 * (512 + (8 << 10)) as u64;
+    let spans_before =
+        |ix: &LayerIndex| ix.spans.iter().filter(|s| s.uncompressed < big_at).count();
+    let spans_after = |ix: &LayerIndex| ix.spans.len() - spans_before(ix);
+    // The small-file region (~800 KiB) gets several times the checkpoints; the big file does not.
+    assert!(
+        spans_before(&dense) >= 3 * spans_before(&uniform),
+        "{} vs {}",
+        spans_before(&dense),
+        spans_before(&uniform)
+    );
+    assert!(spans_after(&dense) <= spans_after(&uniform) + 1);
+    // Same layer, same files: only the checkpoints differ.
+    assert_eq!(dense.entries, uniform.entries);
+    assert_eq!(dense.diff_id, uniform.diff_id);
+}

@@ -348,6 +348,9 @@ async fn opening_a_file_requests_all_its_spans_at_once() {
     t.reader.spans.settled().await;
     assert_eq!(t.layer_requests(), vec![t.compressed(2..9)]);
     assert!((2..9).all(|i| t.reader.spans.is_local(i)));
-    assert_eq!(&t.reader.read(off, len).await.unwrap()[..], t.expect(off, len));
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
     assert_eq!(t.layer_requests().len(), 1);
 }
