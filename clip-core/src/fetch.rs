@@ -254,6 +254,17 @@ impl LayerFetcher {
 
     /// The verified bytes of each span in `range`: from the cache, else fetched.
     pub async fn spans(self: &Arc<Self>, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
+        self.spans_with(range, 0).await
+    }
+
+    /// [`LayerFetcher::spans`]; when some span is missing, the fetch also takes the spans that
+    /// follow up to `locality` bytes past the first one, in the same request (neighbouring files
+    /// of the same directory are often read next), without waiting for them.
+    pub async fn spans_with(
+        self: &Arc<Self>,
+        range: Range<usize>,
+        locality: u64,
+    ) -> Result<Vec<Bytes>, ReadError> {
         let mut out: Vec<Option<Bytes>> = vec![None; range.len()];
         let mut missing = Vec::new();
         for i in range.clone() {
@@ -262,7 +273,21 @@ impl LayerFetcher {
                 None => missing.push(i),
             }
         }
+        if locality > 0 && !missing.is_empty() {
+            let base = self.index.span_range(range.start).0;
+            let mut k = range.end;
+            while k < self.index.spans.len()
+                && self.index.span_range(k).0 < base + locality
+                && !self.is_local(k)
+            {
+                missing.push(k);
+                k += 1;
+            }
+        }
         for (i, mut rx) in self.claim(&missing, true) {
+            if !range.contains(&i) {
+                continue;
+            }
             let got = rx
                 .wait_for(|v| v.is_some())
                 .await

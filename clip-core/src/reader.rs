@@ -27,12 +27,17 @@ use tokio_util::sync::CancellationToken;
 pub struct ReaderConfig {
     /// Uncompressed bytes (in whole spans) fetched ahead of a sequential reader (0: none).
     pub readahead_bytes: u64,
+    /// A cold read also fetches the spans after it, up to this many bytes from its first span,
+    /// in the same request: without a startup profile, neighbouring files are the best guess
+    /// of what comes next (0: only what is read).
+    pub locality_bytes: u64,
 }
 
 impl Default for ReaderConfig {
     fn default() -> Self {
         ReaderConfig {
             readahead_bytes: 4 << 20,
+            locality_bytes: 1 << 20,
         }
     }
 }
@@ -147,7 +152,10 @@ impl LayerReader {
                 self.spans.prefetch(ahead);
             }
         }
-        let parts = self.spans.spans(spans.clone()).await?;
+        let parts = self
+            .spans
+            .spans_with(spans.clone(), self.cfg.locality_bytes)
+            .await?;
         if parts.len() == 1 {
             let base = index.spans[spans.start].uncompressed;
             let s = (offset - base) as usize;
@@ -224,12 +232,30 @@ impl ReadPath {
         index: Arc<LayerIndex>,
         local_windows: Option<Bytes>,
     ) -> Arc<LayerReader> {
+        self.reader_with(
+            client,
+            reference,
+            index,
+            local_windows,
+            ReaderConfig::default(),
+        )
+    }
+
+    /// [`ReadPath::reader`] with its own read-ahead and locality settings.
+    pub fn reader_with(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        index: Arc<LayerIndex>,
+        local_windows: Option<Bytes>,
+        cfg: ReaderConfig,
+    ) -> Arc<LayerReader> {
         LayerReader::new(
             &self.fetcher,
             Arc::new(RegistrySource::new(client.clone(), reference.clone())),
             index,
             local_windows,
-            ReaderConfig::default(),
+            cfg,
         )
     }
 

@@ -33,6 +33,7 @@ fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Set
         (!remote_windows).then_some(windows),
         ReaderConfig {
             readahead_bytes: readahead as u64 * index.span_size,
+            locality_bytes: 0,
         },
     );
     Setup {
@@ -254,7 +255,10 @@ fn setup_prefetch(cfg: FetchConfig) -> Setup {
         source.clone(),
         index.clone(),
         Some(windows),
-        ReaderConfig { readahead_bytes: 0 },
+        ReaderConfig {
+            readahead_bytes: 0,
+            locality_bytes: 0,
+        },
     );
     Setup {
         source,
@@ -352,5 +356,48 @@ async fn opening_a_file_requests_all_its_spans_at_once() {
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
     );
+    assert_eq!(t.layer_requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_cold_read_takes_its_neighbours_in_the_same_request() {
+    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows.clone()));
+    let fetcher = Fetcher::new(
+        Arc::new(TieredCache::memory_only(64 << 20)),
+        FetchConfig::default(),
+    );
+    let locality = 4 * index.span_size;
+    let reader = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        index.clone(),
+        Some(windows),
+        ReaderConfig {
+            readahead_bytes: 0,
+            locality_bytes: locality,
+        },
+    );
+    let t = Setup {
+        source,
+        fetcher,
+        reader,
+        index,
+        tar,
+    };
+    let (off, _) = t.spans(5..6);
+    let got = t.reader.read(off, 100).await.unwrap();
+    assert_eq!(&got[..], t.expect(off, 100));
+    // Spans 5.. up to `locality` bytes from span 5's start, in the read's one request.
+    let last = (5..t.index.spans.len())
+        .take_while(|&k| t.index.span_range(k).0 < t.index.span_range(5).0 + locality)
+        .last()
+        .unwrap();
+    assert!(last > 5);
+    assert_eq!(t.layer_requests(), vec![t.compressed(5..last + 1)]);
+    t.reader.spans.settled().await;
+    assert!((5..=last).all(|i| t.reader.spans.is_local(i)));
+    // A warm read takes nothing more.
+    t.reader.read(off, 100).await.unwrap();
     assert_eq!(t.layer_requests().len(), 1);
 }

@@ -21,7 +21,7 @@ use clip_core::digest::Digest;
 use clip_core::image::{self, ImageError};
 use clip_core::index::ImageView;
 use clip_core::profile::{Profile, Recorder};
-use clip_core::reader::{LayerReader, ReadPath};
+use clip_core::reader::{LayerReader, ReadPath, ReaderConfig};
 use clip_core::reference::Reference;
 use clip_core::registry::Client;
 use clip_core::store::Store;
@@ -379,7 +379,15 @@ impl ClipSnapshotter {
             None => None,
         };
         let record = profile.is_none() && !self.opts.profile_window.is_zero();
-        let (fs, opts, readers) = self.chain_fs(name, top, record)?;
+        // With a profile, what the program needs is fetched ahead: no guessing by locality.
+        let cfg = match profile {
+            Some(_) => ReaderConfig {
+                locality_bytes: 0,
+                ..ReaderConfig::default()
+            },
+            None => ReaderConfig::default(),
+        };
+        let (fs, opts, readers) = self.chain_fs(name, top, record, cfg)?;
         match (&profile, manifest) {
             (Some(p), _) => self.replay_profile(name, p, &readers),
             (None, Some(m)) if record => self.record_profile(name, m, &remote.reference, &readers),
@@ -415,7 +423,7 @@ impl ClipSnapshotter {
             .keeper
             .clone()
             .ok_or_else(|| fail("no keeper".into()))?;
-        let (fs, opts, _) = self.chain_fs(name, top, false)?;
+        let (fs, opts, _) = self.chain_fs(name, top, false, ReaderConfig::default())?;
         let (rt, id, opens) = (self.rt.clone(), top.id, held.opens.len());
         let handover = clip_fuse::Handover { keeper, id };
         let session =
@@ -440,6 +448,7 @@ impl ClipSnapshotter {
         name: &str,
         top: &Record,
         record: bool,
+        cfg: ReaderConfig,
     ) -> Result<
         (
             clip_fuse::ClipFs,
@@ -475,10 +484,13 @@ impl ClipSnapshotter {
             let reference: Reference =
                 remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
             let windows = self.store.get_windows(&ix.windows).map(bytes::Bytes::from);
-            readers.push(
-                self.reads
-                    .reader(&self.client, &reference, ix.clone(), windows),
-            );
+            readers.push(self.reads.reader_with(
+                &self.client,
+                &reference,
+                ix.clone(),
+                windows,
+                cfg.clone(),
+            ));
             indexes.push(ix);
         }
         let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;

@@ -249,7 +249,10 @@ fn concurrent_readers_of_a_cold_span_make_one_request() {
             .await
             .unwrap();
         let reads = ReadPath::memory_only(64 << 20);
-        let cfg = ReaderConfig { readahead_bytes: 0 };
+        let cfg = ReaderConfig {
+            readahead_bytes: 0,
+            locality_bytes: 0,
+        };
         let reader = LayerReader::new(
             &reads.fetcher,
             std::sync::Arc::new(RegistrySource::new(client, resolved.reference.clone())),
@@ -537,6 +540,7 @@ fn sequential_reads_trigger_read_ahead() {
         let cache = reads.cache().clone();
         let cfg = ReaderConfig {
             readahead_bytes: 3 << 20,
+            locality_bytes: 0,
         };
         // Built here, not pushed: the windows come from the local store.
         let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
