@@ -56,6 +56,9 @@ pub enum ReadError {
 
 type SpanResult = Option<Result<Bytes, Arc<ReadError>>>;
 
+/// Spans claimed for one fetch, with the senders their waiters listen on.
+type Claimed = Vec<(usize, watch::Sender<SpanResult>)>;
+
 /// A fetch whose caller already holds a permit (prefetch holds one of its own pool).
 enum Permit {
     Held,
@@ -406,7 +409,7 @@ impl LayerFetcher {
             let (s, e) = self.index.span_range(i);
             e - s
         };
-        let mut runs: Vec<(u64, Vec<(usize, watch::Sender<SpanResult>)>)> = Vec::new();
+        let mut runs: Vec<(u64, Claimed)> = Vec::new();
         for (i, tx) in mine {
             match runs.last_mut() {
                 Some((bytes, run))

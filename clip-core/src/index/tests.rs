@@ -460,19 +460,19 @@ fn checkpoints_are_denser_inside_small_files() {
         .block_on(reader.read(0, dense.uncompressed_size))
         .unwrap();
     assert!(all[..] == tar[..dense.uncompressed_size as usize]);
-    let dense = &*dense;
+    let dense: &LayerIndex = &dense;
     let big_at = 96 * (512 + (8 << 10)) as u64;
     let spans_before =
         |ix: &LayerIndex| ix.spans.iter().filter(|s| s.uncompressed < big_at).count();
     let spans_after = |ix: &LayerIndex| ix.spans.len() - spans_before(ix);
     // The small-file region (~800 KiB) gets several times the checkpoints; the big file does not.
     assert!(
-        spans_before(&dense) >= 3 * spans_before(&uniform),
+        spans_before(dense) >= 3 * spans_before(&uniform),
         "{} vs {}",
-        spans_before(&dense),
+        spans_before(dense),
         spans_before(&uniform)
     );
-    assert!(spans_after(&dense) <= spans_after(&uniform) + 1);
+    assert!(spans_after(dense) <= spans_after(&uniform) + 1);
     // Same layer, same files: only the checkpoints differ.
     assert_eq!(dense.entries, uniform.entries);
     assert_eq!(dense.diff_id, uniform.diff_id);
