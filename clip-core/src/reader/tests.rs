@@ -16,8 +16,14 @@ struct Setup {
     tar: Vec<u8>,
 }
 
-/// 16 files of 48 KiB in 16 KiB spans; windows local unless `remote_windows`.
-fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Setup {
+/// 16 files of 48 KiB in 16 KiB spans, read through `cache` with `fetch`; windows local
+/// unless `remote_windows`; `reader` gets the index's span size.
+fn build(
+    cache: TieredCache,
+    fetch: FetchConfig,
+    reader: impl FnOnce(u64) -> ReaderConfig,
+    remote_windows: bool,
+) -> Setup {
     let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
     assert!(
         index.spans.len() >= 16,
@@ -25,16 +31,13 @@ fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Set
         index.spans.len()
     );
     let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows.clone()));
-    let fetcher = Fetcher::new(Arc::new(cache), FetchConfig::default());
+    let fetcher = Fetcher::new(Arc::new(cache), fetch);
     let reader = LayerReader::new(
         &fetcher,
         source.clone(),
         index.clone(),
         (!remote_windows).then_some(windows),
-        ReaderConfig {
-            readahead_bytes: readahead as u64 * index.span_size,
-            locality_bytes: 0,
-        },
+        reader(index.span_size),
     );
     Setup {
         source,
@@ -43,6 +46,15 @@ fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Set
         index,
         tar,
     }
+}
+
+/// Read-ahead of `readahead` spans, no locality.
+fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Setup {
+    let cfg = move |span: u64| ReaderConfig {
+        readahead_bytes: readahead as u64 * span,
+        locality_bytes: 0,
+    };
+    build(cache, FetchConfig::default(), cfg, remote_windows)
 }
 
 fn setup(readahead: usize) -> Setup {
@@ -247,26 +259,11 @@ async fn window_travels_with_its_data() {
 }
 
 fn setup_prefetch(cfg: FetchConfig) -> Setup {
-    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
-    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows.clone()));
-    let fetcher = Fetcher::new(Arc::new(TieredCache::memory_only(64 << 20)), cfg);
-    let reader = LayerReader::new(
-        &fetcher,
-        source.clone(),
-        index.clone(),
-        Some(windows),
-        ReaderConfig {
-            readahead_bytes: 0,
-            locality_bytes: 0,
-        },
-    );
-    Setup {
-        source,
-        fetcher,
-        reader,
-        index,
-        tar,
-    }
+    let no_guessing = |_| ReaderConfig {
+        readahead_bytes: 0,
+        locality_bytes: 0,
+    };
+    build(TieredCache::memory_only(64 << 20), cfg, no_guessing, false)
 }
 
 #[tokio::test]
@@ -361,30 +358,17 @@ async fn opening_a_file_requests_all_its_spans_at_once() {
 
 #[tokio::test]
 async fn a_cold_read_takes_its_neighbours_in_the_same_request() {
-    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
-    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows.clone()));
-    let fetcher = Fetcher::new(
-        Arc::new(TieredCache::memory_only(64 << 20)),
-        FetchConfig::default(),
-    );
-    let locality = 4 * index.span_size;
-    let reader = LayerReader::new(
-        &fetcher,
-        source.clone(),
-        index.clone(),
-        Some(windows),
-        ReaderConfig {
-            readahead_bytes: 0,
-            locality_bytes: locality,
-        },
-    );
-    let t = Setup {
-        source,
-        fetcher,
-        reader,
-        index,
-        tar,
+    let cfg = |span| ReaderConfig {
+        readahead_bytes: 0,
+        locality_bytes: 4 * span,
     };
+    let t = build(
+        TieredCache::memory_only(64 << 20),
+        FetchConfig::default(),
+        cfg,
+        false,
+    );
+    let locality = 4 * t.index.span_size;
     let (off, _) = t.spans(5..6);
     let got = t.reader.read(off, 100).await.unwrap();
     assert_eq!(&got[..], t.expect(off, 100));
