@@ -422,10 +422,18 @@ fn background_fill_keeps_to_its_rate_and_can_be_cancelled() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use clip_core::reader::ReadPath;
-        let (client, resolved, _store, reports) =
-            index_here(&image, &tmp.path().join("node")).await;
+        let (client, resolved, store, reports) = index_here(&image, &tmp.path().join("node")).await;
         let reads = ReadPath::memory_only(64 << 20);
-        let reader = reads.reader(&client, &resolved.reference, reports[0].index.clone(), None);
+        // Indexed here, not pushed: the windows are in the local store only.
+        let windows = store
+            .get_windows(&reports[0].index.windows)
+            .map(bytes::Bytes::from);
+        let reader = reads.reader(
+            &client,
+            &resolved.reference,
+            reports[0].index.clone(),
+            windows,
+        );
         let cancel = tokio_util::sync::CancellationToken::new();
         let c2 = cancel.clone();
         tokio::spawn(async move {
