@@ -66,7 +66,7 @@ echo "image: $(mib "$IMAGE_BYTES") compressed"
 # proxy NAME UPSTREAM DELAY_MS -> sets PROXY (host:port) and STATS (byte counter file)
 proxy() {
   local port; port=$(free_port)
-  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"
+  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"; echo 0 >"$STATS.req"
   python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
   PIDS+=($!)
   PROXY=127.0.0.1:$port
@@ -113,7 +113,7 @@ start_once() {
   rm -rf "$dir"; mkdir -p "$dir"
   start_node "$dir" "$@"
   drop
-  b0=$(cat "$sf")
+  b0=$(cat "$sf"); q0=$(cat "$sf.req")
   s=$(now)
   if [[ $mode == overlayfs ]]; then
     $NODE_CTR images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
@@ -123,7 +123,7 @@ start_once() {
   OUTPUT=$($NODE_CTR run --rm --snapshotter "$sn" --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c1 python3 -c "$w")
   e=$(now)
   sleep 0.3
-  COLD_S=$(echo "$e - $s" | bc); COLD_B=$(( $(cat "$sf") - b0 ))
+  COLD_S=$(echo "$e - $s" | bc); COLD_B=$(( $(cat "$sf") - b0 )); COLD_Q=$(( $(cat "$sf.req") - q0 ))
   drop
   s=$(now)
   $NODE_CTR run --rm --snapshotter "$sn" --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c2 python3 -c "$w" >/dev/null
@@ -154,19 +154,19 @@ for link in "${LINKS[@]}"; do
   for w in "${WORKLOADS[@]}"; do
     for mode in $MODES; do
       if [[ $mode == clip+profile ]]; then REPO=${PROF_REPO[$w]}; else REPO=large; fi
-      declare -a cold=() bytes=() warm=() rss=() cache=()
+      declare -a cold=() bytes=() warm=() rss=() cache=() reqs=()
       for r in $(seq "$RUNS"); do
         start_once "$link" "$mode" "$w" "$WORK/node"
         stop_node "$WORK/node"
-        cold+=("$COLD_S"); bytes+=("$COLD_B"); warm+=("$WARM_S"); rss+=("$RSS"); cache+=("$CACHE")
+        cold+=("$COLD_S"); bytes+=("$COLD_B"); warm+=("$WARM_S"); rss+=("$RSS"); cache+=("$CACHE"); reqs+=("$COLD_Q")
         echo "$link,$w,$mode,$COLD_S" >>"$CSV"
-        echo "  $link | $w | $mode | run $r: ${COLD_S}s cold, $(mib "$COLD_B") from the registry, ${WARM_S}s warm -> $OUTPUT" >&2
+        echo "  $link | $w | $mode | run $r: ${COLD_S}s cold, $(mib "$COLD_B") in $COLD_Q blob requests from the registry, ${WARM_S}s warm -> $OUTPUT" >&2
       done
       b=$(echo "${bytes[@]}" | med)
       cm=$(echo "${cold[@]}" | med); wm=$(echo "${warm[@]}" | med)
       floor=$(awk -v f="${FLOOR_B[$w]}" -v r="${RATE[$link]}" -v w="$wm" 'BEGIN {printf "%.2f", (r > 0 ? f / r : 0) + w}')
       ratio=$(awk -v c="$cm" -v f="$floor" 'BEGIN {printf "%.1f", c / f}')
-      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
+      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
     done
   done
 done
@@ -174,8 +174,8 @@ REPO=large
 echo "floor bytes (compressed file ranges read): $(for w in "${WORKLOADS[@]}"; do printf '%s=%s ' "$w" "$(mib "${FLOOR_B[$w]}")"; done)" >&2
 
 {
-  echo "| link | workload | mode | cold start: pull + run to output | floor | time / floor | registry sent (of the image) | warm start (new container, page cache dropped) | clip daemon peak RSS / disk cache |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| link | workload | mode | cold start: pull + run to output | floor | time / floor | registry sent (of the image) | blob requests | warm start (new container, page cache dropped) | clip daemon peak RSS / disk cache |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$WORK/table.md"
 

@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
 """A TCP proxy for benchmarks: adds a one-way delay to every chunk in both directions (pipelined,
 so it adds latency without capping throughput; there is no sch_netem here) and counts the bytes
-the upstream sends. The count is written to STATS_FILE every 100 ms and on exit.
+the upstream sends, and the blob GET requests clients send (STATS_FILE.req). The counts are
+written every 100 ms and on exit.
 
 usage: proxy.py LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS STATS_FILE
 """
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
 
 sent = 0
+blob_gets = 0
+BLOB_GET = re.compile(rb"GET /v2/[^ ]*/blobs/")
 
 
 async def pipe(reader, writer, delay, count):
-    global sent
+    global sent, blob_gets
     queue = asyncio.Queue()
 
     async def deliver():
@@ -41,6 +45,8 @@ async def pipe(reader, writer, delay, count):
                 break
             if count:
                 sent += len(data)
+            else:
+                blob_gets += len(BLOB_GET.findall(data))
             await queue.put((time.monotonic() + delay, data))
     except (ConnectionError, OSError):
         pass
@@ -69,15 +75,20 @@ async def handle(client_r, client_w, upstream, delay):
             pass
 
 
+def write(path):
+    for p, v in ((path, sent), (path + ".req", blob_gets)):
+        tmp = p + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(v))
+        os.replace(tmp, p)
+
+
 async def report(path):
-    last = -1
+    last = None
     while True:
-        if sent != last:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(str(sent))
-            os.replace(tmp, path)
-            last = sent
+        if (sent, blob_gets) != last:
+            write(path)
+            last = (sent, blob_gets)
         await asyncio.sleep(0.1)
 
 
@@ -94,8 +105,7 @@ async def main():
     async with server:
         await stop.wait()
     reporter.cancel()
-    with open(stats, "w") as f:
-        f.write(str(sent))
+    write(stats)
 
 
 if __name__ == "__main__":
