@@ -15,9 +15,11 @@
 #   --quick: loopback, print(1) only, one run (what the README demo shows)
 #   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
 #   CLIP_BENCH_WORKLOAD=CODE: the python3 -c code of the first workload (default print(1))
-#   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile"); clip+profile
+#   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile soci"); clip+profile
 #     publishes a startup profile of the workload first (`clip profile`, on its own copy of the
-#     image) so the node prefetches what the workload reads
+#     image) so the node prefetches what the workload reads; soci is the SOCI snapshotter 0.4.1
+#     from Debian's development suite (scripts/bench/peers.sh) with its own index (`soci create`,
+#     4 MiB spans, pushed to the registry), pulled with `soci image rpull --soci-index-digest`
 #
 # Floor: the compressed bytes of the file ranges the workload reads (`clip profile` reports
 # them, pro-rated by span) over the link rate (loopback: not limiting), plus the same
@@ -111,12 +113,14 @@ start_once() {
   local img="${LINK_HOST[$link]}/${REPO:-large}:large" sf="${LINK_STATS[$link]}" sn=${mode%%+*} b0 s e
   stop_node "$dir" 2>/dev/null || true
   rm -rf "$dir"; mkdir -p "$dir"
-  start_node "$dir" "$@"
+  if [[ $mode == soci ]]; then start_soci_node "$dir"; else start_node "$dir" "$@"; fi
   drop
   b0=$(cat "$sf"); q0=$(cat "$sf.req")
   s=$(now)
   if [[ $mode == overlayfs ]]; then
     $NODE_CTR images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
+  elif [[ $mode == soci ]]; then
+    "$SOCI_BIN/soci" --address "$dir/containerd.sock" image rpull --plain-http --soci-index-digest "$SOCI_INDEX" "$img" >/dev/null 2>&1
   else
     "$CLIP" --root "$dir/clip" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
   fi
@@ -130,10 +134,25 @@ start_once() {
   e=$(now)
   WARM_S=$(echo "$e - $s" | bc)
   RSS=$(awk '/^VmHWM/ {print $2 * 1024}' "/proc/$NODE_SNAP_PID/status")
-  CACHE=$(du -sb "$dir/clip/cache" 2>/dev/null | cut -f1); CACHE=${CACHE:-0}
+  # -x: not into the snapshotters' FUSE mounts; a node has only one of the two directories.
+  CACHE=$({ du -sbx "$dir/clip/cache" "$dir/soci" 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 }
 
-MODES=${CLIP_BENCH_MODES:-overlayfs clip clip+profile}
+MODES=${CLIP_BENCH_MODES:-overlayfs clip clip+profile soci}
+if [[ " $MODES " == *" soci "* ]]; then
+  echo "==> SOCI peer: its index for the image (soci create + push)"
+  SOCI_BIN=$(bash "$ROOT_DIR/scripts/bench/peers.sh" 2>/dev/null | tail -1)/usr/bin
+  push_layout "$LAYOUT" large large-soci
+  start_soci_node "$WORK/soci-pub"
+  $NODE_CTR images pull --plain-http "$REGISTRY/large-soci:large" >/dev/null
+  # The soci CLI keeps what it creates in its own content store (/var/lib/soci-snapshotter-grpc).
+  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" create "$REGISTRY/large-soci:large" >"$WORK/soci-create.log" 2>&1
+  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" push --plain-http "$REGISTRY/large-soci:large" >"$WORK/soci-push.log" 2>&1
+  SOCI_INDEX=$(awk '/successfully pushed artifact with digest/ {d=$NF} END {print d}' "$WORK/soci-push.log")
+  stop_node "$WORK/soci-pub"
+  [[ $SOCI_INDEX == sha256:* ]] || { echo "soci push gave no index digest:" >&2; cat "$WORK/soci-create.log" "$WORK/soci-push.log" >&2; exit 1; }
+  echo "SOCI index $SOCI_INDEX" >&2
+fi
 # Per workload: its own copy of the image with a published profile, and its floor bytes.
 declare -A PROF_REPO FLOOR_B
 k=0
@@ -153,7 +172,11 @@ declare -A RATE=([loopback]=0 [shaped]=12500000)
 for link in "${LINKS[@]}"; do
   for w in "${WORKLOADS[@]}"; do
     for mode in $MODES; do
-      if [[ $mode == clip+profile ]]; then REPO=${PROF_REPO[$w]}; else REPO=large; fi
+      case $mode in
+        clip+profile) REPO=${PROF_REPO[$w]} ;;
+        soci) REPO=large-soci ;;
+        *) REPO=large ;;
+      esac
       declare -a cold=() bytes=() warm=() rss=() cache=() reqs=()
       for r in $(seq "$RUNS"); do
         start_once "$link" "$mode" "$w" "$WORK/node"
@@ -166,7 +189,7 @@ for link in "${LINKS[@]}"; do
       cm=$(echo "${cold[@]}" | med); wm=$(echo "${warm[@]}" | med)
       floor=$(awk -v f="${FLOOR_B[$w]}" -v r="${RATE[$link]}" -v w="$wm" 'BEGIN {printf "%.2f", (r > 0 ? f / r : 0) + w}')
       ratio=$(awk -v c="$cm" -v f="$floor" 'BEGIN {printf "%.1f", c / f}')
-      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
+      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* || $mode == soci ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
     done
   done
 done

@@ -66,6 +66,35 @@ TOML
   echo "containerd did not start:" >&2; tail -20 "$dir/containerd.log" >&2; return 1
 }
 
+# start_soci_node DIR -> a containerd with SOCI's snapshotter (soci-snapshotter-grpc from
+# $SOCI_BIN, see peers.sh) as proxy plugin "soci", state under DIR; sets the same variables as
+# start_node.
+start_soci_node() {
+  local dir=$1
+  mkdir -p "$dir/runc" "$dir/fifo"
+  cat >"$dir/containerd.toml" <<TOML
+version = 2
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/containerd.sock"
+[proxy_plugins.soci]
+  type = "snapshot"
+  address = "$dir/soci.sock"
+TOML
+  : >"$dir/soci.toml"
+  "$SOCI_BIN/soci-snapshotter-grpc" --address "$dir/soci.sock" --root "$dir/soci" --config "$dir/soci.toml" 2>>"$dir/snapshotter.log" >&2 &
+  NODE_SNAP_PID=$!
+  for _ in $(seq 200); do [[ -S $dir/soci.sock ]] && break; sleep 0.05; done
+  [[ -S $dir/soci.sock ]] || { echo "soci snapshotter did not start:" >&2; tail -20 "$dir/snapshotter.log" >&2; return 1; }
+  containerd --config "$dir/containerd.toml" 2>"$dir/containerd.log" &
+  NODE_CD_PID=$!
+  NODE_CTR="ctr -a $dir/containerd.sock"
+  for _ in $(seq 200); do $NODE_CTR version >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "containerd did not start:" >&2; tail -20 "$dir/containerd.log" >&2; return 1
+}
+
 # stop_node DIR: stops tasks, the snapshotter and containerd; detaches leftover mounts under DIR.
 stop_node() {
   local dir=$1 id
