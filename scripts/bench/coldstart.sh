@@ -12,7 +12,7 @@
 #
 # Usage (root; release build; large image built):
 #   scripts/bench/coldstart.sh [RUNS] [--quick] [--out FILE]
-#   --quick: loopback, print(1) only, one run (what the README demo shows)
+#   --quick: loopback, print(1) only, overlayfs and clip, one run (what the README demo shows)
 #   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
 #   CLIP_BENCH_WORKLOAD=CODE: the python3 -c code of the first workload (default print(1))
 #   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile soci"); clip+profile
@@ -138,7 +138,9 @@ start_once() {
   CACHE=$({ du -sbx "$dir/clip/cache" "$dir/soci" 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 }
 
-MODES=${CLIP_BENCH_MODES:-overlayfs clip clip+profile soci}
+DEFAULT_MODES="overlayfs clip clip+profile soci"
+[[ $QUICK == 1 ]] && DEFAULT_MODES="overlayfs clip"
+MODES=${CLIP_BENCH_MODES:-$DEFAULT_MODES}
 if [[ " $MODES " == *" soci "* ]]; then
   echo "==> SOCI peer: its index for the image (soci create + push)"
   SOCI_BIN=$(bash "$ROOT_DIR/scripts/bench/peers.sh" 2>/dev/null | tail -1)/usr/bin
