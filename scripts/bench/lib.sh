@@ -39,11 +39,10 @@ push_layout() { # LAYOUT TAG NAME
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.6f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 
-# start_node DIR [SNAPSHOTTER ARGS...] -> a containerd with the clip snapshotter as a proxy plugin,
-# both with state under DIR; sets NODE_CTR (ctr command prefix), NODE_SNAP_PID, NODE_CD_PID.
-start_node() {
-  local dir=$1; shift
-  mkdir -p "$dir/runc" "$dir/fifo"
+# node_containerd DIR PLUGIN -> containerd (state under DIR) with the snapshotter serving
+# DIR/PLUGIN.sock as proxy plugin PLUGIN; sets NODE_CD_PID and NODE_CTR.
+node_containerd() {
+  local dir=$1 plugin=$2
   cat >"$dir/containerd.toml" <<TOML
 version = 2
 root = "$dir/containerd/root"
@@ -51,14 +50,10 @@ state = "$dir/containerd/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$dir/containerd.sock"
-[proxy_plugins.clip]
+[proxy_plugins.$plugin]
   type = "snapshot"
-  address = "$dir/clip.sock"
+  address = "$dir/$plugin.sock"
 TOML
-  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" "$@" 2>>"$dir/snapshotter.log" &
-  NODE_SNAP_PID=$!
-  for _ in $(seq 200); do [[ -S $dir/clip.sock ]] && break; sleep 0.05; done
-  [[ -S $dir/clip.sock ]] || { echo "clip snapshotter did not start:" >&2; cat "$dir/snapshotter.log" >&2; return 1; }
   containerd --config "$dir/containerd.toml" 2>"$dir/containerd.log" &
   NODE_CD_PID=$!
   NODE_CTR="ctr -a $dir/containerd.sock"
@@ -66,33 +61,33 @@ TOML
   echo "containerd did not start:" >&2; tail -20 "$dir/containerd.log" >&2; return 1
 }
 
-# start_soci_node DIR -> a containerd with SOCI's snapshotter (soci-snapshotter-grpc from
-# $SOCI_BIN, see peers.sh) as proxy plugin "soci", state under DIR; sets the same variables as
-# start_node.
+# wait_socket DIR SOCK NAME: waits for a snapshotter's socket, or fails with its log.
+wait_socket() {
+  for _ in $(seq 200); do [[ -S $2 ]] && return 0; sleep 0.05; done
+  echo "$3 did not start:" >&2; tail -20 "$1/snapshotter.log" >&2; return 1
+}
+
+# start_node DIR [SNAPSHOTTER ARGS...] -> a containerd with the clip snapshotter as a proxy plugin,
+# both with state under DIR; sets NODE_CTR (ctr command prefix), NODE_SNAP_PID, NODE_CD_PID.
+start_node() {
+  local dir=$1; shift
+  mkdir -p "$dir/runc" "$dir/fifo"
+  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" "$@" 2>>"$dir/snapshotter.log" &
+  NODE_SNAP_PID=$!
+  wait_socket "$dir" "$dir/clip.sock" "clip snapshotter"
+  node_containerd "$dir" clip
+}
+
+# start_soci_node DIR -> the same with SOCI's snapshotter (soci-snapshotter-grpc from $SOCI_BIN,
+# see peers.sh) as proxy plugin "soci".
 start_soci_node() {
   local dir=$1
   mkdir -p "$dir/runc" "$dir/fifo"
-  cat >"$dir/containerd.toml" <<TOML
-version = 2
-root = "$dir/containerd/root"
-state = "$dir/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$dir/containerd.sock"
-[proxy_plugins.soci]
-  type = "snapshot"
-  address = "$dir/soci.sock"
-TOML
   : >"$dir/soci.toml"
   "$SOCI_BIN/soci-snapshotter-grpc" --address "$dir/soci.sock" --root "$dir/soci" --config "$dir/soci.toml" 2>>"$dir/snapshotter.log" >&2 &
   NODE_SNAP_PID=$!
-  for _ in $(seq 200); do [[ -S $dir/soci.sock ]] && break; sleep 0.05; done
-  [[ -S $dir/soci.sock ]] || { echo "soci snapshotter did not start:" >&2; tail -20 "$dir/snapshotter.log" >&2; return 1; }
-  containerd --config "$dir/containerd.toml" 2>"$dir/containerd.log" &
-  NODE_CD_PID=$!
-  NODE_CTR="ctr -a $dir/containerd.sock"
-  for _ in $(seq 200); do $NODE_CTR version >/dev/null 2>&1 && return 0; sleep 0.05; done
-  echo "containerd did not start:" >&2; tail -20 "$dir/containerd.log" >&2; return 1
+  wait_socket "$dir" "$dir/soci.sock" "soci snapshotter"
+  node_containerd "$dir" soci
 }
 
 # stop_node DIR: stops tasks, the snapshotter and containerd; detaches leftover mounts under DIR.
