@@ -197,15 +197,25 @@ impl LayerReader {
 pub struct ReadPath {
     pub fetcher: Arc<Fetcher>,
     pub files: Option<Arc<FileStore>>,
+    /// The shared Redis tier, when configured: also carries startup profiles between nodes.
+    pub shared: Option<Arc<crate::cache::remote::RemoteTier>>,
 }
 
 impl ReadPath {
     /// The tiers `cfg` asks for (the disk tier's and the file store's records in `store`).
     pub async fn open(cfg: &CacheConfig, store: &Store) -> Result<Self, CacheError> {
-        let cache = Arc::new(TieredCache::open(cfg, Some(store)).await?);
+        let shared = match &cfg.remote {
+            Some(url) => Some(Arc::new(
+                crate::cache::remote::RemoteTier::connect(url).await?,
+            )),
+            None => None,
+        };
+        let cache =
+            Arc::new(TieredCache::open_with_remote(cfg, Some(store), shared.clone()).await?);
         Ok(ReadPath {
             fetcher: Fetcher::new(cache, FetchConfig::for_memory(cfg.memory_bytes)),
             files: FileStore::open_for(cfg, store).await?,
+            shared,
         })
     }
 
@@ -217,6 +227,7 @@ impl ReadPath {
                 FetchConfig::for_memory(bytes),
             ),
             files: None,
+            shared: None,
         }
     }
 

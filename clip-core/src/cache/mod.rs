@@ -171,6 +171,24 @@ impl TieredCache {
         Ok(Self::with_tiers(tiers))
     }
 
+    /// The tiers `cfg` asks for, with `remote` (already connected, also used for shared
+    /// documents by the caller) as the shared tier instead of connecting one.
+    pub async fn open_with_remote(
+        cfg: &CacheConfig,
+        store: Option<&crate::store::Store>,
+        remote: Option<Arc<remote::RemoteTier>>,
+    ) -> Result<Self, CacheError> {
+        let local = CacheConfig {
+            remote: None,
+            ..cfg.clone()
+        };
+        let mut c = Self::open(&local, store).await?;
+        if let Some(r) = remote {
+            c.tiers.push(r);
+        }
+        Ok(c)
+    }
+
     /// A cache over the given tiers, fastest first.
     pub fn with_tiers(tiers: Vec<Arc<dyn Tier>>) -> Self {
         TieredCache {

@@ -56,8 +56,23 @@ impl RemoteTier {
         Ok(RemoteTier { conn })
     }
 
+    /// A small shared document by key (startup profiles: `clip:profile:<manifest hex>`); like
+    /// spans, bounded by a short timeout, and a miss when Redis is slow or down. The caller
+    /// validates what it gets.
+    pub async fn get_doc(&self, k: &str) -> Option<Bytes> {
+        self.fetch_key(k.to_string()).await
+    }
+
+    /// Stores a small shared document (expires like spans).
+    pub async fn put_doc(&self, k: &str, data: &[u8]) {
+        self.store_key(k.to_string(), data).await
+    }
+
     async fn fetch(&self, d: &Digest) -> Option<Bytes> {
-        let k = key(d);
+        self.fetch_key(key(d)).await
+    }
+
+    async fn fetch_key(&self, k: String) -> Option<Bytes> {
         let r: Result<Option<Vec<u8>>, redis::RedisError> = match &self.conn {
             Conn::Single(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
             Conn::Cluster(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
@@ -72,17 +87,20 @@ impl RemoteTier {
     }
 
     async fn store(&self, d: &Digest, data: &Bytes) {
-        let k = key(d);
+        self.store_key(key(d), data).await
+    }
+
+    async fn store_key(&self, k: String, data: &[u8]) {
         let r: Result<Result<(), redis::RedisError>, _> = match &self.conn {
             Conn::Single(c) => {
-                tokio::time::timeout(TIMEOUT, c.clone().set_ex(k, data.as_ref(), TTL_SECS)).await
+                tokio::time::timeout(TIMEOUT, c.clone().set_ex(&k, data, TTL_SECS)).await
             }
             Conn::Cluster(c) => {
-                tokio::time::timeout(TIMEOUT, c.clone().set_ex(k, data.as_ref(), TTL_SECS)).await
+                tokio::time::timeout(TIMEOUT, c.clone().set_ex(&k, data, TTL_SECS)).await
             }
         };
         if !matches!(r, Ok(Ok(()))) {
-            tracing::debug!(span = %d, "remote cache put failed or timed out");
+            tracing::debug!(key = %k, "remote cache put failed or timed out");
         }
     }
 }

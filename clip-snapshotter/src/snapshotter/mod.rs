@@ -17,6 +17,7 @@
 pub mod meta;
 
 use crate::os::{is_mounted, lazy_unmount, mounts_under};
+use clip_core::cache::remote::RemoteTier;
 use clip_core::digest::Digest;
 use clip_core::image::{self, ImageError};
 use clip_core::index::ImageView;
@@ -146,6 +147,7 @@ type ProfileLookups =
 async fn lookup_profile(
     lookups: &ProfileLookups,
     store: &Arc<Store>,
+    shared: Option<&RemoteTier>,
     client: &Client,
     manifest: Digest,
     reference: &str,
@@ -159,6 +161,20 @@ async fn lookup_profile(
     let lookup = cell.get_or_init(|| async {
         if let Some(p) = store.get_profile(&manifest) {
             return Some(p);
+        }
+        if let Some(raw) = match shared {
+            Some(s) => s.get_doc(&profile_key(&manifest)).await,
+            None => None,
+        } {
+            match Profile::decode(&raw) {
+                Ok(p) if p.manifest == manifest => {
+                    tracing::info!(image = %reference, "found a startup profile in the shared tier");
+                    let _ = store.put_profile(&p).await;
+                    return Some(p);
+                }
+                Ok(_) => tracing::warn!(image = %reference, "the shared tier's profile is for another manifest"),
+                Err(e) => tracing::warn!(image = %reference, "ignoring the shared tier's profile: {e}"),
+            }
         }
         let r: Reference = reference.parse().ok()?;
         let image = client.resolve(&r).await.ok()?;
@@ -179,6 +195,11 @@ async fn lookup_profile(
         .await
         .ok()
         .and_then(|p| p.clone())
+}
+
+/// Where the shared (Redis) tier keeps an image's startup profile.
+fn profile_key(manifest: &Digest) -> String {
+    format!("clip:profile:{}", manifest.hex())
 }
 
 /// The manifest digest of a remote layer's pinned reference.
@@ -370,6 +391,7 @@ impl ClipSnapshotter {
                 lookup_profile(
                     &self.profiles,
                     &self.store,
+                    self.reads.shared.as_deref(),
                     &self.client,
                     m,
                     &remote.reference,
@@ -526,9 +548,18 @@ impl ClipSnapshotter {
             self.store.clone(),
             self.client.clone(),
         );
+        let shared = self.reads.shared.clone();
         let reference = remote.reference.clone();
         tokio::spawn(async move {
-            lookup_profile(&lookups, &store, &client, manifest, &reference).await;
+            lookup_profile(
+                &lookups,
+                &store,
+                shared.as_deref(),
+                &client,
+                manifest,
+                &reference,
+            )
+            .await;
         });
     }
 
@@ -566,6 +597,7 @@ impl ClipSnapshotter {
             self.client.clone(),
             self.opts.publish_profiles,
         );
+        let shared = self.reads.shared.clone();
         let window = self.opts.profile_window;
         let (name, reference) = (name.to_string(), reference.to_string());
         tracing::info!(snapshot = %name, "recording a startup profile");
@@ -607,6 +639,9 @@ impl ClipSnapshotter {
                 return;
             }
             tracing::info!(snapshot = %name, layers = merged.layers.len(), "recorded a startup profile");
+            if let Some(s) = &shared {
+                s.put_doc(&profile_key(&manifest), &merged.encode()).await;
+            }
             if let Some(c) = cell {
                 let _ = c.set(Some(merged.clone()));
             }

@@ -416,3 +416,44 @@ impl CountingProxy {
         self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// A single-node redis-server on a free loopback port, stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        need("redis-server");
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        wait_port(port, "redis-server", &mut child);
+        RedisServer {
+            port,
+            _proc: Proc(child),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}

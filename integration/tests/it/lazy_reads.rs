@@ -324,28 +324,8 @@ fn two_nodes_share_a_remote_tier(url: &str) -> (Registry, tempfile::TempDir, Str
 
 #[test]
 fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
-    need("redis-server");
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start redis-server");
-    wait_port(port, "redis-server", &mut child);
-    let _redis = Proc(child);
-    let url = format!("redis://127.0.0.1:{port}/");
+    let redis = RedisServer::start();
+    let url = redis.url();
     let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&url);
     // An unreachable Redis is a clear error at start, not a hang.
     let dead = format!("redis://127.0.0.1:{}/", free_port());

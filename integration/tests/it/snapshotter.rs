@@ -903,3 +903,51 @@ fn startup_profile_is_recorded_published_found_and_used() {
     assert!(!log.contains("prefetching a startup profile"), "{log}");
     assert_eq!(metric(&c.metrics(), "clip_prefetch_spans_total"), 0.0);
 }
+
+/// A node sharing a Redis tier records a startup profile on its first start and shares it there;
+/// a second node with the same Redis (and nothing published in the registry) finds it and
+/// prefetches from it.
+#[test]
+fn startup_profiles_are_shared_through_the_redis_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "profredis");
+    let redis = RedisServer::start();
+    let cfg = tmp.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[cache]\nredis = \"{}\"\n[profiles]\nwindow_secs = 1\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let sum = &["sha256sum", "/home/user/big.bin"];
+    let a = Node::start_with(&tmp.path().join("a"), &["--config", &cfg]);
+    a.pull_ok(&image);
+    let want = out(&a.run("clip", &image, "c", sum));
+    // The profile is stored (locally and in Redis) once the window has closed.
+    let log = a.dir.join("snapshotter.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("recorded a startup profile")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no profile recorded: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = Node::start_with(&tmp.path().join("b"), &["--config", &cfg]);
+    b.pull_ok(&image);
+    assert_eq!(out(&b.run("clip", &image, "c", sum)), want);
+    let log = std::fs::read_to_string(b.dir.join("snapshotter.log")).unwrap();
+    assert!(
+        log.contains("found a startup profile in the shared tier"),
+        "{log}"
+    );
+    assert!(log.contains("prefetching a startup profile"), "{log}");
+    assert!(metric(&b.metrics(), "clip_prefetch_spans_total") >= 4.0);
+}
