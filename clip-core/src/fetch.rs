@@ -59,11 +59,6 @@ type SpanResult = Option<Result<Bytes, Arc<ReadError>>>;
 /// Spans claimed for one fetch, with the senders their waiters listen on.
 type Claimed = Vec<(usize, watch::Sender<SpanResult>)>;
 
-/// A fetch whose caller already holds a permit (prefetch holds one of its own pool).
-enum Permit {
-    Held,
-}
-
 /// How spans are fetched. Defaults: 4 MiB runs, 3 attempts, fetches in flight sized from the
 /// memory tier, 64 MiB of pending write-back.
 #[derive(Clone, Debug)]
@@ -115,6 +110,11 @@ pub fn concurrent_fetches(memory_bytes: u64) -> usize {
     (memory_bytes / (32 << 20)).clamp(2, 8) as usize
 }
 
+/// The write-back budget in KiB permits.
+fn writeback_kib(cfg: &FetchConfig) -> usize {
+    (cfg.writeback_bytes >> 10).clamp(1, Semaphore::MAX_PERMITS as u64) as usize
+}
+
 /// What the fetcher did.
 #[derive(Default, Debug)]
 pub struct FetchStats {
@@ -157,7 +157,7 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(cache: Arc<TieredCache>, cfg: FetchConfig) -> Arc<Self> {
-        let kib = (cfg.writeback_bytes >> 10).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        let kib = writeback_kib(&cfg);
         Arc::new(Fetcher {
             cache,
             permits: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
@@ -204,7 +204,7 @@ impl Fetcher {
     }
 
     fn writeback_total(&self) -> usize {
-        (self.cfg.writeback_bytes >> 10).clamp(1, Semaphore::MAX_PERMITS as u64) as usize
+        writeback_kib(&self.cfg)
     }
 }
 
@@ -235,10 +235,6 @@ impl LayerFetcher {
 
     pub fn index(&self) -> &Arc<LayerIndex> {
         &self.index
-    }
-
-    pub fn fetcher(&self) -> &Arc<Fetcher> {
-        &self.shared
     }
 
     /// Whole spans in `bytes` of this layer (at least one).
@@ -383,7 +379,7 @@ impl LayerFetcher {
         wait: bool,
     ) -> Vec<(usize, watch::Receiver<SpanResult>)> {
         let mut waits = Vec::new();
-        let mut mine: Vec<(usize, watch::Sender<SpanResult>)> = Vec::new();
+        let mut mine: Claimed = Vec::new();
         {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             for &i in spans {
@@ -401,19 +397,27 @@ impl LayerFetcher {
                 mine.push((i, tx));
             }
         }
-        // Adjacent claimed spans become one run (one range request), up to max_run spans.
-        // Runs are bounded in uncompressed bytes (at least one span), so they keep their size
-        // whatever the spans' sizes (denser where files are small).
-        let limit = self.shared.cfg.run_bytes;
+        for run in self.runs_of(mine, self.shared.cfg.run_bytes) {
+            let me = self.clone();
+            tokio::spawn(async move { me.fetch_run(run, false).await });
+        }
+        waits
+    }
+
+    /// Groups claimed spans (in index order) into runs of adjacent spans, each at most `limit`
+    /// uncompressed bytes (at least one span): one range request per run, whatever the spans'
+    /// sizes (denser where files are small).
+    fn runs_of(&self, claimed: Claimed, limit: u64) -> Vec<Claimed> {
         let len = |i: usize| {
             let (s, e) = self.index.span_range(i);
             e - s
         };
         let mut runs: Vec<(u64, Claimed)> = Vec::new();
-        for (i, tx) in mine {
+        for (i, tx) in claimed {
             match runs.last_mut() {
                 Some((bytes, run))
-                    if run.last().is_some_and(|(j, _)| *j + 1 == i) && *bytes + len(i) <= limit =>
+                    if run.last().is_some_and(|(j, _)| *j + 1 == i)
+                        && bytes.saturating_add(len(i)) <= limit =>
                 {
                     *bytes += len(i);
                     run.push((i, tx))
@@ -421,12 +425,7 @@ impl LayerFetcher {
                 _ => runs.push((len(i), vec![(i, tx)])),
             }
         }
-        let runs = runs.into_iter().map(|(_, r)| r);
-        for run in runs {
-            let me = self.clone();
-            tokio::spawn(async move { me.fetch_run(run, None).await });
-        }
-        waits
+        runs.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Fetches `spans` ahead of need (a startup profile), in runs of up to `prefetch_run`
@@ -447,7 +446,7 @@ impl LayerFetcher {
             let Ok(permit) = self.shared.background.clone().acquire_owned().await else {
                 break;
             };
-            let mine: Vec<(usize, watch::Sender<SpanResult>)> = {
+            let mine: Claimed = {
                 let mut inflight = self.inflight.lock().expect("inflight lock");
                 let mut mine = Vec::new();
                 for i in run {
@@ -460,20 +459,15 @@ impl LayerFetcher {
                 }
                 mine
             };
-            // Claimed spans split where demand reads had taken some: one request per piece.
-            let mut pieces: Vec<Vec<(usize, watch::Sender<SpanResult>)>> = Vec::new();
-            for (i, tx) in mine {
-                match pieces.last_mut() {
-                    Some(p) if p.last().is_some_and(|(j, _)| *j + 1 == i) => p.push((i, tx)),
-                    _ => pieces.push(vec![(i, tx)]),
-                }
-            }
+            // Claimed spans split where demand reads had taken some: one request per piece
+            // (the run is already bounded in size).
+            let pieces = self.runs_of(mine, u64::MAX);
             let me = self.clone();
             fetched += usize::from(!pieces.is_empty());
             crate::metrics::prefetched(pieces.iter().map(Vec::len).sum());
             tasks.spawn(async move {
                 for piece in pieces {
-                    me.clone().fetch_run(piece, Some(Permit::Held)).await;
+                    me.clone().fetch_run(piece, true).await;
                 }
                 drop(permit);
             });
@@ -482,15 +476,13 @@ impl LayerFetcher {
         fetched
     }
 
-    async fn fetch_run(
-        self: Arc<Self>,
-        run: Vec<(usize, watch::Sender<SpanResult>)>,
-        held: Option<Permit>,
-    ) {
+    /// Fetches one run of claimed spans; takes a demand permit unless the caller holds one
+    /// (prefetch holds a permit of its own pool).
+    async fn fetch_run(self: Arc<Self>, run: Claimed, permit_held: bool) {
         let range = run[0].0..run[run.len() - 1].0 + 1;
-        let permit = match held {
-            Some(Permit::Held) => None,
-            None => self.shared.permits.clone().acquire_owned().await.ok(),
+        let permit = match permit_held {
+            true => None,
+            false => self.shared.permits.clone().acquire_owned().await.ok(),
         };
         let started = Instant::now();
         let span = tracing::debug_span!("fetch_spans", layer = %self.index.layer, first = range.start, count = range.len());

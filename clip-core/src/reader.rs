@@ -210,8 +210,7 @@ impl ReadPath {
             )),
             None => None,
         };
-        let cache =
-            Arc::new(TieredCache::open_with_remote(cfg, Some(store), shared.clone()).await?);
+        let cache = Arc::new(TieredCache::open(cfg, Some(store), shared.clone()).await?);
         Ok(ReadPath {
             fetcher: Fetcher::new(cache, FetchConfig::for_memory(cfg.memory_bytes)),
             files: FileStore::open_for(cfg, store).await?,

@@ -135,6 +135,14 @@ pub enum CacheError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// Puts verified bytes into the trusted (memory) tiers of `tiers`: synchronous under the hood,
+/// so no await is needed.
+fn put_trusted(tiers: &[Arc<dyn Tier>], key: &Digest, data: &Bytes) {
+    for t in tiers.iter().filter(|t| t.trusted()) {
+        futures_util::FutureExt::now_or_never(t.put(key, data.clone()));
+    }
+}
+
 /// Tiers, fastest first. Reads verify in one place and fill faster tiers on a slower tier's hit.
 pub struct TieredCache {
     tiers: Vec<Arc<dyn Tier>>,
@@ -142,11 +150,13 @@ pub struct TieredCache {
 }
 
 impl TieredCache {
-    /// The tiers `cfg` asks for; the disk tier keeps its records in `store`'s sled database
-    /// (without a store there is no disk tier).
+    /// Memory and disk as `cfg` asks (the disk tier keeps its records in `store`'s sled
+    /// database; without a store there is no disk tier), then `shared`: the Redis tier for
+    /// `cfg.remote`, connected by the caller, which also uses it for shared documents.
     pub async fn open(
         cfg: &CacheConfig,
         store: Option<&crate::store::Store>,
+        shared: Option<Arc<remote::RemoteTier>>,
     ) -> Result<Self, CacheError> {
         let mut tiers: Vec<Arc<dyn Tier>> =
             vec![Arc::new(memory::MemoryTier::new(cfg.memory_bytes))];
@@ -165,28 +175,10 @@ impl TieredCache {
                 tiers.push(Arc::new(disk));
             }
         }
-        if let Some(url) = &cfg.remote {
-            tiers.push(Arc::new(remote::RemoteTier::connect(url).await?));
+        if let Some(r) = shared {
+            tiers.push(r);
         }
         Ok(Self::with_tiers(tiers))
-    }
-
-    /// The tiers `cfg` asks for, with `remote` (already connected, also used for shared
-    /// documents by the caller) as the shared tier instead of connecting one.
-    pub async fn open_with_remote(
-        cfg: &CacheConfig,
-        store: Option<&crate::store::Store>,
-        remote: Option<Arc<remote::RemoteTier>>,
-    ) -> Result<Self, CacheError> {
-        let local = CacheConfig {
-            remote: None,
-            ..cfg.clone()
-        };
-        let mut c = Self::open(&local, store).await?;
-        if let Some(r) = remote {
-            c.tiers.push(r);
-        }
-        Ok(c)
     }
 
     /// A cache over the given tiers, fastest first.
@@ -221,7 +213,7 @@ impl TieredCache {
             }
             self.stats.hit(tier.name());
             if i > 0 {
-                self.fill(&self.tiers[..i], key, &data, true);
+                self.fill(&self.tiers[..i], key, &data);
             }
             return Some(data);
         }
@@ -229,18 +221,15 @@ impl TieredCache {
         None
     }
 
-    /// Puts verified bytes into the trusted (memory) tiers above `upto` now, and into the
-    /// others in a background task (with `local_only`, only local ones).
-    fn fill(&self, tiers: &[Arc<dyn Tier>], key: &Digest, data: &Bytes, local_only: bool) {
-        let mut slow = Vec::new();
-        for t in tiers {
-            if t.trusted() {
-                // Memory tiers are synchronous under the hood: no await needed in practice.
-                futures_util::FutureExt::now_or_never(t.put(key, data.clone()));
-            } else if t.local() || !local_only {
-                slow.push(t.clone());
-            }
-        }
+    /// Puts verified bytes into `tiers` (those above the one that had them): the trusted
+    /// (memory) ones now, the others in a background task.
+    fn fill(&self, tiers: &[Arc<dyn Tier>], key: &Digest, data: &Bytes) {
+        put_trusted(tiers, key, data);
+        let slow: Vec<Arc<dyn Tier>> = tiers
+            .iter()
+            .filter(|t| !t.trusted() && t.local())
+            .cloned()
+            .collect();
         if !slow.is_empty() {
             let (key, data) = (*key, data.clone());
             tokio::spawn(async move {
@@ -258,9 +247,7 @@ impl TieredCache {
 
     /// Stores verified bytes in the fast (memory) tiers; returns at once.
     pub fn put_fast(&self, key: &Digest, data: &Bytes) {
-        for t in self.tiers.iter().filter(|t| t.trusted()) {
-            futures_util::FutureExt::now_or_never(t.put(key, data.clone()));
-        }
+        put_trusted(&self.tiers, key, data);
     }
 
     /// Stores verified bytes in the slower tiers (disk, and the shared tier unless
@@ -274,21 +261,10 @@ impl TieredCache {
         }
     }
 
-    /// Stores verified bytes in every tier.
-    pub async fn put(&self, key: &Digest, data: &Bytes) {
-        self.put_fast(key, data);
-        self.put_slow(key, data, false).await;
-    }
-
     pub async fn flush(&self) {
         for t in &self.tiers {
             t.flush().await;
         }
-    }
-
-    /// Bytes held by the memory tier: sizes the fetcher's in-flight budget.
-    pub fn memory_bytes(&self) -> u64 {
-        self.tier("memory").map_or(0, |t| t.usage().0)
     }
 
     fn tier(&self, name: &str) -> Option<&Arc<dyn Tier>> {
