@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, users, bigfile, everytype-base, everytype-top, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, dotdot, absolute, hardlink-forward, huge-size.
 """
 import gzip
 import hashlib
@@ -197,6 +197,12 @@ def gen(name):
         block = prng(1 << 20, "big")
         text = (b"clip lazy read benchmark line\n" * 40000)[: 1 << 20]
         t.add("data/big.bin", b"".join(block if i % 2 else text for i in range(128)))
+    elif name == "orphan-whiteout":
+        # On top of busybox: lists tmp/kept, then whites out the lower tmp. The layer's own
+        # tmp/kept stays, so tmp must stay a directory (a merged tree with an orphan crashed
+        # clip's daemon at every start).
+        t.add("tmp/kept", b"kept by its own layer\n")
+        t.add(".wh.tmp", b"")
     elif name == "arm64-marker":
         t.add("etc", kind=tarfile.DIRTYPE, mode=0o755)
         t.add("etc/arch", b"arm64\n")

@@ -26,6 +26,9 @@ pub enum FsError {
     Invalid,
     #[error("read failed: {0}")]
     Read(#[from] ReadError),
+    /// The merged tree cannot be served (a malformed image): this image fails, nothing else.
+    #[error("malformed image tree: {0}")]
+    Tree(String),
 }
 
 impl FsError {
@@ -37,7 +40,7 @@ impl FsError {
             FsError::IsDir => libc::EISDIR,
             FsError::NoAttr => libc::ENODATA,
             FsError::Invalid => libc::EINVAL,
-            FsError::Read(_) => libc::EIO,
+            FsError::Read(_) | FsError::Tree(_) => libc::EIO,
         }
     }
 }
@@ -117,8 +120,10 @@ fn makedev(major: u32, minor: u32) -> u32 {
 }
 
 impl ClipFs {
-    /// Builds the inode tables from the merged view; `readers[i]` reads layer `i`.
-    pub fn new(view: &ImageView, readers: Vec<Arc<LayerReader>>) -> Self {
+    /// Builds the inode tables from the merged view; `readers[i]` reads layer `i`. A view that
+    /// breaks the tree's invariant (see [`ImageView::check`]) is an error, never a panic.
+    pub fn new(view: &ImageView, readers: Vec<Arc<LayerReader>>) -> Result<Self, FsError> {
+        view.check().map_err(FsError::Tree)?;
         let mut inodes: Vec<Inode> = Vec::with_capacity(view.nodes.len());
         let mut by_path: HashMap<&[u8], u64> = HashMap::with_capacity(view.nodes.len());
         let mut by_data: HashMap<(u32, u32), u64> = HashMap::new();
@@ -219,7 +224,9 @@ impl ClipFs {
                     Some(i) => (&path[..i], &path[i + 1..]),
                     None => (&path[..0], &path[..]),
                 };
-                let pino = by_path[parent];
+                let pino = *by_path.get(parent).ok_or_else(|| {
+                    FsError::Tree(format!("orphan {}", String::from_utf8_lossy(path)))
+                })?;
                 children.entry(pino).or_default().push((name.to_vec(), ino));
                 if node.entry == IMPLIED || entry.is_some_and(|e| e.kind == EntryKind::Dir) {
                     inodes[pino as usize - 1].attr.nlink += 1;
@@ -233,12 +240,12 @@ impl ClipFs {
             }
         }
         let has_xattrs = inodes.iter().any(|i| !i.xattrs.is_empty());
-        ClipFs {
+        Ok(ClipFs {
             inodes,
             readers,
             has_xattrs,
             passthrough: None,
-        }
+        })
     }
 
     /// Serves files of at least `min_size` bytes by FUSE passthrough once their bytes are all
@@ -500,7 +507,7 @@ mod tests {
             ],
         };
         let view = ImageView::build(vec![Arc::new(layer)]).unwrap();
-        ClipFs::new(&view, vec![])
+        ClipFs::new(&view, vec![]).unwrap()
     }
 
     #[test]
@@ -558,5 +565,48 @@ mod tests {
         assert!(fs.read(a, 10, 10).await.unwrap().is_empty());
         // No reader for the layer (a broken setup): EINVAL, not a panic.
         assert_eq!(fs.read(a, 0, 4).await.unwrap_err().errno(), libc::EINVAL);
+    }
+
+    fn layer(entries: Vec<Entry>) -> Arc<LayerIndex> {
+        Arc::new(LayerIndex {
+            layer: Digest::of(b"l"),
+            diff_id: Digest::of(b"d"),
+            compressed_size: 1,
+            uncompressed_size: 4096,
+            span_size: 1 << 20,
+            windows: BlobRef {
+                digest: Digest::of(b""),
+                size: 0,
+            },
+            spans: vec![],
+            entries,
+        })
+    }
+
+    #[test]
+    fn malformed_layer_sets_build_a_tree_or_an_error_never_a_panic() {
+        let f = || EntryKind::File { offset: 0, size: 1 };
+        // A lower `a` whited out by a layer that also lists a/b; a whiteout naming the root.
+        let sets = [
+            vec![
+                layer(vec![entry("a", EntryKind::Dir), entry("a/old", f())]),
+                layer(vec![entry("a/b", f()), entry("a", EntryKind::Whiteout)]),
+            ],
+            vec![
+                layer(vec![entry("etc", EntryKind::Dir), entry("etc/x", f())]),
+                layer(vec![entry("", EntryKind::Whiteout)]),
+            ],
+        ];
+        for set in sets {
+            let view = ImageView::build(set).unwrap();
+            let fs = ClipFs::new(&view, vec![]).unwrap();
+            assert_eq!(fs.get(1).unwrap().attr.kind, Kind::Dir);
+        }
+        // A view that breaks the invariant (built by hand): an error for this image.
+        let mut view = ImageView::build(vec![layer(vec![entry("a/b", f())])]).unwrap();
+        view.nodes.remove(&b"a"[..]);
+        assert!(matches!(ClipFs::new(&view, vec![]), Err(FsError::Tree(_))));
+        view.nodes.clear();
+        assert!(matches!(ClipFs::new(&view, vec![]), Err(FsError::Tree(_))));
     }
 }

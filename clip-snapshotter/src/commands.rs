@@ -622,7 +622,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     }
     let ctx = context(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
-    let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone());
+    let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone())?;
     if let Some(store) = &o.path.files {
         fs = fs.with_passthrough(store.clone(), a.passthrough_min_size);
     }
@@ -689,7 +689,7 @@ async fn profile(g: &GlobalArgs, a: ProfileArgs) -> Result<()> {
         .map(|(r, rec)| r.clone().recording(rec.clone()))
         .collect();
     // No passthrough: every read must reach the recorders.
-    let fs = clip_fuse::ClipFs::new(&o.view, readers);
+    let fs = clip_fuse::ClipFs::new(&o.view, readers)?;
     let opts = clip_fuse::MountOptions {
         passthrough: false,
         ..Default::default()

@@ -477,3 +477,109 @@ fn checkpoints_are_denser_inside_small_files() {
     assert_eq!(dense.entries, uniform.entries);
     assert_eq!(dense.diff_id, uniform.diff_id);
 }
+
+/// A layer index with these entries only (no bytes behind them): for merge tests.
+fn bare_layer(entries: &[(&str, EntryKind)]) -> Arc<LayerIndex> {
+    Arc::new(LayerIndex {
+        layer: Digest::of(b"l"),
+        diff_id: Digest::of(b"d"),
+        compressed_size: 1,
+        uncompressed_size: 1 << 20,
+        span_size: DEFAULT_SPAN_SIZE,
+        windows: BlobRef {
+            digest: Digest::of(b""),
+            size: 0,
+        },
+        spans: vec![],
+        entries: entries
+            .iter()
+            .map(|(p, k)| Entry {
+                path: p.as_bytes().to_vec(),
+                kind: k.clone(),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                xattrs: vec![],
+            })
+            .collect(),
+    })
+}
+
+fn file() -> EntryKind {
+    EntryKind::File { offset: 0, size: 1 }
+}
+
+#[test]
+fn whiteout_of_a_lower_dir_keeps_this_layers_children_under_a_directory() {
+    // Layer 1 lists a/b, then whites out a lower `a`: a/b stays, so `a` must stay a directory.
+    let l0 = bare_layer(&[("a", EntryKind::Dir), ("a/old", file())]);
+    let l1 = bare_layer(&[("a/b", file()), ("a", EntryKind::Whiteout)]);
+    let v = ImageView::build(vec![l0, l1]).unwrap();
+    v.check().unwrap();
+    assert!(v.get(b"a/b").is_some());
+    assert!(v.get(b"a/old").is_none());
+    assert_eq!(v.get(b"a").unwrap().1, None, "implied directory");
+}
+
+#[test]
+fn entries_naming_the_root_never_remove_it() {
+    for kind in [EntryKind::Whiteout, file(), EntryKind::Fifo] {
+        let l0 = bare_layer(&[("etc", EntryKind::Dir), ("etc/x", file())]);
+        let l1 = bare_layer(&[("", kind.clone())]);
+        let v = ImageView::build(vec![l0, l1]).unwrap();
+        v.check().unwrap();
+        assert!(v.get(b"etc/x").is_some(), "{kind:?}");
+    }
+}
+
+#[test]
+fn merged_tree_keeps_its_invariant_for_any_layers() {
+    // Random layers over a small path alphabet, so whiteouts, opaque dirs, replacements and
+    // re-creations collide often.
+    let names = ["", "a", "b", "a/b", "a/c", "a/b/c", "b/a", "a/b/c/d"];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    for round in 0..3000 {
+        let mut layers = Vec::new();
+        for _ in 0..1 + next(4) {
+            let mut entries = Vec::new();
+            for _ in 0..next(7) {
+                let kind = match next(6) {
+                    0 => EntryKind::Dir,
+                    1 => file(),
+                    2 => EntryKind::Whiteout,
+                    3 => EntryKind::Opaque,
+                    4 => EntryKind::Symlink {
+                        target: b"a".to_vec(),
+                    },
+                    _ => EntryKind::Hardlink {
+                        target: names[next(names.len())].as_bytes().to_vec(),
+                    },
+                };
+                entries.push((names[next(names.len())], kind));
+            }
+            layers.push(bare_layer(&entries));
+        }
+        if let Ok(v) = ImageView::build(layers.clone()) {
+            if let Err(e) = v.check() {
+                let shown: Vec<Vec<(String, EntryKind)>> = layers
+                    .iter()
+                    .map(|l| {
+                        l.entries
+                            .iter()
+                            .map(|e| (show_path(&e.path), e.kind.clone()))
+                            .collect()
+                    })
+                    .collect();
+                panic!("round {round}: {e}\nlayers: {shown:?}");
+            }
+        }
+    }
+}

@@ -31,7 +31,12 @@ pub struct ImageView {
 }
 
 /// The keys strictly under `dir` are those in `[dir + "/", dir + "0")` ('0' follows '/').
-fn remove_under(nodes: &mut BTreeMap<Vec<u8>, Node>, dir: &[u8], keep: impl Fn(&Node) -> bool) {
+/// Returns how many were removed.
+fn remove_under(
+    nodes: &mut BTreeMap<Vec<u8>, Node>,
+    dir: &[u8],
+    keep: impl Fn(&Node) -> bool,
+) -> usize {
     let (lo, hi) = if dir.is_empty() {
         (Vec::new(), None)
     } else {
@@ -53,9 +58,22 @@ fn remove_under(nodes: &mut BTreeMap<Vec<u8>, Node>, dir: &[u8], keep: impl Fn(&
             .map(|(k, _)| k.clone())
             .collect(),
     };
-    for k in doomed {
-        nodes.remove(&k);
+    for k in &doomed {
+        nodes.remove(k);
     }
+    doomed.len()
+}
+
+/// The keys strictly under `dir`.
+fn keys_under(nodes: &BTreeMap<Vec<u8>, Node>, dir: &[u8]) -> Vec<Vec<u8>> {
+    if dir.is_empty() {
+        return nodes.keys().filter(|k| !k.is_empty()).cloned().collect();
+    }
+    let mut lo = dir.to_vec();
+    lo.push(b'/');
+    let mut hi = dir.to_vec();
+    hi.push(b'0');
+    nodes.range(lo..hi).map(|(k, _)| k.clone()).collect()
 }
 
 fn parent(path: &[u8]) -> Option<&[u8]> {
@@ -84,19 +102,32 @@ impl ImageView {
             let li = li as u32;
             for (ei, e) in layer.entries.iter().enumerate() {
                 let ei = ei as u32;
+                // The root is always a directory: an index (hostile or broken) that names it with
+                // anything else is ignored for the root, never allowed to remove it.
+                if e.path.is_empty() && !matches!(e.kind, EntryKind::Dir | EntryKind::Opaque) {
+                    continue;
+                }
                 match &e.kind {
                     EntryKind::Whiteout => {
                         let lower = |n: &Node| n.layer >= li;
+                        let mut removed = 0;
                         if nodes.get(&e.path).is_some_and(|n| n.layer < li) {
                             nodes.remove(&e.path);
+                            removed += 1;
                         }
-                        remove_under(&mut nodes, &e.path, lower);
+                        removed += remove_under(&mut nodes, &e.path, lower);
+                        if removed > 0 {
+                            Self::reparent_under(&layers, &mut nodes, &e.path, li);
+                        }
                         continue;
                     }
                     EntryKind::Opaque => {
-                        remove_under(&mut nodes, &e.path, |n| n.layer >= li);
+                        let removed = remove_under(&mut nodes, &e.path, |n| n.layer >= li);
                         // The directory itself stays (or is implied).
                         Self::imply_parents(&layers, &mut nodes, &e.path, li, true);
+                        if removed > 0 {
+                            Self::reparent_under(&layers, &mut nodes, &e.path, li);
+                        }
                         continue;
                     }
                     _ => {}
@@ -124,6 +155,50 @@ impl ImageView {
         Ok(ImageView { layers, nodes })
     }
 
+    /// The tree's invariant: the root exists and is a directory, and every other path's parent
+    /// exists and is a directory. [`ImageView::build`] keeps it for any input; this checks it.
+    pub fn check(&self) -> Result<(), String> {
+        let is_dir = |p: &[u8]| {
+            self.nodes
+                .get(p)
+                .is_some_and(|n| match self.entry(n.layer, n.entry) {
+                    None => n.entry == IMPLIED,
+                    Some(e) => e.kind == EntryKind::Dir,
+                })
+        };
+        if !is_dir(b"") {
+            return Err("the root is missing or not a directory".into());
+        }
+        for path in self.nodes.keys() {
+            if let Some(p) = parent(path) {
+                if !is_dir(p) {
+                    return Err(format!(
+                        "{}: parent missing or not a directory",
+                        show_path(path)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a whiteout or opaque directory removed lower layers' entries under `dir`, this
+    /// layer's own entries there stay; their directories must then exist again (the merged tree
+    /// never has an entry without a parent).
+    fn reparent_under(
+        layers: &[Arc<LayerIndex>],
+        nodes: &mut BTreeMap<Vec<u8>, Node>,
+        dir: &[u8],
+        layer: u32,
+    ) {
+        for key in keys_under(nodes, dir) {
+            let orphan = parent(&key).is_some_and(|p| !nodes.contains_key(p));
+            if orphan && nodes.contains_key(&key) {
+                Self::imply_parents(layers, nodes, &key, layer, false);
+            }
+        }
+    }
+
     /// Makes every ancestor of `path` (and `path` itself if `include_self`) a directory: missing
     /// ones are implied; a non-directory in the way (a malformed image) is replaced.
     fn imply_parents(
@@ -144,12 +219,14 @@ impl ImageView {
             p = parent(dir);
         }
         for dir in todo.into_iter().rev() {
-            let ok = nodes.get(dir).is_some_and(|n| {
+            let state = nodes.get(dir).map(|n| {
                 n.entry == IMPLIED
                     || layers[n.layer as usize].entries[n.entry as usize].kind == EntryKind::Dir
             });
-            if !ok {
-                remove_under(nodes, dir, |_| false);
+            if state != Some(true) {
+                if state == Some(false) {
+                    remove_under(nodes, dir, |_| false);
+                }
                 nodes.insert(
                     dir.to_vec(),
                     Node {

@@ -523,7 +523,8 @@ impl ClipSnapshotter {
                 .map(|r| r.recording(Arc::new(Recorder::new(window))))
                 .collect();
         }
-        let mut fs = clip_fuse::ClipFs::new(&view, readers.clone());
+        let mut fs =
+            clip_fuse::ClipFs::new(&view, readers.clone()).map_err(|e| fail(e.to_string()))?;
         if let Some(files) = &self.reads.files {
             fs = fs.with_passthrough(files.clone(), self.opts.passthrough_min_size);
         }

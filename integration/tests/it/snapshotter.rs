@@ -951,3 +951,34 @@ fn startup_profiles_are_shared_through_the_redis_tier() {
     assert!(log.contains("prefetching a startup profile"), "{log}");
     assert!(metric(&b.metrics(), "clip_prefetch_spans_total") >= 4.0);
 }
+
+/// An image whose top layer lists `tmp/kept` and then whites out the lower `tmp`: the merged
+/// tree must keep `tmp` as a directory. Such a tree used to panic the daemon when mounted, and a
+/// recorded snapshot on it then panicked every start.
+#[test]
+fn an_image_with_an_orphaned_entry_mounts_and_the_daemon_survives_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:orphan-whiteout"]);
+    reg.push_layout(&l, "v1", "orphan");
+    let image = format!("{}:v1", reg.image("orphan"));
+    publish_index(tmp.path(), &image);
+    let mut node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    let cat = |node: &Node, id: &str| out(&node.run("clip", &image, id, &["cat", "/tmp/kept"]));
+    assert_eq!(cat(&node, "o1"), "kept by its own layer\n");
+    // An active snapshot on the chain stays recorded across restarts (remounted at start).
+    node.ctr_ok(&[
+        "containers",
+        "create",
+        "--snapshotter",
+        "clip",
+        &image,
+        "held",
+    ]);
+    for sig in [libc::SIGKILL, libc::SIGTERM] {
+        node.stop_snapshotter(sig);
+        node.start_snapshotter();
+        assert_eq!(cat(&node, "o2"), "kept by its own layer\n");
+    }
+}
