@@ -40,5 +40,9 @@ pub mod store;
 #[cfg(test)]
 mod testutil;
 
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: testutil::alloc_meter::Meter = testutil::alloc_meter::Meter;
+
 pub use digest::Digest;
 pub use reference::Reference;

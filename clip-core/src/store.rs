@@ -257,7 +257,7 @@ mod tests {
                 compressed: 10,
                 bits: 0,
                 window_offset: 0,
-                window_len: 0,
+                window_len: windows.len() as u32,
                 digest: Digest::of(b""),
             }],
             entries: vec![Entry {

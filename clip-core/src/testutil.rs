@@ -96,3 +96,63 @@ impl Tier for TestTier {
         self.local
     }
 }
+
+/// Counts the bytes each thread holds, so a test can bound what decoding hostile input
+/// allocates. It is the test binary's global allocator (see `lib.rs`).
+pub mod alloc_meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Meter;
+
+    thread_local! {
+        static LIVE: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(grow: usize, shrink: usize) {
+        let _ = LIVE.try_with(|live| {
+            let v = live.get().saturating_add(grow).saturating_sub(shrink);
+            live.set(v);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(v)));
+        });
+    }
+
+    // SAFETY: every call is forwarded to the system allocator unchanged; only counters move.
+    unsafe impl GlobalAlloc for Meter {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc(l) };
+            if !p.is_null() {
+                note(l.size(), 0);
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc_zeroed(l) };
+            if !p.is_null() {
+                note(l.size(), 0);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            unsafe { System.dealloc(p, l) };
+            note(0, l.size());
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            let q = unsafe { System.realloc(p, l, new) };
+            if !q.is_null() {
+                note(new, l.size());
+            }
+            q
+        }
+    }
+
+    /// Runs `f`; returns its result and the most bytes this thread held at once during it,
+    /// beyond what it held before.
+    pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let base = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(base));
+        let out = f();
+        (out, PEAK.with(Cell::get) - base)
+    }
+}

@@ -4,6 +4,7 @@
 use super::inflater::{Inflater, GZIP};
 use super::{Checkpoint, GzipError};
 use crate::digest::{Digest, Hasher};
+use crate::index::limits;
 use std::io::{self, BufRead, Read};
 
 const IN_BUF: usize = 256 * 1024;
@@ -271,6 +272,23 @@ impl<R: Read> GzipIndexer<R> {
         }
     }
 
+    /// Spans stay within [`limits::MAX_SPAN`] and [`limits::MAX_SPAN_COMPRESSED`]: checkpoints
+    /// can only fall between deflate blocks, so a longer block makes the layer unservable.
+    fn check_span_limits(&self) -> Result<(), GzipError> {
+        let Some(last) = self.checkpoints.last() else {
+            return Ok(());
+        };
+        if self.uncompressed - last.uncompressed > limits::MAX_SPAN
+            || self.compressed - last.compressed > limits::MAX_SPAN_COMPRESSED
+        {
+            return Err(GzipError::SpanTooLong {
+                compressed: last.compressed,
+                max: limits::MAX_SPAN,
+            });
+        }
+        Ok(())
+    }
+
     fn checkpoint(&mut self, bits: u8) -> Result<(), GzipError> {
         let due = match self.checkpoints.last() {
             None => true,
@@ -355,6 +373,7 @@ impl<R: Read> GzipIndexer<R> {
                     buf.extend_from_slice(out);
                 }
                 self.uncompressed += out.len() as u64;
+                self.check_span_limits()?;
             }
             if step.stream_end {
                 self.state = State::BetweenMembers;

@@ -54,6 +54,11 @@ pub enum GzipError {
     TrailingGarbage { compressed: u64 },
     #[error("zlib error: {0}")]
     Zlib(String),
+    #[error(
+        "no checkpoint possible for more than {max} bytes of output (a deflate block that long \
+         at compressed offset {compressed}): this layer cannot be served lazily"
+    )]
+    SpanTooLong { compressed: u64, max: u64 },
     #[error("span inflated to {got} bytes, expected {expected}")]
     ShortSpan { got: u64, expected: u64 },
     #[error("I/O error reading the compressed stream: {0}")]

@@ -203,3 +203,60 @@ fn span_sink_gets_every_span_with_its_digest() {
     let joined: Vec<u8> = got.iter().flat_map(|(_, b)| b.iter().copied()).collect();
     assert_eq!(joined, original);
 }
+
+/// A gzip member holding one fixed-Huffman deflate block: `a` and then `matches` copies of 258
+/// bytes at distance 1. zlib never writes blocks this long, but a hostile layer can.
+fn one_block_gzip(matches: usize) -> (Vec<u8>, Vec<u8>) {
+    struct Bits(Vec<u8>, u32, u32);
+    impl Bits {
+        fn put(&mut self, value: u32, n: u32) {
+            for i in 0..n {
+                self.1 |= ((value >> i) & 1) << self.2;
+                self.2 += 1;
+                if self.2 == 8 {
+                    self.0.push(self.1 as u8);
+                    (self.1, self.2) = (0, 0);
+                }
+            }
+        }
+        /// Huffman codes go most significant bit first.
+        fn code(&mut self, code: u32, n: u32) {
+            self.put(code.reverse_bits() >> (32 - n), n);
+        }
+    }
+    let mut b = Bits(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff], 0, 0);
+    b.put(1, 1); // final block
+    b.put(1, 2); // fixed Huffman codes
+    b.code(0x30 + u32::from(b'a'), 8);
+    for _ in 0..matches {
+        b.code(0xc0 + (285 - 280), 8); // length 258
+        b.code(0, 5); // distance 1
+    }
+    b.code(0, 7); // end of block
+    b.put(0, 7);
+    let out = vec![b'a'; 1 + 258 * matches];
+    let mut crc = flate2::Crc::new();
+    crc.update(&out);
+    let mut gz = b.0;
+    gz.extend_from_slice(&crc.sum().to_le_bytes());
+    gz.extend_from_slice(&(out.len() as u32).to_le_bytes());
+    (gz, out)
+}
+
+#[test]
+fn a_deflate_block_longer_than_the_span_limit_is_refused_at_index_time() {
+    // A 5 MiB block indexes and reads back (the control for the generator).
+    let (gz, out) = one_block_gzip(20_000);
+    let (z, got) = index(&gz, 1 << 20).unwrap();
+    assert_eq!(got, out);
+    check_all_spans(&gz, &out, &z);
+    // Beyond the limit: a clear error, not a span every read would inflate whole.
+    let (gz, _) = one_block_gzip((crate::index::limits::MAX_SPAN / 258 + 10) as usize);
+    match index(&gz, 1 << 20) {
+        Err(GzipError::SpanTooLong { max, .. }) => {
+            assert_eq!(max, crate::index::limits::MAX_SPAN)
+        }
+        Err(e) => panic!("{e}"),
+        Ok((z, _)) => panic!("indexed into {} spans", z.checkpoints.len()),
+    }
+}

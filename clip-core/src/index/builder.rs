@@ -273,6 +273,7 @@ fn read_entries<R: Read>(
                 reason: "the root must be a directory",
             });
         }
+        check_limits(&raw_path, &path, &kind, &xattrs, out.len())?;
         out.push(Entry {
             path,
             kind,
@@ -283,6 +284,46 @@ fn read_entries<R: Read>(
             mtime_nsec,
             xattrs,
         });
+    }
+    Ok(())
+}
+
+/// What the decoder accepts ([`super::limits`]), checked where the layer is read, so every index
+/// clip builds can be loaded again.
+fn check_limits(
+    raw_path: &[u8],
+    path: &[u8],
+    kind: &EntryKind,
+    xattrs: &[(Vec<u8>, Vec<u8>)],
+    entries: usize,
+) -> Result<(), IndexError> {
+    use super::limits::*;
+    let too_big = |what: String| IndexError::Unsupported {
+        path: show_path(raw_path),
+        what,
+    };
+    if entries as u64 >= MAX_ENTRIES {
+        return Err(too_big(format!(
+            "more than {MAX_ENTRIES} entries in one layer"
+        )));
+    }
+    if path.len() > MAX_PATH {
+        return Err(too_big(format!("a path longer than {MAX_PATH} bytes")));
+    }
+    if let EntryKind::Symlink { target } | EntryKind::Hardlink { target } = kind {
+        if target.len() > MAX_PATH {
+            return Err(too_big(format!(
+                "a link target longer than {MAX_PATH} bytes"
+            )));
+        }
+    }
+    for (k, v) in xattrs {
+        if k.len() > MAX_XATTR_NAME || v.len() > MAX_XATTR_VALUE {
+            return Err(too_big(format!(
+                "an extended attribute beyond Linux's limits ({MAX_XATTR_NAME}-byte name, \
+                 {MAX_XATTR_VALUE}-byte value)"
+            )));
+        }
     }
     Ok(())
 }

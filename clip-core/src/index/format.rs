@@ -19,6 +19,7 @@
 //! deduplicate it. Decoding treats its input as hostile: the checksum is checked first, every
 //! length is bounded by the bytes actually present, and nothing panics.
 
+use super::limits::*;
 use super::{BlobRef, Entry, EntryKind, IndexError, LayerIndex, Span};
 use crate::digest::Digest;
 
@@ -30,8 +31,6 @@ pub const MEDIA_TYPE_INDEX: &str = "application/vnd.clip.layer-index.v1";
 pub const MEDIA_TYPE_WINDOWS: &str = "application/vnd.clip.layer-windows.v1";
 
 const ZSTD_LEVEL: i32 = 12;
-/// No entry table may claim to inflate beyond this.
-const MAX_TABLE: u64 = 1 << 30;
 
 const K_DIR: u8 = 0;
 const K_FILE: u8 = 1;
@@ -264,6 +263,12 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         if bits > 7 || (i == 0 && uncompressed != 0) || (i > 0 && du == 0) {
             return Err(c.err("invalid span"));
         }
+        if i > 0 && (du > MAX_SPAN || dc > MAX_SPAN_COMPRESSED) {
+            return Err(c.err("span larger than clip's limit"));
+        }
+        if window_len > MAX_WINDOW_LEN {
+            return Err(c.err("checkpoint window larger than clip's limit"));
+        }
         if uncompressed > uncompressed_size
             || compressed > compressed_size
             || (bits > 0 && compressed == 0)
@@ -288,19 +293,36 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         pu = uncompressed;
         pc = compressed;
     }
+    if woff != windows_size {
+        return Err(c.err("windows blob size does not match its windows"));
+    }
+    if let Some(last) = spans.last() {
+        if uncompressed_size - last.uncompressed > MAX_SPAN
+            || compressed_size - last.compressed > MAX_SPAN_COMPRESSED
+        {
+            return Err(c.err("last span larger than clip's limit"));
+        }
+    } else if uncompressed_size > 0 {
+        return Err(c.err("no spans for a non-empty layer"));
+    }
     let table_len = c.varint()?;
     let z = c.bytes()?;
     if c.remaining() != 0 {
         return Err(c.err("trailing bytes"));
     }
-    if table_len > MAX_TABLE {
-        return Err(IndexError::Format("entry table too large".into()));
+    if table_len > MAX_TABLE || table_len > (z.len() as u64).saturating_mul(MAX_TABLE_RATIO) {
+        return Err(IndexError::Format(format!(
+            "entry table claims {table_len} bytes from {} compressed (limits: {MAX_TABLE} bytes, \
+             {MAX_TABLE_RATIO}x)",
+            z.len()
+        )));
     }
-    let table = zstd::bulk::decompress(z, table_len as usize)
-        .map_err(|e| IndexError::Format(format!("entry table: {e}")))?;
-    if table.len() as u64 != table_len {
-        return Err(IndexError::Format("entry table size mismatch".into()));
+    if entry_count > MAX_ENTRIES {
+        return Err(IndexError::Format(format!(
+            "{entry_count} entries (limit {MAX_ENTRIES})"
+        )));
     }
+    let table = inflate_table(z, table_len)?;
     let entries = decode_entries(&table, entry_count, uncompressed_size)?;
     Ok(LayerIndex {
         layer,
@@ -317,6 +339,33 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
     })
 }
 
+/// Decompresses the entry table, growing the buffer with the output actually produced (never
+/// reserving what the header claims) and stopping one byte past the claimed size.
+fn inflate_table(z: &[u8], table_len: u64) -> Result<Vec<u8>, IndexError> {
+    use std::io::Read;
+    let err = |e: std::io::Error| IndexError::Format(format!("entry table: {e}"));
+    let mut table = Vec::new();
+    zstd::stream::read::Decoder::with_buffer(z)
+        .map_err(err)?
+        .take(table_len + 1)
+        .read_to_end(&mut table)
+        .map_err(err)?;
+    if table.len() as u64 != table_len {
+        return Err(IndexError::Format("entry table size mismatch".into()));
+    }
+    Ok(table)
+}
+
+/// A path as the builder writes it ([`super::builder::normalize`]d): relative, no empty, `.` or
+/// `..` components, no NUL, at most [`MAX_PATH`] bytes.
+fn normal_path(p: &[u8]) -> bool {
+    p.len() <= MAX_PATH
+        && !p.contains(&0)
+        && (p.is_empty()
+            || p.split(|&b| b == b'/')
+                .all(|c| !matches!(c, b"" | b"." | b"..")))
+}
+
 fn decode_entries(
     table: &[u8],
     count: u64,
@@ -328,14 +377,30 @@ fn decode_entries(
         return Err(c.err("entry count exceeds the data"));
     }
     let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+    // Paths, targets and xattrs together: bounded by the table's size.
+    let mut budget = (table.len() as u64).saturating_mul(MAX_NAME_RATIO);
+    let mut spend = |c: &Cursor, n: usize| {
+        budget = budget
+            .checked_sub(n as u64)
+            .ok_or_else(|| c.err("names exceed the limit for the table's size"))?;
+        Ok::<(), IndexError>(())
+    };
     for _ in 0..count {
         let shared = c.varint()?;
         let prev = entries.last().map_or(&b""[..], |e| &e.path);
         if shared > prev.len() as u64 {
             return Err(c.err("bad path prefix"));
         }
+        let suffix = c.bytes()?;
+        if shared as usize + suffix.len() > MAX_PATH {
+            return Err(c.err("path longer than clip's limit"));
+        }
+        spend(&c, shared as usize + suffix.len())?;
         let mut path = prev[..shared as usize].to_vec();
-        path.extend_from_slice(c.bytes()?);
+        path.extend_from_slice(suffix);
+        if !normal_path(&path) {
+            return Err(c.err("path not normalised"));
+        }
         let kind_tag = c.u8()?;
         let mode = c.u32v()?;
         let uid = c.u32v()?;
@@ -355,12 +420,21 @@ fn decode_entries(
                 }
                 EntryKind::File { offset, size }
             }
-            K_SYMLINK => EntryKind::Symlink {
-                target: c.bytes()?.to_vec(),
-            },
-            K_HARDLINK => EntryKind::Hardlink {
-                target: c.bytes()?.to_vec(),
-            },
+            K_SYMLINK | K_HARDLINK => {
+                let target = c.bytes()?;
+                if target.len() > MAX_PATH {
+                    return Err(c.err("link target longer than clip's limit"));
+                }
+                spend(&c, target.len())?;
+                let target = target.to_vec();
+                if kind_tag == K_SYMLINK {
+                    EntryKind::Symlink { target }
+                } else if normal_path(&target) {
+                    EntryKind::Hardlink { target }
+                } else {
+                    return Err(c.err("hard link target not normalised"));
+                }
+            }
             K_CHAR => EntryKind::CharDevice {
                 major: c.u32v()?,
                 minor: c.u32v()?,
@@ -380,9 +454,15 @@ fn decode_entries(
         }
         let mut xattrs = Vec::with_capacity(nx as usize);
         for _ in 0..nx {
-            let k = c.bytes()?.to_vec();
-            let v = c.bytes()?.to_vec();
-            xattrs.push((k, v));
+            let (k, v) = (c.bytes()?, c.bytes()?);
+            if k.len() > MAX_XATTR_NAME || v.len() > MAX_XATTR_VALUE {
+                return Err(c.err("extended attribute larger than clip's limit"));
+            }
+            spend(&c, k.len() + v.len())?;
+            xattrs.push((k.to_vec(), v.to_vec()));
+        }
+        if path.is_empty() && !matches!(kind, EntryKind::Dir | EntryKind::Opaque) {
+            return Err(c.err("the root is not a directory"));
         }
         entries.push(Entry {
             path,

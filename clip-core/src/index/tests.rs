@@ -583,3 +583,129 @@ fn merged_tree_keeps_its_invariant_for_any_layers() {
         }
     }
 }
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A sealed index with the given header numbers, spans `(du, dc, window_len)` and entry table.
+fn crafted_index(
+    sizes: [u64; 4], // windows, compressed, uncompressed, span size
+    spans: &[(u64, u64, u64)],
+    entry_count: u64,
+    table_len: u64,
+    table: &[u8],
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(format::MAGIC);
+    b.extend_from_slice(&format::VERSION.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&[7u8; 96]);
+    for v in sizes {
+        varint(&mut b, v);
+    }
+    varint(&mut b, spans.len() as u64);
+    varint(&mut b, entry_count);
+    for &(du, dc, wlen) in spans {
+        varint(&mut b, du);
+        varint(&mut b, dc);
+        b.push(0);
+        varint(&mut b, wlen);
+        b.extend_from_slice(&[1u8; 32]);
+    }
+    varint(&mut b, table_len);
+    let z = zstd::bulk::compress(table, 19).unwrap();
+    varint(&mut b, z.len() as u64);
+    b.extend_from_slice(&z);
+    reseal(&b)
+}
+
+#[test]
+fn tiny_hostile_indexes_get_a_clear_error_within_bounded_memory() {
+    use crate::testutil::alloc_meter::peak_during;
+    let one_span = [(0, 0, 0)];
+    // 16 MiB of zeros is 1.8 M root entries of 9 bytes each; zstd makes it a few hundred bytes.
+    let zeros = vec![0u8; 16 << 20];
+    for claimed in [16 << 20, 1 << 30, u64::MAX >> 1] {
+        let ix = crafted_index(
+            [0, 1, 1, 1 << 20],
+            &one_span,
+            (16 << 20) / 9,
+            claimed,
+            &zeros,
+        );
+        assert!(ix.len() < 1024, "{} bytes", ix.len());
+        let (r, peak) = peak_during(|| format::decode(&ix));
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("entry table claims"), "{e}");
+        assert!(peak < 1 << 20, "{peak} bytes for a {}-byte index", ix.len());
+    }
+    // Front-coded paths that grow by one byte per entry: quadratic if rebuilt without a limit.
+    let mut table = Vec::new();
+    for i in 0..20_000u64 {
+        varint(&mut table, i);
+        table.extend_from_slice(&[1, b'a', 0, 0, 0, 0, 0, 0, 0]);
+    }
+    let ix = crafted_index(
+        [0, 1, 1, 1 << 20],
+        &one_span,
+        20_000,
+        table.len() as u64,
+        &table,
+    );
+    let (r, peak) = peak_during(|| format::decode(&ix));
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("path longer than clip's limit"), "{e}");
+    assert!(
+        peak < 64 << 20,
+        "{peak} bytes for a {}-byte index",
+        ix.len()
+    );
+    // A span claiming 2^40 bytes (each read would allocate it).
+    let huge = 1u64 << 40;
+    let ix = crafted_index(
+        [0, 2, huge + 1, 1 << 20],
+        &[(0, 0, 0), (huge, 1, 0)],
+        0,
+        0,
+        &[],
+    );
+    let e = format::decode(&ix).unwrap_err().to_string();
+    assert!(e.contains("span larger than clip's limit"), "{e}");
+    let ix = crafted_index([0, 1, huge, 1 << 20], &one_span, 0, 0, &[]);
+    let e = format::decode(&ix).unwrap_err().to_string();
+    assert!(e.contains("last span larger"), "{e}");
+    // Paths the builder never writes: `..`, absolute, empty components; a root that is a file.
+    // (The first case is the control: a well-formed directory entry decodes.)
+    for (path, kind) in [
+        (&b"a/b"[..], 0u8),
+        (b"a/../b", 0),
+        (b"/etc", 0),
+        (b"a//b", 0),
+        (b"", 1),
+    ] {
+        let mut t = Vec::new();
+        varint(&mut t, 0);
+        varint(&mut t, path.len() as u64);
+        t.extend_from_slice(path);
+        t.extend_from_slice(&[kind, 0, 0, 0, 0, 0]);
+        if kind == 1 {
+            t.extend_from_slice(&[0, 0]);
+        }
+        t.push(0);
+        let ix = crafted_index([0, 1, 1, 1 << 20], &one_span, 1, t.len() as u64, &t);
+        if path == b"a/b" {
+            assert_eq!(format::decode(&ix).unwrap().entries[0].path, path);
+            continue;
+        }
+        let e = format::decode(&ix).unwrap_err().to_string();
+        assert!(
+            e.contains("not normalised") || e.contains("root"),
+            "{path:?}: {e}"
+        );
+    }
+}

@@ -53,6 +53,9 @@ pub fn time(nanos: u128) -> SystemTime {
 pub struct Meta {
     db: sled::Db,
     tree: sled::Tree,
+    /// Records that could not be decoded, moved aside at open (kept for inspection, never
+    /// served): tree `snapshots-unreadable`.
+    unreadable: sled::Tree,
 }
 
 fn decode(name: &[u8], v: &[u8]) -> Result<Record, SnapshotError> {
@@ -67,9 +70,44 @@ fn encode(r: &Record) -> Vec<u8> {
 }
 
 impl Meta {
+    /// Opens the records. One that does not decode is reported, moved aside and skipped: the
+    /// daemon starts and serves every other snapshot.
     pub fn open(db: sled::Db) -> Result<Self, SnapshotError> {
         let tree = db.open_tree("snapshots")?;
-        Ok(Meta { db, tree })
+        let unreadable = db.open_tree("snapshots-unreadable")?;
+        let mut moved = 0;
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            if let Err(e) = decode(&k, &v) {
+                tracing::error!("{e}; moved aside to the database's snapshots-unreadable tree");
+                unreadable.insert(&k, v)?;
+                tree.remove(&k)?;
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            db.flush()?;
+        }
+        Ok(Meta {
+            db,
+            tree,
+            unreadable,
+        })
+    }
+
+    /// The snapshot ids that unreadable records may still name: their directories must not be
+    /// cleaned up. `None` when some record is too damaged to tell (then nothing may be).
+    pub fn unreadable_ids(&self) -> Option<Vec<u64>> {
+        let mut ids = Vec::new();
+        for kv in self.unreadable.iter() {
+            let (_, v) = kv.ok()?;
+            let id = serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()?
+                .get("id")?
+                .as_u64()?;
+            ids.push(id);
+        }
+        Some(ids)
     }
 
     pub fn next_id(&self) -> Result<u64, SnapshotError> {
@@ -126,15 +164,18 @@ impl Meta {
         Ok(())
     }
 
-    /// Every snapshot, by name.
+    /// Every snapshot, by name (a record that stopped decoding since open is reported and
+    /// skipped).
     pub fn list(&self) -> Result<Vec<(String, Record)>, SnapshotError> {
-        self.tree
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), decode(&k, &v)?))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            match decode(&k, &v) {
+                Ok(r) => out.push((String::from_utf8_lossy(&k).into_owned(), r)),
+                Err(e) => tracing::error!("{e}; skipped"),
+            }
+        }
+        Ok(out)
     }
 
     pub fn has_children(&self, name: &str) -> Result<bool, SnapshotError> {
@@ -144,5 +185,50 @@ impl Meta {
     pub async fn flush(&self) -> Result<(), SnapshotError> {
         self.tree.flush_async().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64) -> Record {
+        Record {
+            id,
+            kind: Kind::Committed,
+            parent: String::new(),
+            labels: BTreeMap::new(),
+            created: 1,
+            updated: 1,
+            remote: None,
+            size: 0,
+            inodes: 0,
+        }
+    }
+
+    #[test]
+    fn an_unreadable_record_is_moved_aside_and_the_rest_still_served() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let m = Meta::open(sled::open(dir.path()).unwrap()).unwrap();
+            m.put("good", &record(1)).unwrap();
+            m.put("damaged", &record(2)).unwrap();
+            m.tree.insert("garbage", &b"\xff not json"[..]).unwrap();
+            let mut bad = encode(&record(2));
+            bad.truncate(bad.len() - 3);
+            m.tree.insert("damaged", bad).unwrap();
+            m.db.flush().unwrap();
+        }
+        let m = Meta::open(sled::open(dir.path()).unwrap()).unwrap();
+        let names: Vec<String> = m.list().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["good"]);
+        assert_eq!(m.unreadable.len(), 2, "kept for inspection");
+        // "garbage" names no id: nothing may be cleaned up.
+        assert_eq!(m.unreadable_ids(), None);
+        m.unreadable.remove("garbage").unwrap();
+        // A truncated record is not JSON either.
+        assert_eq!(m.unreadable_ids(), None);
+        m.unreadable.insert("damaged", encode(&record(2))).unwrap();
+        assert_eq!(m.unreadable_ids(), Some(vec![2]));
     }
 }

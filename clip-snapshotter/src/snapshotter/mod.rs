@@ -1089,8 +1089,17 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
 
     /// Removes snapshot directories no record names (left by a crash between steps).
     async fn clear(&self) -> Result<(), Self::Error> {
-        let ids: std::collections::HashSet<u64> =
+        let mut ids: std::collections::HashSet<u64> =
             self.meta.list()?.into_iter().map(|(_, r)| r.id).collect();
+        match self.meta.unreadable_ids() {
+            Some(more) => ids.extend(more),
+            None => {
+                tracing::warn!(
+                    "cleanup skipped: an unreadable snapshot record may name a directory still in use"
+                );
+                return Ok(());
+            }
+        }
         let root = self.dir.join("snapshots");
         let rd = std::fs::read_dir(&root).map_err(io_err(root.display().to_string()))?;
         for e in rd.flatten() {

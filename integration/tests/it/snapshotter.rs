@@ -982,3 +982,41 @@ fn an_image_with_an_orphaned_entry_mounts_and_the_daemon_survives_restarts() {
         assert_eq!(cat(&node, "o2"), "kept by its own layer\n");
     }
 }
+
+/// Prepare, Commit and Remove are on disk when containerd hears they succeeded: a `kill -9`
+/// right after (well inside sled's own flush interval) loses none of them.
+#[test]
+fn acknowledged_changes_survive_an_immediate_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&tmp.path().join("node"));
+    let snap = |node: &Node, args: &[&str]| {
+        let mut a = vec!["snapshots", "--snapshotter", "clip"];
+        a.extend_from_slice(args);
+        node.ctr(&a)
+    };
+    for round in 0..3 {
+        let (key, name) = (format!("active-{round}"), format!("committed-{round}"));
+        assert!(snap(&node, &["prepare", &format!("{key}-gone"), ""])
+            .status
+            .success());
+        assert!(snap(&node, &["prepare", &key, ""]).status.success());
+        assert!(snap(&node, &["commit", &name, &key]).status.success());
+        assert!(snap(&node, &["prepare", &format!("{key}-kept"), &name])
+            .status
+            .success());
+        assert!(snap(&node, &["rm", &format!("{key}-gone")])
+            .status
+            .success());
+        node.stop_snapshotter(libc::SIGKILL);
+        node.start_snapshotter();
+        let info = snap(&node, &["info", &name]);
+        assert!(info.status.success(), "round {round}: {}", stderr(&info));
+        assert!(stdout(&info).contains("Committed"), "{}", stdout(&info));
+        assert!(snap(&node, &["info", &format!("{key}-kept")])
+            .status
+            .success());
+        assert!(!snap(&node, &["info", &format!("{key}-gone")])
+            .status
+            .success());
+    }
+}
