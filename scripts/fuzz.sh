@@ -6,9 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 SECS=${1:-60}
-command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+# The fuzz build (sanitizers, its own flags) is kept between runs; cargo rebuilds what changed.
+TARGET_DIR=${CLIP_FUZZ_TARGET_DIR:-/var/cache/clip-fuzz-target}
+# cargo-fuzz is built once and kept under /var/cache/clip-tools (rebuildable).
+export PATH="/var/cache/clip-tools/bin:$PATH"
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --root /var/cache/clip-tools
 export RUSTC_BOOTSTRAP=1
 for t in index_decode layer_build; do
   echo "==> fuzzing $t for ${SECS}s"
-  cargo fuzz run "$t" -- -max_total_time="$SECS" -rss_limit_mb=2048
+  # Under a memory limit: any single allocation above 256 MiB, or 1 GiB resident, is a failure.
+  cargo fuzz run --target-dir "$TARGET_DIR" "$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 -malloc_limit_mb=256
 done

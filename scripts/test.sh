@@ -29,4 +29,10 @@ passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' /tmp/clip-test-output
 failed=$(grep -Eo '[0-9]+ failed' /tmp/clip-test-output.txt | awk '{s+=$1} END {print s+0}')
 echo
 echo "tests: $passed passed, $failed failed"
+
+step "fuzz targets (30 s each, under a memory limit)"
+fuzz=0
+bash scripts/fuzz.sh 30 || fuzz=$?
+[ "$fuzz" = 0 ] || echo "fuzzing failed: see the crash input above (fuzz/artifacts)"
+[ "$status" = 0 ] && exit "$fuzz"
 exit "$status"
