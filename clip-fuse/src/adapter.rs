@@ -26,6 +26,9 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 pub struct MountOptions {
     /// Let other users (a container's non-root users) use the mount (`allow_other`).
     pub allow_other: bool,
+    /// Honour setuid/setgid bits and device nodes (`suid,dev`). Containers need them, as under
+    /// overlayfs; a user's `clip mount` does not (`nosuid,nodev`, the default).
+    pub suid_dev: bool,
     /// FUSE worker threads.
     pub threads: usize,
     /// The name shown in /proc/mounts.
@@ -48,6 +51,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             allow_other: true,
+            suid_dev: false,
             threads: 4,
             fsname: "clip".into(),
             passthrough: true,
@@ -494,9 +498,14 @@ fn config(opts: &MountOptions) -> Config {
         MountOption::FSName(opts.fsname.clone()),
         MountOption::Subtype("clip".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
     ];
+    if opts.suid_dev {
+        cfg.mount_options
+            .extend([MountOption::Dev, MountOption::Suid]);
+    } else {
+        cfg.mount_options
+            .extend([MountOption::NoDev, MountOption::NoSuid]);
+    }
     if opts.allow_other {
         cfg.acl = SessionACL::All;
     }

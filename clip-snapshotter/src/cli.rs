@@ -162,6 +162,10 @@ pub struct MountArgs {
     /// non-root users; permissions are still checked against the image's modes).
     #[arg(long)]
     pub no_allow_other: bool,
+    /// Honour setuid/setgid bits and device nodes in the image (default: the mount is
+    /// nosuid,nodev, so an image cannot give host users root or raw devices).
+    #[arg(long)]
+    pub suid_dev: bool,
     /// Files at least this big are served by FUSE passthrough (the kernel reads a local copy
     /// directly) once all their bytes are in the disk tier; --passthrough-cap 0 turns it off.
     #[arg(long, default_value = size_default(DEFAULT_PASSTHROUGH_MIN_SIZE), value_parser = parse_cap)]

@@ -628,6 +628,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     }
     let opts = clip_fuse::MountOptions {
         allow_other: !a.no_allow_other,
+        suid_dev: a.suid_dev,
         threads: a.threads,
         passthrough: o.path.files.is_some(),
         ..Default::default()

@@ -14,6 +14,11 @@ use clap::Parser;
 
 fn main() {
     limit_malloc_arenas();
+    // Everything clip creates (state, caches, sockets, logs) is private to root from the moment it
+    // exists: the cache holds image files other users must not read (0600 files in images, keys).
+    // The few paths that must be wider say so where they are made.
+    // SAFETY: umask(2) only sets this process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = cli::Cli::parse();
     let filter = match cli.global.verbose {
         // fuser logs every request it has no handler for at warn; those are answered correctly.

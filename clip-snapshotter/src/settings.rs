@@ -71,9 +71,31 @@ pub fn registry_client(g: &GlobalArgs) -> Result<Client> {
 pub fn context(g: &GlobalArgs) -> Result<Ctx> {
     let client = registry_client(g)?;
     let root = g.root.clone().unwrap_or_else(default_root);
+    private_root(&root)?;
     let store =
         Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
     Ok(Ctx { client, store })
+}
+
+/// The state root is 0700 (created so under clip's umask). A root an older clip left open to
+/// other users is closed, with a warning: everything under it is image content.
+fn private_root(root: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(root)
+        .with_context(|| format!("creating {}", root.display()))?;
+    let mode = std::fs::metadata(root)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            root = %root.display(),
+            "the state root was open to other users (mode {mode:o}); making it 0700"
+        );
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private", root.display()))?;
+    }
+    Ok(())
 }
 
 pub fn human(n: u64) -> String {

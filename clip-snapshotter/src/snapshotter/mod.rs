@@ -207,6 +207,21 @@ fn manifest_of(remote: &Remote) -> Option<Digest> {
     remote.reference.parse::<Reference>().ok()?.digest
 }
 
+/// `snapshots/<id>/{fs,work}`. The snapshot directory and `work` are private (0700, under the
+/// private `snapshots/`); `fs` is 0755 as under containerd's overlayfs snapshotter: it is the
+/// container's root directory when it is an upper or an unpacked base layer, and non-root users
+/// in the container must be able to traverse it. Host users cannot reach it (`snapshots/` is
+/// 0700).
+fn make_snapshot_dirs(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut b = std::fs::DirBuilder::new();
+    b.mode(0o700).recursive(true);
+    b.create(dir.join("work"))?;
+    let fs = dir.join("fs");
+    b.create(&fs)?;
+    std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755))
+}
+
 fn info(name: &str, r: &Record) -> Info {
     Info {
         kind: match r.kind {
@@ -530,6 +545,7 @@ impl ClipSnapshotter {
         }
         let opts = clip_fuse::MountOptions {
             allow_other: true,
+            suid_dev: true,
             threads: self.opts.fuse_threads,
             fsname: format!("clip:{name}"),
             passthrough: self.reads.files.is_some(),
@@ -845,9 +861,7 @@ impl ClipSnapshotter {
         }
         let id = self.meta.next_id()?;
         let dir = self.path(id);
-        for sub in ["fs", "work"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io_err(dir.display().to_string()))?;
-        }
+        make_snapshot_dirs(&dir).map_err(io_err(dir.display().to_string()))?;
         let t = meta::now();
         let rec = Record {
             id,

@@ -457,3 +457,29 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 }
+
+/// The per-mount options (`ro,nosuid,...`) of the mount at `path`, from /proc/self/mountinfo.
+pub fn mount_options(path: &Path) -> Option<String> {
+    let path = path.canonicalize().ok()?.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4) == Some(&path.as_str())).then(|| f.get(5).map(|s| s.to_string()))?
+        })
+        .last()
+}
+
+/// Runs `cmd` as the unprivileged host user `nobody` (no supplementary groups).
+pub fn as_nobody(cmd: &[&str]) -> Output {
+    need("setpriv");
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        // Through a shell: setpriv's own execve still has root's path access (seen: it ran a
+        // binary under a 0700 directory); the shell's does not.
+        .args(["sh", "-c", "\"$@\"", "sh"])
+        .args(cmd)
+        .output()
+        .expect("run setpriv")
+}

@@ -348,3 +348,30 @@ fn mount_daemon_runs_in_the_background_until_clip_umount() {
         stderr(&o)
     );
 }
+
+/// A user's `clip mount` ignores setuid bits and device nodes unless asked (`--suid-dev`): an
+/// image must not hand host users root or raw devices. The files still show their modes.
+#[test]
+fn clip_mount_is_nosuid_nodev_unless_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, image) = everytype(&reg, tmp.path());
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let dir = tmp.path().join("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (extra, nosuid) in [(None, true), (Some("--suid-dev"), false)] {
+        let mut args = vec!["mount", &image, dir.to_str().unwrap(), "--daemon"];
+        args.extend(extra);
+        let o = clip(&root, &args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let opts = mount_options(&dir).expect("mounted");
+        assert_eq!(opts.contains("nosuid"), nosuid, "{extra:?}: {opts}");
+        assert_eq!(opts.contains("nodev"), nosuid, "{extra:?}: {opts}");
+        let su = std::fs::metadata(dir.join("bin/su")).unwrap();
+        assert_eq!(su.permissions().mode() & 0o7777, 0o4755);
+        let o = clip(&root, &["umount", dir.to_str().unwrap()], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}

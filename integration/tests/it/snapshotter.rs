@@ -1020,3 +1020,67 @@ fn acknowledged_changes_survive_an_immediate_kill() {
             .success());
     }
 }
+
+/// Nothing under the state root is open to host users: the root, snapshots, cache and
+/// database are 0700/0600 from creation. Only each snapshot's `fs` is 0755 (it is a container's
+/// root directory), and it sits under the private `snapshots/`. Containers' lazy mounts keep
+/// setuid bits and device nodes, as under overlayfs.
+#[test]
+fn the_state_root_is_private_and_unprivileged_host_users_reach_nothing_under_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "private");
+    let node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    out(&node.run("clip", &image, "p1", &["cat", "/etc/secret"]));
+    node.run_detached(&image, "held", &["sleep", "600"]);
+    let root = node.clip_root();
+    let mut seen = 0;
+    let mut todo = vec![root.clone()];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let mode = m.permissions().mode() & 0o7777;
+        let is_fs = p.file_name().is_some_and(|n| n == "fs")
+            && p.parent().and_then(|d| d.parent()) == Some(&root.join("snapshots"));
+        seen += 1;
+        if is_fs {
+            assert_eq!(mode, 0o755, "{}", p.display());
+            continue; // a container's root (or a lazy mount): the image's own modes inside
+        }
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        if m.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(seen > 20, "only {seen} paths under the root");
+    // As an unprivileged host user: nothing under the root can be listed, read or run.
+    let mounts = node.fuse_mounts();
+    let lazy = mounts
+        .first()
+        .expect("a lazy mount for the running container");
+    for path in [
+        root.display().to_string(),
+        root.join("snapshots").display().to_string(),
+        format!("{lazy}/etc/public"),
+        format!("{lazy}/opt/cap/busybox"),
+    ] {
+        let o = as_nobody(&["cat", &path]);
+        assert!(!o.status.success(), "nobody read {path}");
+        assert!(
+            stderr(&o).contains("Permission denied"),
+            "{path}: {}",
+            stderr(&o)
+        );
+    }
+    let o = as_nobody(&[&format!("{lazy}/opt/cap/busybox"), "true"]);
+    assert!(
+        !o.status.success(),
+        "nobody ran a binary from the lazy mount"
+    );
+    // The container's mount honours setuid bits and devices, as overlayfs does.
+    let opts = mount_options(std::path::Path::new(lazy)).unwrap();
+    assert!(
+        !opts.contains("nosuid") && !opts.contains("nodev"),
+        "{opts}"
+    );
+}
