@@ -468,7 +468,7 @@ pub fn mount_options(path: &Path) -> Option<String> {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.get(4) == Some(&path.as_str())).then(|| f.get(5).map(|s| s.to_string()))?
         })
-        .last()
+        .next_back()
 }
 
 /// Runs `cmd` as the unprivileged host user `nobody` (no supplementary groups).
