@@ -98,20 +98,46 @@ pub(super) fn recv_msg(
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut fd = None;
+    // Every descriptor the message carried is owned here, so the ones beyond the first (no
+    // message of ours carries more than one) are closed rather than leaked.
+    let mut fds: Vec<OwnedFd> = Vec::new();
     // SAFETY: the kernel filled the control buffer; the CMSG macros walk what it wrote, and a
     // SCM_RIGHTS descriptor received here is ours to own.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const RawFd);
-                fd = Some(OwnedFd::from_raw_fd(raw));
+                let data = libc::CMSG_DATA(c) as *const u8;
+                let payload = (*c).cmsg_len - (data as usize - c as usize);
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    let raw = std::ptr::read_unaligned(
+                        data.add(i * std::mem::size_of::<RawFd>()) as *const RawFd
+                    );
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
+    let fd = (!fds.is_empty()).then(|| fds.swap_remove(0));
     Ok((n as usize, fd))
+}
+
+/// The uid of the process at the other end of a connected unix socket.
+pub(super) fn peer_uid(sock: BorrowedFd) -> io::Result<u32> {
+    // SAFETY: ucred is plain data; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    Ok(cred.uid)
 }
 
 pub(super) fn words(msg: &[u8]) -> Vec<&str> {
@@ -141,4 +167,70 @@ pub(crate) fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 pub(crate) fn replace_fd(src: BorrowedFd, target: RawFd) -> io::Result<()> {
     // SAFETY: dup3 onto a descriptor the caller owns (it stays owned, now naming src's file).
     cvt(unsafe { libc::dup3(src.as_raw_fd(), target, libc::O_CLOEXEC) }).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// Sends one message carrying `n` descriptors in one SCM_RIGHTS header.
+    fn send_many(sock: BorrowedFd, fds: &[BorrowedFd]) {
+        let data = b"x";
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: 1,
+        };
+        let mut cbuf = [0u64; 16];
+        // SAFETY: as in send_msg, with room for all of `fds`.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            let size = std::mem::size_of_val(fds.first().unwrap()) * fds.len();
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = libc::CMSG_SPACE(size as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(size as u32) as usize;
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(
+                    (libc::CMSG_DATA(c) as *mut RawFd).add(i),
+                    fd.as_raw_fd(),
+                );
+            }
+            assert_eq!(libc::sendmsg(sock.as_raw_fd(), &msg, 0), 1);
+        }
+    }
+
+    #[test]
+    fn every_received_descriptor_is_owned_and_the_extras_closed() {
+        let (a, b) = socket_pair().unwrap();
+        let files: Vec<std::fs::File> = (0..3)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let before = open_fds();
+        let borrowed: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+        send_many(a.as_fd(), &borrowed);
+        let mut buf = [0u8; 8];
+        let (n, fd) = recv_msg(b.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!(n, 1);
+        // One kept (the first), the other two already closed.
+        assert!(fd.is_some());
+        assert_eq!(open_fds(), before + 1);
+        drop(fd);
+        assert_eq!(open_fds(), before);
+    }
+
+    #[test]
+    fn peer_uid_is_the_connecting_process() {
+        let (a, _b) = socket_pair().unwrap();
+        // SAFETY: geteuid(2) has no preconditions.
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), unsafe { libc::geteuid() });
+    }
 }

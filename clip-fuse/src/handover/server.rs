@@ -1,6 +1,6 @@
 //! The keeper process: a single-threaded poll loop holding FUSE descriptors for daemons.
 
-use super::fdpass::{cvt, recv_msg, send_msg, seqpacket, sockaddr, words, MAX_MSG};
+use super::fdpass::{cvt, peer_uid, recv_msg, send_msg, seqpacket, sockaddr, words, MAX_MSG};
 use super::OpenState;
 use std::collections::HashMap;
 use std::io;
@@ -24,19 +24,25 @@ pub fn run_keeper(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    // SAFETY: addr is a valid sockaddr_un of length len; listen on our own socket.
+    // Created 0600: the keeper is single-threaded, so narrowing the umask around bind(2) affects
+    // nothing else (no window with a wider mode).
+    // SAFETY: addr is a valid sockaddr_un of length len; listen on our own socket; umask(2)
+    // only sets this process's mask.
     unsafe {
-        cvt(libc::bind(
+        let old = libc::umask(0o177);
+        let bound = cvt(libc::bind(
             listener.as_raw_fd(),
             &addr as *const libc::sockaddr_un as *const libc::sockaddr,
             len,
-        ))?;
+        ));
+        libc::umask(old);
+        bound?;
         cvt(libc::listen(listener.as_raw_fd(), 16))?;
     }
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    // Only root and the daemon's own user may talk to the keeper: a client can take every FUSE
+    // descriptor it holds.
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
     let mut conns: HashMap<u64, Conn> = HashMap::new();
     let mut clients: Vec<OwnedFd> = Vec::new();
     let mut ever_connected = false;
@@ -138,8 +144,22 @@ pub fn run_keeper(path: &Path) -> io::Result<()> {
             };
             if fd >= 0 {
                 // SAFETY: fd is a fresh descriptor nobody else owns.
-                clients.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                ever_connected = true;
+                let client = unsafe { OwnedFd::from_raw_fd(fd) };
+                match peer_uid(client.as_fd()) {
+                    Ok(uid) if uid == 0 || uid == me => {
+                        clients.push(client);
+                        ever_connected = true;
+                    }
+                    Ok(uid) => eprintln!("clip fuse-keeper: refused a client with uid {uid}"),
+                    Err(e) => eprintln!("clip fuse-keeper: refused a client: {e}"),
+                }
+            } else {
+                // Out of descriptors or memory, say: the connection stays queued; do not spin.
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock {
+                    eprintln!("clip fuse-keeper: accept failed: {e}; retrying in 100 ms");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
             }
         }
     }

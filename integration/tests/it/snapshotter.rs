@@ -1084,3 +1084,100 @@ fn the_state_root_is_private_and_unprivileged_host_users_reach_nothing_under_it(
         "{opts}"
     );
 }
+
+/// Connects to a unix socket (`kind`: "seqpacket" or "stream"), sends `hex`-encoded bytes and
+/// prints what comes back as hex ("" when the server closed the connection at once).
+const SOCKET_PROBE: &str = r#"
+import socket, sys
+kind = socket.SOCK_SEQPACKET if sys.argv[2] == "seqpacket" else socket.SOCK_STREAM
+s = socket.socket(socket.AF_UNIX, kind)
+s.settimeout(10)
+s.connect(sys.argv[1])
+try:
+    s.sendall(bytes.fromhex(sys.argv[3]))
+    print(s.recv(4096).hex())
+except (ConnectionResetError, BrokenPipeError):
+    print("")
+"#;
+
+fn probe(nobody: bool, path: &Path, kind: &str, send: &[u8]) -> String {
+    let hex: String = send.iter().map(|b| format!("{b:02x}")).collect();
+    let p = path.to_str().unwrap();
+    let cmd = ["python3", "-c", SOCKET_PROBE, p, kind, &hex];
+    let o = if nobody {
+        as_nobody(&cmd)
+    } else {
+        Command::new(cmd[0]).args(&cmd[1..]).output().unwrap()
+    };
+    assert!(o.status.success(), "probe: {}", stderr(&o));
+    stdout(&o).trim().to_string()
+}
+
+/// The keeper's and the daemon's sockets answer only root (and the daemon's own user): even
+/// with the socket opened to everyone, another local user's connection is closed unanswered.
+#[test]
+fn sockets_refuse_other_local_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(tmp.path(), 0o755);
+    // The keeper: created 0600 (no window with a wider mode), peers checked.
+    let sock = tmp.path().join("keeper.sock");
+    let mut keeper = Command::new(clip_bin())
+        .args(["fuse-keeper", "--socket"])
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no keeper socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    open(&sock, 0o666);
+    assert_eq!(
+        probe(true, &sock, "seqpacket", b"L"),
+        "",
+        "nobody got an answer"
+    );
+    assert_eq!(
+        probe(false, &sock, "seqpacket", b"L"),
+        "45",
+        "root gets the list's end"
+    );
+    // The root client was the keeper's first: with it gone and nothing held, the keeper exits.
+    assert!(keeper.wait().unwrap().success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(keeper.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("refused a client with uid 65534"), "{err}");
+
+    // The daemon's gRPC socket: an HTTP/2 preface and an empty SETTINGS frame.
+    let node = Node::start(&tmp.path().join("node"));
+    open(&node.dir, 0o755);
+    let sock = node.dir.join("clip.sock");
+    open(&sock, 0o666);
+    let preface = [
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+        &[0, 0, 0, 4, 0, 0, 0, 0, 0],
+    ]
+    .concat();
+    assert_eq!(
+        probe(true, &sock, "stream", &preface),
+        "",
+        "nobody got an answer"
+    );
+    let answer = probe(false, &sock, "stream", &preface);
+    assert!(
+        answer.len() >= 18 && &answer[6..8] == "04",
+        "no SETTINGS frame for root: {answer}"
+    );
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(
+        log.contains("refused a connection from another user"),
+        "{log}"
+    );
+}
