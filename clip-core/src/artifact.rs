@@ -21,6 +21,9 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.clip.index.v1";
 pub const PROFILE_ARTIFACT_TYPE: &str = "application/vnd.clip.profile.v1";
 pub const ANNOTATION_LAYER: &str = "dev.clip.layer.digest";
 const EMPTY_CONFIG: &[u8] = b"{}";
+/// The most bytes read for one encoded index, whatever its descriptor claims (the decoder's
+/// own limits keep real indexes far below this).
+pub const MAX_INDEX_BLOB: u64 = 128 << 20;
 const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 #[derive(Debug, thiserror::Error)]
@@ -173,8 +176,9 @@ pub async fn fetch(
             .unwrap_or("")
             .parse()
             .map_err(|e: crate::digest::DigestParseError| invalid(e.to_string()))?;
-        let size = d["size"].as_u64().unwrap_or(0);
-        let encoded = client.get_blob(r, &digest, size.max(1) + 1).await?;
+        // The descriptor's size is the publisher's word: the read is capped regardless.
+        let size = d["size"].as_u64().unwrap_or(0).clamp(1, MAX_INDEX_BLOB);
+        let encoded = client.get_blob(r, &digest, size).await?;
         let index = format::decode(&encoded)
             .map_err(|e| invalid(format!("layer {}: {e}", layer.digest)))?;
         if index.layer != layer.digest || index.diff_id != layer.diff_id {

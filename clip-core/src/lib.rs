@@ -37,6 +37,7 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod store;
+mod tarscan;
 #[cfg(test)]
 mod testutil;
 

@@ -59,8 +59,8 @@ impl RemoteTier {
     /// A small shared document by key (startup profiles: `clip:profile:<manifest hex>`); like
     /// spans, bounded by a short timeout, and a miss when Redis is slow or down. The caller
     /// validates what it gets.
-    pub async fn get_doc(&self, k: &str) -> Option<Bytes> {
-        self.fetch_key(k.to_string()).await
+    pub async fn get_doc(&self, k: &str, max: usize) -> Option<Bytes> {
+        self.fetch_key(k.to_string(), max).await
     }
 
     /// Stores a small shared document (expires like spans).
@@ -69,16 +69,30 @@ impl RemoteTier {
     }
 
     async fn fetch(&self, d: &Digest) -> Option<Bytes> {
-        self.fetch_key(key(d)).await
+        self.fetch_key(key(d), crate::index::limits::MAX_SPAN as usize)
+            .await
     }
 
-    async fn fetch_key(&self, k: String) -> Option<Bytes> {
-        let r: Result<Option<Vec<u8>>, redis::RedisError> = match &self.conn {
-            Conn::Single(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
-            Conn::Cluster(c) => tokio::time::timeout(TIMEOUT, c.clone().get(k)).await.ok()?,
+    /// The value at `k` if it is at most `max` bytes. Values are written by every node sharing
+    /// the tier, so the read itself is bounded: GETRANGE returns at most `max + 1` bytes, and a
+    /// longer value is a miss. (A missing key reads as empty, also a miss.)
+    async fn fetch_key(&self, k: String, max: usize) -> Option<Bytes> {
+        let to = max as isize; // at most max + 1 bytes: [0, max]
+        let r: Result<Vec<u8>, redis::RedisError> = match &self.conn {
+            Conn::Single(c) => tokio::time::timeout(TIMEOUT, c.clone().getrange(&k, 0, to))
+                .await
+                .ok()?,
+            Conn::Cluster(c) => tokio::time::timeout(TIMEOUT, c.clone().getrange(&k, 0, to))
+                .await
+                .ok()?,
         };
         match r {
-            Ok(v) => v.map(Bytes::from),
+            Ok(v) if v.is_empty() => None,
+            Ok(v) if v.len() > max => {
+                tracing::warn!(key = %k, "remote cache value over {max} bytes ignored");
+                None
+            }
+            Ok(v) => Some(Bytes::from(v)),
             Err(e) => {
                 tracing::debug!("remote cache get failed: {e}");
                 None

@@ -5,6 +5,7 @@ use super::inflater::{Inflater, GZIP};
 use super::{Checkpoint, GzipError};
 use crate::digest::{Digest, Hasher};
 use crate::index::limits;
+use crate::tarscan::TarTrack;
 use std::io::{self, BufRead, Read};
 
 const IN_BUF: usize = 256 * 1024;
@@ -65,73 +66,6 @@ pub struct GzipIndexer<R> {
 
 /// Called with each completed span (digest, uncompressed bytes), in order.
 pub type SpanSink = Box<dyn FnMut(Digest, Vec<u8>) + Send>;
-
-/// Follows the tar headers in the uncompressed stream as it passes, to know the size of the
-/// entry at any offset (only a density hint: a stream that is not tar just gets no hint).
-#[derive(Default)]
-struct TarTrack {
-    /// Offset of the next header.
-    next_header: u64,
-    /// The part of the next header seen so far.
-    carry: Vec<u8>,
-    /// Size of the entry whose header and data end at `entry_end`.
-    entry_size: u64,
-    entry_end: u64,
-}
-
-impl TarTrack {
-    /// Notes `out`, the uncompressed bytes at offset `at`.
-    fn feed(&mut self, at: u64, out: &[u8]) {
-        let end = at + out.len() as u64;
-        loop {
-            // The next header byte not yet seen.
-            let pos = self.next_header + self.carry.len() as u64;
-            if pos >= end || pos < at {
-                return;
-            }
-            let start = (pos - at) as usize;
-            let take = (512 - self.carry.len()).min(out.len() - start);
-            self.carry.extend_from_slice(&out[start..start + take]);
-            if self.carry.len() < 512 {
-                return;
-            }
-            let size = tar_size(&self.carry);
-            self.carry.clear();
-            let data_end = self
-                .next_header
-                .saturating_add(512)
-                .saturating_add(size.saturating_add(511) & !511);
-            self.entry_size = size;
-            self.entry_end = data_end;
-            self.next_header = data_end;
-        }
-    }
-
-    /// Size of the entry whose header or data holds `offset` (0 when unknown).
-    fn entry_size_at(&self, offset: u64) -> u64 {
-        if offset < self.entry_end {
-            self.entry_size
-        } else {
-            0
-        }
-    }
-}
-
-/// The size field of a tar header: octal digits, or base-256 when the high bit is set.
-fn tar_size(h: &[u8]) -> u64 {
-    let f = &h[124..136];
-    if f[0] & 0x80 != 0 {
-        return f[1..].iter().fold(0u64, |v, &b| {
-            v.saturating_mul(256).saturating_add(u64::from(b))
-        });
-    }
-    f.iter()
-        .skip_while(|&&b| b == b' ' || b == 0)
-        .take_while(|&&b| (b'0'..=b'7').contains(&b))
-        .fold(0u64, |v, &b| {
-            v.saturating_mul(8).saturating_add(u64::from(b - b'0'))
-        })
-}
 
 impl<R: Read> GzipIndexer<R> {
     /// Checkpoints every `span` bytes (instead of every `span_size`) inside tar entries smaller
@@ -365,7 +299,9 @@ impl<R: Read> GzipIndexer<R> {
             let out = &self.out_buf[filled..filled + step.produced];
             if !out.is_empty() {
                 if self.dense.is_some() {
-                    self.tar.feed(self.uncompressed, out);
+                    let _ = self
+                        .tar
+                        .feed(self.uncompressed, out, |_, _| Ok::<(), ()>(()));
                 }
                 self.span_hasher.update(out);
                 self.diff_hasher.update(out);

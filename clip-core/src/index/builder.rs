@@ -7,6 +7,7 @@
 use super::{show_path, BlobRef, Entry, EntryKind, IndexError, LayerIndex, Span};
 use crate::digest::{Digest, Hasher};
 use crate::gzip::{GzipError, GzipIndexer};
+use crate::tarscan::TarTrack;
 use std::collections::HashMap;
 use std::io::{self, Read};
 
@@ -93,10 +94,14 @@ pub fn build_layer_index_with_sink<R: Read>(
     if let Some(sink) = sink {
         gz = gz.with_span_sink(sink);
     }
-    let mut archive = tar::Archive::new(gz);
+    let mut archive = tar::Archive::new(TarGuard {
+        inner: gz,
+        track: TarTrack::default(),
+        pos: 0,
+    });
     let mut entries = Vec::new();
     read_entries(&mut archive, &mut entries)?;
-    let gz = archive.into_inner();
+    let gz = archive.into_inner().inner;
     let (zran, hashing) = gz.finish()?;
     let layer = hashing.hasher.finish();
     if let Some(expected) = opts.expected_layer {
@@ -157,6 +162,37 @@ pub fn build_layer_index_with_sink<R: Read>(
 }
 
 /// Turns an error from the tar parser into ours, recovering gzip errors that travelled through it.
+/// Passes the uncompressed layer to the tar reader, refusing a metadata entry (GNU long name or
+/// link, PAX header) larger than [`super::limits::MAX_TAR_META`] as soon as its header goes by,
+/// before the tar reader would buffer all of it (a gzip bomb in a name).
+struct TarGuard<R> {
+    inner: R,
+    track: TarTrack,
+    pos: u64,
+}
+
+impl<R: Read> Read for TarGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.track.feed(self.pos, &buf[..n], |flag, size| {
+            let max = super::limits::MAX_TAR_META;
+            if matches!(flag, b'L' | b'K' | b'x' | b'g' | b'X') && size > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "a tar metadata entry (long name or PAX header, type {:?}) of {size} \
+                         bytes, over clip's limit of {max}",
+                        flag as char
+                    ),
+                ));
+            }
+            Ok(())
+        })?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 fn tar_error(e: io::Error, entry: Option<&[u8]>) -> IndexError {
     if e.get_ref().is_some_and(|inner| inner.is::<GzipError>()) {
         return IndexError::Gzip(GzipError::from(e));

@@ -49,6 +49,8 @@ pub mod limits {
     /// The bytes of paths, targets and xattrs one table may decode to, per byte of table: front
     /// coding shares prefixes, so paths legitimately outgrow the table, but not by this much.
     pub const MAX_NAME_RATIO: u64 = 64;
+    /// A tar metadata entry (GNU long name or link, PAX header), which the tar reader buffers.
+    pub const MAX_TAR_META: u64 = 1 << 20;
 }
 
 /// Default distance between checkpoints, in bytes of uncompressed output.

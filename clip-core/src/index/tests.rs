@@ -709,3 +709,24 @@ fn tiny_hostile_indexes_get_a_clear_error_within_bounded_memory() {
         );
     }
 }
+
+#[test]
+fn a_gzip_bomb_in_a_long_name_is_refused_before_it_is_buffered() {
+    use crate::testutil::alloc_meter::peak_during;
+    // 64 MiB of GNU long name compress to a few hundred KiB.
+    let name = vec![b'a'; 64 << 20];
+    for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+        let mut t = TarWriter::new();
+        t.raw(b"LongLink", kind, &name, b"", &[]);
+        t.file("victim", b"x");
+        let gz = t.gz();
+        assert!(gz.len() < 1 << 20);
+        let (r, peak) = peak_during(|| build(&gz).map(|_| ()));
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("over clip's limit"), "{kind:?}: {e}");
+        assert!(
+            peak < 16 << 20,
+            "{kind:?}: {peak} bytes held while indexing"
+        );
+    }
+}

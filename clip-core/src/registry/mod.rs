@@ -632,14 +632,9 @@ impl Client {
                         check_content_range(resp.headers(), start, len)?;
                         read_body(resp, Some(len), Some(len)).await
                     } else {
-                        // The server ignored the range: take the slice we asked for from the whole blob.
-                        let all = read_body(resp, Some(start + len + (64 << 20)), None).await?;
-                        if (all.len() as u64) < start + len {
-                            return Err(Attempt::Fatal(RegistryError::Other(format!(
-                                "{status}: blob shorter than requested range"
-                            ))));
-                        }
-                        Ok(all.slice(start as usize..(start + len) as usize))
+                        // The server ignored the range: skip to the slice asked for and stop
+                        // reading after it, holding no more than the slice.
+                        read_slice(resp, start, len).await
                     }
                 },
             )
@@ -904,6 +899,9 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
         .map(|s| Duration::from_secs(s.min(60)))
 }
 
+/// How much of an error response's body is read (for the message).
+const MAX_ERROR_BODY: usize = 4096;
+
 /// Turns non-success statuses into retry or failure.
 async fn classify(resp: reqwest::Response, what: &str) -> Result<reqwest::Response, Attempt> {
     let status = resp.status();
@@ -921,8 +919,16 @@ async fn classify(resp: reqwest::Response, what: &str) -> Result<reqwest::Respon
             after,
         });
     }
-    let body = resp.text().await.unwrap_or_default();
-    let body: String = body.chars().take(300).collect();
+    // Only the start of an error body is kept (for the message); the rest is not read.
+    let mut resp = resp;
+    let mut head = Vec::new();
+    while head.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(c)) => head.extend_from_slice(&c[..c.len().min(MAX_ERROR_BODY - head.len())]),
+            _ => break,
+        }
+    }
+    let body: String = String::from_utf8_lossy(&head).chars().take(300).collect();
     Err(Attempt::Fatal(RegistryError::Http {
         url,
         status: status.as_u16(),
@@ -983,6 +989,38 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
+/// Bytes `[start, start + len)` of a whole-body response, read as it streams: what comes before
+/// is dropped, nothing after is read.
+async fn read_slice(mut resp: reqwest::Response, start: u64, len: u64) -> Result<Bytes, Attempt> {
+    let status = resp.status();
+    let mut pos = 0u64;
+    let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
+    while (out.len() as u64) < len {
+        let c = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(Attempt::Fatal(RegistryError::Other(format!(
+                    "{status}: blob shorter than requested range"
+                ))))
+            }
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    reason: format!("reading body: {e}"),
+                    after: None,
+                })
+            }
+        };
+        let (c_start, c_end) = (pos, pos + c.len() as u64);
+        pos = c_end;
+        let from = start.max(c_start);
+        let to = (start + len).min(c_end);
+        if from < to {
+            out.extend_from_slice(&c[(from - c_start) as usize..(to - c_start) as usize]);
+        }
+    }
+    Ok(out.freeze())
+}
+
 fn check_content_range(h: &HeaderMap, start: u64, len: u64) -> Result<(), Attempt> {
     let Some(v) = h.get("content-range").and_then(|v| v.to_str().ok()) else {
         return Ok(()); // length is checked on the body
@@ -996,3 +1034,6 @@ fn check_content_range(h: &HeaderMap, start: u64, len: u64) -> Result<(), Attemp
         ))))
     }
 }
+
+#[cfg(test)]
+mod tests;

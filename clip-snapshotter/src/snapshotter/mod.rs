@@ -163,7 +163,10 @@ async fn lookup_profile(
             return Some(p);
         }
         if let Some(raw) = match shared {
-            Some(s) => s.get_doc(&profile_key(&manifest)).await,
+            Some(s) => {
+                s.get_doc(&profile_key(&manifest), clip_core::profile::MAX_ENCODED)
+                    .await
+            }
             None => None,
         } {
             match Profile::decode(&raw) {

@@ -567,3 +567,31 @@ fn sequential_reads_trigger_read_ahead() {
         );
     });
 }
+
+/// Values in a shared Redis are written by every node that shares it: a read is bounded by
+/// what the key may legitimately hold (a span at most 32 MiB, a profile 4 MiB), not by what a
+/// neighbour stored there.
+#[test]
+fn oversized_values_in_the_shared_tier_are_misses_not_allocations() {
+    use clip_core::cache::{remote::RemoteTier, Tier};
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tier = RemoteTier::connect(&redis.url()).await.unwrap();
+        let (small, big) = (
+            clip_core::Digest::of(b"small"),
+            clip_core::Digest::of(b"big"),
+        );
+        tier.put(&small, bytes::Bytes::from(vec![7u8; 1024])).await;
+        tier.put(&big, bytes::Bytes::from(vec![7u8; 40 << 20]))
+            .await;
+        assert_eq!(tier.get(&small).await.unwrap().len(), 1024);
+        assert!(
+            tier.get(&big).await.is_none(),
+            "a 40 MiB span value was returned"
+        );
+        tier.put_doc("clip:profile:x", &vec![1u8; 5 << 20]).await;
+        assert!(tier.get_doc("clip:profile:x", 4 << 20).await.is_none());
+        assert!(tier.get_doc("clip:profile:x", 8 << 20).await.is_some());
+    });
+}
