@@ -29,6 +29,11 @@ pub struct GlobalArgs {
     /// Repeatable. localhost and 127.0.0.0/8 may always use plain HTTP.
     #[arg(long = "insecure-registry", value_name = "HOST", global = true)]
     pub insecure: Vec<String>,
+    /// A token server on another host than its registry that may receive the registry's
+    /// credentials (host or host:port). Repeatable. The registry's own host name and Docker
+    /// Hub's auth.docker.io need none; any other token server is asked without credentials.
+    #[arg(long = "token-realm", value_name = "HOST", global = true)]
+    pub token_realms: Vec<String>,
     /// containerd-style registry host configuration directory (HOST/hosts.toml files).
     #[arg(long, env = "CLIP_HOSTS_DIR", value_name = "DIR", global = true)]
     pub hosts_dir: Option<PathBuf>,

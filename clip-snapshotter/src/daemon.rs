@@ -61,6 +61,8 @@ pub struct CacheSection {
 pub struct RegistrySection {
     /// Hosts (host[:port]) that may use plain HTTP or unverified TLS.
     pub insecure: Vec<String>,
+    /// Token servers on other hosts trusted with their registries' credentials.
+    pub token_realms: Vec<String>,
     /// containerd-style hosts directory (HOST/hosts.toml), e.g. "/etc/containerd/certs.d".
     pub hosts_dir: Option<PathBuf>,
     /// Give up on a registry operation after this many seconds (default 120).
@@ -103,9 +105,12 @@ fn size(v: &Option<String>, default: u64, what: &str) -> Result<u64> {
 fn merged_globals(g: &GlobalArgs, c: &Config) -> GlobalArgs {
     let mut insecure = g.insecure.clone();
     insecure.extend(c.registry.insecure.iter().cloned());
+    let mut token_realms = g.token_realms.clone();
+    token_realms.extend(c.registry.token_realms.iter().cloned());
     GlobalArgs {
         root: g.root.clone().or_else(|| c.root.clone()),
         insecure,
+        token_realms,
         hosts_dir: g.hosts_dir.clone().or_else(|| c.registry.hosts_dir.clone()),
         platform: g.platform.clone(),
         registry_timeout: c.registry.timeout_secs.unwrap_or(g.registry_timeout),

@@ -55,6 +55,7 @@ pub struct Ctx {
 pub fn registry_client(g: &GlobalArgs) -> Result<Client> {
     let mut cfg = RegistryConfig {
         insecure: g.insecure.clone(),
+        token_realms: g.token_realms.clone(),
         deadline: Duration::from_secs(g.registry_timeout.max(1)),
         stall_timeout: Duration::from_secs(g.stall_timeout.max(1)),
         ..Default::default()

@@ -18,6 +18,30 @@ pub struct Endpoint {
     pub mirror: bool,
     /// Listed with the `push` capability (the registry itself always may be pushed to).
     pub push: bool,
+    /// The registry itself (its `server`), which gets the registry's credentials; a `[host]`
+    /// entry (a mirror) gets only credentials configured for its own host.
+    pub is_server: bool,
+}
+
+impl Endpoint {
+    /// `host[:port]` of the endpoint's base URL.
+    pub fn authority(&self) -> &str {
+        authority(&self.base)
+    }
+}
+
+/// `host[:port]` of a URL (`scheme://host[:port]/path`).
+pub fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
+/// The host name of `host[:port]` (brackets of an IPv6 literal kept).
+pub fn hostname(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => authority,
+    }
 }
 
 /// True for hosts that are this machine (plain HTTP allowed, as containerd and docker do).
@@ -56,6 +80,7 @@ pub fn endpoints(
         http_fallback: marked_insecure,
         mirror: false,
         push: true,
+        is_server: true,
     };
     if let Some(dir) = hosts_dir {
         let candidates = [
@@ -90,6 +115,7 @@ pub fn endpoints(
                                 http_fallback: marked_insecure,
                                 mirror: caps.contains(&"pull"),
                                 push: caps.contains(&"push"),
+                                is_server: false,
                             };
                             if !ep.base.contains("://") {
                                 ep.base = format!("https://{}", ep.base);

@@ -88,6 +88,10 @@ pub struct RegistryConfig {
     pub docker_config: Option<PathBuf>,
     /// Credentials given explicitly, by registry host; they win over the docker config.
     pub credentials: HashMap<String, Credentials>,
+    /// Token servers on another host than the registry that may receive the registry's
+    /// credentials (`host` or `host:port`). A token realm on the registry's own host name, and
+    /// Docker Hub's `auth.docker.io`, need no entry; any other gets no credentials.
+    pub token_realms: Vec<String>,
     /// The platform to pick from multi-platform images.
     pub platform: Platform,
     /// How long one operation (including all its retries) may take.
@@ -106,6 +110,7 @@ impl Default for RegistryConfig {
             hosts_dir: Some(PathBuf::from("/etc/containerd/certs.d")).filter(|p| p.is_dir()),
             docker_config: None,
             credentials: HashMap::new(),
+            token_realms: Vec::new(),
             platform: Platform::host(),
             deadline: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(30),
@@ -149,9 +154,9 @@ struct Target<'a> {
 
 #[derive(Default)]
 struct AuthState {
-    /// Last challenge seen per registry.
+    /// Last challenge seen per endpoint (base URL): each host authenticates on its own.
     challenges: HashMap<String, Challenge>,
-    /// Bearer tokens by (registry, scope).
+    /// Bearer tokens by (endpoint base URL, scope): a token goes back only where it was for.
     tokens: HashMap<(String, String), Token>,
     /// Per endpoint base: use plain HTTP (learned by fallback).
     plain_http: HashMap<String, bool>,
@@ -197,6 +202,55 @@ impl Client {
             .credentials
             .get(registry)
             .or_else(|| self.inner.docker_creds.get(registry))
+    }
+
+    /// The credentials an endpoint may receive: the registry's for the registry itself; for a
+    /// mirror, only those configured for the mirror's own host.
+    fn credentials_for(&self, ep: &Endpoint, t: &Target) -> Option<&Credentials> {
+        if ep.is_server {
+            self.credentials(t.registry)
+        } else {
+            self.credentials(ep.authority())
+        }
+    }
+
+    /// Whether a token realm may receive the credentials of endpoint `ep`: on the endpoint's
+    /// own host name, Docker Hub's auth server for Docker Hub, or configured; and never over
+    /// plain HTTP unless that host is local or insecure-listed.
+    fn realm_gets_credentials(&self, ep: &Endpoint, t: &Target, realm: &reqwest::Url) -> bool {
+        let host = hosts::authority(realm.as_str());
+        let name = hosts::hostname(host);
+        let cfg = &self.inner.cfg;
+        let listed = |list: &[String]| list.iter().any(|h| h == host || h == name);
+        let trusted = name == hosts::hostname(ep.authority())
+            || (t.registry == "docker.io" && name == "auth.docker.io")
+            || listed(&cfg.token_realms);
+        let transport_ok = realm.scheme() == "https"
+            || (realm.scheme() == "http" && (hosts::is_local(host) || listed(&cfg.insecure)));
+        trusted && transport_ok
+    }
+
+    /// How to reach a token realm: with the endpoint's TLS settings when it is the same host,
+    /// else with the realm host's own (hosts.toml, insecure list), never the registry's
+    /// `skip_verify`.
+    fn realm_http(
+        &self,
+        ep: &Endpoint,
+        realm: &reqwest::Url,
+    ) -> Result<reqwest::Client, RegistryError> {
+        let host = hosts::authority(realm.as_str());
+        if hosts::hostname(host) == hosts::hostname(ep.authority()) {
+            return self.http(ep);
+        }
+        let own = hosts::endpoints(
+            host,
+            host,
+            self.inner.cfg.hosts_dir.as_deref(),
+            &self.inner.cfg.insecure,
+        )
+        .pop()
+        .expect("hosts::endpoints always ends with the host itself");
+        self.http(&own)
     }
 
     fn http(&self, ep: &Endpoint) -> Result<reqwest::Client, RegistryError> {
@@ -275,7 +329,7 @@ impl Client {
         force: bool,
     ) -> Result<Option<String>, RegistryError> {
         let scope = Self::scope(t);
-        let key = (t.registry.to_string(), scope.clone());
+        let key = (ep.base.clone(), scope.clone());
         let challenge = {
             let mut st = self.inner.state.lock().expect("state lock");
             if force {
@@ -283,11 +337,11 @@ impl Client {
             } else if let Some(tok) = st.tokens.get(&key).filter(|t| t.fresh()) {
                 return Ok(Some(format!("Bearer {}", tok.value)));
             }
-            st.challenges.get(t.registry).cloned()
+            st.challenges.get(&ep.base).cloned()
         };
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => Ok(self.credentials(t.registry).map(|c| c.basic_header())),
+            Some(Challenge::Basic) => Ok(self.credentials_for(ep, t).map(|c| c.basic_header())),
             Some(Challenge::Bearer { realm, service, .. }) => {
                 let token = self
                     .fetch_token(ep, t, &realm, service.as_deref(), &scope)
@@ -323,9 +377,23 @@ impl Client {
             }
             q.append_pair("scope", scope);
         }
-        let http = self.http(ep)?;
+        let http = self.realm_http(ep, &url)?;
         let what = format!("token for {}", t.registry);
-        let creds = self.credentials(t.registry).cloned();
+        let creds = self
+            .credentials_for(ep, t)
+            .filter(|_| {
+                let ok = self.realm_gets_credentials(ep, t, &url);
+                if !ok {
+                    tracing::warn!(
+                        realm = %hosts::authority(url.as_str()),
+                        registry = t.registry,
+                        "token server on another host (or over plain HTTP): asking it without \
+                         credentials (trust it with [registry] token_realms)"
+                    );
+                }
+                ok
+            })
+            .cloned();
         self.retrying(&what, || {
             let mut req = http.get(url.clone());
             if let Some(c) = &creds {
@@ -474,10 +542,10 @@ impl Client {
                             };
                             let seen_before = {
                                 let mut st = self.inner.state.lock().expect("state lock");
-                                st.challenges.insert(t.registry.to_string(), challenge.clone()) == Some(challenge.clone())
+                                st.challenges.insert(ep.base.clone(), challenge.clone()) == Some(challenge.clone())
                             };
                             if force || (seen_before && auth.is_some() && matches!(challenge, Challenge::Basic)) {
-                                let detail = if self.credentials(t.registry).is_some() { "credentials rejected" } else { "no credentials for this registry" };
+                                let detail = if self.credentials_for(ep, &t).is_some() { "credentials rejected" } else { "no credentials for this host" };
                                 return Err(Attempt::Fatal(RegistryError::Unauthorized { registry: t.registry.into(), detail: detail.into() }));
                             }
                             force = true;

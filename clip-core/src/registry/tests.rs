@@ -93,3 +93,159 @@ async fn an_error_body_is_not_read_whole() {
     let n = sent.load(Ordering::Relaxed);
     assert!(n < 64 << 20, "{n} bytes sent before the client hung up");
 }
+
+type Log = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A server on `ip` that logs each request's head and answers with `answer(head)`.
+async fn serve_with(
+    ip: &str,
+    answer: impl Fn(&str) -> String + Send + Sync + 'static,
+) -> (String, Log) {
+    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let host = l.local_addr().unwrap().to_string();
+    let log: Log = Arc::default();
+    let (lg, answer) = (log.clone(), Arc::new(answer));
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let (lg, answer) = (lg.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1];
+                while !req.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    req.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                lg.lock().unwrap().push(head.clone());
+                let _ = c.write_all(answer(&head).as_bytes()).await;
+            });
+        }
+    });
+    (host, log)
+}
+
+fn reply(status: &str, headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn creds(user: &str) -> Credentials {
+    Credentials {
+        username: user.into(),
+        password: format!("{user}-secret"),
+    }
+}
+
+/// The `authorization:` value a request head carries (lower-cased), if any.
+fn auth_of(head: &str) -> Option<&str> {
+    head.lines().find_map(|l| l.strip_prefix("authorization: "))
+}
+
+#[tokio::test]
+async fn a_mirror_never_gets_the_registrys_credentials() {
+    let upstream_auth = creds("up").basic_header().to_ascii_lowercase();
+    let want = upstream_auth.clone();
+    let (up, up_log) = serve_with("127.0.0.1", move |h| match auth_of(h) {
+        Some(a) if a == want => reply("200 OK", "", "hello"),
+        _ => reply(
+            "401 Unauthorized",
+            "WWW-Authenticate: Basic realm=\"up\"\r\n",
+            "",
+        ),
+    })
+    .await;
+    // The mirror asks for credentials of its own and never has the blob.
+    let (mirror, mirror_log) = serve_with("127.0.0.2", |h| match auth_of(h) {
+        Some(_) => reply("404 Not Found", "", ""),
+        None => reply(
+            "401 Unauthorized",
+            "WWW-Authenticate: Basic realm=\"m\"\r\n",
+            "",
+        ),
+    })
+    .await;
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join(&up)).unwrap();
+    std::fs::write(
+        hosts.path().join(&up).join("hosts.toml"),
+        format!("[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+    let r: Reference = format!("{up}/repo:tag").parse().unwrap();
+    for mirror_creds in [false, true] {
+        mirror_log.lock().unwrap().clear();
+        let mut credentials = HashMap::from([(up.clone(), creds("up"))]);
+        if mirror_creds {
+            credentials.insert(mirror.clone(), creds("mirror"));
+        }
+        let c = Client::new(RegistryConfig {
+            hosts_dir: Some(hosts.path().to_path_buf()),
+            docker_config: Some("/nonexistent".into()),
+            credentials,
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        });
+        let got = c.get_blob_range(&r, &Digest::of(b"x"), 0, 5).await.unwrap();
+        assert_eq!(&got[..], b"hello");
+        let seen = mirror_log.lock().unwrap().clone();
+        assert!(!seen.is_empty(), "the mirror was asked first");
+        for h in &seen {
+            assert_ne!(auth_of(h), Some(upstream_auth.as_str()), "mirror saw: {h}");
+        }
+        let mirror_auth = creds("mirror").basic_header().to_ascii_lowercase();
+        assert_eq!(
+            seen.iter()
+                .any(|h| auth_of(h) == Some(mirror_auth.as_str())),
+            mirror_creds
+        );
+        assert!(up_log.lock().unwrap().iter().any(|h| auth_of(h).is_some()));
+    }
+}
+
+#[tokio::test]
+async fn a_token_server_on_another_host_gets_credentials_only_if_trusted() {
+    let (token, token_log) =
+        serve_with("127.0.0.2", |_| reply("200 OK", "", r#"{"token":"tok"}"#)).await;
+    let realm = format!("http://{token}/token");
+    let (up, _) = serve_with("127.0.0.1", move |h| match auth_of(h) {
+        Some("bearer tok") => reply("200 OK", "", "hello"),
+        _ => reply(
+            "401 Unauthorized",
+            &format!("WWW-Authenticate: Bearer realm=\"{realm}\",service=\"up\"\r\n"),
+            "",
+        ),
+    })
+    .await;
+    let r: Reference = format!("{up}/repo:tag").parse().unwrap();
+    let secret = creds("up").basic_header().to_ascii_lowercase();
+    for trusted in [false, true] {
+        token_log.lock().unwrap().clear();
+        let c = Client::new(RegistryConfig {
+            hosts_dir: None,
+            docker_config: Some("/nonexistent".into()),
+            credentials: HashMap::from([(up.clone(), creds("up"))]),
+            token_realms: if trusted {
+                vec!["127.0.0.2".into()]
+            } else {
+                vec![]
+            },
+            deadline: Duration::from_secs(5),
+            ..Default::default()
+        });
+        let got = c.get_blob_range(&r, &Digest::of(b"x"), 0, 5).await.unwrap();
+        assert_eq!(&got[..], b"hello");
+        let seen = token_log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(
+            auth_of(&seen[0]) == Some(secret.as_str()),
+            trusted,
+            "{seen:?}"
+        );
+    }
+}
