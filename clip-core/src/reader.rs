@@ -206,7 +206,7 @@ impl ReadPath {
     pub async fn open(cfg: &CacheConfig, store: &Store) -> Result<Self, CacheError> {
         let shared = match &cfg.remote {
             Some(url) => Some(Arc::new(
-                crate::cache::remote::RemoteTier::connect(url).await?,
+                crate::cache::remote::RemoteTier::connect(url, &cfg.remote_tls).await?,
             )),
             None => None,
         };

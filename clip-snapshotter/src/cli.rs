@@ -215,9 +215,19 @@ pub struct CacheArgs {
     /// Directory of the disk tier (default: ROOT/cache).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Shared Redis tier: redis://HOST:PORT/ or redis+cluster://H1:P1,H2:P2 (off by default).
+    /// Shared Redis tier (off by default): redis://HOST:PORT/, rediss://USER:PASSWORD@HOST:PORT/
+    /// (TLS and an ACL user), or redis+cluster://H1:P1,H2:P2 (rediss+cluster:// with TLS).
     #[arg(long, env = "CLIP_REDIS", value_name = "URL")]
     pub redis: Option<String>,
+    /// For rediss://: a CA file (PEM) to trust instead of the system's.
+    #[arg(long, value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+    /// For rediss:// servers that require a client certificate: the certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "redis_key")]
+    pub redis_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "redis_cert")]
+    pub redis_key: Option<PathBuf>,
     /// Bytes of whole files kept beside the disk tier for FUSE passthrough (default: a quarter
     /// of --disk-cap; 0 disables passthrough).
     #[arg(long, value_parser = parse_cap)]

@@ -346,6 +346,11 @@ async fn open_image(
                 .unwrap_or_else(|| ctx.store.root().join("cache")),
         ),
         remote: c.redis.clone(),
+        remote_tls: clip_core::cache::remote::RedisTls {
+            ca: c.redis_ca.clone(),
+            cert: c.redis_cert.clone(),
+            key: c.redis_key.clone(),
+        },
         files_bytes: c.passthrough_cap,
     };
     let path = ReadPath::open(&cfg, &ctx.store).await?;

@@ -50,8 +50,14 @@ pub struct CacheSection {
     pub disk: Option<String>,
     /// Directory of the disk tier (default ROOT/cache).
     pub dir: Option<PathBuf>,
-    /// Shared Redis tier: "redis://host:6379/" or "redis+cluster://h1:p1,h2:p2".
+    /// Shared Redis tier: "redis://host:6379/", "rediss://user:password@host:6380/" (TLS, ACL
+    /// user), or "redis+cluster://h1:p1,h2:p2" / "rediss+cluster://...".
     pub redis: Option<String>,
+    /// For rediss://: a CA file to trust instead of the system's.
+    pub redis_ca: Option<PathBuf>,
+    /// For rediss:// servers that require client certificates: the certificate and its key.
+    pub redis_cert: Option<PathBuf>,
+    pub redis_key: Option<PathBuf>,
     /// Whole-file copies for FUSE passthrough (default: a quarter of the disk tier; "0": off).
     pub passthrough: Option<String>,
 }
@@ -143,6 +149,11 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
         disk_bytes: size(&cfg.cache.disk, defaults.disk_bytes, "cache.disk")?,
         disk_dir: Some(cfg.cache.dir.clone().unwrap_or_else(|| root.join("cache"))),
         remote: cfg.cache.redis.clone(),
+        remote_tls: clip_core::cache::remote::RedisTls {
+            ca: cfg.cache.redis_ca.clone(),
+            cert: cfg.cache.redis_cert.clone(),
+            key: cfg.cache.redis_key.clone(),
+        },
         files_bytes: cfg
             .cache
             .passthrough

@@ -58,6 +58,8 @@ pub struct CacheConfig {
     pub disk_dir: Option<PathBuf>,
     /// A shared Redis tier, e.g. `redis://127.0.0.1:6379/` (`redis+cluster://h1,h2` for a cluster).
     pub remote: Option<String>,
+    /// TLS material for a `rediss://` tier (CA, client certificate and key).
+    pub remote_tls: remote::RedisTls,
     /// Bytes of whole files kept for FUSE passthrough, in `<disk_dir>/files` (default: a quarter
     /// of `disk_bytes`; 0 disables passthrough). Counted apart from the span files.
     pub files_bytes: Option<u64>,
@@ -75,6 +77,7 @@ impl Default for CacheConfig {
             disk_bytes: DEFAULT_DISK_BYTES,
             disk_dir: None,
             remote: None,
+            remote_tls: remote::RedisTls::default(),
             files_bytes: None,
         }
     }

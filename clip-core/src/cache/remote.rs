@@ -29,15 +29,75 @@ fn key(d: &Digest) -> String {
     format!("clip:span:{}", d.hex())
 }
 
+/// TLS material for `rediss://` (all optional): a CA to trust instead of the system's, and a
+/// client certificate and key for servers that require one.
+#[derive(Clone, Debug, Default)]
+pub struct RedisTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl RedisTls {
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, CacheError> {
+        if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
+            return Ok(None);
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| CacheError::Remote(format!("{}: {e}", p.display())))
+        };
+        let client_tls = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c)?,
+                client_key: read(k)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(CacheError::Remote(
+                    "a Redis client certificate needs its key, and the key its certificate".into(),
+                ))
+            }
+        };
+        let root_cert = self.ca.as_deref().map(read).transpose()?;
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+}
+
 impl RemoteTier {
-    pub async fn connect(url: &str) -> Result<Self, CacheError> {
+    /// Connects to `url`: `redis://[user:password@]host:port/` (plain), `rediss://...` (TLS),
+    /// or a cluster as `redis+cluster://` / `rediss+cluster://[user:password@]h1:p1,h2:p2`.
+    /// Username and password are Redis ACL credentials; they never appear in messages.
+    pub async fn connect(url: &str, tls: &RedisTls) -> Result<Self, CacheError> {
         let err = |e: redis::RedisError| CacheError::Remote(format!("{}: {e}", redact(url)));
-        let conn = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-            let nodes: Vec<String> = rest
+        let certs = tls.certificates()?;
+        let cluster = url
+            .strip_prefix("redis+cluster://")
+            .map(|r| ("redis", r))
+            .or_else(|| url.strip_prefix("rediss+cluster://").map(|r| ("rediss", r)));
+        let conn = if let Some((scheme, rest)) = cluster {
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((a, h)) => (Some(a), h),
+                None => (None, rest),
+            };
+            let nodes: Vec<String> = hosts
                 .split(',')
-                .map(|h| format!("redis://{}", h.trim_end_matches('/')))
+                .map(|h| format!("{scheme}://{}", h.trim_end_matches('/')))
                 .collect();
-            let client = redis::cluster::ClusterClient::new(nodes).map_err(err)?;
+            let mut b = redis::cluster::ClusterClientBuilder::new(nodes);
+            if let Some(a) = auth {
+                let (user, pass) = a.split_once(':').unwrap_or(("", a));
+                if !user.is_empty() {
+                    b = b.username(user);
+                }
+                b = b.password(pass);
+            }
+            if let Some(c) = certs {
+                b = b.certs(c);
+            }
+            let client = b.build().map_err(err)?;
             Conn::Cluster(
                 tokio::time::timeout(TIMEOUT * 5, client.get_async_connection())
                     .await
@@ -45,7 +105,11 @@ impl RemoteTier {
                     .map_err(err)?,
             )
         } else {
-            let client = redis::Client::open(url).map_err(err)?;
+            let client = match certs {
+                Some(c) => redis::Client::build_with_tls(url, c),
+                None => redis::Client::open(url),
+            }
+            .map_err(err)?;
             Conn::Single(
                 tokio::time::timeout(TIMEOUT * 5, redis::aio::ConnectionManager::new(client))
                     .await

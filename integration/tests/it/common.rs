@@ -135,7 +135,7 @@ fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it: (server key, server cert, CA cert).
-fn ca_and_server(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub fn ca_and_server(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (ca_key, ca) = self_signed(dir, "ca");
     let key = dir.join("server.key");
     let csr = dir.join("server.csr");
@@ -420,41 +420,76 @@ impl CountingProxy {
 /// A single-node redis-server on a free loopback port, stopped when dropped.
 pub struct RedisServer {
     pub port: u16,
+    /// With TLS: the CA that signed the server's certificate.
+    pub ca: Option<PathBuf>,
     _proc: Proc,
     _dir: tempfile::TempDir,
 }
 
+/// The ACL user and password of [`RedisServer::start_tls`] (the default user is disabled, and
+/// this one may touch only clip's keys).
+pub const REDIS_USER: &str = "clip";
+pub const REDIS_PASSWORD: &str = "redis-s3cret";
+
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// TLS only (no plain port), an ACL user limited to `clip:*` keys, the default user off.
+    pub fn start_tls() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> RedisServer {
         need("redis-server");
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir.path());
+        let mut ca = None;
+        if tls {
+            need("openssl");
+            let (key, cert, c) = ca_and_server(dir.path());
+            cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(&c)
+                .args(["--tls-auth-clients", "no"])
+                .args(["--user", "default", "off"])
+                .args(["--user", REDIS_USER, "on"])
+                .arg(format!(">{REDIS_PASSWORD}"))
+                .args(["~clip:*", "+@all"]);
+            ca = Some(c);
+        } else {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        let mut child = cmd
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start redis-server");
         wait_port(port, "redis-server", &mut child);
         RedisServer {
             port,
+            ca,
             _proc: Proc(child),
             _dir: dir,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.ca {
+            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(_) => format!(
+                "rediss://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{}/",
+                self.port
+            ),
+        }
     }
 }
 

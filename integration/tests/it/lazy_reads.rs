@@ -294,7 +294,7 @@ fn concurrent_readers_of_a_cold_span_make_one_request() {
 
 /// Node a reads a file (from the registry, filling the remote tier); node b, with its own root,
 /// reads it with zero registry bytes. Returns what the caller may check further.
-fn two_nodes_share_a_remote_tier(url: &str) -> (Registry, tempfile::TempDir, String) {
+fn two_nodes_share_a_remote_tier(redis: &[&str]) -> (Registry, tempfile::TempDir, String) {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
     let (l, image) = everytype(&reg, tmp.path());
@@ -303,19 +303,9 @@ fn two_nodes_share_a_remote_tier(url: &str) -> (Registry, tempfile::TempDir, Str
         &["index", &image, "--push", "--json"],
         &[],
     );
-    let (a, sa) = cat(
-        &tmp.path().join("a"),
-        &image,
-        "/data/random.bin",
-        &["--redis", url],
-    );
+    let (a, sa) = cat(&tmp.path().join("a"), &image, "/data/random.bin", redis);
     assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
-    let (b, sb) = cat(
-        &tmp.path().join("b"),
-        &image,
-        "/data/random.bin",
-        &["--redis", url],
-    );
+    let (b, sb) = cat(&tmp.path().join("b"), &image, "/data/random.bin", redis);
     assert!(a == b && b == reference_bytes(&l, "/data/random.bin"));
     assert_eq!(sb["registry_bytes"], 0, "node b fetched span bytes: {sb}");
     assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
@@ -326,7 +316,7 @@ fn two_nodes_share_a_remote_tier(url: &str) -> (Registry, tempfile::TempDir, Str
 fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&url);
+    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url]);
     // An unreachable Redis is a clear error at start, not a hang.
     let dead = format!("redis://127.0.0.1:{}/", free_port());
     let o = clip(
@@ -490,7 +480,7 @@ fn redis_cluster_mode_is_supported() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let url = format!("redis+cluster://{}", addrs.join(","));
-    let _ = two_nodes_share_a_remote_tier(&url);
+    let _ = two_nodes_share_a_remote_tier(&["--redis", &url]);
     // The spans are spread over the cluster's nodes.
     let holding = ports
         .iter()
@@ -577,7 +567,9 @@ fn oversized_values_in_the_shared_tier_are_misses_not_allocations() {
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let tier = RemoteTier::connect(&redis.url()).await.unwrap();
+        let tier = RemoteTier::connect(&redis.url(), &Default::default())
+            .await
+            .unwrap();
         let (small, big) = (
             clip_core::Digest::of(b"small"),
             clip_core::Digest::of(b"big"),
@@ -594,4 +586,41 @@ fn oversized_values_in_the_shared_tier_are_misses_not_allocations() {
         assert!(tier.get_doc("clip:profile:x", 4 << 20).await.is_none());
         assert!(tier.get_doc("clip:profile:x", 8 << 20).await.is_some());
     });
+}
+
+/// The shared tier over TLS with an ACL user (Debian's redis-server, TLS port only, default user
+/// off): two nodes share spans through it; without the CA, with a wrong password or over plain
+/// TCP the tier does not connect, with a clear error that never shows the password.
+#[test]
+fn the_shared_tier_works_over_tls_with_an_acl_user() {
+    let redis = RedisServer::start_tls();
+    let (url, ca) = (redis.url(), redis.ca.clone().unwrap());
+    let ca = ca.to_str().unwrap();
+    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url, "--redis-ca", ca]);
+    let wrong_password = url.replace(REDIS_PASSWORD, "not-the-password");
+    let plain = url.replace("rediss://", "redis://");
+    for (n, args) in [
+        [
+            "--redis",
+            url.as_str(),
+            "--redis-ca",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ],
+        ["--redis", wrong_password.as_str(), "--redis-ca", ca],
+        ["--redis", plain.as_str(), "--redis-ca", ca],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut a = vec!["cat", &image, "/etc/config"];
+        a.extend_from_slice(args);
+        let o = clip(&tmp.path().join(format!("bad{n}")), &a, &[]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains("remote cache"), "{args:?}: {e}");
+        assert!(
+            !e.contains(REDIS_PASSWORD) && !e.contains("not-the-password"),
+            "{e}"
+        );
+    }
 }
