@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, dotdot, absolute, hardlink-forward, huge-size.
 """
 import gzip
 import hashlib
@@ -197,6 +197,15 @@ def gen(name):
         block = prng(1 << 20, "big")
         text = (b"clip lazy read benchmark line\n" * 40000)[: 1 << 20]
         t.add("data/big.bin", b"".join(block if i % 2 else text for i in range(128)))
+    elif name == "busybox-pwned":
+        # An attacker's copy of the busybox layer: same paths, one file changed.
+        bb = open("/bin/busybox", "rb").read()
+        for d in ["bin", "etc", "tmp", "root", "proc", "sys", "dev"]:
+            t.add(d, kind=tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
+        t.add("bin/busybox", bb, mode=0o755)
+        for applet in ["sh", "cat"]:
+            t.add("bin/" + applet, kind=tarfile.SYMTYPE, link="busybox", mode=0o777)
+        t.add("etc/hello.txt", b"pwned\n")
     elif name == "orphan-whiteout":
         # On top of busybox: lists tmp/kept, then whites out the lower tmp. The layer's own
         # tmp/kept stays, so tmp must stay a directory (a merged tree with an orphan crashed

@@ -178,6 +178,8 @@ pub async fn index_layer_filling(
     store
         .put_layer(&desc.digest, &encoded, Some(&built.windows))
         .await?;
+    // Built from the layer's bytes with its digest and DiffID checked: trusted on this machine.
+    store.mark_verified(&desc.digest, &encoded).await?;
     crate::metrics::indexed_bytes(built.index.uncompressed_size, &desc.digest.to_string());
     Ok(LayerReport {
         descriptor: desc.clone(),

@@ -41,6 +41,10 @@ pub struct Store {
     root: PathBuf,
     db: sled::Db,
     layers: sled::Tree,
+    /// Layers indexed on this machine from their own bytes (digest and DiffID checked while
+    /// indexing): layer -> sha256 of the encoded index built. A published index stored later
+    /// for the same layer has other bytes, so it never inherits the mark.
+    verified: sled::Tree,
     images: sled::Tree,
 }
 
@@ -92,6 +96,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             layers: tree("layer-index")?,
+            verified: tree("layer-verified")?,
             images: tree("image")?,
             db,
         })
@@ -138,6 +143,32 @@ impl Store {
             .map_err(|e| self.db_err(e))?;
         self.db.flush_async().await.map_err(|e| self.db_err(e))?;
         Ok(())
+    }
+
+    /// Marks the stored index `encoded` of `layer` as built here from the layer's own bytes.
+    pub async fn mark_verified(&self, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
+        self.verified
+            .insert(layer.to_string(), Digest::of(encoded).as_bytes())
+            .map_err(|e| self.db_err(e))?;
+        self.db.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// The layer's index if it is the one this machine built from the layer's bytes.
+    pub fn get_verified_layer(
+        &self,
+        layer: &Digest,
+    ) -> Result<Option<(LayerIndex, Vec<u8>)>, StoreError> {
+        let Some(mark) = self
+            .verified
+            .get(layer.to_string())
+            .map_err(|e| self.db_err(e))?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_layer(layer)?
+            .filter(|(_, raw)| Digest::of(raw).as_bytes()[..] == mark[..]))
     }
 
     fn write_file_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {

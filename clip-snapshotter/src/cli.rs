@@ -148,6 +148,11 @@ pub struct SnapshotterArgs {
     /// Index images without a published index while they are pulled.
     #[arg(long)]
     pub index_on_demand: bool,
+    /// Which layer indexes to believe by default: "published" (lazy from the first start;
+    /// trusts whoever can push to the repositories pulled) or "local" (index on this node while
+    /// pulling; safe for multi-tenant nodes). Per-repository scopes: [trust] in the config.
+    #[arg(long, value_name = "published|local")]
+    pub trust: Option<crate::snapshotter::Trust>,
     /// Let lazy mounts die with the daemon (default: a keeper process holds their FUSE
     /// connections, so running containers keep reading across a restart).
     #[arg(long)]

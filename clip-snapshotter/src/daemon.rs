@@ -28,6 +28,18 @@ pub struct Config {
     pub registry: RegistrySection,
     pub fuse: FuseSection,
     pub profiles: ProfilesSection,
+    pub trust: TrustSection,
+}
+
+/// Which layer indexes to believe (docs/security.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustSection {
+    /// "published" (default: lazy from the first start; trusts whoever can push to the
+    /// repositories pulled) or "local" (index on this node while pulling; multi-tenant safe).
+    pub default: Option<crate::snapshotter::Trust>,
+    /// Per registry, registry/repository or repository prefix; the most specific wins.
+    pub scopes: std::collections::BTreeMap<String, crate::snapshotter::Trust>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +185,13 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             .map_or(defaults.profile_window, std::time::Duration::from_secs),
         publish_profiles: cfg.profiles.publish.unwrap_or(defaults.publish_profiles),
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
+        trust: crate::snapshotter::TrustPolicy {
+            default: a
+                .trust
+                .or(cfg.trust.default)
+                .unwrap_or(defaults.trust.default),
+            scopes: cfg.trust.scopes.clone().into_iter().collect(),
+        },
         handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
         fuse_threads: cfg
             .fuse

@@ -15,6 +15,8 @@
 //! an ordinary snapshot that containerd unpacks into: never a failure for lack of an index.
 
 pub mod meta;
+pub mod trust;
+pub use trust::{Trust, TrustPolicy};
 
 use crate::os::{is_mounted, lazy_unmount, mounts_under};
 use clip_core::cache::remote::RemoteTier;
@@ -101,6 +103,8 @@ pub struct Options {
     /// Push recorded profiles to the image's registry (needs push access; otherwise they stay
     /// on this node).
     pub publish_profiles: bool,
+    /// Which indexes to believe, per registry / repository.
+    pub trust: TrustPolicy,
 }
 
 impl Default for Options {
@@ -113,6 +117,7 @@ impl Default for Options {
             prefetch_on_open: clip_fuse::DEFAULT_PREFETCH_ON_OPEN,
             profile_window: std::time::Duration::from_secs(20),
             publish_profiles: false,
+            trust: TrustPolicy::default(),
         }
     }
 }
@@ -223,6 +228,16 @@ fn make_snapshot_dirs(dir: &Path) -> std::io::Result<()> {
     let fs = dir.join("fs");
     b.create(&fs)?;
     std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755))
+}
+
+/// The chain ID of a layer with `diff_id` on the committed snapshot `parent` (named by its own
+/// chain ID, as containerd names them); `None` when the parent's name is not a chain ID.
+fn chain_id(parent: &str, diff_id: &Digest) -> Option<String> {
+    if parent.is_empty() {
+        return Some(diff_id.to_string());
+    }
+    let p: Digest = parent.parse().ok()?;
+    Some(Digest::of(format!("{p} {diff_id}").as_bytes()).to_string())
 }
 
 fn info(name: &str, r: &Record) -> Info {
@@ -728,8 +743,9 @@ impl ClipSnapshotter {
         }
     }
 
-    /// The layer behind a Prepare's labels, if it can be served lazily.
-    async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<Remote> {
+    /// The layer behind a Prepare's labels, if it can be served lazily, with the DiffID its
+    /// index states.
+    async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<(Remote, Digest)> {
         let layer: Digest = labels.get(LABEL_LAYER)?.parse().ok()?;
         let manifest: Digest = labels.get(LABEL_MANIFEST)?.parse().ok()?;
         let image_ref: Reference = labels.get(LABEL_IMAGE_REF)?.parse().ok()?;
@@ -738,8 +754,11 @@ impl ClipSnapshotter {
             layer,
             reference: pinned.to_string(),
         };
-        if matches!(self.store.get_layer(&layer), Ok(Some(_))) {
-            return Some(remote);
+        if self.opts.trust.for_image(&pinned) == Trust::Local {
+            return self.verified_layer(&pinned, remote).await;
+        }
+        if let Ok(Some((ix, _))) = self.store.get_layer(&layer) {
+            return Some((remote, ix.diff_id));
         }
         let image = match self.client.resolve(&pinned).await {
             Ok(i) => i,
@@ -770,7 +789,44 @@ impl ClipSnapshotter {
                 return None;
             }
         }
-        matches!(self.store.get_layer(&layer), Ok(Some(_))).then_some(remote)
+        let diff_id = self.store.get_layer(&layer).ok()??.0.diff_id;
+        Some((remote, diff_id))
+    }
+
+    /// Under `trust = local`: the layer's index only if this node built it from the layer's
+    /// bytes (indexing the image now, once, if needed). A layer whose bytes do not match the
+    /// image's claims fails here, and containerd's own unpack refuses it too.
+    async fn verified_layer(&self, pinned: &Reference, remote: Remote) -> Option<(Remote, Digest)> {
+        let verified = |layer: &Digest| {
+            self.store
+                .get_verified_layer(layer)
+                .ok()
+                .flatten()
+                .map(|(ix, _)| ix.diff_id)
+        };
+        if let Some(d) = verified(&remote.layer) {
+            return Some((remote, d));
+        }
+        let image = match self.client.resolve(pinned).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(image = %pinned, "cannot resolve the image, unpacking normally: {e}");
+                return None;
+            }
+        };
+        if !image
+            .layers
+            .iter()
+            .any(|d| d.digest == remote.layer && d.is_gzip())
+        {
+            return None;
+        }
+        tracing::info!(image = %pinned, "trust = local: indexing on this node");
+        if let Err(e) = self.index_now(&image).await {
+            tracing::warn!(image = %pinned, "indexing on this node failed, unpacking normally: {e}");
+            return None;
+        }
+        verified(&remote.layer).map(|d| (remote, d))
     }
 
     /// Indexes every gzip layer of `image` (one pass over each, filling the disk cache with every
@@ -783,6 +839,8 @@ impl ClipSnapshotter {
         let mut reports = Vec::new();
         for d in &image.layers {
             let progress: image::Progress = Arc::new(|_| {});
+            // A stored index this node did not build itself is built again from the bytes.
+            let rebuild = !matches!(self.store.get_verified_layer(&d.digest), Ok(Some(_)));
             reports.push(
                 image::index_layer_filling(
                     &self.client,
@@ -791,7 +849,7 @@ impl ClipSnapshotter {
                     d,
                     &opts,
                     progress,
-                    false,
+                    rebuild,
                     Some(self.reads.cache().clone()),
                 )
                 .await?,
@@ -829,8 +887,27 @@ impl ClipSnapshotter {
                     return Err(SnapshotError::AlreadyExists(target.clone()));
                 }
                 let stackable = parent_rec.as_ref().is_none_or(|p| p.remote.is_some());
-                if stackable {
-                    if let Some(remote) = self.remote_layer(&labels).await {
+                let found = match stackable {
+                    true => self.remote_layer(&labels).await,
+                    false => None,
+                };
+                // The chain the layer is committed under must be the one its index's DiffID
+                // gives on this parent: an index (or a config) cannot claim another layer's
+                // place in the chains other images share.
+                let found = found.filter(|(remote, diff_id)| {
+                    let expected = chain_id(&parent, diff_id);
+                    let ok = expected.as_ref() == Some(target);
+                    if !ok {
+                        tracing::warn!(
+                            layer = %remote.layer,
+                            asked = %target,
+                            "the layer's index gives another chain ID than containerd asked for: unpacking normally"
+                        );
+                    }
+                    ok
+                });
+                {
+                    if let Some((remote, _)) = found {
                         let mut labels = labels.clone();
                         labels.insert(LABEL_REMOTE.into(), "true".into());
                         let t = meta::now();

@@ -1181,3 +1181,146 @@ fn sockets_refuse_other_local_users() {
         "{log}"
     );
 }
+
+/// A blob of an OCI layout.
+fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    std::fs::read(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .unwrap()
+}
+
+fn put_layout_blob(layout: &Path, data: &[u8]) -> (String, usize) {
+    let d = clip_core::Digest::of(data);
+    std::fs::write(layout.join("blobs/sha256").join(d.hex()), data).unwrap();
+    (d.to_string(), data.len())
+}
+
+/// The layout's manifest (JSON) and config (JSON).
+fn layout_manifest_config(layout: &Path) -> (serde_json::Value, serde_json::Value) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let m = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&layout_blob(layout, m)).unwrap();
+    let c = manifest["config"]["digest"].as_str().unwrap();
+    let config = serde_json::from_slice(&layout_blob(layout, c)).unwrap();
+    (manifest, config)
+}
+
+/// An attacker's edit: the image config claims `diff_ids` for the layers it has.
+fn lie_about_diff_ids(layout: &Path, diff_ids: &serde_json::Value) {
+    let (mut manifest, mut config) = layout_manifest_config(layout);
+    config["rootfs"]["diff_ids"] = diff_ids.clone();
+    let (cd, cs) = put_layout_blob(layout, &serde_json::to_vec(&config).unwrap());
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cs.into();
+    let (md, ms) = put_layout_blob(layout, &serde_json::to_vec(&manifest).unwrap());
+    let path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    index["manifests"][0]["digest"] = md.into();
+    index["manifests"][0]["size"] = ms.into();
+    std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// The attacker publishes, for its own layer, an index claiming the DiffID the lying config
+/// claims (the index format's checksum is no obstacle: anyone can encode one).
+fn publish_forged_index(image: &str, layout: &Path, diff_id: &str) {
+    let (manifest, _) = layout_manifest_config(layout);
+    let layer = layout_blob(layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    let mut built = clip_core::index::build_layer_index(
+        &layer[..],
+        &clip_core::index::BuildOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    built.index.diff_id = diff_id.parse().unwrap();
+    let encoded = clip_core::index::format::encode(&built.index);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = clip_core::registry::Client::new(Default::default());
+        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
+        clip_core::artifact::push(
+            &client,
+            &resolved,
+            &[clip_core::artifact::PublishedLayer {
+                index: &built.index,
+                encoded: encoded.into(),
+                windows: built.windows.into(),
+            }],
+        )
+        .await
+        .unwrap();
+    });
+}
+
+/// Issue 13's critical scenario: an attacker's image whose config claims the DiffID of a
+/// popular base layer for its own layer, with an index that agrees, pulled once on a node;
+/// then a victim image on that base layer. Under `trust = local` (the multi-tenant setting)
+/// the attacker's pull is refused and the victim sees its own files; under `published` (the
+/// control) the attack works, which is what that setting documents. And even under
+/// `published`, an index stored for the attacker's layer from an honest image of it cannot be
+/// committed in the base layer's place (the chain ID check).
+#[test]
+fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let victim_layout = layout(tmp.path(), "victim", &["gen:busybox"]);
+    reg.push_layout(&victim_layout, "victim", "victim");
+    let victim = format!("{}:victim", reg.image("victim"));
+    publish_index(tmp.path(), &victim);
+    let (_, victim_config) = layout_manifest_config(&victim_layout);
+    let base_diff = victim_config["rootfs"]["diff_ids"].clone();
+    // The attacker's honest image and its lying twin (same layer blob).
+    let honest_layout = layout(tmp.path(), "honest", &["gen:busybox-pwned"]);
+    reg.push_layout(&honest_layout, "honest", "attacker");
+    let honest = format!("{}:honest", reg.image("attacker"));
+    publish_index(tmp.path(), &honest);
+    let liar_layout = layout(tmp.path(), "liar", &["gen:busybox-pwned"]);
+    lie_about_diff_ids(&liar_layout, &base_diff);
+    reg.push_layout(&liar_layout, "liar", "attacker");
+    let liar = format!("{}:liar", reg.image("attacker"));
+    publish_forged_index(&liar, &liar_layout, base_diff[0].as_str().unwrap());
+
+    let hello =
+        |node: &Node, id: &str| stdout(&node.run("clip", &victim, id, &["cat", "/etc/hello.txt"]));
+    // Control: under `published`, the forged index takes the base layer's chain.
+    let node = Node::start(&tmp.path().join("published"));
+    node.pull_ok(&liar);
+    node.pull_ok(&victim);
+    assert_eq!(
+        hello(&node, "v0"),
+        "pwned\n",
+        "the attack did not work: no control"
+    );
+    drop(node);
+
+    // `published`, but the index comes from the honest image of the attacker's layer: the
+    // chain ID check refuses to commit it in the base layer's place.
+    let node = Node::start(&tmp.path().join("chain"));
+    node.pull_ok(&honest);
+    let o = node.pull(&liar);
+    assert!(
+        !o.status.success(),
+        "the lying image was pulled: {}",
+        stderr(&o)
+    );
+    node.pull_ok(&victim);
+    assert_eq!(hello(&node, "v1"), "hello from clip\n");
+    drop(node);
+
+    // The multi-tenant setting: the attacker's pull fails; the victim sees its own files.
+    let node = Node::start_with(&tmp.path().join("local"), &["--trust", "local"]);
+    let o = node.pull(&liar);
+    assert!(
+        !o.status.success(),
+        "the lying image was pulled: {}",
+        stderr(&o)
+    );
+    node.pull_ok(&victim);
+    assert_eq!(hello(&node, "v2"), "hello from clip\n");
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("indexing on this node failed"), "{log}");
+}
