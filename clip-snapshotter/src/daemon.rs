@@ -304,6 +304,7 @@ mod tests {
         let cache = CacheConfig::default();
         assert_eq!(size(&c.cache.memory, 0, "").unwrap(), cache.memory_bytes);
         assert_eq!(size(&c.cache.disk, 0, "").unwrap(), cache.disk_bytes);
+        assert_eq!(c.trust.default, Some(Options::default().trust.default));
         let reg = clip_core::registry::RegistryConfig::default();
         assert_eq!(c.registry.timeout_secs, Some(reg.deadline.as_secs()));
         assert_eq!(c.registry.stall_secs, Some(reg.stall_timeout.as_secs()));
