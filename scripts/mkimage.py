@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, note-TEXT, dotdot, absolute, hardlink-forward, huge-size.
 """
 import gzip
 import hashlib
@@ -197,6 +197,10 @@ def gen(name):
         block = prng(1 << 20, "big")
         text = (b"clip lazy read benchmark line\n" * 40000)[: 1 << 20]
         t.add("data/big.bin", b"".join(block if i % 2 else text for i in range(128)))
+    elif name.startswith("note-"):
+        # A small layer of its own: etc/note holding the rest of the generator's name.
+        t.add("etc", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("etc/note", name[5:].encode() + b"\n")
     elif name == "busybox-pwned":
         # An attacker's copy of the busybox layer: same paths, one file changed.
         bb = open("/bin/busybox", "rb").read()

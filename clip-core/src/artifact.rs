@@ -13,7 +13,9 @@
 use crate::digest::Digest;
 use crate::index::{format, BlobRef, LayerIndex};
 use crate::profile::Profile;
+use crate::reference::Reference;
 use crate::registry::{Client, RegistryError, ResolvedImage, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
+use crate::signature::{TrustedKeys, MAX_BUNDLE, MEDIA_TYPE_BUNDLE};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
@@ -151,10 +153,76 @@ pub async fn fetch(
     client: &Client,
     image: &ResolvedImage,
 ) -> Result<Option<(Digest, Vec<FetchedLayer>)>, ArtifactError> {
-    let r = &image.reference;
     let Some((artifact, m)) = find_artifact(client, image, ARTIFACT_TYPE).await? else {
         return Ok(None);
     };
+    Ok(Some((
+        artifact,
+        fetch_layers(client, image, &artifact, &m).await?,
+    )))
+}
+
+/// Like [`fetch`], but only an index artifact signed with one of `keys` (see
+/// [`crate::signature`]); the newest signed one wins. `Ok(None)` when no artifact is signed.
+pub async fn fetch_signed(
+    client: &Client,
+    image: &ResolvedImage,
+    keys: &TrustedKeys,
+) -> Result<Option<(Digest, Vec<FetchedLayer>)>, ArtifactError> {
+    let r = &image.reference;
+    let candidates = referrers(client, r, &image.manifest_digest, &[ARTIFACT_TYPE]).await?;
+    for artifact in candidates.iter().rev() {
+        if is_signed(client, r, artifact, keys).await {
+            let m = artifact_manifest(client, r, artifact, &image.manifest_digest).await?;
+            return Ok(Some((
+                *artifact,
+                fetch_layers(client, image, artifact, &m).await?,
+            )));
+        }
+        tracing::warn!(artifact = %artifact, image = %r, "index artifact not signed by a trusted key");
+    }
+    Ok(None)
+}
+
+/// Whether a signature bundle attached to `artifact` verifies with one of `keys` and names it.
+async fn is_signed(client: &Client, r: &Reference, artifact: &Digest, keys: &TrustedKeys) -> bool {
+    // cosign lists its bundle under the referrers tag with the empty config's type.
+    let types = [MEDIA_TYPE_BUNDLE, MEDIA_EMPTY];
+    let Ok(sigs) = referrers(client, r, artifact, &types).await else {
+        return false;
+    };
+    for sig in sigs.iter().rev() {
+        let Ok(m) = artifact_manifest(client, r, sig, artifact).await else {
+            continue;
+        };
+        for d in m["layers"].as_array().into_iter().flatten() {
+            if d["mediaType"] != MEDIA_TYPE_BUNDLE {
+                continue;
+            }
+            let Some(digest) = d["digest"].as_str().and_then(|s| s.parse::<Digest>().ok()) else {
+                continue;
+            };
+            let Ok(bundle) = client.get_blob(r, &digest, MAX_BUNDLE).await else {
+                continue;
+            };
+            match keys.verify_bundle(&bundle, artifact) {
+                Ok(()) => return true,
+                Err(e) => tracing::debug!(signature = %sig, "signature refused: {e}"),
+            }
+        }
+    }
+    false
+}
+
+/// The layer indexes an index artifact lists, one per layer of `image`, each checked against
+/// the layer's digest and DiffID.
+async fn fetch_layers(
+    client: &Client,
+    image: &ResolvedImage,
+    artifact: &Digest,
+    m: &Value,
+) -> Result<Vec<FetchedLayer>, ArtifactError> {
+    let r = &image.reference;
     let invalid = |reason: String| ArtifactError::Invalid {
         digest: artifact.to_string(),
         reason,
@@ -189,7 +257,55 @@ pub async fn fetch(
         }
         out.push(FetchedLayer { index, encoded });
     }
-    Ok(Some((artifact, out)))
+    Ok(out)
+}
+
+/// The artifacts of `artifact_type` whose subject is `subject`, oldest first: from the
+/// referrers API, or the referrers tag on registries without it.
+async fn referrers(
+    client: &Client,
+    r: &Reference,
+    subject: &Digest,
+    artifact_types: &[&str],
+) -> Result<Vec<Digest>, ArtifactError> {
+    let listing = match client.referrers_api(r, subject).await? {
+        Some(b) => b,
+        None => match client.get_manifest(r, &referrers_tag(subject)).await {
+            Ok((b, _, _)) => b,
+            Err(RegistryError::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let listing: Value = serde_json::from_slice(&listing).map_err(|e| ArtifactError::Invalid {
+        digest: referrers_tag(subject),
+        reason: e.to_string(),
+    })?;
+    Ok(listing["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| artifact_types.iter().any(|t| m["artifactType"] == *t))
+        .filter_map(|m| m["digest"].as_str()?.parse::<Digest>().ok())
+        .collect())
+}
+
+/// An artifact's manifest, checked to refer to `subject`.
+async fn artifact_manifest(
+    client: &Client,
+    r: &Reference,
+    artifact: &Digest,
+    subject: &Digest,
+) -> Result<Value, ArtifactError> {
+    let (body, _, _) = client.get_manifest(r, &artifact.to_string()).await?;
+    let invalid = |reason: String| ArtifactError::Invalid {
+        digest: artifact.to_string(),
+        reason,
+    };
+    let m: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    if m["subject"]["digest"] != subject.to_string() {
+        return Err(invalid("its subject is another manifest".into()));
+    }
+    Ok(m)
 }
 
 /// The newest artifact of `artifact_type` referring to `image`: its digest and manifest.
@@ -199,41 +315,12 @@ async fn find_artifact(
     artifact_type: &str,
 ) -> Result<Option<(Digest, Value)>, ArtifactError> {
     let r = &image.reference;
-    let listing = match client.referrers_api(r, &image.manifest_digest).await? {
-        Some(b) => b,
-        None => match client
-            .get_manifest(r, &referrers_tag(&image.manifest_digest))
-            .await
-        {
-            Ok((b, _, _)) => b,
-            Err(RegistryError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        },
-    };
-    let listing: Value = serde_json::from_slice(&listing).map_err(|e| ArtifactError::Invalid {
-        digest: referrers_tag(&image.manifest_digest),
-        reason: e.to_string(),
-    })?;
-    let candidate = listing["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["artifactType"] == artifact_type)
-        .filter_map(|m| m["digest"].as_str()?.parse::<Digest>().ok())
-        .next_back();
-    let Some(artifact) = candidate else {
+    let candidates = referrers(client, r, &image.manifest_digest, &[artifact_type]).await?;
+    let Some(artifact) = candidates.last() else {
         return Ok(None);
     };
-    let (body, _, _) = client.get_manifest(r, &artifact.to_string()).await?;
-    let invalid = |reason: String| ArtifactError::Invalid {
-        digest: artifact.to_string(),
-        reason,
-    };
-    let m: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
-    if m["subject"]["digest"] != image.manifest_digest.to_string() {
-        return Err(invalid("its subject is another manifest".into()));
-    }
-    Ok(Some((artifact, m)))
+    let m = artifact_manifest(client, r, artifact, &image.manifest_digest).await?;
+    Ok(Some((*artifact, m)))
 }
 
 /// Publishes a startup profile for `image` (see [`crate::profile`]); returns the artifact's

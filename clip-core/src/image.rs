@@ -235,6 +235,36 @@ pub async fn record_image(
 
 /// The indexes of every layer of `image`: from the store, else from the registry's index
 /// artifact (then stored). Errors with [`ImageError::NoIndex`] when neither has them.
+/// Like [`load_indexes`], but only from an index artifact signed by one of `keys` (stored
+/// indexes count only if built here or signed before). Marks what it stores as signed.
+pub async fn load_signed_indexes(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    keys: &crate::signature::TrustedKeys,
+) -> Result<Vec<LayerReport>, ImageError> {
+    let start = Instant::now();
+    let Some((artifact, fetched)) = artifact::fetch_signed(client, image, keys).await? else {
+        return Err(ImageError::NoIndex {
+            reference: format!("{} (signed by a trusted key)", image.reference),
+        });
+    };
+    let mut reports = Vec::new();
+    for (d, f) in image.layers.iter().zip(fetched) {
+        store.put_layer(&d.digest, &f.encoded, None).await?;
+        store.mark_signed(&d.digest, &f.encoded).await?;
+        reports.push(LayerReport {
+            descriptor: d.clone(),
+            index: Arc::new(f.index),
+            encoded: f.encoded,
+            built: false,
+            elapsed: start.elapsed(),
+        });
+    }
+    record_image(store, image, &reports, Some(artifact)).await?;
+    Ok(reports)
+}
+
 pub async fn load_indexes(
     client: &Client,
     store: &Store,

@@ -35,6 +35,7 @@ pub mod profile;
 pub mod reader;
 pub mod reference;
 pub mod registry;
+pub mod signature;
 pub mod source;
 pub mod store;
 mod tarscan;

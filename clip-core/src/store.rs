@@ -45,6 +45,8 @@ pub struct Store {
     /// indexing): layer -> sha256 of the encoded index built. A published index stored later
     /// for the same layer has other bytes, so it never inherits the mark.
     verified: sled::Tree,
+    /// Layers whose published index was signed by a trusted key: layer -> sha256 of that index.
+    signed: sled::Tree,
     images: sled::Tree,
 }
 
@@ -97,6 +99,7 @@ impl Store {
             root: root.to_path_buf(),
             layers: tree("layer-index")?,
             verified: tree("layer-verified")?,
+            signed: tree("layer-signed")?,
             images: tree("image")?,
             db,
         })
@@ -147,8 +150,16 @@ impl Store {
 
     /// Marks the stored index `encoded` of `layer` as built here from the layer's own bytes.
     pub async fn mark_verified(&self, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
-        self.verified
-            .insert(layer.to_string(), Digest::of(encoded).as_bytes())
+        self.mark(&self.verified, layer, encoded).await
+    }
+
+    /// Marks the stored index `encoded` of `layer` as published with a trusted signature.
+    pub async fn mark_signed(&self, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
+        self.mark(&self.signed, layer, encoded).await
+    }
+
+    async fn mark(&self, t: &sled::Tree, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
+        t.insert(layer.to_string(), Digest::of(encoded).as_bytes())
             .map_err(|e| self.db_err(e))?;
         self.db.flush_async().await.map_err(|e| self.db_err(e))?;
         Ok(())
@@ -159,11 +170,26 @@ impl Store {
         &self,
         layer: &Digest,
     ) -> Result<Option<(LayerIndex, Vec<u8>)>, StoreError> {
-        let Some(mark) = self
-            .verified
-            .get(layer.to_string())
-            .map_err(|e| self.db_err(e))?
-        else {
+        self.get_marked(&self.verified, layer)
+    }
+
+    /// The layer's index if it was built here or published with a trusted signature.
+    pub fn get_signed_layer(
+        &self,
+        layer: &Digest,
+    ) -> Result<Option<(LayerIndex, Vec<u8>)>, StoreError> {
+        match self.get_marked(&self.verified, layer)? {
+            Some(found) => Ok(Some(found)),
+            None => self.get_marked(&self.signed, layer),
+        }
+    }
+
+    fn get_marked(
+        &self,
+        t: &sled::Tree,
+        layer: &Digest,
+    ) -> Result<Option<(LayerIndex, Vec<u8>)>, StoreError> {
+        let Some(mark) = t.get(layer.to_string()).map_err(|e| self.db_err(e))? else {
             return Ok(None);
         };
         Ok(self

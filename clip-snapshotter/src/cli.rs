@@ -151,8 +151,12 @@ pub struct SnapshotterArgs {
     /// Which layer indexes to believe by default: "published" (lazy from the first start;
     /// trusts whoever can push to the repositories pulled) or "local" (index on this node while
     /// pulling; safe for multi-tenant nodes). Per-repository scopes: [trust] in the config.
-    #[arg(long, value_name = "published|local")]
+    #[arg(long, value_name = "published|local|signed")]
     pub trust: Option<crate::snapshotter::Trust>,
+    /// A public key (cosign, PEM) whose signatures on index artifacts `signed` accepts.
+    /// Repeatable; adds to [trust] keys.
+    #[arg(long = "trust-key", value_name = "FILE")]
+    pub trust_keys: Vec<PathBuf>,
     /// Let lazy mounts die with the daemon (default: a keeper process holds their FUSE
     /// connections, so running containers keep reading across a restart).
     #[arg(long)]

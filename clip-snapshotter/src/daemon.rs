@@ -40,6 +40,8 @@ pub struct TrustSection {
     pub default: Option<crate::snapshotter::Trust>,
     /// Per registry, registry/repository or repository prefix; the most specific wins.
     pub scopes: std::collections::BTreeMap<String, crate::snapshotter::Trust>,
+    /// Public keys (cosign, PEM) whose signatures "signed" accepts.
+    pub keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,12 +187,18 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             .map_or(defaults.profile_window, std::time::Duration::from_secs),
         publish_profiles: cfg.profiles.publish.unwrap_or(defaults.publish_profiles),
         index_on_demand: cfg.index_on_demand || a.index_on_demand,
-        trust: crate::snapshotter::TrustPolicy {
-            default: a
-                .trust
-                .or(cfg.trust.default)
-                .unwrap_or(defaults.trust.default),
-            scopes: cfg.trust.scopes.clone().into_iter().collect(),
+        trust: {
+            let keys: Vec<&PathBuf> = cfg.trust.keys.iter().chain(&a.trust_keys).collect();
+            let policy = crate::snapshotter::TrustPolicy {
+                default: a
+                    .trust
+                    .or(cfg.trust.default)
+                    .unwrap_or(defaults.trust.default),
+                scopes: cfg.trust.scopes.clone().into_iter().collect(),
+                keys: clip_core::signature::TrustedKeys::load(&keys)?,
+            };
+            policy.check().map_err(anyhow::Error::msg)?;
+            policy
         },
         handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
         fuse_threads: cfg

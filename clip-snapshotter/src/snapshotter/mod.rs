@@ -754,8 +754,10 @@ impl ClipSnapshotter {
             layer,
             reference: pinned.to_string(),
         };
-        if self.opts.trust.for_image(&pinned) == Trust::Local {
-            return self.verified_layer(&pinned, remote).await;
+        match self.opts.trust.for_image(&pinned) {
+            Trust::Local => return self.verified_layer(&pinned, remote).await,
+            Trust::Signed => return self.signed_layer(&pinned, remote).await,
+            Trust::Published => {}
         }
         if let Ok(Some((ix, _))) = self.store.get_layer(&layer) {
             return Some((remote, ix.diff_id));
@@ -791,6 +793,49 @@ impl ClipSnapshotter {
         }
         let diff_id = self.store.get_layer(&layer).ok()??.0.diff_id;
         Some((remote, diff_id))
+    }
+
+    /// Under `trust = signed`: the layer's index only if it was signed by a trusted key (or
+    /// built on this node); an image without such an index is unpacked normally, or indexed here
+    /// with `index_on_demand`.
+    async fn signed_layer(&self, pinned: &Reference, remote: Remote) -> Option<(Remote, Digest)> {
+        let trusted = |layer: &Digest| {
+            self.store
+                .get_signed_layer(layer)
+                .ok()
+                .flatten()
+                .map(|(ix, _)| ix.diff_id)
+        };
+        if let Some(d) = trusted(&remote.layer) {
+            return Some((remote, d));
+        }
+        let image = match self.client.resolve(pinned).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(image = %pinned, "cannot resolve the image, unpacking normally: {e}");
+                return None;
+            }
+        };
+        if !image
+            .layers
+            .iter()
+            .any(|d| d.digest == remote.layer && d.is_gzip())
+        {
+            return None;
+        }
+        let keys = &self.opts.trust.keys;
+        if let Err(e) = image::load_signed_indexes(&self.client, &self.store, &image, keys).await {
+            if !self.opts.index_on_demand {
+                tracing::warn!(image = %pinned, "trust = signed: {e}; unpacking normally");
+                return None;
+            }
+            tracing::info!(image = %pinned, "trust = signed: {e}; indexing on this node");
+            if let Err(e) = self.index_now(&image).await {
+                tracing::warn!(image = %pinned, "indexing on this node failed, unpacking normally: {e}");
+                return None;
+            }
+        }
+        trusted(&remote.layer).map(|d| (remote, d))
     }
 
     /// Under `trust = local`: the layer's index only if this node built it from the layer's

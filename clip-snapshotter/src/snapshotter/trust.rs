@@ -20,6 +20,10 @@ pub enum Trust {
     /// each layer, its digest and DiffID checked, the cache filled on the way). Safe for
     /// multi-tenant nodes.
     Local,
+    /// Use a published index only if it is signed by one of the configured keys (`cosign sign
+    /// --key` on the index artifact); otherwise the image is unpacked normally (or indexed on
+    /// this node with `index_on_demand`). Safe for multi-tenant nodes when the keys are.
+    Signed,
 }
 
 impl std::str::FromStr for Trust {
@@ -28,7 +32,8 @@ impl std::str::FromStr for Trust {
         match s {
             "published" => Ok(Trust::Published),
             "local" => Ok(Trust::Local),
-            _ => Err(format!("unknown trust {s:?} (published or local)")),
+            "signed" => Ok(Trust::Signed),
+            _ => Err(format!("unknown trust {s:?} (published, local or signed)")),
         }
     }
 }
@@ -39,6 +44,8 @@ impl std::str::FromStr for Trust {
 pub struct TrustPolicy {
     pub default: Trust,
     pub scopes: Vec<(String, Trust)>,
+    /// The keys `signed` accepts.
+    pub keys: clip_core::signature::TrustedKeys,
 }
 
 impl Default for TrustPolicy {
@@ -46,11 +53,24 @@ impl Default for TrustPolicy {
         TrustPolicy {
             default: Trust::Published,
             scopes: Vec::new(),
+            keys: Default::default(),
         }
     }
 }
 
 impl TrustPolicy {
+    /// Whether the policy can be applied: `signed` anywhere needs keys.
+    pub fn check(&self) -> Result<(), String> {
+        let signed =
+            self.default == Trust::Signed || self.scopes.iter().any(|(_, t)| *t == Trust::Signed);
+        if signed && self.keys.is_empty() {
+            return Err(
+                "trust \"signed\" needs at least one public key ([trust] keys, --trust-key)".into(),
+            );
+        }
+        Ok(())
+    }
+
     pub fn for_image(&self, r: &Reference) -> Trust {
         let name = format!("{}/{}", r.registry, r.repository);
         self.scopes
@@ -76,6 +96,7 @@ mod tests {
                 ("reg.internal:5000".into(), Trust::Published),
                 ("reg.internal:5000/tenants".into(), Trust::Local),
             ],
+            keys: Default::default(),
         };
         let t = |s: &str| p.for_image(&s.parse().unwrap());
         assert_eq!(t("reg.internal:5000/base/python:3"), Trust::Published);

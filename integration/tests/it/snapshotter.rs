@@ -1324,3 +1324,121 @@ fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
     let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
     assert!(log.contains("indexing on this node failed"), "{log}");
 }
+
+/// cosign 3.1.1 from Debian's development suite (fetched and unpacked, never installed).
+fn cosign() -> PathBuf {
+    let o = Command::new("bash")
+        .arg(workspace().join("scripts/debian-tool.sh"))
+        .args(["cosign", "3.1.1-2", "usr/bin/cosign"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "fetching cosign: {}", stderr(&o));
+    PathBuf::from(stdout(&o).trim()).join("usr/bin/cosign")
+}
+
+/// `cosign generate-key-pair` in `dir`; returns the public key's path.
+fn cosign_keys(cosign: &Path, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let o = Command::new(cosign)
+        .arg("generate-key-pair")
+        .current_dir(dir)
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cosign generate-key-pair: {}",
+        stderr(&o)
+    );
+    dir.join("cosign.pub")
+}
+
+/// `cosign sign --key` on `target` (repo@digest), offline: no transparency log.
+fn cosign_sign(cosign: &Path, keys: &Path, target: &str) {
+    let o = Command::new(cosign)
+        .args(["sign", "--key"])
+        .arg(keys.join("cosign.key"))
+        .args([
+            "--use-signing-config=false",
+            "--tlog-upload=false",
+            "--allow-insecure-registry",
+            "--yes",
+            target,
+        ])
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cosign sign: {}", stderr(&o));
+}
+
+/// Under `trust = signed`, a published index is used only when its artifact carries a cosign
+/// signature by a configured key: a signed image starts lazily; an unsigned one and one signed
+/// by another key are unpacked normally (and still run).
+#[test]
+fn signed_trust_uses_only_indexes_signed_with_a_configured_key() {
+    let cosign = cosign();
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let ours = cosign_keys(&cosign, &tmp.path().join("ours"));
+    cosign_keys(&cosign, &tmp.path().join("theirs"));
+    let mut images = Vec::new();
+    for (name, signer) in [
+        ("signed", Some("ours")),
+        ("unsigned", None),
+        ("other", Some("theirs")),
+    ] {
+        let note = format!("gen:note-{name}");
+        let l = layout(tmp.path(), name, &["gen:busybox", &note]);
+        reg.push_layout(&l, name, name);
+        let image = format!("{}:{name}", reg.image(name));
+        let j = clip_json(
+            &tmp.path().join("publisher"),
+            &["index", "--push", &image, "--json"],
+            &[],
+        );
+        let artifact = j["artifact"].as_str().unwrap().to_string();
+        if let Some(s) = signer {
+            cosign_sign(
+                &cosign,
+                &tmp.path().join(s),
+                &format!("{}@{artifact}", reg.image(name)),
+            );
+        }
+        images.push(image);
+    }
+    let node = Node::start_with(
+        &tmp.path().join("node"),
+        &["--trust", "signed", "--trust-key", ours.to_str().unwrap()],
+    );
+    // The first image brings the shared busybox layer; each has a layer of its own on top.
+    let expect = [
+        "2 lazy layer(s), 0 unpacked",
+        "0 lazy layer(s), 1 unpacked",
+        "0 lazy layer(s), 1 unpacked",
+    ];
+    for (image, expect) in images.iter().zip(expect) {
+        let said = node.pull_ok(image);
+        assert!(said.contains(expect), "{image}: {said}");
+        let id = image.rsplit(':').next().unwrap();
+        assert_eq!(
+            out(&node.run("clip", image, id, &["cat", "/etc/note"])),
+            format!("{id}\n")
+        );
+    }
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("not signed by a trusted key"), "{log}");
+    // A node configured for signatures without a key refuses to start.
+    let o = Command::new(clip_bin())
+        .args(["--root"])
+        .arg(tmp.path().join("keyless"))
+        .args(["snapshotter", "--trust", "signed", "--address"])
+        .arg(tmp.path().join("keyless.sock"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("needs at least one public key"),
+        "{}",
+        stderr(&o)
+    );
+}
