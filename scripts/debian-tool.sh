@@ -35,6 +35,15 @@ if ! ls "$CACHE"/debs/"$PKG"_"$VERSION"_*.deb >/dev/null 2>&1; then
   apt-get update -qq >&2
   (cd "$CACHE/debs" && apt-get download -qq "$PKG=$VERSION" 2>&1 | grep -v unsandboxed >&2 || true)
 fi
+if ! ls "$CACHE"/debs/"$PKG"_"$VERSION"_*.deb >/dev/null 2>&1; then
+  # The development suite moves on: take the version it has now, and say so.
+  now=$(apt-cache policy "$PKG" | awk '/Candidate:/ {print $2}')
+  [[ -n $now && $now != "(none)" ]] || { echo "$PKG is not in Debian's development suite" >&2; exit 1; }
+  echo "warning: $PKG $VERSION is gone from the development suite; using $now" >&2
+  VERSION=$now DEST="$CACHE/$PKG-$now"
+  if [[ -x $DEST/$BIN ]]; then echo "$DEST"; exit 0; fi
+  (cd "$CACHE/debs" && apt-get download -qq "$PKG=$VERSION" 2>&1 | grep -v unsandboxed >&2 || true)
+fi
 deb=$(ls "$CACHE"/debs/"$PKG"_"$VERSION"_*.deb)
 rm -rf "$DEST.tmp"; dpkg -x "$deb" "$DEST.tmp"; mv "$DEST.tmp" "$DEST"
 [[ -x $DEST/$BIN ]] || { echo "$PKG $VERSION has no $BIN" >&2; exit 1; }
