@@ -37,20 +37,124 @@ pub fn docker_config_path() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
-/// Reads `auths` from a docker config file. A missing file is no credentials; a malformed one
-/// is reported (without its contents) and ignored.
-pub fn load_docker_config(path: &Path) -> HashMap<String, Credentials> {
-    let mut out = HashMap::new();
+/// What a docker config says about credentials: stored `auths`, per-registry `credHelpers` and
+/// the default `credsStore` (helpers are programs `docker-credential-<name>` on the PATH).
+#[derive(Clone, Debug, Default)]
+pub struct DockerConfig {
+    pub auths: HashMap<String, Credentials>,
+    pub helpers: HashMap<String, String>,
+    pub store: Option<String>,
+}
+
+impl DockerConfig {
+    /// The helper that holds `registry`'s credentials, if any (as docker: `credHelpers` first,
+    /// then `credsStore`).
+    pub fn helper_for(&self, registry: &str) -> Option<&str> {
+        self.helpers
+            .get(registry)
+            .or(self.store.as_ref())
+            .map(String::as_str)
+    }
+}
+
+/// The most bytes read from a credential helper.
+const MAX_HELPER_OUTPUT: u64 = 64 << 10;
+
+/// Asks `docker-credential-<helper> get` for `registry`'s credentials (in memory only; the
+/// secret is never logged). `None` when the helper has none, fails, or takes over 10 s.
+pub async fn from_helper(helper: &str, registry: &str) -> Option<Credentials> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if helper.is_empty()
+        || !helper
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        tracing::warn!(helper, "ignoring a credential helper with an unusual name");
+        return None;
+    }
+    let server = match registry {
+        "docker.io" => "https://index.docker.io/v1/".to_string(),
+        r => r.to_string(),
+    };
+    let program = format!("docker-credential-{helper}");
+    let run = async {
+        let mut child = tokio::process::Command::new(&program)
+            .arg("get")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .ok()?;
+        let mut stdin = child.stdin.take()?;
+        stdin.write_all(server.as_bytes()).await.ok()?;
+        drop(stdin);
+        let mut out = Vec::new();
+        child
+            .stdout
+            .take()?
+            .take(MAX_HELPER_OUTPUT)
+            .read_to_end(&mut out)
+            .await
+            .ok()?;
+        let status = child.wait().await.ok()?;
+        status.success().then_some(out)
+    };
+    let out = match tokio::time::timeout(std::time::Duration::from_secs(10), run).await {
+        Ok(Some(out)) => out,
+        Ok(None) => {
+            tracing::debug!(helper = %program, registry, "credential helper has no credentials");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(helper = %program, registry, "credential helper timed out");
+            return None;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out).ok()?;
+    let (user, secret) = (v["Username"].as_str()?, v["Secret"].as_str()?);
+    if user == "<token>" {
+        tracing::warn!(helper = %program, registry, "identity tokens from credential helpers are not supported");
+        return None;
+    }
+    Some(Credentials {
+        username: user.into(),
+        password: secret.into(),
+    })
+}
+
+/// Reads a docker config file. A missing file is no credentials; a malformed one is reported
+/// (without its contents) and ignored.
+pub fn load_docker_config(path: &Path) -> DockerConfig {
+    let mut cfg = DockerConfig::default();
     let Ok(text) = std::fs::read_to_string(path) else {
-        return out;
+        return cfg;
     };
     let json: serde_json::Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(path = %path.display(), "ignoring unreadable docker config: {e}");
-            return out;
+            return cfg;
         }
     };
+    if let Some(h) = json.get("credHelpers").and_then(|h| h.as_object()) {
+        for (k, v) in h {
+            if let Some(name) = v.as_str() {
+                cfg.helpers.insert(normalize_auth_key(k), name.to_string());
+            }
+        }
+    }
+    cfg.store = json
+        .get("credsStore")
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    cfg.auths = load_auths(&json);
+    cfg
+}
+
+fn load_auths(json: &serde_json::Value) -> HashMap<String, Credentials> {
+    let mut out = HashMap::new();
     let Some(auths) = json.get("auths").and_then(|a| a.as_object()) else {
         return out;
     };
@@ -238,20 +342,23 @@ mod tests {
         let p = dir.path().join("config.json");
         std::fs::write(
             &p,
-            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},"localhost:5000":{"username":"a","password":"b:c"}}}"#,
+            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},"localhost:5000":{"username":"a","password":"b:c"}},"credHelpers":{"https://reg.example":"ecr-login"},"credsStore":"pass"}"#,
         )
         .unwrap();
         let c = load_docker_config(&p);
         assert_eq!(
-            c["docker.io"],
+            c.auths["docker.io"],
             Credentials {
                 username: "user".into(),
                 password: "pass".into()
             }
         );
-        assert_eq!(c["localhost:5000"].password, "b:c");
-        assert!(!format!("{:?}", c["docker.io"]).contains("pass"));
+        assert_eq!(c.auths["localhost:5000"].password, "b:c");
+        assert!(!format!("{:?}", c.auths["docker.io"]).contains("pass"));
+        assert_eq!(c.helper_for("reg.example"), Some("ecr-login"));
+        assert_eq!(c.helper_for("other:5000"), Some("pass"));
         std::fs::write(&p, "{not json").unwrap();
-        assert!(load_docker_config(&p).is_empty());
+        let c = load_docker_config(&p);
+        assert!(c.auths.is_empty() && c.helper_for("x").is_none());
     }
 }

@@ -169,14 +169,16 @@ pub struct Client {
 
 struct Inner {
     cfg: RegistryConfig,
-    docker_creds: HashMap<String, Credentials>,
+    docker: auth::DockerConfig,
+    /// What credential helpers answered, by registry, kept in memory for a minute.
+    helped: Mutex<HashMap<String, (Instant, Option<Credentials>)>>,
     clients: Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>,
     state: Mutex<AuthState>,
 }
 
 impl Client {
     pub fn new(cfg: RegistryConfig) -> Self {
-        let docker_creds = cfg
+        let docker = cfg
             .docker_config
             .clone()
             .or_else(auth::docker_config_path)
@@ -185,7 +187,8 @@ impl Client {
         Client {
             inner: Arc::new(Inner {
                 cfg,
-                docker_creds,
+                docker,
+                helped: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
                 state: Mutex::new(AuthState::default()),
             }),
@@ -196,21 +199,46 @@ impl Client {
         &self.inner.cfg
     }
 
-    fn credentials(&self, registry: &str) -> Option<&Credentials> {
-        self.inner
-            .cfg
-            .credentials
+    /// A registry's credentials: given explicitly, else from the docker config's credential
+    /// helper for it (`credHelpers`, `credsStore`), else its stored `auths`.
+    async fn credentials(&self, registry: &str) -> Option<Credentials> {
+        if let Some(c) = self.inner.cfg.credentials.get(registry) {
+            return Some(c.clone());
+        }
+        let docker = &self.inner.docker;
+        let Some(helper) = docker.helper_for(registry) else {
+            return docker.auths.get(registry).cloned();
+        };
+        let fresh = |t: &Instant| t.elapsed() < Duration::from_secs(60);
+        if let Some((t, c)) = self
+            .inner
+            .helped
+            .lock()
+            .expect("helper cache")
             .get(registry)
-            .or_else(|| self.inner.docker_creds.get(registry))
+        {
+            if fresh(t) {
+                return c.clone();
+            }
+        }
+        let c = auth::from_helper(helper, registry)
+            .await
+            .or_else(|| docker.auths.get(registry).cloned());
+        self.inner
+            .helped
+            .lock()
+            .expect("helper cache")
+            .insert(registry.to_string(), (Instant::now(), c.clone()));
+        c
     }
 
     /// The credentials an endpoint may receive: the registry's for the registry itself; for a
     /// mirror, only those configured for the mirror's own host.
-    fn credentials_for(&self, ep: &Endpoint, t: &Target) -> Option<&Credentials> {
+    async fn credentials_for(&self, ep: &Endpoint, t: &Target<'_>) -> Option<Credentials> {
         if ep.is_server {
-            self.credentials(t.registry)
+            self.credentials(t.registry).await
         } else {
-            self.credentials(ep.authority())
+            self.credentials(ep.authority()).await
         }
     }
 
@@ -341,7 +369,9 @@ impl Client {
         };
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => Ok(self.credentials_for(ep, t).map(|c| c.basic_header())),
+            Some(Challenge::Basic) => {
+                Ok(self.credentials_for(ep, t).await.map(|c| c.basic_header()))
+            }
             Some(Challenge::Bearer { realm, service, .. }) => {
                 let token = self
                     .fetch_token(ep, t, &realm, service.as_deref(), &scope)
@@ -379,21 +409,18 @@ impl Client {
         }
         let http = self.realm_http(ep, &url)?;
         let what = format!("token for {}", t.registry);
-        let creds = self
-            .credentials_for(ep, t)
-            .filter(|_| {
-                let ok = self.realm_gets_credentials(ep, t, &url);
-                if !ok {
-                    tracing::warn!(
-                        realm = %hosts::authority(url.as_str()),
-                        registry = t.registry,
-                        "token server on another host (or over plain HTTP): asking it without \
-                         credentials (trust it with [registry] token_realms)"
-                    );
-                }
-                ok
-            })
-            .cloned();
+        let creds = self.credentials_for(ep, t).await.filter(|_| {
+            let ok = self.realm_gets_credentials(ep, t, &url);
+            if !ok {
+                tracing::warn!(
+                    realm = %hosts::authority(url.as_str()),
+                    registry = t.registry,
+                    "token server on another host (or over plain HTTP): asking it without \
+                     credentials (trust it with [registry] token_realms)"
+                );
+            }
+            ok
+        });
         self.retrying(&what, || {
             let mut req = http.get(url.clone());
             if let Some(c) = &creds {
@@ -545,7 +572,7 @@ impl Client {
                                 st.challenges.insert(ep.base.clone(), challenge.clone()) == Some(challenge.clone())
                             };
                             if force || (seen_before && auth.is_some() && matches!(challenge, Challenge::Basic)) {
-                                let detail = if self.credentials_for(ep, &t).is_some() { "credentials rejected" } else { "no credentials for this host" };
+                                let detail = if self.credentials_for(ep, &t).await.is_some() { "credentials rejected" } else { "no credentials for this host" };
                                 return Err(Attempt::Fatal(RegistryError::Unauthorized { registry: t.registry.into(), detail: detail.into() }));
                             }
                             force = true;

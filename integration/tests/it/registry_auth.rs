@@ -207,3 +207,79 @@ async fn tokens_are_cached_and_refreshed_before_they_expire() {
         "an expiring token is refreshed"
     );
 }
+
+/// Docker config credential helpers (`credHelpers` for one registry, `credsStore` for the rest)
+/// are asked, the way docker asks them (`docker-credential-NAME get`, the server on stdin); the
+/// secret only ever lives in clip's memory.
+#[test]
+fn credential_helpers_are_asked_for_the_registrys_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let reg = Registry::start(Auth::Token(300));
+    let tmp = tempfile::tempdir().unwrap();
+    let l = layout(tmp.path(), "latest", &["gen:busybox"]);
+    reg.push_layout(&l, "latest", "helped");
+    let image = reg.image("helped");
+    // A helper program that logs what it was asked and answers with the registry's credentials.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let asked = tmp.path().join("asked");
+    for name in ["fake", "store"] {
+        let script = bin.join(format!("docker-credential-{name}"));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nserver=$(cat)\necho \"{name} $server\" >> {}\n\
+                 printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}' \"$server\"\n",
+                asked.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (n, config) in [
+        format!(r#"{{"credHelpers":{{"{}":"fake"}}}}"#, reg.host),
+        r#"{"credsStore":"store"}"#.to_string(),
+        r#"{"credsStore":"absent"}"#.to_string(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = tmp.path().join(format!("docker{n}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.json"), config).unwrap();
+        let d = d.display().to_string();
+        let o = clip(
+            &tmp.path().join(format!("root{n}")),
+            &["index", &image],
+            &[("DOCKER_CONFIG", &d), ("PATH", &path)],
+        );
+        let (out, err) = (stdout(&o), stderr(&o));
+        assert!(
+            !out.contains(PASSWORD) && !err.contains(PASSWORD),
+            "{out}{err}"
+        );
+        if n < 2 {
+            assert!(o.status.success(), "{config}: {err}");
+        } else {
+            assert!(
+                !o.status.success(),
+                "no helper program, no credentials: {err}"
+            );
+        }
+    }
+    let asked = std::fs::read_to_string(&asked).unwrap();
+    assert!(asked.contains(&format!("fake {}", reg.host)), "{asked}");
+    assert!(asked.contains(&format!("store {}", reg.host)), "{asked}");
+    // Nothing under clip's roots holds the secret.
+    let grep = std::process::Command::new("grep")
+        .args(["-r", "-l", PASSWORD])
+        .arg(tmp.path().join("root0"))
+        .output()
+        .unwrap();
+    assert!(stdout(&grep).is_empty(), "{}", stdout(&grep));
+}
