@@ -174,10 +174,6 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
-    fn open_fds() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
-    }
-
     /// Sends one message carrying `n` descriptors in one SCM_RIGHTS header.
     fn send_many(sock: BorrowedFd, fds: &[BorrowedFd]) {
         let data = b"x";
@@ -208,23 +204,37 @@ mod tests {
         }
     }
 
+    /// Whether every write end of the pipe read by `r` is closed (a read sees end of file rather
+    /// than "would block"). Other tests' descriptors do not matter to it.
+    fn writers_gone(r: &std::io::PipeReader) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: a non-blocking read(2) into a live one-byte buffer on a pipe we own.
+        let n = unsafe {
+            let fd = r.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            libc::read(fd, b.as_mut_ptr() as *mut libc::c_void, 1)
+        };
+        n == 0
+    }
+
     #[test]
     fn every_received_descriptor_is_owned_and_the_extras_closed() {
         let (a, b) = socket_pair().unwrap();
-        let files: Vec<std::fs::File> = (0..3)
-            .map(|_| std::fs::File::open("/dev/null").unwrap())
-            .collect();
-        let before = open_fds();
-        let borrowed: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+        // Three pipes' write ends travel in one message; ours are closed once sent.
+        let pipes: Vec<_> = (0..3).map(|_| std::io::pipe().unwrap()).collect();
+        let borrowed: Vec<BorrowedFd> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
         send_many(a.as_fd(), &borrowed);
+        let readers: Vec<_> = pipes.into_iter().map(|(r, _)| r).collect();
         let mut buf = [0u8; 8];
         let (n, fd) = recv_msg(b.as_fd(), &mut buf, 0).unwrap();
         assert_eq!(n, 1);
-        // One kept (the first), the other two already closed.
+        // The first is kept (its pipe still has a writer); the other two are already closed.
         assert!(fd.is_some());
-        assert_eq!(open_fds(), before + 1);
+        let gone: Vec<bool> = readers.iter().map(writers_gone).collect();
+        assert_eq!(gone, [false, true, true]);
         drop(fd);
-        assert_eq!(open_fds(), before);
+        assert!(writers_gone(&readers[0]));
     }
 
     #[test]
