@@ -26,7 +26,7 @@ use clip_core::index::ImageView;
 use clip_core::profile::{Profile, Recorder};
 use clip_core::reader::{LayerReader, ReadPath, ReaderConfig};
 use clip_core::reference::Reference;
-use clip_core::registry::Client;
+use clip_core::registry::{Client, ResolvedImage};
 use clip_core::store::Store;
 use clip_fuse::handover::{Held, Keeper};
 use containerd_snapshots::{api::types::Mount, tonic, Info, Kind as ApiKind, Usage};
@@ -743,8 +743,8 @@ impl ClipSnapshotter {
         }
     }
 
-    /// The layer behind a Prepare's labels, if it can be served lazily, with the DiffID its
-    /// index states.
+    /// The layer behind a Prepare's labels, if it can be served lazily under the image's trust
+    /// policy, with the DiffID its index states.
     async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<(Remote, Digest)> {
         let layer: Digest = labels.get(LABEL_LAYER)?.parse().ok()?;
         let manifest: Digest = labels.get(LABEL_MANIFEST)?.parse().ok()?;
@@ -754,13 +754,9 @@ impl ClipSnapshotter {
             layer,
             reference: pinned.to_string(),
         };
-        match self.opts.trust.for_image(&pinned) {
-            Trust::Local => return self.verified_layer(&pinned, remote).await,
-            Trust::Signed => return self.signed_layer(&pinned, remote).await,
-            Trust::Published => {}
-        }
-        if let Ok(Some((ix, _))) = self.store.get_layer(&layer) {
-            return Some((remote, ix.diff_id));
+        let trust = self.opts.trust.for_image(&pinned);
+        if let Some(d) = self.stored_diff_id(trust, &layer) {
+            return Some((remote, d));
         }
         let image = match self.client.resolve(&pinned).await {
             Ok(i) => i,
@@ -769,117 +765,90 @@ impl ClipSnapshotter {
                 return None;
             }
         };
-        let d = image.layers.iter().find(|d| d.digest == layer)?;
-        if !d.is_gzip() {
+        if !image
+            .layers
+            .iter()
+            .any(|d| d.digest == layer && d.is_gzip())
+        {
             return None;
         }
-        match image::load_indexes(&self.client, &self.store, &image).await {
-            Ok(_) => {}
+        let loaded = match trust {
+            Trust::Published => self.load_published(&pinned, &image).await,
+            Trust::Signed => self.load_signed(&pinned, &image).await,
+            // Never a published index: the node indexes the image from its own bytes. A layer
+            // whose bytes do not match the image's claims fails here, and containerd's own
+            // unpack refuses it too.
+            Trust::Local => {
+                tracing::info!(image = %pinned, "trust = local: indexing on this node");
+                self.index_here(&pinned, &image).await
+            }
+        };
+        if !loaded {
+            return None;
+        }
+        self.stored_diff_id(trust, &layer).map(|d| (remote, d))
+    }
+
+    /// The DiffID of the stored index of `layer` that `trust` accepts: any (`published`), one
+    /// this node built (`local`), or one built here or signed by a trusted key (`signed`).
+    fn stored_diff_id(&self, trust: Trust, layer: &Digest) -> Option<Digest> {
+        let found = match trust {
+            Trust::Published => self.store.get_layer(layer),
+            Trust::Local => self.store.get_verified_layer(layer),
+            Trust::Signed => self.store.get_signed_layer(layer),
+        };
+        found.ok().flatten().map(|(ix, _)| ix.diff_id)
+    }
+
+    /// Loads the image's published index; without one, indexes it here with `index_on_demand`.
+    async fn load_published(&self, pinned: &Reference, image: &ResolvedImage) -> bool {
+        match image::load_indexes(&self.client, &self.store, image).await {
+            Ok(_) => true,
             Err(ImageError::NoIndex { .. }) if self.opts.index_on_demand => {
                 tracing::info!(image = %pinned, "no published index: indexing on demand");
-                if let Err(e) = self.index_now(&image).await {
-                    tracing::warn!(image = %pinned, "indexing failed, unpacking normally: {e}");
-                    return None;
-                }
+                self.index_here(pinned, image).await
             }
             Err(ImageError::NoIndex { .. }) => {
                 tracing::info!(image = %pinned, "no index: containerd unpacks it");
-                return None;
+                false
             }
             Err(e) => {
                 tracing::warn!(image = %pinned, "loading its index failed, unpacking normally: {e}");
-                return None;
+                false
             }
         }
-        let diff_id = self.store.get_layer(&layer).ok()??.0.diff_id;
-        Some((remote, diff_id))
     }
 
-    /// Under `trust = signed`: the layer's index only if it was signed by a trusted key (or
-    /// built on this node); an image without such an index is unpacked normally, or indexed here
-    /// with `index_on_demand`.
-    async fn signed_layer(&self, pinned: &Reference, remote: Remote) -> Option<(Remote, Digest)> {
-        let trusted = |layer: &Digest| {
-            self.store
-                .get_signed_layer(layer)
-                .ok()
-                .flatten()
-                .map(|(ix, _)| ix.diff_id)
-        };
-        if let Some(d) = trusted(&remote.layer) {
-            return Some((remote, d));
-        }
-        let image = match self.client.resolve(pinned).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(image = %pinned, "cannot resolve the image, unpacking normally: {e}");
-                return None;
-            }
-        };
-        if !image
-            .layers
-            .iter()
-            .any(|d| d.digest == remote.layer && d.is_gzip())
-        {
-            return None;
-        }
+    /// Loads an index signed by a trusted key; without one, the image is unpacked normally, or
+    /// indexed here with `index_on_demand`.
+    async fn load_signed(&self, pinned: &Reference, image: &ResolvedImage) -> bool {
         let keys = &self.opts.trust.keys;
-        if let Err(e) = image::load_signed_indexes(&self.client, &self.store, &image, keys).await {
-            if !self.opts.index_on_demand {
-                tracing::warn!(image = %pinned, "trust = signed: {e}; unpacking normally");
-                return None;
-            }
-            tracing::info!(image = %pinned, "trust = signed: {e}; indexing on this node");
-            if let Err(e) = self.index_now(&image).await {
-                tracing::warn!(image = %pinned, "indexing on this node failed, unpacking normally: {e}");
-                return None;
-            }
+        let Err(e) = image::load_signed_indexes(&self.client, &self.store, image, keys).await
+        else {
+            return true;
+        };
+        if !self.opts.index_on_demand {
+            tracing::warn!(image = %pinned, "trust = signed: {e}; unpacking normally");
+            return false;
         }
-        trusted(&remote.layer).map(|d| (remote, d))
+        tracing::info!(image = %pinned, "trust = signed: {e}; indexing on this node");
+        self.index_here(pinned, image).await
     }
 
-    /// Under `trust = local`: the layer's index only if this node built it from the layer's
-    /// bytes (indexing the image now, once, if needed). A layer whose bytes do not match the
-    /// image's claims fails here, and containerd's own unpack refuses it too.
-    async fn verified_layer(&self, pinned: &Reference, remote: Remote) -> Option<(Remote, Digest)> {
-        let verified = |layer: &Digest| {
-            self.store
-                .get_verified_layer(layer)
-                .ok()
-                .flatten()
-                .map(|(ix, _)| ix.diff_id)
-        };
-        if let Some(d) = verified(&remote.layer) {
-            return Some((remote, d));
-        }
-        let image = match self.client.resolve(pinned).await {
-            Ok(i) => i,
+    /// [`Self::index_now`], a failure reported: the image is then unpacked normally.
+    async fn index_here(&self, pinned: &Reference, image: &ResolvedImage) -> bool {
+        match self.index_now(image).await {
+            Ok(()) => true,
             Err(e) => {
-                tracing::warn!(image = %pinned, "cannot resolve the image, unpacking normally: {e}");
-                return None;
+                tracing::warn!(image = %pinned, "indexing on this node failed, unpacking normally: {e}");
+                false
             }
-        };
-        if !image
-            .layers
-            .iter()
-            .any(|d| d.digest == remote.layer && d.is_gzip())
-        {
-            return None;
         }
-        tracing::info!(image = %pinned, "trust = local: indexing on this node");
-        if let Err(e) = self.index_now(&image).await {
-            tracing::warn!(image = %pinned, "indexing on this node failed, unpacking normally: {e}");
-            return None;
-        }
-        verified(&remote.layer).map(|d| (remote, d))
     }
 
     /// Indexes every gzip layer of `image` (one pass over each, filling the disk cache with every
     /// span on the way) and records the image.
-    async fn index_now(
-        &self,
-        image: &clip_core::registry::ResolvedImage,
-    ) -> Result<(), ImageError> {
+    async fn index_now(&self, image: &ResolvedImage) -> Result<(), ImageError> {
         let opts = clip_core::index::builder::BuildOptions::default();
         let mut reports = Vec::new();
         for d in &image.layers {
