@@ -4,7 +4,7 @@ use crate::artifact::{self, ArtifactError};
 use crate::digest::Digest;
 use crate::index::{format, BlobRef, BuildOptions, IndexError, LayerIndex};
 use crate::registry::{Client, LayerDescriptor, RegistryError, ResolvedImage};
-use crate::store::{ImageRecord, Store, StoreError};
+use crate::store::{ImageRecord, Origin, Store, StoreError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::io::{self, Read};
@@ -176,10 +176,8 @@ pub async fn index_layer_filling(
     })?;
     let encoded = format::encode(&built.index);
     store
-        .put_layer(&desc.digest, &encoded, Some(&built.windows))
+        .put_layer(&desc.digest, &encoded, Some(&built.windows), Origin::Built)
         .await?;
-    // Built from the layer's bytes with its digest and DiffID checked: trusted on this machine.
-    store.mark_verified(&desc.digest, &encoded).await?;
     crate::metrics::indexed_bytes(built.index.uncompressed_size, &desc.digest.to_string());
     Ok(LayerReport {
         descriptor: desc.clone(),
@@ -233,10 +231,8 @@ pub async fn record_image(
     Ok(())
 }
 
-/// The indexes of every layer of `image`: from the store, else from the registry's index
-/// artifact (then stored). Errors with [`ImageError::NoIndex`] when neither has them.
-/// Like [`load_indexes`], but only from an index artifact signed by one of `keys` (stored
-/// indexes count only if built here or signed before). Marks what it stores as signed.
+/// The indexes of every layer of `image` from an index artifact signed by one of `keys`, stored
+/// and marked as signed. Errors with [`ImageError::NoIndex`] when no artifact is signed.
 pub async fn load_signed_indexes(
     client: &Client,
     store: &Store,
@@ -244,27 +240,16 @@ pub async fn load_signed_indexes(
     keys: &crate::signature::TrustedKeys,
 ) -> Result<Vec<LayerReport>, ImageError> {
     let start = Instant::now();
-    let Some((artifact, fetched)) = artifact::fetch_signed(client, image, keys).await? else {
+    let Some(fetched) = artifact::fetch_signed(client, image, keys).await? else {
         return Err(ImageError::NoIndex {
             reference: format!("{} (signed by a trusted key)", image.reference),
         });
     };
-    let mut reports = Vec::new();
-    for (d, f) in image.layers.iter().zip(fetched) {
-        store.put_layer(&d.digest, &f.encoded, None).await?;
-        store.mark_signed(&d.digest, &f.encoded).await?;
-        reports.push(LayerReport {
-            descriptor: d.clone(),
-            index: Arc::new(f.index),
-            encoded: f.encoded,
-            built: false,
-            elapsed: start.elapsed(),
-        });
-    }
-    record_image(store, image, &reports, Some(artifact)).await?;
-    Ok(reports)
+    store_fetched(store, image, fetched, Origin::Signed, start).await
 }
 
+/// The indexes of every layer of `image`: from the store, else from the registry's index
+/// artifact (then stored). Errors with [`ImageError::NoIndex`] when neither has them.
 pub async fn load_indexes(
     client: &Client,
     store: &Store,
@@ -287,14 +272,25 @@ pub async fn load_indexes(
     if found.len() == image.layers.len() {
         return Ok(found);
     }
-    let Some((artifact, fetched)) = artifact::fetch(client, image).await? else {
+    let Some(fetched) = artifact::fetch(client, image).await? else {
         return Err(ImageError::NoIndex {
             reference: image.reference.to_string(),
         });
     };
+    store_fetched(store, image, fetched, Origin::Published, start).await
+}
+
+/// Stores the layer indexes of a fetched index artifact and records the image.
+async fn store_fetched(
+    store: &Store,
+    image: &ResolvedImage,
+    (artifact, fetched): (crate::digest::Digest, Vec<artifact::FetchedLayer>),
+    origin: Origin,
+    start: Instant,
+) -> Result<Vec<LayerReport>, ImageError> {
     let mut reports = Vec::new();
     for (d, f) in image.layers.iter().zip(fetched) {
-        store.put_layer(&d.digest, &f.encoded, None).await?;
+        store.put_layer(&d.digest, &f.encoded, None, origin).await?;
         reports.push(LayerReport {
             descriptor: d.clone(),
             index: Arc::new(f.index),

@@ -37,6 +37,18 @@ pub struct ImageRecord {
     pub artifact: Option<Digest>,
 }
 
+/// Where a stored layer index came from (see [`Store::get_verified_layer`] and
+/// [`Store::get_signed_layer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A registry's index artifact, taken on its publisher's word.
+    Published,
+    /// Built on this machine from the layer's own bytes (digest and DiffID checked).
+    Built,
+    /// A registry's index artifact signed by a trusted key.
+    Signed,
+}
+
 pub struct Store {
     root: PathBuf,
     db: sled::Db,
@@ -131,12 +143,13 @@ impl Store {
     }
 
     /// Stores an encoded index and (when given) its windows blob, named by its content digest
-    /// (which is what the index records); durable on return.
+    /// (which is what the index records), with where it came from; durable on return.
     pub async fn put_layer(
         &self,
         layer: &Digest,
         encoded: &[u8],
         windows: Option<&[u8]>,
+        origin: Origin,
     ) -> Result<(), StoreError> {
         if let Some(w) = windows {
             self.write_file_atomic(&self.windows_path(&Digest::of(w)), w)?;
@@ -144,23 +157,15 @@ impl Store {
         self.layers
             .insert(layer.to_string(), encoded)
             .map_err(|e| self.db_err(e))?;
-        self.db.flush_async().await.map_err(|e| self.db_err(e))?;
-        Ok(())
-    }
-
-    /// Marks the stored index `encoded` of `layer` as built here from the layer's own bytes.
-    pub async fn mark_verified(&self, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
-        self.mark(&self.verified, layer, encoded).await
-    }
-
-    /// Marks the stored index `encoded` of `layer` as published with a trusted signature.
-    pub async fn mark_signed(&self, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
-        self.mark(&self.signed, layer, encoded).await
-    }
-
-    async fn mark(&self, t: &sled::Tree, layer: &Digest, encoded: &[u8]) -> Result<(), StoreError> {
-        t.insert(layer.to_string(), Digest::of(encoded).as_bytes())
-            .map_err(|e| self.db_err(e))?;
+        let marks = match origin {
+            Origin::Published => None,
+            Origin::Built => Some(&self.verified),
+            Origin::Signed => Some(&self.signed),
+        };
+        if let Some(t) = marks {
+            t.insert(layer.to_string(), Digest::of(encoded).as_bytes())
+                .map_err(|e| self.db_err(e))?;
+        }
         self.db.flush_async().await.map_err(|e| self.db_err(e))?;
         Ok(())
     }
@@ -341,7 +346,9 @@ mod tests {
         let enc = format::encode(&ix);
         {
             let s = Store::open(dir.path()).unwrap();
-            s.put_layer(&ix.layer, &enc, Some(&windows)).await.unwrap();
+            s.put_layer(&ix.layer, &enc, Some(&windows), Origin::Published)
+                .await
+                .unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         let (back, raw) = s.get_layer(&ix.layer).unwrap().unwrap();
