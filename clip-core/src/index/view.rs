@@ -24,40 +24,49 @@ pub struct Node {
     pub data: Option<(u32, u32)>,
 }
 
+impl Node {
+    /// A directory: implied, or a directory entry of its layer.
+    fn is_dir(&self, layers: &[Arc<LayerIndex>]) -> bool {
+        self.entry == IMPLIED
+            || layers
+                .get(self.layer as usize)
+                .and_then(|l| l.entries.get(self.entry as usize))
+                .is_some_and(|e| e.kind == EntryKind::Dir)
+    }
+}
+
 pub struct ImageView {
     pub layers: Vec<Arc<LayerIndex>>,
     /// Every path of the merged tree (`""` is the root), sorted.
     pub nodes: BTreeMap<Vec<u8>, Node>,
 }
 
-/// The keys strictly under `dir` are those in `[dir + "/", dir + "0")` ('0' follows '/').
-/// Returns how many were removed.
+/// The nodes strictly under `dir`: the keys in `[dir + "/", dir + "0")` ('0' follows '/'), or
+/// every key but the root's when `dir` is the root.
+fn under<'a>(
+    nodes: &'a BTreeMap<Vec<u8>, Node>,
+    dir: &[u8],
+) -> Box<dyn Iterator<Item = (&'a Vec<u8>, &'a Node)> + 'a> {
+    if dir.is_empty() {
+        return Box::new(nodes.iter().filter(|(k, _)| !k.is_empty()));
+    }
+    let mut lo = dir.to_vec();
+    lo.push(b'/');
+    let mut hi = dir.to_vec();
+    hi.push(b'0');
+    Box::new(nodes.range(lo..hi))
+}
+
+/// Removes the nodes under `dir` that `keep` does not keep; returns how many were removed.
 fn remove_under(
     nodes: &mut BTreeMap<Vec<u8>, Node>,
     dir: &[u8],
     keep: impl Fn(&Node) -> bool,
 ) -> usize {
-    let (lo, hi) = if dir.is_empty() {
-        (Vec::new(), None)
-    } else {
-        let mut lo = dir.to_vec();
-        lo.push(b'/');
-        let mut hi = dir.to_vec();
-        hi.push(b'0');
-        (lo, Some(hi))
-    };
-    let doomed: Vec<Vec<u8>> = match &hi {
-        Some(hi) => nodes
-            .range(lo..hi.clone())
-            .filter(|(_, n)| !keep(n))
-            .map(|(k, _)| k.clone())
-            .collect(),
-        None => nodes
-            .iter()
-            .filter(|(k, n)| !k.is_empty() && !keep(n))
-            .map(|(k, _)| k.clone())
-            .collect(),
-    };
+    let doomed: Vec<Vec<u8>> = under(nodes, dir)
+        .filter(|(_, n)| !keep(n))
+        .map(|(k, _)| k.clone())
+        .collect();
     for k in &doomed {
         nodes.remove(k);
     }
@@ -66,14 +75,7 @@ fn remove_under(
 
 /// The keys strictly under `dir`.
 fn keys_under(nodes: &BTreeMap<Vec<u8>, Node>, dir: &[u8]) -> Vec<Vec<u8>> {
-    if dir.is_empty() {
-        return nodes.keys().filter(|k| !k.is_empty()).cloned().collect();
-    }
-    let mut lo = dir.to_vec();
-    lo.push(b'/');
-    let mut hi = dir.to_vec();
-    hi.push(b'0');
-    nodes.range(lo..hi).map(|(k, _)| k.clone()).collect()
+    under(nodes, dir).map(|(k, _)| k.clone()).collect()
 }
 
 fn parent(path: &[u8]) -> Option<&[u8]> {
@@ -158,14 +160,7 @@ impl ImageView {
     /// The tree's invariant: the root exists and is a directory, and every other path's parent
     /// exists and is a directory. [`ImageView::build`] keeps it for any input; this checks it.
     pub fn check(&self) -> Result<(), String> {
-        let is_dir = |p: &[u8]| {
-            self.nodes
-                .get(p)
-                .is_some_and(|n| match self.entry(n.layer, n.entry) {
-                    None => n.entry == IMPLIED,
-                    Some(e) => e.kind == EntryKind::Dir,
-                })
-        };
+        let is_dir = |p: &[u8]| self.nodes.get(p).is_some_and(|n| n.is_dir(&self.layers));
         if !is_dir(b"") {
             return Err("the root is missing or not a directory".into());
         }
@@ -219,10 +214,7 @@ impl ImageView {
             p = parent(dir);
         }
         for dir in todo.into_iter().rev() {
-            let state = nodes.get(dir).map(|n| {
-                n.entry == IMPLIED
-                    || layers[n.layer as usize].entries[n.entry as usize].kind == EntryKind::Dir
-            });
+            let state = nodes.get(dir).map(|n| n.is_dir(layers));
             if state != Some(true) {
                 if state == Some(false) {
                     remove_under(nodes, dir, |_| false);
