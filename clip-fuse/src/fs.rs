@@ -461,16 +461,8 @@ mod tests {
         }
     }
 
-    fn fs() -> ClipFs {
-        let mut ping = entry(
-            "bin/ping",
-            EntryKind::File {
-                offset: 512,
-                size: 4,
-            },
-        );
-        ping.xattrs = vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2])];
-        let layer = LayerIndex {
+    fn layer(entries: Vec<Entry>) -> Arc<LayerIndex> {
+        Arc::new(LayerIndex {
             layer: Digest::of(b"l"),
             diff_id: Digest::of(b"d"),
             compressed_size: 1,
@@ -481,32 +473,44 @@ mod tests {
                 size: 0,
             },
             spans: vec![],
-            entries: vec![
-                entry("bin", EntryKind::Dir),
-                ping,
-                entry(
-                    "bin/a",
-                    EntryKind::File {
-                        offset: 1024,
-                        size: 10,
-                    },
-                ),
-                entry(
-                    "bin/b",
-                    EntryKind::Hardlink {
-                        target: b"bin/a".to_vec(),
-                    },
-                ),
-                entry(
-                    "etc/deep/x",
-                    EntryKind::Symlink {
-                        target: b"../../bin/a".to_vec(),
-                    },
-                ),
-                entry("dev/null", EntryKind::CharDevice { major: 1, minor: 3 }),
-            ],
-        };
-        let view = ImageView::build(vec![Arc::new(layer)]).unwrap();
+            entries,
+        })
+    }
+
+    fn fs() -> ClipFs {
+        let mut ping = entry(
+            "bin/ping",
+            EntryKind::File {
+                offset: 512,
+                size: 4,
+            },
+        );
+        ping.xattrs = vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2])];
+        let layer = layer(vec![
+            entry("bin", EntryKind::Dir),
+            ping,
+            entry(
+                "bin/a",
+                EntryKind::File {
+                    offset: 1024,
+                    size: 10,
+                },
+            ),
+            entry(
+                "bin/b",
+                EntryKind::Hardlink {
+                    target: b"bin/a".to_vec(),
+                },
+            ),
+            entry(
+                "etc/deep/x",
+                EntryKind::Symlink {
+                    target: b"../../bin/a".to_vec(),
+                },
+            ),
+            entry("dev/null", EntryKind::CharDevice { major: 1, minor: 3 }),
+        ]);
+        let view = ImageView::build(vec![layer]).unwrap();
         ClipFs::new(&view, vec![]).unwrap()
     }
 
@@ -565,22 +569,6 @@ mod tests {
         assert!(fs.read(a, 10, 10).await.unwrap().is_empty());
         // No reader for the layer (a broken setup): EINVAL, not a panic.
         assert_eq!(fs.read(a, 0, 4).await.unwrap_err().errno(), libc::EINVAL);
-    }
-
-    fn layer(entries: Vec<Entry>) -> Arc<LayerIndex> {
-        Arc::new(LayerIndex {
-            layer: Digest::of(b"l"),
-            diff_id: Digest::of(b"d"),
-            compressed_size: 1,
-            uncompressed_size: 4096,
-            span_size: 1 << 20,
-            windows: BlobRef {
-                digest: Digest::of(b""),
-                size: 0,
-            },
-            spans: vec![],
-            entries,
-        })
     }
 
     #[test]
