@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fetches a package from Debian's development suite (sid) without installing it: a private APT
-# configuration (the system's sources, lists and status are not touched), `apt-get download`,
-# `dpkg -x` into /var/cache/clip-peers/<package>-<version>. Cached; prints that directory.
+# Fetches a package from Debian's development suite (sid) or its stable suite (trixie) without
+# installing it: a private APT configuration (the system's sources, lists and status are not
+# touched), `apt-get download`, `dpkg -x` into /var/cache/clip-peers/<package>-<version>. Cached;
+# prints that directory.
 # Usage (root): bash scripts/debian-tool.sh PACKAGE VERSION BINARY
 #   e.g. bash scripts/debian-tool.sh cosign 3.1.1-2 usr/bin/cosign
 set -euo pipefail
@@ -16,7 +17,7 @@ mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/etc/sources.li
 cat >"$APT/etc/sources.list.d/sid.sources" <<SRC
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: sid
+Suites: sid trixie
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
@@ -36,10 +37,13 @@ if ! ls "$CACHE"/debs/"$PKG"_"$VERSION"_*.deb >/dev/null 2>&1; then
   (cd "$CACHE/debs" && apt-get download -qq "$PKG=$VERSION" 2>&1 | grep -v unsandboxed >&2 || true)
 fi
 if ! ls "$CACHE"/debs/"$PKG"_"$VERSION"_*.deb >/dev/null 2>&1; then
-  # The development suite moves on: take the version it has now, and say so.
-  now=$(apt-cache policy "$PKG" | awk '/Candidate:/ {print $2}')
-  [[ -n $now && $now != "(none)" ]] || { echo "$PKG is not in Debian's development suite" >&2; exit 1; }
-  echo "warning: $PKG $VERSION is gone from the development suite; using $now" >&2
+  # The suites move on (new Debian revisions, security updates): take the newest version of
+  # the same upstream major.minor they have now, and say so.
+  series=$(sed -E 's/^([0-9]+\.[0-9]+).*/\1/' <<<"$VERSION")
+  now=$(apt-cache madison "$PKG" | awk -F'|' '{gsub(/ /, "", $2); print $2}' |
+    grep -F "$series." | sort -V | tail -1 || true)
+  [[ -n $now ]] || { echo "$PKG $series.x is not in Debian's sid or trixie suites" >&2; exit 1; }
+  echo "warning: $PKG $VERSION is gone from Debian's suites; using $now" >&2
   VERSION=$now DEST="$CACHE/$PKG-$now"
   if [[ -x $DEST/$BIN ]]; then echo "$DEST"; exit 0; fi
   (cd "$CACHE/debs" && apt-get download -qq "$PKG=$VERSION" 2>&1 | grep -v unsandboxed >&2 || true)

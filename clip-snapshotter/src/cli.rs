@@ -157,6 +157,11 @@ pub struct SnapshotterArgs {
     /// Repeatable; adds to [trust] keys.
     #[arg(long = "trust-key", value_name = "FILE")]
     pub trust_keys: Vec<PathBuf>,
+    /// containerd's socket, where the layer of a Prepare without pull labels (plain `ctr
+    /// pull`, nerdctl, the CRI without snapshot annotations) is looked up (default: the
+    /// configuration's `containerd_address`, else /run/containerd/containerd.sock; "": off).
+    #[arg(long, value_name = "SOCKET")]
+    pub containerd_address: Option<PathBuf>,
     /// Let lazy mounts die with the daemon (default: a keeper process holds their FUSE
     /// connections, so running containers keep reading across a restart).
     #[arg(long)]

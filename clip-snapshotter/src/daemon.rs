@@ -20,6 +20,9 @@ pub struct Config {
     pub root: Option<PathBuf>,
     /// The gRPC socket containerd's proxy_plugins entry points at.
     pub address: Option<PathBuf>,
+    /// containerd's own socket, where the layer of a Prepare without pull labels is looked up
+    /// (default /run/containerd/containerd.sock; "" turns the lookup off).
+    pub containerd_address: Option<PathBuf>,
     /// Prometheus metrics endpoint, e.g. "127.0.0.1:9102".
     pub metrics_address: Option<std::net::SocketAddr>,
     /// Index images that have no published index when they are pulled (streams every layer once).
@@ -201,6 +204,12 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             policy
         },
         handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
+        containerd: a
+            .containerd_address
+            .clone()
+            .or(cfg.containerd_address.clone())
+            .or(defaults.containerd.clone())
+            .filter(|p| !p.as_os_str().is_empty()),
         fuse_threads: cfg
             .fuse
             .threads

@@ -14,6 +14,7 @@
 //! Anything without an index (no artifact, a non-gzip layer, a registry error) falls back to
 //! an ordinary snapshot that containerd unpacks into: never a failure for lack of an index.
 
+pub mod discover;
 pub mod meta;
 pub mod trust;
 pub use trust::{Trust, TrustPolicy};
@@ -105,6 +106,9 @@ pub struct Options {
     pub publish_profiles: bool,
     /// Which indexes to believe, per registry / repository.
     pub trust: TrustPolicy,
+    /// containerd's socket, to find the layer of a Prepare that carries no pull labels (plain
+    /// `ctr pull`, nerdctl, the CRI without snapshot annotations, the transfer service).
+    pub containerd: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -118,9 +122,13 @@ impl Default for Options {
             profile_window: std::time::Duration::from_secs(20),
             publish_profiles: false,
             trust: TrustPolicy::default(),
+            containerd: Some(PathBuf::from(DEFAULT_CONTAINERD)),
         }
     }
 }
+
+/// containerd's default socket.
+pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
 
 /// A live merged FUSE mount of a remote chain.
 struct Mounted {
@@ -141,6 +149,10 @@ pub struct ClipSnapshotter {
     keeper: Option<Arc<Keeper>>,
     /// Startup profile lookups by image manifest (started at Prepare, awaited at mount).
     profiles: Arc<ProfileLookups>,
+    /// Finds the layer of a Prepare without pull labels in containerd's content store.
+    discovery: Option<discover::Discovery>,
+    /// Checks a candidate registry authority quickly (a short deadline, no long retries).
+    probe: Client,
 }
 
 type ProfileLookups =
@@ -345,7 +357,17 @@ impl ClipSnapshotter {
                 lazy_unmount(&stale);
             }
         }
+        let discovery = opts.containerd.as_deref().map(|a| {
+            let c = client.config();
+            discover::Discovery::new(a, c.hosts_dir.as_deref(), &c.insecure)
+        });
+        let probe = Client::new(clip_core::registry::RegistryConfig {
+            deadline: std::time::Duration::from_secs(10),
+            ..client.config().clone()
+        });
         let sn = Arc::new(ClipSnapshotter {
+            discovery,
+            probe,
             dir: dir.to_path_buf(),
             meta,
             store,
@@ -746,10 +768,57 @@ impl ClipSnapshotter {
     /// The layer behind a Prepare's labels, if it can be served lazily under the image's trust
     /// policy, with the DiffID its index states.
     async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<(Remote, Digest)> {
+        if !labels.contains_key(LABEL_LAYER) {
+            return self.discovered_layer(labels.get(LABEL_TARGET)?).await;
+        }
         let layer: Digest = labels.get(LABEL_LAYER)?.parse().ok()?;
         let manifest: Digest = labels.get(LABEL_MANIFEST)?.parse().ok()?;
         let image_ref: Reference = labels.get(LABEL_IMAGE_REF)?.parse().ok()?;
-        let pinned = image_ref.with_digest(manifest);
+        self.serve_layer(layer, image_ref.with_digest(manifest))
+            .await
+    }
+
+    /// A Prepare with only the chain ID: the layer and image found in containerd's content
+    /// store, the registry authority checked by fetching the pinned manifest from it.
+    async fn discovered_layer(&self, target: &str) -> Option<(Remote, Digest)> {
+        let discovery = self.discovery.as_ref()?;
+        let chain: Digest = target.parse().ok()?;
+        let hits = match discovery.find(&chain).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(snapshot = %target, "no pull labels and containerd's content store is out of reach, unpacking normally: {e}");
+                return None;
+            }
+        };
+        if hits.is_empty() {
+            tracing::info!(snapshot = %target, "no pull labels and no image in containerd gives this chain: unpacking normally");
+        }
+        // A chain shared by several images: the newest few are tried.
+        for hit in hits.iter().take(3) {
+            for (host, repo) in &hit.sources {
+                for authority in discovery.authorities(host, repo).await {
+                    let Ok(pinned) =
+                        format!("{authority}/{repo}@{}", hit.manifest).parse::<Reference>()
+                    else {
+                        continue;
+                    };
+                    let manifest = hit.manifest.to_string();
+                    if let Err(e) = self.probe.get_manifest(&pinned, &manifest).await {
+                        tracing::debug!(image = %pinned, "not served from here: {e}");
+                        continue;
+                    }
+                    discovery.served(host, repo, &authority).await;
+                    tracing::info!(snapshot = %target, image = %pinned, namespace = %hit.namespace, layer = %hit.layer, "no pull labels: found the layer in containerd's content store");
+                    return self.serve_layer(hit.layer, pinned).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// `layer` of image `pinned`, if it can be served lazily under the image's trust policy,
+    /// with the DiffID its index states.
+    async fn serve_layer(&self, layer: Digest, pinned: Reference) -> Option<(Remote, Digest)> {
         let remote = Remote {
             layer,
             reference: pinned.to_string(),

@@ -16,6 +16,25 @@ pub fn large_layout() -> PathBuf {
     p
 }
 
+/// The compressed size of an OCI layout's layers (its first manifest's).
+pub fn layer_bytes(layout: &std::path::Path) -> u64 {
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .replace("sha256:", "");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap())
+            .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum()
+}
+
 #[test]
 fn large_image_index_fits_the_mount_time_budget() {
     let layout = large_layout();

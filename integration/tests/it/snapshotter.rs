@@ -6,9 +6,106 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A containerd build: Debian 12's (on PATH) or another Debian suite's, fetched by
+/// `scripts/debian-tool.sh` into /var/cache/clip-peers (never installed over the system's).
+#[derive(Clone, Debug)]
+pub struct Containerd {
+    /// The directory holding containerd, ctr and its runc shim; `None`: the system's.
+    bin: Option<PathBuf>,
+    /// Its configuration format (2: containerd 1.x, 3: containerd 2.x).
+    pub config_version: u8,
+}
+
+impl Containerd {
+    /// Debian 12's containerd 1.6.
+    pub fn system() -> Containerd {
+        need("containerd");
+        need("ctr");
+        Containerd {
+            bin: None,
+            config_version: 2,
+        }
+    }
+
+    /// Debian's containerd package `version` (e.g. 2.1.9+ds1-5 from the development suite,
+    /// 1.7.24~ds1-6+deb13u1 from trixie), fetched at test time with `apt-get download`.
+    pub fn debian(version: &str) -> Containerd {
+        let o = Command::new("bash")
+            .arg(workspace().join("scripts/debian-tool.sh"))
+            .args(["containerd", version, "usr/bin/containerd"])
+            .output()
+            .expect("run scripts/debian-tool.sh");
+        assert!(
+            o.status.success(),
+            "fetching containerd {version} from Debian's archive failed: {}",
+            stderr(&o)
+        );
+        let dir = PathBuf::from(stdout(&o).trim()).join("usr/bin");
+        Containerd {
+            bin: Some(dir),
+            config_version: if version.starts_with('1') { 2 } else { 3 },
+        }
+    }
+
+    pub fn tool(&self, name: &str) -> PathBuf {
+        match &self.bin {
+            Some(d) => d.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+
+    /// PATH with this build's shim first (containerd starts `containerd-shim-runc-v2` from
+    /// PATH; the shim must match the daemon).
+    fn path(&self) -> std::ffi::OsString {
+        let system = std::env::var_os("PATH").unwrap_or_default();
+        match &self.bin {
+            Some(d) => {
+                let mut p = d.clone().into_os_string();
+                p.push(":");
+                p.push(system);
+                p
+            }
+            None => system,
+        }
+    }
+
+    /// The node's configuration: its own root, state and socket, the CRI off, clip as a
+    /// proxy snapshotter (config v3 for 2.x: the transfer service unpacks into clip and
+    /// overlayfs).
+    fn config(&self, d: &Path) -> String {
+        let d = d.display();
+        let (version, cri) = match self.config_version {
+            2 => (2, "\"io.containerd.grpc.v1.cri\""),
+            _ => (3, "\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \"io.containerd.cri.v1.runtime\""),
+        };
+        let mut c = format!(
+            "version = {version}\nroot = \"{d}/containerd/root\"\nstate = \"{d}/containerd/state\"\n\
+             disabled_plugins = [{cri}]\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [proxy_plugins.clip]\n  type = \"snapshot\"\n  address = \"{d}/clip.sock\"\n"
+        );
+        if self.transfer_service() {
+            // The list replaces the default: overlayfs too.
+            for sn in ["clip", "overlayfs"] {
+                c.push_str(&format!(
+                    "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"{sn}\"\n"
+                ));
+            }
+        }
+        c
+    }
+
+    /// containerd 1.7 and later pull through the transfer service (`ctr images pull` without
+    /// `--local`).
+    pub fn transfer_service(&self) -> bool {
+        self.bin.is_some()
+    }
+}
+
 /// One node: its own containerd (own root, state and socket) and its own clip snapshotter.
 pub struct Node {
     pub dir: PathBuf,
+    pub containerd_build: Containerd,
     containerd: Option<Child>,
     snapshotter: Option<Child>,
     pub metrics_port: u16,
@@ -47,30 +144,28 @@ impl Node {
 
     /// `extra_args` go to `clip snapshotter` (e.g. --index-on-demand).
     pub fn start_with(dir: &Path, extra_args: &[&str]) -> Node {
-        need("containerd");
-        need("ctr");
+        Self::start_on(dir, Containerd::system(), extra_args)
+    }
+
+    /// A node on containerd `build`.
+    pub fn start_on(dir: &Path, build: Containerd, extra_args: &[&str]) -> Node {
         need("runc");
         std::fs::create_dir_all(dir).unwrap();
         let mut n = Node {
             dir: dir.to_path_buf(),
+            containerd_build: build,
             containerd: None,
             snapshotter: None,
             metrics_port: free_port(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         n.start_snapshotter();
-        let cfg = format!(
-            "version = 2\nroot = \"{d}/containerd/root\"\nstate = \"{d}/containerd/state\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{d}/containerd.sock\"\n\
-             [proxy_plugins.clip]\n  type = \"snapshot\"\n  address = \"{d}/clip.sock\"\n",
-            d = dir.display()
-        );
-        std::fs::write(dir.join("containerd.toml"), cfg).unwrap();
+        std::fs::write(dir.join("containerd.toml"), n.containerd_build.config(dir)).unwrap();
         let log = dir.join("containerd.log");
-        let mut child = Command::new("containerd")
+        let mut child = Command::new(n.containerd_build.tool("containerd"))
             .arg("--config")
             .arg(dir.join("containerd.toml"))
+            .env("PATH", n.containerd_build.path())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -80,7 +175,7 @@ impl Node {
             "containerd",
             || {
                 sock.exists()
-                    && Command::new("ctr")
+                    && Command::new(n.containerd_build.tool("ctr"))
                         .arg("-a")
                         .arg(&sock)
                         .arg("version")
@@ -110,6 +205,8 @@ impl Node {
             .arg("snapshotter")
             .arg("--address")
             .arg(&sock)
+            .arg("--containerd-address")
+            .arg(self.dir.join("containerd.sock"))
             .args(&self.extra_args)
             .env("CLIP_LOG", "info,fuser=error")
             .env("HOME", &self.dir)
@@ -153,7 +250,7 @@ impl Node {
     }
 
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(self.containerd_build.tool("ctr"))
             .arg("-a")
             .arg(self.dir.join("containerd.sock"))
             .args(args)
@@ -238,6 +335,11 @@ impl Node {
         self.ctr_ok(&args);
     }
 
+    /// The snapshotter's log so far (for failure messages).
+    pub fn snapshotter_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("snapshotter.log")).unwrap_or_default()
+    }
+
     pub fn metrics(&self) -> String {
         scrape(self.metrics_port)
     }
@@ -294,13 +396,13 @@ impl Drop for Node {
 }
 
 /// Indexes `image` on a separate publisher root and pushes the index artifact.
-fn publish_index(tmp: &Path, image: &str) {
+pub fn publish_index(tmp: &Path, image: &str) {
     let o = clip(&tmp.join("publisher"), &["index", "--push", image], &[]);
     assert!(o.status.success(), "clip index --push: {}", stderr(&o));
 }
 
 /// A registry holding a busybox + users image as `REPO:v1`, its index published.
-fn indexed_busybox_users(tmp: &Path, repo: &str) -> (Registry, String) {
+pub fn indexed_busybox_users(tmp: &Path, repo: &str) -> (Registry, String) {
     let reg = Registry::start(Auth::None);
     let l = layout(tmp, "v1", &["gen:busybox", "gen:users"]);
     reg.push_layout(&l, "v1", repo);
@@ -309,7 +411,7 @@ fn indexed_busybox_users(tmp: &Path, repo: &str) -> (Registry, String) {
     (reg, image)
 }
 
-fn out(o: &Output) -> String {
+pub fn out(o: &Output) -> String {
     assert!(
         o.status.success(),
         "command failed ({}): {}{}",
@@ -334,25 +436,7 @@ fn lazy_pull_runs_python_from_the_large_image_reading_a_fraction_of_it() {
     assert!(pulled.contains("4 lazy layer(s), 0 unpacked"), "{pulled}");
     let o = node.run("clip", &image, "py1", &["python3", "-c", "print(1)"]);
     assert_eq!(out(&o).trim(), "1");
-    let image_bytes: u64 = {
-        let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap())
-                .unwrap();
-        let digest = m["manifests"][0]["digest"]
-            .as_str()
-            .unwrap()
-            .replace("sha256:", "");
-        let manifest: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap(),
-        )
-        .unwrap();
-        manifest["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["size"].as_u64().unwrap())
-            .sum()
-    };
+    let image_bytes = crate::large_image::layer_bytes(&layout);
     let sent = proxy.sent();
     eprintln!(
         "large image: registry sent {sent} bytes for pull + python3 -c 'print(1)' ({:.2} % of {image_bytes})",
@@ -522,7 +606,7 @@ fn restarts_keep_snapshots_cache_and_new_containers_working() {
 
 /// `ctr tasks exec` of `cmd` in the running container `task`.
 fn exec(node: &Node, task: &str, id: &str, cmd: &[&str]) -> Command {
-    let mut c = Command::new("ctr");
+    let mut c = Command::new(node.containerd_build.tool("ctr"));
     c.arg("-a")
         .arg(node.dir.join("containerd.sock"))
         .args(["tasks", "exec", "--exec-id", id, task])

@@ -1,0 +1,199 @@
+//! clip as a drop-in snapshotter: every containerd client starts containers lazily, without the
+//! pull labels only `clip pull` and the CRI send, on containerd 1.6 (Debian 12), 1.7 (Debian
+//! trixie) and 2.1 (Debian's development suite, fetched at test time, never installed).
+
+use crate::common::*;
+use crate::snapshotter::{indexed_busybox_users, out, publish_index, Containerd, Node};
+use std::path::{Path, PathBuf};
+
+const CONTAINERD_2_1: &str = "2.1.9+ds1-5";
+
+/// A containerd-style hosts directory naming `authority` (a registry on a port of its own:
+/// containerd records where an image came from without the port).
+fn hosts_dir(tmp: &Path, authority: &str) -> PathBuf {
+    let dir = tmp.join("certs.d");
+    std::fs::create_dir_all(dir.join(authority)).unwrap();
+    std::fs::write(
+        dir.join(authority).join("hosts.toml"),
+        format!("server = \"http://{authority}\"\n"),
+    )
+    .unwrap();
+    dir
+}
+
+fn remote_snapshots(node: &Node) -> usize {
+    node.snapshots()
+        .iter()
+        .filter(|s| {
+            node.ctr_ok(&["snapshots", "--snapshotter", "clip", "info", s])
+                .contains("containerd.io/snapshot/clip.remote")
+        })
+        .count()
+}
+
+/// Plain `ctr images pull --snapshotter clip` of the large image through containerd 2.x's
+/// transfer service (no pull labels) and `ctr run`: python's output, with the registry sending a small
+/// fraction of the image; then the same across a snapshotter restart, and `clip pull` of
+/// another image on the same node.
+fn plain_pull_is_lazy_on(build: Containerd) {
+    let layout = crate::large_image::large_layout();
+    let reg = Registry::start(Auth::None);
+    reg.push_layout(&layout, "large", "large");
+    let tmp = tempfile::tempdir().unwrap();
+    publish_index(tmp.path(), &format!("{}:large", reg.image("large")));
+    let proxy = CountingProxy::start(&reg.host);
+    let hosts = hosts_dir(tmp.path(), &proxy.host);
+    let mut node = Node::start_on(
+        &tmp.path().join("node"),
+        build,
+        &["--hosts-dir", hosts.to_str().unwrap()],
+    );
+    let image = format!("{}/large:large", proxy.host);
+    node.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "clip",
+        &image,
+    ]);
+    assert_eq!(
+        remote_snapshots(&node),
+        4,
+        "every layer is a lazy snapshot: {}",
+        node.snapshotter_log()
+    );
+    let o = node.run("clip", &image, "py", &["python3", "-c", "print(1)"]);
+    assert_eq!(out(&o).trim(), "1");
+    let (sent, image_bytes) = (proxy.sent(), crate::large_image::layer_bytes(&layout));
+    eprintln!(
+        "plain ctr pull + run: registry sent {sent} bytes ({:.2} % of {image_bytes})",
+        sent as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(sent * 10 < image_bytes, "{sent} of {image_bytes} bytes");
+
+    node.stop_snapshotter(libc::SIGTERM);
+    node.start_snapshotter();
+    let o = node.run("clip", &image, "py2", &["python3", "-c", "print(2)"]);
+    assert_eq!(out(&o).trim(), "2");
+
+    let (_reg2, other) = indexed_busybox_users(tmp.path(), "users");
+    node.pull_ok(&other);
+    let o = node.run("clip", &other, "users", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+    assert_eq!(remote_snapshots(&node), 6);
+}
+
+#[test]
+fn transfer_service_pull_is_lazy_on_containerd_2_1() {
+    plain_pull_is_lazy_on(Containerd::debian(CONTAINERD_2_1));
+}
+
+/// With 100 images in containerd's store, a Prepare without labels reads each manifest once:
+/// a later pull reads only its own manifest, and concurrent pulls are both lazy.
+#[test]
+fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pulls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let images: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let (reg, tmp) = (&reg, tmp.path());
+                s.spawn(move || {
+                    (w..100)
+                        .step_by(4)
+                        .map(|i| {
+                            let l = layout(
+                                &tmp.join(format!("l{i}")),
+                                "v1",
+                                &[&format!("gen:note-{i}")],
+                            );
+                            reg.push_layout(&l, "v1", &format!("filler{i}"));
+                            format!("{}:v1", reg.image(&format!("filler{i}")))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let (base_reg, base) = indexed_busybox_users(tmp.path(), "base");
+    let tops: Vec<String> = ["b", "c"]
+        .iter()
+        .map(|n| {
+            let l = layout(
+                &tmp.path().join(format!("top-{n}")),
+                "v1",
+                &["gen:busybox", "gen:users", &format!("gen:note-{n}")],
+            );
+            reg.push_layout(&l, "v1", &format!("top-{n}"));
+            let image = format!("{}:v1", reg.image(&format!("top-{n}")));
+            publish_index(tmp.path(), &image);
+            image
+        })
+        .collect();
+    // Two registries on 127.0.0.1: containerd's source labels cannot tell them apart (it
+    // drops the port); the one that serves each manifest is found.
+    let hosts = hosts_dir(tmp.path(), &reg.host);
+    hosts_dir(tmp.path(), &base_reg.host);
+    let node = Node::start_on(
+        &tmp.path().join("node"),
+        Containerd::debian(CONTAINERD_2_1),
+        &["--hosts-dir", hosts.to_str().unwrap()],
+    );
+    for i in &images {
+        node.ctr_ok(&["images", "pull", "--plain-http", i]);
+    }
+    let read = || metric(&node.metrics(), "clip_discovery_manifests_read_total");
+
+    node.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "clip",
+        &base,
+    ]);
+    assert_eq!(remote_snapshots(&node), 2);
+    let first = read();
+    assert!(
+        first >= 101.0,
+        "the first lookup reads every manifest: {first}"
+    );
+
+    // Two pulls at once, each with a new top layer on the shared base.
+    std::thread::scope(|s| {
+        for image in &tops {
+            let node = &node;
+            s.spawn(move || {
+                node.ctr_ok(&[
+                    "images",
+                    "pull",
+                    "--plain-http",
+                    "--snapshotter",
+                    "clip",
+                    image,
+                ])
+            });
+        }
+    });
+    assert_eq!(remote_snapshots(&node), 4, "both top layers are lazy");
+    let later = read() - first;
+    let m = node.metrics();
+    eprintln!(
+        "label-less lookups with 101 images: first read {first} manifests; two concurrent pulls read {later} more; {} refreshes took {:.3} s in all",
+        metric(&m, "clip_discovery_refresh_seconds_count"),
+        metric(&m, "clip_discovery_refresh_seconds_sum")
+    );
+    assert!(
+        (2.0..=4.0).contains(&later),
+        "later pulls read only their own manifests (at most twice, if read while their pull was writing them): {later}"
+    );
+    for (n, image) in ["b", "c"].iter().zip(&tops) {
+        let o = node.run("clip", image, &format!("top-{n}"), &["cat", "/etc/note"]);
+        assert_eq!(out(&o), format!("{n}\n"));
+    }
+}
