@@ -7,7 +7,7 @@ PACKAGES=(
   # build
   build-essential pkg-config protobuf-compiler git ca-certificates curl
   # real parts the tests and demo run against
-  containerd runc docker-registry redis-server redis-tools fuse3
+  containerd runc docker-registry redis-server redis-tools fuse3 containernetworking-plugins
   # image building without any public registry
   skopeo umoci busybox-static debootstrap
   # auth tests (TLS certs, htpasswd) and helpers

@@ -10,6 +10,7 @@ usage:
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
 Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, note-TEXT, dotdot, absolute, hardlink-forward, huge-size.
+The image config's Cmd is ["/bin/sh"], or the JSON list in $MKIMAGE_CMD (e.g. a CRI pause image).
 """
 import gzip
 import hashlib
@@ -311,7 +312,8 @@ def manifest(put, layers, arch, variant=None):
         print(f"  layer {len(descs)}: {spec} -> {len(raw)} bytes tar, {len(gz)} bytes gzip", file=sys.stderr)
     config = json.dumps({
         "architecture": arch, "os": "linux", **({"variant": variant} if variant else {}),
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"]},
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                   "Cmd": json.loads(os.environ.get("MKIMAGE_CMD", '["/bin/sh"]'))},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created_by": "clip mkimage.py"} for _ in diff_ids],
     }, sort_keys=True).encode()

@@ -273,6 +273,11 @@ impl Registry {
 
 /// Builds an OCI layout with scripts/mkimage.py.
 pub fn layout(dir: &Path, tag: &str, layers: &[&str]) -> PathBuf {
+    layout_with_cmd(dir, tag, layers, &["/bin/sh"])
+}
+
+/// [`layout`] with `cmd` as the image config's Cmd.
+pub fn layout_with_cmd(dir: &Path, tag: &str, layers: &[&str], cmd: &[&str]) -> PathBuf {
     need("python3");
     let out = dir.join(format!("layout-{tag}"));
     run_ok(
@@ -281,7 +286,8 @@ pub fn layout(dir: &Path, tag: &str, layers: &[&str]) -> PathBuf {
             .arg("layout")
             .arg(&out)
             .arg(tag)
-            .args(layers),
+            .args(layers)
+            .env("MKIMAGE_CMD", serde_json::to_string(cmd).unwrap()),
         "mkimage.py",
     );
     out

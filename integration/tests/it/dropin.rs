@@ -3,9 +3,12 @@
 //! trixie) and 2.1 (Debian's development suite, fetched at test time, never installed).
 
 use crate::common::*;
-use crate::snapshotter::{indexed_busybox_users, out, publish_index, Containerd, Node};
+use crate::snapshotter::{
+    indexed_busybox_users, out, publish_index, Containerd, CriSettings, Node,
+};
 use std::path::{Path, PathBuf};
 
+const CONTAINERD_1_7: &str = "1.7.24~ds1-6+deb13u1";
 const CONTAINERD_2_1: &str = "2.1.9+ds1-5";
 
 /// A containerd-style hosts directory naming `authority` (a registry on a port of its own:
@@ -15,7 +18,9 @@ fn hosts_dir(tmp: &Path, authority: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join(authority)).unwrap();
     std::fs::write(
         dir.join(authority).join("hosts.toml"),
-        format!("server = \"http://{authority}\"\n"),
+        format!(
+            "server = \"http://{authority}\"\n[host.\"http://{authority}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
     )
     .unwrap();
     dir
@@ -196,4 +201,137 @@ fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pul
         let o = node.run("clip", image, &format!("top-{n}"), &["cat", "/etc/note"]);
         assert_eq!(out(&o), format!("{n}\n"));
     }
+}
+
+/// A registry with the CRI's pause image (busybox sleeping) and the large image with its
+/// index, behind a counting proxy; a hosts directory for the proxy.
+struct CriFixture {
+    _reg: Registry,
+    proxy: CountingProxy,
+    hosts: PathBuf,
+    pause: String,
+    large: String,
+    large_bytes: u64,
+}
+
+fn cri_fixture(tmp: &Path) -> CriFixture {
+    let reg = Registry::start(Auth::None);
+    let l = layout_with_cmd(
+        &tmp.join("pause"),
+        "3.6",
+        &["gen:busybox"],
+        &["/bin/sleep", "2147483647"],
+    );
+    reg.push_layout(&l, "3.6", "pause");
+    let layout = crate::large_image::large_layout();
+    reg.push_layout(&layout, "large", "large");
+    publish_index(tmp, &format!("{}:large", reg.image("large")));
+    let proxy = CountingProxy::start(&reg.host);
+    let hosts = hosts_dir(tmp, &proxy.host);
+    CriFixture {
+        pause: format!("{}/pause:3.6", proxy.host),
+        large: format!("{}/large:large", proxy.host),
+        large_bytes: crate::large_image::layer_bytes(&layout),
+        hosts,
+        proxy,
+        _reg: reg,
+    }
+}
+
+/// What the kubelet does for a pod with one container running python from the large image:
+/// PullImage, RunPodSandbox, CreateContainer, StartContainer, ContainerStatus until it exits;
+/// the container's log shows python's output and the registry sent a small fraction of the
+/// image.
+fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = cri_fixture(tmp.path());
+    let build = build.with_cri(CriSettings {
+        pause: f.pause.clone(),
+        hosts_dir: f.hosts.clone(),
+        disable_snapshot_annotations,
+    });
+    let node = Node::start_on(
+        &tmp.path().join("node"),
+        build,
+        &["--hosts-dir", f.hosts.to_str().unwrap()],
+    );
+    let cri = crate::cri::Cri::connect(&node.dir.join("containerd.sock"));
+    let v = cri.version().expect("CRI Version");
+    eprintln!("CRI: {} {}", v.runtime_name, v.runtime_version);
+    let logs = tmp.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = crate::cri::pod_config("py", &logs, false);
+    let image_ref = cri.pull(&f.large, None, &pod).expect("PullImage");
+    let pulled = f.proxy.sent();
+    let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| {
+        panic!(
+            "RunPodSandbox: {e}\ncontainerd: {}",
+            std::fs::read_to_string(node.dir.join("containerd.log")).unwrap_or_default()
+        )
+    });
+    // The pod's own network (CNI bridge): python prints its address.
+    let script = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                  s.connect(('10.0.0.1', 9)); print('hello from clip', s.getsockname()[0])";
+    let id = cri
+        .create_container(
+            &pod_id,
+            &pod,
+            "python",
+            &image_ref,
+            &["python3", "-c", script],
+        )
+        .expect("CreateContainer");
+    cri.start_container(&id).expect("StartContainer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        let s = cri.container_status(&id).expect("ContainerStatus");
+        if s.state == crate::cri::EXITED {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container did not exit: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(logs.join("python.log")).unwrap_or_default();
+    assert_eq!(status.exit_code, 0, "{status:?}: {log}");
+    assert!(
+        log.contains("stdout F hello from clip 10."),
+        "container log: {log:?}"
+    );
+    let sent = f.proxy.sent();
+    eprintln!(
+        "CRI pod (disable_snapshot_annotations = {disable_snapshot_annotations}): PullImage fetched {pulled} bytes, the pod's run {} more ({:.2} % of {})",
+        sent - pulled,
+        sent as f64 * 100.0 / f.large_bytes as f64,
+        f.large_bytes
+    );
+    assert!(
+        sent * 10 < f.large_bytes,
+        "{sent} of {} bytes",
+        f.large_bytes
+    );
+    cri.stop_pod(&pod_id).expect("StopPodSandbox");
+    cri.remove_pod(&pod_id).expect("RemovePodSandbox");
+}
+
+#[test]
+fn cri_pod_runs_lazily_without_snapshot_annotations_on_containerd_1_6() {
+    cri_pod_runs_python_lazily(Containerd::system(), true);
+}
+
+#[test]
+fn cri_pod_runs_lazily_with_snapshot_annotations_on_containerd_1_6() {
+    cri_pod_runs_python_lazily(Containerd::system(), false);
+}
+
+#[test]
+fn cri_pod_runs_lazily_on_containerd_1_7() {
+    cri_pod_runs_python_lazily(Containerd::debian(CONTAINERD_1_7), true);
+}
+
+#[test]
+fn cri_pod_runs_lazily_on_containerd_2_1() {
+    cri_pod_runs_python_lazily(Containerd::debian(CONTAINERD_2_1), true);
 }

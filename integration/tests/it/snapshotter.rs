@@ -14,6 +14,19 @@ pub struct Containerd {
     bin: Option<PathBuf>,
     /// Its configuration format (2: containerd 1.x, 3: containerd 2.x).
     pub config_version: u8,
+    /// The Kubernetes CRI plugin on clip, or off.
+    pub cri: Option<CriSettings>,
+}
+
+/// The CRI plugin's settings a test chooses.
+#[derive(Clone, Debug)]
+pub struct CriSettings {
+    /// The pod sandbox ("pause") image, from a local registry.
+    pub pause: String,
+    /// The registry hosts directory (`config_path`).
+    pub hosts_dir: PathBuf,
+    /// containerd's `disable_snapshot_annotations` (true by default: no pull labels).
+    pub disable_snapshot_annotations: bool,
 }
 
 impl Containerd {
@@ -24,6 +37,7 @@ impl Containerd {
         Containerd {
             bin: None,
             config_version: 2,
+            cri: None,
         }
     }
 
@@ -44,7 +58,14 @@ impl Containerd {
         Containerd {
             bin: Some(dir),
             config_version: if version.starts_with('1') { 2 } else { 3 },
+            cri: None,
         }
+    }
+
+    /// This build with its CRI plugin on, `snapshotter = "clip"`.
+    pub fn with_cri(mut self, cri: CriSettings) -> Containerd {
+        self.cri = Some(cri);
+        self
     }
 
     pub fn tool(&self, name: &str) -> PathBuf {
@@ -74,13 +95,15 @@ impl Containerd {
     /// overlayfs).
     fn config(&self, d: &Path) -> String {
         let d = d.display();
-        let (version, cri) = match self.config_version {
-            2 => (2, "\"io.containerd.grpc.v1.cri\""),
-            _ => (3, "\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \"io.containerd.cri.v1.runtime\""),
+        let version = self.config_version;
+        let disabled = match (&self.cri, version) {
+            (Some(_), _) => "",
+            (None, 2) => "\"io.containerd.grpc.v1.cri\"",
+            (None, _) => "\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \"io.containerd.cri.v1.runtime\"",
         };
         let mut c = format!(
             "version = {version}\nroot = \"{d}/containerd/root\"\nstate = \"{d}/containerd/state\"\n\
-             disabled_plugins = [{cri}]\n\
+             disabled_plugins = [{disabled}]\n\
              [grpc]\n  address = \"{d}/containerd.sock\"\n\
              [proxy_plugins.clip]\n  type = \"snapshot\"\n  address = \"{d}/clip.sock\"\n"
         );
@@ -92,6 +115,36 @@ impl Containerd {
                 ));
             }
         }
+        if let Some(cri) = &self.cri {
+            let (pause, hosts, annotations_off) = (
+                &cri.pause,
+                cri.hosts_dir.display(),
+                cri.disable_snapshot_annotations,
+            );
+            // The CRI gives pods and containers a negative oom_score_adj (the pause container
+            // -998), which needs CAP_SYS_RESOURCE. Without it (this machine class runs as a
+            // root lacking that capability) runc's nsexec fails writing oom_score_adj and runc
+            // reports only "can't get final child's PID from pipe: EOF". containerd's fix for
+            // such hosts: cap every score at its own.
+            let restrict_oom = !has_capability(24);
+            if version == 2 {
+                c.push_str(&format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  stream_server_port = \"0\"\n  restrict_oom_score_adj = {restrict_oom}\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"clip\"\n  disable_snapshot_annotations = {annotations_off}\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{hosts}\"\n"
+                ));
+            } else {
+                c.push_str(&format!(
+                    "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"clip\"\n  disable_snapshot_annotations = {annotations_off}\n\
+                     [plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{pause}\"\n\
+                     [plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"{hosts}\"\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = {restrict_oom}\n\
+                     [plugins.\"io.containerd.cri.v1.runtime\".cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = \"{d}/cni\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_port = \"0\"\n"
+                ));
+            }
+        }
         c
     }
 
@@ -100,6 +153,21 @@ impl Containerd {
     pub fn transfer_service(&self) -> bool {
         self.bin.is_some()
     }
+}
+
+/// Whether this process has capability `cap` in its effective set.
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << cap) != 0)
 }
 
 /// One node: its own containerd (own root, state and socket) and its own clip snapshotter.
@@ -161,6 +229,9 @@ impl Node {
         };
         n.start_snapshotter();
         std::fs::write(dir.join("containerd.toml"), n.containerd_build.config(dir)).unwrap();
+        if n.containerd_build.cri.is_some() {
+            n.write_cni_config();
+        }
         let log = dir.join("containerd.log");
         let mut child = Command::new(n.containerd_build.tool("containerd"))
             .arg("--config")
@@ -187,6 +258,36 @@ impl Node {
         );
         n.containerd = Some(child);
         n
+    }
+
+    /// A pod network of Debian's CNI plugins (containernetworking-plugins): a bridge and a
+    /// /24 of this node's own (named after its metrics port, unique among running tests), no
+    /// masquerading (pods reach only the node).
+    fn write_cni_config(&self) {
+        need("/usr/lib/cni/bridge");
+        let p = self.metrics_port;
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": format!("clip-{p}"),
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": format!("clipbr{p}"),
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "subnet": format!("10.{}.{}.0/24", 100 + (p >> 8) % 100, p & 0xff),
+                        "dataDir": self.dir.join("cni-ipam"),
+                        "routes": [{ "dst": "0.0.0.0/0" }],
+                    }
+                },
+                { "type": "loopback" }
+            ]
+        });
+        let dir = self.dir.join("cni");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("10-clip.conflist"), conf.to_string()).unwrap();
     }
 
     pub fn clip_root(&self) -> PathBuf {
@@ -381,6 +482,12 @@ impl Drop for Node {
         if let Some(mut c) = self.containerd.take() {
             signal(&c, libc::SIGTERM);
             let _ = c.wait();
+        }
+        if self.containerd_build.cri.is_some() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("clipbr{}", self.metrics_port)])
+                .stderr(Stdio::null())
+                .status();
         }
         let dir = self.dir.display().to_string();
         let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
