@@ -12,6 +12,8 @@ PACKAGES=(
   skopeo umoci busybox-static debootstrap
   # auth tests (TLS certs, htpasswd) and helpers
   openssl apache2-utils jq iproute2 python3
+  # containerd's snapshotter test suite (containerd 1.6's Go sources) and the Go to build it
+  golang-go golang-github-containerd-containerd-dev
 )
 
 if [[ $(id -u) -ne 0 ]]; then

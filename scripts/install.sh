@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs clip on this machine: system packages, a release build, /usr/local/bin/clip,
 # /etc/clip/config.toml (kept if present) and the clip-snapshotter systemd unit (enabled and
-# started when systemd runs). containerd's side: see scripts/containerd-clip.toml.
+# started when systemd runs). containerd's side: see docs/containerd/config-v2.toml (containerd 1.x) or docs/containerd/config-v3.toml (2.x).
 # Usage (as root): bash scripts/install.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ install -m 0644 scripts/clip-snapshotter.service /etc/systemd/system/clip-snapsh
 if [[ -d /run/systemd/system ]]; then
   systemctl daemon-reload
   systemctl enable --now clip-snapshotter.service
-  echo "==> clip-snapshotter.service started; now add scripts/containerd-clip.toml to /etc/containerd/config.toml and restart containerd"
+  echo "==> clip-snapshotter.service started; now add docs/containerd/config-v2.toml (containerd 1.x) or docs/containerd/config-v3.toml (2.x) to /etc/containerd/config.toml and restart containerd"
 else
   echo "==> no systemd here: run 'clip snapshotter' yourself"
 fi

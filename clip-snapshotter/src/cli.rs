@@ -159,7 +159,8 @@ pub struct SnapshotterArgs {
     pub trust_keys: Vec<PathBuf>,
     /// containerd's socket, where the layer of a Prepare without pull labels (plain `ctr
     /// pull`, nerdctl, the CRI without snapshot annotations) is looked up (default: the
-    /// configuration's `containerd_address`, else /run/containerd/containerd.sock; "": off).
+    /// configuration's `containerd_address`, else /run/containerd/containerd.sock; the
+    /// configuration's `containerd_address = ""` turns the lookup off).
     #[arg(long, value_name = "SOCKET")]
     pub containerd_address: Option<PathBuf>,
     /// Let lazy mounts die with the daemon (default: a keeper process holds their FUSE

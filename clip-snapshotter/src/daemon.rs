@@ -317,6 +317,7 @@ mod tests {
         .unwrap();
         let c: Config = toml::from_str(&text).unwrap();
         assert_eq!(c.address.unwrap(), PathBuf::from(DEFAULT_ADDRESS));
+        assert_eq!(c.containerd_address, Options::default().containerd);
         // scripts/config.toml states the defaults: they must be the ones the code uses.
         let cache = CacheConfig::default();
         assert_eq!(size(&c.cache.memory, 0, "").unwrap(), cache.memory_bytes);

@@ -1239,7 +1239,7 @@ impl containerd_snapshots::Snapshotter for ClipSnapshotter {
         let r = self.meta.must(&key)?;
         if self.meta.has_children(&key)? {
             return Err(SnapshotError::FailedPrecondition(format!(
-                "snapshot {key} has children"
+                "cannot remove snapshot {key}: it has children"
             )));
         }
         if let Some(m) = self.mounts.lock().await.remove(&r.id) {

@@ -1,6 +1,8 @@
-//! clip as a drop-in snapshotter: every containerd client starts containers lazily, without the
-//! pull labels only `clip pull` and the CRI send, on containerd 1.6 (Debian 12), 1.7 (Debian
-//! trixie) and 2.1 (Debian's development suite, fetched at test time, never installed).
+//! clip as a drop-in snapshotter: containers start lazily whoever pulls (the CRI with either
+//! annotation setting, containerd 2.x's transfer service, `clip pull`), on containerd 1.6
+//! (Debian 12), 1.7 (Debian trixie) and 2.1 (Debian's development suite), the latter two
+//! fetched at test time and never installed. Each node is configured with the snippets in
+//! docs/containerd/.
 
 use crate::common::*;
 use crate::snapshotter::{
@@ -27,17 +29,22 @@ fn hosts_dir(tmp: &Path, authority: &str) -> PathBuf {
 }
 
 fn remote_snapshots(node: &Node) -> usize {
-    node.snapshots()
+    remote_snapshots_in(node, "default")
+}
+
+/// The lazy snapshots containerd lists in namespace `ns`.
+fn remote_snapshots_in(node: &Node, ns: &str) -> usize {
+    node.snapshots_in(ns)
         .iter()
         .filter(|s| {
-            node.ctr_ok(&["snapshots", "--snapshotter", "clip", "info", s])
+            node.ctr_ok(&["-n", ns, "snapshots", "--snapshotter", "clip", "info", s])
                 .contains("containerd.io/snapshot/clip.remote")
         })
         .count()
 }
 
 /// Plain `ctr images pull --snapshotter clip` of the large image through containerd 2.x's
-/// transfer service (no pull labels) and `ctr run`: python's output, with the registry sending a small
+/// transfer service (configured as docs/containerd/config-v3.toml says) and `ctr run`: python's output, with the registry sending a small
 /// fraction of the image; then the same across a snapshotter restart, and `clip pull` of
 /// another image on the same node.
 fn plain_pull_is_lazy_on(build: Containerd) {
@@ -144,48 +151,49 @@ fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pul
     // drops the port); the one that serves each manifest is found.
     let hosts = hosts_dir(tmp.path(), &reg.host);
     hosts_dir(tmp.path(), &base_reg.host);
+    // The CRI without snapshot annotations (its default): Prepare carries no pull labels.
+    let build = Containerd::system().with_cri(CriSettings {
+        pause: "none".into(),
+        hosts_dir: hosts.clone(),
+        disable_snapshot_annotations: true,
+    });
     let node = Node::start_on(
         &tmp.path().join("node"),
-        Containerd::debian(CONTAINERD_2_1),
+        build,
         &["--hosts-dir", hosts.to_str().unwrap()],
     );
+    // 100 images in the default namespace, unpacked by overlayfs.
     for i in &images {
         node.ctr_ok(&["images", "pull", "--plain-http", i]);
     }
     let read = || metric(&node.metrics(), "clip_discovery_manifests_read_total");
+    let cri = crate::cri::Cri::connect(&node.dir.join("containerd.sock"));
+    let pod = crate::cri::pod_config("p", tmp.path(), false);
 
-    node.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "clip",
-        &base,
-    ]);
-    assert_eq!(remote_snapshots(&node), 2);
+    cri.pull(&base, None, &pod).expect("PullImage");
+    assert_eq!(remote_snapshots_in(&node, "k8s.io"), 2);
     let first = read();
     assert!(
         first >= 101.0,
-        "the first lookup reads every manifest: {first}"
+        "the first lookup reads every manifest of every namespace: {first}"
     );
 
     // Two pulls at once, each with a new top layer on the shared base.
     std::thread::scope(|s| {
         for image in &tops {
-            let node = &node;
+            let (sock, pod) = (node.dir.join("containerd.sock"), &pod);
             s.spawn(move || {
-                node.ctr_ok(&[
-                    "images",
-                    "pull",
-                    "--plain-http",
-                    "--snapshotter",
-                    "clip",
-                    image,
-                ])
+                crate::cri::Cri::connect(&sock)
+                    .pull(image, None, pod)
+                    .expect("PullImage")
             });
         }
     });
-    assert_eq!(remote_snapshots(&node), 4, "both top layers are lazy");
+    assert_eq!(
+        remote_snapshots_in(&node, "k8s.io"),
+        4,
+        "both top layers are lazy"
+    );
     let later = read() - first;
     let m = node.metrics();
     eprintln!(
@@ -198,7 +206,13 @@ fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pul
         "later pulls read only their own manifests (at most twice, if read while their pull was writing them): {later}"
     );
     for (n, image) in ["b", "c"].iter().zip(&tops) {
-        let o = node.run("clip", image, &format!("top-{n}"), &["cat", "/etc/note"]);
+        let o = node.run_in(
+            "k8s.io",
+            "clip",
+            image,
+            &format!("top-{n}"),
+            &["cat", "/etc/note"],
+        );
         assert_eq!(out(&o), format!("{n}\n"));
     }
 }
@@ -334,4 +348,12 @@ fn cri_pod_runs_lazily_on_containerd_1_7() {
 #[test]
 fn cri_pod_runs_lazily_on_containerd_2_1() {
     cri_pod_runs_python_lazily(Containerd::debian(CONTAINERD_2_1), true);
+}
+
+#[test]
+fn cri_pod_runs_lazily_on_containerd_2_1_configured_like_k3s() {
+    cri_pod_runs_python_lazily(
+        Containerd::debian(CONTAINERD_2_1).configured_like_k3s(),
+        true,
+    );
 }

@@ -5,6 +5,7 @@
 //! `scripts/install-deps.sh` (or the README's test command) first.
 
 mod common;
+mod conformance;
 mod cri;
 mod dropin;
 mod faults;

@@ -16,6 +16,8 @@ pub struct Containerd {
     pub config_version: u8,
     /// The Kubernetes CRI plugin on clip, or off.
     pub cri: Option<CriSettings>,
+    /// Configured the way k3s renders docs/containerd/k3s-config-v3.toml.tmpl (2.x only).
+    pub k3s: bool,
 }
 
 /// The CRI plugin's settings a test chooses.
@@ -38,6 +40,7 @@ impl Containerd {
             bin: None,
             config_version: 2,
             cri: None,
+            k3s: false,
         }
     }
 
@@ -59,7 +62,18 @@ impl Containerd {
             bin: Some(dir),
             config_version: if version.starts_with('1') { 2 } else { 3 },
             cri: None,
+            k3s: false,
         }
+    }
+
+    /// This build configured from the k3s template (a stand-in base, as k3s would render it).
+    pub fn configured_like_k3s(mut self) -> Containerd {
+        assert_eq!(
+            self.config_version, 3,
+            "k3s's template is for containerd 2.x"
+        );
+        self.k3s = true;
+        self
     }
 
     /// This build with its CRI plugin on, `snapshotter = "clip"`.
@@ -93,51 +107,66 @@ impl Containerd {
     /// The node's configuration: its own root, state and socket, the CRI off, clip as a
     /// proxy snapshotter (config v3 for 2.x: the transfer service unpacks into clip and
     /// overlayfs).
+    /// The node's configuration: its own root, state and sockets, then the documented snippet
+    /// for this version (docs/containerd/, the proxy plugin's address pointed at this node's
+    /// snapshotter), then the CRI's node settings (pause image, registry hosts, CNI).
     fn config(&self, d: &Path) -> String {
-        let d = d.display();
-        let version = self.config_version;
-        let disabled = match (&self.cri, version) {
+        let v3 = self.config_version == 3;
+        let disabled = match (&self.cri, v3) {
             (Some(_), _) => "",
-            (None, 2) => "\"io.containerd.grpc.v1.cri\"",
-            (None, _) => "\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \"io.containerd.cri.v1.runtime\"",
+            (None, false) => "\"io.containerd.grpc.v1.cri\"",
+            (None, true) => "\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \"io.containerd.cri.v1.runtime\"",
         };
-        let mut c = format!(
-            "version = {version}\nroot = \"{d}/containerd/root\"\nstate = \"{d}/containerd/state\"\n\
-             disabled_plugins = [{disabled}]\n\
-             [grpc]\n  address = \"{d}/containerd.sock\"\n\
-             [proxy_plugins.clip]\n  type = \"snapshot\"\n  address = \"{d}/clip.sock\"\n"
+        let docs = workspace().join("docs/containerd");
+        let read = |name: &str| std::fs::read_to_string(docs.join(name)).unwrap();
+        let mut snippet = match (v3, self.k3s) {
+            (false, _) => read("config-v2.toml"),
+            (true, false) => read("config-v3.toml"),
+            // What k3s renders with --snapshotter=clip: its base (a stand-in here: version 3,
+            // the CRI on clip, overlayfs in the transfer service) and then the template.
+            (true, true) => read("k3s-config-v3.toml.tmpl").replace(
+                "{{ template \"base\" . }}",
+                "version = 3\n\
+                 [plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"clip\"\n\
+                 [[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"overlayfs\"\n",
+            ),
+        };
+        snippet = snippet.replace(
+            "/run/clip/snapshotter.sock",
+            &d.join("clip.sock").display().to_string(),
         );
-        if self.transfer_service() {
-            // The list replaces the default: overlayfs too.
-            for sn in ["clip", "overlayfs"] {
-                c.push_str(&format!(
-                    "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"{sn}\"\n"
-                ));
-            }
-        }
         if let Some(cri) = &self.cri {
-            let (pause, hosts, annotations_off) = (
-                &cri.pause,
-                cri.hosts_dir.display(),
-                cri.disable_snapshot_annotations,
+            snippet = snippet.replace(
+                "disable_snapshot_annotations = true",
+                &format!(
+                    "disable_snapshot_annotations = {}",
+                    cri.disable_snapshot_annotations
+                ),
             );
+        }
+        let d = d.display();
+        let mut c = format!(
+            "root = \"{d}/containerd/root\"\nstate = \"{d}/containerd/state\"\n\
+             disabled_plugins = [{disabled}]\n{snippet}\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n"
+        );
+        if let Some(cri) = &self.cri {
+            let (pause, hosts) = (&cri.pause, cri.hosts_dir.display());
             // The CRI gives pods and containers a negative oom_score_adj (the pause container
             // -998), which needs CAP_SYS_RESOURCE. Without it (this machine class runs as a
             // root lacking that capability) runc's nsexec fails writing oom_score_adj and runc
             // reports only "can't get final child's PID from pipe: EOF". containerd's fix for
             // such hosts: cap every score at its own.
             let restrict_oom = !has_capability(24);
-            if version == 2 {
+            if !v3 {
                 c.push_str(&format!(
                     "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  stream_server_port = \"0\"\n  restrict_oom_score_adj = {restrict_oom}\n\
-                     [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"clip\"\n  disable_snapshot_annotations = {annotations_off}\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{hosts}\"\n"
                 ));
             } else {
                 c.push_str(&format!(
-                    "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"clip\"\n  disable_snapshot_annotations = {annotations_off}\n\
-                     [plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{pause}\"\n\
+                    "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{pause}\"\n\
                      [plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"{hosts}\"\n\
                      [plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = {restrict_oom}\n\
                      [plugins.\"io.containerd.cri.v1.runtime\".cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = \"{d}/cni\"\n\
@@ -146,12 +175,6 @@ impl Containerd {
             }
         }
         c
-    }
-
-    /// containerd 1.7 and later pull through the transfer service (`ctr images pull` without
-    /// `--local`).
-    pub fn transfer_service(&self) -> bool {
-        self.bin.is_some()
     }
 }
 
@@ -397,9 +420,23 @@ impl Node {
     /// `ctr run --rm` on `snapshotter` (no-new-privileges off, so file capabilities apply as
     /// they do under Docker's defaults).
     pub fn run(&self, snapshotter: &str, image: &str, id: &str, cmd: &[&str]) -> Output {
+        self.run_in("default", snapshotter, image, id, cmd)
+    }
+
+    /// [`Self::run`] in containerd namespace `ns` (the CRI's is k8s.io).
+    pub fn run_in(
+        &self,
+        ns: &str,
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Output {
         let runc = self.dir.join("runc");
         let fifo = self.dir.join("fifo");
         let mut args = vec![
+            "-n".to_string(),
+            ns.into(),
             "run".to_string(),
             "--rm".into(),
             "--snapshotter".into(),
@@ -458,7 +495,12 @@ impl Node {
 
     /// The clip snapshots containerd lists.
     pub fn snapshots(&self) -> Vec<String> {
-        self.ctr_ok(&["snapshots", "--snapshotter", "clip", "ls"])
+        self.snapshots_in("default")
+    }
+
+    /// The clip snapshots containerd lists in namespace `ns`.
+    pub fn snapshots_in(&self, ns: &str) -> Vec<String> {
+        self.ctr_ok(&["-n", ns, "snapshots", "--snapshotter", "clip", "ls"])
             .lines()
             .skip(1)
             .filter_map(|l| l.split_whitespace().next().map(str::to_string))
