@@ -101,6 +101,62 @@ fn transfer_service_pull_is_lazy_on_containerd_2_1() {
     plain_pull_is_lazy_on(Containerd::debian(CONTAINERD_2_1));
 }
 
+/// containerd 1.7: `clip pull` is lazy; a running container keeps reading across a snapshotter
+/// kill and restart, and new containers start; plain `ctr images pull` (which downloads every
+/// layer before any snapshotter is asked, on containerd 1.x) still works, unpacked.
+#[test]
+fn clip_pull_restarts_and_plain_pulls_on_containerd_1_7() {
+    let large = crate::large_image::large_layout();
+    let reg = Registry::start(Auth::None);
+    reg.push_layout(&large, "large", "large");
+    let tmp = tempfile::tempdir().unwrap();
+    publish_index(tmp.path(), &format!("{}:large", reg.image("large")));
+    let proxy = CountingProxy::start(&reg.host);
+    let mut node = Node::start_on(
+        &tmp.path().join("node"),
+        Containerd::debian(CONTAINERD_1_7),
+        &[],
+    );
+    let image = format!("{}/large:large", proxy.host);
+    node.pull_ok(&image);
+    node.run_detached(&image, "sleeper", &["sleep", "600"]);
+    let o = node.run("clip", &image, "py", &["python3", "-c", "print(1)"]);
+    assert_eq!(out(&o).trim(), "1");
+    let image_bytes = crate::large_image::layer_bytes(&large);
+    assert!(
+        proxy.sent() * 10 < image_bytes,
+        "{} of {image_bytes}",
+        proxy.sent()
+    );
+
+    node.stop_snapshotter(libc::SIGKILL);
+    node.start_snapshotter();
+    let o = crate::snapshotter::exec(&node, "sleeper", "e1", &["python3", "-c", "print(3)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out(&o).trim(),
+        "3",
+        "the running container reads after a restart"
+    );
+    let o = node.run("clip", &image, "py2", &["python3", "-c", "print(2)"]);
+    assert_eq!(out(&o).trim(), "2");
+
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "plain");
+    let plain = format!("{}:v1", reg.image("plain"));
+    node.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "clip",
+        &plain,
+    ]);
+    let o = node.run("clip", &plain, "plain", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+}
+
 /// With 100 images in containerd's store, a Prepare without labels reads each manifest once:
 /// a later pull reads only its own manifest, and concurrent pulls are both lazy.
 #[test]

@@ -754,7 +754,7 @@ fn restarts_keep_snapshots_cache_and_new_containers_working() {
 }
 
 /// `ctr tasks exec` of `cmd` in the running container `task`.
-fn exec(node: &Node, task: &str, id: &str, cmd: &[&str]) -> Command {
+pub fn exec(node: &Node, task: &str, id: &str, cmd: &[&str]) -> Command {
     let mut c = Command::new(node.containerd_build.tool("ctr"));
     c.arg("-a")
         .arg(node.dir.join("containerd.sock"))
