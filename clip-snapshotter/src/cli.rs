@@ -163,6 +163,12 @@ pub struct SnapshotterArgs {
     /// configuration's `containerd_address = ""` turns the lookup off).
     #[arg(long, value_name = "SOCKET")]
     pub containerd_address: Option<PathBuf>,
+    /// Serve the node's CRI image service on this socket (the kubelet's
+    /// --image-service-endpoint), forwarding to containerd and keeping each PullImage's
+    /// credentials in memory for the lazy reads of that image (default: the configuration's
+    /// [cri] address; off).
+    #[arg(long, value_name = "SOCKET")]
+    pub cri_address: Option<PathBuf>,
     /// Let lazy mounts die with the daemon (default: a keeper process holds their FUSE
     /// connections, so running containers keep reading across a restart).
     #[arg(long)]

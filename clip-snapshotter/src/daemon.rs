@@ -32,6 +32,19 @@ pub struct Config {
     pub fuse: FuseSection,
     pub profiles: ProfilesSection,
     pub trust: TrustSection,
+    pub cri: CriSection,
+}
+
+/// The node's CRI image service in front of containerd's (docs/snapshotter.md, Kubernetes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// Serve the CRI image service here (the kubelet's `--image-service-endpoint`); off when
+    /// unset. Calls go on to containerd at `containerd_address`.
+    pub address: Option<PathBuf>,
+    /// Forget a pull's credentials this long after it (default: keep them until the image is
+    /// removed or the daemon stops).
+    pub credentials_ttl_secs: Option<u64>,
 }
 
 /// Which layer indexes to believe (docs/security.md).
@@ -226,6 +239,8 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             "fuse.passthrough_min_size",
         )?,
     };
+    let opts_containerd = opts.containerd.clone();
+    let session = ctx.client.config().session.clone();
     let sn = ClipSnapshotter::open(&root, store, ctx.client, reads, opts)
         .await
         .context("opening the snapshotter state")?;
@@ -235,23 +250,7 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
         .clone()
         .or(cfg.address.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS));
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(&address) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing the old socket {}", address.display()))
-        }
-    }
-    let listener = tokio::net::UnixListener::bind(&address)
-        .with_context(|| format!("listening on {}", address.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o660))
-            .with_context(|| format!("permissions of {}", address.display()))?;
-    }
+    let listener = bind_socket(&address, 0o660)?;
     eprintln!(
         "clip snapshotter: serving on {} (root {}{})",
         address.display(),
@@ -268,15 +267,75 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             _ = int.recv() => {}
         }
     };
+    let cri_address = a.cri_address.clone().or(cfg.cri.address.clone());
+    let cri = match &cri_address {
+        Some(path) => {
+            let Some(upstream) = opts_containerd.clone() else {
+                anyhow::bail!(
+                    "the CRI image service needs containerd_address (calls go on to containerd)"
+                );
+            };
+            // It carries pull secrets: root's alone.
+            let listener = bind_socket(path, 0o600)?;
+            let svc = crate::cri::ImageService::new(
+                &upstream,
+                session,
+                cfg.cri
+                    .credentials_ttl_secs
+                    .map(std::time::Duration::from_secs),
+            );
+            eprintln!(
+                "clip snapshotter: CRI image service on {} (forwarding to {})",
+                path.display(),
+                upstream.display()
+            );
+            Some(tokio::spawn(async move {
+                if let Err(e) = tonic14::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(trusted_connections(listener))
+                    .await
+                {
+                    tracing::error!("serving the CRI image service: {e}");
+                }
+            }))
+        }
+        None => None,
+    };
     containerd_snapshots::tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(sn.clone()))
         .serve_with_incoming_shutdown(trusted_connections(listener), stop)
         .await
         .context("serving the snapshots API")?;
     eprintln!("clip snapshotter: stopping");
+    if let Some(task) = cri {
+        task.abort();
+    }
     sn.shutdown().await;
     let _ = std::fs::remove_file(&address);
+    if let Some(p) = &cri_address {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
+}
+
+/// A unix socket at `path` (a stale one replaced) with mode `mode`.
+fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing the old socket {}", path.display()))
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("permissions of {}", path.display()))?;
+    Ok(listener)
 }
 
 /// The connections of root and of the daemon's own user (containerd runs as root); any other
@@ -318,6 +377,7 @@ mod tests {
         let c: Config = toml::from_str(&text).unwrap();
         assert_eq!(c.address.unwrap(), PathBuf::from(DEFAULT_ADDRESS));
         assert_eq!(c.containerd_address, Options::default().containerd);
+        assert!(c.cri.address.is_none() && c.cri.credentials_ttl_secs.is_none());
         // scripts/config.toml states the defaults: they must be the ones the code uses.
         let cache = CacheConfig::default();
         assert_eq!(size(&c.cache.memory, 0, "").unwrap(), cache.memory_bytes);

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod cri;
 mod daemon;
 mod os;
 mod prometheus;

@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod hosts;
 mod manifest;
+pub mod session;
 
 pub use manifest::{LayerDescriptor, Platform, ResolvedImage};
 
@@ -92,6 +93,9 @@ pub struct RegistryConfig {
     /// credentials (`host` or `host:port`). A token realm on the registry's own host name, and
     /// Docker Hub's `auth.docker.io`, need no entry; any other gets no credentials.
     pub token_realms: Vec<String>,
+    /// Credentials held only in memory (a Kubernetes PullImage's), per registry and
+    /// repository; they win over every other source. Shared by clones of this config.
+    pub session: Arc<session::SessionCredentials>,
     /// The platform to pick from multi-platform images.
     pub platform: Platform,
     /// How long one operation (including all its retries) may take.
@@ -111,6 +115,7 @@ impl Default for RegistryConfig {
             docker_config: None,
             credentials: HashMap::new(),
             token_realms: Vec::new(),
+            session: Arc::default(),
             platform: Platform::host(),
             deadline: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(30),
@@ -236,6 +241,9 @@ impl Client {
     /// mirror, only those configured for the mirror's own host.
     async fn credentials_for(&self, ep: &Endpoint, t: &Target<'_>) -> Option<Credentials> {
         if ep.is_server {
+            if let Some(c) = self.inner.cfg.session.get(t.registry, t.repository) {
+                return Some(c);
+            }
             self.credentials(t.registry).await
         } else {
             self.credentials(ep.authority()).await

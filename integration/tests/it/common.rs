@@ -524,3 +524,17 @@ pub fn as_nobody(cmd: &[&str]) -> Output {
         .output()
         .expect("run setpriv")
 }
+
+/// A docker config directory (for DOCKER_CONFIG) with `user`:`password` for `host`.
+pub fn docker_config(dir: &Path, host: &str, user: &str, password: &str) -> String {
+    use base64::Engine;
+    let d = dir.join("docker");
+    std::fs::create_dir_all(&d).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    std::fs::write(
+        d.join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    d.display().to_string()
+}

@@ -326,6 +326,20 @@ impl Cri {
             .ok_or_else(|| tonic::Status::internal("ContainerStatus without a status"))
     }
 
+    pub fn remove_image(&self, image: &str) -> Result<(), tonic::Status> {
+        let _: Empty = self.call(
+            "/runtime.v1.ImageService/RemoveImage",
+            PullImageRequest {
+                image: Some(ImageSpec {
+                    image: image.into(),
+                }),
+                auth: None,
+                sandbox_config: None,
+            },
+        )?;
+        Ok(())
+    }
+
     pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {
         let _: Empty = self.call(
             "/runtime.v1.RuntimeService/StopPodSandbox",

@@ -413,3 +413,154 @@ fn cri_pod_runs_lazily_on_containerd_2_1_configured_like_k3s() {
         true,
     );
 }
+
+/// Kubernetes pull secrets: the registry needs a password that exists only in the CRI
+/// PullImage request (no docker config anywhere). The kubelet's image service is clip's
+/// (`--cri-address`), which forwards to containerd and keeps the credentials in memory for the
+/// lazy reads: the pod runs python with the registry sending a small fraction of the image,
+/// the password is on no file under clip's root nor in its log, and RemoveImage drops it.
+#[test]
+fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = crate::large_image::large_layout();
+    let secret = Registry::start(Auth::TlsHtpasswd);
+    secret.push_layout(&layout, "large", "large");
+    let proxy = CountingProxy::start(&secret.host);
+    let ca = secret.ca.clone().unwrap();
+    let hosts = tmp.path().join("certs.d");
+    std::fs::create_dir_all(hosts.join(&proxy.host)).unwrap();
+    std::fs::write(
+        hosts.join(&proxy.host).join("hosts.toml"),
+        format!(
+            "server = \"https://{h}\"\nca = \"{ca}\"\n[host.\"https://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
+            h = proxy.host,
+            ca = ca.display()
+        ),
+    )
+    .unwrap();
+    let image = format!("{}/large:large", proxy.host);
+    // The publisher has the credentials; the node never does.
+    let publisher = docker_config(tmp.path(), &proxy.host, USER, PASSWORD);
+    let o = clip(
+        &tmp.path().join("publisher"),
+        &[
+            "--hosts-dir",
+            hosts.to_str().unwrap(),
+            "index",
+            "--push",
+            &image,
+        ],
+        &[("DOCKER_CONFIG", &publisher)],
+    );
+    assert!(o.status.success(), "clip index --push: {}", stderr(&o));
+    let published = proxy.sent();
+    // The pause image: an open registry, as a cluster's mirror of it would be.
+    let open = Registry::start(Auth::None);
+    let l = layout_with_cmd(
+        &tmp.path().join("pause"),
+        "3.6",
+        &["gen:busybox"],
+        &["/bin/sleep", "2147483647"],
+    );
+    open.push_layout(&l, "3.6", "pause");
+    let hosts_open = hosts_dir(tmp.path(), &open.host);
+    assert_eq!(hosts_open, hosts);
+
+    let cri_sock = tmp.path().join("node").join("cri.sock");
+    let build = Containerd::system().with_cri(CriSettings {
+        pause: format!("{}/pause:3.6", open.host),
+        hosts_dir: hosts.clone(),
+        disable_snapshot_annotations: true,
+    });
+    let node = Node::start_on(
+        &tmp.path().join("node"),
+        build,
+        &[
+            "--hosts-dir",
+            hosts.to_str().unwrap(),
+            "--cri-address",
+            cri_sock.to_str().unwrap(),
+        ],
+    );
+    let images = crate::cri::Cri::connect(&cri_sock);
+    let runtime = crate::cri::Cri::connect(&node.dir.join("containerd.sock"));
+    let logs = tmp.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = crate::cri::pod_config("secret", &logs, false);
+    let auth = crate::cri::AuthConfig {
+        username: USER.into(),
+        password: PASSWORD.into(),
+        server_address: format!("https://{}", proxy.host),
+    };
+    let image_ref = images
+        .pull(&image, Some(auth), &pod)
+        .unwrap_or_else(|e| panic!("PullImage through clip: {e}\n{}", node.snapshotter_log()));
+    assert_eq!(
+        remote_snapshots_in(&node, "k8s.io"),
+        4,
+        "every layer is lazy: {}",
+        node.snapshotter_log()
+    );
+    let pod_id = runtime.run_pod(&pod).expect("RunPodSandbox");
+    let id = runtime
+        .create_container(
+            &pod_id,
+            &pod,
+            "python",
+            &image_ref,
+            &["python3", "-c", "print('pulled with a secret')"],
+        )
+        .expect("CreateContainer");
+    runtime.start_container(&id).expect("StartContainer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while runtime
+        .container_status(&id)
+        .expect("ContainerStatus")
+        .state
+        != crate::cri::EXITED
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(logs.join("python.log")).unwrap_or_default();
+    assert!(log.contains("stdout F pulled with a secret"), "{log}");
+    let sent = proxy.sent() - published;
+    let image_bytes = crate::large_image::layer_bytes(&layout);
+    eprintln!(
+        "pull secret via clip's CRI image service: registry sent {sent} bytes ({:.2} % of {image_bytes})",
+        sent as f64 * 100.0 / image_bytes as f64
+    );
+    assert!(sent * 10 < image_bytes, "{sent} of {image_bytes}");
+
+    // Never on disk, never logged: no file under clip's root (database, indexes, cache,
+    // snapshots; not into the lazy mounts, which are the image) nor its log holds the password.
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"find "$1" -xdev -type f -print0 | xargs -0 grep -l -a -F "$2" -- "$3""#)
+        .args(["sh"])
+        .arg(node.clip_root())
+        .arg(PASSWORD)
+        .arg(node.dir.join("snapshotter.log"))
+        .output()
+        .unwrap();
+    // xargs: 123 when grep found nothing in every file; a read error shows on stderr.
+    assert_eq!(
+        (o.status.code(), stderr(&o)),
+        (Some(123), String::new()),
+        "the pull secret is in: {}",
+        stdout(&o)
+    );
+
+    runtime.stop_pod(&pod_id).expect("StopPodSandbox");
+    runtime.remove_pod(&pod_id).expect("RemovePodSandbox");
+    images.remove_image(&image_ref).expect("RemoveImage");
+    assert!(
+        node.snapshotter_log()
+            .contains("image removed: its pull credentials are dropped"),
+        "{}",
+        node.snapshotter_log()
+    );
+}

@@ -1,20 +1,6 @@
 //! Auth for real: TLS + htpasswd, and the bearer-token flow, against Debian's docker-registry.
 
 use crate::common::*;
-use std::path::Path;
-
-fn docker_config(dir: &Path, host: &str, user: &str, password: &str) -> String {
-    use base64::Engine;
-    let d = dir.join("docker");
-    std::fs::create_dir_all(&d).unwrap();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    std::fs::write(
-        d.join("config.json"),
-        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
-    )
-    .unwrap();
-    d.display().to_string()
-}
 
 #[test]
 fn tls_and_htpasswd() {
