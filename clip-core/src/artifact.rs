@@ -138,6 +138,7 @@ async fn push_artifact(
         let b = Bytes::from(serde_json::to_vec(&index).expect("json"));
         client.push_manifest(r, &tag, MEDIA_OCI_INDEX, b).await?;
     }
+    client.forget_referrers(r, &image.manifest_digest);
     Ok(digest)
 }
 
@@ -230,8 +231,8 @@ async fn fetch_layers(
     let descs = m["layers"]
         .as_array()
         .ok_or_else(|| invalid("no layers".into()))?;
-    let mut out = Vec::new();
-    for layer in &image.layers {
+    // Every layer's index at once: one round trip, not one per layer.
+    let fetches = image.layers.iter().map(|layer| async move {
         let d = descs
             .iter()
             .find(|d| {
@@ -255,9 +256,9 @@ async fn fetch_layers(
                 layer.digest
             )));
         }
-        out.push(FetchedLayer { index, encoded });
-    }
-    Ok(out)
+        Ok(FetchedLayer { index, encoded })
+    });
+    futures_util::future::try_join_all(fetches).await
 }
 
 /// The artifacts of `artifact_type` whose subject is `subject`, oldest first: from the
@@ -268,13 +269,11 @@ async fn referrers(
     subject: &Digest,
     artifact_types: &[&str],
 ) -> Result<Vec<Digest>, ArtifactError> {
-    let listing = match client.referrers_api(r, subject).await? {
-        Some(b) => b,
-        None => match client.get_manifest(r, &referrers_tag(subject)).await {
-            Ok((b, _, _)) => b,
-            Err(RegistryError::NotFound { .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        },
+    let Some(listing) = client
+        .referrers(r, subject, &referrers_tag(subject))
+        .await?
+    else {
+        return Ok(Vec::new());
     };
     let listing: Value = serde_json::from_slice(&listing).map_err(|e| ArtifactError::Invalid {
         digest: referrers_tag(subject),

@@ -153,6 +153,10 @@ pub struct Fetcher {
     /// Write-back budget in KiB.
     writeback: Arc<Semaphore>,
     pub stats: FetchStats,
+    /// The live fetcher of each layer (by layer, windows blob and source): every reader of a
+    /// layer from the same repository shares one, so a span is in flight once whoever asks (a
+    /// prefetch started at pull time and the mount's demand reads, say).
+    layers: Mutex<HashMap<(Digest, Digest, String), std::sync::Weak<LayerFetcher>>>,
 }
 
 impl Fetcher {
@@ -165,6 +169,7 @@ impl Fetcher {
             writeback: Arc::new(Semaphore::new(kib)),
             cfg,
             stats: FetchStats::default(),
+            layers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -180,14 +185,32 @@ impl Fetcher {
         index: Arc<LayerIndex>,
         local_windows: Option<Bytes>,
     ) -> Arc<LayerFetcher> {
-        Arc::new(LayerFetcher {
+        let key = source
+            .shared_origin()
+            .map(|o| (index.layer, index.windows.digest, o));
+        let mut layers = self.layers.lock().expect("layers lock");
+        if let Some(live) = key
+            .as_ref()
+            .and_then(|k| layers.get(k))
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return live;
+        }
+        let f = Arc::new(LayerFetcher {
             shared: self.clone(),
             source,
             index,
             local_windows,
             inflight: Mutex::new(HashMap::new()),
             finished: tokio::sync::Notify::new(),
-        })
+        });
+        if let Some(key) = key {
+            if layers.len() >= 1024 {
+                layers.retain(|_, w| w.strong_count() > 0);
+            }
+            layers.insert(key, Arc::downgrade(&f));
+        }
+        f
     }
 
     /// True while no fetch holds a permit (background work yields to demand).

@@ -23,6 +23,13 @@ pub trait BlobSource: Send + Sync {
 
     /// Where the blobs come from, for messages (`host/repository`).
     fn describe(&self) -> String;
+
+    /// An identity two sources share when they read the same blobs the same way (the same
+    /// repository through the same client): readers of a layer on such sources share one
+    /// fetcher. `None`: never shared.
+    fn shared_origin(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A repository on a registry, through the (retrying, authenticating) client.
@@ -52,6 +59,10 @@ impl BlobSource for RegistrySource {
 
     async fn read_blob(&self, blob: &Digest, max: u64) -> Result<Bytes, RegistryError> {
         self.client.get_blob(&self.reference, blob, max).await
+    }
+
+    fn shared_origin(&self) -> Option<String> {
+        Some(self.describe())
     }
 
     fn describe(&self) -> String {
@@ -102,6 +113,8 @@ pub mod fake {
         max_in_flight: AtomicU64,
         /// Requests wait until this many are in flight at once (or 5 s pass).
         hold: Mutex<Option<(u64, Arc<tokio::sync::Notify>)>>,
+        /// [`BlobSource::shared_origin`] (None: readers never share a fetcher).
+        origin: Option<String>,
     }
 
     impl FakeSource {
@@ -113,6 +126,12 @@ pub mod fake {
         pub fn with_blob(mut self, data: impl Into<Bytes>) -> Self {
             let data = data.into();
             self.blobs.insert(Digest::of(&data), data);
+            self
+        }
+
+        /// Readers on this source share their layer's fetcher, as registry sources do.
+        pub fn with_origin(mut self, origin: &str) -> Self {
+            self.origin = Some(origin.to_string());
             self
         }
 
@@ -274,6 +293,10 @@ pub mod fake {
 
         fn describe(&self) -> String {
             "fake".into()
+        }
+
+        fn shared_origin(&self) -> Option<String> {
+            self.origin.clone()
         }
     }
 }

@@ -314,10 +314,7 @@ async fn pull_under_lease(
     );
     // Content: config (holding the snapshot chain for GC) and manifest (holding the config and
     // layers), the same labels containerd's own pull sets.
-    let config = client
-        .get_blob(r, &image.config_digest, 64 << 20)
-        .await
-        .context("fetching the image config")?;
+    let config = image.config_bytes.clone();
     let mut config_labels = HashMap::from([source.clone()]);
     if let Some(top) = chains.last() {
         config_labels.insert(

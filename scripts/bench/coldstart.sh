@@ -25,6 +25,7 @@
 # them, pro-rated by span) over the link rate (loopback: not limiting), plus the same
 # container's warm start. Each row shows time / floor.
 #   CLIP_BENCH_SPAN=SIZE: span size of the published indexes (default: clip index's default)
+#   CLIP_BENCH_TRACE=PREFIX: write each proxy's request timeline to PREFIX.<link> (proxy.py)
 #   CLIP_BENCH_EXTRAS=0: skip the shared-Redis and span-size sections (before/after comparisons)
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
@@ -69,7 +70,7 @@ echo "image: $(mib "$IMAGE_BYTES") compressed"
 proxy() {
   local port; port=$(free_port)
   STATS="$WORK/$1.bytes"; echo 0 >"$STATS"; echo 0 >"$STATS.req"
-  python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
+  PROXY_TRACE=${CLIP_BENCH_TRACE:+$CLIP_BENCH_TRACE.$1} python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
   PIDS+=($!)
   PROXY=127.0.0.1:$port
   for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.05; done

@@ -5,6 +5,8 @@ the upstream sends, and the blob GET requests clients send (STATS_FILE.req). The
 written every 100 ms and on exit.
 
 usage: proxy.py LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS STATS_FILE
+With PROXY_TRACE=FILE, every request line (and its Range header) is appended to FILE with the
+milliseconds since the proxy started and the connection's number: the requests' timeline.
 """
 import asyncio
 import os
@@ -16,9 +18,24 @@ import time
 sent = 0
 blob_gets = 0
 BLOB_GET = re.compile(rb"GET /v2/[^ ]*/blobs/")
+REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|PATCH) (/v2/[^ ]*) HTTP/1\.1\r\n")
+RANGE = re.compile(rb"\r\n[Rr]ange: (bytes=[0-9-]+)")
+TRACE = os.environ.get("PROXY_TRACE")
+START = time.monotonic()
+connections = 0
 
 
-async def pipe(reader, writer, delay, count):
+def trace(conn, data):
+    with open(TRACE, "a") as f:
+        for m in REQUEST.finditer(data):
+            t = (time.monotonic() - START) * 1000
+            head = data[m.start():data.find(b"\r\n\r\n", m.start()) + 2]
+            r = RANGE.search(head)
+            rng = r.group(1).decode() if r else ""
+            f.write(f"{t:9.1f} c{conn} {m.group(1).decode()} {m.group(2).decode()[:120]} {rng}\n")
+
+
+async def pipe(reader, writer, delay, count, conn=0):
     global sent, blob_gets
     queue = asyncio.Queue()
 
@@ -47,6 +64,8 @@ async def pipe(reader, writer, delay, count):
                 sent += len(data)
             else:
                 blob_gets += len(BLOB_GET.findall(data))
+                if TRACE:
+                    trace(conn, data)
             await queue.put((time.monotonic() + delay, data))
     except (ConnectionError, OSError):
         pass
@@ -58,6 +77,9 @@ async def pipe(reader, writer, delay, count):
 
 
 async def handle(client_r, client_w, upstream, delay):
+    global connections
+    connections += 1
+    conn = connections
     host, port = upstream.rsplit(":", 1)
     try:
         up_r, up_w = await asyncio.open_connection(host, int(port))
@@ -65,7 +87,7 @@ async def handle(client_r, client_w, upstream, delay):
         client_w.close()
         return
     await asyncio.gather(
-        pipe(client_r, up_w, delay, False),
+        pipe(client_r, up_w, delay, False, conn),
         pipe(up_r, client_w, delay, True),
     )
     for w in (client_w, up_w):

@@ -104,6 +104,56 @@ async fn concurrent_readers_share_one_request() {
     assert_eq!(t.layer_requests(), vec![t.compressed(5..6)]);
 }
 
+/// A reader started at pull time (a profile's prefetch) and the mount's reader of the same
+/// layer and repository share one flight per span; readers on sources that do not say they
+/// are the same never share.
+#[tokio::test]
+async fn readers_of_a_layer_from_one_repository_share_their_flights() {
+    for (origin, expected) in [(Some("registry/repo"), 1), (None, 2)] {
+        let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
+        let mut source = FakeSource::new().with_blob(gz).with_blob(windows.clone());
+        if let Some(o) = origin {
+            source = source.with_origin(o);
+        }
+        let source = Arc::new(source);
+        source.script([Fault::Delay(Duration::from_millis(100))]);
+        let fetcher = Fetcher::new(
+            Arc::new(TieredCache::memory_only(64 << 20)),
+            FetchConfig::default(),
+        );
+        let reader = || {
+            LayerReader::new(
+                &fetcher,
+                source.clone(),
+                index.clone(),
+                Some(windows.clone()),
+                ReaderConfig {
+                    readahead_bytes: 0,
+                    locality_bytes: 0,
+                },
+            )
+        };
+        let (early, mount) = (reader(), reader());
+        let (s, _) = index.span_range(5);
+        let (_, e) = index.span_range(5);
+        let prefetch = tokio::spawn(async move { early.prefetch_ranges(&[(s, e - s)]).await });
+        // The mount reads once the prefetch's request is in flight (it is held 100 ms).
+        let layer_requested = || source.requests().iter().any(|r| r.blob == index.layer);
+        while !layer_requested() {
+            tokio::task::yield_now().await;
+        }
+        let got = mount.read(s, e - s).await.unwrap();
+        assert_eq!(&got[..], &tar[s as usize..e as usize]);
+        prefetch.await.unwrap();
+        let requests = source
+            .requests()
+            .into_iter()
+            .filter(|r| r.blob == index.layer)
+            .count();
+        assert_eq!(requests, expected, "origin {origin:?}");
+    }
+}
+
 #[tokio::test]
 async fn adjacent_misses_are_one_range_request() {
     let t = setup(0);

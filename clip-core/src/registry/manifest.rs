@@ -96,6 +96,8 @@ pub struct ResolvedImage {
     pub manifest_media_type: String,
     pub manifest_bytes: Bytes,
     pub config_digest: Digest,
+    /// The config's bytes (verified against `config_digest`).
+    pub config_bytes: Bytes,
     pub layers: Vec<LayerDescriptor>,
 }
 
@@ -217,6 +219,7 @@ pub(super) async fn resolve(
         },
         manifest_bytes: body,
         config_digest,
+        config_bytes,
         layers,
     })
 }

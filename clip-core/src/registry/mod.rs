@@ -179,7 +179,22 @@ struct Inner {
     helped: Mutex<HashMap<String, (Instant, Option<Credentials>)>>,
     clients: Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>,
     state: Mutex<AuthState>,
+    /// Images resolved by digest (immutable): a second resolve costs no round trip.
+    resolved: Mutex<HashMap<RepoDigest, ResolvedImage>>,
+    /// Referrers listings by (registry, repository, subject), kept for `REFERRERS_TTL`: the
+    /// index and the startup profile of an image are found with one listing.
+    listings: Mutex<HashMap<RepoDigest, (Instant, Option<Bytes>)>>,
+    /// Registries whose referrers API answered "not supported": the tag schema goes first.
+    no_referrers_api: Mutex<std::collections::HashSet<String>>,
 }
+
+/// (registry, repository, digest).
+type RepoDigest = (String, String, Digest);
+
+/// How long a referrers listing is reused.
+const REFERRERS_TTL: Duration = Duration::from_secs(10);
+/// Resolved images (and listings) kept; beyond this the cache starts over.
+const MAX_CACHED: usize = 256;
 
 impl Client {
     pub fn new(cfg: RegistryConfig) -> Self {
@@ -196,6 +211,9 @@ impl Client {
                 helped: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
                 state: Mutex::new(AuthState::default()),
+                resolved: Mutex::new(HashMap::new()),
+                listings: Mutex::new(HashMap::new()),
+                no_referrers_api: Mutex::new(Default::default()),
             }),
         }
     }
@@ -959,8 +977,87 @@ impl Client {
     }
 
     /// Resolves a reference to one image manifest for the configured platform, with its config.
+    /// A reference pinned by digest is resolved once per client.
     pub async fn resolve(&self, r: &Reference) -> Result<ResolvedImage, RegistryError> {
-        manifest::resolve(self, r).await
+        let key = r
+            .digest
+            .map(|d| (r.registry.clone(), r.repository.clone(), d));
+        if let Some(k) = &key {
+            if let Some(hit) = self.inner.resolved.lock().expect("resolved").get(k) {
+                return Ok(ResolvedImage {
+                    reference: r.with_digest(hit.manifest_digest),
+                    ..hit.clone()
+                });
+            }
+        }
+        let image = manifest::resolve(self, r).await?;
+        if let Some(k) = key {
+            let mut cache = self.inner.resolved.lock().expect("resolved");
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            cache.insert(k, image.clone());
+        }
+        Ok(image)
+    }
+
+    /// The referrers listing of `subject` (an OCI image index): from the referrers API, or
+    /// the referrers tag `tag` on registries without it; `None` when there is none. Reused for
+    /// a few seconds (an image's index and profile lookups share one).
+    pub async fn referrers(
+        &self,
+        r: &Reference,
+        subject: &Digest,
+        tag: &str,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        let key = (r.registry.clone(), r.repository.clone(), *subject);
+        if let Some((at, listing)) = self.inner.listings.lock().expect("listings").get(&key) {
+            if at.elapsed() < REFERRERS_TTL {
+                return Ok(listing.clone());
+            }
+        }
+        let api_known_missing = self
+            .inner
+            .no_referrers_api
+            .lock()
+            .expect("referrers api")
+            .contains(&r.registry);
+        let from_api = match api_known_missing {
+            true => None,
+            false => self.referrers_api(r, subject).await?,
+        };
+        let listing = match from_api {
+            Some(b) => Some(b),
+            None => {
+                if !api_known_missing {
+                    self.inner
+                        .no_referrers_api
+                        .lock()
+                        .expect("referrers api")
+                        .insert(r.registry.clone());
+                }
+                match self.get_manifest(r, tag).await {
+                    Ok((b, _, _)) => Some(b),
+                    Err(RegistryError::NotFound { .. }) => None,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let mut cache = self.inner.listings.lock().expect("listings");
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(key, (Instant::now(), listing.clone()));
+        Ok(listing)
+    }
+
+    /// Forgets the cached referrers listing of `subject` (after pushing a referrer to it).
+    pub fn forget_referrers(&self, r: &Reference, subject: &Digest) {
+        self.inner.listings.lock().expect("listings").remove(&(
+            r.registry.clone(),
+            r.repository.clone(),
+            *subject,
+        ));
     }
 }
 

@@ -259,3 +259,79 @@ async fn a_token_server_on_another_host_gets_credentials_only_if_trusted() {
         );
     }
 }
+
+/// An image resolved by digest is resolved once per client; a referrers listing serves an
+/// image's index and profile lookups together, and a registry without the referrers API is
+/// asked by tag at once the next time.
+#[tokio::test]
+async fn pinned_images_and_referrers_listings_cost_one_round_trip_each() {
+    let config =
+        r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = Digest::of(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[]}}"#,
+        config.len()
+    );
+    let manifest_digest = Digest::of(manifest.as_bytes());
+    let listing =
+        format!(r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_INDEX}","manifests":[]}}"#);
+    let (m, c, l) = (manifest.clone(), config.to_string(), listing.clone());
+    let (host, log) = serve_with("127.0.0.1", move |head| {
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+        if path.contains("/referrers/") {
+            reply("404 Not Found", "", "")
+        } else if path.contains("/manifests/sha256-") {
+            reply(
+                "200 OK",
+                &format!("Content-Type: {MEDIA_OCI_INDEX}\r\n"),
+                &l,
+            )
+        } else if path.contains("/manifests/") {
+            reply(
+                "200 OK",
+                &format!("Content-Type: {MEDIA_OCI_MANIFEST}\r\n"),
+                &m,
+            )
+        } else if path.contains("/blobs/") {
+            reply("200 OK", "", &c)
+        } else {
+            reply("404 Not Found", "", "")
+        }
+    })
+    .await;
+    let c = client();
+    let r: Reference = format!("{host}/app@{manifest_digest}").parse().unwrap();
+    let requests = |what: &str| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.contains(what))
+            .count()
+    };
+    for _ in 0..2 {
+        let image = c.resolve(&r).await.unwrap();
+        assert_eq!(image.config_digest, config_digest);
+        assert_eq!(&image.config_bytes[..], config.as_bytes());
+    }
+    assert_eq!(
+        (requests("/manifests/sha256:"), requests("/blobs/")),
+        (1, 1)
+    );
+
+    let tag = format!("sha256-{}", manifest_digest.hex());
+    for _ in 0..2 {
+        let got = c.referrers(&r, &manifest_digest, &tag).await.unwrap();
+        assert_eq!(got.as_deref(), Some(listing.as_bytes()));
+    }
+    assert_eq!(
+        (requests("/referrers/"), requests("/manifests/sha256-")),
+        (1, 1)
+    );
+    // After a push the listing is asked again, by tag only.
+    c.forget_referrers(&r, &manifest_digest);
+    c.referrers(&r, &manifest_digest, &tag).await.unwrap();
+    assert_eq!(
+        (requests("/referrers/"), requests("/manifests/sha256-")),
+        (1, 2)
+    );
+}

@@ -606,9 +606,10 @@ impl ClipSnapshotter {
             self.client.clone(),
         );
         let shared = self.reads.shared.clone();
+        let fetcher = self.reads.fetcher.clone();
         let reference = remote.reference.clone();
         tokio::spawn(async move {
-            lookup_profile(
+            let profile = lookup_profile(
                 &lookups,
                 &store,
                 shared.as_deref(),
@@ -617,6 +618,31 @@ impl ClipSnapshotter {
                 &reference,
             )
             .await;
+            // Prefetch at pull time: the transfer overlaps containerd's container setup. The
+            // mount's readers share these readers' fetchers (one flight per span).
+            let (Some(profile), Ok(r)) = (profile, reference.parse::<Reference>()) else {
+                return;
+            };
+            let mut layers = 0;
+            for lp in &profile.layers {
+                let Ok(Some((ix, _))) = store.get_layer(&lp.layer) else {
+                    continue;
+                };
+                let ix = Arc::new(ix);
+                let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
+                let source = Arc::new(clip_core::source::RegistrySource::new(
+                    client.clone(),
+                    r.clone(),
+                ));
+                let reader =
+                    LayerReader::new(&fetcher, source, ix, windows, ReaderConfig::default());
+                let ranges = lp.ranges.clone();
+                layers += 1;
+                tokio::spawn(async move {
+                    reader.prefetch_ranges(&ranges).await;
+                });
+            }
+            tracing::info!(image = %reference, layers, "prefetching its startup profile at pull time");
         });
     }
 
