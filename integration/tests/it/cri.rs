@@ -196,6 +196,21 @@ pub struct VersionResponse {
     pub runtime_version: String,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandbox {
+    #[prost(string, tag = "1")]
+    pub id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<PodSandbox>,
+}
+
 pub const EXITED: i32 = 2;
 
 /// A CRI connection (its own runtime: the tests are synchronous).
@@ -338,6 +353,22 @@ impl Cri {
             },
         )?;
         Ok(())
+    }
+
+    pub fn list_pods(&self) -> Result<Vec<String>, tonic::Status> {
+        let r: ListPodSandboxResponse = self.call(
+            "/runtime.v1.RuntimeService/ListPodSandbox",
+            ListPodSandboxRequest {},
+        )?;
+        Ok(r.items.into_iter().map(|p| p.id).collect())
+    }
+
+    /// Stops and removes every pod (their containers, network namespaces and shims go too).
+    pub fn remove_all_pods(&self) {
+        for id in self.list_pods().unwrap_or_default() {
+            let _ = self.stop_pod(&id);
+            let _ = self.remove_pod(&id);
+        }
     }
 
     pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {

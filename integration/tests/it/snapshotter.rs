@@ -510,14 +510,21 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        // Running tasks first (their shims outlive containerd).
+        // Pods first (a failed test leaves them running: their network namespaces and shims
+        // outlive containerd), then running tasks in every namespace.
         if self.containerd.is_some() {
-            let tasks = self.ctr(&["tasks", "ls", "-q"]);
-            for id in stdout(&tasks).lines() {
-                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-                std::thread::sleep(Duration::from_millis(200));
-                let _ = self.ctr(&["tasks", "delete", "-f", id]);
-                let _ = self.ctr(&["containers", "delete", id]);
+            if self.containerd_build.cri.is_some() {
+                crate::cri::Cri::connect(&self.dir.join("containerd.sock")).remove_all_pods();
+            }
+            let namespaces = self.ctr(&["namespaces", "ls", "-q"]);
+            for ns in stdout(&namespaces).lines() {
+                let tasks = self.ctr(&["-n", ns, "tasks", "ls", "-q"]);
+                for id in stdout(&tasks).lines() {
+                    let _ = self.ctr(&["-n", ns, "tasks", "kill", "-s", "SIGKILL", id]);
+                    std::thread::sleep(Duration::from_millis(200));
+                    let _ = self.ctr(&["-n", ns, "tasks", "delete", "-f", id]);
+                    let _ = self.ctr(&["-n", ns, "containers", "delete", id]);
+                }
             }
         }
         self.stop_snapshotter(libc::SIGTERM);
