@@ -193,7 +193,9 @@ impl LayerReader {
 }
 
 /// What a process reads layers through: the cache tiers and the fetcher in front of them, and
-/// the passthrough file store (handed to the filesystem, not part of the cache).
+/// the passthrough file store (handed to the filesystem, not part of the cache). Cloning shares
+/// them.
+#[derive(Clone)]
 pub struct ReadPath {
     pub fetcher: Arc<Fetcher>,
     pub files: Option<Arc<FileStore>>,

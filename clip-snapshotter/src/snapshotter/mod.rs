@@ -232,6 +232,29 @@ fn manifest_of(remote: &Remote) -> Option<Digest> {
 /// container's root directory when it is an upper or an unpacked base layer, and non-root users
 /// in the container must be able to traverse it. Host users cannot reach it (`snapshots/` is
 /// 0700).
+/// A reader of `layer` from its stored index (with the index's windows when this node has
+/// them), fetching from `reference`'s repository.
+fn stored_reader(
+    reads: &ReadPath,
+    store: &Store,
+    client: &Client,
+    reference: &Reference,
+    layer: &Digest,
+    cfg: ReaderConfig,
+) -> Result<Option<Arc<LayerReader>>, clip_core::store::StoreError> {
+    let Some((ix, _)) = store.get_layer(layer)? else {
+        return Ok(None);
+    };
+    let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
+    Ok(Some(reads.reader_with(
+        client,
+        reference,
+        Arc::new(ix),
+        windows,
+        cfg,
+    )))
+}
+
 fn make_snapshot_dirs(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let mut b = std::fs::DirBuilder::new();
@@ -552,23 +575,20 @@ impl ClipSnapshotter {
         let mut readers = Vec::new();
         for r in &chain {
             let remote = r.remote.as_ref().expect("checked");
-            let (ix, _) = self
-                .store
-                .get_layer(&remote.layer)
-                .map_err(|e| fail(e.to_string()))?
-                .ok_or_else(|| fail(format!("no index for layer {} in the store", remote.layer)))?;
-            let ix = Arc::new(ix);
             let reference: Reference =
                 remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
-            let windows = self.store.get_windows(&ix.windows).map(bytes::Bytes::from);
-            readers.push(self.reads.reader_with(
+            let reader = stored_reader(
+                &self.reads,
+                &self.store,
                 &self.client,
                 &reference,
-                ix.clone(),
-                windows,
+                &remote.layer,
                 cfg.clone(),
-            ));
-            indexes.push(ix);
+            )
+            .map_err(|e| fail(e.to_string()))?
+            .ok_or_else(|| fail(format!("no index for layer {} in the store", remote.layer)))?;
+            indexes.push(reader.index().clone());
+            readers.push(reader);
         }
         let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
         if record {
@@ -605,14 +625,13 @@ impl ClipSnapshotter {
             self.store.clone(),
             self.client.clone(),
         );
-        let shared = self.reads.shared.clone();
-        let fetcher = self.reads.fetcher.clone();
+        let reads = self.reads.clone();
         let reference = remote.reference.clone();
         tokio::spawn(async move {
             let profile = lookup_profile(
                 &lookups,
                 &store,
-                shared.as_deref(),
+                reads.shared.as_deref(),
                 &client,
                 manifest,
                 &reference,
@@ -625,17 +644,11 @@ impl ClipSnapshotter {
             };
             let mut layers = 0;
             for lp in &profile.layers {
-                let Ok(Some((ix, _))) = store.get_layer(&lp.layer) else {
+                let cfg = ReaderConfig::default();
+                let Ok(Some(reader)) = stored_reader(&reads, &store, &client, &r, &lp.layer, cfg)
+                else {
                     continue;
                 };
-                let ix = Arc::new(ix);
-                let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
-                let source = Arc::new(clip_core::source::RegistrySource::new(
-                    client.clone(),
-                    r.clone(),
-                ));
-                let reader =
-                    LayerReader::new(&fetcher, source, ix, windows, ReaderConfig::default());
                 let ranges = lp.ranges.clone();
                 layers += 1;
                 tokio::spawn(async move {
