@@ -14,14 +14,21 @@ const CONTAINERD_1_7: &str = "1.7.24~ds1-6+deb13u1";
 const CONTAINERD_2_1: &str = "2.1.9+ds1-5";
 
 /// A containerd-style hosts directory naming `authority` (a registry on a port of its own:
-/// containerd records where an image came from without the port).
-fn hosts_dir(tmp: &Path, authority: &str) -> PathBuf {
+/// containerd records where an image came from without the port): plain HTTP, or TLS trusting
+/// `ca`.
+fn hosts_dir(tmp: &Path, authority: &str, ca: Option<&Path>) -> PathBuf {
     let dir = tmp.join("certs.d");
     std::fs::create_dir_all(dir.join(authority)).unwrap();
+    let (scheme, ca) = match ca {
+        Some(ca) => ("https", format!("  ca = \"{}\"\n", ca.display())),
+        None => ("http", String::new()),
+    };
+    let server = format!("{scheme}://{authority}");
     std::fs::write(
         dir.join(authority).join("hosts.toml"),
         format!(
-            "server = \"http://{authority}\"\n[host.\"http://{authority}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            "server = \"{server}\"\n{top_ca}[host.\"{server}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{ca}",
+            top_ca = ca.trim_start()
         ),
     )
     .unwrap();
@@ -48,27 +55,16 @@ fn remote_snapshots_in(node: &Node, ns: &str) -> usize {
 /// fraction of the image; then the same across a snapshotter restart, and `clip pull` of
 /// another image on the same node.
 fn plain_pull_is_lazy_on(build: Containerd) {
-    let layout = crate::large_image::large_layout();
-    let reg = Registry::start(Auth::None);
-    reg.push_layout(&layout, "large", "large");
     let tmp = tempfile::tempdir().unwrap();
-    publish_index(tmp.path(), &format!("{}:large", reg.image("large")));
-    let proxy = CountingProxy::start(&reg.host);
-    let hosts = hosts_dir(tmp.path(), &proxy.host);
+    let large = crate::large_image::served(tmp.path());
+    let (proxy, image) = (&large.proxy, large.image.clone());
+    let hosts = hosts_dir(tmp.path(), &proxy.host, None);
     let mut node = Node::start_on(
         &tmp.path().join("node"),
         build,
         &["--hosts-dir", hosts.to_str().unwrap()],
     );
-    let image = format!("{}/large:large", proxy.host);
-    node.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "clip",
-        &image,
-    ]);
+    node.ctr_pull(&image);
     assert_eq!(
         remote_snapshots(&node),
         4,
@@ -77,7 +73,7 @@ fn plain_pull_is_lazy_on(build: Containerd) {
     );
     let o = node.run("clip", &image, "py", &["python3", "-c", "print(1)"]);
     assert_eq!(out(&o).trim(), "1");
-    let (sent, image_bytes) = (proxy.sent(), crate::large_image::layer_bytes(&layout));
+    let (sent, image_bytes) = (proxy.sent(), large.bytes);
     eprintln!(
         "plain ctr pull + run: registry sent {sent} bytes ({:.2} % of {image_bytes})",
         sent as f64 * 100.0 / image_bytes as f64
@@ -106,23 +102,19 @@ fn transfer_service_pull_is_lazy_on_containerd_2_1() {
 /// layer before any snapshotter is asked, on containerd 1.x) still works, unpacked.
 #[test]
 fn clip_pull_restarts_and_plain_pulls_on_containerd_1_7() {
-    let large = crate::large_image::large_layout();
-    let reg = Registry::start(Auth::None);
-    reg.push_layout(&large, "large", "large");
     let tmp = tempfile::tempdir().unwrap();
-    publish_index(tmp.path(), &format!("{}:large", reg.image("large")));
-    let proxy = CountingProxy::start(&reg.host);
+    let large = crate::large_image::served(tmp.path());
+    let (reg, proxy, image) = (&large.reg, &large.proxy, large.image.clone());
     let mut node = Node::start_on(
         &tmp.path().join("node"),
         Containerd::debian(CONTAINERD_1_7),
         &[],
     );
-    let image = format!("{}/large:large", proxy.host);
     node.pull_ok(&image);
     node.run_detached(&image, "sleeper", &["sleep", "600"]);
     let o = node.run("clip", &image, "py", &["python3", "-c", "print(1)"]);
     assert_eq!(out(&o).trim(), "1");
-    let image_bytes = crate::large_image::layer_bytes(&large);
+    let image_bytes = large.bytes;
     assert!(
         proxy.sent() * 10 < image_bytes,
         "{} of {image_bytes}",
@@ -145,14 +137,7 @@ fn clip_pull_restarts_and_plain_pulls_on_containerd_1_7() {
     let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
     reg.push_layout(&l, "v1", "plain");
     let plain = format!("{}:v1", reg.image("plain"));
-    node.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "clip",
-        &plain,
-    ]);
+    node.ctr_pull(&plain);
     let o = node.run("clip", &plain, "plain", &["cat", "/etc/public"]);
     assert_eq!(out(&o), "anyone\n");
 }
@@ -205,8 +190,8 @@ fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pul
         .collect();
     // Two registries on 127.0.0.1: containerd's source labels cannot tell them apart (it
     // drops the port); the one that serves each manifest is found.
-    let hosts = hosts_dir(tmp.path(), &reg.host);
-    hosts_dir(tmp.path(), &base_reg.host);
+    let hosts = hosts_dir(tmp.path(), &reg.host, None);
+    hosts_dir(tmp.path(), &base_reg.host, None);
     // The CRI without snapshot annotations (its default): Prepare carries no pull labels.
     let build = Containerd::system().with_cri(CriSettings {
         pause: "none".into(),
@@ -276,16 +261,13 @@ fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pul
 /// A registry with the CRI's pause image (busybox sleeping) and the large image with its
 /// index, behind a counting proxy; a hosts directory for the proxy.
 struct CriFixture {
-    _reg: Registry,
-    proxy: CountingProxy,
+    large: crate::large_image::Served,
     hosts: PathBuf,
     pause: String,
-    large: String,
-    large_bytes: u64,
 }
 
-fn cri_fixture(tmp: &Path) -> CriFixture {
-    let reg = Registry::start(Auth::None);
+/// The CRI's pause image: busybox sleeping, pushed to `reg` as `pause:3.6`.
+fn push_pause(tmp: &Path, reg: &Registry) {
     let l = layout_with_cmd(
         &tmp.join("pause"),
         "3.6",
@@ -293,18 +275,15 @@ fn cri_fixture(tmp: &Path) -> CriFixture {
         &["/bin/sleep", "2147483647"],
     );
     reg.push_layout(&l, "3.6", "pause");
-    let layout = crate::large_image::large_layout();
-    reg.push_layout(&layout, "large", "large");
-    publish_index(tmp, &format!("{}:large", reg.image("large")));
-    let proxy = CountingProxy::start(&reg.host);
-    let hosts = hosts_dir(tmp, &proxy.host);
+}
+
+fn cri_fixture(tmp: &Path) -> CriFixture {
+    let large = crate::large_image::served(tmp);
+    push_pause(tmp, &large.reg);
     CriFixture {
-        pause: format!("{}/pause:3.6", proxy.host),
-        large: format!("{}/large:large", proxy.host),
-        large_bytes: crate::large_image::layer_bytes(&layout),
-        hosts,
-        proxy,
-        _reg: reg,
+        pause: format!("{}/pause:3.6", large.proxy.host),
+        hosts: hosts_dir(tmp, &large.proxy.host, None),
+        large,
     }
 }
 
@@ -331,8 +310,8 @@ fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: b
     let logs = tmp.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let pod = crate::cri::pod_config("py", &logs, false);
-    let image_ref = cri.pull(&f.large, None, &pod).expect("PullImage");
-    let pulled = f.proxy.sent();
+    let image_ref = cri.pull(&f.large.image, None, &pod).expect("PullImage");
+    let pulled = f.large.proxy.sent();
     let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| {
         panic!(
             "RunPodSandbox: {e}\ncontainerd: {}",
@@ -370,17 +349,17 @@ fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: b
         log.contains("stdout F hello from clip 10."),
         "container log: {log:?}"
     );
-    let sent = f.proxy.sent();
+    let sent = f.large.proxy.sent();
     eprintln!(
         "CRI pod (disable_snapshot_annotations = {disable_snapshot_annotations}): PullImage fetched {pulled} bytes, the pod's run {} more ({:.2} % of {})",
         sent - pulled,
-        sent as f64 * 100.0 / f.large_bytes as f64,
-        f.large_bytes
+        sent as f64 * 100.0 / f.large.bytes as f64,
+        f.large.bytes
     );
     assert!(
-        sent * 10 < f.large_bytes,
+        sent * 10 < f.large.bytes,
         "{sent} of {} bytes",
-        f.large_bytes
+        f.large.bytes
     );
     cri.stop_pod(&pod_id).expect("StopPodSandbox");
     cri.remove_pod(&pod_id).expect("RemovePodSandbox");
@@ -426,18 +405,7 @@ fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
     let secret = Registry::start(Auth::TlsHtpasswd);
     secret.push_layout(&layout, "large", "large");
     let proxy = CountingProxy::start(&secret.host);
-    let ca = secret.ca.clone().unwrap();
-    let hosts = tmp.path().join("certs.d");
-    std::fs::create_dir_all(hosts.join(&proxy.host)).unwrap();
-    std::fs::write(
-        hosts.join(&proxy.host).join("hosts.toml"),
-        format!(
-            "server = \"https://{h}\"\nca = \"{ca}\"\n[host.\"https://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
-            h = proxy.host,
-            ca = ca.display()
-        ),
-    )
-    .unwrap();
+    let hosts = hosts_dir(tmp.path(), &proxy.host, secret.ca.as_deref());
     let image = format!("{}/large:large", proxy.host);
     // The publisher has the credentials; the node never does.
     let publisher = docker_config(tmp.path(), &proxy.host, USER, PASSWORD);
@@ -456,14 +424,8 @@ fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
     let published = proxy.sent();
     // The pause image: an open registry, as a cluster's mirror of it would be.
     let open = Registry::start(Auth::None);
-    let l = layout_with_cmd(
-        &tmp.path().join("pause"),
-        "3.6",
-        &["gen:busybox"],
-        &["/bin/sleep", "2147483647"],
-    );
-    open.push_layout(&l, "3.6", "pause");
-    let hosts_open = hosts_dir(tmp.path(), &open.host);
+    push_pause(tmp.path(), &open);
+    let hosts_open = hosts_dir(tmp.path(), &open.host, None);
     assert_eq!(hosts_open, hosts);
 
     let cri_sock = tmp.path().join("node").join("cri.sock");

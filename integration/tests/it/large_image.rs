@@ -16,6 +16,31 @@ pub fn large_layout() -> PathBuf {
     p
 }
 
+/// The large image in a registry of its own with its index published, behind a proxy counting
+/// what the registry sends.
+pub struct Served {
+    pub reg: Registry,
+    pub proxy: CountingProxy,
+    /// `PROXY/large:large`.
+    pub image: String,
+    /// The compressed size of its layers.
+    pub bytes: u64,
+}
+
+pub fn served(tmp: &std::path::Path) -> Served {
+    let layout = large_layout();
+    let reg = Registry::start(Auth::None);
+    reg.push_layout(&layout, "large", "large");
+    crate::snapshotter::publish_index(tmp, &format!("{}:large", reg.image("large")));
+    let proxy = CountingProxy::start(&reg.host);
+    Served {
+        image: format!("{}/large:large", proxy.host),
+        bytes: layer_bytes(&layout),
+        reg,
+        proxy,
+    }
+}
+
 /// The compressed size of an OCI layout's layers (its first manifest's).
 pub fn layer_bytes(layout: &std::path::Path) -> u64 {
     let index: serde_json::Value =

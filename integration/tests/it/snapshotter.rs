@@ -382,6 +382,18 @@ impl Node {
             .expect("run ctr")
     }
 
+    /// `ctr images pull --plain-http --snapshotter clip IMAGE`.
+    pub fn ctr_pull(&self, image: &str) -> String {
+        self.ctr_ok(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "clip",
+            image,
+        ])
+    }
+
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         let o = self.ctr(args);
         assert!(
@@ -580,19 +592,15 @@ pub fn out(o: &Output) -> String {
 
 #[test]
 fn lazy_pull_runs_python_from_the_large_image_reading_a_fraction_of_it() {
-    let layout = crate::large_image::large_layout();
-    let reg = Registry::start(Auth::None);
-    reg.push_layout(&layout, "large", "large");
     let tmp = tempfile::tempdir().unwrap();
-    publish_index(tmp.path(), &format!("{}:large", reg.image("large")));
-    let proxy = CountingProxy::start(&reg.host);
-    let image = format!("{}/large:large", proxy.host);
+    let large = crate::large_image::served(tmp.path());
+    let (proxy, image) = (&large.proxy, large.image.clone());
     let node = Node::start(&tmp.path().join("node"));
     let pulled = node.pull_ok(&image);
     assert!(pulled.contains("4 lazy layer(s), 0 unpacked"), "{pulled}");
     let o = node.run("clip", &image, "py1", &["python3", "-c", "print(1)"]);
     assert_eq!(out(&o).trim(), "1");
-    let image_bytes = crate::large_image::layer_bytes(&layout);
+    let image_bytes = large.bytes;
     let sent = proxy.sent();
     eprintln!(
         "large image: registry sent {sent} bytes for pull + python3 -c 'print(1)' ({:.2} % of {image_bytes})",
@@ -623,14 +631,7 @@ fn images_without_an_index_work_like_overlayfs() {
     let image = format!("{}:v1", reg.image("noindex"));
     let node = Node::start(&tmp.path().join("node"));
     // Plain `ctr pull` (no labels at all): containerd unpacks into clip's snapshots.
-    node.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "clip",
-        &image,
-    ]);
+    node.ctr_pull(&image);
     let o = node.run("clip", &image, "plain", &["cat", "/etc/public"]);
     assert_eq!(out(&o), "anyone\n");
     assert!(
