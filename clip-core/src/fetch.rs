@@ -199,10 +199,13 @@ impl Fetcher {
         let f = Arc::new(LayerFetcher {
             shared: self.clone(),
             source,
-            index,
             local_windows,
+            profiled: (0..index.spans.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             inflight: Mutex::new(HashMap::new()),
             finished: tokio::sync::Notify::new(),
+            index,
         });
         if let Some(key) = key {
             if layers.len() >= 1024 {
@@ -237,6 +240,9 @@ pub struct LayerFetcher {
     source: Arc<dyn BlobSource>,
     index: Arc<LayerIndex>,
     local_windows: Option<Bytes>,
+    /// One bit per span: a startup profile being replayed on this layer lists the span, so what
+    /// the program reads around it is known and need not be guessed.
+    profiled: Box<[AtomicU64]>,
     inflight: Mutex<HashMap<usize, watch::Receiver<SpanResult>>>,
     /// Signalled whenever fetches finish (see [`LayerFetcher::settled`]).
     finished: tokio::sync::Notify,
@@ -260,6 +266,23 @@ impl LayerFetcher {
         &self.index
     }
 
+    /// True if a startup profile replayed on this layer lists any span of `range`.
+    pub fn profiled(&self, range: Range<usize>) -> bool {
+        range.into_iter().any(|i| {
+            self.profiled
+                .get(i / 64)
+                .is_some_and(|w| w.load(Relaxed) & (1 << (i % 64)) != 0)
+        })
+    }
+
+    fn mark_profiled(&self, spans: &[usize]) {
+        for &i in spans {
+            if let Some(w) = self.profiled.get(i / 64) {
+                w.fetch_or(1 << (i % 64), Relaxed);
+            }
+        }
+    }
+
     /// Whole spans in `bytes` of this layer (at least one).
     pub fn spans_in(&self, bytes: u64) -> usize {
         (bytes / self.index.span_size.max(1)).max(1) as usize
@@ -281,7 +304,8 @@ impl LayerFetcher {
 
     /// [`LayerFetcher::spans`]; when some span is missing, the fetch also takes the spans that
     /// follow up to `locality` bytes past the first one, in the same request (neighbouring files
-    /// of the same directory are often read next), without waiting for them.
+    /// of the same directory are often read next), without waiting for them; not where a
+    /// startup profile lists the read (it knows what comes next).
     pub async fn spans_with(
         self: &Arc<Self>,
         range: Range<usize>,
@@ -295,7 +319,7 @@ impl LayerFetcher {
                 None => missing.push(i),
             }
         }
-        if locality > 0 && !missing.is_empty() {
+        if locality > 0 && !missing.is_empty() && !self.profiled(range.clone()) {
             let base = self.index.span_range(range.start).0;
             let mut k = range.end;
             while k < self.index.spans.len()
@@ -457,6 +481,7 @@ impl LayerFetcher {
     /// demand read already claimed are left to it. Returns when every run has finished; the
     /// result is the number of runs fetched (errors are logged, prefetch is only a hint).
     pub async fn prefetch_spans(self: &Arc<Self>, spans: &[usize]) -> usize {
+        self.mark_profiled(spans);
         let wanted: Vec<usize> = spans
             .iter()
             .copied()

@@ -28,8 +28,8 @@ pub struct ReaderConfig {
     /// Uncompressed bytes (in whole spans) fetched ahead of a sequential reader (0: none).
     pub readahead_bytes: u64,
     /// A cold read also fetches the spans after it, up to this many bytes from its first span,
-    /// in the same request: without a startup profile, neighbouring files are the best guess
-    /// of what comes next (0: only what is read).
+    /// in the same request: where no startup profile lists the read, neighbouring files are the
+    /// best guess of what comes next (0: only what is read).
     pub locality_bytes: u64,
 }
 
@@ -87,6 +87,16 @@ impl LayerReader {
         self.spans.prefetch(spans);
     }
 
+    /// A file at `[offset, offset + len)` was opened: starts fetching all of it (a program that
+    /// opens a file reads it), unless a startup profile lists part of it, which means the profile
+    /// knows which parts are read (a shared library, say, is mostly mapped, not read).
+    pub fn prefetch_opened(&self, offset: u64, len: u64) {
+        let spans = self.index().spans_covering(offset, len);
+        if !self.spans.profiled(spans.clone()) {
+            self.spans.prefetch(spans);
+        }
+    }
+
     /// The recorder this reader notes its reads in, if any.
     pub fn recorder(&self) -> Option<&Arc<Recorder>> {
         self.recorder.as_ref()
@@ -141,7 +151,12 @@ impl LayerReader {
         // Sequential: this read starts where the last one ended (or re-reads its last span).
         let sequential = prev != usize::MAX
             && (prev == spans.start || prev == spans.start + 1 || prev == spans.end);
-        if self.cfg.readahead_bytes > 0 && sequential && end > offset + len {
+        // Not where a startup profile lists the read: it has what the program reads next.
+        if self.cfg.readahead_bytes > 0
+            && sequential
+            && end > offset + len
+            && !self.spans.profiled(spans.clone())
+        {
             let last = index
                 .spans_covering(end.min(size) - 1, 1)
                 .end

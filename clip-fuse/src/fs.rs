@@ -273,11 +273,12 @@ impl ClipFs {
 
     /// Starts fetching every span of regular file `ino` that no local tier has, if the file is
     /// at most `max` bytes: a program that opens a file reads it, so its runs are requested
-    /// at once, concurrently, instead of read by read (no wait; demand reads join them).
+    /// at once, concurrently, instead of read by read (no wait; demand reads join them), unless
+    /// a startup profile says which parts of it are read.
     pub fn prefetch_on_open(&self, ino: u64, max: u64) {
         if let Some((reader, offset, size)) = self.file_data(ino) {
             if size > 0 && size <= max {
-                reader.prefetch(offset, size);
+                reader.prefetch_opened(offset, size);
             }
         }
     }

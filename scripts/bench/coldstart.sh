@@ -26,6 +26,7 @@
 # container's warm start. Each row shows time / floor.
 #   CLIP_BENCH_SPAN=SIZE: span size of the published indexes (default: clip index's default)
 #   CLIP_BENCH_TRACE=PREFIX: write each proxy's request timeline to PREFIX.<link> (proxy.py)
+#   CLIP_BENCH_LINKS="shaped": links to run (default: loopback shaped; --quick: loopback)
 #   CLIP_BENCH_EXTRAS=0: skip the shared-Redis and span-size sections (before/after comparisons)
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
@@ -102,6 +103,7 @@ if [[ $QUICK == 0 ]]; then
   LINKS+=(shaped)
 fi
 
+[[ -n ${CLIP_BENCH_LINKS:-} ]] && read -r -a LINKS <<<"$CLIP_BENCH_LINKS"
 WORKLOADS=("${CLIP_BENCH_WORKLOAD:-print(1)}")
 [[ $QUICK == 0 ]] && WORKLOADS+=("import numpy; print(numpy.__version__)")
 CSV="$WORK/coldstart.csv"

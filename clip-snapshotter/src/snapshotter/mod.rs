@@ -479,15 +479,9 @@ impl ClipSnapshotter {
             None => None,
         };
         let record = profile.is_none() && !self.opts.profile_window.is_zero();
-        // With a profile, what the program needs is fetched ahead: no guessing by locality.
-        let cfg = match profile {
-            Some(_) => ReaderConfig {
-                locality_bytes: 0,
-                ..ReaderConfig::default()
-            },
-            None => ReaderConfig::default(),
-        };
-        let (fs, opts, readers) = self.chain_fs(name, top, record, cfg)?;
+        // With a profile, the readers guess (locality, read-ahead, whole files on open) only
+        // where the profile has no knowledge: see LayerReader.
+        let (fs, opts, readers) = self.chain_fs(name, top, record, ReaderConfig::default())?;
         match (&profile, manifest) {
             (Some(p), _) => self.replay_profile(name, p, &readers),
             (None, Some(m)) if record => self.record_profile(name, m, &remote.reference, &readers),
