@@ -1,66 +1,93 @@
-// Throwaway analysis: cost of replaying a profile under chunk/checkpoint strategies.
+//! What replaying a startup profile would fetch under indexes of different checkpoint densities:
+//! the measurement behind the default span size (docs/benchmarks.md, "Checkpoint density").
+//!
+//! ```text
+//! cargo run --release -p clip-core --example profile_cost -- MANIFEST ROOT [ROOT...]
+//! ```
+//! `MANIFEST` is the image manifest digest; the first `ROOT` is a clip root holding the image's
+//! profile (`clip profile --no-push`); every `ROOT` holds the image's indexes built with one
+//! density (`clip --root ROOT index --span-size ...`). For each root it prints the compressed
+//! bytes of the spans the profile touches (adjacent spans merged into one range request), the
+//! requests, and the checkpoint windows those requests need (one per request, at the root's mean
+//! window size), against the floor: the compressed bytes of the file ranges read, pro-rated.
+
 use clip_core::digest::Digest;
 use clip_core::index::LayerIndex;
 use clip_core::store::Store;
 use std::path::Path;
 
-fn merge(mut v: Vec<(u64, u64)>, gap: u64) -> Vec<(u64, u64)> {
+/// Merges overlapping or touching `[start, end)` ranges.
+fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     v.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (s, e) in v {
         match out.last_mut() {
-            Some(l) if s <= l.1 + gap => l.1 = l.1.max(e),
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
             _ => out.push((s, e)),
         }
     }
     out
 }
 
-
-
-fn cost(need: &[(u64, u64)], ck: &LayerIndex, grid: &LayerIndex, gap: u64) -> (u64, u64) {
-    let mut iv = Vec::new();
-    for &(s, e) in need {
-        for g in grid.spans_covering(s, e - s) {
-            let (gs, _) = grid.span_range(g);
-            let (_, gce) = grid.span_compressed_range(g);
-            let k = ck.spans_covering(gs, 1).start;
-            let (kcs, _) = ck.span_compressed_range(k);
-            iv.push((kcs, gce));
-        }
-    }
-    let m = merge(iv, gap);
-    (m.iter().map(|x| x.1 - x.0).sum(), m.len() as u64)
+/// Compressed bytes and range requests to fetch the spans covering `need`.
+fn cost(need: &[(u64, u64)], ix: &LayerIndex) -> (u64, u64) {
+    let ranges: Vec<(u64, u64)> = need
+        .iter()
+        .flat_map(|&(s, e)| ix.spans_covering(s, e - s))
+        .map(|i| ix.span_compressed_range(i))
+        .collect();
+    let merged = merge(ranges);
+    (merged.iter().map(|r| r.1 - r.0).sum(), merged.len() as u64)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let m: Digest = args[1].parse().unwrap();
-    let stores: Vec<Store> = args[2..].iter().map(|r| Store::open(Path::new(r)).unwrap()).collect();
-    let prof = stores[0].get_profile(&m).unwrap();
-    let fine = stores.len() - 1; // last root: the finest grid
-    let mut floor = 0f64;
-    let mut rows: Vec<(String, u64, u64, u64)> = Vec::new();
-    for lp in &prof.layers {
-        let ixs: Vec<LayerIndex> = stores.iter().map(|s| s.get_layer(&lp.layer).unwrap().unwrap().0).collect();
-        let need = merge(lp.ranges.iter().map(|&(o, n)| (o, o + n)).collect(), 0);
-        floor += clip_core::profile::floor_bytes(&ixs[fine], &lp.ranges).1 as f64;
-        let mut k = 0;
-        for (i, ix) in ixs.iter().enumerate() {
-            let w = ix.windows.size / ix.spans.len().max(1) as u64;
-            for (grid, gname) in [(i, "whole"), (fine, "fine-ends")] {
-                for gap in [0u64, 64 << 10] {
-                    let (b, n) = cost(&need, ix, &ixs[grid], gap);
-                    let name = format!("{} {gname} gap{}k", args[2 + i], gap >> 10);
-                    if rows.len() <= k { rows.push((name, 0, 0, 0)); }
-                    rows[k].1 += b; rows[k].2 += n; rows[k].3 += n * w;
-                    k += 1;
-                }
-            }
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        return Err("usage: profile_cost MANIFEST ROOT [ROOT...]".into());
+    }
+    let manifest: Digest = args[0].parse()?;
+    let stores = args[1..]
+        .iter()
+        .map(|r| Store::open(Path::new(r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let profile = stores[0]
+        .get_profile(&manifest)
+        .ok_or("the first root has no profile of that manifest")?;
+    let mut floor = 0u64;
+    // Per root: data bytes, requests, window bytes, index bytes.
+    let mut rows = vec![(0u64, 0u64, 0u64, 0u64); stores.len()];
+    for lp in &profile.layers {
+        let need = merge(lp.ranges.iter().map(|&(o, n)| (o, o + n)).collect());
+        for (row, store) in rows.iter_mut().zip(&stores) {
+            let (ix, raw) = store
+                .get_layer(&lp.layer)?
+                .ok_or_else(|| format!("a root lacks the index of layer {}", lp.layer))?;
+            let (bytes, requests) = cost(&need, &ix);
+            let window = ix.windows.size / ix.spans.len().max(1) as u64;
+            row.0 += bytes;
+            row.1 += requests;
+            row.2 += requests * window;
+            row.3 += raw.len() as u64;
         }
+        let (ix, _) = stores[0].get_layer(&lp.layer)?.ok_or("no index")?;
+        floor += clip_core::profile::floor_bytes(&ix, &lp.ranges).1;
     }
-    println!("floor {:.2} MiB", floor / 1048576.0);
-    for (n, b, q, w) in rows {
-        println!("{n:45} data {:6.2} MiB requests {q:5} windows {:5.2} MiB total {:6.2} MiB", b as f64 / 1048576.0, w as f64 / 1048576.0, (b + w) as f64 / 1048576.0);
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "floor (file ranges read, compressed): {:.2} MiB",
+        mib(floor)
+    );
+    println!("| root | spans fetched | range requests | windows | total | total / floor | index of these layers |");
+    println!("|---|---|---|---|---|---|---|");
+    for (root, (bytes, requests, windows, index)) in args[1..].iter().zip(rows) {
+        println!(
+            "| {root} | {:.2} MiB | {requests} | {:.2} MiB | {:.2} MiB | {:.2} | {:.0} KiB |",
+            mib(bytes),
+            mib(windows),
+            mib(bytes + windows),
+            (bytes + windows) as f64 / floor.max(1) as f64,
+            index as f64 / 1024.0
+        );
     }
+    Ok(())
 }

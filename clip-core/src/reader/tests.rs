@@ -435,3 +435,62 @@ async fn a_cold_read_takes_its_neighbours_in_the_same_request() {
     t.reader.read(off, 100).await.unwrap();
     assert_eq!(t.layer_requests().len(), 1);
 }
+
+#[tokio::test]
+async fn where_a_replayed_profile_lists_a_read_nothing_is_guessed_around_it() {
+    let cfg = |span| ReaderConfig {
+        readahead_bytes: 2 * span,
+        locality_bytes: 4 * span,
+    };
+    let t = build(
+        TieredCache::memory_only(64 << 20),
+        FetchConfig::default(),
+        cfg,
+        false,
+    );
+    // The profile lists span 6, whose prefetch fails (the span stays cold), and span 2.
+    t.source.script([Fault::Error("refused".into())]);
+    let (o6, l6) = t.spans(6..7);
+    t.reader.prefetch_ranges(&[(o6, l6)]).await;
+    let (o2, _) = t.spans(2..3);
+    t.reader.prefetch_ranges(&[(o2, 100)]).await;
+    let profiled = vec![t.compressed(6..7), t.compressed(2..3)];
+    assert_eq!(t.layer_requests(), profiled);
+
+    // A cold read the profile lists takes only its span: no neighbours.
+    assert_eq!(
+        &t.reader.read(o6 + 10, 100).await.unwrap()[..],
+        t.expect(o6 + 10, 100)
+    );
+    // Sequential reads it lists, in a file reaching span 5: no read-ahead.
+    let (fo, fl) = t.spans(2..6);
+    for k in 0..2 {
+        let off = o2 + k * 4096;
+        let got = t.reader.read_within(off, 4096, fo + fl).await.unwrap();
+        assert_eq!(&got[..], t.expect(off, 4096));
+    }
+    // Opening a file part of which it lists: not fetched whole.
+    let (oo, ol) = t.spans(1..4);
+    t.reader.prefetch_opened(oo, ol);
+    t.reader.spans.settled().await;
+    assert_eq!(
+        t.layer_requests(),
+        [profiled.clone(), vec![t.compressed(6..7)]].concat()
+    );
+
+    // Where it says nothing, the guesses are made: a cold read takes its neighbours, and
+    // opening a file fetches it whole.
+    let (o12, _) = t.spans(12..13);
+    t.reader.read(o12, 100).await.unwrap();
+    let (oo, ol) = t.spans(9..11);
+    t.reader.prefetch_opened(oo, ol);
+    t.reader.spans.settled().await;
+    let locality = 4 * t.index.span_size;
+    let last = (12..t.index.spans.len())
+        .take_while(|&k| t.index.span_range(k).0 < t.index.span_range(12).0 + locality)
+        .last()
+        .unwrap();
+    assert!(last > 12);
+    let after = &t.layer_requests()[3..];
+    assert_eq!(after, [t.compressed(12..last + 1), t.compressed(9..11)]);
+}

@@ -184,8 +184,11 @@ struct Inner {
     /// Referrers listings by (registry, repository, subject), kept for `REFERRERS_TTL`: the
     /// index and the startup profile of an image are found with one listing.
     listings: Mutex<HashMap<RepoDigest, (Instant, Option<Bytes>)>>,
-    /// Registries whose referrers API answered "not supported": the tag schema goes first.
-    no_referrers_api: Mutex<std::collections::HashSet<String>>,
+    /// Per registry, whether its referrers API answered (true) or not (false): later listings
+    /// use only the way that works.
+    referrers_api: Mutex<HashMap<String, bool>>,
+    /// Per subject, the lock a referrers lookup holds (single flight).
+    listing_flights: Mutex<HashMap<RepoDigest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// (registry, repository, digest).
@@ -213,7 +216,8 @@ impl Client {
                 state: Mutex::new(AuthState::default()),
                 resolved: Mutex::new(HashMap::new()),
                 listings: Mutex::new(HashMap::new()),
-                no_referrers_api: Mutex::new(Default::default()),
+                referrers_api: Mutex::new(Default::default()),
+                listing_flights: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -1011,35 +1015,49 @@ impl Client {
         tag: &str,
     ) -> Result<Option<Bytes>, RegistryError> {
         let key = (r.registry.clone(), r.repository.clone(), *subject);
+        // One lookup at a time per subject: concurrent callers (an image's index and profile
+        // lookups) wait for it and share its answer.
+        let flight = {
+            let mut flights = self.inner.listing_flights.lock().expect("listing flights");
+            flights.retain(|_, f| Arc::strong_count(f) > 1);
+            flights.entry(key.clone()).or_default().clone()
+        };
+        let _turn = flight.lock().await;
         if let Some((at, listing)) = self.inner.listings.lock().expect("listings").get(&key) {
             if at.elapsed() < REFERRERS_TTL {
                 return Ok(listing.clone());
             }
         }
-        let api_known_missing = self
+        let api = self
             .inner
-            .no_referrers_api
+            .referrers_api
             .lock()
             .expect("referrers api")
-            .contains(&r.registry);
-        let from_api = match api_known_missing {
-            true => None,
-            false => self.referrers_api(r, subject).await?,
+            .get(&r.registry)
+            .copied();
+        let by_tag = async {
+            match self.get_manifest(r, tag).await {
+                Ok((b, _, _)) => Ok(Some(b)),
+                Err(RegistryError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
         };
-        let listing = match from_api {
-            Some(b) => Some(b),
+        let listing = match api {
+            Some(true) => self.referrers_api(r, subject).await?,
+            Some(false) => by_tag.await?,
+            // Not known yet: ask both ways at once (one round trip, not two, on a registry
+            // without the API), and remember which way answered.
             None => {
-                if !api_known_missing {
-                    self.inner
-                        .no_referrers_api
-                        .lock()
-                        .expect("referrers api")
-                        .insert(r.registry.clone());
-                }
-                match self.get_manifest(r, tag).await {
-                    Ok((b, _, _)) => Some(b),
-                    Err(RegistryError::NotFound { .. }) => None,
-                    Err(e) => return Err(e),
+                let (from_api, from_tag) = tokio::join!(self.referrers_api(r, subject), by_tag);
+                let from_api = from_api?;
+                self.inner
+                    .referrers_api
+                    .lock()
+                    .expect("referrers api")
+                    .insert(r.registry.clone(), from_api.is_some());
+                match from_api {
+                    Some(b) => Some(b),
+                    None => from_tag?,
                 }
             }
         };

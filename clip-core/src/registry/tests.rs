@@ -335,3 +335,88 @@ async fn pinned_images_and_referrers_listings_cost_one_round_trip_each() {
         (1, 2)
     );
 }
+
+/// A registry that answers a referrers lookup only once both ways of asking (the API and the
+/// tag) are in flight together: a client asking one after the other gets a 500 after 5 s.
+async fn serve_referrers_needing_both(api: bool) -> (String, Log) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = l.local_addr().unwrap().to_string();
+    let log: Log = Arc::default();
+    let lg = log.clone();
+    let both = Arc::new(tokio::sync::Barrier::new(2));
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let (lg, both) = (lg.clone(), both.clone());
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1];
+                while !req.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    req.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                lg.lock().unwrap().push(head.clone());
+                let listing = format!(
+                    r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_INDEX}","manifests":[]}}"#
+                );
+                let index = format!("Content-Type: {MEDIA_OCI_INDEX}\r\n");
+                let is_api = head.contains("/referrers/");
+                let first_ask = lg.lock().unwrap().len() <= 2;
+                if first_ask
+                    && tokio::time::timeout(Duration::from_secs(5), both.wait())
+                        .await
+                        .is_err()
+                {
+                    let _ = c
+                        .write_all(reply("500 Internal Server Error", "", "").as_bytes())
+                        .await;
+                    return;
+                }
+                let answer = match (is_api, api) {
+                    (true, false) | (false, true) => reply("404 Not Found", "", ""),
+                    _ => reply("200 OK", &index, &listing),
+                };
+                let _ = c.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (host, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_referrers_lookup_asks_both_ways_at_once_and_concurrent_lookups_share_it() {
+    for api in [false, true] {
+        let (host, log) = serve_referrers_needing_both(api).await;
+        let c = client();
+        let subject = Digest::of(b"image");
+        let r: Reference = format!("{host}/app@{subject}").parse().unwrap();
+        let tag = crate::artifact::referrers_tag(&subject);
+        let lookups = (0..3).map(|_| c.referrers(&r, &subject, &tag));
+        for got in futures_util::future::join_all(lookups).await {
+            assert!(got.unwrap().is_some(), "api={api}");
+        }
+        let count = |what: &str| {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|h| h.contains(what))
+                .count()
+        };
+        assert_eq!(
+            (count("/referrers/"), count("/manifests/sha256-")),
+            (1, 1),
+            "api={api}"
+        );
+        // Afterwards only the way that answered is asked.
+        c.forget_referrers(&r, &subject);
+        assert!(c.referrers(&r, &subject, &tag).await.unwrap().is_some());
+        let expected = if api { (2, 1) } else { (1, 2) };
+        assert_eq!(
+            (count("/referrers/"), count("/manifests/sha256-")),
+            expected,
+            "api={api}"
+        );
+    }
+}

@@ -608,8 +608,41 @@ impl ClipSnapshotter {
         Ok((fs, opts, readers))
     }
 
-    /// Starts the startup-profile lookup of the image a remote layer belongs to, so that the
-    /// mount finds it done.
+    /// Starts looking up the startup profile of image `pinned` (if no lookup has started).
+    fn start_profile_lookup(&self, pinned: &Reference) {
+        let Some(manifest) = pinned.digest else {
+            return;
+        };
+        if self
+            .profiles
+            .lock()
+            .expect("profiles lock")
+            .contains_key(&manifest)
+        {
+            return;
+        }
+        let (lookups, store, client, reads) = (
+            self.profiles.clone(),
+            self.store.clone(),
+            self.client.clone(),
+            self.reads.clone(),
+        );
+        let reference = pinned.to_string();
+        tokio::spawn(async move {
+            lookup_profile(
+                &lookups,
+                &store,
+                reads.shared.as_deref(),
+                &client,
+                manifest,
+                &reference,
+            )
+            .await
+        });
+    }
+
+    /// Starts the startup-profile lookup of the image a remote layer belongs to (or joins the
+    /// one started with its index) and prefetches what it lists, so that the mount finds it done.
     fn lookup_profile_soon(&self, remote: &Remote) {
         let Some(manifest) = manifest_of(remote) else {
             return;
@@ -874,6 +907,9 @@ impl ClipSnapshotter {
         {
             return None;
         }
+        // The image's startup profile is looked up alongside its index (one referrers listing
+        // serves both, and the two artifacts are fetched at once): the mount finds it done.
+        self.start_profile_lookup(&pinned);
         let loaded = match trust {
             Trust::Published => self.load_published(&pinned, &image).await,
             Trust::Signed => self.load_signed(&pinned, &image).await,
