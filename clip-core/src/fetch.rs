@@ -143,6 +143,47 @@ impl FetchStats {
     }
 }
 
+/// A layer's windows blob on this node (its index was built here): in memory, or a file read by
+/// range, so a node holding many built indexes does not hold their windows in memory.
+#[derive(Clone)]
+pub enum LocalWindows {
+    Memory(Bytes),
+    File(Arc<std::fs::File>, u64),
+}
+
+impl From<Bytes> for LocalWindows {
+    fn from(b: Bytes) -> Self {
+        LocalWindows::Memory(b)
+    }
+}
+
+impl LocalWindows {
+    /// Bytes `[off, off + len)`, or `None` when they are not all there (the published blob is
+    /// read instead; a damaged window cannot produce the spans' digests either way).
+    async fn read(&self, off: u64, len: u64) -> Option<Bytes> {
+        match self {
+            LocalWindows::Memory(w) => {
+                let end = off.checked_add(len).filter(|&e| e <= w.len() as u64)?;
+                Some(w.slice(off as usize..end as usize))
+            }
+            LocalWindows::File(f, size) => {
+                off.checked_add(len).filter(|e| e <= size)?;
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; len as usize];
+                    f.read_exact_at(&mut buf, off)
+                        .ok()
+                        .map(|_| Bytes::from(buf))
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        }
+    }
+}
+
 /// Fetch permits, write-back budget and counters shared by every layer of a process.
 pub struct Fetcher {
     cache: Arc<TieredCache>,
@@ -183,7 +224,7 @@ impl Fetcher {
         self: &Arc<Self>,
         source: Arc<dyn BlobSource>,
         index: Arc<LayerIndex>,
-        local_windows: Option<Bytes>,
+        local_windows: Option<LocalWindows>,
     ) -> Arc<LayerFetcher> {
         let key = source
             .shared_origin()
@@ -239,7 +280,7 @@ pub struct LayerFetcher {
     shared: Arc<Fetcher>,
     source: Arc<dyn BlobSource>,
     index: Arc<LayerIndex>,
-    local_windows: Option<Bytes>,
+    local_windows: Option<LocalWindows>,
     /// One bit per span: a startup profile being replayed on this layer lists the span, so what
     /// the program reads around it is known and need not be guessed.
     profiled: Box<[AtomicU64]>,
@@ -595,20 +636,18 @@ impl LayerFetcher {
             return Ok(Bytes::new());
         }
         let (off, len) = (s.window_offset, u64::from(s.window_len));
-        match &self.local_windows {
-            Some(w) if off.checked_add(len).is_some_and(|e| e <= w.len() as u64) => {
-                Ok(w.slice(off as usize..(off + len) as usize))
-            }
-            _ => {
-                let b = self
-                    .source
-                    .read_range(&self.index.windows.digest, off, len)
-                    .await?;
-                self.shared.stats.fetched(b.len());
-                self.shared.stats.window_requests.fetch_add(1, Relaxed);
-                Ok(b)
+        if let Some(local) = &self.local_windows {
+            if let Some(w) = local.read(off, len).await {
+                return Ok(w);
             }
         }
+        let b = self
+            .source
+            .read_range(&self.index.windows.digest, off, len)
+            .await?;
+        self.shared.stats.fetched(b.len());
+        self.shared.stats.window_requests.fetch_add(1, Relaxed);
+        Ok(b)
     }
 
     async fn fetch_once(&self, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {

@@ -106,7 +106,7 @@ pub async fn index_layer_filling(
     let start = Instant::now();
     if !force {
         if let Some((ix, enc)) = store.get_layer(&desc.digest)? {
-            if store.get_windows(&ix.windows).is_some() {
+            if store.open_windows(&ix.windows).is_some() {
                 progress(desc.size);
                 return Ok(LayerReport {
                     descriptor: desc.clone(),

@@ -9,7 +9,7 @@
 use crate::cache::files::FileStore;
 use crate::cache::{CacheConfig, CacheError, TieredCache};
 pub use crate::fetch::ReadError;
-use crate::fetch::{FetchConfig, Fetcher, LayerFetcher};
+use crate::fetch::{FetchConfig, Fetcher, LayerFetcher, LocalWindows};
 use crate::index::LayerIndex;
 use crate::profile::Recorder;
 use crate::reference::Reference;
@@ -59,7 +59,7 @@ impl LayerReader {
         fetcher: &Arc<Fetcher>,
         source: Arc<dyn BlobSource>,
         index: Arc<LayerIndex>,
-        local_windows: Option<Bytes>,
+        local_windows: Option<LocalWindows>,
         cfg: ReaderConfig,
     ) -> Arc<Self> {
         Arc::new(LayerReader {
@@ -257,7 +257,7 @@ impl ReadPath {
         client: &Client,
         reference: &Reference,
         index: Arc<LayerIndex>,
-        local_windows: Option<Bytes>,
+        local_windows: Option<LocalWindows>,
     ) -> Arc<LayerReader> {
         self.reader_with(
             client,
@@ -274,7 +274,7 @@ impl ReadPath {
         client: &Client,
         reference: &Reference,
         index: Arc<LayerIndex>,
-        local_windows: Option<Bytes>,
+        local_windows: Option<LocalWindows>,
         cfg: ReaderConfig,
     ) -> Arc<LayerReader> {
         LayerReader::new(

@@ -251,6 +251,27 @@ impl Store {
         (data.len() as u64 == blob.size && Digest::of(&data) == blob.digest).then_some(data)
     }
 
+    /// The windows blob for reads by range, if it is present and intact (checked once, by
+    /// streaming it through sha256: nothing of it stays in memory).
+    pub fn open_windows(&self, blob: &BlobRef) -> Option<crate::fetch::LocalWindows> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(self.windows_path(&blob.digest)).ok()?;
+        if f.metadata().ok()?.len() != blob.size {
+            return None;
+        }
+        let mut h = crate::digest::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => h.update(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+        (h.finish() == blob.digest)
+            .then(|| crate::fetch::LocalWindows::File(std::sync::Arc::new(f), blob.size))
+    }
+
     pub async fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {
         let json = serde_json::to_vec(rec).expect("image records serialise");
         self.images

@@ -357,10 +357,7 @@ async fn open_image(
     let readers = reports
         .iter()
         .map(|r| {
-            let windows = ctx
-                .store
-                .get_windows(&r.index.windows)
-                .map(bytes::Bytes::from);
+            let windows = ctx.store.open_windows(&r.index.windows);
             path.reader(&ctx.client, &image.reference, r.index.clone(), windows)
         })
         .collect();

@@ -36,7 +36,7 @@ fn build(
         &fetcher,
         source.clone(),
         index.clone(),
-        (!remote_windows).then_some(windows),
+        (!remote_windows).then_some(windows.into()),
         reader(index.span_size),
     );
     Setup {
@@ -126,7 +126,7 @@ async fn readers_of_a_layer_from_one_repository_share_their_flights() {
                 &fetcher,
                 source.clone(),
                 index.clone(),
-                Some(windows.clone()),
+                Some(windows.clone().into()),
                 ReaderConfig {
                     readahead_bytes: 0,
                     locality_bytes: 0,

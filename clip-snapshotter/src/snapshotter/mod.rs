@@ -245,7 +245,7 @@ fn stored_reader(
     let Some((ix, _)) = store.get_layer(layer)? else {
         return Ok(None);
     };
-    let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
+    let windows = store.open_windows(&ix.windows);
     Ok(Some(reads.reader_with(
         client,
         reference,

@@ -86,7 +86,11 @@ fn every_entry_type_image_indexes_merges_and_is_deterministic() {
     let again = clip_json(&root, &["index", &image, "--json"], &[]);
     assert_eq!(again["built_layers"], 0);
     let other_root = tmp.path().join("root2");
-    let forced = clip_json(&other_root, &["index", &image, "--json", "--force"], &[]);
+    let forced = clip_json(
+        &other_root,
+        &["index", &image, "--span-size", "1MiB", "--json", "--force"],
+        &[],
+    );
     for i in 0..2 {
         assert_eq!(
             forced["layers"][i]["index_digest"], j["layers"][i]["index_digest"],

@@ -395,9 +395,7 @@ fn background_fill_keeps_to_its_rate_and_can_be_cancelled() {
         let (client, resolved, store, reports) = index_here(&image, &tmp.path().join("node")).await;
         let reads = ReadPath::memory_only(64 << 20);
         // Indexed here, not pushed: the windows are in the local store only.
-        let windows = store
-            .get_windows(&reports[0].index.windows)
-            .map(bytes::Bytes::from);
+        let windows = store.open_windows(&reports[0].index.windows);
         let reader = reads.reader(
             &client,
             &resolved.reference,
@@ -517,11 +515,11 @@ fn sequential_reads_trigger_read_ahead() {
         let reads = ReadPath::memory_only(256 << 20);
         let cache = reads.cache().clone();
         let cfg = ReaderConfig {
-            readahead_bytes: 3 << 20,
+            readahead_bytes: 3 * ix.span_size,
             locality_bytes: 0,
         };
         // Built here, not pushed: the windows come from the local store.
-        let windows = store.get_windows(&ix.windows).map(bytes::Bytes::from);
+        let windows = store.open_windows(&ix.windows);
         assert!(windows.is_some());
         let reader = LayerReader::new(
             &reads.fetcher,
