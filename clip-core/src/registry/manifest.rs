@@ -119,6 +119,28 @@ fn media_type_of(body: &[u8], header: &str) -> String {
     from_body.unwrap_or_else(|| header.split(';').next().unwrap_or("").trim().to_string())
 }
 
+/// An image manifest (`body`, which must hash to `r`'s digest) and its config obtained
+/// elsewhere (containerd's content store, say): checked as a registry's answer would be.
+pub(super) fn from_documents(
+    r: &Reference,
+    body: Bytes,
+    config_bytes: Bytes,
+) -> Result<ResolvedImage, RegistryError> {
+    let what = r.to_string();
+    let digest = Digest::of(&body);
+    if r.digest != Some(digest) {
+        return Err(invalid(
+            &what,
+            "the manifest does not match the pinned digest",
+        ));
+    }
+    let mt = media_type_of(&body, "");
+    if !(mt == MEDIA_OCI_MANIFEST || mt == MEDIA_DOCKER_MANIFEST || mt.is_empty()) {
+        return Err(invalid(&what, format!("not an image manifest ({mt:?})")));
+    }
+    image_from(r, digest, mt, body, config_bytes)
+}
+
 pub(super) async fn resolve(
     client: &Client,
     r: &Reference,
@@ -173,16 +195,39 @@ pub(super) async fn resolve(
             format!("unsupported manifest media type {mt:?}"),
         ));
     }
-    let manifest: ImageManifest = serde_json::from_slice(&body).map_err(|e| invalid(&what, e))?;
-    let config_digest: Digest = manifest
+    let config_digest = config_of(&what, &body)?;
+    let config_bytes = client
+        .get_blob(r, &config_digest, super::MAX_MANIFEST)
+        .await?;
+    image_from(r, digest, mt, body, config_bytes)
+}
+
+/// The config digest an image manifest names.
+fn config_of(what: &str, body: &[u8]) -> Result<Digest, RegistryError> {
+    let manifest: ImageManifest = serde_json::from_slice(body).map_err(|e| invalid(what, e))?;
+    manifest
         .config()
         .digest()
         .to_string()
         .parse()
-        .map_err(|e| invalid(&what, e))?;
-    let config_bytes = client
-        .get_blob(r, &config_digest, super::MAX_MANIFEST)
-        .await?;
+        .map_err(|e| invalid(what, e))
+}
+
+/// An image from its manifest (`digest`, media type `mt`; checked by the caller) and its config
+/// (checked here against the manifest's config digest).
+fn image_from(
+    r: &Reference,
+    digest: Digest,
+    mt: String,
+    body: Bytes,
+    config_bytes: Bytes,
+) -> Result<ResolvedImage, RegistryError> {
+    let what = r.to_string();
+    let manifest: ImageManifest = serde_json::from_slice(&body).map_err(|e| invalid(&what, e))?;
+    let config_digest = config_of(&what, &body)?;
+    if Digest::of(&config_bytes) != config_digest {
+        return Err(invalid(&what, "the config does not match its digest"));
+    }
     let config: ImageConfiguration =
         serde_json::from_slice(&config_bytes).map_err(|e| invalid(&format!("{what} config"), e))?;
     let diff_ids = config.rootfs().diff_ids();

@@ -1005,6 +1005,40 @@ impl Client {
         Ok(image)
     }
 
+    /// Takes image `r` (pinned by digest) from its manifest and config obtained elsewhere
+    /// (containerd's content store): checked as a registry's answer would be, then served by
+    /// [`Client::resolve`] without a round trip.
+    pub fn resolve_from(
+        &self,
+        r: &Reference,
+        manifest: Bytes,
+        config: Bytes,
+    ) -> Result<ResolvedImage, RegistryError> {
+        let image = manifest::from_documents(r, manifest, config)?;
+        let key = (
+            r.registry.clone(),
+            r.repository.clone(),
+            image.manifest_digest,
+        );
+        let mut cache = self.inner.resolved.lock().expect("resolved");
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(key, image.clone());
+        Ok(image)
+    }
+
+    /// True if image `r` (pinned by digest) resolves without a round trip.
+    pub fn is_resolved(&self, r: &Reference) -> bool {
+        r.digest.is_some_and(|d| {
+            self.inner
+                .resolved
+                .lock()
+                .expect("resolved")
+                .contains_key(&(r.registry.clone(), r.repository.clone(), d))
+        })
+    }
+
     /// The referrers listing of `subject` (an OCI image index): from the referrers API, or
     /// the referrers tag `tag` on registries without it; `None` when there is none. Reused for
     /// a few seconds (an image's index and profile lookups share one).

@@ -420,3 +420,41 @@ async fn a_first_referrers_lookup_asks_both_ways_at_once_and_concurrent_lookups_
         );
     }
 }
+
+#[test]
+fn images_taken_from_elsewhere_are_checked_like_a_registrys_answer() {
+    let config = r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}}"#;
+    let config_digest = Digest::of(config.as_bytes());
+    let layer = Digest::of(b"layer");
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":5}}]}}"#,
+        config.len()
+    );
+    let digest = Digest::of(manifest.as_bytes());
+    let c = client();
+    let r: Reference = format!("127.0.0.1:1/app@{digest}").parse().unwrap();
+    let m = Bytes::from(manifest.clone());
+    // Another manifest than the pinned one, a config that is not the manifest's, an index.
+    let other: Reference = format!("127.0.0.1:1/app@{}", Digest::of(b"x"))
+        .parse()
+        .unwrap();
+    assert!(c
+        .resolve_from(&other, m.clone(), Bytes::from(config))
+        .is_err());
+    assert!(c.resolve_from(&r, m.clone(), Bytes::from("{}")).is_err());
+    let index = format!(r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_INDEX}","manifests":[]}}"#);
+    let ir: Reference = format!("127.0.0.1:1/app@{}", Digest::of(index.as_bytes()))
+        .parse()
+        .unwrap();
+    assert!(c
+        .resolve_from(&ir, Bytes::from(index), Bytes::from(config))
+        .is_err());
+    assert!(!c.is_resolved(&r));
+    // The right documents: resolved with no registry (port 1 answers nothing).
+    let image = c.resolve_from(&r, m, Bytes::from(config)).unwrap();
+    assert_eq!(
+        (image.manifest_digest, image.layers[0].digest),
+        (digest, layer)
+    );
+    assert!(c.is_resolved(&r));
+}

@@ -98,6 +98,8 @@ struct State {
     order: std::collections::VecDeque<Digest>,
     /// Authorities (`host[:port]`) of the images containerd has, across namespaces.
     image_authorities: BTreeSet<String>,
+    /// The namespace image documents were last found in.
+    documents_namespace: Option<String>,
     /// Host name (+ repository) -> the authority that served it last.
     served_by: HashMap<(String, String), String>,
 }
@@ -184,6 +186,45 @@ impl Discovery {
             .lookups
             .add(1, &[opentelemetry::KeyValue::new("outcome", outcome)]);
         Ok(hits)
+    }
+
+    /// Image `manifest` and its config from containerd's content store (the namespace it was
+    /// last found in first, then every namespace), each checked against its digest: a pull
+    /// has put them there before its first Prepare, so the snapshotter need not fetch them from
+    /// the registry again. `None` when they are not (both) there or containerd is out of reach.
+    pub async fn image_documents(&self, manifest: &Digest) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (channel, last) = {
+            let mut st = self.state.lock().await;
+            let channel = self.channel(&mut st).await.ok()?;
+            (channel, st.documents_namespace.clone())
+        };
+        let mut namespaces: Vec<String> = last.into_iter().collect();
+        let listed = self
+            .call(
+                NamespacesClient::new(channel.clone())
+                    .list(Request::new(ListNamespacesRequest::default())),
+            )
+            .await
+            .ok()?
+            .namespaces;
+        for ns in listed.into_iter().take(MAX_NAMESPACES) {
+            if !namespaces.contains(&ns.name) {
+                namespaces.push(ns.name);
+            }
+        }
+        for ns in namespaces {
+            let Ok(body) = self.read(&channel, &ns, manifest).await else {
+                continue;
+            };
+            let m: Manifest = serde_json::from_slice(&body).ok()?;
+            let config: Digest = m.config.digest.parse().ok()?;
+            let Ok(config) = self.read(&channel, &ns, &config).await else {
+                continue;
+            };
+            self.state.lock().await.documents_namespace = Some(ns);
+            return Some((body, config));
+        }
+        None
     }
 
     /// The authorities to try for a source's host name, the likeliest first: the one that

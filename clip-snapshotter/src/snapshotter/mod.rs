@@ -893,6 +893,7 @@ impl ClipSnapshotter {
         if let Some(d) = self.stored_diff_id(trust, &layer) {
             return Some((remote, d));
         }
+        self.resolve_locally(&pinned).await;
         let image = match self.client.resolve(&pinned).await {
             Ok(i) => i,
             Err(e) => {
@@ -925,6 +926,27 @@ impl ClipSnapshotter {
             return None;
         }
         self.stored_diff_id(trust, &layer).map(|d| (remote, d))
+    }
+
+    /// Image `pinned` from containerd's content store, where the pull put its manifest and
+    /// config: two registry round trips fewer before the index lookup. Anything missing or
+    /// wrong there leaves the resolve to the registry.
+    async fn resolve_locally(&self, pinned: &Reference) {
+        let (Some(discovery), Some(digest)) = (&self.discovery, pinned.digest) else {
+            return;
+        };
+        if self.client.is_resolved(pinned) {
+            return;
+        }
+        let Some((manifest, config)) = discovery.image_documents(&digest).await else {
+            return;
+        };
+        if let Err(e) = self
+            .client
+            .resolve_from(pinned, manifest.into(), config.into())
+        {
+            tracing::debug!(image = %pinned, "containerd's copy of the image documents is unusable: {e}");
+        }
     }
 
     /// The DiffID of the stored index of `layer` that `trust` accepts: any (`published`), one

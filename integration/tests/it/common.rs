@@ -363,6 +363,8 @@ pub fn metric(text: &str, name: &str) -> f64 {
 pub struct CountingProxy {
     pub host: String,
     pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The request lines clients sent (`GET /v2/... HTTP/1.1`), in order.
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -380,10 +382,11 @@ impl CountingProxy {
             .unwrap();
         let host = listener.local_addr().unwrap().to_string();
         let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (b, up) = (bytes.clone(), upstream.to_string());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (b, up, log) = (bytes.clone(), upstream.to_string(), requests.clone());
         rt.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (b, up) = (b.clone(), up.clone());
+                let (b, up, log) = (b.clone(), up.clone(), log.clone());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(&up).await else {
                         return;
@@ -391,7 +394,25 @@ impl CountingProxy {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let up_task = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        // Registry clients send headers only (no bodies through here): every
+                        // line that starts with a method is a request line.
+                        let (mut buf, mut line) = (vec![0u8; 16 << 10], Vec::new());
+                        while let Ok(n) = cr.read(&mut buf).await {
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            for &c in &buf[..n] {
+                                if c != b'\n' {
+                                    line.push(c);
+                                    continue;
+                                }
+                                let l = String::from_utf8_lossy(&line).trim_end().to_string();
+                                if l.starts_with("GET ") || l.starts_with("HEAD ") {
+                                    log.lock().unwrap().push(l);
+                                }
+                                line.clear();
+                            }
+                        }
                         let _ = sw.shutdown().await;
                     });
                     let mut buf = vec![0u8; 64 << 10];
@@ -414,8 +435,19 @@ impl CountingProxy {
         CountingProxy {
             host,
             bytes,
+            requests,
             _rt: rt,
         }
+    }
+
+    /// Requests whose line contains `what`.
+    pub fn requests_for(&self, what: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
     }
 
     pub fn sent(&self) -> u64 {

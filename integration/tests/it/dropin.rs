@@ -312,6 +312,17 @@ fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: b
     let pod = crate::cri::pod_config("py", &logs, false);
     let image_ref = cri.pull(&f.large.image, None, &pod).expect("PullImage");
     let pulled = f.large.proxy.sent();
+    // containerd fetched the image's config; the snapshotter read containerd's copy instead
+    // of fetching it again.
+    let config = crate::large_image::config_digest(&crate::large_image::large_layout());
+    assert_eq!(
+        f.large
+            .proxy
+            .requests_for(&format!("GET /v2/large/blobs/{config} ")),
+        1,
+        "{:#?}",
+        f.large.proxy.requests.lock().unwrap()
+    );
     let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| {
         panic!(
             "RunPodSandbox: {e}\ncontainerd: {}",

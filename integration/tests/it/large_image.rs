@@ -41,18 +41,28 @@ pub fn served(tmp: &std::path::Path) -> Served {
     }
 }
 
-/// The compressed size of an OCI layout's layers (its first manifest's).
-pub fn layer_bytes(layout: &std::path::Path) -> u64 {
+/// The config digest of an OCI layout's first manifest.
+pub fn config_digest(layout: &std::path::Path) -> String {
+    first_manifest(layout)["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn first_manifest(layout: &std::path::Path) -> serde_json::Value {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
     let digest = index["manifests"][0]["digest"]
         .as_str()
         .unwrap()
         .replace("sha256:", "");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap())
-            .unwrap();
-    manifest["layers"]
+    serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap())
+        .unwrap()
+}
+
+/// The compressed size of an OCI layout's layers (its first manifest's).
+pub fn layer_bytes(layout: &std::path::Path) -> u64 {
+    first_manifest(layout)["layers"]
         .as_array()
         .unwrap()
         .iter()
