@@ -153,7 +153,13 @@ pub struct ClipSnapshotter {
     discovery: Option<discover::Discovery>,
     /// Checks a candidate registry authority quickly (a short deadline, no long retries).
     probe: Client,
+    /// Pinned images whose manifest a probe fetched lately: the other layers of the same pull
+    /// need not probe again.
+    probed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a successful probe of an authority stands for the rest of an image's layers.
+const PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 type ProfileLookups =
     std::sync::Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<Option<Profile>>>>>;
@@ -401,6 +407,7 @@ impl ClipSnapshotter {
             mounts: tokio::sync::Mutex::new(HashMap::new()),
             keeper,
             profiles: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            probed: std::sync::Mutex::new(HashMap::new()),
         });
         for h in resumable {
             let (name, r) = records[&h.id].clone();
@@ -868,9 +875,7 @@ impl ClipSnapshotter {
                     else {
                         continue;
                     };
-                    let manifest = hit.manifest.to_string();
-                    if let Err(e) = self.probe.get_manifest(&pinned, &manifest).await {
-                        tracing::debug!(image = %pinned, "not served from here: {e}");
+                    if !self.probe_ok(&pinned, &hit.manifest).await {
                         continue;
                     }
                     discovery.served(host, repo, &authority).await;
@@ -880,6 +885,31 @@ impl ClipSnapshotter {
             }
         }
         None
+    }
+
+    /// Whether `pinned`'s authority serves the image: its manifest fetched (or fetched for
+    /// another layer of the same image within [`PROBE_TTL`]).
+    async fn probe_ok(&self, pinned: &Reference, manifest: &Digest) -> bool {
+        let key = pinned.to_string();
+        if self
+            .probed
+            .lock()
+            .expect("probed lock")
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < PROBE_TTL)
+        {
+            return true;
+        }
+        if let Err(e) = self.probe.get_manifest(pinned, &manifest.to_string()).await {
+            tracing::debug!(image = %pinned, "not served from here: {e}");
+            return false;
+        }
+        let mut probed = self.probed.lock().expect("probed lock");
+        if probed.len() >= 4096 {
+            probed.retain(|_, at| at.elapsed() < PROBE_TTL);
+        }
+        probed.insert(key, std::time::Instant::now());
+        true
     }
 
     /// `layer` of image `pinned`, if it can be served lazily under the image's trust policy,

@@ -312,16 +312,21 @@ fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: b
     let pod = crate::cri::pod_config("py", &logs, false);
     let image_ref = cri.pull(&f.large.image, None, &pod).expect("PullImage");
     let pulled = f.large.proxy.sent();
-    // containerd fetched the image's config; the snapshotter read containerd's copy instead
-    // of fetching it again.
-    let config = crate::large_image::config_digest(&crate::large_image::large_layout());
+    // containerd fetched the image's manifest and config; the snapshotter read containerd's
+    // copies instead of fetching them again. Without labels, one probe of the manifest found
+    // the registry for every layer.
+    let layout = crate::large_image::large_layout();
+    let config = crate::large_image::config_digest(&layout);
+    let manifest = crate::large_image::manifest_digest(&layout);
+    let proxy = &f.large.proxy;
     assert_eq!(
-        f.large
-            .proxy
-            .requests_for(&format!("GET /v2/large/blobs/{config} ")),
-        1,
+        (
+            proxy.requests_for(&format!("GET /v2/large/blobs/{config} ")),
+            proxy.requests_for(&format!("GET /v2/large/manifests/{manifest} ")),
+        ),
+        (1, 1 + usize::from(disable_snapshot_annotations)),
         "{:#?}",
-        f.large.proxy.requests.lock().unwrap()
+        proxy.requests.lock().unwrap()
     );
     let pod_id = cri.run_pod(&pod).unwrap_or_else(|e| {
         panic!(

@@ -49,13 +49,18 @@ pub fn config_digest(layout: &std::path::Path) -> String {
         .to_string()
 }
 
-fn first_manifest(layout: &std::path::Path) -> serde_json::Value {
+/// The digest of an OCI layout's first manifest.
+pub fn manifest_digest(layout: &std::path::Path) -> String {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
-    let digest = index["manifests"][0]["digest"]
+    index["manifests"][0]["digest"]
         .as_str()
         .unwrap()
-        .replace("sha256:", "");
+        .to_string()
+}
+
+fn first_manifest(layout: &std::path::Path) -> serde_json::Value {
+    let digest = manifest_digest(layout).replace("sha256:", "");
     serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(digest)).unwrap())
         .unwrap()
 }
