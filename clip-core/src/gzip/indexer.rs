@@ -62,7 +62,12 @@ pub struct GzipIndexer<R> {
     out_len: usize,
     /// Receives each span's bytes with its digest as the span completes.
     sink: Option<(SpanSink, Vec<u8>)>,
+    /// Receives each checkpoint's window as it is taken (the checkpoint then keeps none).
+    window_sink: Option<WindowSink>,
 }
+
+/// Called with each checkpoint's window (empty at the start of the stream), in order.
+pub type WindowSink = Box<dyn FnMut(Vec<u8>) + Send>;
 
 /// Called with each completed span (digest, uncompressed bytes), in order.
 pub type SpanSink = Box<dyn FnMut(Digest, Vec<u8>) + Send>;
@@ -101,7 +106,15 @@ impl<R: Read> GzipIndexer<R> {
             out_pos: 0,
             out_len: 0,
             sink: None,
+            window_sink: None,
         })
+    }
+
+    /// Hands every checkpoint's window to `sink` as it is taken instead of keeping it in the
+    /// checkpoint: a caller compressing them as they come holds none of them.
+    pub fn with_window_sink(mut self, sink: WindowSink) -> Self {
+        self.window_sink = Some(sink);
+        self
     }
 
     /// Hands every span's bytes to `sink` as it completes (e.g. to fill a cache while indexing).
@@ -240,11 +253,14 @@ impl<R: Read> GzipIndexer<R> {
         if !self.checkpoints.is_empty() {
             self.end_span();
         }
-        let window = if self.uncompressed == 0 {
+        let mut window = if self.uncompressed == 0 {
             Vec::new()
         } else {
             self.inflater.dictionary()?
         };
+        if let Some(sink) = &mut self.window_sink {
+            sink(std::mem::take(&mut window));
+        }
         self.checkpoints.push(Checkpoint {
             uncompressed: self.uncompressed,
             compressed: self.compressed,

@@ -260,3 +260,21 @@ fn a_deflate_block_longer_than_the_span_limit_is_refused_at_index_time() {
         Ok((z, _)) => panic!("indexed into {} spans", z.checkpoints.len()),
     }
 }
+
+#[test]
+fn a_window_sink_gets_every_window_in_order_and_the_checkpoints_keep_none() {
+    let data = sample(3 << 20, 7);
+    let gz = gzip(&data, 6);
+    let (kept, _) = index(&gz, 128 << 10).unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let mut ix = GzipIndexer::new(&gz[..], 128 << 10)
+        .unwrap()
+        .with_window_sink(Box::new(move |w| g.lock().unwrap().push(w)));
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let (sunk, _) = ix.finish().unwrap();
+    assert!(kept.checkpoints.len() > 10);
+    assert!(sunk.checkpoints.iter().all(|c| c.window.is_empty()));
+    let windows: Vec<Vec<u8>> = kept.checkpoints.iter().map(|c| c.window.clone()).collect();
+    assert_eq!(*got.lock().unwrap(), windows);
+}

@@ -91,8 +91,32 @@ pub fn build_layer_index_with_sink<R: Read>(
         count: 0,
         progress,
     };
+    // Windows are compressed on a thread of their own as checkpoints are taken: the inflate
+    // pass does not wait for zstd, and no raw window is held beyond a short queue.
+    let (wtx, wrx) = std::sync::mpsc::sync_channel::<Vec<u8>>(32);
+    let level = opts.window_compression_level;
+    let compressor = std::thread::Builder::new()
+        .name("clip-windows".into())
+        .spawn(move || -> io::Result<(Vec<u8>, Vec<(u64, u32)>)> {
+            let (mut blob, mut places) = (Vec::new(), Vec::new());
+            for w in wrx {
+                if w.is_empty() {
+                    places.push((blob.len() as u64, 0));
+                    continue;
+                }
+                let z = zstd::bulk::compress(&w, level)?;
+                places.push((blob.len() as u64, z.len() as u32));
+                blob.extend_from_slice(&z);
+            }
+            Ok((blob, places))
+        })
+        .map_err(IndexError::Io)?;
     let mut gz = GzipIndexer::new(hashing, opts.span_size)?
-        .with_density(opts.dense_span_size, opts.small_file);
+        .with_density(opts.dense_span_size, opts.small_file)
+        .with_window_sink(Box::new(move |w| {
+            // The receiver goes away only if the compressor failed, which is reported below.
+            let _ = wtx.send(w);
+        }));
     if let Some(sink) = sink {
         gz = gz.with_span_sink(sink);
     }
@@ -105,6 +129,17 @@ pub fn build_layer_index_with_sink<R: Read>(
     read_entries(&mut archive, &mut entries)?;
     let gz = archive.into_inner().inner;
     let (zran, hashing) = gz.finish()?;
+    let (windows, places) = compressor
+        .join()
+        .map_err(|_| IndexError::Format("the window compressor panicked".into()))?
+        .map_err(IndexError::Io)?;
+    if places.len() != zran.checkpoints.len() {
+        return Err(IndexError::Format(format!(
+            "{} windows for {} checkpoints",
+            places.len(),
+            zran.checkpoints.len()
+        )));
+    }
     let layer = hashing.hasher.finish();
     if let Some(expected) = opts.expected_layer {
         if expected != layer {
@@ -126,18 +161,10 @@ pub fn build_layer_index_with_sink<R: Read>(
     }
     check_hardlinks(&entries)?;
 
-    let mut windows = Vec::new();
     let mut spans = Vec::with_capacity(zran.checkpoints.len());
-    for (cp, digest) in zran.checkpoints.iter().zip(&zran.span_digests) {
-        let window_offset = windows.len() as u64;
-        let window_len = if cp.window.is_empty() {
-            0
-        } else {
-            let z = zstd::bulk::compress(&cp.window, opts.window_compression_level)
-                .map_err(IndexError::Io)?;
-            windows.extend_from_slice(&z);
-            z.len() as u32
-        };
+    for ((cp, digest), &(window_offset, window_len)) in
+        zran.checkpoints.iter().zip(&zran.span_digests).zip(&places)
+    {
         spans.push(Span {
             uncompressed: cp.uncompressed,
             compressed: cp.compressed,
