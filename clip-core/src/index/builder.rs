@@ -42,6 +42,9 @@ impl Default for BuildOptions {
     }
 }
 
+/// Where a compressed window sits in the windows blob: (offset, length).
+type WindowPlace = (u64, u32);
+
 /// A freshly built index and the windows blob it refers to.
 pub struct BuiltLayer {
     pub index: LayerIndex,
@@ -97,7 +100,7 @@ pub fn build_layer_index_with_sink<R: Read>(
     let level = opts.window_compression_level;
     let compressor = std::thread::Builder::new()
         .name("clip-windows".into())
-        .spawn(move || -> io::Result<(Vec<u8>, Vec<(u64, u32)>)> {
+        .spawn(move || -> io::Result<(Vec<u8>, Vec<WindowPlace>)> {
             let (mut blob, mut places) = (Vec::new(), Vec::new());
             for w in wrx {
                 if w.is_empty() {
