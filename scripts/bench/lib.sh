@@ -72,7 +72,7 @@ wait_socket() {
 start_node() {
   local dir=$1; shift
   mkdir -p "$dir/runc" "$dir/fifo"
-  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" "$@" 2>>"$dir/snapshotter.log" &
+  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" --containerd-address "$dir/containerd.sock" "$@" 2>>"$dir/snapshotter.log" &
   NODE_SNAP_PID=$!
   wait_socket "$dir" "$dir/clip.sock" "clip snapshotter"
   node_containerd "$dir" clip

@@ -46,7 +46,7 @@ IMG="$REGISTRY/large:large"
 snap_start() {
   local dir=$1; shift
   rm -f "$dir/clip.sock"
-  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" "$@" 2>>"$dir/snapshotter.log" &
+  "$CLIP" --root "$dir/clip" snapshotter --address "$dir/clip.sock" --containerd-address "$dir/containerd.sock" "$@" 2>>"$dir/snapshotter.log" &
   NODE_SNAP_PID=$!
   for _ in $(seq 400); do [[ -S $dir/clip.sock ]] && return 0; sleep 0.01; done
   echo "clip snapshotter did not restart:" >&2; tail "$dir/snapshotter.log" >&2; return 1
