@@ -13,21 +13,9 @@
 
 use clip_core::digest::Digest;
 use clip_core::index::LayerIndex;
+use clip_core::profile::merge_intervals as merge;
 use clip_core::store::Store;
 use std::path::Path;
-
-/// Merges overlapping or touching `[start, end)` ranges.
-fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in v {
-        match out.last_mut() {
-            Some(l) if s <= l.1 => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
 
 /// Compressed bytes and range requests to fetch the spans covering `need`.
 fn cost(need: &[(u64, u64)], ix: &LayerIndex) -> (u64, u64) {

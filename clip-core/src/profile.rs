@@ -166,19 +166,13 @@ pub fn spans_of(index: &LayerIndex, ranges: &[(u64, u64)]) -> Vec<usize> {
 /// pro-rated by span (what fetching exactly those bytes would cost at best). Overlapping
 /// ranges count once.
 pub fn floor_bytes(index: &LayerIndex, ranges: &[(u64, u64)]) -> (u64, u64) {
-    let mut sorted: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter(|r| r.1 > 0 && r.0 < index.uncompressed_size)
-        .map(|&(o, n)| (o, (o + n).min(index.uncompressed_size)))
-        .collect();
-    sorted.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in sorted {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
+    let merged = merge_intervals(
+        ranges
+            .iter()
+            .filter(|r| r.1 > 0 && r.0 < index.uncompressed_size)
+            .map(|&(o, n)| (o, (o + n).min(index.uncompressed_size)))
+            .collect(),
+    );
     let (mut u, mut c) = (0u64, 0f64);
     for (s, e) in merged {
         u += e - s;
@@ -192,6 +186,19 @@ pub fn floor_bytes(index: &LayerIndex, ranges: &[(u64, u64)]) -> (u64, u64) {
         }
     }
     (u, c as u64)
+}
+
+/// Sorts `[start, end)` intervals and merges those that overlap or touch.
+pub fn merge_intervals(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in v {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
 }
 
 /// Groups spans into runs of adjacent spans (at most `max_run` each), keeping the order of each

@@ -57,11 +57,36 @@ fn setup_with(cache: TieredCache, readahead: usize, remote_windows: bool) -> Set
     build(cache, FetchConfig::default(), cfg, remote_windows)
 }
 
+/// Read-ahead of `readahead` spans and locality of `locality` spans, memory only.
+fn setup_guessing(readahead: u64, locality: u64) -> Setup {
+    let cfg = move |span: u64| ReaderConfig {
+        readahead_bytes: readahead * span,
+        locality_bytes: locality * span,
+    };
+    build(
+        TieredCache::memory_only(64 << 20),
+        FetchConfig::default(),
+        cfg,
+        false,
+    )
+}
+
 fn setup(readahead: usize) -> Setup {
     setup_with(TieredCache::memory_only(64 << 20), readahead, false)
 }
 
 impl Setup {
+    /// The last span starting less than `bytes` after span `first` starts (past `first`).
+    fn last_within(&self, first: usize, bytes: u64) -> usize {
+        let base = self.index.span_range(first).0;
+        let last = (first..self.index.spans.len())
+            .take_while(|&k| self.index.span_range(k).0 < base + bytes)
+            .last()
+            .unwrap();
+        assert!(last > first);
+        last
+    }
+
     /// (offset, len) of spans `r` in the uncompressed stream.
     fn spans(&self, r: Range<usize>) -> (u64, u64) {
         let (s, _) = self.index.span_range(r.start);
@@ -408,26 +433,12 @@ async fn opening_a_file_requests_all_its_spans_at_once() {
 
 #[tokio::test]
 async fn a_cold_read_takes_its_neighbours_in_the_same_request() {
-    let cfg = |span| ReaderConfig {
-        readahead_bytes: 0,
-        locality_bytes: 4 * span,
-    };
-    let t = build(
-        TieredCache::memory_only(64 << 20),
-        FetchConfig::default(),
-        cfg,
-        false,
-    );
-    let locality = 4 * t.index.span_size;
+    let t = setup_guessing(0, 4);
     let (off, _) = t.spans(5..6);
     let got = t.reader.read(off, 100).await.unwrap();
     assert_eq!(&got[..], t.expect(off, 100));
     // Spans 5.. up to `locality` bytes from span 5's start, in the read's one request.
-    let last = (5..t.index.spans.len())
-        .take_while(|&k| t.index.span_range(k).0 < t.index.span_range(5).0 + locality)
-        .last()
-        .unwrap();
-    assert!(last > 5);
+    let last = t.last_within(5, 4 * t.index.span_size);
     assert_eq!(t.layer_requests(), vec![t.compressed(5..last + 1)]);
     t.reader.spans.settled().await;
     assert!((5..=last).all(|i| t.reader.spans.is_local(i)));
@@ -438,16 +449,7 @@ async fn a_cold_read_takes_its_neighbours_in_the_same_request() {
 
 #[tokio::test]
 async fn where_a_replayed_profile_lists_a_read_nothing_is_guessed_around_it() {
-    let cfg = |span| ReaderConfig {
-        readahead_bytes: 2 * span,
-        locality_bytes: 4 * span,
-    };
-    let t = build(
-        TieredCache::memory_only(64 << 20),
-        FetchConfig::default(),
-        cfg,
-        false,
-    );
+    let t = setup_guessing(2, 4);
     // The profile lists span 6, whose prefetch fails (the span stays cold), and span 2.
     t.source.script([Fault::Error("refused".into())]);
     let (o6, l6) = t.spans(6..7);
@@ -485,12 +487,7 @@ async fn where_a_replayed_profile_lists_a_read_nothing_is_guessed_around_it() {
     let (oo, ol) = t.spans(9..11);
     t.reader.prefetch_opened(oo, ol);
     t.reader.spans.settled().await;
-    let locality = 4 * t.index.span_size;
-    let last = (12..t.index.spans.len())
-        .take_while(|&k| t.index.span_range(k).0 < t.index.span_range(12).0 + locality)
-        .last()
-        .unwrap();
-    assert!(last > 12);
+    let last = t.last_within(12, 4 * t.index.span_size);
     let after = &t.layer_requests()[3..];
     assert_eq!(after, [t.compressed(12..last + 1), t.compressed(9..11)]);
 }

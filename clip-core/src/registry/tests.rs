@@ -111,6 +111,20 @@ async fn serve_with(
     ip: &str,
     answer: impl Fn(&str) -> String + Send + Sync + 'static,
 ) -> (String, Log) {
+    serve_with_async(ip, move |head| {
+        let a = answer(&head);
+        Box::pin(async move { a })
+    })
+    .await
+}
+
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+
+/// [`serve_with`] whose answers may wait (for other requests, say).
+async fn serve_with_async(
+    ip: &str,
+    answer: impl Fn(String) -> Answer + Send + Sync + 'static,
+) -> (String, Log) {
     let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
         .await
         .unwrap();
@@ -131,7 +145,7 @@ async fn serve_with(
                 }
                 let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
                 lg.lock().unwrap().push(head.clone());
-                let _ = c.write_all(answer(&head).as_bytes()).await;
+                let _ = c.write_all(answer(head).await.as_bytes()).await;
             });
         }
     });
@@ -339,50 +353,31 @@ async fn pinned_images_and_referrers_listings_cost_one_round_trip_each() {
 /// A registry that answers a referrers lookup only once both ways of asking (the API and the
 /// tag) are in flight together: a client asking one after the other gets a 500 after 5 s.
 async fn serve_referrers_needing_both(api: bool) -> (String, Log) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = l.local_addr().unwrap().to_string();
-    let log: Log = Arc::default();
-    let lg = log.clone();
     let both = Arc::new(tokio::sync::Barrier::new(2));
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = l.accept().await {
-            let (lg, both) = (lg.clone(), both.clone());
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut b = [0u8; 1];
-                while !req.ends_with(b"\r\n\r\n") {
-                    if c.read(&mut b).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    req.push(b[0]);
-                }
-                let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
-                lg.lock().unwrap().push(head.clone());
-                let listing = format!(
-                    r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_INDEX}","manifests":[]}}"#
-                );
-                let index = format!("Content-Type: {MEDIA_OCI_INDEX}\r\n");
-                let is_api = head.contains("/referrers/");
-                let first_ask = lg.lock().unwrap().len() <= 2;
-                if first_ask
-                    && tokio::time::timeout(Duration::from_secs(5), both.wait())
-                        .await
-                        .is_err()
-                {
-                    let _ = c
-                        .write_all(reply("500 Internal Server Error", "", "").as_bytes())
-                        .await;
-                    return;
-                }
-                let answer = match (is_api, api) {
-                    (true, false) | (false, true) => reply("404 Not Found", "", ""),
-                    _ => reply("200 OK", &index, &listing),
-                };
-                let _ = c.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
-    (host, log)
+    let asked = Arc::new(AtomicU64::new(0));
+    serve_with_async("127.0.0.1", move |head| {
+        let (both, first_ask) = (both.clone(), asked.fetch_add(1, Ordering::SeqCst) < 2);
+        Box::pin(async move {
+            if first_ask
+                && tokio::time::timeout(Duration::from_secs(5), both.wait())
+                    .await
+                    .is_err()
+            {
+                return reply("500 Internal Server Error", "", "");
+            }
+            let listing =
+                format!(r#"{{"schemaVersion":2,"mediaType":"{MEDIA_OCI_INDEX}","manifests":[]}}"#);
+            match (head.contains("/referrers/"), api) {
+                (true, false) | (false, true) => reply("404 Not Found", "", ""),
+                _ => reply(
+                    "200 OK",
+                    &format!("Content-Type: {MEDIA_OCI_INDEX}\r\n"),
+                    &listing,
+                ),
+            }
+        })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

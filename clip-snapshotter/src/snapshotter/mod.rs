@@ -628,14 +628,22 @@ impl ClipSnapshotter {
         {
             return;
         }
+        tokio::spawn(self.profile_lookup(manifest, pinned.to_string()));
+    }
+
+    /// [`lookup_profile`] of image `manifest` (pinned `reference`) as a task of its own.
+    fn profile_lookup(
+        &self,
+        manifest: Digest,
+        reference: String,
+    ) -> impl std::future::Future<Output = Option<Profile>> + Send + 'static {
         let (lookups, store, client, reads) = (
             self.profiles.clone(),
             self.store.clone(),
             self.client.clone(),
             self.reads.clone(),
         );
-        let reference = pinned.to_string();
-        tokio::spawn(async move {
+        async move {
             lookup_profile(
                 &lookups,
                 &store,
@@ -645,7 +653,7 @@ impl ClipSnapshotter {
                 &reference,
             )
             .await
-        });
+        }
     }
 
     /// Starts the startup-profile lookup of the image a remote layer belongs to (or joins the
@@ -654,23 +662,11 @@ impl ClipSnapshotter {
         let Some(manifest) = manifest_of(remote) else {
             return;
         };
-        let (lookups, store, client) = (
-            self.profiles.clone(),
-            self.store.clone(),
-            self.client.clone(),
-        );
-        let reads = self.reads.clone();
+        let (store, client, reads) = (self.store.clone(), self.client.clone(), self.reads.clone());
         let reference = remote.reference.clone();
+        let lookup = self.profile_lookup(manifest, reference.clone());
         tokio::spawn(async move {
-            let profile = lookup_profile(
-                &lookups,
-                &store,
-                reads.shared.as_deref(),
-                &client,
-                manifest,
-                &reference,
-            )
-            .await;
+            let profile = lookup.await;
             // Prefetch at pull time: the transfer overlaps containerd's container setup. The
             // mount's readers share these readers' fetchers (one flight per span).
             let (Some(profile), Ok(r)) = (profile, reference.parse::<Reference>()) else {
