@@ -231,14 +231,15 @@ impl Registry {
             }
         }
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{extra}",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{extra}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), config).expect("write config");
+        // Its access log (stdout): one combined-format line per request.
         let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("access.log")).expect("access log"))
             .stderr(std::fs::File::create(dir.path().join("registry.log")).expect("log"))
             .spawn()
             .expect("start docker-registry");
@@ -255,6 +256,18 @@ impl Registry {
 
     pub fn image(&self, name: &str) -> String {
         format!("{}/{name}", self.host)
+    }
+
+    /// The access-log lines of requests whose User-Agent starts with `agent`.
+    pub fn requests_from(&self, agent: &str) -> Vec<String> {
+        std::fs::read_to_string(self._dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.ends_with('"') && l.rsplit('"').nth(1).is_some_and(|ua| ua.starts_with(agent))
+            })
+            .map(str::to_string)
+            .collect()
     }
 
     /// Pushes an OCI layout with skopeo (an independent tool), as `name:tag`.
@@ -294,6 +307,29 @@ pub fn layout_with_cmd(dir: &Path, tag: &str, layers: &[&str], cmd: &[&str]) -> 
 }
 
 /// Runs clip with its own root under `root`.
+/// Runs `clip GLOBAL... cat IMAGE PATH --stats EXTRA...` with `env`; returns (file bytes, stats).
+pub fn cat_with(
+    root: &Path,
+    global: &[&str],
+    image: &str,
+    path: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<u8>, serde_json::Value) {
+    let mut args = global.to_vec();
+    args.extend_from_slice(&["cat", image, path, "--stats"]);
+    args.extend_from_slice(extra);
+    let o = clip(root, &args, env);
+    assert!(o.status.success(), "clip cat {path}: {}", stderr(&o));
+    let line = stderr(&o)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no stats: {}", stderr(&o)))
+        .to_string();
+    (o.stdout, serde_json::from_str(&line).unwrap())
+}
+
 pub fn clip(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(clip_bin());
     cmd.arg("--root")

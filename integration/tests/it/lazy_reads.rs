@@ -52,17 +52,7 @@ fn reference_bytes(layout: &Path, path: &str) -> Vec<u8> {
 
 /// Runs `clip cat --stats`; returns (file bytes, stats).
 fn cat(root: &Path, image: &str, path: &str, extra: &[&str]) -> (Vec<u8>, serde_json::Value) {
-    let mut args = vec!["cat", image, path, "--stats"];
-    args.extend_from_slice(extra);
-    let o = clip(root, &args, &[]);
-    assert!(o.status.success(), "clip cat {path}: {}", stderr(&o));
-    let line = stderr(&o)
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no stats: {}", stderr(&o)))
-        .to_string();
-    (o.stdout, serde_json::from_str(&line).unwrap())
+    cat_with(root, &[], image, path, extra, &[])
 }
 
 #[test]

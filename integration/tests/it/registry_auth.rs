@@ -38,6 +38,26 @@ fn tls_and_htpasswd() {
     );
     assert_eq!(j["layers"].as_array().unwrap().len(), 1);
     assert!(j["artifact"].is_string());
+    // A fresh node reads a file lazily (range requests). The registry offers HTTP/2 over TLS,
+    // and every request of clip's arrives over it.
+    let (_, stats) = cat_with(
+        &tmp.path().join("lazy"),
+        &["--hosts-dir", &hosts_arg],
+        &image,
+        "/bin/busybox",
+        &[],
+        &[("DOCKER_CONFIG", &good)],
+    );
+    assert!(stats["registry_requests"].as_u64().unwrap() > 0, "{stats}");
+    let clip_requests = reg.requests_from("clip/");
+    assert!(
+        clip_requests.iter().any(|l| l.contains("/blobs/")),
+        "{clip_requests:#?}"
+    );
+    assert!(
+        clip_requests.iter().all(|l| l.contains(" HTTP/2.0\"")),
+        "{clip_requests:#?}"
+    );
 
     // No credentials, wrong credentials: clear auth errors, no secret in the output.
     let o = clip(
