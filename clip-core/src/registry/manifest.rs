@@ -135,10 +135,11 @@ pub(super) fn from_documents(
         ));
     }
     let mt = media_type_of(&body, "");
-    if !(mt == MEDIA_OCI_MANIFEST || mt == MEDIA_DOCKER_MANIFEST || mt.is_empty()) {
-        return Err(invalid(&what, format!("not an image manifest ({mt:?})")));
+    let m = CheckedManifest::parse(&what, digest, mt, body)?;
+    if Digest::of(&config_bytes) != m.config {
+        return Err(invalid(&what, "the config does not match its digest"));
     }
-    image_from(r, digest, mt, body, config_bytes)
+    image_from(r, m, config_bytes)
 }
 
 pub(super) async fn resolve(
@@ -189,45 +190,57 @@ pub(super) async fn resolve(
         mt = media_type_of(&body, &h);
         digest = d;
     }
-    if !(mt == MEDIA_OCI_MANIFEST || mt == MEDIA_DOCKER_MANIFEST || mt.is_empty()) {
-        return Err(invalid(
-            &what,
-            format!("unsupported manifest media type {mt:?}"),
-        ));
+    let m = CheckedManifest::parse(&what, digest, mt, body)?;
+    // Verified against its digest by get_blob.
+    let config_bytes = client.get_blob(r, &m.config, super::MAX_MANIFEST).await?;
+    image_from(r, m, config_bytes)
+}
+
+/// An image manifest, its digest and media type, parsed once.
+struct CheckedManifest {
+    digest: Digest,
+    media_type: String,
+    body: Bytes,
+    parsed: ImageManifest,
+    /// The config's digest.
+    config: Digest,
+}
+
+impl CheckedManifest {
+    /// Parses `body` (digest `digest`, media type `mt` from the body or the response) as an
+    /// image manifest; anything else (an index, another artifact) is refused.
+    fn parse(what: &str, digest: Digest, mt: String, body: Bytes) -> Result<Self, RegistryError> {
+        if !(mt == MEDIA_OCI_MANIFEST || mt == MEDIA_DOCKER_MANIFEST || mt.is_empty()) {
+            return Err(invalid(
+                what,
+                format!("unsupported manifest media type {mt:?}"),
+            ));
+        }
+        let parsed: ImageManifest = serde_json::from_slice(&body).map_err(|e| invalid(what, e))?;
+        let config = parsed
+            .config()
+            .digest()
+            .to_string()
+            .parse()
+            .map_err(|e| invalid(what, e))?;
+        Ok(CheckedManifest {
+            digest,
+            media_type: mt,
+            body,
+            parsed,
+            config,
+        })
     }
-    let config_digest = config_of(&what, &body)?;
-    let config_bytes = client
-        .get_blob(r, &config_digest, super::MAX_MANIFEST)
-        .await?;
-    image_from(r, digest, mt, body, config_bytes)
 }
 
-/// The config digest an image manifest names.
-fn config_of(what: &str, body: &[u8]) -> Result<Digest, RegistryError> {
-    let manifest: ImageManifest = serde_json::from_slice(body).map_err(|e| invalid(what, e))?;
-    manifest
-        .config()
-        .digest()
-        .to_string()
-        .parse()
-        .map_err(|e| invalid(what, e))
-}
-
-/// An image from its manifest (`digest`, media type `mt`; checked by the caller) and its config
-/// (checked here against the manifest's config digest).
+/// An image from its checked manifest and its config (already verified against its digest).
 fn image_from(
     r: &Reference,
-    digest: Digest,
-    mt: String,
-    body: Bytes,
+    m: CheckedManifest,
     config_bytes: Bytes,
 ) -> Result<ResolvedImage, RegistryError> {
     let what = r.to_string();
-    let manifest: ImageManifest = serde_json::from_slice(&body).map_err(|e| invalid(&what, e))?;
-    let config_digest = config_of(&what, &body)?;
-    if Digest::of(&config_bytes) != config_digest {
-        return Err(invalid(&what, "the config does not match its digest"));
-    }
+    let manifest = &m.parsed;
     let config: ImageConfiguration =
         serde_json::from_slice(&config_bytes).map_err(|e| invalid(&format!("{what} config"), e))?;
     let diff_ids = config.rootfs().diff_ids();
@@ -255,15 +268,15 @@ fn image_from(
         });
     }
     Ok(ResolvedImage {
-        reference: r.with_digest(digest),
-        manifest_digest: digest,
-        manifest_media_type: if mt.is_empty() {
+        reference: r.with_digest(m.digest),
+        manifest_digest: m.digest,
+        manifest_media_type: if m.media_type.is_empty() {
             MEDIA_OCI_MANIFEST.into()
         } else {
-            mt
+            m.media_type
         },
-        manifest_bytes: body,
-        config_digest,
+        manifest_bytes: m.body,
+        config_digest: m.config,
         config_bytes,
         layers,
     })

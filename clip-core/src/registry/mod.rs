@@ -199,6 +199,20 @@ const REFERRERS_TTL: Duration = Duration::from_secs(10);
 /// Resolved images (and listings) kept; beyond this the cache starts over.
 const MAX_CACHED: usize = 256;
 
+/// The cache key of `digest` in `r`'s repository.
+fn repo_digest(r: &Reference, digest: Digest) -> RepoDigest {
+    (r.registry.clone(), r.repository.clone(), digest)
+}
+
+/// Inserts into a cache of at most [`MAX_CACHED`] entries (beyond that it starts over).
+fn remember<V>(cache: &Mutex<HashMap<RepoDigest, V>>, key: RepoDigest, value: V) {
+    let mut cache = cache.lock().expect("client cache lock");
+    if cache.len() >= MAX_CACHED {
+        cache.clear();
+    }
+    cache.insert(key, value);
+}
+
 impl Client {
     pub fn new(cfg: RegistryConfig) -> Self {
         let docker = cfg
@@ -983,9 +997,7 @@ impl Client {
     /// Resolves a reference to one image manifest for the configured platform, with its config.
     /// A reference pinned by digest is resolved once per client.
     pub async fn resolve(&self, r: &Reference) -> Result<ResolvedImage, RegistryError> {
-        let key = r
-            .digest
-            .map(|d| (r.registry.clone(), r.repository.clone(), d));
+        let key = r.digest.map(|d| repo_digest(r, d));
         if let Some(k) = &key {
             if let Some(hit) = self.inner.resolved.lock().expect("resolved").get(k) {
                 return Ok(ResolvedImage {
@@ -996,11 +1008,7 @@ impl Client {
         }
         let image = manifest::resolve(self, r).await?;
         if let Some(k) = key {
-            let mut cache = self.inner.resolved.lock().expect("resolved");
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
-            cache.insert(k, image.clone());
+            remember(&self.inner.resolved, k, image.clone());
         }
         Ok(image)
     }
@@ -1015,16 +1023,11 @@ impl Client {
         config: Bytes,
     ) -> Result<ResolvedImage, RegistryError> {
         let image = manifest::from_documents(r, manifest, config)?;
-        let key = (
-            r.registry.clone(),
-            r.repository.clone(),
-            image.manifest_digest,
+        remember(
+            &self.inner.resolved,
+            repo_digest(r, image.manifest_digest),
+            image.clone(),
         );
-        let mut cache = self.inner.resolved.lock().expect("resolved");
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
-        cache.insert(key, image.clone());
         Ok(image)
     }
 
@@ -1035,7 +1038,7 @@ impl Client {
                 .resolved
                 .lock()
                 .expect("resolved")
-                .contains_key(&(r.registry.clone(), r.repository.clone(), d))
+                .contains_key(&repo_digest(r, d))
         })
     }
 
@@ -1048,7 +1051,7 @@ impl Client {
         subject: &Digest,
         tag: &str,
     ) -> Result<Option<Bytes>, RegistryError> {
-        let key = (r.registry.clone(), r.repository.clone(), *subject);
+        let key = repo_digest(r, *subject);
         // One lookup at a time per subject: concurrent callers (an image's index and profile
         // lookups) wait for it and share its answer.
         let flight = {
@@ -1095,21 +1098,17 @@ impl Client {
                 }
             }
         };
-        let mut cache = self.inner.listings.lock().expect("listings");
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
-        cache.insert(key, (Instant::now(), listing.clone()));
+        remember(&self.inner.listings, key, (Instant::now(), listing.clone()));
         Ok(listing)
     }
 
     /// Forgets the cached referrers listing of `subject` (after pushing a referrer to it).
     pub fn forget_referrers(&self, r: &Reference, subject: &Digest) {
-        self.inner.listings.lock().expect("listings").remove(&(
-            r.registry.clone(),
-            r.repository.clone(),
-            *subject,
-        ));
+        self.inner
+            .listings
+            .lock()
+            .expect("listings")
+            .remove(&repo_digest(r, *subject));
     }
 }
 

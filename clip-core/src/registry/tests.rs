@@ -106,6 +106,15 @@ async fn an_error_body_is_not_read_whole() {
 
 type Log = Arc<std::sync::Mutex<Vec<String>>>;
 
+/// Logged request heads that contain `what`.
+fn requests_for(log: &Log, what: &str) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.contains(what))
+        .count()
+}
+
 /// A server on `ip` that logs each request's head and answers with `answer(head)`.
 async fn serve_with(
     ip: &str,
@@ -315,13 +324,7 @@ async fn pinned_images_and_referrers_listings_cost_one_round_trip_each() {
     .await;
     let c = client();
     let r: Reference = format!("{host}/app@{manifest_digest}").parse().unwrap();
-    let requests = |what: &str| {
-        log.lock()
-            .unwrap()
-            .iter()
-            .filter(|h| h.contains(what))
-            .count()
-    };
+    let requests = |what: &str| requests_for(&log, what);
     for _ in 0..2 {
         let image = c.resolve(&r).await.unwrap();
         assert_eq!(image.config_digest, config_digest);
@@ -392,13 +395,7 @@ async fn a_first_referrers_lookup_asks_both_ways_at_once_and_concurrent_lookups_
         for got in futures_util::future::join_all(lookups).await {
             assert!(got.unwrap().is_some(), "api={api}");
         }
-        let count = |what: &str| {
-            log.lock()
-                .unwrap()
-                .iter()
-                .filter(|h| h.contains(what))
-                .count()
-        };
+        let count = |what: &str| requests_for(&log, what);
         assert_eq!(
             (count("/referrers/"), count("/manifests/sha256-")),
             (1, 1),

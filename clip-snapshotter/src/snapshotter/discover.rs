@@ -198,33 +198,52 @@ impl Discovery {
             let channel = self.channel(&mut st).await.ok()?;
             (channel, st.documents_namespace.clone())
         };
-        let mut namespaces: Vec<String> = last.into_iter().collect();
+        // The usual case (every pull in one namespace) costs no listing.
+        if let Some(ns) = &last {
+            if let Some(found) = self.documents_in(&channel, ns, manifest).await {
+                return Some(found);
+            }
+        }
+        for ns in self.namespaces(&channel).await.ok()? {
+            if last.as_ref() == Some(&ns) {
+                continue;
+            }
+            if let Some(found) = self.documents_in(&channel, &ns, manifest).await {
+                self.state.lock().await.documents_namespace = Some(ns);
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    /// Image `manifest` and its config from namespace `ns`, if both are there.
+    async fn documents_in(
+        &self,
+        channel: &Channel,
+        ns: &str,
+        manifest: &Digest,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        let body = self.read(channel, ns, manifest).await.ok()?;
+        let m: Manifest = serde_json::from_slice(&body).ok()?;
+        let config: Digest = m.config.digest.parse().ok()?;
+        let config = self.read(channel, ns, &config).await.ok()?;
+        Some((body, config))
+    }
+
+    /// containerd's namespaces (at most [`MAX_NAMESPACES`]).
+    async fn namespaces(&self, channel: &Channel) -> Result<Vec<String>, DiscoverError> {
         let listed = self
             .call(
                 NamespacesClient::new(channel.clone())
                     .list(Request::new(ListNamespacesRequest::default())),
             )
-            .await
-            .ok()?
+            .await?
             .namespaces;
-        for ns in listed.into_iter().take(MAX_NAMESPACES) {
-            if !namespaces.contains(&ns.name) {
-                namespaces.push(ns.name);
-            }
-        }
-        for ns in namespaces {
-            let Ok(body) = self.read(&channel, &ns, manifest).await else {
-                continue;
-            };
-            let m: Manifest = serde_json::from_slice(&body).ok()?;
-            let config: Digest = m.config.digest.parse().ok()?;
-            let Ok(config) = self.read(&channel, &ns, &config).await else {
-                continue;
-            };
-            self.state.lock().await.documents_namespace = Some(ns);
-            return Some((body, config));
-        }
-        None
+        Ok(listed
+            .into_iter()
+            .take(MAX_NAMESPACES)
+            .map(|n| n.name)
+            .collect())
     }
 
     /// The authorities to try for a source's host name, the likeliest first: the one that
@@ -281,15 +300,7 @@ impl Discovery {
     /// Reads every manifest not seen yet, in every namespace.
     async fn refresh(&self, st: &mut State) -> Result<(), DiscoverError> {
         let channel = self.channel(st).await?;
-        let namespaces = self
-            .call(
-                NamespacesClient::new(channel.clone())
-                    .list(Request::new(ListNamespacesRequest::default())),
-            )
-            .await?
-            .namespaces;
-        for ns in namespaces.iter().take(MAX_NAMESPACES) {
-            let ns = &ns.name;
+        for ns in &self.namespaces(&channel).await? {
             let images = self
                 .call(
                     ImagesClient::new(channel.clone())

@@ -25,7 +25,7 @@ use clip_core::digest::Digest;
 use clip_core::image::{self, ImageError};
 use clip_core::index::ImageView;
 use clip_core::profile::{Profile, Recorder};
-use clip_core::reader::{LayerReader, ReadPath, ReaderConfig};
+use clip_core::reader::{LayerReader, ReadPath};
 use clip_core::reference::Reference;
 use clip_core::registry::{Client, ResolvedImage};
 use clip_core::store::Store;
@@ -233,11 +233,6 @@ fn manifest_of(remote: &Remote) -> Option<Digest> {
     remote.reference.parse::<Reference>().ok()?.digest
 }
 
-/// `snapshots/<id>/{fs,work}`. The snapshot directory and `work` are private (0700, under the
-/// private `snapshots/`); `fs` is 0755 as under containerd's overlayfs snapshotter: it is the
-/// container's root directory when it is an upper or an unpacked base layer, and non-root users
-/// in the container must be able to traverse it. Host users cannot reach it (`snapshots/` is
-/// 0700).
 /// A reader of `layer` from its stored index (with the index's windows when this node has
 /// them), fetching from `reference`'s repository.
 fn stored_reader(
@@ -246,21 +241,19 @@ fn stored_reader(
     client: &Client,
     reference: &Reference,
     layer: &Digest,
-    cfg: ReaderConfig,
 ) -> Result<Option<Arc<LayerReader>>, clip_core::store::StoreError> {
     let Some((ix, _)) = store.get_layer(layer)? else {
         return Ok(None);
     };
     let windows = store.open_windows(&ix.windows);
-    Ok(Some(reads.reader_with(
-        client,
-        reference,
-        Arc::new(ix),
-        windows,
-        cfg,
-    )))
+    Ok(Some(reads.reader(client, reference, Arc::new(ix), windows)))
 }
 
+/// `snapshots/<id>/{fs,work}`. The snapshot directory and `work` are private (0700, under the
+/// private `snapshots/`); `fs` is 0755 as under containerd's overlayfs snapshotter: it is the
+/// container's root directory when it is an upper or an unpacked base layer, and non-root users
+/// in the container must be able to traverse it. Host users cannot reach it (`snapshots/` is
+/// 0700).
 fn make_snapshot_dirs(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let mut b = std::fs::DirBuilder::new();
@@ -488,7 +481,7 @@ impl ClipSnapshotter {
         let record = profile.is_none() && !self.opts.profile_window.is_zero();
         // With a profile, the readers guess (locality, read-ahead, whole files on open) only
         // where the profile has no knowledge: see LayerReader.
-        let (fs, opts, readers) = self.chain_fs(name, top, record, ReaderConfig::default())?;
+        let (fs, opts, readers) = self.chain_fs(name, top, record)?;
         match (&profile, manifest) {
             (Some(p), _) => self.replay_profile(name, p, &readers),
             (None, Some(m)) if record => self.record_profile(name, m, &remote.reference, &readers),
@@ -524,7 +517,7 @@ impl ClipSnapshotter {
             .keeper
             .clone()
             .ok_or_else(|| fail("no keeper".into()))?;
-        let (fs, opts, _) = self.chain_fs(name, top, false, ReaderConfig::default())?;
+        let (fs, opts, _) = self.chain_fs(name, top, false)?;
         let (rt, id, opens) = (self.rt.clone(), top.id, held.opens.len());
         let handover = clip_fuse::Handover { keeper, id };
         let session =
@@ -549,7 +542,6 @@ impl ClipSnapshotter {
         name: &str,
         top: &Record,
         record: bool,
-        cfg: ReaderConfig,
     ) -> Result<
         (
             clip_fuse::ClipFs,
@@ -584,7 +576,6 @@ impl ClipSnapshotter {
                 &self.client,
                 &reference,
                 &remote.layer,
-                cfg.clone(),
             )
             .map_err(|e| fail(e.to_string()))?
             .ok_or_else(|| fail(format!("no index for layer {} in the store", remote.layer)))?;
@@ -674,9 +665,7 @@ impl ClipSnapshotter {
             };
             let mut layers = 0;
             for lp in &profile.layers {
-                let cfg = ReaderConfig::default();
-                let Ok(Some(reader)) = stored_reader(&reads, &store, &client, &r, &lp.layer, cfg)
-                else {
+                let Ok(Some(reader)) = stored_reader(&reads, &store, &client, &r, &lp.layer) else {
                     continue;
                 };
                 let ranges = lp.ranges.clone();

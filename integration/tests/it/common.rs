@@ -306,7 +306,6 @@ pub fn layout_with_cmd(dir: &Path, tag: &str, layers: &[&str], cmd: &[&str]) -> 
     out
 }
 
-/// Runs clip with its own root under `root`.
 /// Runs `clip GLOBAL... cat IMAGE PATH --stats EXTRA...` with `env`; returns (file bytes, stats).
 pub fn cat_with(
     root: &Path,
@@ -330,6 +329,7 @@ pub fn cat_with(
     (o.stdout, serde_json::from_str(&line).unwrap())
 }
 
+/// Runs clip with its own root under `root`.
 pub fn clip(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(clip_bin());
     cmd.arg("--root")
