@@ -9,20 +9,26 @@
 //! 1. **claim**: missing spans are claimed under a lock; a span already claimed is waited on,
 //!    never fetched twice (single flight).
 //! 2. **runs**: adjacent claimed spans become one run, up to `max_run` spans: one range request.
-//! 3. **fetch**: the run's compressed bytes, and (unless on local disk) the 32 KiB checkpoint
-//!    window of its first span, requested concurrently: one round trip, not two.
-//! 4. **inflate** from the checkpoint, cut at span boundaries, and **verify** each span against
-//!    its digest; a run that fails verification is fetched again (`verify_attempts`).
-//! 5. **reply**: verified spans go to the memory tier and to every waiting reader at once;
-//!    **write-back** to the disk and shared tiers happens afterwards, in the background, within
-//!    a bounded budget of bytes.
+//! 3. **fetch**: the run's compressed bytes, streamed, and the 32 KiB checkpoint window of its
+//!    first span: cut from the end of the span before when a tier on this node has that one,
+//!    else read from the local windows blob, else requested concurrently with the data (one
+//!    round trip, not two).
+//! 4. **inflate** as the bytes arrive, cut at span boundaries, and **verify** each span against
+//!    its digest; a run that fails verification is fetched again from its first span not yet
+//!    delivered (`verify_attempts`).
+//! 5. **reply**: each verified span goes to the memory tier and to its waiters at once, while
+//!    the rest of its run is still on the wire; **write-back** to the disk and shared tiers
+//!    happens after the run, in the background, within a bounded budget of bytes.
+//!
+//! Guesses (files next to ones a program opened, [`LayerFetcher::speculate`]) and startup
+//! profiles ([`LayerFetcher::prefetch_spans`]) fetch on a pool of their own and claim spans only
+//! when they get a permit, so a demand read never waits behind them.
 //!
 //! Fetches run as their own tasks, so a reader that gives up does not strand the readers waiting
 //! on the same spans.
 
 use crate::cache::TieredCache;
 use crate::digest::Digest;
-use crate::gzip::inflate_spans;
 use crate::index::{format, LayerIndex};
 use crate::registry::RegistryError;
 use crate::source::BlobSource;
@@ -122,6 +128,8 @@ pub struct FetchStats {
     pub registry_bytes: AtomicU64,
     /// Window requests (each one a round trip a local windows blob would have saved).
     pub window_requests: AtomicU64,
+    /// Windows cut from the end of the span before (no request).
+    pub windows_from_spans: AtomicU64,
     pub inflated_bytes: AtomicU64,
     pub verify_failures: AtomicU64,
 }
@@ -137,6 +145,7 @@ impl FetchStats {
             "registry_requests": self.registry_requests.load(Relaxed),
             "registry_bytes": self.registry_bytes.load(Relaxed),
             "window_requests": self.window_requests.load(Relaxed),
+            "windows_from_spans": self.windows_from_spans.load(Relaxed),
             "inflated_bytes": self.inflated_bytes.load(Relaxed),
             "verify_failures": self.verify_failures.load(Relaxed),
         })
@@ -182,6 +191,13 @@ impl LocalWindows {
             }
         }
     }
+}
+
+/// A run's spans being delivered: the waiters not yet answered (in span order) and the spans
+/// delivered so far.
+struct Delivery {
+    waiters: std::collections::VecDeque<(usize, watch::Sender<SpanResult>)>,
+    done: Vec<(usize, Bytes)>,
 }
 
 /// Fetch permits, write-back budget and counters shared by every layer of a process.
@@ -535,19 +551,7 @@ impl LayerFetcher {
             let Ok(permit) = self.shared.background.clone().acquire_owned().await else {
                 break;
             };
-            let mine: Claimed = {
-                let mut inflight = self.inflight.lock().expect("inflight lock");
-                let mut mine = Vec::new();
-                for i in run {
-                    if inflight.contains_key(&i) || self.is_local(i) {
-                        continue;
-                    }
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(i, rx);
-                    mine.push((i, tx));
-                }
-                mine
-            };
+            let mine = self.claim_free(run);
             // Claimed spans split where demand reads had taken some: one request per piece
             // (the run is already bounded in size).
             let pieces = self.runs_of(mine, u64::MAX);
@@ -565,153 +569,304 @@ impl LayerFetcher {
         fetched
     }
 
+    /// Fetches `spans` on a guess (files next to ones a program opened, say), on the prefetch
+    /// pool: a run claims its spans only once it holds a prefetch permit, so a demand read never
+    /// waits behind queued speculation, and spans a demand read or a profile already claimed
+    /// are left to it; spans a startup profile lists are left to the profile. Returns the runs
+    /// fetched.
+    pub async fn speculate(self: &Arc<Self>, spans: &[usize]) -> usize {
+        let wanted: Vec<usize> = spans
+            .iter()
+            .copied()
+            .filter(|&i| {
+                i < self.index.spans.len() && !self.is_local(i) && !self.profiled(i..i + 1)
+            })
+            .collect();
+        let runs = crate::profile::runs(&wanted, self.spans_in(self.shared.cfg.prefetch_run_bytes));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut fetched = 0;
+        for run in runs {
+            let Ok(permit) = self.shared.background.clone().acquire_owned().await else {
+                break;
+            };
+            let mine = self.claim_free(run);
+            if mine.is_empty() {
+                continue;
+            }
+            fetched += 1;
+            let me = self.clone();
+            tasks.spawn(async move {
+                for piece in me.runs_of(mine, u64::MAX) {
+                    // Counted once fetched: the count tells when a guess has landed.
+                    crate::metrics::speculated(me.clone().fetch_run(piece, true).await);
+                }
+                drop(permit);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        fetched
+    }
+
+    /// Claims the spans of `run` that are neither in flight nor local.
+    fn claim_free(&self, run: Range<usize>) -> Claimed {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let mut mine = Vec::new();
+        for i in run {
+            if inflight.contains_key(&i) || self.is_local(i) {
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            inflight.insert(i, rx);
+            mine.push((i, tx));
+        }
+        mine
+    }
+
     /// Fetches one run of claimed spans; takes a demand permit unless the caller holds one
-    /// (prefetch holds a permit of its own pool).
-    async fn fetch_run(self: Arc<Self>, run: Claimed, permit_held: bool) {
+    /// (prefetch holds a permit of its own pool). Each span goes to the memory tier and its
+    /// waiters as soon as it is inflated and verified, while the rest of the run is still on
+    /// the wire; a run that fails verification is fetched again from its first span not yet
+    /// delivered.
+    /// Returns how many of the run's spans were delivered.
+    async fn fetch_run(self: Arc<Self>, run: Claimed, permit_held: bool) -> usize {
         let range = run[0].0..run[run.len() - 1].0 + 1;
         let permit = match permit_held {
             true => None,
             false => self.shared.permits.clone().acquire_owned().await.ok(),
         };
         let started = Instant::now();
-        let span = tracing::debug_span!("fetch_spans", layer = %self.index.layer, first = range.start, count = range.len());
-        let result = self.fetch_verified(range.clone()).instrument(span).await;
-        crate::metrics::span_fetch(started.elapsed().as_secs_f64(), range.len());
-        let cache = &self.shared.cache;
-        match result {
-            Ok(parts) => {
-                // Readers first: memory tier, then every waiter, then the claim is released.
-                for ((i, tx), data) in run.into_iter().zip(&parts) {
-                    cache.put_fast(self.key(i), data);
-                    let _ = tx.send(Some(Ok(data.clone())));
-                    self.inflight.lock().expect("inflight lock").remove(&i);
-                }
-                self.finished.notify_waiters();
-                // Write-back after the reply, within the budget (held with the fetch permit so
-                // a slow disk throttles fetching instead of piling up bytes).
-                let kib: usize = parts.iter().map(|p| p.len().div_ceil(1024)).sum();
-                let kib = kib.clamp(1, self.shared.writeback_total()) as u32;
-                let budget = self.shared.writeback.clone().acquire_many_owned(kib).await;
-                drop(permit);
-                for (i, data) in range.zip(parts) {
-                    cache.put_slow(self.key(i), &data, false).await;
-                }
-                drop(budget);
-            }
-            Err(e) => {
-                drop(permit);
-                let e = Arc::new(e);
-                for (i, tx) in run {
-                    let _ = tx.send(Some(Err(e.clone())));
-                    self.inflight.lock().expect("inflight lock").remove(&i);
-                }
-                self.finished.notify_waiters();
-            }
-        }
-    }
-
-    /// Fetches a run and verifies every span, retrying runs that fail verification.
-    async fn fetch_verified(&self, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
+        let mut out = Delivery {
+            waiters: run.into_iter().collect(),
+            done: Vec::with_capacity(range.len()),
+        };
         let mut attempt = 0;
-        loop {
+        let result = loop {
             attempt += 1;
-            match self.fetch_once(range.clone()).await {
+            let from = range.start + out.done.len();
+            let span = tracing::debug_span!("fetch_spans", layer = %self.index.layer, first = from, count = range.end - from);
+            let r = self
+                .fetch_from(from..range.end, &mut out)
+                .instrument(span)
+                .await;
+            match r {
                 Err(e @ ReadError::Corrupt { .. }) => {
                     self.shared.stats.verify_failures.fetch_add(1, Relaxed);
                     if attempt >= self.shared.cfg.verify_attempts {
-                        return Err(e);
+                        break Err(e);
                     }
                     tracing::warn!(layer = %self.index.layer, "refetching after a verification failure: {e}");
                 }
-                other => return other,
+                other => break other,
+            }
+        };
+        crate::metrics::span_fetch(started.elapsed().as_secs_f64(), range.len());
+        let Delivery { waiters, done } = out;
+        if let Err(e) = result {
+            let e = Arc::new(e);
+            for (i, tx) in waiters {
+                let _ = tx.send(Some(Err(e.clone())));
+                self.inflight.lock().expect("inflight lock").remove(&i);
             }
         }
+        self.finished.notify_waiters();
+        // Write-back after the reply, within the budget (held with the fetch permit so a slow
+        // disk throttles fetching instead of piling up bytes).
+        let delivered = done.len();
+        if done.is_empty() {
+            return 0;
+        }
+        let kib: usize = done.iter().map(|(_, p)| p.len().div_ceil(1024)).sum();
+        let kib = kib.clamp(1, self.shared.writeback_total()) as u32;
+        let budget = self.shared.writeback.clone().acquire_many_owned(kib).await;
+        drop(permit);
+        for (i, data) in done {
+            self.shared.cache.put_slow(self.key(i), &data, false).await;
+        }
+        drop(budget);
+        delivered
     }
 
-    /// The raw checkpoint window of span `i`: from the local windows blob, else one small range
-    /// read of the published one.
-    async fn window(&self, i: usize) -> Result<Bytes, ReadError> {
+    /// Span `i`, verified: to the memory tier, then its waiter, then its claim is released.
+    fn deliver(&self, out: &mut Delivery, i: usize, data: Bytes) {
+        self.shared.cache.put_fast(self.key(i), &data);
+        if out.waiters.front().is_some_and(|(j, _)| *j == i) {
+            if let Some((_, tx)) = out.waiters.pop_front() {
+                let _ = tx.send(Some(Ok(data.clone())));
+            }
+        }
+        self.inflight.lock().expect("inflight lock").remove(&i);
+        out.done.push((i, data));
+    }
+
+    /// The 32 KiB checkpoint window of span `i`, inflated: the end of span `i - 1` when a tier
+    /// on this node has it (no request at all), else from the local windows blob, else one
+    /// small range read of the published one (concurrent with the span's data request).
+    async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
         let s = &self.index.spans[i];
         if s.window_len == 0 {
-            return Ok(Bytes::new());
+            return Ok(Vec::new());
+        }
+        if let Some(w) = self.window_from_previous(i).await {
+            return Ok(w);
         }
         let (off, len) = (s.window_offset, u64::from(s.window_len));
+        let mut raw = None;
         if let Some(local) = &self.local_windows {
-            if let Some(w) = local.read(off, len).await {
-                return Ok(w);
-            }
+            raw = local.read(off, len).await;
         }
-        let b = self
-            .source
-            .read_range(&self.index.windows.digest, off, len)
-            .await?;
-        self.shared.stats.fetched(b.len());
-        self.shared.stats.window_requests.fetch_add(1, Relaxed);
-        Ok(b)
+        let raw = match raw {
+            Some(w) => w,
+            None => {
+                let b = self
+                    .source
+                    .read_range(&self.index.windows.digest, off, len)
+                    .await?;
+                self.shared.stats.fetched(b.len());
+                self.shared.stats.window_requests.fetch_add(1, Relaxed);
+                b
+            }
+        };
+        // A wrong window cannot produce the right span digests, so the span check covers it.
+        format::decode_window(&raw).map_err(|e| ReadError::Corrupt {
+            layer: self.index.layer,
+            span: i,
+            detail: format!("window: {e}"),
+        })
     }
 
-    async fn fetch_once(&self, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
+    /// Span `i`'s window cut from the end of span `i - 1`, if a local tier has that span and
+    /// it holds a whole window (the bytes are verified: they came through the span digest).
+    async fn window_from_previous(&self, i: usize) -> Option<Vec<u8>> {
+        let prev = i.checked_sub(1)?;
+        if !self.is_local(prev) {
+            return None;
+        }
+        let (ps, pe) = self.index.span_range(prev);
+        let need = crate::gzip::WINDOW_SIZE as u64;
+        if pe - ps < need && ps > 0 {
+            return None;
+        }
+        let data = self.shared.cache.get(self.key(prev)).await?;
+        let keep = (need as usize).min(data.len());
+        self.shared.stats.windows_from_spans.fetch_add(1, Relaxed);
+        Some(data[data.len() - keep..].to_vec())
+    }
+
+    /// Fetches spans `range` in one range request and hands each to `deliver` (in order) as
+    /// soon as it is inflated and verified. Spans delivered before an error stay delivered.
+    async fn fetch_from(&self, range: Range<usize>, out: &mut Delivery) -> Result<(), ReadError> {
         let ix = &self.index;
         let (cs, _) = ix.span_compressed_range(range.start);
         let (_, ce) = ix.span_compressed_range(range.end - 1);
-        // The window and the data travel concurrently: one round trip.
-        let data = async {
-            let b = self
-                .source
-                .read_range(&ix.layer, cs, ce.saturating_sub(cs))
-                .await?;
-            self.shared.stats.fetched(b.len());
-            Ok::<_, ReadError>(b)
-        };
-        let (raw_window, compressed) = tokio::try_join!(self.window(range.start), data)?;
+        let len = ce.saturating_sub(cs);
         let layer = ix.layer;
-        let first = range.start;
-        // A wrong window cannot produce the right span digests, so the span check covers it.
-        let window = format::decode_window(&raw_window).map_err(|e| ReadError::Corrupt {
+        tracing::debug!(layer = %layer, first = range.start, count = range.len(), bytes = len, "fetch");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        self.shared.stats.registry_requests.fetch_add(1, Relaxed);
+        let data = self.source.read_range_into(&layer, cs, len, tx);
+        let corrupt = |span: usize, detail: String| ReadError::Corrupt {
             layer,
-            span: first,
-            detail: format!("window: {e}"),
-        })?;
-        let lens: Vec<usize> = range
-            .clone()
-            .map(|i| {
-                let (s, e) = ix.span_range(i);
-                (e - s) as usize
-            })
-            .collect();
-        let bits = ix.spans[first].bits;
-        let started = Instant::now();
-        let outs =
-            tokio::task::spawn_blocking(move || inflate_spans(&compressed, bits, &window, &lens))
+            span,
+            detail,
+        };
+        let inflate = async {
+            // The window and the data travel concurrently: one round trip.
+            let window = self.window(range.start).await?;
+            let lens: Vec<usize> = range
+                .clone()
+                .map(|i| {
+                    let (s, e) = ix.span_range(i);
+                    (e - s) as usize
+                })
+                .collect();
+            let mut inflater =
+                crate::gzip::SpanInflater::new(ix.spans[range.start].bits, &window, &lens)
+                    .map_err(|e| corrupt(range.start, e.to_string()))?;
+            let mut next = range.start;
+            let mut received = 0u64;
+            let mut ended = false;
+            while !ended {
+                // Inflate what has arrived: wait for a chunk, then take whatever else is
+                // already there (up to 256 KiB), never waiting for more.
+                let mut batch: Vec<Bytes> = Vec::new();
+                let mut batch_len = 0usize;
+                match rx.recv().await {
+                    Some(c) => {
+                        batch_len += c.len();
+                        batch.push(c);
+                    }
+                    None => ended = true,
+                }
+                while !ended && batch_len < (256 << 10) {
+                    match rx.try_recv() {
+                        Ok(c) => {
+                            batch_len += c.len();
+                            batch.push(c);
+                        }
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => ended = true,
+                    }
+                }
+                received += batch_len as u64;
+                self.shared
+                    .stats
+                    .registry_bytes
+                    .fetch_add(batch_len as u64, Relaxed);
+                let started = Instant::now();
+                let (back, outs) = tokio::task::spawn_blocking(move || {
+                    let mut outs = Vec::new();
+                    for c in &batch {
+                        match inflater.feed(c) {
+                            Ok(o) => outs.extend(o.into_iter().map(|o| {
+                                let b = Bytes::from(o);
+                                (Digest::of(&b), b)
+                            })),
+                            Err(e) => return (Err(e), outs),
+                        }
+                    }
+                    (Ok(inflater), outs)
+                })
                 .await
-                .map_err(|e| ReadError::Internal(format!("inflate task: {e}")))?
-                .map_err(|e| ReadError::Corrupt {
-                    layer,
-                    span: first,
-                    detail: e.to_string(),
-                })?;
-        let inflated: u64 = outs.iter().map(|o| o.len() as u64).sum();
-        crate::metrics::inflated(inflated, started.elapsed().as_secs_f64());
-        self.shared
-            .stats
-            .inflated_bytes
-            .fetch_add(inflated, Relaxed);
-        let mut parts = Vec::with_capacity(range.len());
-        for (i, out) in range.zip(outs) {
-            let part = Bytes::from(out);
-            let actual = Digest::of(&part);
-            if actual != ix.spans[i].digest {
-                return Err(ReadError::Corrupt {
-                    layer,
-                    span: i,
-                    detail: format!(
-                        "span digest mismatch: expected {}, got {actual}",
-                        ix.spans[i].digest
-                    ),
-                });
+                .map_err(|e| ReadError::Internal(format!("inflate task: {e}")))?;
+                let inflated: u64 = outs.iter().map(|(_, o)| o.len() as u64).sum();
+                crate::metrics::inflated(inflated, started.elapsed().as_secs_f64());
+                self.shared
+                    .stats
+                    .inflated_bytes
+                    .fetch_add(inflated, Relaxed);
+                for (actual, part) in outs {
+                    if actual != ix.spans[next].digest {
+                        return Err(corrupt(
+                            next,
+                            format!(
+                                "span digest mismatch: expected {}, got {actual}",
+                                ix.spans[next].digest
+                            ),
+                        ));
+                    }
+                    self.deliver(out, next, part);
+                    next += 1;
+                }
+                inflater = back.map_err(|e| corrupt(next, e.to_string()))?;
             }
-            parts.push(part);
+            if next < range.end {
+                return Err(corrupt(
+                    next,
+                    format!(
+                        "{received} of {len} compressed bytes gave {} of {} spans",
+                        next - range.start,
+                        range.len()
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        let (sent, inflated) = tokio::join!(data, inflate);
+        // A request that failed explains a short answer better than the inflater can.
+        match (sent, inflated) {
+            (_, Ok(())) => Ok(()),
+            (Err(e), Err(_)) => Err(e.into()),
+            (Ok(()), Err(e)) => Err(e),
         }
-        Ok(parts)
     }
 }

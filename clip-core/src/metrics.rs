@@ -15,6 +15,7 @@ struct Instruments {
     inflate_seconds: Counter<f64>,
     span_fetch_seconds: Histogram<f64>,
     prefetched_spans: Counter<u64>,
+    speculated_spans: Counter<u64>,
     registry_requests: Counter<u64>,
     registry_retries: Counter<u64>,
     registry_request_seconds: Histogram<f64>,
@@ -58,6 +59,12 @@ fn instruments() -> &'static Instruments {
             prefetched_spans: meter
                 .u64_counter("clip.prefetch.spans")
                 .with_description("Spans fetched ahead of the program from a startup profile")
+                .build(),
+            speculated_spans: meter
+                .u64_counter("clip.speculate.spans")
+                .with_description(
+                    "Spans fetched on a guess (files next to ones a program opened cold), once fetched",
+                )
                 .build(),
             span_fetch_seconds: meter
                 .f64_histogram("clip.span.fetch.seconds")
@@ -150,4 +157,8 @@ pub fn span_fetch(seconds: f64, spans: usize) {
 
 pub fn prefetched(spans: usize) {
     instruments().prefetched_spans.add(spans as u64, &[]);
+}
+
+pub fn speculated(spans: usize) {
+    instruments().speculated_spans.add(spans as u64, &[]);
 }

@@ -95,9 +95,24 @@ impl LayerReader {
     /// knows which parts are read (a shared library, say, is mostly mapped, not read).
     pub fn prefetch_opened(&self, offset: u64, len: u64) {
         let spans = self.index().spans_covering(offset, len);
-        if !self.spans.profiled(spans.clone()) {
-            self.spans.prefetch(spans);
+        if self.spans.profiled(spans.clone()) {
+            return;
         }
+        self.spans.prefetch(spans);
+    }
+
+    /// True if a startup profile replayed on this layer lists any span of
+    /// `[offset, offset + len)`.
+    pub fn profiled(&self, offset: u64, len: u64) -> bool {
+        self.spans
+            .profiled(self.index().spans_covering(offset, len))
+    }
+
+    /// Fetches the spans of `ranges` on a guess, in the background, yielding to demand reads
+    /// (see [`LayerFetcher::speculate`]). Returns the runs fetched.
+    pub async fn speculate(self: &Arc<Self>, ranges: &[(u64, u64)]) -> usize {
+        let spans = crate::profile::spans_of(self.index(), ranges);
+        self.spans.speculate(&spans).await
     }
 
     /// The recorder this reader notes its reads in, if any.

@@ -18,6 +18,22 @@ pub trait BlobSource: Send + Sync {
     async fn read_range(&self, blob: &Digest, start: u64, len: u64)
         -> Result<Bytes, RegistryError>;
 
+    /// Bytes `[start, start + len)` of `blob` sent into `tx` in order as they arrive, from one
+    /// request (resumed where it broke off, where the source can). Returns early, without an
+    /// error, when the receiver goes away; never sends more than `len` bytes. The default
+    /// sends [`BlobSource::read_range`]'s answer whole.
+    async fn read_range_into(
+        &self,
+        blob: &Digest,
+        start: u64,
+        len: u64,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        let b = self.read_range(blob, start, len).await?;
+        let _ = tx.send(b).await;
+        Ok(())
+    }
+
     /// A whole blob of at most `max` bytes, verified against its digest.
     async fn read_blob(&self, blob: &Digest, max: u64) -> Result<Bytes, RegistryError>;
 
@@ -57,6 +73,18 @@ impl BlobSource for RegistrySource {
             .await
     }
 
+    async fn read_range_into(
+        &self,
+        blob: &Digest,
+        start: u64,
+        len: u64,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        self.client
+            .get_blob_range_into(&self.reference, blob, start, len, tx)
+            .await
+    }
+
     async fn read_blob(&self, blob: &Digest, max: u64) -> Result<Bytes, RegistryError> {
         self.client.get_blob(&self.reference, blob, max).await
     }
@@ -90,6 +118,9 @@ pub mod fake {
         Truncate(usize),
         /// The byte at this position of the answer is flipped.
         Corrupt(usize),
+        /// A streamed answer (`read_range_into`) stops after this many bytes until
+        /// [`FakeSource::release_stalls`], then goes on.
+        StallAfter(usize),
     }
 
     /// One request the source answered (or failed).
@@ -115,6 +146,17 @@ pub mod fake {
         hold: Mutex<Option<(u64, Arc<tokio::sync::Notify>)>>,
         /// [`BlobSource::shared_origin`] (None: readers never share a fetcher).
         origin: Option<String>,
+        /// Stalled answers wait for a permit here.
+        stalls: Gate,
+    }
+
+    /// A semaphore that starts closed.
+    struct Gate(tokio::sync::Semaphore);
+
+    impl Default for Gate {
+        fn default() -> Self {
+            Gate(tokio::sync::Semaphore::new(0))
+        }
     }
 
     impl FakeSource {
@@ -133,6 +175,11 @@ pub mod fake {
         pub fn with_origin(mut self, origin: &str) -> Self {
             self.origin = Some(origin.to_string());
             self
+        }
+
+        /// Lets every stalled answer (one permit each, now or later) go on.
+        pub fn release_stalls(&self) {
+            self.stalls.0.add_permits(1 << 16);
         }
 
         /// Faults for the next requests, one each, in order.
@@ -202,7 +249,7 @@ pub mod fake {
             blob: &Digest,
             start: u64,
             len: u64,
-        ) -> Result<Bytes, RegistryError> {
+        ) -> Result<(Bytes, Option<usize>), RegistryError> {
             self.log.lock().expect("fake lock").push(Request {
                 blob: *blob,
                 start,
@@ -219,7 +266,7 @@ pub mod fake {
             blob: &Digest,
             start: u64,
             len: u64,
-        ) -> Result<Bytes, RegistryError> {
+        ) -> Result<(Bytes, Option<usize>), RegistryError> {
             let fault = self.next_fault();
             let data = self
                 .blobs
@@ -235,8 +282,10 @@ pub mod fake {
                 )));
             };
             let mut out = data.slice(start as usize..end as usize);
+            let mut stall = None;
             match fault {
                 None => {}
+                Some(Fault::StallAfter(n)) => stall = Some(n),
                 Some(Fault::Error(m)) => return Err(RegistryError::Other(m)),
                 Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
                 Some(Fault::Truncate(n)) => out = out.slice(..n.min(out.len())),
@@ -249,7 +298,7 @@ pub mod fake {
                 }
             }
             self.bytes.fetch_add(out.len() as u64, Relaxed);
-            Ok(out)
+            Ok((out, stall))
         }
     }
 
@@ -261,7 +310,7 @@ pub mod fake {
             start: u64,
             len: u64,
         ) -> Result<Bytes, RegistryError> {
-            let got = self.answer(blob, start, len).await?;
+            let (got, _) = self.answer(blob, start, len).await?;
             // Like the registry client: a short answer is an error, never a short result.
             if got.len() as u64 != len {
                 return Err(RegistryError::Other(format!(
@@ -272,6 +321,41 @@ pub mod fake {
             Ok(got)
         }
 
+        /// The answer in 16 KiB chunks, as a body arrives; a truncated answer sends what it
+        /// has, then fails (a body that ended early).
+        async fn read_range_into(
+            &self,
+            blob: &Digest,
+            start: u64,
+            len: u64,
+            tx: tokio::sync::mpsc::Sender<Bytes>,
+        ) -> Result<(), RegistryError> {
+            let (got, mut stall) = self.answer(blob, start, len).await?;
+            let mut at = 0;
+            while at < got.len() {
+                let mut end = (at + (16 << 10)).min(got.len());
+                if let Some(n) = stall.filter(|&n| n >= at) {
+                    end = end.min(n);
+                    if end == at {
+                        let _ = self.stalls.0.acquire().await.map(|p| p.forget());
+                        stall = None;
+                        continue;
+                    }
+                }
+                if tx.send(got.slice(at..end)).await.is_err() {
+                    return Ok(());
+                }
+                at = end;
+            }
+            if got.len() as u64 != len {
+                return Err(RegistryError::Other(format!(
+                    "blob {blob}: body ended after {} of {len} bytes",
+                    got.len()
+                )));
+            }
+            Ok(())
+        }
+
         async fn read_blob(&self, blob: &Digest, max: u64) -> Result<Bytes, RegistryError> {
             let size = self.blobs.get(blob).map_or(0, |b| b.len() as u64);
             if size > max {
@@ -279,7 +363,7 @@ pub mod fake {
                     "blob {blob}: {size} bytes, more than {max}"
                 )));
             }
-            let got = self.answer(blob, 0, size).await?;
+            let (got, _) = self.answer(blob, 0, size).await?;
             let actual = Digest::of(&got);
             if actual != *blob {
                 return Err(RegistryError::DigestMismatch {

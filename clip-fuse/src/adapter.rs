@@ -38,6 +38,9 @@ pub struct MountOptions {
     /// Opening a cold file of at most this many bytes requests all of its spans at once
     /// (0: off; files are then fetched read by read).
     pub prefetch_on_open: u64,
+    /// On the second cold open in a directory, up to this many bytes of the files next to it
+    /// with the same extension are fetched on a guess, yielding to demand reads (0: off).
+    pub speculate_siblings: u64,
 }
 
 /// Files at least this big are served by passthrough once local (smaller ones are cheap to
@@ -46,6 +49,9 @@ pub const DEFAULT_PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 
 /// Files up to this size are requested whole when opened cold.
 pub const DEFAULT_PREFETCH_ON_OPEN: u64 = 8 << 20;
+
+/// Bytes of a directory's files fetched on a guess after two cold opens in it.
+pub const DEFAULT_SPECULATE_SIBLINGS: u64 = 4 << 20;
 
 impl Default for MountOptions {
     fn default() -> Self {
@@ -56,6 +62,7 @@ impl Default for MountOptions {
             fsname: "clip".into(),
             passthrough: true,
             prefetch_on_open: DEFAULT_PREFETCH_ON_OPEN,
+            speculate_siblings: DEFAULT_SPECULATE_SIBLINGS,
         }
     }
 }
@@ -75,6 +82,7 @@ struct Adapter {
     /// Asked for by the mount, and granted by the kernel at init.
     passthrough: bool,
     prefetch_on_open: u64,
+    speculate_siblings: u64,
     /// How each open inode is open. The kernel refuses (EIO) to mix page-cached and passthrough
     /// opens of one inode, and every passthrough open of an inode must name the same backing
     /// file, so an inode keeps its mode until its last open file is released.
@@ -277,9 +285,10 @@ impl Filesystem for Adapter {
         }
         note(OpenState::Cached);
         crate::metrics::open("daemon");
-        if self.prefetch_on_open > 0 {
+        if self.prefetch_on_open > 0 || self.speculate_siblings > 0 {
             let _rt = self.rt.enter();
-            self.fs.prefetch_on_open(ino.0, self.prefetch_on_open);
+            self.fs
+                .prefetch_on_open(ino.0, self.prefetch_on_open, self.speculate_siblings);
         }
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
@@ -527,6 +536,7 @@ fn adapter(
         rt,
         passthrough: opts.passthrough,
         prefetch_on_open: opts.prefetch_on_open,
+        speculate_siblings: opts.speculate_siblings,
         open: Mutex::new(HashMap::new()),
         fuse_fd: Arc::new(OnceLock::new()),
         kernel: Arc::new(OnceLock::new()),

@@ -89,9 +89,27 @@ pub struct Inode {
 
 pub struct ClipFs {
     inodes: Vec<Inode>,
+    /// The directory holding each inode's first name (the root's is itself).
+    parents: Vec<u64>,
     readers: Vec<Arc<LayerReader>>,
     has_xattrs: bool,
     passthrough: Option<Passthrough>,
+    /// Cold opens seen in each directory (see [`ClipFs::prefetch_on_open`]).
+    cold_opens: Mutex<HashMap<u64, u32>>,
+}
+
+/// A directory's siblings of a cold-opened file are fetched on its second cold open there.
+const SIBLINGS_AFTER: u32 = 2;
+
+/// Siblings bigger than this are not fetched on a guess (a big file is seldom read whole).
+const SIBLING_MAX_SIZE: u64 = 512 << 10;
+
+/// The file name's extension (after its last dot; none for dot files and names without one).
+fn extension(name: &[u8]) -> Option<&[u8]> {
+    match name.iter().rposition(|&b| b == b'.') {
+        Some(0) | None => None,
+        Some(i) => Some(&name[i + 1..]),
+    }
 }
 
 /// Whole-file copies for FUSE passthrough (see [`ClipFs::backing_file`]).
@@ -128,6 +146,7 @@ impl ClipFs {
         let mut by_path: HashMap<&[u8], u64> = HashMap::with_capacity(view.nodes.len());
         let mut by_data: HashMap<(u32, u32), u64> = HashMap::new();
         let mut children: HashMap<u64, Vec<(Vec<u8>, u64)>> = HashMap::new();
+        let mut parents: Vec<u64> = Vec::with_capacity(view.nodes.len());
         for (path, node) in &view.nodes {
             let entry = view.entry(node.layer, node.entry);
             let file_key = match entry.map(|e| &e.kind) {
@@ -219,6 +238,9 @@ impl ClipFs {
                 }
             };
             by_path.insert(path.as_slice(), ino);
+            if path.is_empty() && parents.len() < inodes.len() {
+                parents.push(ino);
+            }
             if !path.is_empty() {
                 let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
                     Some(i) => (&path[..i], &path[i + 1..]),
@@ -228,6 +250,9 @@ impl ClipFs {
                     FsError::Tree(format!("orphan {}", String::from_utf8_lossy(path)))
                 })?;
                 children.entry(pino).or_default().push((name.to_vec(), ino));
+                if parents.len() < inodes.len() {
+                    parents.push(pino);
+                }
                 if node.entry == IMPLIED || entry.is_some_and(|e| e.kind == EntryKind::Dir) {
                     inodes[pino as usize - 1].attr.nlink += 1;
                 }
@@ -242,9 +267,11 @@ impl ClipFs {
         let has_xattrs = inodes.iter().any(|i| !i.xattrs.is_empty());
         Ok(ClipFs {
             inodes,
+            parents,
             readers,
             has_xattrs,
             passthrough: None,
+            cold_opens: Mutex::new(HashMap::new()),
         })
     }
 
@@ -275,12 +302,94 @@ impl ClipFs {
     /// at most `max` bytes: a program that opens a file reads it, so its runs are requested
     /// at once, concurrently, instead of read by read (no wait; demand reads join them), unless
     /// a startup profile says which parts of it are read.
-    pub fn prefetch_on_open(&self, ino: u64, max: u64) {
-        if let Some((reader, offset, size)) = self.file_data(ino) {
-            if size > 0 && size <= max {
-                reader.prefetch_opened(offset, size);
+    ///
+    /// On the second cold open in a directory (where no startup profile knows better), the
+    /// files next to it with the same extension, up to `siblings` bytes in all (those nearest
+    /// in the layer first, each at most 512 KiB), are fetched on a guess, in the background
+    /// and yielding to demand reads: a program that loads two modules from a directory
+    /// (python's `__pycache__`, a node_modules package, a plugin directory) tends to load
+    /// more, one at a time, and each would cost a round trip.
+    pub fn prefetch_on_open(&self, ino: u64, max: u64, siblings: u64) {
+        let Some((reader, offset, size)) = self.file_data(ino) else {
+            return;
+        };
+        if size == 0 {
+            return;
+        }
+        let cold = !reader.is_local(offset, size) && !reader.profiled(offset, size);
+        tracing::debug!(ino, layer = %reader.index().layer, offset, size, cold, "open");
+        if size <= max {
+            reader.prefetch_opened(offset, size);
+        }
+        if cold && siblings > 0 {
+            self.note_cold_open(ino, siblings);
+        }
+    }
+
+    /// Counts a cold open of `ino` in its directory; on the [`SIBLINGS_AFTER`]th, starts the
+    /// sibling guess.
+    fn note_cold_open(&self, ino: u64, budget: u64) {
+        let Some(&dir) = self.parents.get(ino as usize - 1) else {
+            return;
+        };
+        {
+            let mut seen = self.cold_opens.lock().expect("cold opens lock");
+            let n = seen.entry(dir).or_insert(0);
+            *n = n.saturating_add(1);
+            if *n != SIBLINGS_AFTER {
+                return;
             }
         }
+        let Some(picked) = self.siblings(dir, ino, budget) else {
+            return;
+        };
+        for (layer, ranges) in picked {
+            let reader = self.readers[layer as usize].clone();
+            tokio::spawn(async move { reader.speculate(&ranges).await });
+        }
+    }
+
+    /// The regular files of `dir` with `ino`'s extension (other than `ino`), at most
+    /// [`SIBLING_MAX_SIZE`] each, nearest to `ino` in its layer first, up to `budget` bytes:
+    /// their (offset, size) ranges by layer.
+    fn siblings(&self, dir: u64, ino: u64, budget: u64) -> Option<HashMap<u32, Vec<(u64, u64)>>> {
+        let kids = self.children(dir).ok()?;
+        let name = &kids.iter().find(|(_, i)| *i == ino)?.0;
+        let ext = extension(name);
+        let (home, at) = match self.get(ino).ok()?.data {
+            Data::File { layer, offset } => (layer, offset),
+            _ => return None,
+        };
+        let mut found: Vec<(u64, u32, u64, u64)> = kids
+            .iter()
+            .filter(|(n, i)| *i != ino && extension(n) == ext)
+            .filter_map(|(_, i)| {
+                let inode = self.get(*i).ok()?;
+                match inode.data {
+                    Data::File { layer, offset }
+                        if inode.attr.size > 0 && inode.attr.size <= SIBLING_MAX_SIZE =>
+                    {
+                        let distance = match layer == home {
+                            true => offset.abs_diff(at),
+                            false => u64::MAX,
+                        };
+                        Some((distance, layer, offset, inode.attr.size))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        found.sort_unstable();
+        let mut out: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
+        let mut left = budget;
+        for (_, layer, offset, size) in found {
+            if size > left {
+                break;
+            }
+            left -= size;
+            out.entry(layer).or_default().push((offset, size));
+        }
+        Some(out)
     }
 
     /// A verified local copy of the whole file to hand the kernel for passthrough, if there is
@@ -513,6 +622,40 @@ mod tests {
         ]);
         let view = ImageView::build(vec![layer]).unwrap();
         ClipFs::new(&view, vec![]).unwrap()
+    }
+
+    #[test]
+    fn siblings_are_files_of_the_same_kind_nearest_first_within_a_budget() {
+        let file = |p: &str, offset: u64, size: u64| entry(p, EntryKind::File { offset, size });
+        let mut l = layer(vec![
+            entry("pkg/__pycache__", EntryKind::Dir),
+            file("pkg/__pycache__/a.pyc", 0, 1000),
+            file("pkg/__pycache__/b.pyc", 10_000, 1000),
+            file("pkg/__pycache__/c.pyc", 20_000, 3000),
+            file("pkg/__pycache__/d.pyc", 900_000, 1000),
+            file("pkg/__pycache__/huge.pyc", 1 << 20, 600 << 10),
+            file("pkg/__pycache__/notes.txt", 11_000, 100),
+            file("pkg/__pycache__/empty.pyc", 12_000, 0),
+            file("pkg/other.pyc", 13_000, 100),
+            entry("pkg/__pycache__/sub", EntryKind::Dir),
+        ]);
+        Arc::get_mut(&mut l).unwrap().uncompressed_size = 4 << 20;
+        let view = ImageView::build(vec![l]).unwrap();
+        let fs = ClipFs::new(&view, vec![]).unwrap();
+        let dir = fs.lookup(1, b"pkg").unwrap().attr.ino;
+        let dir = fs.lookup(dir, b"__pycache__").unwrap().attr.ino;
+        let b = fs.lookup(dir, b"b.pyc").unwrap().attr.ino;
+        assert_eq!(fs.parents[b as usize - 1], dir);
+        // From b.pyc: a.pyc and c.pyc are nearest, d.pyc further; huge.pyc is too big, the
+        // text file another kind, the empty file has nothing to fetch, other.pyc elsewhere.
+        let all = fs.siblings(dir, b, 1 << 20).unwrap();
+        assert_eq!(all[&0], vec![(0, 1000), (20_000, 3000), (900_000, 1000)]);
+        // A budget of 4000 bytes takes the nearest that fit, then stops.
+        let some = fs.siblings(dir, b, 4000).unwrap();
+        assert_eq!(some[&0], vec![(0, 1000), (20_000, 3000)]);
+        assert_eq!(extension(b"x.tar.gz"), Some(&b"gz"[..]));
+        assert_eq!(extension(b".bashrc"), None);
+        assert_eq!(extension(b"README"), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod metrics;
 
 pub use adapter::{
     mount, mount_with, resume, Handover, MountOptions, DEFAULT_PASSTHROUGH_MIN_SIZE,
-    DEFAULT_PREFETCH_ON_OPEN,
+    DEFAULT_PREFETCH_ON_OPEN, DEFAULT_SPECULATE_SIBLINGS,
 };
 pub use fs::{ClipFs, FsError};
 pub use fuser::BackgroundSession;

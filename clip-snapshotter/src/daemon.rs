@@ -117,6 +117,10 @@ pub struct FuseSection {
     /// Largest file whose spans are all requested when it is opened cold (default "8MiB";
     /// "0": files are fetched read by read).
     pub prefetch_on_open: Option<String>,
+    /// After two cold opens in a directory, fetch up to this many bytes of the files next to
+    /// them with the same extension on a guess, yielding to demand reads (default "4MiB";
+    /// "0": off). Not where a startup profile lists the reads.
+    pub speculate_siblings: Option<String>,
     /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
     /// connections; default true).
     pub handover: Option<bool>,
@@ -232,6 +236,11 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             &cfg.fuse.prefetch_on_open,
             defaults.prefetch_on_open,
             "fuse.prefetch_on_open",
+        )?,
+        speculate_siblings: size(
+            &cfg.fuse.speculate_siblings,
+            defaults.speculate_siblings,
+            "fuse.speculate_siblings",
         )?,
         passthrough_min_size: size(
             &cfg.fuse.passthrough_min_size,
@@ -398,6 +407,10 @@ mod tests {
         assert_eq!(
             size(&c.fuse.prefetch_on_open, 0, "").unwrap(),
             clip_fuse::DEFAULT_PREFETCH_ON_OPEN
+        );
+        assert_eq!(
+            size(&c.fuse.speculate_siblings, 0, "").unwrap(),
+            clip_fuse::DEFAULT_SPECULATE_SIBLINGS
         );
         assert!(!c.index_on_demand);
         assert_eq!(c.root, Some(PathBuf::from("/var/lib/clip")));

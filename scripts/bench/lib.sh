@@ -103,5 +103,9 @@ stop_node() {
   [[ -n ${NODE_SNAP_PID:-} ]] && { kill -TERM "$NODE_SNAP_PID" 2>/dev/null; wait "$NODE_SNAP_PID" 2>/dev/null || true; }
   [[ -n ${NODE_CD_PID:-} ]] && { kill -TERM "$NODE_CD_PID" 2>/dev/null; wait "$NODE_CD_PID" 2>/dev/null || true; }
   NODE_SNAP_PID=""; NODE_CD_PID=""
+  # CLIP_BENCH_LOGS=DIR keeps each node's snapshotter log (set CLIP_LOG for more detail).
+  if [[ -n ${CLIP_BENCH_LOGS:-} && -f $dir/snapshotter.log ]]; then
+    mkdir -p "$CLIP_BENCH_LOGS"; cp "$dir/snapshotter.log" "$CLIP_BENCH_LOGS/snapshotter.$(date +%s.%N).log"
+  fi
   awk -v d="$dir" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 }

@@ -24,7 +24,7 @@ mod inflater;
 mod span;
 
 pub use indexer::{GzipIndexer, SpanSink, ZranOutput};
-pub use span::{compressed_range, inflate_span, inflate_spans};
+pub use span::{compressed_range, inflate_span, inflate_spans, SpanInflater};
 
 /// The size of a deflate window: the farthest a back-reference can reach.
 pub const WINDOW_SIZE: usize = 32 * 1024;

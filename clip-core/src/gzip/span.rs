@@ -32,64 +32,137 @@ pub fn inflate_spans(
     window: &[u8],
     lens: &[usize],
 ) -> Result<Vec<Vec<u8>>, GzipError> {
-    if bits > 7 {
-        return Err(GzipError::Zlib(format!(
-            "invalid checkpoint bit offset {bits}"
-        )));
+    let mut s = SpanInflater::new(bits, window, lens)?;
+    let outs = s.feed(data)?;
+    s.finish()?;
+    Ok(outs)
+}
+
+/// [`inflate_spans`] fed as the compressed bytes arrive: each span is handed out as soon as
+/// the bytes that produce it are in, so the first span of a long run does not wait for the
+/// run's last byte.
+pub struct SpanInflater {
+    inflater: Option<Inflater>,
+    bits: u8,
+    window: Vec<u8>,
+    /// Output lengths of the spans not yet complete, in order.
+    lens: std::collections::VecDeque<usize>,
+    /// The span being filled (if started), and how much of it is.
+    out: Option<Vec<u8>>,
+    filled: usize,
+    /// Bytes fed so far, and produced in completed spans (for messages).
+    fed: u64,
+    done: u64,
+    total: u64,
+    /// Bytes of a gzip member trailer still to skip before the next member's header.
+    skip: usize,
+}
+
+impl SpanInflater {
+    pub fn new(bits: u8, window: &[u8], lens: &[usize]) -> Result<Self, GzipError> {
+        if bits > 7 {
+            return Err(GzipError::Zlib(format!(
+                "invalid checkpoint bit offset {bits}"
+            )));
+        }
+        Ok(SpanInflater {
+            inflater: None,
+            bits,
+            window: window.to_vec(),
+            lens: lens.iter().copied().collect(),
+            out: None,
+            filled: 0,
+            fed: 0,
+            done: 0,
+            total: lens.iter().map(|&l| l as u64).sum(),
+            skip: 0,
+        })
     }
-    let mut inflater = Inflater::new(RAW)?;
-    let mut input = data;
-    if bits > 0 {
-        let (&first, rest) = input
-            .split_first()
-            .ok_or(GzipError::Truncated { compressed: 0 })?;
-        inflater.prime(bits, first >> (8 - bits))?;
-        input = rest;
+
+    /// True when every span is complete.
+    pub fn is_done(&self) -> bool {
+        self.lens.is_empty()
     }
-    inflater.set_dictionary(window)?;
-    let total: usize = lens.iter().sum();
-    let mut outs = Vec::with_capacity(lens.len());
-    let mut done = 0;
-    for &out_len in lens {
-        let mut out = vec![0u8; out_len];
-        let mut filled = 0;
+
+    /// Inflates what `data` (the next compressed bytes) yields; returns the spans it completed.
+    pub fn feed(&mut self, mut input: &[u8]) -> Result<Vec<Vec<u8>>, GzipError> {
+        self.fed += input.len() as u64;
+        let mut outs = Vec::new();
+        if self.inflater.is_none() {
+            let mut inflater = Inflater::new(RAW)?;
+            if self.bits > 0 {
+                let Some((&first, rest)) = input.split_first() else {
+                    return Ok(outs);
+                };
+                inflater.prime(self.bits, first >> (8 - self.bits))?;
+                input = rest;
+            }
+            inflater.set_dictionary(&self.window)?;
+            self.window = Vec::new();
+            self.inflater = Some(inflater);
+        }
+        let inflater = self.inflater.as_mut().expect("set above");
         let mut stalls = 0;
-        while filled < out_len {
+        while let Some(&out_len) = self.lens.front() {
+            if self.skip > 0 {
+                let n = self.skip.min(input.len());
+                input = &input[n..];
+                self.skip -= n;
+                if self.skip > 0 {
+                    break;
+                }
+                inflater.reset(GZIP)?;
+            }
+            let out = self.out.get_or_insert_with(|| vec![0u8; out_len]);
+            if self.filled == out_len {
+                self.done += out_len as u64;
+                self.lens.pop_front();
+                outs.extend(self.out.take());
+                self.filled = 0;
+                continue;
+            }
+            if input.is_empty() {
+                break;
+            }
+            let at = self.fed - input.len() as u64;
             let step = inflater
-                .inflate(input, &mut out[filled..], libz_rs_sys::Z_NO_FLUSH)
+                .inflate(input, &mut out[self.filled..], libz_rs_sys::Z_NO_FLUSH)
                 .map_err(|message| GzipError::Corrupt {
-                    compressed: (data.len() - input.len()) as u64,
+                    compressed: at,
                     message,
                 })?;
             input = &input[step.consumed..];
-            filled += step.produced;
-            if step.stream_end && filled < out_len {
+            self.filled += step.produced;
+            if step.stream_end && self.filled < out_len {
                 // The span crosses into the next gzip member: skip the 8-byte trailer and let
                 // zlib parse the next member's header.
-                if input.len() < 8 {
-                    return Err(GzipError::ShortSpan {
-                        got: (done + filled) as u64,
-                        expected: total as u64,
-                    });
-                }
-                input = &input[8..];
-                inflater.reset(GZIP)?;
+                self.skip = 8;
                 continue;
             }
             if step.consumed == 0 && step.produced == 0 {
                 stalls += 1;
-                if input.is_empty() || stalls > 4 {
-                    return Err(GzipError::ShortSpan {
-                        got: (done + filled) as u64,
-                        expected: total as u64,
-                    });
+                if stalls > 4 {
+                    return Err(self.short());
                 }
             } else {
                 stalls = 0;
             }
         }
-        done += out_len;
-        outs.push(out);
+        Ok(outs)
     }
-    Ok(outs)
+
+    /// Every compressed byte has been fed: an error if some span is still incomplete.
+    pub fn finish(&self) -> Result<(), GzipError> {
+        match self.is_done() {
+            true => Ok(()),
+            false => Err(self.short()),
+        }
+    }
+
+    fn short(&self) -> GzipError {
+        GzipError::ShortSpan {
+            got: self.done + self.filled as u64,
+            expected: self.total,
+        }
+    }
 }

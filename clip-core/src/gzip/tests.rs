@@ -278,3 +278,60 @@ fn a_window_sink_gets_every_window_in_order_and_the_checkpoints_keep_none() {
     let windows: Vec<Vec<u8>> = kept.checkpoints.iter().map(|c| c.window.clone()).collect();
     assert_eq!(*got.lock().unwrap(), windows);
 }
+
+#[test]
+fn fed_in_pieces_of_any_size_spans_come_out_the_same_as_soon_as_they_can() {
+    // Two members, so runs cross a member boundary (its trailer split across pieces too).
+    let a = sample(1_500_000, 3);
+    let b = sample(2_000_000, 4);
+    let mut gz = gzip(&a, 6);
+    gz.extend(gzip(&b, 6));
+    let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+    let (z, _) = index(&gz, 16 << 10).unwrap();
+    assert!(
+        z.checkpoints.len() > 6,
+        "{} checkpoints",
+        z.checkpoints.len()
+    );
+    // One run from checkpoint 1 to the end, in pieces of 1, 7, 100 and 4096 bytes.
+    assert!(
+        z.checkpoints.iter().any(|c| c.bits != 0),
+        "a mid-byte checkpoint"
+    );
+    let cp = &z.checkpoints[1];
+    let (s, _) = compressed_range(cp.compressed, cp.bits, gz.len() as u64);
+    let run = &gz[s as usize..];
+    let bounds: Vec<u64> = z.checkpoints[1..]
+        .iter()
+        .map(|c| c.uncompressed)
+        .chain([z.uncompressed_size])
+        .collect();
+    let lens: Vec<usize> = bounds.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    for piece in [1usize, 7, 100, 4096] {
+        let mut inf = SpanInflater::new(cp.bits, &cp.window, &lens).unwrap();
+        let mut outs = Vec::new();
+        for (k, chunk) in run.chunks(piece).enumerate() {
+            outs.extend(inf.feed(chunk).unwrap());
+            // A span is out once the bytes up to the next checkpoint are in (plus the byte
+            // holding its last bits).
+            let fed = s + ((k + 1) * piece).min(run.len()) as u64;
+            let ready = z.checkpoints[2..]
+                .iter()
+                .take_while(|c| c.compressed < fed)
+                .count();
+            assert!(
+                outs.len() >= ready,
+                "piece {piece}: {} of {ready} spans out",
+                outs.len()
+            );
+        }
+        inf.finish().unwrap();
+        assert_eq!(outs.len(), lens.len());
+        let joined: Vec<u8> = outs.concat();
+        assert_eq!(joined, &all[bounds[0] as usize..], "piece {piece}");
+    }
+    // Fed short, it says so.
+    let mut inf = SpanInflater::new(cp.bits, &cp.window, &lens).unwrap();
+    inf.feed(&run[..run.len() / 2]).unwrap();
+    assert!(matches!(inf.finish(), Err(GzipError::ShortSpan { .. })));
+}

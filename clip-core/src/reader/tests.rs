@@ -24,9 +24,20 @@ fn build(
     reader: impl FnOnce(u64) -> ReaderConfig,
     remote_windows: bool,
 ) -> Setup {
-    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    build_spans(16 << 10, cache, fetch, reader, remote_windows)
+}
+
+/// [`build`] with spans of `span` bytes.
+fn build_spans(
+    span: u64,
+    cache: TieredCache,
+    fetch: FetchConfig,
+    reader: impl FnOnce(u64) -> ReaderConfig,
+    remote_windows: bool,
+) -> Setup {
+    let (gz, index, windows, tar) = layer(16, 48 << 10, span);
     assert!(
-        index.spans.len() >= 16,
+        index.spans.len() >= if span <= 16 << 10 { 16 } else { 10 },
         "fixture has {} spans",
         index.spans.len()
     );
@@ -284,7 +295,7 @@ async fn failing_source_gives_a_clear_error_and_no_partial_bytes() {
     // A truncated answer is an error too, never short data.
     t.source.always(Some(Fault::Truncate(10)));
     let e = t.reader.read(off, len).await.unwrap_err();
-    assert!(e.to_string().contains("got 10 of"), "{e}");
+    assert!(e.to_string().contains("ended after 10 of"), "{e}");
     // Once the source recovers, the same read succeeds.
     t.source.always(None);
     assert_eq!(
@@ -490,4 +501,95 @@ async fn where_a_replayed_profile_lists_a_read_nothing_is_guessed_around_it() {
     let last = t.last_within(12, 4 * t.index.span_size);
     let after = &t.layer_requests()[3..];
     assert_eq!(after, [t.compressed(12..last + 1), t.compressed(9..11)]);
+}
+
+#[tokio::test]
+async fn a_run_hands_out_each_span_as_its_bytes_arrive() {
+    let t = setup(0);
+    // One request for spans 0-7; the answer stops after the bytes of spans 0-2 until released.
+    let (run_start, _) = t.compressed(0..8);
+    let (_, end2) = t.compressed(2..3);
+    t.source
+        .script([Fault::StallAfter((end2 - run_start) as usize)]);
+    let (off, len) = t.spans(0..8);
+    t.reader.prefetch(off, len);
+    let (off0, len0) = t.spans(0..1);
+    let got = tokio::time::timeout(Duration::from_secs(5), t.reader.read(off0, len0))
+        .await
+        .expect("span 0 is served while the rest of its run is still on the wire")
+        .unwrap();
+    assert_eq!(&got[..], t.expect(off0, len0));
+    let (off7, len7) = t.spans(7..8);
+    assert!(!t.reader.is_local(off7, len7), "the run is still held");
+    t.source.release_stalls();
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(t.layer_requests(), vec![t.compressed(0..8)]);
+}
+
+#[tokio::test]
+async fn a_span_after_one_held_locally_needs_no_window_request() {
+    // Spans of 64 KiB (each holds a whole 32 KiB window), windows only on the "registry".
+    let no_guessing = |_| ReaderConfig {
+        readahead_bytes: 0,
+        locality_bytes: 0,
+    };
+    let t = build_spans(
+        64 << 10,
+        TieredCache::memory_only(64 << 20),
+        FetchConfig::default(),
+        no_guessing,
+        true,
+    );
+    let window_requests = || {
+        t.source
+            .requests()
+            .iter()
+            .filter(|r| r.blob == t.index.windows.digest)
+            .count()
+    };
+    let (off, len) = t.spans(3..4);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(window_requests(), 1);
+    // Span 4's window is the end of span 3, which is in memory: no window request.
+    let (off, len) = t.spans(4..5);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(window_requests(), 1);
+    assert_eq!(t.fetcher.stats.windows_from_spans.load(Relaxed), 1);
+    // Span 9 follows nothing local: its window is fetched.
+    let (off, len) = t.spans(9..10);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(window_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_run_that_fails_verification_midway_is_fetched_again_from_where_it_failed() {
+    let t = setup(0);
+    // A flipped byte in the middle of span 3's compressed bytes, in a request for spans 0-5:
+    // spans 0-2 are delivered, and only spans 3-5 are asked for again.
+    let (run_start, _) = t.compressed(0..6);
+    let (s3, e3) = t.compressed(3..4);
+    t.source
+        .script([Fault::Corrupt(((s3 + e3) / 2 - run_start) as usize)]);
+    let (off, len) = t.spans(0..6);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(
+        t.layer_requests(),
+        vec![t.compressed(0..6), t.compressed(3..6)]
+    );
+    assert_eq!(t.fetcher.stats.verify_failures.load(Relaxed), 1);
 }

@@ -782,6 +782,93 @@ impl Client {
         Ok(body)
     }
 
+    /// Bytes `[start, start + len)` of a blob sent into `tx` in order as they arrive (see
+    /// [`crate::source::BlobSource::read_range_into`]): a body that breaks off or stalls is
+    /// resumed from where it stopped with a range request for the rest; a server that ignores
+    /// ranges is read up to the slice and past nothing after it.
+    pub async fn get_blob_range_into(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if len == 0 {
+            return Ok(());
+        }
+        let path = format!("/v2/{}/blobs/{}", r.repository, digest);
+        let what = format!("blob {}@{} bytes {}+{}", r.repository, digest, start, len);
+        // Bytes of the slice sent so far (survives retries).
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let result = self
+            .execute(
+                Self::target(r, false),
+                &what,
+                |http, base| {
+                    let from = start + sent.load(SeqCst);
+                    http.get(format!("{base}{path}"))
+                        .header(RANGE, format!("bytes={}-{}", from, start + len - 1))
+                },
+                |mut resp| {
+                    let (tx, sent, what) = (tx.clone(), sent.clone(), what.clone());
+                    let stall = self.inner.cfg.stall_timeout;
+                    async move {
+                        let from = start + sent.load(SeqCst);
+                        // Position in the blob of the body's first byte.
+                        let mut pos = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                            check_content_range(resp.headers(), from, start + len - from)?;
+                            from
+                        } else {
+                            0
+                        };
+                        let end = start + len;
+                        while pos < end {
+                            let chunk = match tokio::time::timeout(stall, resp.chunk()).await {
+                                Err(_) => {
+                                    return Err(Attempt::Retry {
+                                        reason: "body stalled".into(),
+                                        after: Some(Duration::ZERO),
+                                    })
+                                }
+                                Ok(Err(e)) => {
+                                    return Err(Attempt::Retry {
+                                        reason: format!("body: {e}"),
+                                        after: Some(Duration::ZERO),
+                                    })
+                                }
+                                Ok(Ok(None)) => {
+                                    return Err(Attempt::Retry {
+                                        reason: format!("{what}: body ended early"),
+                                        after: Some(Duration::ZERO),
+                                    })
+                                }
+                                Ok(Ok(Some(c))) => c,
+                            };
+                            let (c_start, c_end) = (pos, pos + chunk.len() as u64);
+                            pos = c_end;
+                            let want = start + sent.load(SeqCst);
+                            let (lo, hi) = (want.max(c_start), end.min(c_end));
+                            if lo >= hi {
+                                continue;
+                            }
+                            let part =
+                                chunk.slice((lo - c_start) as usize..(hi - c_start) as usize);
+                            sent.fetch_add(part.len() as u64, SeqCst);
+                            self.count_bytes(part.len());
+                            if tx.send(part).await.is_err() {
+                                return Ok(()); // the reader went away
+                            }
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .await;
+        result
+    }
+
     fn count_bytes(&self, n: usize) {
         crate::metrics::registry_bytes(n as u64);
     }

@@ -450,3 +450,45 @@ fn images_taken_from_elsewhere_are_checked_like_a_registrys_answer() {
     );
     assert!(c.is_resolved(&r));
 }
+
+#[tokio::test]
+async fn a_streamed_range_that_breaks_off_is_resumed_from_where_it_stopped() {
+    // Answers `bytes=a-b` with a 206 for all of it, but the first answer breaks off halfway.
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (host, log) = serve_with("127.0.0.1", move |head| {
+        let range = head
+            .lines()
+            .find_map(|l| l.strip_prefix("range: bytes="))
+            .unwrap_or("0-0");
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+        let body: String = (a..=b).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        let cut = match first.swap(false, Ordering::SeqCst) {
+            true => body.len() / 2,
+            false => body.len(),
+        };
+        format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/100000\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            &body[..cut]
+        )
+    })
+    .await;
+    let r: Reference = format!("{host}/repo:tag").parse().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    let c = client();
+    let got = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Some(b) = rx.recv().await {
+            all.extend_from_slice(&b);
+        }
+        all
+    });
+    c.get_blob_range_into(&r, &Digest::of(b"blob"), 1000, 100, tx)
+        .await
+        .unwrap();
+    let want: Vec<u8> = (1000..1100u64).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(got.await.unwrap(), want);
+    assert_eq!(requests_for(&log, "range: bytes=1000-1099"), 1);
+    assert_eq!(requests_for(&log, "range: bytes=1050-1099"), 1);
+}

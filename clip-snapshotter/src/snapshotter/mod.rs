@@ -95,6 +95,8 @@ pub struct Options {
     pub passthrough_min_size: u64,
     /// Largest file requested whole when opened cold (0: off).
     pub prefetch_on_open: u64,
+    /// Bytes of a directory's files fetched on a guess after two cold opens in it (0: off).
+    pub speculate_siblings: u64,
     /// Hand FUSE connections to a keeper process so lazy mounts (and the containers reading
     /// them) survive a daemon restart.
     pub handover: bool,
@@ -119,6 +121,7 @@ impl Default for Options {
             fuse_threads: clip_fuse::MountOptions::default().threads,
             passthrough_min_size: clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
             prefetch_on_open: clip_fuse::DEFAULT_PREFETCH_ON_OPEN,
+            speculate_siblings: clip_fuse::DEFAULT_SPECULATE_SIBLINGS,
             profile_window: std::time::Duration::from_secs(20),
             publish_profiles: false,
             trust: TrustPolicy::default(),
@@ -602,6 +605,7 @@ impl ClipSnapshotter {
             fsname: format!("clip:{name}"),
             passthrough: self.reads.files.is_some(),
             prefetch_on_open: self.opts.prefetch_on_open,
+            speculate_siblings: self.opts.speculate_siblings,
         };
         Ok((fs, opts, readers))
     }

@@ -375,3 +375,81 @@ fn clip_mount_is_nosuid_nodev_unless_asked() {
         assert!(o.status.success(), "{}", stderr(&o));
     }
 }
+
+/// A program that loads two modules from a directory loads more: on the second cold open in a
+/// directory, the files next to it of the same kind are fetched in the background, so reading
+/// them afterwards asks the registry for nothing; files of another kind are left alone.
+#[test]
+fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("pkg")).unwrap();
+    // Noise, so the layer has a checkpoint every span.
+    let body = |k: u32, n: u32| -> Vec<u8> {
+        let mut x = u64::from(k) + 1;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect()
+    };
+    // m0.pyc, m0x.dat, m1.pyc, ...: 1 MiB of another kind between modules, so no module is
+    // fetched as a neighbour of another.
+    for k in 0..6 {
+        std::fs::write(src.join(format!("pkg/m{k}.pyc")), body(k, 300 << 10)).unwrap();
+        std::fs::write(src.join(format!("pkg/m{k}x.dat")), body(100 + k, 1 << 20)).unwrap();
+    }
+    let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
+    reg.push_layout(&l, "v1", "sib");
+    let image = format!("{}:v1", reg.image("sib"));
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let mut guessed = std::collections::BTreeSet::new();
+    for k in 2..6 {
+        let f = format!("/pkg/m{k}.pyc");
+        let spans = clip_json(&root, &["inspect", &image, &f, "--json"], &[])["spans"].clone();
+        guessed.extend(spans[0].as_u64().unwrap()..spans[1].as_u64().unwrap());
+    }
+    let port = free_port();
+    let m = Mounted::start_with(
+        &root,
+        &image,
+        &tmp.path().join("mnt"),
+        &["--metrics-address", &format!("127.0.0.1:{port}")],
+    );
+    let read = |k: u32| std::fs::read(m.dir.join(format!("pkg/m{k}.pyc"))).unwrap();
+    assert!(read(0) == body(0, 300 << 10));
+    assert!(read(1) == body(1, 300 << 10));
+    // The guess lands in the background; the counter counts spans once they are fetched.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&scrape(port), "clip_speculate_spans_total") < guessed.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "the siblings were not fetched: {}\n{}",
+            scrape(port),
+            std::fs::read_to_string(root.with_extension("mount.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let blob_requests = || {
+        reg.requests_from("clip/")
+            .iter()
+            .filter(|l| l.contains("/blobs/"))
+            .count()
+    };
+    let before = blob_requests();
+    for k in 2..6 {
+        assert!(read(k) == body(k, 300 << 10), "m{k}.pyc");
+    }
+    assert_eq!(blob_requests(), before, "the modules came from the cache");
+    let other = std::fs::read(m.dir.join("pkg/m4x.dat")).unwrap();
+    assert!(other == body(104, 1 << 20));
+    assert!(
+        blob_requests() > before,
+        "another kind of file was not guessed"
+    );
+}
