@@ -257,6 +257,7 @@ impl Fetcher {
             shared: self.clone(),
             source,
             local_windows,
+            local_windows_bad: std::sync::atomic::AtomicBool::new(false),
             profiled: (0..index.spans.len().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -297,6 +298,9 @@ pub struct LayerFetcher {
     source: Arc<dyn BlobSource>,
     index: Arc<LayerIndex>,
     local_windows: Option<LocalWindows>,
+    /// Set once a run fetched with a window from `local_windows` failed verification: from then
+    /// on the published windows are used (the local file is not hashed before use).
+    local_windows_bad: std::sync::atomic::AtomicBool,
     /// One bit per span: a startup profile being replayed on this layer lists the span, so what
     /// the program reads around it is known and need not be guessed.
     profiled: Box<[AtomicU64]>,
@@ -651,6 +655,9 @@ impl LayerFetcher {
             match r {
                 Err(e @ ReadError::Corrupt { .. }) => {
                     self.shared.stats.verify_failures.fetch_add(1, Relaxed);
+                    if self.local_windows.is_some() && !self.local_windows_bad.swap(true, Relaxed) {
+                        tracing::warn!(layer = %self.index.layer, "a span read with this node's windows blob failed verification; using the published windows from now on");
+                    }
                     if attempt >= self.shared.cfg.verify_attempts {
                         break Err(e);
                     }
@@ -699,8 +706,9 @@ impl LayerFetcher {
     }
 
     /// The 32 KiB checkpoint window of span `i`, inflated: the end of span `i - 1` when a tier
-    /// on this node has it (no request at all), else from the local windows blob, else one
-    /// small range read of the published one (concurrent with the span's data request).
+    /// on this node has it (no request at all), else from the local windows blob (unless it
+    /// proved damaged), else one small range read of the published one (concurrent with the
+    /// span's data request).
     async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
         let s = &self.index.spans[i];
         if s.window_len == 0 {
@@ -712,7 +720,9 @@ impl LayerFetcher {
         let (off, len) = (s.window_offset, u64::from(s.window_len));
         let mut raw = None;
         if let Some(local) = &self.local_windows {
-            raw = local.read(off, len).await;
+            if !self.local_windows_bad.load(Relaxed) {
+                raw = local.read(off, len).await;
+            }
         }
         let raw = match raw {
             Some(w) => w,

@@ -251,8 +251,17 @@ impl Store {
         (data.len() as u64 == blob.size && Digest::of(&data) == blob.digest).then_some(data)
     }
 
-    /// The windows blob for reads by range, if it is present and intact (checked once, by
-    /// streaming it through sha256: nothing of it stays in memory).
+    /// The windows blob for reads by range, if it is present and has its size. Not hashed: a
+    /// damaged window cannot produce a span's digest, and the fetcher then turns to the
+    /// published windows (so mounting and prefetching do not read the whole blob first).
+    pub fn windows_for_reads(&self, blob: &BlobRef) -> Option<crate::fetch::LocalWindows> {
+        let f = std::fs::File::open(self.windows_path(&blob.digest)).ok()?;
+        (f.metadata().ok()?.len() == blob.size)
+            .then(|| crate::fetch::LocalWindows::File(std::sync::Arc::new(f), blob.size))
+    }
+
+    /// The windows blob, if it is present and intact (checked by streaming it through sha256:
+    /// nothing of it stays in memory). For reuse of a built index, which may be pushed.
     pub fn open_windows(&self, blob: &BlobRef) -> Option<crate::fetch::LocalWindows> {
         use std::io::Read;
         let mut f = std::fs::File::open(self.windows_path(&blob.digest)).ok()?;

@@ -357,7 +357,7 @@ async fn open_image(
     let readers = reports
         .iter()
         .map(|r| {
-            let windows = ctx.store.open_windows(&r.index.windows);
+            let windows = ctx.store.windows_for_reads(&r.index.windows);
             path.reader(&ctx.client, &image.reference, r.index.clone(), windows)
         })
         .collect();

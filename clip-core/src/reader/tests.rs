@@ -593,3 +593,47 @@ async fn a_run_that_fails_verification_midway_is_fetched_again_from_where_it_fai
     );
     assert_eq!(t.fetcher.stats.verify_failures.load(Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_damaged_local_windows_blob_costs_one_retry_then_the_published_one_is_used() {
+    // This node's windows blob is not hashed before use (`Store::windows_for_reads`).
+    let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    let bad: Vec<u8> = windows.iter().map(|b| b ^ 0x5a).collect();
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let fetcher = Fetcher::new(
+        Arc::new(TieredCache::memory_only(64 << 20)),
+        FetchConfig::default(),
+    );
+    let no_guessing = ReaderConfig {
+        readahead_bytes: 0,
+        locality_bytes: 0,
+    };
+    let reader = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        index.clone(),
+        Some(Bytes::from(bad).into()),
+        no_guessing,
+    );
+    let window_requests = || {
+        source
+            .requests()
+            .iter()
+            .filter(|r| r.blob == index.windows.digest)
+            .count()
+    };
+    let read = |i: usize| {
+        let (s, e) = index.span_range(i);
+        let reader = reader.clone();
+        async move { (reader.read(s, e - s).await.unwrap(), s as usize, e as usize) }
+    };
+    let (got, s, e) = read(5).await;
+    assert_eq!(&got[..], &tar[s..e]);
+    assert_eq!(fetcher.stats.verify_failures.load(Relaxed), 1);
+    assert_eq!(window_requests(), 1);
+    // From then on the published windows: no second failure.
+    let (got, s, e) = read(9).await;
+    assert_eq!(&got[..], &tar[s..e]);
+    assert_eq!(fetcher.stats.verify_failures.load(Relaxed), 1);
+    assert_eq!(window_requests(), 2);
+}

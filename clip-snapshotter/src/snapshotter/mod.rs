@@ -248,7 +248,7 @@ fn stored_reader(
     let Some((ix, _)) = store.get_layer(layer)? else {
         return Ok(None);
     };
-    let windows = store.open_windows(&ix.windows);
+    let windows = store.windows_for_reads(&ix.windows);
     Ok(Some(reads.reader(client, reference, Arc::new(ix), windows)))
 }
 

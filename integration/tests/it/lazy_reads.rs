@@ -92,6 +92,25 @@ fn cat_matches_an_independent_extractor_and_restarts_reuse_the_disk_cache() {
         "{s}"
     );
     assert!(s["disk_hits"].as_u64().unwrap() >= 6, "{s}");
+    // A node that built the index keeps its windows blob and reads it unhashed: damaged, it
+    // costs a verification failure, then the published windows serve, and the bytes are right.
+    let built = tmp.path().join("built");
+    clip_json(&built, &["index", &image, "--json"], &[]);
+    let mut damaged = 0;
+    for w in std::fs::read_dir(built.join("windows")).unwrap() {
+        let w = w.unwrap().path();
+        let mut raw = std::fs::read(&w).unwrap();
+        for b in raw.iter_mut() {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&w, raw).unwrap();
+        damaged += 1;
+    }
+    assert!(damaged > 0);
+    let (got, s) = cat(&built, &image, "/data/random.bin", &[]);
+    assert!(got == reference_bytes(&l, "/data/random.bin"));
+    assert!(s["verify_failures"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["window_requests"].as_u64().unwrap() >= 1, "{s}");
     // Errors: not a file, no such file.
     let o = clip(&fresh, &["cat", &image, "/dev/null"], &[]);
     assert!(
