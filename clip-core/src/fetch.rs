@@ -193,6 +193,15 @@ impl LocalWindows {
     }
 }
 
+/// Why spans are fetched ahead of a read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Background {
+    /// A startup profile lists them.
+    Profile,
+    /// A guess (see [`LayerFetcher::speculate`]).
+    Guess,
+}
+
 /// A run's spans being delivered: the waiters not yet answered (in span order) and the spans
 /// delivered so far.
 struct Delivery {
@@ -549,28 +558,7 @@ impl LayerFetcher {
             .filter(|&i| i < self.index.spans.len() && !self.is_local(i))
             .collect();
         let runs = crate::profile::runs(&wanted, self.spans_in(self.shared.cfg.prefetch_run_bytes));
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut fetched = 0;
-        for run in runs {
-            let Ok(permit) = self.shared.background.clone().acquire_owned().await else {
-                break;
-            };
-            let mine = self.claim_free(run);
-            // Claimed spans split where demand reads had taken some: one request per piece
-            // (the run is already bounded in size).
-            let pieces = self.runs_of(mine, u64::MAX);
-            let me = self.clone();
-            fetched += usize::from(!pieces.is_empty());
-            crate::metrics::prefetched(pieces.iter().map(Vec::len).sum());
-            tasks.spawn(async move {
-                for piece in pieces {
-                    me.clone().fetch_run(piece, true).await;
-                }
-                drop(permit);
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        fetched
+        self.fetch_in_background(runs, Background::Profile).await
     }
 
     /// Fetches `spans` on a guess (files next to ones a program opened, say), on the prefetch
@@ -587,22 +575,39 @@ impl LayerFetcher {
             })
             .collect();
         let runs = crate::profile::runs(&wanted, self.spans_in(self.shared.cfg.prefetch_run_bytes));
+        self.fetch_in_background(runs, Background::Guess).await
+    }
+
+    /// Fetches `runs` in order on the prefetch pool: each claims its spans only once it holds a
+    /// permit (spans claimed by then, or local, are left out; the rest go one request per
+    /// piece). Returns when every run has finished; the result is the number of runs fetched.
+    async fn fetch_in_background(
+        self: &Arc<Self>,
+        runs: Vec<Range<usize>>,
+        why: Background,
+    ) -> usize {
         let mut tasks = tokio::task::JoinSet::new();
         let mut fetched = 0;
         for run in runs {
             let Ok(permit) = self.shared.background.clone().acquire_owned().await else {
                 break;
             };
-            let mine = self.claim_free(run);
-            if mine.is_empty() {
+            let pieces = self.runs_of(self.claim_free(run), u64::MAX);
+            if pieces.is_empty() {
                 continue;
             }
             fetched += 1;
+            if why == Background::Profile {
+                crate::metrics::prefetched(pieces.iter().map(Vec::len).sum());
+            }
             let me = self.clone();
             tasks.spawn(async move {
-                for piece in me.runs_of(mine, u64::MAX) {
-                    // Counted once fetched: the count tells when a guess has landed.
-                    crate::metrics::speculated(me.clone().fetch_run(piece, true).await);
+                for piece in pieces {
+                    let delivered = me.clone().fetch_run(piece, true).await;
+                    if why == Background::Guess {
+                        // Counted once fetched: the count tells when a guess has landed.
+                        crate::metrics::speculated(delivered);
+                    }
                 }
                 drop(permit);
             });

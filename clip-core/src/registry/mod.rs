@@ -825,26 +825,11 @@ impl Client {
                         };
                         let end = start + len;
                         while pos < end {
-                            let chunk = match tokio::time::timeout(stall, resp.chunk()).await {
-                                Err(_) => {
-                                    return Err(Attempt::Retry {
-                                        reason: "body stalled".into(),
-                                        after: Some(Duration::ZERO),
-                                    })
-                                }
-                                Ok(Err(e)) => {
-                                    return Err(Attempt::Retry {
-                                        reason: format!("body: {e}"),
-                                        after: Some(Duration::ZERO),
-                                    })
-                                }
-                                Ok(Ok(None)) => {
-                                    return Err(Attempt::Retry {
-                                        reason: format!("{what}: body ended early"),
-                                        after: Some(Duration::ZERO),
-                                    })
-                                }
-                                Ok(Ok(Some(c))) => c,
+                            let Some(chunk) = next_chunk(&mut resp, stall).await? else {
+                                return Err(Attempt::Retry {
+                                    reason: format!("{what}: body ended early"),
+                                    after: Some(Duration::ZERO),
+                                });
                             };
                             let (c_start, c_end) = (pos, pos + chunk.len() as u64);
                             pos = c_end;
@@ -913,23 +898,7 @@ impl Client {
                             }
                             check_content_range(resp.headers(), at, size - at)?;
                         }
-                        loop {
-                            let chunk = match tokio::time::timeout(stall, resp.chunk()).await {
-                                Err(_) => {
-                                    return Err(Attempt::Retry {
-                                        reason: "body stalled".into(),
-                                        after: Some(Duration::ZERO),
-                                    })
-                                }
-                                Ok(Err(e)) => {
-                                    return Err(Attempt::Retry {
-                                        reason: format!("body: {e}"),
-                                        after: Some(Duration::ZERO),
-                                    })
-                                }
-                                Ok(Ok(None)) => break,
-                                Ok(Ok(Some(c))) => c,
-                            };
+                        while let Some(chunk) = next_chunk(&mut resp, stall).await? {
                             let now = pos
                                 .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst)
                                 + chunk.len() as u64;
@@ -1357,6 +1326,25 @@ async fn read_slice(mut resp: reqwest::Response, start: u64, len: u64) -> Result
         }
     }
     Ok(out.freeze())
+}
+
+/// The next chunk of a body (`None` at its end); a stall of `stall` or a broken body is
+/// retried (resumed by the caller).
+async fn next_chunk(
+    resp: &mut reqwest::Response,
+    stall: Duration,
+) -> Result<Option<Bytes>, Attempt> {
+    match tokio::time::timeout(stall, resp.chunk()).await {
+        Err(_) => Err(Attempt::Retry {
+            reason: "body stalled".into(),
+            after: Some(Duration::ZERO),
+        }),
+        Ok(Err(e)) => Err(Attempt::Retry {
+            reason: format!("body: {e}"),
+            after: Some(Duration::ZERO),
+        }),
+        Ok(Ok(c)) => Ok(c),
+    }
 }
 
 fn check_content_range(h: &HeaderMap, start: u64, len: u64) -> Result<(), Attempt> {
