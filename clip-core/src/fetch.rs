@@ -830,7 +830,13 @@ impl LayerFetcher {
                 let started = Instant::now();
                 let (back, outs) = tokio::task::spawn_blocking(move || {
                     let mut outs = Vec::new();
-                    for c in &batch {
+                    let empty = [Bytes::new()];
+                    let batch = if batch.is_empty() {
+                        &empty[..]
+                    } else {
+                        &batch[..]
+                    };
+                    for c in batch {
                         match inflater.feed(c) {
                             Ok(o) => outs.extend(o.into_iter().map(|o| {
                                 let b = Bytes::from(o);

@@ -330,6 +330,10 @@ fn fed_in_pieces_of_any_size_spans_come_out_the_same_as_soon_as_they_can() {
         let joined: Vec<u8> = outs.concat();
         assert_eq!(joined, &all[bounds[0] as usize..], "piece {piece}");
     }
+    // An empty span needs no bytes at all.
+    let mut inf = SpanInflater::new(3, &[], &[0]).unwrap();
+    assert_eq!(inf.feed(&[]).unwrap(), vec![Vec::<u8>::new()]);
+    inf.finish().unwrap();
     // Fed short, it says so.
     let mut inf = SpanInflater::new(cp.bits, &cp.window, &lens).unwrap();
     inf.feed(&run[..run.len() / 2]).unwrap();
