@@ -202,11 +202,12 @@ enum Background {
     Guess,
 }
 
-/// A run's spans being delivered: the waiters not yet answered (in span order) and the spans
-/// delivered so far.
+/// A run's spans being delivered: the waiters not yet answered (in span order), the spans
+/// delivered so far, and whether the last attempt's window came from this node's windows blob.
 struct Delivery {
     waiters: std::collections::VecDeque<(usize, watch::Sender<SpanResult>)>,
     done: Vec<(usize, Bytes)>,
+    local_window: bool,
 }
 
 /// Fetch permits, write-back budget and counters shared by every layer of a process.
@@ -307,8 +308,8 @@ pub struct LayerFetcher {
     source: Arc<dyn BlobSource>,
     index: Arc<LayerIndex>,
     local_windows: Option<LocalWindows>,
-    /// Set once a run fetched with a window from `local_windows` failed verification: from then
-    /// on the published windows are used (the local file is not hashed before use).
+    /// Set once a run whose window came from `local_windows` failed verification: from then on
+    /// the published windows are used (the local file is not hashed before use).
     local_windows_bad: std::sync::atomic::AtomicBool,
     /// One bit per span: a startup profile being replayed on this layer lists the span, so what
     /// the program reads around it is known and need not be guessed.
@@ -647,6 +648,7 @@ impl LayerFetcher {
         let mut out = Delivery {
             waiters: run.into_iter().collect(),
             done: Vec::with_capacity(range.len()),
+            local_window: false,
         };
         let mut attempt = 0;
         let result = loop {
@@ -660,7 +662,7 @@ impl LayerFetcher {
             match r {
                 Err(e @ ReadError::Corrupt { .. }) => {
                     self.shared.stats.verify_failures.fetch_add(1, Relaxed);
-                    if self.local_windows.is_some() && !self.local_windows_bad.swap(true, Relaxed) {
+                    if out.local_window && !self.local_windows_bad.swap(true, Relaxed) {
                         tracing::warn!(layer = %self.index.layer, "a span read with this node's windows blob failed verification; using the published windows from now on");
                     }
                     if attempt >= self.shared.cfg.verify_attempts {
@@ -672,7 +674,7 @@ impl LayerFetcher {
             }
         };
         crate::metrics::span_fetch(started.elapsed().as_secs_f64(), range.len());
-        let Delivery { waiters, done } = out;
+        let Delivery { waiters, done, .. } = out;
         if let Err(e) = result {
             let e = Arc::new(e);
             for (i, tx) in waiters {
@@ -713,8 +715,9 @@ impl LayerFetcher {
     /// The 32 KiB checkpoint window of span `i`, inflated: the end of span `i - 1` when a tier
     /// on this node has it (no request at all), else from the local windows blob (unless it
     /// proved damaged), else one small range read of the published one (concurrent with the
-    /// span's data request).
-    async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
+    /// span's data request). `from_local` tells whether it came from the local windows blob.
+    async fn window(&self, i: usize, from_local: &mut bool) -> Result<Vec<u8>, ReadError> {
+        *from_local = false;
         let s = &self.index.spans[i];
         if s.window_len == 0 {
             return Ok(Vec::new());
@@ -729,6 +732,7 @@ impl LayerFetcher {
                 raw = local.read(off, len).await;
             }
         }
+        *from_local = raw.is_some();
         let raw = match raw {
             Some(w) => w,
             None => {
@@ -786,7 +790,7 @@ impl LayerFetcher {
         };
         let inflate = async {
             // The window and the data travel concurrently: one round trip.
-            let window = self.window(range.start).await?;
+            let window = self.window(range.start, &mut out.local_window).await?;
             let lens: Vec<usize> = range
                 .clone()
                 .map(|i| {
@@ -822,6 +826,10 @@ impl LayerFetcher {
                         Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => ended = true,
                     }
                 }
+                if batch.is_empty() {
+                    // The end: let empty spans complete.
+                    batch.push(Bytes::new());
+                }
                 received += batch_len as u64;
                 self.shared
                     .stats
@@ -830,13 +838,7 @@ impl LayerFetcher {
                 let started = Instant::now();
                 let (back, outs) = tokio::task::spawn_blocking(move || {
                     let mut outs = Vec::new();
-                    let empty = [Bytes::new()];
-                    let batch = if batch.is_empty() {
-                        &empty[..]
-                    } else {
-                        &batch[..]
-                    };
-                    for c in batch {
+                    for c in &batch {
                         match inflater.feed(c) {
                             Ok(o) => outs.extend(o.into_iter().map(|o| {
                                 let b = Bytes::from(o);

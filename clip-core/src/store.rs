@@ -264,21 +264,20 @@ impl Store {
     /// nothing of it stays in memory). For reuse of a built index, which may be pushed.
     pub fn open_windows(&self, blob: &BlobRef) -> Option<crate::fetch::LocalWindows> {
         use std::io::Read;
-        let mut f = std::fs::File::open(self.windows_path(&blob.digest)).ok()?;
-        if f.metadata().ok()?.len() != blob.size {
+        let windows = self.windows_for_reads(blob)?;
+        let crate::fetch::LocalWindows::File(f, _) = &windows else {
             return None;
-        }
+        };
         let mut h = crate::digest::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            match f.read(&mut buf) {
+            match (&**f).read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => h.update(&buf[..n]),
                 Err(_) => return None,
             }
         }
-        (h.finish() == blob.digest)
-            .then(|| crate::fetch::LocalWindows::File(std::sync::Arc::new(f), blob.size))
+        (h.finish() == blob.digest).then_some(windows)
     }
 
     pub async fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {

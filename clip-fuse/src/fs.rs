@@ -316,12 +316,13 @@ impl ClipFs {
         if size == 0 {
             return;
         }
-        let cold = !reader.is_local(offset, size) && !reader.profiled(offset, size);
+        // Looked up only when guesses are on (every span of the file, on every open).
+        let cold = siblings > 0 && !reader.is_local(offset, size) && !reader.profiled(offset, size);
         tracing::debug!(ino, layer = %reader.index().layer, offset, size, cold, "open");
         if size <= max {
             reader.prefetch_opened(offset, size);
         }
-        if cold && siblings > 0 {
+        if cold {
             self.note_cold_open(ino, siblings);
         }
     }

@@ -88,28 +88,6 @@ impl SpanInflater {
     pub fn feed(&mut self, mut input: &[u8]) -> Result<Vec<Vec<u8>>, GzipError> {
         self.fed += input.len() as u64;
         let mut outs = Vec::new();
-        if self.inflater.is_none() && input.is_empty() {
-            // Empty spans need no input (an empty layer's only span, say).
-            while self.lens.front() == Some(&0) {
-                self.lens.pop_front();
-                outs.push(Vec::new());
-            }
-            return Ok(outs);
-        }
-        if self.inflater.is_none() {
-            let mut inflater = Inflater::new(RAW)?;
-            if self.bits > 0 {
-                let Some((&first, rest)) = input.split_first() else {
-                    return Ok(outs);
-                };
-                inflater.prime(self.bits, first >> (8 - self.bits))?;
-                input = rest;
-            }
-            inflater.set_dictionary(&self.window)?;
-            self.window = Vec::new();
-            self.inflater = Some(inflater);
-        }
-        let inflater = self.inflater.as_mut().expect("set above");
         let mut stalls = 0;
         while let Some(&out_len) = self.lens.front() {
             if self.skip > 0 {
@@ -119,19 +97,36 @@ impl SpanInflater {
                 if self.skip > 0 {
                     break;
                 }
-                inflater.reset(GZIP)?;
+                if let Some(inflater) = &mut self.inflater {
+                    inflater.reset(GZIP)?;
+                }
             }
-            let out = self.out.get_or_insert_with(|| vec![0u8; out_len]);
             if self.filled == out_len {
+                // Complete (an empty span needs no input at all).
                 self.done += out_len as u64;
                 self.lens.pop_front();
-                outs.extend(self.out.take());
+                outs.push(self.out.take().unwrap_or_default());
                 self.filled = 0;
                 continue;
             }
             if input.is_empty() {
                 break;
             }
+            let inflater = match &mut self.inflater {
+                Some(inflater) => inflater,
+                None => {
+                    // Started by the first byte: it holds the checkpoint's leftover bits.
+                    let mut inflater = Inflater::new(RAW)?;
+                    if self.bits > 0 {
+                        inflater.prime(self.bits, input[0] >> (8 - self.bits))?;
+                        input = &input[1..];
+                    }
+                    inflater.set_dictionary(&self.window)?;
+                    self.window = Vec::new();
+                    self.inflater.insert(inflater)
+                }
+            };
+            let out = self.out.get_or_insert_with(|| vec![0u8; out_len]);
             let at = self.fed - input.len() as u64;
             let step = inflater
                 .inflate(input, &mut out[self.filled..], libz_rs_sys::Z_NO_FLUSH)
