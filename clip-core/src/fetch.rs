@@ -208,6 +208,8 @@ struct Delivery {
     waiters: std::collections::VecDeque<(usize, watch::Sender<SpanResult>)>,
     done: Vec<(usize, Bytes)>,
     local_window: bool,
+    /// When the first span was handed out (for the `fetched` debug event).
+    first_at: Option<Instant>,
 }
 
 /// Fetch permits, write-back budget and counters shared by every layer of a process.
@@ -645,10 +647,12 @@ impl LayerFetcher {
             false => self.shared.permits.clone().acquire_owned().await.ok(),
         };
         let started = Instant::now();
+        crate::metrics::run_in_flight(1);
         let mut out = Delivery {
             waiters: run.into_iter().collect(),
             done: Vec::with_capacity(range.len()),
             local_window: false,
+            first_at: None,
         };
         let mut attempt = 0;
         let result = loop {
@@ -674,6 +678,16 @@ impl LayerFetcher {
             }
         };
         crate::metrics::span_fetch(started.elapsed().as_secs_f64(), range.len());
+        crate::metrics::run_in_flight(-1);
+        tracing::debug!(
+            layer = %self.index.layer,
+            first = range.start,
+            count = range.len(),
+            first_ms = out.first_at.map_or(-1.0, |t| (t - started).as_secs_f64() * 1e3),
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            background = permit_held,
+            "fetched"
+        );
         let Delivery { waiters, done, .. } = out;
         if let Err(e) = result {
             let e = Arc::new(e);
@@ -709,6 +723,7 @@ impl LayerFetcher {
             }
         }
         self.inflight.lock().expect("inflight lock").remove(&i);
+        out.first_at.get_or_insert_with(Instant::now);
         out.done.push((i, data));
     }
 

@@ -21,6 +21,7 @@ struct Instruments {
     registry_request_seconds: Histogram<f64>,
     cache_bytes: UpDownCounter<i64>,
     cache_evictions: Counter<u64>,
+    runs_in_flight: UpDownCounter<i64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -93,6 +94,10 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.cache.evictions")
                 .with_description("Spans evicted per cache tier")
                 .build(),
+            runs_in_flight: meter
+                .i64_up_down_counter("clip.fetch.runs")
+                .with_description("Runs of spans being fetched from the registry now")
+                .build(),
         }
     })
 }
@@ -153,6 +158,11 @@ pub fn span_fetch(seconds: f64, spans: usize) {
     instruments()
         .span_fetch_seconds
         .record(seconds, &[KeyValue::new("spans", spans as i64)]);
+}
+
+/// A run's fetch started (`1`) or ended (`-1`).
+pub fn run_in_flight(delta: i64) {
+    instruments().runs_in_flight.add(delta, &[]);
 }
 
 pub fn prefetched(spans: usize) {

@@ -41,6 +41,9 @@ pub struct MountOptions {
     /// On the second cold open in a directory, up to this many bytes of the files next to it
     /// with the same extension are fetched on a guess, yielding to demand reads (0: off).
     pub speculate_siblings: u64,
+    /// Opening a program or shared library starts fetching the libraries it needs (from its
+    /// ELF headers), each as an open would.
+    pub prefetch_libraries: bool,
 }
 
 /// Files at least this big are served by passthrough once local (smaller ones are cheap to
@@ -63,6 +66,7 @@ impl Default for MountOptions {
             passthrough: true,
             prefetch_on_open: DEFAULT_PREFETCH_ON_OPEN,
             speculate_siblings: DEFAULT_SPECULATE_SIBLINGS,
+            prefetch_libraries: true,
         }
     }
 }
@@ -83,6 +87,7 @@ struct Adapter {
     passthrough: bool,
     prefetch_on_open: u64,
     speculate_siblings: u64,
+    prefetch_libraries: bool,
     /// How each open inode is open. The kernel refuses (EIO) to mix page-cached and passthrough
     /// opens of one inode, and every passthrough open of an inode must name the same backing
     /// file, so an inode keeps its mode until its last open file is released.
@@ -285,10 +290,13 @@ impl Filesystem for Adapter {
         }
         note(OpenState::Cached);
         crate::metrics::open("daemon");
-        if self.prefetch_on_open > 0 || self.speculate_siblings > 0 {
+        if self.prefetch_on_open > 0 || self.speculate_siblings > 0 || self.prefetch_libraries {
             let _rt = self.rt.enter();
             self.fs
                 .prefetch_on_open(ino.0, self.prefetch_on_open, self.speculate_siblings);
+            if self.prefetch_libraries {
+                self.fs.prefetch_libraries(ino.0, self.prefetch_on_open);
+            }
         }
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
@@ -537,6 +545,7 @@ fn adapter(
         passthrough: opts.passthrough,
         prefetch_on_open: opts.prefetch_on_open,
         speculate_siblings: opts.speculate_siblings,
+        prefetch_libraries: opts.prefetch_libraries,
         open: Mutex::new(HashMap::new()),
         fuse_fd: Arc::new(OnceLock::new()),
         kernel: Arc::new(OnceLock::new()),

@@ -5,12 +5,23 @@
 //! its names; directories count `2 + subdirectories`. Everything but file bytes is answered
 //! from these tables.
 
+use crate::elf;
 use bytes::Bytes;
 use clip_core::cache::files::FileStore;
 use clip_core::index::{view::IMPLIED, EntryKind, ImageView};
 use clip_core::reader::{LayerReader, ReadError};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+
+/// Why an object's libraries were not read (see [`ClipFs::needed_libraries`]): logged, never
+/// shown to the program.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Read(#[from] FsError),
+    #[error(transparent)]
+    Elf(#[from] elf::ElfError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -96,7 +107,15 @@ pub struct ClipFs {
     passthrough: Option<Passthrough>,
     /// Cold opens seen in each directory (see [`ClipFs::prefetch_on_open`]).
     cold_opens: Mutex<HashMap<u64, u32>>,
+    /// Objects already read for the libraries they need (see [`ClipFs::prefetch_libraries`]).
+    scanned: Mutex<HashSet<u64>>,
 }
+
+/// Objects read for their libraries in one mount at most.
+const MAX_SCANNED: usize = 4096;
+
+/// Symbolic links followed in one path at most (the kernel's limit).
+const MAX_SYMLINKS: u32 = 40;
 
 /// A directory's siblings of a cold-opened file are fetched on its second cold open there.
 const SIBLINGS_AFTER: u32 = 2;
@@ -272,6 +291,7 @@ impl ClipFs {
             has_xattrs,
             passthrough: None,
             cold_opens: Mutex::new(HashMap::new()),
+            scanned: Mutex::new(HashSet::new()),
         })
     }
 
@@ -391,6 +411,189 @@ impl ClipFs {
             out.entry(layer).or_default().push((offset, size));
         }
         Some(out)
+    }
+
+    /// On the first open of a program or shared library (an executable file, or one named
+    /// like a library), reads the libraries it needs from its ELF headers (`DT_NEEDED`), finds
+    /// them where the dynamic loader would (its `DT_RUNPATH` or `DT_RPATH` with `$ORIGIN`, then
+    /// the default directories), and starts fetching each as an open would (whole if at most
+    /// `max` bytes), then does the same for their libraries. The loader opens them one after
+    /// another, each after reading the one before; here they are all requested as soon as the
+    /// headers naming them are in. A wrong guess costs bandwidth, never correctness: the bytes
+    /// are verified as any others, and an object that is not ELF, or is malformed, is skipped.
+    ///
+    /// Returns at once (the work runs on the current tokio runtime); an object is read once
+    /// per mount.
+    pub fn prefetch_libraries(self: &Arc<Self>, ino: u64, max: u64) {
+        if self.scanned.lock().expect("scanned lock").contains(&ino)
+            || !self.may_be_object(ino)
+            || !self.first_scan(ino)
+        {
+            return;
+        }
+        tokio::spawn(self.clone().scan_libraries(ino, max));
+    }
+
+    /// The work of [`ClipFs::prefetch_libraries`] for object `ino`, and then for each library
+    /// found, as their headers come in.
+    async fn scan_libraries(self: Arc<Self>, ino: u64, max: u64) {
+        let mut scans = tokio::task::JoinSet::new();
+        let mut next = Some(ino);
+        loop {
+            if let Some(obj) = next.take() {
+                let fs = self.clone();
+                scans.spawn(async move { (obj, fs.needed_libraries(obj).await) });
+            }
+            let Some(done) = scans.join_next().await else {
+                break;
+            };
+            let Ok((obj, found)) = done else { continue };
+            let libs = match found {
+                Ok(libs) => libs,
+                Err(e) => {
+                    tracing::debug!(ino = obj, "libraries not read: {e}");
+                    continue;
+                }
+            };
+            for lib in libs {
+                if !self.first_scan(lib) {
+                    continue;
+                }
+                if let Some((reader, offset, size)) = self.file_data(lib) {
+                    tracing::debug!(ino = lib, of = obj, size, "library");
+                    if size <= max {
+                        reader.prefetch_opened(offset, size);
+                    }
+                    crate::metrics::library_prefetched();
+                }
+                let fs = self.clone();
+                scans.spawn(async move { (lib, fs.needed_libraries(lib).await) });
+            }
+        }
+    }
+
+    /// Whether `ino` may be an ELF program or library: a regular file with an execute bit, or
+    /// named like a library (`*.so`, `*.so.*`).
+    fn may_be_object(&self, ino: u64) -> bool {
+        let Ok(inode) = self.get(ino) else {
+            return false;
+        };
+        if !matches!(inode.data, Data::File { .. }) || inode.attr.size < elf::HEADER_LEN {
+            return false;
+        }
+        if inode.attr.perm & 0o111 != 0 {
+            return true;
+        }
+        let Some(&dir) = self.parents.get(ino as usize - 1) else {
+            return false;
+        };
+        self.children(dir).is_ok_and(|kids| {
+            kids.iter().any(|(n, i)| {
+                *i == ino && (n.ends_with(b".so") || n.windows(4).any(|w| w == b".so."))
+            })
+        })
+    }
+
+    /// Marks `ino` as read for its libraries: false if it was already, or if this mount has
+    /// read [`MAX_SCANNED`] objects.
+    fn first_scan(&self, ino: u64) -> bool {
+        let mut seen = self.scanned.lock().expect("scanned lock");
+        seen.len() < MAX_SCANNED && seen.insert(ino)
+    }
+
+    /// The inodes of the regular files that ELF object `ino` names as its libraries, each
+    /// found in the first directory that has it (in the loader's order). Names with a `/`
+    /// (paths the loader takes as they are, relative to its working directory) are skipped.
+    pub async fn needed_libraries(&self, ino: u64) -> Result<Vec<u64>, ScanError> {
+        let head = self.read(ino, 0, elf::HEADER_LEN as u32).await?;
+        let h = elf::Header::parse(&head)?;
+        let table = self.read(ino, h.phoff, h.phdrs_len() as u32).await?;
+        let segs = h.segments(&table)?;
+        let (off, len) = segs.dynamic.ok_or(elf::ElfError::NotDynamic)?;
+        let dynamic = self.read(ino, off, len as u32).await?;
+        let d = h.dynamic(&dynamic)?;
+        if d.needed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let strtab = d
+            .strtab
+            .and_then(|v| segs.file_offset(v))
+            .ok_or(elf::ElfError::Malformed("string table outside the file"))?;
+        let strings = self
+            .read(ino, strtab, d.strings_len().min(u64::from(u32::MAX)) as u32)
+            .await?;
+        let names = d.names(&strings);
+        let origin = self.parents.get(ino as usize - 1).copied().unwrap_or(1);
+        let mut dirs: Vec<(u64, Vec<u8>)> = Vec::new();
+        for p in &names.search {
+            // `$ORIGIN` (or `${ORIGIN}`) is the object's directory; other tokens are skipped.
+            let (start, rest) = if let Some(r) = p.strip_prefix(b"$ORIGIN") {
+                (origin, r)
+            } else if let Some(r) = p.strip_prefix(b"${ORIGIN}") {
+                (origin, r)
+            } else {
+                (1, p.as_slice())
+            };
+            if !rest.contains(&b'$') {
+                dirs.push((start, rest.to_vec()));
+            }
+        }
+        dirs.extend(elf::default_dirs(&h).into_iter().map(|d| (1, d)));
+        let mut found = Vec::new();
+        for lib in names.libraries.iter().filter(|l| !l.contains(&b'/')) {
+            let hit = dirs.iter().find_map(|(start, dir)| {
+                let mut path = dir.clone();
+                path.push(b'/');
+                path.extend_from_slice(lib);
+                self.resolve(*start, &path)
+            });
+            if let Some(i) = hit {
+                found.push(i);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The regular file at `path` from directory `dir` (from the root if `path` is absolute),
+    /// following symbolic links (absolute targets from the image's root).
+    fn resolve(&self, dir: u64, path: &[u8]) -> Option<u64> {
+        let mut cur = if path.first() == Some(&b'/') { 1 } else { dir };
+        // Components still to walk, last first.
+        let mut todo: Vec<Vec<u8>> = path
+            .split(|&b| b == b'/')
+            .rev()
+            .map(<[u8]>::to_vec)
+            .collect();
+        let mut links = 0;
+        while let Some(name) = todo.pop() {
+            match name.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    cur = *self.parents.get(cur as usize - 1)?;
+                    continue;
+                }
+                _ => {}
+            }
+            let inode = self.lookup(cur, &name).ok()?;
+            match &inode.data {
+                Data::Symlink(target) => {
+                    links += 1;
+                    if links > MAX_SYMLINKS {
+                        return None;
+                    }
+                    if target.first() == Some(&b'/') {
+                        cur = 1;
+                    }
+                    todo.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+                }
+                Data::Dir { .. } => cur = inode.attr.ino,
+                Data::File { .. } if todo.iter().all(|c| c.is_empty() || c == b".") => {
+                    return Some(inode.attr.ino)
+                }
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// A verified local copy of the whole file to hand the kernel for passthrough, if there is
@@ -657,6 +860,78 @@ mod tests {
         assert_eq!(extension(b"x.tar.gz"), Some(&b"gz"[..]));
         assert_eq!(extension(b".bashrc"), None);
         assert_eq!(extension(b"README"), None);
+    }
+
+    #[test]
+    fn library_paths_resolve_as_the_loader_would() {
+        let file = |p: &str, offset: u64| entry(p, EntryKind::File { offset, size: 100 });
+        let link = |p: &str, t: &str| {
+            entry(
+                p,
+                EntryKind::Symlink {
+                    target: t.as_bytes().to_vec(),
+                },
+            )
+        };
+        let mut tool = file("opt/app/bin/tool", 0);
+        tool.mode = 0o755;
+        let l = layer(vec![
+            link("lib", "usr/lib"),
+            file("usr/lib/x86_64-linux-gnu/liblzma.so.5.4.1", 512),
+            link("usr/lib/x86_64-linux-gnu/liblzma.so.5", "liblzma.so.5.4.1"),
+            file("usr/lib/x86_64-linux-gnu/blas/libblas.so.3", 1024),
+            link(
+                "usr/lib/x86_64-linux-gnu/libblas.so.3",
+                "/etc/alternatives/libblas.so.3",
+            ),
+            link(
+                "etc/alternatives/libblas.so.3",
+                "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3",
+            ),
+            tool,
+            file("opt/app/lib/libx.so", 1536),
+            file("opt/app/lib/notes.txt", 2048),
+            link("loop/a", "b"),
+            link("loop/b", "a"),
+        ]);
+        let view = ImageView::build(vec![l]).unwrap();
+        let fs = ClipFs::new(&view, vec![]).unwrap();
+        let ino = |p: &str| {
+            p.split('/')
+                .fold(1, |dir, n| fs.lookup(dir, n.as_bytes()).unwrap().attr.ino)
+        };
+        let lzma = ino("usr/lib/x86_64-linux-gnu/liblzma.so.5.4.1");
+        // Through the usrmerge link and the soname link.
+        assert_eq!(
+            fs.resolve(1, b"/lib/x86_64-linux-gnu/liblzma.so.5"),
+            Some(lzma)
+        );
+        // Through absolute links (Debian's alternatives).
+        assert_eq!(
+            fs.resolve(1, b"/usr/lib/x86_64-linux-gnu/libblas.so.3"),
+            Some(ino("usr/lib/x86_64-linux-gnu/blas/libblas.so.3"))
+        );
+        // Relative to the object's directory, as $ORIGIN/../lib is.
+        let bin = ino("opt/app/bin");
+        assert_eq!(
+            fs.resolve(bin, b"../lib/libx.so"),
+            Some(ino("opt/app/lib/libx.so"))
+        );
+        assert_eq!(
+            fs.resolve(bin, b"../lib//./libx.so"),
+            Some(ino("opt/app/lib/libx.so"))
+        );
+        // A loop, a directory, a missing file, a path through a file: nothing.
+        assert_eq!(fs.resolve(1, b"/loop/a"), None);
+        assert_eq!(fs.resolve(1, b"/opt/app/lib"), None);
+        assert_eq!(fs.resolve(1, b"/opt/app/lib/liby.so"), None);
+        assert_eq!(fs.resolve(1, b"/opt/app/lib/libx.so/x"), None);
+        // Executables and library-named files may be objects; other files are not read.
+        assert!(fs.may_be_object(ino("opt/app/bin/tool")));
+        assert!(fs.may_be_object(lzma));
+        assert!(fs.may_be_object(ino("opt/app/lib/libx.so")));
+        assert!(!fs.may_be_object(ino("opt/app/lib/notes.txt")));
+        assert!(!fs.may_be_object(bin));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! binding that answers kernel requests from it, mapping errors to errno at that edge.
 
 pub mod adapter;
+pub mod elf;
 pub mod fs;
 pub mod handover;
 mod metrics;
@@ -18,5 +19,5 @@ pub use adapter::{
     mount, mount_with, resume, Handover, MountOptions, DEFAULT_PASSTHROUGH_MIN_SIZE,
     DEFAULT_PREFETCH_ON_OPEN, DEFAULT_SPECULATE_SIBLINGS,
 };
-pub use fs::{ClipFs, FsError};
+pub use fs::{ClipFs, FsError, ScanError};
 pub use fuser::BackgroundSession;

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 struct Instruments {
     read_bytes: Counter<u64>,
     opens: Counter<u64>,
+    libraries: Counter<u64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -23,6 +24,12 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.fuse.opens")
                 .with_description("File opens by mode: daemon (page-cached) or passthrough")
                 .build(),
+            libraries: meter
+                .u64_counter("clip.fuse.libraries.prefetched")
+                .with_description(
+                    "Shared libraries fetched because an opened program or library needs them",
+                )
+                .build(),
         }
     })
 }
@@ -33,4 +40,8 @@ pub fn read(bytes: u64) {
 
 pub fn open(mode: &'static str) {
     instruments().opens.add(1, &[KeyValue::new("mode", mode)]);
+}
+
+pub fn library_prefetched() {
+    instruments().libraries.add(1, &[]);
 }

@@ -121,6 +121,10 @@ pub struct FuseSection {
     /// them with the same extension on a guess, yielding to demand reads (default "4MiB";
     /// "0": off). Not where a startup profile lists the reads.
     pub speculate_siblings: Option<String>,
+    /// Opening a program or shared library starts fetching the libraries its ELF headers name
+    /// (`DT_NEEDED`, found where the dynamic loader looks), each as an open would (default
+    /// true).
+    pub prefetch_libraries: Option<bool>,
     /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
     /// connections; default true).
     pub handover: Option<bool>,
@@ -242,6 +246,10 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
             defaults.speculate_siblings,
             "fuse.speculate_siblings",
         )?,
+        prefetch_libraries: cfg
+            .fuse
+            .prefetch_libraries
+            .unwrap_or(defaults.prefetch_libraries),
         passthrough_min_size: size(
             &cfg.fuse.passthrough_min_size,
             clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
@@ -411,6 +419,10 @@ mod tests {
         assert_eq!(
             size(&c.fuse.speculate_siblings, 0, "").unwrap(),
             clip_fuse::DEFAULT_SPECULATE_SIBLINGS
+        );
+        assert_eq!(
+            c.fuse.prefetch_libraries,
+            Some(Options::default().prefetch_libraries)
         );
         assert!(!c.index_on_demand);
         assert_eq!(c.root, Some(PathBuf::from("/var/lib/clip")));

@@ -97,6 +97,8 @@ pub struct Options {
     pub prefetch_on_open: u64,
     /// Bytes of a directory's files fetched on a guess after two cold opens in it (0: off).
     pub speculate_siblings: u64,
+    /// Opening a program or shared library starts fetching the libraries it needs.
+    pub prefetch_libraries: bool,
     /// Hand FUSE connections to a keeper process so lazy mounts (and the containers reading
     /// them) survive a daemon restart.
     pub handover: bool,
@@ -122,6 +124,7 @@ impl Default for Options {
             passthrough_min_size: clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
             prefetch_on_open: clip_fuse::DEFAULT_PREFETCH_ON_OPEN,
             speculate_siblings: clip_fuse::DEFAULT_SPECULATE_SIBLINGS,
+            prefetch_libraries: true,
             profile_window: std::time::Duration::from_secs(20),
             publish_profiles: false,
             trust: TrustPolicy::default(),
@@ -606,6 +609,7 @@ impl ClipSnapshotter {
             passthrough: self.reads.files.is_some(),
             prefetch_on_open: self.opts.prefetch_on_open,
             speculate_siblings: self.opts.speculate_siblings,
+            prefetch_libraries: self.opts.prefetch_libraries,
         };
         Ok((fs, opts, readers))
     }

@@ -453,3 +453,92 @@ fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() 
         "another kind of file was not guessed"
     );
 }
+
+#[test]
+fn opening_a_program_fetches_the_libraries_it_needs_before_the_loader_asks() {
+    // A real program and one of its real libraries (python and libm, from this machine), laid
+    // out as Debian does (merged /usr, a soname link), with 1 MiB of noise between them so the
+    // library shares no span with the program. libm is big enough (about 900 KB) that reading
+    // its headers does not fetch all of it.
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    let lib = std::fs::canonicalize(format!("/lib/{triplet}/libm.so.6")).unwrap();
+    let program = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    let lib_name = lib.file_name().unwrap().to_str().unwrap().to_string();
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let libdir = src.join(format!("usr/lib/{triplet}"));
+    std::fs::create_dir_all(&libdir).unwrap();
+    std::fs::create_dir_all(src.join("usr/bin")).unwrap();
+    std::fs::copy(&program, src.join("usr/bin/python3")).unwrap();
+    let mut x = 7u64;
+    let noise: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    std::fs::write(src.join("usr/bin/zz-noise.dat"), &noise).unwrap();
+    std::fs::copy(&lib, libdir.join(&lib_name)).unwrap();
+    if lib_name != "libm.so.6" {
+        std::os::unix::fs::symlink(&lib_name, libdir.join("libm.so.6")).unwrap();
+    }
+    std::os::unix::fs::symlink("usr/lib", src.join("lib")).unwrap();
+    let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
+    reg.push_layout(&l, "v1", "prog");
+    let image = format!("{}:v1", reg.image("prog"));
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let port = free_port();
+    let m = Mounted::start_with(
+        &root,
+        &image,
+        &tmp.path().join("mnt"),
+        &["--metrics-address", &format!("127.0.0.1:{port}")],
+    );
+    // Counted by clip as each response arrives, so a fetch whose bytes were read is counted.
+    let requests = || metric(&scrape(port), "clip_registry_requests_total");
+    // What an exec does first: open the program and read its header.
+    let mut head = [0u8; 64];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(m.dir.join("usr/bin/python3")).unwrap(),
+        &mut head,
+    )
+    .unwrap();
+    assert_eq!(&head[..4], b"\x7fELF");
+    // The library's fetch starts once the program's headers are read (the counter counts it
+    // once its spans are claimed); then wait for every fetch in flight to end.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while {
+        let m = scrape(port);
+        metric(&m, "clip_fuse_libraries_prefetched_total") < 1.0
+            || metric(&m, "clip_fetch_runs") > 0.0
+    } {
+        assert!(
+            Instant::now() < deadline,
+            "the library was not fetched: {}\n{}",
+            scrape(port),
+            std::fs::read_to_string(root.with_extension("mount.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = requests();
+    // The loader's open, through the soname link and the merged /usr.
+    let got = std::fs::read(m.dir.join(format!("lib/{triplet}/libm.so.6"))).unwrap();
+    assert!(got == std::fs::read(&lib).unwrap(), "libm's bytes");
+    assert_eq!(
+        requests(),
+        before,
+        "the library was fetched before it was opened"
+    );
+    // The noise between them was not guessed: reading it costs requests.
+    assert!(std::fs::read(m.dir.join("usr/bin/zz-noise.dat")).unwrap() == noise);
+    assert!(requests() > before, "the noise was fetched on a guess");
+    assert_eq!(
+        metric(&scrape(port), "clip_fuse_libraries_prefetched_total"),
+        1.0,
+        "libm only (libc and the others are not in the image)"
+    );
+}
