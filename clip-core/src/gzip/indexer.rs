@@ -53,15 +53,12 @@ pub struct GzipIndexer<R> {
     dense: Option<(u64, u64)>,
     tar: TarTrack,
     checkpoints: Vec<Checkpoint>,
-    span_hasher: Hasher,
-    span_digests: Vec<Digest>,
-    diff_hasher: Hasher,
+    /// Hashes the output (span digests, DiffID) on a thread of its own.
+    hashes: HashWorker,
     stalls: u32,
     out_buf: Box<[u8]>,
     out_pos: usize,
     out_len: usize,
-    /// Receives each span's bytes with its digest as the span completes.
-    sink: Option<(SpanSink, Vec<u8>)>,
     /// Receives each checkpoint's window as it is taken (the checkpoint then keeps none).
     window_sink: Option<WindowSink>,
 }
@@ -98,14 +95,11 @@ impl<R: Read> GzipIndexer<R> {
             dense: None,
             tar: TarTrack::default(),
             checkpoints: Vec::new(),
-            span_hasher: Hasher::new(),
-            span_digests: Vec::new(),
-            diff_hasher: Hasher::new(),
+            hashes: HashWorker::default(),
             stalls: 0,
             out_buf: vec![0u8; OUT_BUF].into_boxed_slice(),
             out_pos: 0,
             out_len: 0,
-            sink: None,
             window_sink: None,
         })
     }
@@ -117,18 +111,16 @@ impl<R: Read> GzipIndexer<R> {
         self
     }
 
-    /// Hands every span's bytes to `sink` as it completes (e.g. to fill a cache while indexing).
+    /// Hands every span's bytes to `sink` as it completes (e.g. to fill a cache while indexing);
+    /// `sink` runs on the hashing thread.
     pub fn with_span_sink(mut self, sink: SpanSink) -> Self {
-        self.sink = Some((sink, Vec::new()));
+        self.hashes.sink = Some(sink);
         self
     }
 
-    fn end_span(&mut self) {
-        let digest = std::mem::take(&mut self.span_hasher).finish();
-        self.span_digests.push(digest);
-        if let Some((sink, buf)) = &mut self.sink {
-            sink(digest, std::mem::take(buf));
-        }
+    fn end_span(&mut self) -> io::Result<()> {
+        self.hashes.flush()?;
+        self.hashes.send(HashMsg::EndSpan)
     }
 
     /// Uncompressed bytes produced so far.
@@ -144,11 +136,12 @@ impl<R: Read> GzipIndexer<R> {
     /// Reads the rest of the stream (so every byte is checked) and returns the index and the input.
     pub fn finish(mut self) -> Result<(ZranOutput, R), GzipError> {
         io::copy(&mut self, &mut io::sink())?;
-        self.end_span();
+        self.end_span()?;
+        let (span_digests, diff_id) = self.hashes.finish()?;
         let out = ZranOutput {
             checkpoints: self.checkpoints,
-            span_digests: self.span_digests,
-            diff_id: self.diff_hasher.finish(),
+            span_digests,
+            diff_id,
             compressed_size: self.compressed,
             uncompressed_size: self.uncompressed,
         };
@@ -251,7 +244,7 @@ impl<R: Read> GzipIndexer<R> {
             return Ok(());
         }
         if !self.checkpoints.is_empty() {
-            self.end_span();
+            self.end_span().map_err(GzipError::from)?;
         }
         let mut window = if self.uncompressed == 0 {
             Vec::new()
@@ -281,6 +274,7 @@ impl<R: Read> GzipIndexer<R> {
             if filled > 0
                 && (self.out_buf.len() - filled < 64 * 1024 || self.state != State::InMember)
             {
+                self.hashes.flush()?;
                 return Ok(filled);
             }
             match self.state {
@@ -319,11 +313,7 @@ impl<R: Read> GzipIndexer<R> {
                         .tar
                         .feed(self.uncompressed, out, |_, _| Ok::<(), ()>(()));
                 }
-                self.span_hasher.update(out);
-                self.diff_hasher.update(out);
-                if let Some((_, buf)) = &mut self.sink {
-                    buf.extend_from_slice(out);
-                }
+                self.hashes.pending.extend_from_slice(out);
                 self.uncompressed += out.len() as u64;
                 self.check_span_limits()?;
             }
@@ -350,6 +340,104 @@ impl<R: Read> GzipIndexer<R> {
                 self.stalls = 0;
             }
         }
+    }
+}
+
+enum HashMsg {
+    /// The next bytes of output.
+    Data(Vec<u8>),
+    /// The current span ends here.
+    EndSpan,
+}
+
+/// Chunks of output queued for the hashing thread at most (each up to [`OUT_BUF`] bytes).
+const HASH_QUEUE: usize = 8;
+
+/// The hashing thread: the span digests and the DiffID are sha256 of the whole output, which
+/// costs as much as inflating it; a thread of its own takes that off the inflating one. Output
+/// is copied to it in chunks, and the chunk buffers come back to be reused.
+#[derive(Default)]
+struct HashWorker {
+    /// Output not yet sent.
+    pending: Vec<u8>,
+    sink: Option<SpanSink>,
+    running: Option<HashThread>,
+}
+
+struct HashThread {
+    tx: std::sync::mpsc::SyncSender<HashMsg>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    handle: std::thread::JoinHandle<(Vec<Digest>, Digest)>,
+}
+
+impl HashWorker {
+    fn start(&mut self) -> io::Result<&mut HashThread> {
+        if self.running.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<HashMsg>(HASH_QUEUE);
+            let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+            let mut sink = self.sink.take();
+            let handle = std::thread::Builder::new()
+                .name("clip-hashes".into())
+                .spawn(move || {
+                    let (mut span, mut diff) = (Hasher::new(), Hasher::new());
+                    let mut digests = Vec::new();
+                    let mut buf = Vec::new();
+                    for m in rx {
+                        match m {
+                            HashMsg::Data(mut d) => {
+                                span.update(&d);
+                                diff.update(&d);
+                                if sink.is_some() {
+                                    buf.extend_from_slice(&d);
+                                }
+                                d.clear();
+                                let _ = back.send(d);
+                            }
+                            HashMsg::EndSpan => {
+                                let digest = std::mem::take(&mut span).finish();
+                                digests.push(digest);
+                                if let Some(sink) = &mut sink {
+                                    sink(digest, std::mem::take(&mut buf));
+                                }
+                            }
+                        }
+                    }
+                    (digests, diff.finish())
+                })?;
+            self.running = Some(HashThread { tx, spare, handle });
+        }
+        Ok(self.running.as_mut().expect("started above"))
+    }
+
+    fn send(&mut self, m: HashMsg) -> io::Result<()> {
+        self.start()?
+            .tx
+            .send(m)
+            .map_err(|_| io::Error::other("the hashing thread stopped"))
+    }
+
+    /// Sends the pending output, taking a returned buffer (or a new one) for what comes next.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let next = match self.start()?.spare.try_recv() {
+            Ok(b) => b,
+            Err(_) => Vec::with_capacity(OUT_BUF),
+        };
+        let full = std::mem::replace(&mut self.pending, next);
+        self.send(HashMsg::Data(full))
+    }
+
+    /// Waits for the thread: (span digests, digest of all the output).
+    fn finish(mut self) -> io::Result<(Vec<Digest>, Digest)> {
+        self.flush()?;
+        self.start()?;
+        let t = self.running.take().expect("started above");
+        drop(t.tx);
+        t.handle
+            .join()
+            .map_err(|_| io::Error::other("the hashing thread panicked"))
     }
 }
 

@@ -51,11 +51,10 @@ pub struct BuiltLayer {
     pub windows: Vec<u8>,
 }
 
-/// Hashes and counts the compressed bytes as they are read.
+/// Hashes the compressed bytes as they are read, and reports them.
 struct Hashing<R, F> {
     inner: R,
     hasher: Hasher,
-    count: u64,
     progress: F,
 }
 
@@ -63,7 +62,6 @@ impl<R: Read, F: FnMut(u64)> Read for Hashing<R, F> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.count += n as u64;
         (self.progress)(n as u64);
         Ok(n)
     }
@@ -91,7 +89,6 @@ pub fn build_layer_index_with_sink<R: Read>(
     let hashing = Hashing {
         inner: input,
         hasher: Hasher::new(),
-        count: 0,
         progress,
     };
     // Windows are compressed on a thread of their own as checkpoints are taken: the inflate
@@ -102,12 +99,14 @@ pub fn build_layer_index_with_sink<R: Read>(
         .name("clip-windows".into())
         .spawn(move || -> io::Result<(Vec<u8>, Vec<WindowPlace>)> {
             let (mut blob, mut places) = (Vec::new(), Vec::new());
+            // One context for every window (making one per window costs more than a window).
+            let mut zstd = zstd::bulk::Compressor::new(level)?;
             for w in wrx {
                 if w.is_empty() {
                     places.push((blob.len() as u64, 0));
                     continue;
                 }
-                let z = zstd::bulk::compress(&w, level)?;
+                let z = zstd.compress(&w)?;
                 places.push((blob.len() as u64, z.len() as u32));
                 blob.extend_from_slice(&z);
             }
