@@ -728,7 +728,7 @@ impl LayerFetcher {
     }
 
     /// The 32 KiB checkpoint window of span `i`, inflated: the end of span `i - 1` when a tier
-    /// on this node has it (no request at all), else from the local windows blob (unless it
+    /// has it (no registry request at all), else from the local windows blob (unless it
     /// proved damaged), else one small range read of the published one (concurrent with the
     /// span's data request). `from_local` tells whether it came from the local windows blob.
     async fn window(&self, i: usize, from_local: &mut bool) -> Result<Vec<u8>, ReadError> {
@@ -768,11 +768,13 @@ impl LayerFetcher {
         })
     }
 
-    /// Span `i`'s window cut from the end of span `i - 1`, if a local tier has that span and
-    /// it holds a whole window (the bytes are verified: they came through the span digest).
+    /// Span `i`'s window cut from the end of span `i - 1`, if a tier has that span (one on
+    /// this node, or the shared tier: a window is the verified tail of the span before it, so
+    /// the tiers hold every window of the spans they hold) and it holds a whole window.
     async fn window_from_previous(&self, i: usize) -> Option<Vec<u8>> {
         let prev = i.checked_sub(1)?;
-        if !self.is_local(prev) {
+        let local = self.is_local(prev);
+        if !local && !self.shared.cache.has_shared() {
             return None;
         }
         let (ps, pe) = self.index.span_range(prev);
@@ -780,7 +782,11 @@ impl LayerFetcher {
         if pe - ps < need && ps > 0 {
             return None;
         }
-        let data = self.shared.cache.get(self.key(prev)).await?;
+        let data = match local {
+            true => self.shared.cache.get(self.key(prev)).await?,
+            // A probe: a miss here is not a miss of a span anyone asked for.
+            false => self.shared.cache.probe(self.key(prev)).await?,
+        };
         let keep = (need as usize).min(data.len());
         self.shared.stats.windows_from_spans.fetch_add(1, Relaxed);
         Some(data[data.len() - keep..].to_vec())

@@ -201,6 +201,15 @@ impl TieredCache {
     /// tiers above it (memory at once, disk in the background); an entry that fails
     /// verification is removed from its tier and the next tier is tried.
     pub async fn get(&self, key: &Digest) -> Option<Bytes> {
+        let got = self.probe(key).await;
+        if got.is_none() {
+            self.stats.miss();
+        }
+        got
+    }
+
+    /// [`TieredCache::get`] without counting a miss (a look for bytes no reader asked for).
+    pub async fn probe(&self, key: &Digest) -> Option<Bytes> {
         for (i, tier) in self.tiers.iter().enumerate() {
             if tier.local() && !tier.contains(key) {
                 continue;
@@ -220,7 +229,6 @@ impl TieredCache {
             }
             return Some(data);
         }
-        self.stats.miss();
         None
     }
 
@@ -241,6 +249,11 @@ impl TieredCache {
                 }
             });
         }
+    }
+
+    /// True if a tier is shared with other nodes (the remote one).
+    pub fn has_shared(&self) -> bool {
+        self.tiers.iter().any(|t| !t.local())
     }
 
     /// True if a tier on this node has the span (no I/O).

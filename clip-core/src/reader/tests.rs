@@ -574,6 +574,65 @@ async fn a_span_after_one_held_locally_needs_no_window_request() {
 }
 
 #[tokio::test]
+async fn a_span_after_one_in_the_shared_tier_takes_its_window_from_there() {
+    // Memory on this node, and a shared tier (another node's spans) holding span 5 only.
+    let shared = Arc::new(TestTier {
+        local: false,
+        ..Default::default()
+    });
+    let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), shared.clone()];
+    let t = build_spans(
+        64 << 10,
+        TieredCache::with_tiers(tiers),
+        FetchConfig::default(),
+        |_| ReaderConfig {
+            readahead_bytes: 0,
+            locality_bytes: 0,
+        },
+        true,
+    );
+    let (off, len) = t.spans(5..6);
+    let span5 = Bytes::copy_from_slice(t.expect(off, len));
+    shared
+        .map
+        .lock()
+        .unwrap()
+        .insert(t.index.spans[5].digest, span5);
+    let window_requests = || {
+        t.source
+            .requests()
+            .iter()
+            .filter(|r| r.blob == t.index.windows.digest)
+            .count()
+    };
+    // Span 6 is on no tier; its window is the end of span 5, read from the shared tier.
+    let (off, len) = t.spans(6..7);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(window_requests(), 0);
+    assert_eq!(t.layer_requests(), vec![t.compressed(6..7)]);
+    // A damaged copy there is dropped (bytes from a tier are verified), and span 9's window
+    // comes from the registry.
+    let (off, len) = t.spans(8..9);
+    let mut bad = t.expect(off, len).to_vec();
+    let n = bad.len();
+    bad[n - 100] ^= 1;
+    shared
+        .map
+        .lock()
+        .unwrap()
+        .insert(t.index.spans[8].digest, Bytes::from(bad));
+    let (off, len) = t.spans(9..10);
+    assert_eq!(
+        &t.reader.read(off, len).await.unwrap()[..],
+        t.expect(off, len)
+    );
+    assert_eq!(window_requests(), 1);
+}
+
+#[tokio::test]
 async fn a_run_that_fails_verification_midway_is_fetched_again_from_where_it_failed() {
     let t = setup(0);
     // A flipped byte in the middle of span 3's compressed bytes, in a request for spans 0-5:
