@@ -12,7 +12,12 @@ TARGET_DIR=${CLIP_FUZZ_TARGET_DIR:-/var/cache/clip-fuzz-target}
 export PATH="/var/cache/clip-tools/bin:$PATH"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --root /var/cache/clip-tools
 export RUSTC_BOOTSTRAP=1
-for t in index_decode layer_build; do
+# Real objects seed the ELF reader's corpus (a program and a library of this machine).
+mkdir -p fuzz/corpus/elf_needed
+for f in /usr/bin/true "/usr/lib/$(uname -m)-linux-gnu/libdl.so.2"; do
+  [[ -f $f ]] && cp "$f" "fuzz/corpus/elf_needed/seed-$(basename "$f")"
+done
+for t in index_decode layer_build elf_needed; do
   echo "==> fuzzing $t for ${SECS}s"
   # Under a memory limit: any single allocation above 256 MiB, or 1 GiB resident, is a failure.
   cargo fuzz run --target-dir "$TARGET_DIR" "$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 -malloc_limit_mb=256

@@ -26,6 +26,7 @@
 pub mod artifact;
 pub mod cache;
 pub mod digest;
+pub mod elf;
 pub mod fetch;
 pub mod gzip;
 pub mod image;

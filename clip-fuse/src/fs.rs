@@ -5,9 +5,9 @@
 //! its names; directories count `2 + subdirectories`. Everything but file bytes is answered
 //! from these tables.
 
-use crate::elf;
 use bytes::Bytes;
 use clip_core::cache::files::FileStore;
+use clip_core::elf;
 use clip_core::index::{view::IMPLIED, EntryKind, ImageView};
 use clip_core::reader::{LayerReader, ReadError};
 use std::collections::{HashMap, HashSet};
@@ -109,10 +109,17 @@ pub struct ClipFs {
     cold_opens: Mutex<HashMap<u64, u32>>,
     /// Objects already read for the libraries they need (see [`ClipFs::prefetch_libraries`]).
     scanned: Mutex<HashSet<u64>>,
+    /// Whether the loader's cache (`/etc/ld.so.cache`) was fetched for a program that needs
+    /// libraries.
+    loader_cache: std::sync::atomic::AtomicBool,
 }
 
 /// Objects read for their libraries in one mount at most.
 const MAX_SCANNED: usize = 4096;
+
+/// The part of the loader's cache fetched with a program's libraries (a typical one is tens of
+/// KiB).
+const LOADER_CACHE_MAX: u64 = 1 << 20;
 
 /// Symbolic links followed in one path at most (the kernel's limit).
 const MAX_SYMLINKS: u32 = 40;
@@ -292,6 +299,7 @@ impl ClipFs {
             passthrough: None,
             cold_opens: Mutex::new(HashMap::new()),
             scanned: Mutex::new(HashSet::new()),
+            loader_cache: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -417,7 +425,8 @@ impl ClipFs {
     /// like a library), reads the libraries it needs from its ELF headers (`DT_NEEDED`), finds
     /// them where the dynamic loader would (its `DT_RUNPATH` or `DT_RPATH` with `$ORIGIN`, then
     /// the default directories), and starts fetching each as an open would (whole if at most
-    /// `max` bytes), then does the same for their libraries. The loader opens them one after
+    /// `max` bytes), then does the same for their libraries; the loader's cache
+    /// (`/etc/ld.so.cache`) is fetched with the first program's. The loader opens them one after
     /// another, each after reading the one before; here they are all requested as soon as the
     /// headers naming them are in. A wrong guess costs bandwidth, never correctness: the bytes
     /// are verified as any others, and an object that is not ELF, or is malformed, is skipped.
@@ -514,6 +523,18 @@ impl ClipFs {
         let d = h.dynamic(&dynamic)?;
         if d.needed.is_empty() {
             return Ok(Vec::new());
+        }
+        // The loader reads its cache of library paths before it opens any library.
+        if !self
+            .loader_cache
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some((reader, offset, size)) = self
+                .resolve(1, b"/etc/ld.so.cache")
+                .and_then(|c| self.file_data(c))
+            {
+                reader.prefetch_opened(offset, size.min(LOADER_CACHE_MAX));
+            }
         }
         let strtab = d
             .strtab

@@ -10,7 +10,6 @@
 //! binding that answers kernel requests from it, mapping errors to errno at that edge.
 
 pub mod adapter;
-pub mod elf;
 pub mod fs;
 pub mod handover;
 mod metrics;

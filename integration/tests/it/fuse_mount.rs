@@ -486,6 +486,11 @@ fn opening_a_program_fetches_the_libraries_it_needs_before_the_loader_asks() {
         std::os::unix::fs::symlink(&lib_name, libdir.join("libm.so.6")).unwrap();
     }
     std::os::unix::fs::symlink("usr/lib", src.join("lib")).unwrap();
+    // The loader's cache, after more noise, read by the loader before any library.
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/aa-noise.dat"), &noise).unwrap();
+    let ld_cache = std::fs::read("/etc/ld.so.cache").unwrap();
+    std::fs::write(src.join("etc/ld.so.cache"), &ld_cache).unwrap();
     let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
     reg.push_layout(&l, "v1", "prog");
     let image = format!("{}:v1", reg.image("prog"));
@@ -528,10 +533,11 @@ fn opening_a_program_fetches_the_libraries_it_needs_before_the_loader_asks() {
     // The loader's open, through the soname link and the merged /usr.
     let got = std::fs::read(m.dir.join(format!("lib/{triplet}/libm.so.6"))).unwrap();
     assert!(got == std::fs::read(&lib).unwrap(), "libm's bytes");
+    assert!(std::fs::read(m.dir.join("etc/ld.so.cache")).unwrap() == ld_cache);
     assert_eq!(
         requests(),
         before,
-        "the library was fetched before it was opened"
+        "the library and the loader's cache were fetched before they were opened"
     );
     // The noise between them was not guessed: reading it costs requests.
     assert!(std::fs::read(m.dir.join("usr/bin/zz-noise.dat")).unwrap() == noise);

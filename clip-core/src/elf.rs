@@ -12,9 +12,9 @@ const MAX_PHNUM: usize = 256;
 /// Bytes of the dynamic section read at most (real ones are a few hundred).
 pub const MAX_DYNAMIC: u64 = 64 << 10;
 /// Libraries taken from one object at most.
-const MAX_NEEDED: usize = 128;
+pub const MAX_NEEDED: usize = 128;
 /// Longest library name or search path taken.
-const MAX_NAME: usize = 1024;
+pub const MAX_NAME: usize = 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ElfError {
@@ -314,26 +314,34 @@ pub fn default_dirs(h: &Header) -> Vec<Vec<u8>> {
     dirs
 }
 
+/// The libraries named by a whole object held in memory: the same steps a reader of a lazily
+/// fetched object takes (header, program headers, dynamic section, string table), each on the
+/// bytes it needs.
+pub fn needed_in(b: &[u8]) -> Result<(Header, Needed), ElfError> {
+    let slice = |off: u64, len: u64| -> &[u8] {
+        let s = usize::try_from(off).unwrap_or(usize::MAX).min(b.len());
+        let e = usize::try_from(off.saturating_add(len))
+            .unwrap_or(usize::MAX)
+            .min(b.len());
+        &b[s..e]
+    };
+    let h = Header::parse(slice(0, HEADER_LEN))?;
+    let segs = h.segments(slice(h.phoff, h.phdrs_len()))?;
+    let (doff, dlen) = segs.dynamic.ok_or(ElfError::NotDynamic)?;
+    let d = h.dynamic(slice(doff, dlen))?;
+    let stroff = d
+        .strtab
+        .and_then(|v| segs.file_offset(v))
+        .ok_or(ElfError::Malformed("string table outside the file"))?;
+    Ok((h, d.names(slice(stroff, d.strings_len()))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Reads what the filesystem would, from a whole object in memory.
     fn needed_of(b: &[u8]) -> Result<(Header, Needed), ElfError> {
-        let h = Header::parse(b)?;
-        let slice = |off: u64, len: u64| -> &[u8] {
-            let s = (off as usize).min(b.len());
-            let e = (off.saturating_add(len) as usize).min(b.len());
-            &b[s..e]
-        };
-        let segs = h.segments(slice(h.phoff, h.phdrs_len()))?;
-        let (doff, dlen) = segs.dynamic.ok_or(ElfError::NotDynamic)?;
-        let d = h.dynamic(slice(doff, dlen))?;
-        let stroff = d
-            .strtab
-            .and_then(|v| segs.file_offset(v))
-            .ok_or(ElfError::Malformed("string table"))?;
-        Ok((h, d.names(slice(stroff, d.strings_len()))))
+        needed_in(b)
     }
 
     /// This test program: a real object made by the system's linker, which links the C library.
