@@ -28,6 +28,8 @@
 #   CLIP_BENCH_TRACE=PREFIX: write each proxy's request timeline to PREFIX.<link> (proxy.py)
 #   CLIP_BENCH_LINKS="shaped": links to run (default: loopback shaped; --quick: loopback)
 #   CLIP_BENCH_EXTRAS=0: skip the shared-Redis and span-size sections (before/after comparisons)
+#   CLIP_BENCH_CONFIG=FILE: the clip snapshotter's config file (e.g. to turn a guess off for an
+#     A/B comparison in one session)
 source "$(dirname "$0")/lib.sh"
 RUNS=3 QUICK=0 OUT=""
 while [[ $# -gt 0 ]]; do
@@ -184,7 +186,7 @@ for link in "${LINKS[@]}"; do
       esac
       declare -a cold=() bytes=() warm=() rss=() cache=() reqs=()
       for r in $(seq "$RUNS"); do
-        start_once "$link" "$mode" "$w" "$WORK/node"
+        start_once "$link" "$mode" "$w" "$WORK/node" ${CLIP_BENCH_CONFIG:+--config "$CLIP_BENCH_CONFIG"}
         stop_node "$WORK/node"
         cold+=("$COLD_S"); bytes+=("$COLD_B"); warm+=("$WARM_S"); rss+=("$RSS"); cache+=("$CACHE"); reqs+=("$COLD_Q")
         echo "$link,$w,$mode,$COLD_S" >>"$CSV"

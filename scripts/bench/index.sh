@@ -36,7 +36,7 @@ echo "large image: $(echo $layers | wc -w) layers, $uncompressed bytes of tar; $
 echo "| what | median | min-max | uncompressed rate |"
 echo "|---|---|---|---|"
 report gzip "baseline: gzip -dc of the layers (local disk, 1 core)"
-report clip1 "clip index --jobs 1 (from the registry, one layer at a time: inflate + hashes on one thread, window zstd on a second)"
+report clip1 "clip index --jobs 1 (from the registry, one layer at a time: inflate and tar on one thread, sha256 on a second, window zstd on a third)"
 report clip2 "clip index --jobs 2 (from the registry, two layers at a time, 2 cores)"
 "$CLIP" --root "$WORK/root" inspect "$IMAGE" --json >"$WORK/inspect.json"
 python3 - "$WORK/inspect.json" <<'PY'
