@@ -116,6 +116,14 @@ impl Setup {
             .map(|r| (r.start, r.start + r.len))
             .collect()
     }
+    /// Requests for the windows blob.
+    fn window_requests(&self) -> usize {
+        self.source
+            .requests()
+            .iter()
+            .filter(|r| r.blob == self.index.windows.digest)
+            .count()
+    }
     fn compressed(&self, r: Range<usize>) -> (u64, u64) {
         let (s, _) = self.index.span_compressed_range(r.start);
         let (_, e) = self.index.span_compressed_range(r.end - 1);
@@ -543,26 +551,19 @@ async fn a_span_after_one_held_locally_needs_no_window_request() {
         no_guessing,
         true,
     );
-    let window_requests = || {
-        t.source
-            .requests()
-            .iter()
-            .filter(|r| r.blob == t.index.windows.digest)
-            .count()
-    };
     let (off, len) = t.spans(3..4);
     assert_eq!(
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
     );
-    assert_eq!(window_requests(), 1);
+    assert_eq!(t.window_requests(), 1);
     // Span 4's window is the end of span 3, which is in memory: no window request.
     let (off, len) = t.spans(4..5);
     assert_eq!(
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
     );
-    assert_eq!(window_requests(), 1);
+    assert_eq!(t.window_requests(), 1);
     assert_eq!(t.fetcher.stats.windows_from_spans.load(Relaxed), 1);
     // Span 9 follows nothing local: its window is fetched.
     let (off, len) = t.spans(9..10);
@@ -570,7 +571,7 @@ async fn a_span_after_one_held_locally_needs_no_window_request() {
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
     );
-    assert_eq!(window_requests(), 2);
+    assert_eq!(t.window_requests(), 2);
 }
 
 #[tokio::test]
@@ -598,20 +599,13 @@ async fn a_span_after_one_in_the_shared_tier_takes_its_window_from_there() {
         .lock()
         .unwrap()
         .insert(t.index.spans[5].digest, span5);
-    let window_requests = || {
-        t.source
-            .requests()
-            .iter()
-            .filter(|r| r.blob == t.index.windows.digest)
-            .count()
-    };
     // Span 6 is on no tier; its window is the end of span 5, read from the shared tier.
     let (off, len) = t.spans(6..7);
     assert_eq!(
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
     );
-    assert_eq!(window_requests(), 0);
+    assert_eq!(t.window_requests(), 0);
     assert_eq!(t.layer_requests(), vec![t.compressed(6..7)]);
     // A damaged copy there is dropped (bytes from a tier are verified), and span 9's window
     // comes from the registry.
@@ -629,7 +623,7 @@ async fn a_span_after_one_in_the_shared_tier_takes_its_window_from_there() {
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
     );
-    assert_eq!(window_requests(), 1);
+    assert_eq!(t.window_requests(), 1);
 }
 
 #[tokio::test]

@@ -379,6 +379,34 @@ fn clip_mount_is_nosuid_nodev_unless_asked() {
 /// A program that loads two modules from a directory loads more: on the second cold open in a
 /// directory, the files next to it of the same kind are fetched in the background, so reading
 /// them afterwards asks the registry for nothing; files of another kind are left alone.
+/// `n` bytes that do not compress (a linear congruential sequence from `seed`).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+/// Polls the mount's metrics (served on `port`) until `done` holds for them, for at most 30 s;
+/// then fails with `what`, the metrics and the mount's log.
+fn wait_for_metrics(port: u16, root: &Path, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done(&scrape(port)) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {}\n{}",
+            scrape(port),
+            std::fs::read_to_string(root.with_extension("mount.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() {
     let reg = Registry::start(Auth::None);
@@ -386,17 +414,7 @@ fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() 
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("pkg")).unwrap();
     // Noise, so the layer has a checkpoint every span.
-    let body = |k: u32, n: u32| -> Vec<u8> {
-        let mut x = u64::from(k) + 1;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect()
-    };
+    let body = |k: u32, n: usize| noise(u64::from(k) + 1, n);
     // m0.pyc, m0x.dat, m1.pyc, ...: 1 MiB of another kind between modules, so no module is
     // fetched as a neighbour of another.
     for k in 0..6 {
@@ -425,16 +443,9 @@ fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() 
     assert!(read(0) == body(0, 300 << 10));
     assert!(read(1) == body(1, 300 << 10));
     // The guess lands in the background; the counter counts spans once they are fetched.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&scrape(port), "clip_speculate_spans_total") < guessed.len() as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "the siblings were not fetched: {}\n{}",
-            scrape(port),
-            std::fs::read_to_string(root.with_extension("mount.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metrics(port, &root, "the siblings were not fetched", |m| {
+        metric(m, "clip_speculate_spans_total") >= guessed.len() as f64
+    });
     let blob_requests = || {
         reg.requests_from("clip/")
             .iter()
@@ -471,15 +482,7 @@ fn opening_a_program_fetches_the_libraries_it_needs_before_the_loader_asks() {
     std::fs::create_dir_all(&libdir).unwrap();
     std::fs::create_dir_all(src.join("usr/bin")).unwrap();
     std::fs::copy(&program, src.join("usr/bin/python3")).unwrap();
-    let mut x = 7u64;
-    let noise: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect();
+    let noise = noise(7, 1 << 20);
     std::fs::write(src.join("usr/bin/zz-noise.dat"), &noise).unwrap();
     std::fs::copy(&lib, libdir.join(&lib_name)).unwrap();
     if lib_name != "libm.so.6" {
@@ -515,20 +518,10 @@ fn opening_a_program_fetches_the_libraries_it_needs_before_the_loader_asks() {
     assert_eq!(&head[..4], b"\x7fELF");
     // The library's fetch starts once the program's headers are read (the counter counts it
     // once its spans are claimed); then wait for every fetch in flight to end.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while {
-        let m = scrape(port);
-        metric(&m, "clip_fuse_libraries_prefetched_total") < 1.0
-            || metric(&m, "clip_fetch_runs") > 0.0
-    } {
-        assert!(
-            Instant::now() < deadline,
-            "the library was not fetched: {}\n{}",
-            scrape(port),
-            std::fs::read_to_string(root.with_extension("mount.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metrics(port, &root, "the library was not fetched", |m| {
+        metric(m, "clip_fuse_libraries_prefetched_total") >= 1.0
+            && metric(m, "clip_fetch_runs") == 0.0
+    });
     let before = requests();
     // The loader's open, through the soname link and the merged /usr.
     let got = std::fs::read(m.dir.join(format!("lib/{triplet}/libm.so.6"))).unwrap();
