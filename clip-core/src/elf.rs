@@ -15,6 +15,9 @@ pub const MAX_DYNAMIC: u64 = 64 << 10;
 pub const MAX_NEEDED: usize = 128;
 /// Longest library name or search path taken.
 pub const MAX_NAME: usize = 1024;
+/// Bytes of the string table read at most (names past it are not guessed; the tables of big
+/// libraries are a few hundred KiB, and the names they need come early).
+pub const MAX_STRINGS: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ElfError {
@@ -226,7 +229,8 @@ pub struct Dynamic {
 }
 
 impl Dynamic {
-    /// Bytes of the string table to read to have every name this section refers to.
+    /// Bytes of the string table to read to have every name this section refers to (at most
+    /// [`MAX_STRINGS`]).
     pub fn strings_len(&self) -> u64 {
         let last = self
             .needed
@@ -236,7 +240,9 @@ impl Dynamic {
             .max()
             .copied()
             .unwrap_or(0);
-        self.strsz.min(last.saturating_add(MAX_NAME as u64 + 1))
+        self.strsz
+            .min(last.saturating_add(MAX_NAME as u64 + 1))
+            .min(MAX_STRINGS)
     }
 
     /// Resolves the names against the string table (its first `strings_len()` bytes): the
@@ -437,6 +443,22 @@ mod tests {
         );
         let (_, n) = needed_of(&tiny(&["a.so"], None, Some("/r1:/r2"))).unwrap();
         assert_eq!(n.search, vec![b"/r1".to_vec(), b"/r2".to_vec()]);
+    }
+
+    #[test]
+    fn a_name_far_into_the_string_table_does_not_make_the_read_unbounded() {
+        let d = Dynamic {
+            needed: vec![7, u64::MAX - 10],
+            strsz: u64::MAX,
+            ..Default::default()
+        };
+        assert_eq!(d.strings_len(), MAX_STRINGS);
+        let d = Dynamic {
+            needed: vec![7],
+            strsz: 100,
+            ..Default::default()
+        };
+        assert_eq!(d.strings_len(), 100);
     }
 
     #[test]

@@ -540,9 +540,7 @@ impl ClipFs {
             .strtab
             .and_then(|v| segs.file_offset(v))
             .ok_or(elf::ElfError::Malformed("string table outside the file"))?;
-        let strings = self
-            .read(ino, strtab, d.strings_len().min(u64::from(u32::MAX)) as u32)
-            .await?;
+        let strings = self.read(ino, strtab, d.strings_len() as u32).await?;
         let names = d.names(&strings);
         let origin = self.parents.get(ino as usize - 1).copied().unwrap_or(1);
         let mut dirs: Vec<(u64, Vec<u8>)> = Vec::new();
