@@ -320,26 +320,51 @@ pub fn default_dirs(h: &Header) -> Vec<Vec<u8>> {
     dirs
 }
 
-/// The libraries named by a whole object held in memory: the same steps a reader of a lazily
-/// fetched object takes (header, program headers, dynamic section, string table), each on the
-/// bytes it needs.
+/// The libraries object `read` gives the bytes of names, read step by step as a reader of a
+/// lazily fetched object must: the header, the program headers, the dynamic section and (when
+/// it names libraries) the string table, each a bounded range `read(offset, len)` (an answer
+/// may be short at the end of the object). An object that names none gives an empty
+/// [`Needed`] without reading its string table.
+pub async fn needed<B, E, F, Fut>(mut read: F) -> Result<(Header, Needed), E>
+where
+    B: AsRef<[u8]>,
+    E: From<ElfError>,
+    F: FnMut(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<B, E>>,
+{
+    let h = Header::parse(read(0, HEADER_LEN).await?.as_ref())?;
+    let segs = h.segments(read(h.phoff, h.phdrs_len()).await?.as_ref())?;
+    let (off, len) = segs.dynamic.ok_or(ElfError::NotDynamic)?;
+    let d = h.dynamic(read(off, len).await?.as_ref())?;
+    if d.needed.is_empty() {
+        return Ok((h, Needed::default()));
+    }
+    let strtab = d
+        .strtab
+        .and_then(|v| segs.file_offset(v))
+        .ok_or(ElfError::Malformed("string table outside the file"))?;
+    let names = d.names(read(strtab, d.strings_len()).await?.as_ref());
+    Ok((h, names))
+}
+
+/// [`needed`] of a whole object held in memory.
 pub fn needed_in(b: &[u8]) -> Result<(Header, Needed), ElfError> {
-    let slice = |off: u64, len: u64| -> &[u8] {
+    let slice = |off: u64, len: u64| {
         let s = usize::try_from(off).unwrap_or(usize::MAX).min(b.len());
         let e = usize::try_from(off.saturating_add(len))
             .unwrap_or(usize::MAX)
             .min(b.len());
-        &b[s..e]
+        std::future::ready(Ok::<_, ElfError>(&b[s..e]))
     };
-    let h = Header::parse(slice(0, HEADER_LEN))?;
-    let segs = h.segments(slice(h.phoff, h.phdrs_len()))?;
-    let (doff, dlen) = segs.dynamic.ok_or(ElfError::NotDynamic)?;
-    let d = h.dynamic(slice(doff, dlen))?;
-    let stroff = d
-        .strtab
-        .and_then(|v| segs.file_offset(v))
-        .ok_or(ElfError::Malformed("string table outside the file"))?;
-    Ok((h, d.names(slice(stroff, d.strings_len()))))
+    let scan = std::pin::pin!(needed(slice));
+    // Every read is ready at once, so one poll finishes it.
+    match std::future::Future::poll(
+        scan,
+        &mut std::task::Context::from_waker(std::task::Waker::noop()),
+    ) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(ElfError::Malformed("pending in-memory read")),
+    }
 }
 
 #[cfg(test)]

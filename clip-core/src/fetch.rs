@@ -782,11 +782,8 @@ impl LayerFetcher {
         if pe - ps < need && ps > 0 {
             return None;
         }
-        let data = match local {
-            true => self.shared.cache.get(self.key(prev)).await?,
-            // A probe: a miss here is not a miss of a span anyone asked for.
-            false => self.shared.cache.probe(self.key(prev)).await?,
-        };
+        // A probe: a miss here is not a miss of a span anyone asked for.
+        let data = self.shared.cache.probe(self.key(prev)).await?;
         let keep = (need as usize).min(data.len());
         self.shared.stats.windows_from_spans.fetch_add(1, Relaxed);
         Some(data[data.len() - keep..].to_vec())

@@ -383,8 +383,7 @@ impl ClipFs {
     /// their (offset, size) ranges by layer.
     fn siblings(&self, dir: u64, ino: u64, budget: u64) -> Option<HashMap<u32, Vec<(u64, u64)>>> {
         let kids = self.children(dir).ok()?;
-        let name = &kids.iter().find(|(_, i)| *i == ino)?.0;
-        let ext = extension(name);
+        let ext = extension(self.name_in(dir, ino)?);
         let (home, at) = match self.get(ino).ok()?.data {
             Data::File { layer, offset } => (layer, offset),
             _ => return None,
@@ -447,15 +446,12 @@ impl ClipFs {
     /// found, as their headers come in.
     async fn scan_libraries(self: Arc<Self>, ino: u64, max: u64) {
         let mut scans = tokio::task::JoinSet::new();
-        let mut next = Some(ino);
-        loop {
-            if let Some(obj) = next.take() {
-                let fs = self.clone();
-                scans.spawn(async move { (obj, fs.needed_libraries(obj).await) });
-            }
-            let Some(done) = scans.join_next().await else {
-                break;
-            };
+        let scan = |scans: &mut tokio::task::JoinSet<_>, obj: u64| {
+            let fs = self.clone();
+            scans.spawn(async move { (obj, fs.needed_libraries(obj).await) });
+        };
+        scan(&mut scans, ino);
+        while let Some(done) = scans.join_next().await {
             let Ok((obj, found)) = done else { continue };
             let libs = match found {
                 Ok(libs) => libs,
@@ -475,8 +471,7 @@ impl ClipFs {
                     }
                     crate::metrics::library_prefetched();
                 }
-                let fs = self.clone();
-                scans.spawn(async move { (lib, fs.needed_libraries(lib).await) });
+                scan(&mut scans, lib);
             }
         }
     }
@@ -496,11 +491,16 @@ impl ClipFs {
         let Some(&dir) = self.parents.get(ino as usize - 1) else {
             return false;
         };
-        self.children(dir).is_ok_and(|kids| {
-            kids.iter().any(|(n, i)| {
-                *i == ino && (n.ends_with(b".so") || n.windows(4).any(|w| w == b".so."))
-            })
-        })
+        self.name_in(dir, ino)
+            .is_some_and(|n| n.ends_with(b".so") || n.windows(4).any(|w| w == b".so."))
+    }
+
+    /// The name of `ino` in directory `dir` (its first, if it has several there).
+    fn name_in(&self, dir: u64, ino: u64) -> Option<&[u8]> {
+        let kids = self.children(dir).ok()?;
+        kids.iter()
+            .find(|(_, i)| *i == ino)
+            .map(|(n, _)| n.as_slice())
     }
 
     /// Marks `ino` as read for its libraries: false if it was already, or if this mount has
@@ -514,14 +514,14 @@ impl ClipFs {
     /// found in the first directory that has it (in the loader's order). Names with a `/`
     /// (paths the loader takes as they are, relative to its working directory) are skipped.
     pub async fn needed_libraries(&self, ino: u64) -> Result<Vec<u64>, ScanError> {
-        let head = self.read(ino, 0, elf::HEADER_LEN as u32).await?;
-        let h = elf::Header::parse(&head)?;
-        let table = self.read(ino, h.phoff, h.phdrs_len() as u32).await?;
-        let segs = h.segments(&table)?;
-        let (off, len) = segs.dynamic.ok_or(elf::ElfError::NotDynamic)?;
-        let dynamic = self.read(ino, off, len as u32).await?;
-        let d = h.dynamic(&dynamic)?;
-        if d.needed.is_empty() {
+        // Every length asked for is bounded (at most MAX_STRINGS).
+        let read = |off, len: u64| async move {
+            self.read(ino, off, len as u32)
+                .await
+                .map_err(ScanError::from)
+        };
+        let (h, names) = elf::needed(read).await?;
+        if names.libraries.is_empty() {
             return Ok(Vec::new());
         }
         // The loader reads its cache of library paths before it opens any library.
@@ -536,22 +536,16 @@ impl ClipFs {
                 reader.prefetch_opened(offset, size.min(LOADER_CACHE_MAX));
             }
         }
-        let strtab = d
-            .strtab
-            .and_then(|v| segs.file_offset(v))
-            .ok_or(elf::ElfError::Malformed("string table outside the file"))?;
-        let strings = self.read(ino, strtab, d.strings_len() as u32).await?;
-        let names = d.names(&strings);
         let origin = self.parents.get(ino as usize - 1).copied().unwrap_or(1);
         let mut dirs: Vec<(u64, Vec<u8>)> = Vec::new();
         for p in &names.search {
             // `$ORIGIN` (or `${ORIGIN}`) is the object's directory; other tokens are skipped.
-            let (start, rest) = if let Some(r) = p.strip_prefix(b"$ORIGIN") {
-                (origin, r)
-            } else if let Some(r) = p.strip_prefix(b"${ORIGIN}") {
-                (origin, r)
-            } else {
-                (1, p.as_slice())
+            let (start, rest) = match p
+                .strip_prefix(b"$ORIGIN")
+                .or_else(|| p.strip_prefix(b"${ORIGIN}"))
+            {
+                Some(r) => (origin, r),
+                None => (1, p.as_slice()),
             };
             if !rest.contains(&b'$') {
                 dirs.push((start, rest.to_vec()));

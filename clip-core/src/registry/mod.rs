@@ -802,56 +802,53 @@ impl Client {
         let what = format!("blob {}@{} bytes {}+{}", r.repository, digest, start, len);
         // Bytes of the slice sent so far (survives retries).
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let result = self
-            .execute(
-                Self::target(r, false),
-                &what,
-                |http, base| {
+        self.execute(
+            Self::target(r, false),
+            &what,
+            |http, base| {
+                let from = start + sent.load(SeqCst);
+                http.get(format!("{base}{path}"))
+                    .header(RANGE, format!("bytes={}-{}", from, start + len - 1))
+            },
+            |mut resp| {
+                let (tx, sent, what) = (tx.clone(), sent.clone(), what.clone());
+                let stall = self.inner.cfg.stall_timeout;
+                async move {
                     let from = start + sent.load(SeqCst);
-                    http.get(format!("{base}{path}"))
-                        .header(RANGE, format!("bytes={}-{}", from, start + len - 1))
-                },
-                |mut resp| {
-                    let (tx, sent, what) = (tx.clone(), sent.clone(), what.clone());
-                    let stall = self.inner.cfg.stall_timeout;
-                    async move {
-                        let from = start + sent.load(SeqCst);
-                        // Position in the blob of the body's first byte.
-                        let mut pos = if resp.status() == StatusCode::PARTIAL_CONTENT {
-                            check_content_range(resp.headers(), from, start + len - from)?;
-                            from
-                        } else {
-                            0
+                    // Position in the blob of the body's first byte.
+                    let mut pos = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                        check_content_range(resp.headers(), from, start + len - from)?;
+                        from
+                    } else {
+                        0
+                    };
+                    let end = start + len;
+                    while pos < end {
+                        let Some(chunk) = next_chunk(&mut resp, stall).await? else {
+                            return Err(Attempt::Retry {
+                                reason: format!("{what}: body ended early"),
+                                after: Some(Duration::ZERO),
+                            });
                         };
-                        let end = start + len;
-                        while pos < end {
-                            let Some(chunk) = next_chunk(&mut resp, stall).await? else {
-                                return Err(Attempt::Retry {
-                                    reason: format!("{what}: body ended early"),
-                                    after: Some(Duration::ZERO),
-                                });
-                            };
-                            let (c_start, c_end) = (pos, pos + chunk.len() as u64);
-                            pos = c_end;
-                            let want = start + sent.load(SeqCst);
-                            let (lo, hi) = (want.max(c_start), end.min(c_end));
-                            if lo >= hi {
-                                continue;
-                            }
-                            let part =
-                                chunk.slice((lo - c_start) as usize..(hi - c_start) as usize);
-                            sent.fetch_add(part.len() as u64, SeqCst);
-                            self.count_bytes(part.len());
-                            if tx.send(part).await.is_err() {
-                                return Ok(()); // the reader went away
-                            }
+                        let (c_start, c_end) = (pos, pos + chunk.len() as u64);
+                        pos = c_end;
+                        let want = start + sent.load(SeqCst);
+                        let (lo, hi) = (want.max(c_start), end.min(c_end));
+                        if lo >= hi {
+                            continue;
                         }
-                        Ok(())
+                        let part = chunk.slice((lo - c_start) as usize..(hi - c_start) as usize);
+                        sent.fetch_add(part.len() as u64, SeqCst);
+                        self.count_bytes(part.len());
+                        if tx.send(part).await.is_err() {
+                            return Ok(()); // the reader went away
+                        }
                     }
-                },
-            )
-            .await;
-        result
+                    Ok(())
+                }
+            },
+        )
+        .await
     }
 
     fn count_bytes(&self, n: usize) {
