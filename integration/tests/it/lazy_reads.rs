@@ -93,7 +93,7 @@ fn cat_matches_an_independent_extractor_and_restarts_reuse_the_disk_cache() {
     );
     assert!(s["disk_hits"].as_u64().unwrap() >= 6, "{s}");
     // A node that built the index keeps its windows blob and reads it unhashed: damaged, it
-    // costs a verification failure, then the published windows serve, and the bytes are right.
+    // costs a verification failure, then windows from elsewhere serve, and the bytes are right.
     let built = tmp.path().join("built");
     clip_json(&built, &["index", &image, "--json"], &[]);
     let mut damaged = 0;
@@ -110,7 +110,11 @@ fn cat_matches_an_independent_extractor_and_restarts_reuse_the_disk_cache() {
     let (got, s) = cat(&built, &image, "/data/random.bin", &[]);
     assert!(got == reference_bytes(&l, "/data/random.bin"));
     assert!(s["verify_failures"].as_u64().unwrap() >= 1, "{s}");
-    assert!(s["window_requests"].as_u64().unwrap() >= 1, "{s}");
+    // The retry's window comes from the published windows, or is cut from the span before
+    // when a concurrent run of the same read has delivered that one by then.
+    let elsewhere =
+        s["window_requests"].as_u64().unwrap() + s["windows_from_spans"].as_u64().unwrap();
+    assert!(elsewhere >= 1, "{s}");
     // Errors: not a file, no such file.
     let o = clip(&fresh, &["cat", &image, "/dev/null"], &[]);
     assert!(
