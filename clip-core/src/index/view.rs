@@ -140,7 +140,10 @@ impl ImageView {
                     }
                     _ => None,
                 };
-                if e.kind != EntryKind::Dir {
+                // What it replaces can only have something under it if it is a directory (a
+                // path's parent always exists and is one).
+                if e.kind != EntryKind::Dir && nodes.get(&e.path).is_some_and(|n| n.is_dir(&layers))
+                {
                     remove_under(&mut nodes, &e.path, |_| false);
                 }
                 Self::imply_parents(&layers, &mut nodes, &e.path, li, false);
@@ -195,7 +198,10 @@ impl ImageView {
     }
 
     /// Makes every ancestor of `path` (and `path` itself if `include_self`) a directory: missing
-    /// ones are implied; a non-directory in the way (a malformed image) is replaced.
+    /// ones are implied; a non-directory in the way (a malformed image) is replaced. The walk
+    /// up stops at the first directory: the ancestors of a directory are directories (the
+    /// tree's invariant, which also holds for the ancestors of the orphans
+    /// [`ImageView::reparent_under`] visits: it goes parents first).
     fn imply_parents(
         layers: &[Arc<LayerIndex>],
         nodes: &mut BTreeMap<Vec<u8>, Node>,
@@ -210,24 +216,25 @@ impl ImageView {
             parent(path)
         };
         while let Some(dir) = p {
-            todo.push(dir);
+            let state = nodes.get(dir).map(|n| n.is_dir(layers));
+            if state == Some(true) {
+                break;
+            }
+            todo.push((dir, state));
             p = parent(dir);
         }
-        for dir in todo.into_iter().rev() {
-            let state = nodes.get(dir).map(|n| n.is_dir(layers));
-            if state != Some(true) {
-                if state == Some(false) {
-                    remove_under(nodes, dir, |_| false);
-                }
-                nodes.insert(
-                    dir.to_vec(),
-                    Node {
-                        layer,
-                        entry: IMPLIED,
-                        data: None,
-                    },
-                );
+        for (dir, state) in todo.into_iter().rev() {
+            if state == Some(false) {
+                remove_under(nodes, dir, |_| false);
             }
+            nodes.insert(
+                dir.to_vec(),
+                Node {
+                    layer,
+                    entry: IMPLIED,
+                    data: None,
+                },
+            );
         }
     }
 
