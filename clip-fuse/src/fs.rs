@@ -124,7 +124,8 @@ const LOADER_CACHE_MAX: u64 = 1 << 20;
 /// Symbolic links followed in one path at most (the kernel's limit).
 const MAX_SYMLINKS: u32 = 40;
 
-/// A directory's siblings of a cold-opened file are fetched on its second cold open there.
+/// A directory's siblings of a cold-opened file are fetched on its second cold open there (on
+/// the first for a package's `__init__`).
 const SIBLINGS_AFTER: u32 = 2;
 
 /// Siblings bigger than this are not fetched on a guess (a big file is seldom read whole).
@@ -346,7 +347,7 @@ impl ClipFs {
         }
         // Looked up only when guesses are on (every span of the file, on every open).
         let cold = siblings > 0 && !reader.is_local(offset, size) && !reader.profiled(offset, size);
-        tracing::debug!(ino, layer = %reader.index().layer, offset, size, cold, "open");
+        tracing::debug!(ino, path = %self.path_of(ino), layer = %reader.index().layer, offset, size, cold, "open");
         if size <= max {
             reader.prefetch_opened(offset, size);
         }
@@ -355,20 +356,12 @@ impl ClipFs {
         }
     }
 
-    /// Counts a cold open of `ino` in its directory; on the [`SIBLINGS_AFTER`]th, starts the
-    /// sibling guess.
+    /// Counts a cold open of `ino` in its directory and starts the sibling guess there when
+    /// [`ClipFs::siblings_due`] says so.
     fn note_cold_open(&self, ino: u64, budget: u64) {
-        let Some(&dir) = self.parents.get(ino as usize - 1) else {
+        let Some(dir) = self.siblings_due(ino) else {
             return;
         };
-        {
-            let mut seen = self.cold_opens.lock().expect("cold opens lock");
-            let n = seen.entry(dir).or_insert(0);
-            *n = n.saturating_add(1);
-            if *n != SIBLINGS_AFTER {
-                return;
-            }
-        }
         let Some(picked) = self.siblings(dir, ino, budget) else {
             return;
         };
@@ -376,6 +369,29 @@ impl ClipFs {
             let reader = self.readers[layer as usize].clone();
             tokio::spawn(async move { reader.speculate(&ranges).await });
         }
+    }
+
+    /// Counts a cold open of `ino` in its directory: `Some(dir)` once per directory, on the
+    /// [`SIBLINGS_AFTER`]th cold open there, or on the first if it is a package's entry module
+    /// (`__init__.*`: python imports a package's modules right after its `__init__`, one
+    /// round trip each).
+    fn siblings_due(&self, ino: u64) -> Option<u64> {
+        let dir = *self.parents.get((ino as usize).checked_sub(1)?)?;
+        let entry = self
+            .name_in(dir, ino)
+            .is_some_and(|n| n.starts_with(b"__init__."));
+        let mut seen = self.cold_opens.lock().expect("cold opens lock");
+        let n = seen.entry(dir).or_insert(0);
+        // u32::MAX: the guess was made.
+        if *n == u32::MAX {
+            return None;
+        }
+        *n += 1;
+        if *n < SIBLINGS_AFTER && !entry {
+            return None;
+        }
+        *n = u32::MAX;
+        Some(dir)
     }
 
     /// The regular files of `dir` with `ino`'s extension (other than `ino`), at most
@@ -501,6 +517,22 @@ impl ClipFs {
         kids.iter()
             .find(|(_, i)| *i == ino)
             .map(|(n, _)| n.as_slice())
+    }
+
+    /// The path of `ino` from the root (its first name), for logs; `?` where the tree is broken.
+    fn path_of(&self, ino: u64) -> String {
+        let mut names: Vec<String> = Vec::new();
+        let mut cur = ino;
+        while cur > 1 && names.len() < 256 {
+            let Some(&dir) = self.parents.get(cur as usize - 1) else {
+                break;
+            };
+            let name = self.name_in(dir, cur).unwrap_or(b"?");
+            names.push(String::from_utf8_lossy(name).into_owned());
+            cur = dir;
+        }
+        names.reverse();
+        format!("/{}", names.join("/"))
     }
 
     /// Marks `ino` as read for its libraries: false if it was already, or if this mount has
@@ -854,6 +886,7 @@ mod tests {
             file("pkg/__pycache__/notes.txt", 11_000, 100),
             file("pkg/__pycache__/empty.pyc", 12_000, 0),
             file("pkg/other.pyc", 13_000, 100),
+            file("pkg/__init__.py", 14_000, 100),
             entry("pkg/__pycache__/sub", EntryKind::Dir),
         ]);
         Arc::get_mut(&mut l).unwrap().uncompressed_size = 4 << 20;
@@ -870,6 +903,18 @@ mod tests {
         // A budget of 4000 bytes takes the nearest that fit, then stops.
         let some = fs.siblings(dir, b, 4000).unwrap();
         assert_eq!(some[&0], vec![(0, 1000), (20_000, 3000)]);
+        // Once per directory: on its second cold open, or on the first if that is a package's
+        // entry module.
+        let a = fs.lookup(dir, b"a.pyc").unwrap().attr.ino;
+        let c = fs.lookup(dir, b"c.pyc").unwrap().attr.ino;
+        assert_eq!(fs.siblings_due(a), None);
+        assert_eq!(fs.siblings_due(b), Some(dir));
+        assert_eq!(fs.siblings_due(c), None);
+        let pkg = fs.lookup(1, b"pkg").unwrap().attr.ino;
+        let init = fs.lookup(pkg, b"__init__.py").unwrap().attr.ino;
+        let other = fs.lookup(pkg, b"other.pyc").unwrap().attr.ino;
+        assert_eq!(fs.siblings_due(init), Some(pkg));
+        assert_eq!(fs.siblings_due(other), None);
         assert_eq!(extension(b"x.tar.gz"), Some(&b"gz"[..]));
         assert_eq!(extension(b".bashrc"), None);
         assert_eq!(extension(b"README"), None);
