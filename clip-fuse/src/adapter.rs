@@ -38,11 +38,14 @@ pub struct MountOptions {
     /// Opening a cold file of at most this many bytes requests all of its spans at once
     /// (0: off; files are then fetched read by read).
     pub prefetch_on_open: u64,
-    /// On the second cold open in a directory, up to this many bytes of the files next to it
-    /// with the same extension are fetched on a guess, yielding to demand reads (0: off).
+    /// On the second cold open in a directory (the first, for a package's `__init__`), up to
+    /// this many bytes of the files next to it with the same extension are fetched on a guess,
+    /// yielding to demand reads (0: off).
     pub speculate_siblings: u64,
     /// Opening a program or shared library starts fetching the libraries it needs (from its
-    /// ELF headers), each as an open would.
+    /// ELF headers), each as an open would. A snapshotter mount that no startup profile covers
+    /// also fetches, as it is made, the files nearly every start reads (the user databases,
+    /// the dynamic loader, the C library: [`crate::ClipFs::prefetch_startup_files`]).
     pub prefetch_libraries: bool,
 }
 

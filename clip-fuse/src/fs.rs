@@ -121,6 +121,21 @@ const MAX_SCANNED: usize = 4096;
 /// KiB).
 const LOADER_CACHE_MAX: u64 = 1 << 20;
 
+/// What [`ClipFs::prefetch_startup_files`] fetches, where the image has it (symbolic links
+/// followed): the user and group databases the runtime reads, the dynamic loaders of glibc and
+/// musl (x86-64, arm64), glibc's C library, and the loader's cache.
+const STARTUP_FILES: &[&[u8]] = &[
+    b"/etc/passwd",
+    b"/etc/group",
+    b"/lib64/ld-linux-x86-64.so.2",
+    b"/lib/ld-linux-aarch64.so.1",
+    b"/lib/ld-musl-x86_64.so.1",
+    b"/lib/ld-musl-aarch64.so.1",
+    b"/lib/x86_64-linux-gnu/libc.so.6",
+    b"/lib/aarch64-linux-gnu/libc.so.6",
+    b"/etc/ld.so.cache",
+];
+
 /// Symbolic links followed in one path at most (the kernel's limit).
 const MAX_SYMLINKS: u32 = 40;
 
@@ -434,6 +449,31 @@ impl ClipFs {
             out.entry(layer).or_default().push((offset, size));
         }
         Some(out)
+    }
+
+    /// Starts fetching, as opens would, the files that nearly every container start on Linux
+    /// reads before the program's own, those of them the image has ([`STARTUP_FILES`]): the
+    /// user and group databases (the runtime reads them before it starts the program), the
+    /// dynamic loader, the C library and the loader's cache. For a mount no startup profile
+    /// covers: it is made before the runtime starts the container, so these are in flight, or
+    /// in, by the time the kernel asks for the loader. A file above `max` bytes is left alone;
+    /// an image of a static program has none of them, and costs nothing. Returns at once (the
+    /// fetches run on the current tokio runtime).
+    pub fn prefetch_startup_files(&self, max: u64) {
+        for path in STARTUP_FILES {
+            let Some((reader, offset, size)) =
+                self.resolve(1, path).and_then(|i| self.file_data(i))
+            else {
+                continue;
+            };
+            if *path == b"/etc/ld.so.cache" {
+                self.loader_cache
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                reader.prefetch_opened(offset, size.min(LOADER_CACHE_MAX));
+            } else if size <= max {
+                reader.prefetch_opened(offset, size);
+            }
+        }
     }
 
     /// On the first open of a program or shared library (an executable file, or one named

@@ -95,9 +95,11 @@ pub struct Options {
     pub passthrough_min_size: u64,
     /// Largest file requested whole when opened cold (0: off).
     pub prefetch_on_open: u64,
-    /// Bytes of a directory's files fetched on a guess after two cold opens in it (0: off).
+    /// Bytes of a directory's files fetched on a guess after two cold opens in it (one, for a
+    /// package's `__init__`) (0: off).
     pub speculate_siblings: u64,
-    /// Opening a program or shared library starts fetching the libraries it needs.
+    /// Opening a program or shared library starts fetching the libraries it needs; a mount no
+    /// startup profile covers starts fetching the loader, the C library and the user databases.
     pub prefetch_libraries: bool,
     /// Hand FUSE connections to a keeper process so lazy mounts (and the containers reading
     /// them) survive a daemon restart.
@@ -488,6 +490,9 @@ impl ClipSnapshotter {
         // With a profile, the readers guess (locality, read-ahead, whole files on open) only
         // where the profile has no knowledge: see LayerReader.
         let (fs, opts, readers) = self.chain_fs(name, top, record)?;
+        if profile.is_none() && opts.prefetch_libraries {
+            fs.prefetch_startup_files(opts.prefetch_on_open);
+        }
         match (&profile, manifest) {
             (Some(p), _) => self.replay_profile(name, p, &readers),
             (None, Some(m)) if record => self.record_profile(name, m, &remote.reference, &readers),

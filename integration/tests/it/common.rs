@@ -606,3 +606,16 @@ pub fn docker_config(dir: &Path, host: &str, user: &str, password: &str) -> Stri
     .unwrap();
     d.display().to_string()
 }
+
+/// `n` bytes that do not compress (a linear congruential sequence from `seed`).
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect()
+}

@@ -379,19 +379,6 @@ fn clip_mount_is_nosuid_nodev_unless_asked() {
 /// A program that loads two modules from a directory loads more: on the second cold open in a
 /// directory, the files next to it of the same kind are fetched in the background, so reading
 /// them afterwards asks the registry for nothing; files of another kind are left alone.
-/// `n` bytes that do not compress (a linear congruential sequence from `seed`).
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect()
-}
-
 /// Polls the mount's metrics (served on `port`) until `done` holds for them, for at most 30 s;
 /// then fails with `what`, the metrics and the mount's log.
 fn wait_for_metrics(port: u16, root: &Path, what: &str, done: impl Fn(&str) -> bool) {

@@ -1102,6 +1102,81 @@ fn files_open_by_passthrough_stay_usable_across_a_restart() {
 /// next to the index; a fresh node finds it at mount time and prefetches those ranges (counted
 /// by `clip_prefetch_spans_total`) before the program asks, in no more data requests than a
 /// node without it; a changed image (another manifest) does not use the old image's profile.
+/// Before the runtime starts a container on a lazy mount no startup profile covers, the mount
+/// starts fetching the files nearly every start reads (the user databases, the dynamic loader,
+/// the C library): after a first container whose program (static busybox) never read them, a
+/// second one reads the C library without asking the registry for anything; a file of the
+/// same layer nothing fetched does cost requests.
+#[test]
+fn a_mount_fetches_the_loader_and_c_library_before_any_program_asks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let src = tmp.path().join("startup");
+    let libdir = src.join("lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(&libdir).unwrap();
+    std::fs::create_dir_all(src.join("lib64")).unwrap();
+    // Noise between them, so each file sits in spans of its own.
+    let (loader, libc, other) = (noise(1, 200 << 10), noise(2, 1 << 20), noise(3, 1 << 20));
+    std::fs::write(src.join("lib64/ld-linux-x86-64.so.2"), &loader).unwrap();
+    std::fs::write(src.join("lib/noise"), noise(4, 1 << 20)).unwrap();
+    std::fs::write(libdir.join("libc.so.6"), &libc).unwrap();
+    std::fs::write(src.join("other"), &other).unwrap();
+    let l = layout(
+        tmp.path(),
+        "v1",
+        &[
+            "gen:busybox",
+            "gen:users",
+            &format!("dir:{}", src.display()),
+        ],
+    );
+    reg.push_layout(&l, "v1", "startup");
+    let image = format!("{}:v1", reg.image("startup"));
+    publish_index(tmp.path(), &image);
+    let layer = layout_manifest_config(&l).0["layers"][2]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let requests = || {
+        reg.requests_from("clip/")
+            .iter()
+            .filter(|l| l.contains(&format!("/blobs/{layer}")))
+            .count()
+    };
+
+    let node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    out(&node.run("clip", &image, "a", &["echo"]));
+    // The fetches started at mount have ended (the gauge counts runs in flight).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&node.metrics(), "clip_fetch_runs") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "fetches still in flight: {}",
+            node.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = requests();
+    assert!(before > 0, "the mount fetched nothing of the layer");
+    let size = |path: &str| out(&node.run("clip", &image, "b", &["wc", "-c", path]));
+    let lib = size("/lib/x86_64-linux-gnu/libc.so.6");
+    assert!(lib.starts_with(&libc.len().to_string()), "{lib}");
+    let ld = size("/lib64/ld-linux-x86-64.so.2");
+    assert!(ld.starts_with(&loader.len().to_string()), "{ld}");
+    assert_eq!(
+        requests(),
+        before,
+        "the loader and the C library came from the cache"
+    );
+    let o = size("/other");
+    assert!(o.starts_with(&other.len().to_string()), "{o}");
+    assert!(
+        requests() > before,
+        "a file nothing fetched cost no request"
+    );
+}
+
 #[test]
 fn startup_profile_is_recorded_published_found_and_used() {
     let tmp = tempfile::tempdir().unwrap();
