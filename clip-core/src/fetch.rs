@@ -392,16 +392,8 @@ impl LayerFetcher {
                 None => missing.push(i),
             }
         }
-        if locality > 0 && !missing.is_empty() && !self.profiled(range.clone()) {
-            let base = self.index.span_range(range.start).0;
-            let mut k = range.end;
-            while k < self.index.spans.len()
-                && self.index.span_range(k).0 < base + locality
-                && !self.is_local(k)
-            {
-                missing.push(k);
-                k += 1;
-            }
+        if !missing.is_empty() && !self.profiled(range.clone()) {
+            missing.extend(range.end..self.locality_end(range.clone(), locality));
         }
         for (i, mut rx) in self.claim(&missing, true) {
             if !range.contains(&i) {
@@ -420,6 +412,20 @@ impl LayerFetcher {
         out.into_iter()
             .map(|b| b.ok_or_else(|| ReadError::Internal("span not filled".into())))
             .collect()
+    }
+
+    /// The end of `range` extended by the spans that follow it, while they start less than
+    /// `locality` bytes past its first span and no local tier has them.
+    pub fn locality_end(&self, range: Range<usize>, locality: u64) -> usize {
+        let base = self.index.span_range(range.start).0;
+        let mut k = range.end;
+        while k < self.index.spans.len()
+            && self.index.span_range(k).0 < base.saturating_add(locality)
+            && !self.is_local(k)
+        {
+            k += 1;
+        }
+        k
     }
 
     /// Starts fetches of the spans of `range` that no local tier has, without waiting.

@@ -93,11 +93,14 @@ impl LayerReader {
     /// A file at `[offset, offset + len)` was opened: starts fetching all of it (a program that
     /// opens a file reads it), unless a startup profile lists part of it, which means the profile
     /// knows which parts are read (a shared library, say, is mostly mapped, not read).
+    /// The spans that follow it up to the reader's locality go in the same request (the read
+    /// that follows the open would ask for them, in a request and a window of their own).
     pub fn prefetch_opened(&self, offset: u64, len: u64) {
         let spans = self.index().spans_covering(offset, len);
         if self.spans.profiled(spans.clone()) {
             return;
         }
+        let spans = spans.start..self.spans.locality_end(spans, self.cfg.locality_bytes);
         self.spans.prefetch(spans);
     }
 

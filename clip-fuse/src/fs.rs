@@ -389,12 +389,16 @@ impl ClipFs {
     /// Counts a cold open of `ino` in its directory: `Some(dir)` once per directory, on the
     /// [`SIBLINGS_AFTER`]th cold open there, or on the first if it is a package's entry module
     /// (`__init__.*`: python imports a package's modules right after its `__init__`, one
-    /// round trip each).
+    /// round trip each). Shared libraries (`lib*.so*`) are not counted: the loader opens those
+    /// by name, from its programs' headers (see [`ClipFs::prefetch_libraries`]), and a
+    /// directory of them (`/usr/lib/<triplet>`) says nothing about which come next.
     fn siblings_due(&self, ino: u64) -> Option<u64> {
         let dir = *self.parents.get((ino as usize).checked_sub(1)?)?;
-        let entry = self
-            .name_in(dir, ino)
-            .is_some_and(|n| n.starts_with(b"__init__."));
+        let name = self.name_in(dir, ino)?;
+        if name.starts_with(b"lib") && name.windows(3).any(|w| w == b".so") {
+            return None;
+        }
+        let entry = name.starts_with(b"__init__.");
         let mut seen = self.cold_opens.lock().expect("cold opens lock");
         let n = seen.entry(dir).or_insert(0);
         // u32::MAX: the guess was made.
@@ -927,6 +931,9 @@ mod tests {
             file("pkg/__pycache__/empty.pyc", 12_000, 0),
             file("pkg/other.pyc", 13_000, 100),
             file("pkg/__init__.py", 14_000, 100),
+            file("lib/libm.so.6", 15_000, 100),
+            file("lib/libz.so.1.2.13", 16_000, 100),
+            file("lib/libx.so", 17_000, 100),
             entry("pkg/__pycache__/sub", EntryKind::Dir),
         ]);
         Arc::get_mut(&mut l).unwrap().uncompressed_size = 4 << 20;
@@ -955,6 +962,12 @@ mod tests {
         let other = fs.lookup(pkg, b"other.pyc").unwrap().attr.ino;
         assert_eq!(fs.siblings_due(init), Some(pkg));
         assert_eq!(fs.siblings_due(other), None);
+        // Shared libraries do not count: two of them opened cold guess nothing.
+        let libs = fs.lookup(1, b"lib").unwrap().attr.ino;
+        for name in [&b"libm.so.6"[..], b"libz.so.1.2.13", b"libx.so"] {
+            let lib = fs.lookup(libs, name).unwrap().attr.ino;
+            assert_eq!(fs.siblings_due(lib), None);
+        }
         assert_eq!(extension(b"x.tar.gz"), Some(&b"gz"[..]));
         assert_eq!(extension(b".bashrc"), None);
         assert_eq!(extension(b"README"), None);
