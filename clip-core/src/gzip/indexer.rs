@@ -364,10 +364,12 @@ struct HashWorker {
     running: Option<HashThread>,
 }
 
+/// Dropped field by field in this order: the sender first, so that the thread, joined last,
+/// sees the end of its input.
 struct HashThread {
     tx: std::sync::mpsc::SyncSender<HashMsg>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    handle: std::thread::JoinHandle<(Vec<Digest>, Digest)>,
+    handle: super::JoinOnDrop<(Vec<Digest>, Digest)>,
 }
 
 impl HashWorker {
@@ -404,6 +406,7 @@ impl HashWorker {
                     }
                     (digests, diff.finish())
                 })?;
+            let handle = super::JoinOnDrop::new(handle);
             self.running = Some(HashThread { tx, spare, handle });
         }
         Ok(self.running.as_mut().expect("started above"))

@@ -26,6 +26,33 @@ mod span;
 pub use indexer::{GzipIndexer, SpanSink, ZranOutput};
 pub use span::{compressed_range, inflate_span, inflate_spans, SpanInflater};
 
+/// A thread that is joined when this is dropped: indexing's helper threads never outlive the
+/// call that started them, on error paths too (whatever feeds the thread must be dropped first,
+/// so it sees the end of its input).
+pub(crate) struct JoinOnDrop<T>(Option<std::thread::JoinHandle<T>>);
+
+impl<T> JoinOnDrop<T> {
+    pub(crate) fn new(handle: std::thread::JoinHandle<T>) -> Self {
+        JoinOnDrop(Some(handle))
+    }
+
+    /// Waits for the thread's result (`Err`: it panicked).
+    pub(crate) fn join(mut self) -> std::thread::Result<T> {
+        match self.0.take() {
+            Some(h) => h.join(),
+            None => Err(Box::new("joined twice")),
+        }
+    }
+}
+
+impl<T> Drop for JoinOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// The size of a deflate window: the farthest a back-reference can reach.
 pub const WINDOW_SIZE: usize = 32 * 1024;
 

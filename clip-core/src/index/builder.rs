@@ -113,6 +113,8 @@ pub fn build_layer_index_with_sink<R: Read>(
             Ok((blob, places))
         })
         .map_err(IndexError::Io)?;
+    // Joined on every path: declared before the indexer holding its sender, so dropped after it.
+    let compressor = crate::gzip::JoinOnDrop::new(compressor);
     let mut gz = GzipIndexer::new(hashing, opts.span_size)?
         .with_density(opts.dense_span_size, opts.small_file)
         .with_window_sink(Box::new(move |w| {

@@ -730,3 +730,39 @@ fn a_gzip_bomb_in_a_long_name_is_refused_before_it_is_buffered() {
         );
     }
 }
+
+#[test]
+fn a_failed_build_leaves_no_indexing_thread_behind() {
+    // A layer cut short: the build fails while the hashing thread still has spans to hand to
+    // a slow span sink. The call must not return before that thread is gone: the sink (moved
+    // into it) must have been dropped, so it is never called after the build failed. Noise, so
+    // there is a checkpoint every span.
+    let mut t = TarWriter::new();
+    let mut x = 7u64;
+    let noise: Vec<u8> = (0..(3 << 20))
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (x >> 56) as u8
+        })
+        .collect();
+    t.file("noise", &noise);
+    let gz = t.gz();
+    let cut = &gz[..gz.len() - 4096];
+    let alive = Arc::new(());
+    let held = alive.clone();
+    let sink: crate::gzip::SpanSink = Box::new(move |_, _| {
+        let _ = &held;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    });
+    let opts = BuildOptions {
+        span_size: 64 << 10,
+        ..Default::default()
+    };
+    let built = super::builder::build_layer_index_with_sink(cut, &opts, |_| {}, Some(sink));
+    assert!(built.is_err(), "a truncated layer was indexed");
+    assert_eq!(
+        Arc::strong_count(&alive),
+        1,
+        "the hashing thread, and the span sink, outlived the failed build"
+    );
+}
