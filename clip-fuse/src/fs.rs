@@ -185,7 +185,8 @@ impl ClipFs {
     pub fn new(view: &ImageView, readers: Vec<Arc<LayerReader>>) -> Result<Self, FsError> {
         view.check().map_err(FsError::Tree)?;
         let mut inodes: Vec<Inode> = Vec::with_capacity(view.nodes.len());
-        let mut by_path: HashMap<&[u8], u64> = HashMap::with_capacity(view.nodes.len());
+        // Directories only: nothing else is anyone's parent.
+        let mut by_path: HashMap<&[u8], u64> = HashMap::new();
         let mut by_data: HashMap<(u32, u32), u64> = HashMap::new();
         let mut children: HashMap<u64, Vec<(Vec<u8>, u64)>> = HashMap::new();
         let mut parents: Vec<u64> = Vec::with_capacity(view.nodes.len());
@@ -279,7 +280,9 @@ impl ClipFs {
                     ino
                 }
             };
-            by_path.insert(path.as_slice(), ino);
+            if inodes[ino as usize - 1].attr.kind == Kind::Dir {
+                by_path.insert(path.as_slice(), ino);
+            }
             if path.is_empty() && parents.len() < inodes.len() {
                 parents.push(ino);
             }
