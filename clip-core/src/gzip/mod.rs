@@ -23,7 +23,7 @@ mod indexer;
 mod inflater;
 mod span;
 
-pub use indexer::{GzipIndexer, SpanSink, ZranOutput};
+pub use indexer::{GzipIndexer, SpanSink, WindowSink, ZranOutput};
 pub use span::{compressed_range, inflate_span, inflate_spans, SpanInflater};
 
 /// A thread that is joined when this is dropped: indexing's helper threads never outlive the

@@ -113,14 +113,17 @@ pub fn build_layer_index_with_sink<R: Read>(
             Ok((blob, places))
         })
         .map_err(IndexError::Io)?;
-    // Joined on every path: declared before the indexer holding its sender, so dropped after it.
+    // Joined on every path. Locals are dropped last declared first, so the sender is moved into
+    // a sink declared after the guard: on any early return the sender goes first, the thread
+    // sees the end of its input, and the join cannot wait forever.
     let compressor = crate::gzip::JoinOnDrop::new(compressor);
+    let window_sink: crate::gzip::WindowSink = Box::new(move |w| {
+        // The receiver goes away only if the compressor failed, which is reported below.
+        let _ = wtx.send(w);
+    });
     let mut gz = GzipIndexer::new(hashing, opts.span_size)?
         .with_density(opts.dense_span_size, opts.small_file)
-        .with_window_sink(Box::new(move |w| {
-            // The receiver goes away only if the compressor failed, which is reported below.
-            let _ = wtx.send(w);
-        }));
+        .with_window_sink(window_sink);
     if let Some(sink) = sink {
         gz = gz.with_span_sink(sink);
     }
