@@ -122,8 +122,8 @@ const MAX_SCANNED: usize = 4096;
 const LOADER_CACHE_MAX: u64 = 1 << 20;
 
 /// What [`ClipFs::prefetch_startup_files`] fetches, where the image has it (symbolic links
-/// followed): the user and group databases the runtime reads, the dynamic loaders of glibc and
-/// musl (x86-64, arm64), glibc's C library, and the loader's cache.
+/// followed), before the loader's cache: the user and group databases the runtime reads, the
+/// dynamic loaders of glibc and musl (x86-64, arm64), and glibc's C library.
 const STARTUP_FILES: &[&[u8]] = &[
     b"/etc/passwd",
     b"/etc/group",
@@ -133,7 +133,6 @@ const STARTUP_FILES: &[&[u8]] = &[
     b"/lib/ld-musl-aarch64.so.1",
     b"/lib/x86_64-linux-gnu/libc.so.6",
     b"/lib/aarch64-linux-gnu/libc.so.6",
-    b"/etc/ld.so.cache",
 ];
 
 /// Symbolic links followed in one path at most (the kernel's limit).
@@ -145,6 +144,11 @@ const SIBLINGS_AFTER: u32 = 2;
 
 /// Siblings bigger than this are not fetched on a guess (a big file is seldom read whole).
 const SIBLING_MAX_SIZE: u64 = 512 << 10;
+
+/// Whether a file name is a shared library's: `*.so` or `*.so.*`.
+fn library_name(name: &[u8]) -> bool {
+    name.ends_with(b".so") || name.windows(4).any(|w| w == b".so.")
+}
 
 /// The file name's extension (after its last dot; none for dot files and names without one).
 fn extension(name: &[u8]) -> Option<&[u8]> {
@@ -398,7 +402,7 @@ impl ClipFs {
     fn siblings_due(&self, ino: u64) -> Option<u64> {
         let dir = *self.parents.get((ino as usize).checked_sub(1)?)?;
         let name = self.name_in(dir, ino)?;
-        if name.starts_with(b"lib") && name.windows(3).any(|w| w == b".so") {
+        if name.starts_with(b"lib") && library_name(name) {
             return None;
         }
         let entry = name.starts_with(b"__init__.");
@@ -473,13 +477,27 @@ impl ClipFs {
             else {
                 continue;
             };
-            if *path == b"/etc/ld.so.cache" {
-                self.loader_cache
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                reader.prefetch_opened(offset, size.min(LOADER_CACHE_MAX));
-            } else if size <= max {
+            if size <= max {
                 reader.prefetch_opened(offset, size);
             }
+        }
+        self.prefetch_loader_cache();
+    }
+
+    /// Starts fetching the loader's cache (`/etc/ld.so.cache`, up to [`LOADER_CACHE_MAX`]
+    /// bytes), once per mount: the loader reads it before it opens any library.
+    fn prefetch_loader_cache(&self) {
+        if self
+            .loader_cache
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Some((reader, offset, size)) = self
+            .resolve(1, b"/etc/ld.so.cache")
+            .and_then(|c| self.file_data(c))
+        {
+            reader.prefetch_opened(offset, size.min(LOADER_CACHE_MAX));
         }
     }
 
@@ -554,8 +572,7 @@ impl ClipFs {
         let Some(&dir) = self.parents.get(ino as usize - 1) else {
             return false;
         };
-        self.name_in(dir, ino)
-            .is_some_and(|n| n.ends_with(b".so") || n.windows(4).any(|w| w == b".so."))
+        self.name_in(dir, ino).is_some_and(library_name)
     }
 
     /// The name of `ino` in directory `dir` (its first, if it has several there).
@@ -603,18 +620,7 @@ impl ClipFs {
         if names.libraries.is_empty() {
             return Ok(Vec::new());
         }
-        // The loader reads its cache of library paths before it opens any library.
-        if !self
-            .loader_cache
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            if let Some((reader, offset, size)) = self
-                .resolve(1, b"/etc/ld.so.cache")
-                .and_then(|c| self.file_data(c))
-            {
-                reader.prefetch_opened(offset, size.min(LOADER_CACHE_MAX));
-            }
-        }
+        self.prefetch_loader_cache();
         let origin = self.parents.get(ino as usize - 1).copied().unwrap_or(1);
         let mut dirs: Vec<(u64, Vec<u8>)> = Vec::new();
         for p in &names.search {

@@ -122,8 +122,9 @@ pub struct FuseSection {
     /// "0": off). Not where a startup profile lists the reads.
     pub speculate_siblings: Option<String>,
     /// Opening a program or shared library starts fetching the libraries its ELF headers name
-    /// (`DT_NEEDED`, found where the dynamic loader looks), each as an open would (default
-    /// true).
+    /// (`DT_NEEDED`, found where the dynamic loader looks), each as an open would; a mount no
+    /// startup profile covers starts fetching the loader, the C library and the user databases
+    /// (default true).
     pub prefetch_libraries: Option<bool>,
     /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
     /// connections; default true).

@@ -205,11 +205,7 @@ fn passthrough_serves_wholly_cached_files_without_the_daemon() {
         .collect();
     std::fs::write(src.join("data/big.bin"), &big).unwrap();
     std::fs::write(src.join("data/small.txt"), b"small file\n").unwrap();
-    let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
-    reg.push_layout(&l, "v1", "pt");
-    let image = format!("{}:v1", reg.image("pt"));
-    let root = tmp.path().join("root");
-    clip_json(&root, &["index", &image, "--json"], &[]);
+    let (image, root) = indexed_dir(&reg, tmp.path(), &src, "pt");
 
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -379,6 +375,17 @@ fn clip_mount_is_nosuid_nodev_unless_asked() {
 /// A program that loads two modules from a directory loads more: on the second cold open in a
 /// directory, the files next to it of the same kind are fetched in the background, so reading
 /// them afterwards asks the registry for nothing; files of another kind are left alone.
+/// Pushes directory `src` as the one-layer image `repo:v1` and indexes it into `tmp/root`:
+/// (image, root).
+fn indexed_dir(reg: &Registry, tmp: &Path, src: &Path, repo: &str) -> (String, PathBuf) {
+    let l = layout(tmp, "v1", &[&format!("dir:{}", src.display())]);
+    reg.push_layout(&l, "v1", repo);
+    let image = format!("{}:v1", reg.image(repo));
+    let root = tmp.join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    (image, root)
+}
+
 /// Polls the mount's metrics (served on `port`) until `done` holds for them, for at most 30 s;
 /// then fails with `what`, the metrics and the mount's log.
 fn wait_for_metrics(port: u16, root: &Path, what: &str, done: impl Fn(&str) -> bool) {
@@ -408,11 +415,7 @@ fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() 
         std::fs::write(src.join(format!("pkg/m{k}.pyc")), body(k, 300 << 10)).unwrap();
         std::fs::write(src.join(format!("pkg/m{k}x.dat")), body(100 + k, 1 << 20)).unwrap();
     }
-    let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
-    reg.push_layout(&l, "v1", "sib");
-    let image = format!("{}:v1", reg.image("sib"));
-    let root = tmp.path().join("root");
-    clip_json(&root, &["index", &image, "--json"], &[]);
+    let (image, root) = indexed_dir(&reg, tmp.path(), &src, "sib");
     let mut guessed = std::collections::BTreeSet::new();
     for k in 2..6 {
         let f = format!("/pkg/m{k}.pyc");
@@ -481,11 +484,7 @@ fn opening_a_program_fetches_the_libraries_it_needs_before_the_loader_asks() {
     std::fs::write(src.join("etc/aa-noise.dat"), &noise).unwrap();
     let ld_cache = std::fs::read("/etc/ld.so.cache").unwrap();
     std::fs::write(src.join("etc/ld.so.cache"), &ld_cache).unwrap();
-    let l = layout(tmp.path(), "v1", &[&format!("dir:{}", src.display())]);
-    reg.push_layout(&l, "v1", "prog");
-    let image = format!("{}:v1", reg.image("prog"));
-    let root = tmp.path().join("root");
-    clip_json(&root, &["index", &image, "--json"], &[]);
+    let (image, root) = indexed_dir(&reg, tmp.path(), &src, "prog");
     let port = free_port();
     let m = Mounted::start_with(
         &root,
