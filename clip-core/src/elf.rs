@@ -371,10 +371,6 @@ pub fn needed_in(b: &[u8]) -> Result<(Header, Needed), ElfError> {
 mod tests {
     use super::*;
 
-    fn needed_of(b: &[u8]) -> Result<(Header, Needed), ElfError> {
-        needed_in(b)
-    }
-
     /// This test program: a real object made by the system's linker, which links the C library.
     fn me() -> Vec<u8> {
         std::fs::read(std::env::current_exe().unwrap()).unwrap()
@@ -382,7 +378,7 @@ mod tests {
 
     #[test]
     fn a_linked_program_names_its_libraries() {
-        let (h, n) = needed_of(&me()).unwrap();
+        let (h, n) = needed_in(&me()).unwrap();
         assert!(h.wide);
         assert!(
             n.libraries.iter().any(|l| l == b"libc.so.6"),
@@ -457,7 +453,7 @@ mod tests {
             Some("$ORIGIN/../lib::/opt/x"),
             Some("/ignored"),
         );
-        let (_, n) = needed_of(&b).unwrap();
+        let (_, n) = needed_in(&b).unwrap();
         assert_eq!(
             n.libraries,
             vec![b"libfoo.so.1".to_vec(), b"libbar.so".to_vec()]
@@ -466,7 +462,7 @@ mod tests {
             n.search,
             vec![b"$ORIGIN/../lib".to_vec(), b"/opt/x".to_vec()]
         );
-        let (_, n) = needed_of(&tiny(&["a.so"], None, Some("/r1:/r2"))).unwrap();
+        let (_, n) = needed_in(&tiny(&["a.so"], None, Some("/r1:/r2"))).unwrap();
         assert_eq!(n.search, vec![b"/r1".to_vec(), b"/r2".to_vec()]);
     }
 
@@ -493,7 +489,7 @@ mod tests {
             let head = &base[..base.len().min(1 << 16)];
             // Every truncation of the first part, and single-byte damage all over it.
             for cut in (0..head.len()).step_by(7) {
-                let _ = needed_of(&head[..cut]);
+                let _ = needed_in(&head[..cut]);
             }
             let mut x = 0x9e37_79b9_7f4a_7c15u64;
             for _ in 0..20_000 {
@@ -503,7 +499,7 @@ mod tests {
                 let mut b = head.to_vec();
                 let at = (x as usize) % b.len().min(4096);
                 b[at] = (x >> 32) as u8;
-                if let Ok((_, n)) = needed_of(&b) {
+                if let Ok((_, n)) = needed_in(&b) {
                     assert!(n.libraries.len() <= MAX_NEEDED);
                     assert!(n.libraries.iter().all(|l| l.len() <= MAX_NAME));
                 }
