@@ -32,6 +32,24 @@ pub enum ImageError {
     Internal(String),
 }
 
+/// The chain ID of a layer with `diff_id` on the chain `parent` (none for a base layer): the
+/// name containerd gives a committed snapshot, `sha256(parent + " " + diff_id)`.
+pub fn chain_id(parent: Option<&Digest>, diff_id: &Digest) -> Digest {
+    match parent {
+        None => *diff_id,
+        Some(p) => Digest::of(format!("{p} {diff_id}").as_bytes()),
+    }
+}
+
+/// The chain IDs of a layer stack, base first (see [`chain_id`]).
+pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
+    let mut out: Vec<Digest> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        out.push(chain_id(out.last(), d));
+    }
+    out
+}
+
 /// One layer's index, built now or found.
 #[derive(Clone)]
 pub struct LayerReport {
@@ -143,7 +161,9 @@ pub async fn index_layer_filling(
             let (stx, mut srx) = mpsc::channel::<(crate::digest::Digest, Vec<u8>)>(4);
             let filler = tokio::spawn(async move {
                 while let Some((d, b)) = srx.recv().await {
-                    cache.put_slow(&d, &Bytes::from(b), true).await;
+                    cache
+                        .put_slow(&d, &Bytes::from(b), crate::cache::Reach::ThisNode)
+                        .await;
                 }
             });
             let sink: crate::gzip::SpanSink = Box::new(move |d, b| {
@@ -332,4 +352,23 @@ pub async fn publish(
     let digest = artifact::push(client, image, &layers).await?;
     record_image(store, image, reports, Some(digest)).await?;
     Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        let c = Digest::of(b"c");
+        let chain = chain_ids(&[a, b, c]);
+        let ab = Digest::of(format!("{a} {b}").as_bytes());
+        assert_eq!(
+            chain,
+            vec![a, ab, Digest::of(format!("{ab} {c}").as_bytes())]
+        );
+        assert_eq!(chain_id(Some(&ab), &c), chain[2]);
+    }
 }

@@ -31,6 +31,7 @@ pub mod fetch;
 pub mod gzip;
 pub mod image;
 pub mod index;
+pub mod limits;
 pub mod metrics;
 pub mod profile;
 pub mod reader;

@@ -9,8 +9,9 @@
 use crate::cache::files::FileStore;
 use crate::cache::{CacheConfig, CacheError, TieredCache};
 pub use crate::fetch::ReadError;
-use crate::fetch::{FetchConfig, Fetcher, LayerFetcher, LocalWindows};
+use crate::fetch::{FetchConfig, Fetcher, LayerFetcher};
 use crate::index::LayerIndex;
+use crate::index::LocalWindows;
 use crate::profile::Recorder;
 use crate::reference::Reference;
 use crate::registry::Client;
@@ -47,7 +48,8 @@ impl Default for ReaderConfig {
 
 /// Reads one layer lazily.
 pub struct LayerReader {
-    spans: Arc<LayerFetcher>,
+    /// The layer's fetcher (shared by every reader of the layer).
+    fetcher: Arc<LayerFetcher>,
     cfg: ReaderConfig,
     /// One past the last span of the previous read (for read-ahead).
     last_end: AtomicUsize,
@@ -66,7 +68,7 @@ impl LayerReader {
         cfg: ReaderConfig,
     ) -> Arc<Self> {
         Arc::new(LayerReader {
-            spans: fetcher.layer(source, index, local_windows),
+            fetcher: fetcher.layer(source, index, local_windows),
             cfg,
             last_end: AtomicUsize::new(usize::MAX),
             recorder: None,
@@ -76,7 +78,7 @@ impl LayerReader {
     /// This reader, noting what it reads in `recorder` (see [`crate::profile`]).
     pub fn recording(self: Arc<Self>, recorder: Arc<Recorder>) -> Arc<Self> {
         Arc::new(LayerReader {
-            spans: self.spans.clone(),
+            fetcher: self.fetcher.clone(),
             cfg: self.cfg.clone(),
             last_end: AtomicUsize::new(usize::MAX),
             recorder: Some(recorder),
@@ -87,7 +89,7 @@ impl LayerReader {
     /// without waiting (must be called within the runtime).
     pub fn prefetch(&self, offset: u64, len: u64) {
         let spans = self.index().spans_covering(offset, len);
-        self.spans.prefetch(spans);
+        self.fetcher.prefetch(spans);
     }
 
     /// A file at `[offset, offset + len)` was opened: starts fetching all of it (a program that
@@ -97,17 +99,17 @@ impl LayerReader {
     /// that follows the open would ask for them, in a request and a window of their own).
     pub fn prefetch_opened(&self, offset: u64, len: u64) {
         let spans = self.index().spans_covering(offset, len);
-        if self.spans.profiled(spans.clone()) {
+        if self.fetcher.profiled(spans.clone()) {
             return;
         }
-        let spans = spans.start..self.spans.locality_end(spans, self.cfg.locality_bytes);
-        self.spans.prefetch(spans);
+        let spans = spans.start..self.fetcher.locality_end(spans, self.cfg.locality_bytes);
+        self.fetcher.prefetch(spans);
     }
 
     /// True if a startup profile replayed on this layer lists any span of
     /// `[offset, offset + len)`.
     pub fn profiled(&self, offset: u64, len: u64) -> bool {
-        self.spans
+        self.fetcher
             .profiled(self.index().spans_covering(offset, len))
     }
 
@@ -115,7 +117,7 @@ impl LayerReader {
     /// (see [`LayerFetcher::speculate`]). Returns the runs fetched.
     pub async fn speculate(self: &Arc<Self>, ranges: &[(u64, u64)]) -> usize {
         let spans = crate::profile::spans_of(self.index(), ranges);
-        self.spans.speculate(&spans).await
+        self.fetcher.speculate(&spans).await
     }
 
     /// The recorder this reader notes its reads in, if any.
@@ -127,18 +129,18 @@ impl LayerReader {
     /// runs on the prefetch pool (demand reads go first). Returns the runs fetched.
     pub async fn prefetch_ranges(self: &Arc<Self>, ranges: &[(u64, u64)]) -> usize {
         let spans = crate::profile::spans_of(self.index(), ranges);
-        self.spans.prefetch_spans(&spans).await
+        self.fetcher.prefetch_spans(&spans).await
     }
 
     pub fn index(&self) -> &Arc<LayerIndex> {
-        self.spans.index()
+        self.fetcher.index()
     }
 
     /// True if every span covering `[offset, offset + len)` is in memory or on local disk.
     pub fn is_local(&self, offset: u64, len: u64) -> bool {
         self.index()
             .spans_covering(offset, len)
-            .all(|i| self.spans.is_local(i))
+            .all(|i| self.fetcher.is_local(i))
     }
 
     /// Bytes `[offset, offset + len)` of the layer's uncompressed stream (clamped to its end).
@@ -176,20 +178,20 @@ impl LayerReader {
         if self.cfg.readahead_bytes > 0
             && sequential
             && end > offset + len
-            && !self.spans.profiled(spans.clone())
+            && !self.fetcher.profiled(spans.clone())
         {
             let last = index
                 .spans_covering(end.min(size) - 1, 1)
                 .end
                 .min(index.spans.len());
-            let n = self.spans.spans_in(self.cfg.readahead_bytes);
+            let n = self.fetcher.spans_in(self.cfg.readahead_bytes);
             let ahead = spans.end..(spans.end + n).min(last);
             if !ahead.is_empty() {
-                self.spans.prefetch(ahead);
+                self.fetcher.prefetch(ahead);
             }
         }
         let parts = self
-            .spans
+            .fetcher
             .spans_with(spans.clone(), self.cfg.locality_bytes)
             .await?;
         if parts.len() == 1 {
@@ -210,12 +212,12 @@ impl LayerReader {
 
     /// The verified bytes of each span in `range`.
     pub async fn spans(self: &Arc<Self>, range: Range<usize>) -> Result<Vec<Bytes>, ReadError> {
-        self.spans.spans(range).await
+        self.fetcher.spans(range).await
     }
 
     /// Fetches the spans of `range` that no local tier has, and waits for them.
     pub async fn fetch_missing(self: &Arc<Self>, range: Range<usize>) -> Result<(), ReadError> {
-        self.spans.fetch_missing(range).await
+        self.fetcher.fetch_missing(range).await
     }
 
     /// Background fill of the whole layer: see [`LayerFetcher::fill`].
@@ -224,7 +226,7 @@ impl LayerReader {
         bytes_per_sec: u64,
         cancel: CancellationToken,
     ) -> Result<u64, ReadError> {
-        self.spans.fill(bytes_per_sec, cancel).await
+        self.fetcher.fill(bytes_per_sec, cancel).await
     }
 }
 
@@ -248,10 +250,10 @@ impl ReadPath {
             )),
             None => None,
         };
-        let cache = Arc::new(TieredCache::open(cfg, Some(store), shared.clone()).await?);
+        let cache = Arc::new(TieredCache::open(cfg, Some(store.db()), shared.clone()).await?);
         Ok(ReadPath {
             fetcher: Fetcher::new(cache, FetchConfig::for_memory(cfg.memory_bytes)),
-            files: FileStore::open_for(cfg, store).await?,
+            files: FileStore::open_for(cfg, store.db()).await?,
             shared,
         })
     }
@@ -287,6 +289,23 @@ impl ReadPath {
             local_windows,
             ReaderConfig::default(),
         )
+    }
+
+    /// A reader of `layer` from its index in `store` (with the layer's windows blob when this
+    /// node has it), fetching from `reference`'s repository; `None` when the store has no index
+    /// of the layer.
+    pub fn stored_reader(
+        &self,
+        store: &Store,
+        client: &Client,
+        reference: &Reference,
+        layer: &crate::digest::Digest,
+    ) -> Result<Option<Arc<LayerReader>>, crate::store::StoreError> {
+        let Some((ix, _)) = store.get_layer(layer)? else {
+            return Ok(None);
+        };
+        let windows = store.windows_for_reads(&ix.windows);
+        Ok(Some(self.reader(client, reference, Arc::new(ix), windows)))
     }
 
     /// [`ReadPath::reader`] with its own read-ahead and locality settings.

@@ -98,8 +98,11 @@ impl BlobSource for RegistrySource {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake {
-    //! An in-memory [`BlobSource`] with scripted faults and request counting.
+    //! An in-memory [`BlobSource`] with scripted faults and request counting, for tests (this
+    //! crate's, and other crates' tests and examples with the `test-util` feature); never in a
+    //! release build.
 
     use super::*;
     use std::collections::{HashMap, VecDeque};
@@ -139,7 +142,6 @@ pub mod fake {
         script: Mutex<VecDeque<Fault>>,
         always: Mutex<Option<Fault>>,
         log: Mutex<Vec<Request>>,
-        bytes: AtomicU64,
         in_flight: AtomicU64,
         max_in_flight: AtomicU64,
         /// Requests wait until this many are in flight at once (or 5 s pass).
@@ -199,11 +201,6 @@ pub mod fake {
 
         pub fn request_count(&self) -> usize {
             self.log.lock().expect("fake lock").len()
-        }
-
-        /// Bytes sent so far.
-        pub fn bytes_sent(&self) -> u64 {
-            self.bytes.load(Relaxed)
         }
 
         /// Most requests that were in flight at the same time.
@@ -297,7 +294,6 @@ pub mod fake {
                     out = Bytes::from(v);
                 }
             }
-            self.bytes.fetch_add(out.len() as u64, Relaxed);
             Ok((out, stall))
         }
     }

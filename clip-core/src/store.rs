@@ -254,18 +254,18 @@ impl Store {
     /// The windows blob for reads by range, if it is present and has its size. Not hashed: a
     /// damaged window cannot produce a span's digest, and the fetcher then turns to the
     /// published windows (so mounting and prefetching do not read the whole blob first).
-    pub fn windows_for_reads(&self, blob: &BlobRef) -> Option<crate::fetch::LocalWindows> {
+    pub fn windows_for_reads(&self, blob: &BlobRef) -> Option<crate::index::LocalWindows> {
         let f = std::fs::File::open(self.windows_path(&blob.digest)).ok()?;
         (f.metadata().ok()?.len() == blob.size)
-            .then(|| crate::fetch::LocalWindows::File(std::sync::Arc::new(f), blob.size))
+            .then(|| crate::index::LocalWindows::File(std::sync::Arc::new(f), blob.size))
     }
 
     /// The windows blob, if it is present and intact (checked by streaming it through sha256:
     /// nothing of it stays in memory). For reuse of a built index, which may be pushed.
-    pub fn open_windows(&self, blob: &BlobRef) -> Option<crate::fetch::LocalWindows> {
+    pub fn open_windows(&self, blob: &BlobRef) -> Option<crate::index::LocalWindows> {
         use std::io::Read;
         let windows = self.windows_for_reads(blob)?;
-        let crate::fetch::LocalWindows::File(f, _) = &windows else {
+        let crate::index::LocalWindows::File(f, _) = &windows else {
             return None;
         };
         let mut h = crate::digest::Hasher::new();

@@ -35,6 +35,18 @@ pub struct MountOptions {
     pub fsname: String,
     /// Serve files whose bytes are all local by FUSE passthrough (when the kernel offers it).
     pub passthrough: bool,
+    /// Smallest file served by passthrough once local (the filesystem's
+    /// [`crate::ClipFs::with_passthrough`] takes it).
+    pub passthrough_min_size: u64,
+    /// What opening a file starts fetching.
+    pub guesses: Guesses,
+}
+
+/// What opening a file starts fetching before anything reads it: the reads a program makes
+/// next, guessed. Every one yields to demand reads, and none happens where a startup profile
+/// lists the reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Guesses {
     /// Opening a cold file of at most this many bytes requests all of its spans at once
     /// (0: off; files are then fetched read by read).
     pub prefetch_on_open: u64,
@@ -47,6 +59,23 @@ pub struct MountOptions {
     /// also fetches, as it is made, the files nearly every start reads (the user databases,
     /// the dynamic loader, the C library: [`crate::ClipFs::prefetch_startup_files`]).
     pub prefetch_libraries: bool,
+}
+
+impl Default for Guesses {
+    fn default() -> Self {
+        Guesses {
+            prefetch_on_open: DEFAULT_PREFETCH_ON_OPEN,
+            speculate_siblings: DEFAULT_SPECULATE_SIBLINGS,
+            prefetch_libraries: true,
+        }
+    }
+}
+
+impl Guesses {
+    /// True if opening a file guesses anything at all.
+    fn any(&self) -> bool {
+        self.prefetch_on_open > 0 || self.speculate_siblings > 0 || self.prefetch_libraries
+    }
 }
 
 /// Files at least this big are served by passthrough once local (smaller ones are cheap to
@@ -67,9 +96,8 @@ impl Default for MountOptions {
             threads: 4,
             fsname: "clip".into(),
             passthrough: true,
-            prefetch_on_open: DEFAULT_PREFETCH_ON_OPEN,
-            speculate_siblings: DEFAULT_SPECULATE_SIBLINGS,
-            prefetch_libraries: true,
+            passthrough_min_size: DEFAULT_PASSTHROUGH_MIN_SIZE,
+            guesses: Guesses::default(),
         }
     }
 }
@@ -88,9 +116,7 @@ struct Adapter {
     rt: tokio::runtime::Handle,
     /// Asked for by the mount, and granted by the kernel at init.
     passthrough: bool,
-    prefetch_on_open: u64,
-    speculate_siblings: u64,
-    prefetch_libraries: bool,
+    guesses: Guesses,
     /// How each open inode is open. The kernel refuses (EIO) to mix page-cached and passthrough
     /// opens of one inode, and every passthrough open of an inode must name the same backing
     /// file, so an inode keeps its mode until its last open file is released.
@@ -293,12 +319,13 @@ impl Filesystem for Adapter {
         }
         note(OpenState::Cached);
         crate::metrics::open("daemon");
-        if self.prefetch_on_open > 0 || self.speculate_siblings > 0 || self.prefetch_libraries {
+        let g = self.guesses;
+        if g.any() {
             let _rt = self.rt.enter();
             self.fs
-                .prefetch_on_open(ino.0, self.prefetch_on_open, self.speculate_siblings);
-            if self.prefetch_libraries {
-                self.fs.prefetch_libraries(ino.0, self.prefetch_on_open);
+                .prefetch_on_open(ino.0, g.prefetch_on_open, g.speculate_siblings);
+            if g.prefetch_libraries {
+                self.fs.prefetch_libraries(ino.0, g.prefetch_on_open);
             }
         }
         // Immutable content: keep the kernel's page cache across opens.
@@ -546,9 +573,7 @@ fn adapter(
         fs: Arc::new(fs),
         rt,
         passthrough: opts.passthrough,
-        prefetch_on_open: opts.prefetch_on_open,
-        speculate_siblings: opts.speculate_siblings,
-        prefetch_libraries: opts.prefetch_libraries,
+        guesses: opts.guesses,
         open: Mutex::new(HashMap::new()),
         fuse_fd: Arc::new(OnceLock::new()),
         kernel: Arc::new(OnceLock::new()),

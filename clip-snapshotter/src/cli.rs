@@ -122,7 +122,7 @@ pub struct PullArgs {
     #[arg(
         long,
         env = "CONTAINERD_ADDRESS",
-        default_value = "/run/containerd/containerd.sock"
+        default_value = crate::containerd::DEFAULT_ADDRESS
     )]
     pub address: PathBuf,
     /// containerd namespace.
@@ -152,7 +152,7 @@ pub struct SnapshotterArgs {
     /// trusts whoever can push to the repositories pulled) or "local" (index on this node while
     /// pulling; safe for multi-tenant nodes). Per-repository scopes: [trust] in the config.
     #[arg(long, value_name = "published|local|signed")]
-    pub trust: Option<crate::snapshotter::Trust>,
+    pub trust: Option<crate::trust::Trust>,
     /// A public key (cosign, PEM) whose signatures on index artifacts `signed` accepts.
     /// Repeatable; adds to [trust] keys.
     #[arg(long = "trust-key", value_name = "FILE")]
@@ -326,6 +326,22 @@ pub fn format_size(n: u64) -> String {
         }
     }
     n.to_string()
+}
+
+/// `n` bytes for people: "1.5 MiB".
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Parses a cache capacity: like [`parse_size`] without its span-size range; `0` allowed.

@@ -1,12 +1,12 @@
 //! The subcommands.
 
+use crate::cli::human;
 use crate::cli::{
     CacheArgs, CatArgs, Cli, Command, FillArgs, GlobalArgs, IndexArgs, InspectArgs, MountArgs,
     ProfileArgs, UmountArgs, WarmArgs,
 };
-use crate::settings::{context, default_root, human, serve_metrics, Ctx};
+use crate::node::{default_root, open_node, serve_metrics, Node};
 use anyhow::{Context, Result};
-use clip_core::cache::CacheConfig;
 use clip_core::image::{self, LayerReport};
 use clip_core::index::{EntryKind, ImageView};
 use clip_core::reader::{LayerReader, ReadPath};
@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn resolve(ctx: &Ctx, reference: &str) -> Result<ResolvedImage> {
+async fn resolve(ctx: &Node, reference: &str) -> Result<ResolvedImage> {
     let r: Reference = reference.parse()?;
     ctx.client
         .resolve(&r)
@@ -121,7 +121,7 @@ fn print_layers(reports: &[LayerReport]) {
 }
 
 async fn index(g: &GlobalArgs, a: IndexArgs) -> Result<()> {
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let image = resolve(&ctx, &a.reference).await?;
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -228,7 +228,7 @@ fn kind_name(k: Option<&EntryKind>) -> &'static str {
 }
 
 async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let image = resolve(&ctx, &a.reference).await?;
     let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
     let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect())
@@ -331,28 +331,13 @@ struct OpenImage {
 }
 
 async fn open_image(
-    ctx: &Ctx,
+    ctx: &Node,
     reference: &str,
     c: &CacheArgs,
 ) -> Result<(ResolvedImage, OpenImage)> {
     let image = resolve(ctx, reference).await?;
     let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
-    let cfg = CacheConfig {
-        memory_bytes: c.memory_cap,
-        disk_bytes: c.disk_cap,
-        disk_dir: Some(
-            c.cache_dir
-                .clone()
-                .unwrap_or_else(|| ctx.store.root().join("cache")),
-        ),
-        remote: c.redis.clone(),
-        remote_tls: clip_core::cache::remote::RedisTls {
-            ca: c.redis_ca.clone(),
-            cert: c.redis_cert.clone(),
-            key: c.redis_key.clone(),
-        },
-        files_bytes: c.passthrough_cap,
-    };
+    let cfg = crate::config::cache_config(c, ctx.store.root());
     let path = ReadPath::open(&cfg, &ctx.store).await?;
     let readers = reports
         .iter()
@@ -396,7 +381,7 @@ async fn report_stats(o: &OpenImage, extra: serde_json::Value) {
 
 async fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
     use std::io::Write;
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let norm = clip_core::index::builder::normalize(a.path.trim_start_matches('/').as_bytes())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -441,7 +426,7 @@ async fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
 
 async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
     use futures_util::StreamExt;
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let (_image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let files: Vec<(u32, u64, u64)> = o
         .view
@@ -502,7 +487,7 @@ async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
 }
 
 async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let (_image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let cancel = tokio_util::sync::CancellationToken::new();
     {
@@ -622,7 +607,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
     if a.daemon {
         return mount_in_background(g, &a);
     }
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone())?;
     if let Some(store) = &o.path.files {
@@ -633,6 +618,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
         suid_dev: a.suid_dev,
         threads: a.threads,
         passthrough: o.path.files.is_some(),
+        passthrough_min_size: a.passthrough_min_size,
         ..Default::default()
     };
     let session = clip_fuse::mount(fs, &a.dir, tokio::runtime::Handle::current(), &opts)
@@ -677,7 +663,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
 
 async fn profile(g: &GlobalArgs, a: ProfileArgs) -> Result<()> {
     use clip_core::profile::{LayerProfile, Profile, Recorder};
-    let ctx = context(g)?;
+    let ctx = open_node(g)?;
     let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
     let window = Duration::from_secs(a.seconds.max(1));
     let recorders: Vec<Arc<Recorder>> = o

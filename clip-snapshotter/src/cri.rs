@@ -123,16 +123,7 @@ impl ImageService {
         session: Arc<SessionCredentials>,
         ttl: Option<Duration>,
     ) -> ImageService {
-        let path = upstream.to_path_buf();
-        let upstream = tonic14::transport::Endpoint::from_static("http://[::]")
-            .connect_with_connector_lazy(tower05::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }));
+        let upstream = crate::containerd::connect_lazy(upstream);
         ImageService {
             upstream,
             session,

@@ -1,339 +1,126 @@
-//! `clip snapshotter`: the containerd proxy snapshotter daemon and its TOML configuration.
+//! `clip snapshotter`: the containerd proxy snapshotter daemon. Its configuration is resolved
+//! in [`crate::config`]; this module starts what it describes (the store, the cache, the
+//! snapshotter, the CRI image service, the metrics endpoint), serves until SIGTERM or SIGINT,
+//! and shuts down in order.
 
-use crate::cli::{parse_cap, GlobalArgs, SnapshotterArgs};
-use crate::snapshotter::{ClipSnapshotter, Options};
+use crate::cli::{GlobalArgs, SnapshotterArgs};
+use crate::config::{self, CriConfig, DaemonConfig, DEFAULT_CONFIG};
+use crate::snapshotter::ClipSnapshotter;
 use anyhow::{Context, Result};
-use clip_core::cache::CacheConfig;
 use clip_core::reader::ReadPath;
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const DEFAULT_CONFIG: &str = "/etc/clip/config.toml";
-pub const DEFAULT_ADDRESS: &str = "/run/clip/snapshotter.sock";
-
-/// `/etc/clip/config.toml` (every key optional; see docs/snapshotter.md).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// clip's root directory (database, indexes, cache, snapshots).
-    pub root: Option<PathBuf>,
-    /// The gRPC socket containerd's proxy_plugins entry points at.
-    pub address: Option<PathBuf>,
-    /// containerd's own socket, where the layer of a Prepare without pull labels is looked up
-    /// (default /run/containerd/containerd.sock; "" turns the lookup off).
-    pub containerd_address: Option<PathBuf>,
-    /// Prometheus metrics endpoint, e.g. "127.0.0.1:9102".
-    pub metrics_address: Option<std::net::SocketAddr>,
-    /// Index images that have no published index when they are pulled (streams every layer once).
-    pub index_on_demand: bool,
-    pub cache: CacheSection,
-    pub registry: RegistrySection,
-    pub fuse: FuseSection,
-    pub profiles: ProfilesSection,
-    pub trust: TrustSection,
-    pub cri: CriSection,
-}
-
-/// The node's CRI image service in front of containerd's (docs/snapshotter.md, Kubernetes).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CriSection {
-    /// Serve the CRI image service here (the kubelet's `--image-service-endpoint`); off when
-    /// unset. Calls go on to containerd at `containerd_address`.
-    pub address: Option<PathBuf>,
-    /// Forget a pull's credentials this long after it (default: keep them until the image is
-    /// removed or the daemon stops).
-    pub credentials_ttl_secs: Option<u64>,
-}
-
-/// Which layer indexes to believe (docs/security.md).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrustSection {
-    /// "published" (default: lazy from the first start; trusts whoever can push to the
-    /// repositories pulled) or "local" (index on this node while pulling; multi-tenant safe).
-    pub default: Option<crate::snapshotter::Trust>,
-    /// Per registry, registry/repository or repository prefix; the most specific wins.
-    pub scopes: std::collections::BTreeMap<String, crate::snapshotter::Trust>,
-    /// Public keys (cosign, PEM) whose signatures "signed" accepts.
-    pub keys: Vec<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProfilesSection {
-    /// Seconds after a lazy mount's first read during which an image without a startup
-    /// profile records one (default 20; 0: never record).
-    pub window_secs: Option<u64>,
-    /// Push recorded profiles to the image's registry next to its index (default false:
-    /// nodes rarely have push access; `clip profile` publishes from CI).
-    pub publish: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CacheSection {
-    /// Memory tier, e.g. "256MiB".
-    pub memory: Option<String>,
-    /// Local disk tier, e.g. "10GiB" ("0" disables it).
-    pub disk: Option<String>,
-    /// Directory of the disk tier (default ROOT/cache).
-    pub dir: Option<PathBuf>,
-    /// Shared Redis tier: "redis://host:6379/", "rediss://user:password@host:6380/" (TLS, ACL
-    /// user), or "redis+cluster://h1:p1,h2:p2" / "rediss+cluster://...".
-    pub redis: Option<String>,
-    /// For rediss://: a CA file to trust instead of the system's.
-    pub redis_ca: Option<PathBuf>,
-    /// For rediss:// servers that require client certificates: the certificate and its key.
-    pub redis_cert: Option<PathBuf>,
-    pub redis_key: Option<PathBuf>,
-    /// Whole-file copies for FUSE passthrough (default: a quarter of the disk tier; "0": off).
-    pub passthrough: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RegistrySection {
-    /// Hosts (host[:port]) that may use plain HTTP or unverified TLS.
-    pub insecure: Vec<String>,
-    /// Token servers on other hosts trusted with their registries' credentials.
-    pub token_realms: Vec<String>,
-    /// containerd-style hosts directory (HOST/hosts.toml), e.g. "/etc/containerd/certs.d".
-    pub hosts_dir: Option<PathBuf>,
-    /// Give up on a registry operation after this many seconds (default 120).
-    pub timeout_secs: Option<u64>,
-    /// Retry a response that stalls this long (default 30).
-    pub stall_secs: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FuseSection {
-    /// FUSE worker threads per mount (default 4).
-    pub threads: Option<usize>,
-    /// Smallest file served by passthrough once local (default "1MiB").
-    pub passthrough_min_size: Option<String>,
-    /// Largest file whose spans are all requested when it is opened cold (default "8MiB";
-    /// "0": files are fetched read by read).
-    pub prefetch_on_open: Option<String>,
-    /// After two cold opens in a directory, fetch up to this many bytes of the files next to
-    /// them with the same extension on a guess, yielding to demand reads (default "4MiB";
-    /// "0": off). Not where a startup profile lists the reads.
-    pub speculate_siblings: Option<String>,
-    /// Opening a program or shared library starts fetching the libraries its ELF headers name
-    /// (`DT_NEEDED`, found where the dynamic loader looks), each as an open would; a mount no
-    /// startup profile covers starts fetching the loader, the C library and the user databases
-    /// (default true).
-    pub prefetch_libraries: Option<bool>,
-    /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
-    /// connections; default true).
-    pub handover: Option<bool>,
-}
-
-impl Config {
-    pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the configuration {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("configuration {}", path.display()))
-    }
-}
-
-fn size(v: &Option<String>, default: u64, what: &str) -> Result<u64> {
-    match v {
-        Some(s) => parse_cap(s).map_err(|e| anyhow::anyhow!("{what}: {e}")),
-        None => Ok(default),
-    }
-}
-
-/// Global flags with the configuration file's values filled in where a flag was not given.
-fn merged_globals(g: &GlobalArgs, c: &Config) -> GlobalArgs {
-    let mut insecure = g.insecure.clone();
-    insecure.extend(c.registry.insecure.iter().cloned());
-    let mut token_realms = g.token_realms.clone();
-    token_realms.extend(c.registry.token_realms.iter().cloned());
-    GlobalArgs {
-        root: g.root.clone().or_else(|| c.root.clone()),
-        insecure,
-        token_realms,
-        hosts_dir: g.hosts_dir.clone().or_else(|| c.registry.hosts_dir.clone()),
-        platform: g.platform.clone(),
-        registry_timeout: c.registry.timeout_secs.unwrap_or(g.registry_timeout),
-        stall_timeout: c.registry.stall_secs.unwrap_or(g.stall_timeout),
-        metrics_address: g.metrics_address.or(c.metrics_address),
-        verbose: g.verbose,
-    }
-}
-
-pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let cfg_path = a.config.clone().or_else(|| {
+/// The configuration file `--config` names, else [`DEFAULT_CONFIG`] if it exists.
+fn config_file(a: &SnapshotterArgs) -> Option<PathBuf> {
+    a.config.clone().or_else(|| {
         Path::new(DEFAULT_CONFIG)
             .exists()
             .then(|| PathBuf::from(DEFAULT_CONFIG))
-    });
-    let cfg = match &cfg_path {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
+    })
+}
+
+pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
+    let cfg_path = config_file(&a);
+    let file = match &cfg_path {
+        Some(p) => config::Config::load(p)?,
+        None => config::Config::default(),
     };
-    let g = merged_globals(g, &cfg);
-    if g.metrics_address.is_some() {
-        crate::settings::serve_metrics(g.metrics_address)?;
+    let mut cfg = config::daemon_config(g, &a, &file, crate::node::default_root)?;
+    let keys: Vec<&PathBuf> = cfg.trust_keys.iter().collect();
+    cfg.snapshotter.trust.keys = clip_core::signature::TrustedKeys::load(&keys)?;
+    cfg.snapshotter.trust.check().map_err(anyhow::Error::msg)?;
+    if cfg.globals.metrics_address.is_some() {
+        crate::node::serve_metrics(cfg.globals.metrics_address)?;
     }
-    let ctx = crate::settings::context(&g)?;
-    let root = ctx.store.root().to_path_buf();
-    let defaults = CacheConfig::default();
-    let cache_cfg = CacheConfig {
-        memory_bytes: size(&cfg.cache.memory, defaults.memory_bytes, "cache.memory")?,
-        disk_bytes: size(&cfg.cache.disk, defaults.disk_bytes, "cache.disk")?,
-        disk_dir: Some(cfg.cache.dir.clone().unwrap_or_else(|| root.join("cache"))),
-        remote: cfg.cache.redis.clone(),
-        remote_tls: clip_core::cache::remote::RedisTls {
-            ca: cfg.cache.redis_ca.clone(),
-            cert: cfg.cache.redis_cert.clone(),
-            key: cfg.cache.redis_key.clone(),
-        },
-        files_bytes: cfg
-            .cache
-            .passthrough
-            .as_ref()
-            .map(|s| parse_cap(s).map_err(|e| anyhow::anyhow!("cache.passthrough: {e}")))
-            .transpose()?,
-    };
+    let ctx = crate::node::open_node(&cfg.globals)?;
+    let root = cfg.root.clone();
     let store = Arc::new(ctx.store);
-    let reads = ReadPath::open(&cache_cfg, &store)
+    let reads = ReadPath::open(&cfg.cache, &store)
         .await
         .context("opening the cache")?;
-    let defaults = Options::default();
-    let opts = Options {
-        profile_window: cfg
-            .profiles
-            .window_secs
-            .map_or(defaults.profile_window, std::time::Duration::from_secs),
-        publish_profiles: cfg.profiles.publish.unwrap_or(defaults.publish_profiles),
-        index_on_demand: cfg.index_on_demand || a.index_on_demand,
-        trust: {
-            let keys: Vec<&PathBuf> = cfg.trust.keys.iter().chain(&a.trust_keys).collect();
-            let policy = crate::snapshotter::TrustPolicy {
-                default: a
-                    .trust
-                    .or(cfg.trust.default)
-                    .unwrap_or(defaults.trust.default),
-                scopes: cfg.trust.scopes.clone().into_iter().collect(),
-                keys: clip_core::signature::TrustedKeys::load(&keys)?,
-            };
-            policy.check().map_err(anyhow::Error::msg)?;
-            policy
-        },
-        handover: cfg.fuse.handover.unwrap_or(true) && !a.no_handover,
-        containerd: a
-            .containerd_address
-            .clone()
-            .or(cfg.containerd_address.clone())
-            .or(defaults.containerd.clone())
-            .filter(|p| !p.as_os_str().is_empty()),
-        fuse_threads: cfg
-            .fuse
-            .threads
-            .unwrap_or(clip_fuse::MountOptions::default().threads)
-            .max(1),
-        prefetch_on_open: size(
-            &cfg.fuse.prefetch_on_open,
-            defaults.prefetch_on_open,
-            "fuse.prefetch_on_open",
-        )?,
-        speculate_siblings: size(
-            &cfg.fuse.speculate_siblings,
-            defaults.speculate_siblings,
-            "fuse.speculate_siblings",
-        )?,
-        prefetch_libraries: cfg
-            .fuse
-            .prefetch_libraries
-            .unwrap_or(defaults.prefetch_libraries),
-        passthrough_min_size: size(
-            &cfg.fuse.passthrough_min_size,
-            clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE,
-            "fuse.passthrough_min_size",
-        )?,
-    };
-    let opts_containerd = opts.containerd.clone();
     let session = ctx.client.config().session.clone();
-    let sn = ClipSnapshotter::open(&root, store, ctx.client, reads, opts)
-        .await
-        .context("opening the snapshotter state")?;
-
-    let address = a
-        .address
-        .clone()
-        .or(cfg.address.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS));
-    let listener = bind_socket(&address, 0o660)?;
+    let (sn, mounts) =
+        ClipSnapshotter::open_on_node(&root, store, ctx.client, reads, cfg.snapshotter.clone())
+            .await
+            .context("opening the snapshotter state")?;
+    let listener = bind_socket(&cfg.address, 0o660)?;
     eprintln!(
         "clip snapshotter: serving on {} (root {}{})",
-        address.display(),
+        cfg.address.display(),
         root.display(),
         cfg_path
             .map(|p| format!(", config {}", p.display()))
             .unwrap_or_default()
     );
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let stop = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
-    let cri_address = a.cri_address.clone().or(cfg.cri.address.clone());
-    let cri = match &cri_address {
-        Some(path) => {
-            let Some(upstream) = opts_containerd.clone() else {
-                anyhow::bail!(
-                    "the CRI image service needs containerd_address (calls go on to containerd)"
-                );
-            };
-            // It carries pull secrets: root's alone.
-            let listener = bind_socket(path, 0o600)?;
-            let svc = crate::cri::ImageService::new(
-                &upstream,
-                session,
-                cfg.cri
-                    .credentials_ttl_secs
-                    .map(std::time::Duration::from_secs),
-            );
-            eprintln!(
-                "clip snapshotter: CRI image service on {} (forwarding to {})",
-                path.display(),
-                upstream.display()
-            );
-            Some(tokio::spawn(async move {
-                if let Err(e) = tonic14::transport::Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming(trusted_connections(listener))
-                    .await
-                {
-                    tracing::error!("serving the CRI image service: {e}");
-                }
-            }))
-        }
+    let cri = match &cfg.cri {
+        Some(c) => Some(serve_cri(c, session)?),
         None => None,
     };
     containerd_snapshots::tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(sn.clone()))
-        .serve_with_incoming_shutdown(trusted_connections(listener), stop)
+        .serve_with_incoming_shutdown(trusted_connections(listener), stop_signal()?)
         .await
         .context("serving the snapshots API")?;
     eprintln!("clip snapshotter: stopping");
+    shutdown(&cfg, cri, &sn, &mounts).await;
+    Ok(())
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+/// Serves the CRI image service `c` describes, in the background; it carries pull secrets, so
+/// its socket is root's alone.
+fn serve_cri(
+    c: &CriConfig,
+    session: Arc<clip_core::registry::session::SessionCredentials>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = bind_socket(&c.address, 0o600)?;
+    let svc = crate::cri::ImageService::new(&c.upstream, session, c.credentials_ttl);
+    eprintln!(
+        "clip snapshotter: CRI image service on {} (forwarding to {})",
+        c.address.display(),
+        c.upstream.display()
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = tonic14::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(trusted_connections(listener))
+            .await
+        {
+            tracing::error!("serving the CRI image service: {e}");
+        }
+    }))
+}
+
+/// After the snapshots API has stopped: the CRI service, the records, the mounts (kept with the
+/// keeper, or unmounted) and pending cache writes; then the sockets.
+async fn shutdown(
+    cfg: &DaemonConfig,
+    cri: Option<tokio::task::JoinHandle<()>>,
+    sn: &ClipSnapshotter,
+    mounts: &crate::snapshotter::mounts::FuseMounts,
+) {
     if let Some(task) = cri {
         task.abort();
     }
     sn.shutdown().await;
-    let _ = std::fs::remove_file(&address);
-    if let Some(p) = &cri_address {
-        let _ = std::fs::remove_file(p);
+    mounts.shutdown().await;
+    let _ = std::fs::remove_file(&cfg.address);
+    if let Some(c) = &cfg.cri {
+        let _ = std::fs::remove_file(&c.address);
     }
-    Ok(())
 }
 
 /// A unix socket at `path` (a stale one replaced) with mode `mode`.
@@ -379,58 +166,4 @@ fn trusted_connections(
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn example_config_parses_and_typos_are_refused() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../scripts/config.toml"
-        ))
-        .unwrap();
-        let c: Config = toml::from_str(&text).unwrap();
-        assert_eq!(c.address.unwrap(), PathBuf::from(DEFAULT_ADDRESS));
-        assert_eq!(c.containerd_address, Options::default().containerd);
-        assert!(c.cri.address.is_none() && c.cri.credentials_ttl_secs.is_none());
-        // scripts/config.toml states the defaults: they must be the ones the code uses.
-        let cache = CacheConfig::default();
-        assert_eq!(size(&c.cache.memory, 0, "").unwrap(), cache.memory_bytes);
-        assert_eq!(size(&c.cache.disk, 0, "").unwrap(), cache.disk_bytes);
-        assert_eq!(c.trust.default, Some(Options::default().trust.default));
-        let reg = clip_core::registry::RegistryConfig::default();
-        assert_eq!(c.registry.timeout_secs, Some(reg.deadline.as_secs()));
-        assert_eq!(c.registry.stall_secs, Some(reg.stall_timeout.as_secs()));
-        assert_eq!(
-            c.fuse.threads,
-            Some(clip_fuse::MountOptions::default().threads)
-        );
-        assert_eq!(
-            size(&c.fuse.passthrough_min_size, 0, "").unwrap(),
-            clip_fuse::DEFAULT_PASSTHROUGH_MIN_SIZE
-        );
-        assert_eq!(c.fuse.handover, Some(true));
-        assert_eq!(
-            size(&c.fuse.prefetch_on_open, 0, "").unwrap(),
-            clip_fuse::DEFAULT_PREFETCH_ON_OPEN
-        );
-        assert_eq!(
-            size(&c.fuse.speculate_siblings, 0, "").unwrap(),
-            clip_fuse::DEFAULT_SPECULATE_SIBLINGS
-        );
-        assert_eq!(
-            c.fuse.prefetch_libraries,
-            Some(Options::default().prefetch_libraries)
-        );
-        assert!(!c.index_on_demand);
-        assert_eq!(c.root, Some(PathBuf::from("/var/lib/clip")));
-        let sn = Options::default();
-        assert_eq!(c.profiles.window_secs, Some(sn.profile_window.as_secs()));
-        assert_eq!(c.profiles.publish, Some(sn.publish_profiles));
-        let err = toml::from_str::<Config>("[cache]\nmemroy = \"1GiB\"\n").unwrap_err();
-        assert!(err.to_string().contains("memroy"), "{err}");
-    }
 }

@@ -3,13 +3,17 @@
 
 mod cli;
 mod commands;
+mod config;
+mod containerd;
 mod cri;
 mod daemon;
+mod labels;
+mod node;
 mod os;
 mod prometheus;
 mod pull;
-mod settings;
 mod snapshotter;
+mod trust;
 
 use clap::Parser;
 

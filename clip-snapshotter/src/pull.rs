@@ -5,9 +5,10 @@
 //! service, exactly like a normal pull. Everything runs under a lease, so a pull that dies half
 //! way leaves nothing containerd's garbage collector will not reclaim.
 
+use crate::cli::human;
 use crate::cli::PullArgs;
-use crate::settings::{human, registry_client};
-use crate::snapshotter::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
+use crate::labels;
+use crate::node::registry_client;
 use anyhow::{bail, Context, Result};
 use clip_core::digest::Digest;
 use clip_core::reference::Reference;
@@ -25,21 +26,6 @@ use containerd_client::types::Descriptor;
 use std::collections::HashMap;
 use std::time::Instant;
 
-const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
-
-/// The chain IDs of a layer stack: chain[0] = diff[0], chain[i] = sha256(chain[i-1] + " " + diff[i]).
-pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
-    let mut out: Vec<Digest> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => *d,
-            Some(prev) => Digest::of(format!("{prev} {d}").as_bytes()),
-        };
-        out.push(next);
-    }
-    out
-}
-
 struct Containerd {
     channel: Channel,
     namespace: String,
@@ -49,15 +35,7 @@ struct Containerd {
 
 impl Containerd {
     fn req<T>(&self, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        let md = r.metadata_mut();
-        if let Ok(v) = self.namespace.parse() {
-            md.insert("containerd-namespace", v);
-        }
-        if let Some(Ok(v)) = self.lease.as_ref().map(|l| l.parse()) {
-            md.insert("containerd-lease", v);
-        }
-        r
+        crate::containerd::request(&self.namespace, self.lease.as_deref(), msg)
     }
 
     async fn content_exists(&self, digest: &Digest) -> Result<bool> {
@@ -236,9 +214,8 @@ pub async fn pull(g: &crate::cli::GlobalArgs, a: PullArgs) -> Result<()> {
         .resolve(&reference)
         .await
         .with_context(|| format!("resolving {reference}"))?;
-    let channel = containerd_client::connect(&a.address)
-        .await
-        .with_context(|| format!("connecting to containerd at {}", a.address.display()))?;
+    let channel =
+        crate::containerd::connect(&a.address, std::time::Duration::from_secs(20)).await?;
     let mut cd = Containerd {
         channel,
         namespace: a.namespace.clone(),
@@ -307,7 +284,7 @@ async fn pull_under_lease(
 ) -> Result<(usize, usize, u64)> {
     let r = &image.reference;
     let diff_ids: Vec<Digest> = image.layers.iter().map(|l| l.diff_id).collect();
-    let chains = chain_ids(&diff_ids);
+    let chains = clip_core::image::chain_ids(&diff_ids);
     let source = (
         format!("containerd.io/distribution.source.{}", r.registry),
         r.repository.clone(),
@@ -363,17 +340,17 @@ async fn pull_under_lease(
             continue;
         }
         let mut labels = HashMap::from([
-            (LABEL_TARGET.to_string(), chain_s.clone()),
-            (LABEL_IMAGE_REF.to_string(), r.to_string()),
+            (labels::TARGET.to_string(), chain_s.clone()),
+            (labels::IMAGE_REF.to_string(), r.to_string()),
             (
-                LABEL_MANIFEST.to_string(),
+                labels::MANIFEST.to_string(),
                 image.manifest_digest.to_string(),
             ),
-            (LABEL_LAYER.to_string(), layer.digest.to_string()),
+            (labels::LAYER.to_string(), layer.digest.to_string()),
         ]);
         // containerd caps label values at 4096 bytes; the list is a hint only.
         if all_layers.len() < 4000 {
-            labels.insert(LABEL_IMAGE_LAYERS.to_string(), all_layers.clone());
+            labels.insert(labels::IMAGE_LAYERS.to_string(), all_layers.clone());
         }
         let key = format!(
             "extract-{}-{chain_s}",
@@ -531,15 +508,6 @@ async fn unpack_layer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_oci_definition() {
-        let a = Digest::of(b"a");
-        let b = Digest::of(b"b");
-        let c = chain_ids(&[a, b]);
-        assert_eq!(c[0], a);
-        assert_eq!(c[1], Digest::of(format!("{a} {b}").as_bytes()));
-    }
 
     #[test]
     fn rfc3339() {

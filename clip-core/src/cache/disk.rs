@@ -61,10 +61,6 @@ impl DiskTier {
         self.inner.put(key, data)
     }
 
-    pub fn remove_blocking(&self, key: &Digest) {
-        self.inner.remove(key)
-    }
-
     #[cfg(test)]
     fn path(&self, key: &Digest) -> PathBuf {
         path_in(&self.inner.dir, key)

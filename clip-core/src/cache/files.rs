@@ -90,11 +90,11 @@ impl FileStore {
         Ok(store)
     }
 
-    /// The store `cfg` asks for: `<disk_dir>/files`, records in `store`'s sled database. None
+    /// The store `cfg` asks for: `<disk_dir>/files`, records in trees of `db`. None
     /// when there is no disk tier or passthrough is off (a cap of 0).
     pub async fn open_for(
         cfg: &super::CacheConfig,
-        store: &crate::store::Store,
+        db: &sled::Db,
     ) -> Result<Option<std::sync::Arc<Self>>, super::CacheError> {
         let (Some(dir), cap) = (&cfg.disk_dir, cfg.files_cap()) else {
             return Ok(None);
@@ -102,7 +102,7 @@ impl FileStore {
         if cfg.disk_bytes == 0 || cap == 0 {
             return Ok(None);
         }
-        let (tree, names) = (store.tree("file-cache")?, store.tree("file-names")?);
+        let (tree, names) = (db.open_tree("file-cache")?, db.open_tree("file-names")?);
         let files = dir.join("files");
         let at = files.clone();
         tokio::task::spawn_blocking(move || FileStore::open(&at, tree, names, cap))

@@ -134,8 +134,8 @@ pub enum CacheError {
     Disk { path: String, error: std::io::Error },
     #[error("remote cache: {0}")]
     Remote(String),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    #[error("cache records: {0}")]
+    Db(#[from] sled::Error),
 }
 
 /// Puts verified bytes into the trusted (memory) tiers of `tiers`: synchronous under the hood,
@@ -146,6 +146,16 @@ fn put_trusted(tiers: &[Arc<dyn Tier>], key: &Digest, data: &Bytes) {
     }
 }
 
+/// Which slower tiers [`TieredCache::put_slow`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// The tiers on this node (disk): bytes other nodes can get elsewhere (indexing, which
+    /// streams the whole layer anyway).
+    ThisNode,
+    /// Every tier, the shared one too: bytes fetched from the registry.
+    Everywhere,
+}
+
 /// Tiers, fastest first. Reads verify in one place and fill faster tiers on a slower tier's hit.
 pub struct TieredCache {
     tiers: Vec<Arc<dyn Tier>>,
@@ -153,19 +163,19 @@ pub struct TieredCache {
 }
 
 impl TieredCache {
-    /// Memory and disk as `cfg` asks (the disk tier keeps its records in `store`'s sled
-    /// database; without a store there is no disk tier), then `shared`: the Redis tier for
+    /// Memory and disk as `cfg` asks (the disk tier keeps its records in a tree of `db`, the
+    /// node's sled database; without one there is no disk tier), then `shared`: the Redis tier for
     /// `cfg.remote`, connected by the caller, which also uses it for shared documents.
     pub async fn open(
         cfg: &CacheConfig,
-        store: Option<&crate::store::Store>,
+        db: Option<&sled::Db>,
         shared: Option<Arc<remote::RemoteTier>>,
     ) -> Result<Self, CacheError> {
         let mut tiers: Vec<Arc<dyn Tier>> =
             vec![Arc::new(memory::MemoryTier::new(cfg.memory_bytes))];
-        if let (Some(dir), Some(store)) = (&cfg.disk_dir, store) {
+        if let (Some(dir), Some(db)) = (&cfg.disk_dir, db) {
             if cfg.disk_bytes > 0 {
-                let tree = store.tree("disk-cache")?;
+                let tree = db.open_tree("disk-cache")?;
                 let (d, cap) = (dir.clone(), cfg.disk_bytes);
                 let disk = tokio::task::spawn_blocking(move || disk::DiskTier::open(&d, tree, cap))
                     .await
@@ -266,12 +276,12 @@ impl TieredCache {
         put_trusted(&self.tiers, key, data);
     }
 
-    /// Stores verified bytes in the slower tiers (disk, and the shared tier unless
-    /// `local_only`), waiting for the writes. Readers never wait for this: the fetcher calls it
-    /// after they have their bytes.
-    pub async fn put_slow(&self, key: &Digest, data: &Bytes, local_only: bool) {
+    /// Stores verified bytes in the slower tiers `reach` names (disk; and the shared tier for
+    /// [`Reach::Everywhere`]), waiting for the writes. Readers never wait for this: the fetcher
+    /// calls it after they have their bytes.
+    pub async fn put_slow(&self, key: &Digest, data: &Bytes, reach: Reach) {
         for t in self.tiers.iter().filter(|t| !t.trusted()) {
-            if t.local() || !local_only {
+            if t.local() || reach == Reach::Everywhere {
                 t.put(key, data.clone()).await;
             }
         }

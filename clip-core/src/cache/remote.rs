@@ -133,7 +133,7 @@ impl RemoteTier {
     }
 
     async fn fetch(&self, d: &Digest) -> Option<Bytes> {
-        self.fetch_key(key(d), crate::index::limits::MAX_SPAN as usize)
+        self.fetch_key(key(d), crate::limits::MAX_SPAN as usize)
             .await
     }
 

@@ -78,6 +78,6 @@ async fn put_fast_is_memory_only_and_put_slow_the_rest() {
     let key = Digest::of(&data);
     cache.put_fast(&key, &data);
     assert!(mem.contains(&key) && slow.map.lock().unwrap().is_empty());
-    cache.put_slow(&key, &data, true).await;
+    cache.put_slow(&key, &data, super::Reach::ThisNode).await;
     assert!(slow.map.lock().unwrap().contains_key(&key));
 }

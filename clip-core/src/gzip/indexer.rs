@@ -4,7 +4,7 @@
 use super::inflater::{Inflater, GZIP};
 use super::{Checkpoint, GzipError};
 use crate::digest::{Digest, Hasher};
-use crate::index::limits;
+use crate::limits;
 use crate::tarscan::TarTrack;
 use std::io::{self, BufRead, Read};
 
@@ -121,16 +121,6 @@ impl<R: Read> GzipIndexer<R> {
     fn end_span(&mut self) -> io::Result<()> {
         self.hashes.flush()?;
         self.hashes.send(HashMsg::EndSpan)
-    }
-
-    /// Uncompressed bytes produced so far.
-    pub fn uncompressed_offset(&self) -> u64 {
-        self.uncompressed
-    }
-
-    /// Compressed bytes consumed so far.
-    pub fn compressed_offset(&self) -> u64 {
-        self.compressed
     }
 
     /// Reads the rest of the stream (so every byte is checked) and returns the index and the input.

@@ -251,10 +251,10 @@ fn a_deflate_block_longer_than_the_span_limit_is_refused_at_index_time() {
     assert_eq!(got, out);
     check_all_spans(&gz, &out, &z);
     // Beyond the limit: a clear error, not a span every read would inflate whole.
-    let (gz, _) = one_block_gzip((crate::index::limits::MAX_SPAN / 258 + 10) as usize);
+    let (gz, _) = one_block_gzip((crate::limits::MAX_SPAN / 258 + 10) as usize);
     match index(&gz, 1 << 20) {
         Err(GzipError::SpanTooLong { max, .. }) => {
-            assert_eq!(max, crate::index::limits::MAX_SPAN)
+            assert_eq!(max, crate::limits::MAX_SPAN)
         }
         Err(e) => panic!("{e}"),
         Ok((z, _)) => panic!("indexed into {} spans", z.checkpoints.len()),

@@ -199,7 +199,7 @@ pub fn build_layer_index_with_sink<R: Read>(
 
 /// Turns an error from the tar parser into ours, recovering gzip errors that travelled through it.
 /// Passes the uncompressed layer to the tar reader, refusing a metadata entry (GNU long name or
-/// link, PAX header) larger than [`super::limits::MAX_TAR_META`] as soon as its header goes by,
+/// link, PAX header) larger than [`crate::limits::MAX_TAR_META`] as soon as its header goes by,
 /// before the tar reader would buffer all of it (a gzip bomb in a name).
 struct TarGuard<R> {
     inner: R,
@@ -211,7 +211,7 @@ impl<R: Read> Read for TarGuard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.track.feed(self.pos, &buf[..n], |flag, size| {
-            let max = super::limits::MAX_TAR_META;
+            let max = crate::limits::MAX_TAR_META;
             if matches!(flag, b'L' | b'K' | b'x' | b'g' | b'X') && size > max {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -360,7 +360,7 @@ fn read_entries<R: Read>(
     Ok(())
 }
 
-/// What the decoder accepts ([`super::limits`]), checked where the layer is read, so every index
+/// What the decoder accepts ([`crate::limits`]), checked where the layer is read, so every index
 /// clip builds can be loaded again.
 fn check_limits(
     raw_path: &[u8],
@@ -369,7 +369,7 @@ fn check_limits(
     xattrs: &[(Vec<u8>, Vec<u8>)],
     entries: usize,
 ) -> Result<(), IndexError> {
-    use super::limits::*;
+    use crate::limits::*;
     let too_big = |what: String| IndexError::Unsupported {
         path: show_path(raw_path),
         what,

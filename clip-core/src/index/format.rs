@@ -19,9 +19,9 @@
 //! deduplicate it. Decoding treats its input as hostile: the checksum is checked first, every
 //! length is bounded by the bytes actually present, and nothing panics.
 
-use super::limits::*;
 use super::{BlobRef, Entry, EntryKind, IndexError, LayerIndex, Span};
 use crate::digest::Digest;
+use crate::limits::*;
 
 pub const MAGIC: &[u8; 8] = b"CLIPLIDX";
 pub const VERSION: u32 = 1;

@@ -265,12 +265,12 @@ async fn readahead_follows_sequential_reads_only() {
     let first = t.index.spans_covering(base, 1).start;
     t.reader.read_within(base, 4096, end).await.unwrap();
     t.reader.read_within(base + 4096, 4096, end).await.unwrap();
-    t.reader.spans.settled().await;
+    t.reader.fetcher.settled().await;
     let covering = t.index.spans_covering(base, 8192);
     let ahead = covering.end..(covering.end + 2).min(t.index.spans_covering(end - 1, 1).end);
     assert!(!ahead.is_empty());
     assert!(
-        ahead.clone().all(|i| t.reader.spans.is_local(i)),
+        ahead.clone().all(|i| t.reader.fetcher.is_local(i)),
         "spans {ahead:?} after a sequential read were fetched ahead (first span {first})"
     );
 
@@ -280,7 +280,7 @@ async fn readahead_follows_sequential_reads_only() {
         let (off, _) = t.spans(i..i + 1);
         t.reader.read_within(off, 512, u64::MAX).await.unwrap();
     }
-    t.reader.spans.settled().await;
+    t.reader.fetcher.settled().await;
     let wanted: Vec<_> = [12usize, 3, 8]
         .iter()
         .map(|&i| t.compressed(i..i + 1))
@@ -299,7 +299,7 @@ async fn failing_source_gives_a_clear_error_and_no_partial_bytes() {
     let (off, len) = t.spans(0..2);
     let e = t.reader.read(off, len).await.unwrap_err();
     assert!(e.to_string().contains("registry is down"), "{e}");
-    assert!(!t.reader.spans.is_local(1));
+    assert!(!t.reader.fetcher.is_local(1));
     // A truncated answer is an error too, never short data.
     t.source.always(Some(Fault::Truncate(10)));
     let e = t.reader.read(off, len).await.unwrap_err();
@@ -440,9 +440,9 @@ async fn opening_a_file_requests_all_its_spans_at_once() {
     // A file over spans 2..9 (7 spans; runs of 4 MiB hold them all): one request, no wait.
     let (off, len) = t.spans(2..9);
     t.reader.prefetch(off + 10, len - 20);
-    t.reader.spans.settled().await;
+    t.reader.fetcher.settled().await;
     assert_eq!(t.layer_requests(), vec![t.compressed(2..9)]);
-    assert!((2..9).all(|i| t.reader.spans.is_local(i)));
+    assert!((2..9).all(|i| t.reader.fetcher.is_local(i)));
     assert_eq!(
         &t.reader.read(off, len).await.unwrap()[..],
         t.expect(off, len)
@@ -459,8 +459,8 @@ async fn a_cold_read_takes_its_neighbours_in_the_same_request() {
     // Spans 5.. up to `locality` bytes from span 5's start, in the read's one request.
     let last = t.last_within(5, 4 * t.index.span_size);
     assert_eq!(t.layer_requests(), vec![t.compressed(5..last + 1)]);
-    t.reader.spans.settled().await;
-    assert!((5..=last).all(|i| t.reader.spans.is_local(i)));
+    t.reader.fetcher.settled().await;
+    assert!((5..=last).all(|i| t.reader.fetcher.is_local(i)));
     // A warm read takes nothing more.
     t.reader.read(off, 100).await.unwrap();
     assert_eq!(t.layer_requests().len(), 1);
@@ -493,7 +493,7 @@ async fn where_a_replayed_profile_lists_a_read_nothing_is_guessed_around_it() {
     // Opening a file part of which it lists: not fetched whole.
     let (oo, ol) = t.spans(1..4);
     t.reader.prefetch_opened(oo, ol);
-    t.reader.spans.settled().await;
+    t.reader.fetcher.settled().await;
     assert_eq!(
         t.layer_requests(),
         [profiled.clone(), vec![t.compressed(6..7)]].concat()
@@ -505,7 +505,7 @@ async fn where_a_replayed_profile_lists_a_read_nothing_is_guessed_around_it() {
     t.reader.read(o12, 100).await.unwrap();
     let (oo, ol) = t.spans(9..11);
     t.reader.prefetch_opened(oo, ol);
-    t.reader.spans.settled().await;
+    t.reader.fetcher.settled().await;
     let last = t.last_within(12, 4 * t.index.span_size);
     let after = &t.layer_requests()[3..];
     assert_eq!(after, [t.compressed(12..last + 1), t.compressed(9..11)]);

@@ -233,6 +233,38 @@ impl CheckedManifest {
     }
 }
 
+/// The config digest and the layer digests an image manifest's `body` names (read from
+/// containerd's content store, say: the caller has checked the body's digest).
+pub fn manifest_parts(body: &[u8]) -> Result<(Digest, Vec<Digest>), RegistryError> {
+    let m: ImageManifest = serde_json::from_slice(body).map_err(|e| invalid("manifest", e))?;
+    let config = m
+        .config()
+        .digest()
+        .to_string()
+        .parse()
+        .map_err(|e| invalid("manifest config", e))?;
+    let layers = m
+        .layers()
+        .iter()
+        .map(|l| l.digest().to_string().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid("manifest layer", e))?;
+    Ok((config, layers))
+}
+
+/// The DiffIDs an image config's `body` lists, base layer first.
+pub fn config_diff_ids(body: &[u8]) -> Result<Vec<Digest>, RegistryError> {
+    let config: ImageConfiguration =
+        serde_json::from_slice(body).map_err(|e| invalid("config", e))?;
+    config
+        .rootfs()
+        .diff_ids()
+        .iter()
+        .map(|d| d.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid("config DiffID", e))
+}
+
 /// An image from its checked manifest and its config (already verified against its digest).
 fn image_from(
     r: &Reference,
@@ -241,9 +273,7 @@ fn image_from(
 ) -> Result<ResolvedImage, RegistryError> {
     let what = r.to_string();
     let manifest = &m.parsed;
-    let config: ImageConfiguration =
-        serde_json::from_slice(&config_bytes).map_err(|e| invalid(&format!("{what} config"), e))?;
-    let diff_ids = config.rootfs().diff_ids();
+    let diff_ids = config_diff_ids(&config_bytes).map_err(|e| invalid(&what, e))?;
     if diff_ids.len() != manifest.layers().len() {
         return Err(invalid(
             &what,
@@ -264,7 +294,7 @@ fn image_from(
                 .map_err(|e| invalid(&what, e))?,
             size: l.size(),
             media_type: l.media_type().to_string(),
-            diff_id: diff.parse().map_err(|e| invalid(&what, e))?,
+            diff_id: diff,
         });
     }
     Ok(ResolvedImage {

@@ -18,7 +18,7 @@ pub mod hosts;
 mod manifest;
 pub mod session;
 
-pub use manifest::{LayerDescriptor, Platform, ResolvedImage};
+pub use manifest::{config_diff_ids, manifest_parts, LayerDescriptor, Platform, ResolvedImage};
 
 use crate::digest::Digest;
 use crate::reference::Reference;

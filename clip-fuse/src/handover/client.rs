@@ -1,6 +1,7 @@
 //! The daemon's side: the connection to the keeper, and starting a keeper when none runs.
 
-use super::fdpass::{cvt, recv_msg, send_msg, seqpacket, sockaddr, words, MAX_MSG};
+use super::fdpass::{cvt, recv_msg, send_msg, seqpacket, sockaddr, MAX_MSG};
+use super::protocol::Message;
 use super::{Held, OpenState};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -54,43 +55,40 @@ impl Keeper {
         }
     }
 
-    fn send(&self, text: &str, fd: Option<BorrowedFd>) -> io::Result<()> {
-        send_msg(self.sock.as_fd(), text.as_bytes(), fd)
+    fn send(&self, msg: Message, fd: Option<BorrowedFd>) -> io::Result<()> {
+        debug_assert_eq!(msg.carries_fd(), fd.is_some());
+        send_msg(self.sock.as_fd(), &msg.encode(), fd)
     }
 
     /// Hands the keeper a duplicate of connection `id`'s descriptor.
     pub fn hold(&self, id: u64, fd: BorrowedFd, caps: u64, minor: u32) -> io::Result<()> {
-        self.send(&format!("P {id} {caps} {minor}"), Some(fd))
+        self.send(Message::Hold { id, caps, minor }, Some(fd))
     }
 
     /// The keeper closes its descriptor of connection `id` (it is being unmounted).
     pub fn drop_connection(&self, id: u64) {
-        if let Err(e) = self.send(&format!("D {id}"), None) {
+        if let Err(e) = self.send(Message::Drop { id }, None) {
             tracing::warn!(id, "telling the FUSE keeper to drop a connection: {e}");
         }
     }
 
     /// Records an open of `ino` on connection `id`.
     pub fn note_open(&self, id: u64, ino: u64, state: OpenState) {
-        let msg = match state {
-            OpenState::Cached => format!("O {id} {ino} c"),
-            OpenState::Passthrough(b) => format!("O {id} {ino} p {b}"),
-        };
-        if let Err(e) = self.send(&msg, None) {
+        if let Err(e) = self.send(Message::Open { id, ino, state }, None) {
             tracing::warn!(id, ino, "telling the FUSE keeper of an open: {e}");
         }
     }
 
     /// Records a release of `ino` on connection `id`.
     pub fn note_release(&self, id: u64, ino: u64) {
-        if let Err(e) = self.send(&format!("R {id} {ino}"), None) {
+        if let Err(e) = self.send(Message::Release { id, ino }, None) {
             tracing::warn!(id, ino, "telling the FUSE keeper of a release: {e}");
         }
     }
 
     /// Every connection the keeper holds (it keeps holding them).
     pub fn list(&self) -> io::Result<Vec<Held>> {
-        self.send("L", None)?;
+        self.send(Message::List, None)?;
         let mut out: Vec<Held> = Vec::new();
         let mut buf = [0u8; MAX_MSG];
         loop {
@@ -101,31 +99,29 @@ impl Keeper {
                     "the FUSE keeper closed the connection",
                 ));
             }
-            let w = words(&buf[..n]);
-            let bad = || io::Error::new(io::ErrorKind::InvalidData, "bad message from the keeper");
-            let num = |i: usize| -> io::Result<u64> {
-                w.get(i).and_then(|s| s.parse().ok()).ok_or_else(bad)
-            };
-            match w.first().copied() {
-                Some("H") => out.push(Held {
-                    id: num(1)?,
-                    fd: fd.ok_or_else(bad)?,
-                    caps: num(2)?,
-                    minor: num(3)? as u32,
+            let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+            match Message::decode(&buf[..n]).map_err(|e| bad(e.to_string()))? {
+                Message::Held { id, caps, minor } => out.push(Held {
+                    id,
+                    fd: fd.ok_or_else(|| {
+                        bad(format!("connection {id} came without its descriptor"))
+                    })?,
+                    caps,
+                    minor,
                     opens: Vec::new(),
                 }),
-                Some("S") => {
-                    let (id, ino, backing, count) = (num(1)?, num(2)?, num(4)?, num(5)?);
-                    let state = match w.get(3) {
-                        Some(&"p") => OpenState::Passthrough(backing as u32),
-                        _ => OpenState::Cached,
-                    };
+                Message::Opened {
+                    id,
+                    ino,
+                    state,
+                    count,
+                } => {
                     if let Some(h) = out.iter_mut().find(|h| h.id == id) {
-                        h.opens.push((ino, state, count as u32));
+                        h.opens.push((ino, state, count));
                     }
                 }
-                Some("E") => return Ok(out),
-                _ => return Err(bad()),
+                Message::End => return Ok(out),
+                other => return Err(bad(format!("unexpected answer from the keeper: {other:?}"))),
             }
         }
     }

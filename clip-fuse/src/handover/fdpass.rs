@@ -4,7 +4,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-pub(super) const MAX_MSG: usize = 256;
+pub(super) use super::protocol::MAX_MSG;
 
 pub(super) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -138,13 +138,6 @@ pub(super) fn peer_uid(sock: BorrowedFd) -> io::Result<u32> {
         )
     })?;
     Ok(cred.uid)
-}
-
-pub(super) fn words(msg: &[u8]) -> Vec<&str> {
-    std::str::from_utf8(msg)
-        .unwrap_or("")
-        .split_ascii_whitespace()
-        .collect()
 }
 
 /// A connected pair of `SOCK_SEQPACKET` sockets.

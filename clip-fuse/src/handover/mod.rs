@@ -29,15 +29,13 @@
 //! the kernel reports it gone (unmounted) or when the daemon says so, and exits when it holds
 //! nothing and no daemon is connected.
 //!
-//! Protocol: `SOCK_SEQPACKET` messages of ASCII words, a descriptor attached where noted.
-//! daemon -> keeper: `P id caps minor` + fd (hold), `D id` (drop), `O id ino c` /
-//! `O id ino p backing` (an open), `R id ino` (a release), `L` (list). keeper -> daemon, answer
-//! to `L`: `H id caps minor` + fd per connection, `S id ino c|p backing count` per open inode,
-//! then `E`.
+//! Protocol: `SOCK_SEQPACKET` messages of ASCII words, a descriptor attached where noted; every
+//! message is a [`protocol::Message`], encoded and decoded only there.
 
 mod client;
 mod fdpass;
 mod kernel;
+pub mod protocol;
 mod server;
 
 pub use client::{own_session, Keeper};

@@ -1,6 +1,7 @@
 //! The keeper process: a single-threaded poll loop holding FUSE descriptors for daemons.
 
-use super::fdpass::{cvt, peer_uid, recv_msg, send_msg, seqpacket, sockaddr, words, MAX_MSG};
+use super::fdpass::{cvt, peer_uid, recv_msg, send_msg, seqpacket, sockaddr, MAX_MSG};
+use super::protocol::Message;
 use super::OpenState;
 use std::collections::HashMap;
 use std::io;
@@ -106,13 +107,11 @@ pub fn run_keeper(path: &Path) -> io::Result<()> {
                         closed.push(i);
                         break;
                     }
-                    Ok((n, fd)) => {
-                        if words(&buf[..n]).first() == Some(&"L") {
-                            lists.push(i);
-                        } else {
-                            keeper_message(&mut conns, &buf[..n], fd);
-                        }
-                    }
+                    Ok((n, fd)) => match Message::decode(&buf[..n]) {
+                        Ok(Message::List) => lists.push(i),
+                        Ok(m) => keeper_message(&mut conns, m, fd),
+                        Err(e) => eprintln!("clip fuse-keeper: ignored: {e}"),
+                    },
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
@@ -165,39 +164,35 @@ pub fn run_keeper(path: &Path) -> io::Result<()> {
     }
 }
 
-fn keeper_message(conns: &mut HashMap<u64, Conn>, msg: &[u8], fd: Option<OwnedFd>) {
-    let w = words(msg);
-    let num = |i: usize| -> Option<u64> { w.get(i).and_then(|s| s.parse().ok()) };
-    match (w.first().copied(), num(1)) {
-        (Some("P"), Some(id)) => {
-            if let (Some(fd), Some(caps), Some(minor)) = (fd, num(2), num(3)) {
+/// A daemon's message (other than `List`): changes what the keeper holds. Messages a daemon
+/// never sends (a keeper's answers) are ignored.
+fn keeper_message(conns: &mut HashMap<u64, Conn>, msg: Message, fd: Option<OwnedFd>) {
+    match msg {
+        Message::Hold { id, caps, minor } => {
+            if let Some(fd) = fd {
                 conns.insert(
                     id,
                     Conn {
                         fd,
                         caps,
-                        minor: minor as u32,
+                        minor,
                         opens: HashMap::new(),
                     },
                 );
             }
         }
-        (Some("D"), Some(id)) => {
+        Message::Drop { id } => {
             conns.remove(&id);
         }
-        (Some("O"), Some(id)) => {
-            if let (Some(c), Some(ino)) = (conns.get_mut(&id), num(2)) {
-                let state = match (w.get(3), num(4)) {
-                    (Some(&"p"), Some(b)) => OpenState::Passthrough(b as u32),
-                    _ => OpenState::Cached,
-                };
+        Message::Open { id, ino, state } => {
+            if let Some(c) = conns.get_mut(&id) {
                 let e = c.opens.entry(ino).or_insert((state, 0));
                 e.0 = state;
                 e.1 += 1;
             }
         }
-        (Some("R"), Some(id)) => {
-            if let (Some(c), Some(ino)) = (conns.get_mut(&id), num(2)) {
+        Message::Release { id, ino } => {
+            if let Some(c) = conns.get_mut(&id) {
                 if let Some(e) = c.opens.get_mut(&ino) {
                     e.1 = e.1.saturating_sub(1);
                     if e.1 == 0 {
@@ -213,18 +208,21 @@ fn keeper_message(conns: &mut HashMap<u64, Conn>, msg: &[u8], fd: Option<OwnedFd
 /// Answers `L`: every held connection with its descriptor and open inodes, then `E`.
 fn send_list(conns: &HashMap<u64, Conn>, client: BorrowedFd) -> io::Result<()> {
     for (id, c) in conns {
-        send_msg(
-            client,
-            format!("H {id} {} {}", c.caps, c.minor).as_bytes(),
-            Some(c.fd.as_fd()),
-        )?;
-        for (ino, (state, n)) in &c.opens {
-            let (m, b) = match state {
-                OpenState::Cached => ("c", 0),
-                OpenState::Passthrough(b) => ("p", *b),
+        let held = Message::Held {
+            id: *id,
+            caps: c.caps,
+            minor: c.minor,
+        };
+        send_msg(client, &held.encode(), Some(c.fd.as_fd()))?;
+        for (ino, (state, count)) in &c.opens {
+            let opened = Message::Opened {
+                id: *id,
+                ino: *ino,
+                state: *state,
+                count: *count,
             };
-            send_msg(client, format!("S {id} {ino} {m} {b} {n}").as_bytes(), None)?;
+            send_msg(client, &opened.encode(), None)?;
         }
     }
-    send_msg(client, b"E", None)
+    send_msg(client, &Message::End.encode(), None)
 }

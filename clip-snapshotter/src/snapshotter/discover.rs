@@ -18,9 +18,10 @@
 //! (content infos only) plus two reads per manifest never seen. What is learned is kept for
 //! `MAX_MANIFESTS` manifests.
 
-use crate::pull::chain_ids;
+use crate::labels;
 use clip_core::digest::Digest;
-use clip_core::registry::hosts;
+use clip_core::image::chain_ids;
+use clip_core::registry::{self, hosts};
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient,
     namespaces_client::NamespacesClient, ListContentRequest, ListImagesRequest,
@@ -33,8 +34,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-const LABEL_CONFIG: &str = "containerd.io/gc.ref.content.config";
-const LABEL_SOURCE: &str = "containerd.io/distribution.source.";
 /// Manifests and configs bigger than this are not read (the distribution spec suggests 4 MiB).
 const MAX_DOC: usize = 8 << 20;
 /// Manifests remembered; beyond this the oldest knowledge is dropped and read again if needed.
@@ -224,8 +223,7 @@ impl Discovery {
         manifest: &Digest,
     ) -> Option<(Vec<u8>, Vec<u8>)> {
         let body = self.read(channel, ns, manifest).await.ok()?;
-        let m: Manifest = serde_json::from_slice(&body).ok()?;
-        let config: Digest = m.config.digest.parse().ok()?;
+        let (config, _) = registry::manifest_parts(&body).ok()?;
         let config = self.read(channel, ns, &config).await.ok()?;
         Some((body, config))
     }
@@ -289,10 +287,9 @@ impl Discovery {
         if let Some(c) = &st.channel {
             return Ok(c.clone());
         }
-        let c = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(&self.address))
+        let c = crate::containerd::connect(&self.address, CALL_TIMEOUT)
             .await
-            .map_err(|_| self.err("timed out connecting"))?
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e.reason))?;
         st.channel = Some(c.clone());
         Ok(c)
     }
@@ -319,7 +316,7 @@ impl Discovery {
                 .call(ContentClient::new(channel.clone()).list(in_namespace(
                     ns,
                     ListContentRequest {
-                        filters: vec![format!("labels.\"{LABEL_CONFIG}\"")],
+                        filters: vec![format!("labels.\"{}\"", labels::CONTENT_CONFIG)],
                     },
                 )))
                 .await?;
@@ -383,34 +380,22 @@ impl Discovery {
         use Unreadable::Unusable;
         metrics().manifests_read.add(1, &[]);
         let config: Digest = labels
-            .get(LABEL_CONFIG)
+            .get(labels::CONTENT_CONFIG)
             .and_then(|c| c.parse().ok())
             .ok_or(Unusable("no config label".into()))?;
         let body = self.read(channel, ns, manifest).await?;
-        let m: Manifest = serde_json::from_slice(&body).map_err(|e| Unusable(e.to_string()))?;
-        if m.config.digest != config.to_string() {
+        let (named, layers) =
+            registry::manifest_parts(&body).map_err(|e| Unusable(e.to_string()))?;
+        if named != config {
             return Err(Unusable(
                 "the config label does not match the manifest".into(),
             ));
         }
-        if m.layers.len() > MAX_LAYERS {
-            return Err(Unusable(format!("{} layers", m.layers.len())));
+        if layers.len() > MAX_LAYERS {
+            return Err(Unusable(format!("{} layers", layers.len())));
         }
-        let layers: Vec<Digest> = m
-            .layers
-            .iter()
-            .map(|l| l.digest.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| Unusable(format!("layer digest: {e}")))?;
         let body = self.read(channel, ns, &config).await?;
-        let c: Config = serde_json::from_slice(&body).map_err(|e| Unusable(e.to_string()))?;
-        let diff_ids: Vec<Digest> = c
-            .rootfs
-            .diff_ids
-            .iter()
-            .map(|d| d.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| Unusable(format!("DiffID: {e}")))?;
+        let diff_ids = registry::config_diff_ids(&body).map_err(|e| Unusable(e.to_string()))?;
         if diff_ids.len() != layers.len() {
             return Err(Unusable(format!(
                 "{} layers but {} DiffIDs",
@@ -474,11 +459,7 @@ impl Discovery {
 }
 
 fn in_namespace<T>(ns: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    if let Ok(v) = ns.parse() {
-        r.metadata_mut().insert("containerd-namespace", v);
-    }
-    r
+    crate::containerd::request(ns, None, msg)
 }
 
 fn remember(st: &mut State, manifest: Digest, facts: Option<Facts>) {
@@ -522,7 +503,7 @@ fn hits_of(st: &State, chain: &Digest) -> Vec<Hit> {
 fn sources_of(labels: &HashMap<String, String>) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = labels
         .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(LABEL_SOURCE)?, v)))
+        .filter_map(|(k, v)| Some((k.strip_prefix(labels::DISTRIBUTION_SOURCE)?, v)))
         .flat_map(|(host, repos)| {
             repos
                 .split(',')
@@ -540,29 +521,6 @@ fn authority_of(name: &str) -> Option<String> {
     (first.contains('.') || first.contains(':') || first == "localhost").then(|| first.to_string())
 }
 
-#[derive(serde::Deserialize)]
-struct Descriptor {
-    digest: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Manifest {
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-#[derive(serde::Deserialize)]
-struct Config {
-    rootfs: RootFs,
-}
-
-#[derive(serde::Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,9 +532,15 @@ mod tests {
     #[test]
     fn source_labels_give_host_and_every_repository() {
         let labels: HashMap<String, String> = [
-            (format!("{LABEL_SOURCE}127.0.0.1"), "a/b,c".to_string()),
-            (format!("{LABEL_SOURCE}docker.io"), "library/busybox".into()),
-            (LABEL_CONFIG.into(), d("c").to_string()),
+            (
+                format!("{}127.0.0.1", labels::DISTRIBUTION_SOURCE),
+                "a/b,c".to_string(),
+            ),
+            (
+                format!("{}docker.io", labels::DISTRIBUTION_SOURCE),
+                "library/busybox".into(),
+            ),
+            (labels::CONTENT_CONFIG.into(), d("c").to_string()),
         ]
         .into();
         assert_eq!(

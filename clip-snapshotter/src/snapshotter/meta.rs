@@ -24,6 +24,16 @@ pub struct Remote {
     pub reference: String,
 }
 
+impl Remote {
+    /// The manifest digest of the layer's pinned reference.
+    pub fn manifest(&self) -> Option<Digest> {
+        self.reference
+            .parse::<clip_core::reference::Reference>()
+            .ok()?
+            .digest
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Names the snapshot's directory: `snapshots/<id>`.

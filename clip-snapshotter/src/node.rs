@@ -1,5 +1,7 @@
-//! Settings every command shares: the root directory, the registry client and the store, the
-//! metrics endpoint, and byte formatting.
+//! What every command opens on this node: the root directory (private), the registry client
+//! and the store; and the metrics endpoint.
+//!
+//! Uses the global flags ([`crate::cli::GlobalArgs`]) and the Prometheus exporter.
 
 use crate::cli::GlobalArgs;
 use anyhow::{Context, Result};
@@ -46,7 +48,8 @@ pub fn default_root() -> PathBuf {
     }
 }
 
-pub struct Ctx {
+/// The registry client and the store of this node's root.
+pub struct Node {
     pub client: Client,
     pub store: Store,
 }
@@ -69,13 +72,13 @@ pub fn registry_client(g: &GlobalArgs) -> Result<Client> {
     Ok(Client::new(cfg))
 }
 
-pub fn context(g: &GlobalArgs) -> Result<Ctx> {
+pub fn open_node(g: &GlobalArgs) -> Result<Node> {
     let client = registry_client(g)?;
     let root = g.root.clone().unwrap_or_else(default_root);
     private_root(&root)?;
     let store =
         Store::open(&root).with_context(|| format!("opening the store in {}", root.display()))?;
-    Ok(Ctx { client, store })
+    Ok(Node { client, store })
 }
 
 /// The state root is 0700 (created so under clip's umask). A root an older clip left open to
@@ -97,19 +100,4 @@ fn private_root(root: &std::path::Path) -> Result<()> {
             .with_context(|| format!("making {} private", root.display()))?;
     }
     Ok(())
-}
-
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

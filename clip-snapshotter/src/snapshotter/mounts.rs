@@ -1,0 +1,307 @@
+//! Mounting lazy layers: the [`LazyMounts`] seam the snapshotter's containerd semantics use,
+//! and [`FuseMounts`], the real one: one merged FUSE mount per chain of remote layers, its
+//! connection held by the keeper so that it outlives the daemon.
+//!
+//! The seam has three methods and stays at three (stargz's `FileSystem { Mount, Check,
+//! Unmount }` is the model; a seam that grows stops being one). Everything FUSE-specific (the
+//! keeper, resuming a kept connection, shutting down) is a method of [`FuseMounts`] that only
+//! the daemon calls.
+//!
+//! Uses the store and the read path of clip-core, clip-fuse, [`super::profiles`] (a mount
+//! replays its image's startup profile, or records one) and the OS helpers.
+
+use super::meta::Record;
+use super::profiles::Profiles;
+use super::SnapshotError;
+use crate::os::{lazy_unmount, mounts_under};
+use clip_core::index::ImageView;
+use clip_core::reader::{LayerReader, ReadPath};
+use clip_core::reference::Reference;
+use clip_core::registry::Client;
+use clip_core::store::Store;
+use clip_fuse::handover::{Held, Keeper};
+use containerd_snapshots::tonic;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the lazy layers of remote snapshots are served.
+#[tonic::async_trait]
+pub trait LazyMounts: Send + Sync {
+    /// Serves the merged lazy layers of `chain` (bottom layer first; the top one is snapshot
+    /// `id`, named `name`) at `dir`, unless they are served already.
+    async fn mount(
+        &self,
+        id: u64,
+        name: &str,
+        chain: &[Record],
+        dir: &Path,
+    ) -> Result<(), SnapshotError>;
+    /// Whether this process serves snapshot `id`'s mount.
+    async fn check(&self, id: u64) -> bool;
+    /// Stops serving snapshot `id`'s mount, if it is served, and unmounts `dir`.
+    async fn unmount(&self, id: u64, dir: &Path);
+}
+
+struct Mounted {
+    session: clip_fuse::BackgroundSession,
+    dir: PathBuf,
+}
+
+/// Lazy layers as FUSE mounts of this process.
+pub struct FuseMounts {
+    store: Arc<Store>,
+    client: Client,
+    reads: ReadPath,
+    /// How to mount (threads, passthrough, guesses); the name is set per mount.
+    fuse: clip_fuse::MountOptions,
+    profiles: Arc<Profiles>,
+    rt: tokio::runtime::Handle,
+    /// Snapshot id -> its chain's mount. A tokio mutex: mounting is serialised.
+    mounts: tokio::sync::Mutex<HashMap<u64, Mounted>>,
+    /// Holds the FUSE connections across restarts (with handover on).
+    keeper: Option<Arc<Keeper>>,
+}
+
+impl FuseMounts {
+    /// Mounts served as `fuse` says. With `handover`, the keeper on `keeper_socket` (started if
+    /// none runs) holds their connections; the connections a previous daemon left with it are
+    /// returned (see [`FuseMounts::resume`]). Without, a keeper from an earlier run is told to
+    /// let go of what it holds.
+    pub async fn open(
+        keeper_socket: &Path,
+        handover: bool,
+        store: Arc<Store>,
+        client: Client,
+        reads: ReadPath,
+        fuse: clip_fuse::MountOptions,
+        profiles: Arc<Profiles>,
+    ) -> (Arc<Self>, Vec<Held>) {
+        let (keeper, held) = match handover {
+            true => connect_keeper(keeper_socket).await,
+            false => {
+                Keeper::release_all(keeper_socket);
+                (None, Vec::new())
+            }
+        };
+        let mounts = FuseMounts {
+            store,
+            client,
+            reads,
+            fuse,
+            profiles,
+            rt: tokio::runtime::Handle::current(),
+            mounts: tokio::sync::Mutex::new(HashMap::new()),
+            keeper,
+        };
+        (Arc::new(mounts), held)
+    }
+
+    /// Serves again, at `dir`, the mount of `chain` (topped by snapshot `name`) that a previous
+    /// daemon left with the keeper: running containers have been waiting on it.
+    pub async fn resume(
+        &self,
+        name: &str,
+        chain: &[Record],
+        dir: &Path,
+        held: Held,
+    ) -> Result<(), SnapshotError> {
+        let fail = mount_error(name);
+        let keeper = self
+            .keeper
+            .clone()
+            .ok_or_else(|| fail("no keeper".into()))?;
+        let (fs, opts, _) = self.chain_fs(name, chain, false)?;
+        let (rt, id, opens) = (self.rt.clone(), held.id, held.opens.len());
+        let handover = clip_fuse::Handover { keeper, id };
+        let session =
+            tokio::task::spawn_blocking(move || clip_fuse::resume(fs, held, rt, &opts, handover))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(
+            snapshot = name,
+            open_files = opens,
+            "resumed a lazy mount kept across the restart"
+        );
+        let dir = dir.to_path_buf();
+        self.mounts
+            .lock()
+            .await
+            .insert(id, Mounted { session, dir });
+        Ok(())
+    }
+
+    /// Tells the keeper to let go of connection `id` (no snapshot uses it any more).
+    pub fn forget(&self, id: u64) {
+        if let Some(k) = &self.keeper {
+            k.drop_connection(id);
+        }
+    }
+
+    /// Daemon shutdown. With a keeper the mounts stay (the next daemon serves them; readers
+    /// wait meanwhile); without one they are unmounted (busy ones detached lazily). Pending
+    /// cache writes are flushed.
+    pub async fn shutdown(&self) {
+        let mut mounts = self.mounts.lock().await;
+        if self.keeper.is_some() {
+            for (_, m) in mounts.drain() {
+                // Dropping the session would unmount it: leave it to the process exit.
+                std::mem::forget(m.session);
+            }
+        }
+        for (_, m) in mounts.drain() {
+            drop(m.session);
+            if !mounts_under(&m.dir).is_empty() {
+                lazy_unmount(&m.dir);
+            }
+        }
+        self.reads.flush().await;
+    }
+
+    /// The filesystem of `chain` (bottom layer first, topped by snapshot `name`) and how to
+    /// mount it. With `record`, every layer's reads are noted for a startup profile. Also
+    /// returns the readers, bottom layer first.
+    fn chain_fs(
+        &self,
+        name: &str,
+        chain: &[Record],
+        record: bool,
+    ) -> Result<
+        (
+            clip_fuse::ClipFs,
+            clip_fuse::MountOptions,
+            Vec<Arc<LayerReader>>,
+        ),
+        SnapshotError,
+    > {
+        let fail = mount_error(name);
+        let mut indexes = Vec::new();
+        let mut readers = Vec::new();
+        for r in chain {
+            let remote = r
+                .remote
+                .as_ref()
+                .ok_or_else(|| fail("not a remote snapshot".into()))?;
+            let reference: Reference =
+                remote.reference.parse().map_err(|e| fail(format!("{e}")))?;
+            let reader = self
+                .reads
+                .stored_reader(&self.store, &self.client, &reference, &remote.layer)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("no index for layer {} in the store", remote.layer)))?;
+            indexes.push(reader.index().clone());
+            readers.push(reader);
+        }
+        let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
+        if record {
+            readers = self.profiles.recording(readers);
+        }
+        let mut fs =
+            clip_fuse::ClipFs::new(&view, readers.clone()).map_err(|e| fail(e.to_string()))?;
+        if let Some(files) = &self.reads.files {
+            fs = fs.with_passthrough(files.clone(), self.fuse.passthrough_min_size);
+        }
+        let opts = clip_fuse::MountOptions {
+            fsname: format!("clip:{name}"),
+            passthrough: self.reads.files.is_some(),
+            ..self.fuse.clone()
+        };
+        Ok((fs, opts, readers))
+    }
+}
+
+#[tonic::async_trait]
+impl LazyMounts for FuseMounts {
+    async fn mount(
+        &self,
+        id: u64,
+        name: &str,
+        chain: &[Record],
+        dir: &Path,
+    ) -> Result<(), SnapshotError> {
+        let mut mounts = self.mounts.lock().await;
+        if mounts.contains_key(&id) {
+            return Ok(());
+        }
+        let fail = mount_error(name);
+        let remote = chain
+            .last()
+            .and_then(|top| top.remote.as_ref())
+            .ok_or_else(|| fail("not a remote snapshot".into()))?;
+        let manifest = remote.manifest();
+        let profile = match manifest {
+            Some(m) => self.profiles.lookup(m, &remote.reference).await,
+            None => None,
+        };
+        let record = profile.is_none() && !self.profiles.window().is_zero();
+        // With a profile, the readers guess (locality, read-ahead, whole files on open) only
+        // where the profile has no knowledge: see LayerReader.
+        let (fs, opts, readers) = self.chain_fs(name, chain, record)?;
+        if profile.is_none() && opts.guesses.prefetch_libraries {
+            fs.prefetch_startup_files(opts.guesses.prefetch_on_open);
+        }
+        match (&profile, manifest) {
+            (Some(p), _) => self.profiles.replay(name, p, &readers),
+            (None, Some(m)) if record => self.profiles.record(name, m, &remote.reference, &readers),
+            _ => {}
+        }
+        std::fs::create_dir_all(dir).map_err(super::io_err(dir.display().to_string()))?;
+        if !mounts_under(dir).is_empty() {
+            lazy_unmount(dir);
+        }
+        let (d, rt) = (dir.to_path_buf(), self.rt.clone());
+        let handover = self
+            .keeper
+            .clone()
+            .map(|keeper| clip_fuse::Handover { keeper, id });
+        let session =
+            tokio::task::spawn_blocking(move || clip_fuse::mount_with(fs, &d, rt, &opts, handover))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(snapshot = name, dir = %dir.display(), "mounted lazy layers");
+        let dir = dir.to_path_buf();
+        mounts.insert(id, Mounted { session, dir });
+        Ok(())
+    }
+
+    async fn check(&self, id: u64) -> bool {
+        self.mounts.lock().await.contains_key(&id)
+    }
+
+    async fn unmount(&self, id: u64, dir: &Path) {
+        if let Some(m) = self.mounts.lock().await.remove(&id) {
+            self.forget(id);
+            drop(m.session);
+        }
+        if !mounts_under(dir).is_empty() {
+            lazy_unmount(dir);
+        }
+    }
+}
+
+fn mount_error(name: &str) -> impl Fn(String) -> SnapshotError + '_ {
+    move |reason| SnapshotError::Mount {
+        name: name.to_string(),
+        reason,
+    }
+}
+
+/// The FUSE keeper (started if none runs) and the connections a previous daemon left with it.
+/// Without one, lazy mounts work but do not outlive this daemon.
+async fn connect_keeper(sock: &Path) -> (Option<Arc<Keeper>>, Vec<Held>) {
+    let sock = sock.to_path_buf();
+    let got = tokio::task::spawn_blocking(move || {
+        Keeper::connect_or_start(&sock, &std::env::current_exe()?)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match got {
+        Ok((k, held)) => (Some(k), held),
+        Err(e) => {
+            tracing::warn!("no FUSE keeper, lazy mounts will not survive a restart: {e}");
+            (None, Vec::new())
+        }
+    }
+}
