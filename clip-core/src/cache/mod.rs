@@ -5,6 +5,8 @@
 //! the remote tier is verified again before it is returned, so a damaged entry costs a refetch,
 //! never a wrong byte. A hit in a lower tier fills the tiers above it.
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
 pub mod disk;
 pub mod files;
 pub mod ledger;

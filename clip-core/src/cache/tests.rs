@@ -81,3 +81,21 @@ async fn put_fast_is_memory_only_and_put_slow_the_rest() {
     cache.put_slow(&key, &data, super::Reach::ThisNode).await;
     assert!(slow.map.lock().unwrap().contains_key(&key));
 }
+
+#[tokio::test]
+async fn the_memory_tier_conforms() {
+    conformance::check(Arc::new(MemoryTier::new(64 << 20))).await;
+}
+
+#[tokio::test]
+async fn the_disk_tier_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("db")).unwrap();
+    let disk = disk::DiskTier::open(
+        &dir.path().join("spans"),
+        db.open_tree("d").unwrap(),
+        64 << 20,
+    )
+    .unwrap();
+    conformance::check(Arc::new(disk)).await;
+}

@@ -569,6 +569,21 @@ fn sequential_reads_trigger_read_ahead() {
     });
 }
 
+/// The shared tier passes the conformance suite every cache tier passes (the memory and disk
+/// tiers in clip-core's unit tests), against a real redis-server.
+#[test]
+fn the_redis_tier_conforms() {
+    use clip_core::cache::{conformance, remote::RemoteTier};
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tier = RemoteTier::connect(&redis.url(), &Default::default())
+            .await
+            .unwrap();
+        conformance::check(std::sync::Arc::new(tier)).await;
+    });
+}
+
 /// Values in a shared Redis are written by every node that shares it: a read is bounded by
 /// what the key may legitimately hold (a span at most 32 MiB, a profile 4 MiB), not by what a
 /// neighbour stored there.
