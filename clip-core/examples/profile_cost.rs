@@ -1,5 +1,6 @@
 //! What replaying a startup profile would fetch under indexes of different checkpoint densities:
-//! the measurement behind the default span size (docs/benchmarks.md, "Checkpoint density").
+//! the measurement behind the default span size (docs/benchmarks.md, history at 9053815,
+//! "denser checkpoints").
 //!
 //! ```text
 //! cargo run --release -p clip-core --example profile_cost -- MANIFEST ROOT [ROOT...]

@@ -40,7 +40,7 @@ impl Default for ReaderConfig {
             readahead_bytes: 4 << 20,
             // Twice the default span: 1 MiB fetched 3.6x the bytes of the spans read in the
             // seed scenario (50 scattered files) once spans became 128 KiB; 256 KiB keeps that
-            // at 1.3x (docs/benchmarks.md, session 7).
+            // at 1.3x (docs/benchmarks.md, history at 9053815).
             locality_bytes: 256 << 10,
         }
     }

@@ -27,8 +27,9 @@ pub use view::{ImageView, Node};
 pub use windows::LocalWindows;
 
 /// Default distance between checkpoints, in bytes of uncompressed output. Measured on the large
-/// test image's startup profiles (docs/benchmarks.md, "Checkpoint density"): a read fetches
-/// compressed bytes from its span's checkpoint to the span's end, so 128 KiB spans (64 KiB
+/// test image's startup profiles (docs/benchmarks.md, history at 9053815, "denser
+/// checkpoints"): a read fetches compressed bytes from its span's checkpoint to the span's
+/// end, so 128 KiB spans (64 KiB
 /// inside small files) fetch ~30 % fewer bytes for `import numpy` than 1 MiB spans; the cost is
 /// a larger windows blob (fetched only per span read) and 0.25 % instead of 0.18 % of index.
 pub const DEFAULT_SPAN_SIZE: u64 = 128 << 10;

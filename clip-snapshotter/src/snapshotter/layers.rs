@@ -38,7 +38,7 @@ pub trait Layers: Send + Sync {
 
 /// Layers from the store, the registry and containerd's content store.
 pub struct RegistryLayers {
-    pub(super) store: Arc<Store>,
+    store: Arc<Store>,
     client: Client,
     reads: ReadPath,
     trust: TrustPolicy,
