@@ -16,6 +16,9 @@ bash scripts/build-large-image.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "module order (no cycles between the modules of a crate: docs/architecture.md)"
+python3 scripts/modcycles.py
+
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
