@@ -159,10 +159,12 @@ pub async fn index_layer_filling(
     let (sink, filler) = match fill {
         Some(cache) => {
             let (stx, mut srx) = mpsc::channel::<(crate::digest::Digest, Vec<u8>)>(4);
+            let layer = desc.digest;
             let filler = tokio::spawn(async move {
                 while let Some((d, b)) = srx.recv().await {
+                    let key = crate::cache::SpanKey::new(layer, d);
                     cache
-                        .put_slow(&d, &Bytes::from(b), crate::cache::Reach::ThisNode)
+                        .put_slow(&key, &Bytes::from(b), crate::cache::Reach::ThisNode)
                         .await;
                 }
             });
@@ -310,6 +312,21 @@ async fn store_fetched(
 ) -> Result<Vec<LayerReport>, ImageError> {
     let mut reports = Vec::new();
     for (d, f) in image.layers.iter().zip(fetched) {
+        // An unverified index never replaces the one a node holds for a layer: another image
+        // with the layer brought that one, and this image's publisher must not rewrite what
+        // that image's containers read. The stored index serves this image too.
+        if origin == Origin::Published {
+            if let Some((ix, enc)) = store.get_layer(&d.digest)? {
+                reports.push(LayerReport {
+                    descriptor: d.clone(),
+                    index: Arc::new(ix),
+                    encoded: enc.into(),
+                    built: false,
+                    elapsed: start.elapsed(),
+                });
+                continue;
+            }
+        }
         store.put_layer(&d.digest, &f.encoded, None, origin).await?;
         reports.push(LayerReport {
             descriptor: d.clone(),

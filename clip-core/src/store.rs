@@ -154,9 +154,20 @@ impl Store {
         if let Some(w) = windows {
             self.write_file_atomic(&self.windows_path(&Digest::of(w)), w)?;
         }
-        self.layers
-            .insert(layer.to_string(), encoded)
-            .map_err(|e| self.db_err(e))?;
+        match origin {
+            // An unverified index is stored only where none is: it never replaces one.
+            Origin::Published => {
+                let _ = self
+                    .layers
+                    .compare_and_swap(layer.to_string(), None as Option<&[u8]>, Some(encoded))
+                    .map_err(|e| self.db_err(e))?;
+            }
+            Origin::Built | Origin::Signed => {
+                self.layers
+                    .insert(layer.to_string(), encoded)
+                    .map_err(|e| self.db_err(e))?;
+            }
+        }
         let marks = match origin {
             Origin::Published => None,
             Origin::Built => Some(&self.verified),
@@ -366,6 +377,29 @@ mod tests {
             }],
         };
         (ix, windows)
+    }
+
+    #[tokio::test]
+    async fn an_unverified_index_never_replaces_a_stored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (ix, _) = sample();
+        let first = format::encode(&ix);
+        let mut other = ix.clone();
+        other.entries[0].mode = 0o4755;
+        let forged = format::encode(&other);
+        s.put_layer(&ix.layer, &first, None, Origin::Published)
+            .await
+            .unwrap();
+        s.put_layer(&ix.layer, &forged, None, Origin::Published)
+            .await
+            .unwrap();
+        assert_eq!(s.get_layer(&ix.layer).unwrap().unwrap().1, first);
+        // One built here from the layer's bytes does replace it.
+        s.put_layer(&ix.layer, &forged, None, Origin::Built)
+            .await
+            .unwrap();
+        assert_eq!(s.get_verified_layer(&ix.layer).unwrap().unwrap().1, forged);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //! serving an entry it was told to remove, or hand back other bytes than it was given while
 //! healthy. `contains` answers without I/O and may say false for a networked tier.
 
-use super::{Tier, TieredCache};
+use super::{SpanKey, Tier, TieredCache};
 use crate::digest::Digest;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -129,30 +129,40 @@ async fn through_the_composed_cache(tier: Arc<dyn Tier>) {
     // is dropped from it. (Process memory is trusted: only verified bytes are ever put there.)
     let memory = Arc::new(super::memory::MemoryTier::new(1 << 20));
     let cache = TieredCache::with_tiers(vec![memory.clone(), tier.clone()]);
+    let layer = Digest::of(b"a layer");
     let data = Bytes::from_static(b"bytes a fetch verified");
-    let key = Digest::of(&data);
-    tier.put(&key, data.clone()).await;
+    let key = SpanKey::new(layer, Digest::of(&data));
+    tier.put(&key.storage(), data.clone()).await;
     assert_eq!(
         cache.get(&key).await,
-        Some(data),
+        Some(data.clone()),
         "through_the_composed_cache"
     );
     assert!(
-        memory.contains(&key),
+        memory.contains(&key.storage()),
         "through_the_composed_cache: a hit fills memory"
+    );
+    // The same bytes are not another layer's span, whatever its digest says.
+    let other = SpanKey::new(Digest::of(b"another layer"), key.span);
+    assert!(
+        cache.get(&other).await.is_none(),
+        "through_the_composed_cache: one layer's bytes served for another layer"
     );
     if tier.trusted() {
         return;
     }
-    let key = Digest::of(b"a key whose value will be wrong");
-    tier.put(&key, Bytes::from_static(b"not the bytes of this key"))
-        .await;
+    let key = SpanKey::new(layer, Digest::of(b"a span whose value will be wrong"));
+    tier.put(
+        &key.storage(),
+        Bytes::from_static(b"not the bytes of this span"),
+    )
+    .await;
     assert!(
         cache.get(&key).await.is_none(),
         "through_the_composed_cache: wrong bytes served"
     );
     assert!(
-        tier.get(&key).await.is_none(),
+        tier.get(&key.storage()).await.is_none(),
         "through_the_composed_cache: the damaged entry stays in its tier"
     );
 }

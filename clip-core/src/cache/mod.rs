@@ -1,9 +1,12 @@
 //! The tiered span cache: bounded memory -> bounded local disk -> (optional) shared remote tier.
 //!
-//! Spans are keyed by their sha256, so identical spans in different layers or images are stored
-//! once. Everything put here has been verified against that digest; everything read from disk or
-//! the remote tier is verified again before it is returned, so a damaged entry costs a refetch,
-//! never a wrong byte. A hit in a lower tier fills the tiers above it.
+//! A span is known by the layer it came from and its sha256 ([`SpanKey`]); tiers store it under a
+//! digest of both. Identical spans within a layer are stored once; the same bytes in two layers
+//! are two entries, so bytes one layer put here are never served for another layer's span,
+//! whatever digest an index names (an index is its publisher's word: it may name any digest).
+//! Everything put here has been verified against the span's digest; everything read from disk
+//! or the remote tier is verified again before it is returned, so a damaged entry costs a
+//! refetch, never a wrong byte. A hit in a lower tier fills the tiers above it.
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -148,6 +151,31 @@ fn put_trusted(tiers: &[Arc<dyn Tier>], key: &Digest, data: &Bytes) {
     }
 }
 
+/// A span as the cache knows it: the layer whose bytes it is, and its sha256.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SpanKey {
+    /// The (compressed) digest of the layer the span's bytes came from.
+    pub layer: Digest,
+    /// The sha256 of the span's uncompressed bytes.
+    pub span: Digest,
+}
+
+impl SpanKey {
+    pub fn new(layer: Digest, span: Digest) -> Self {
+        SpanKey { layer, span }
+    }
+
+    /// What the tiers store the span under: sha256 of the layer digest and the span digest
+    /// (their 64 raw bytes). A layer's span and another layer's span with the same bytes get
+    /// different entries.
+    pub fn storage(&self) -> Digest {
+        let mut raw = [0u8; 64];
+        raw[..32].copy_from_slice(self.layer.as_bytes());
+        raw[32..].copy_from_slice(self.span.as_bytes());
+        Digest::of(&raw)
+    }
+}
+
 /// Which slower tiers [`TieredCache::put_slow`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reach {
@@ -212,7 +240,7 @@ impl TieredCache {
     /// The verified bytes of `key` from the fastest tier that has them. A hit fills the local
     /// tiers above it (memory at once, disk in the background); an entry that fails
     /// verification is removed from its tier and the next tier is tried.
-    pub async fn get(&self, key: &Digest) -> Option<Bytes> {
+    pub async fn get(&self, key: &SpanKey) -> Option<Bytes> {
         let got = self.probe(key).await;
         if got.is_none() {
             self.stats.miss();
@@ -221,23 +249,24 @@ impl TieredCache {
     }
 
     /// [`TieredCache::get`] without counting a miss (a look for bytes no reader asked for).
-    pub async fn probe(&self, key: &Digest) -> Option<Bytes> {
+    pub async fn probe(&self, key: &SpanKey) -> Option<Bytes> {
+        let stored = key.storage();
         for (i, tier) in self.tiers.iter().enumerate() {
-            if tier.local() && !tier.contains(key) {
+            if tier.local() && !tier.contains(&stored) {
                 continue;
             }
-            let Some(data) = tier.get(key).await else {
+            let Some(data) = tier.get(&stored).await else {
                 continue;
             };
-            if !tier.trusted() && Digest::of(&data) != *key {
+            if !tier.trusted() && Digest::of(&data) != key.span {
                 self.stats.damaged.fetch_add(1, Relaxed);
-                tracing::warn!(span = %key, tier = tier.name(), "cached bytes fail verification; dropping them");
-                tier.remove(key).await;
+                tracing::warn!(layer = %key.layer, span = %key.span, tier = tier.name(), "cached bytes fail verification; dropping them");
+                tier.remove(&stored).await;
                 continue;
             }
             self.stats.hit(tier.name());
             if i > 0 {
-                self.fill(&self.tiers[..i], key, &data);
+                self.fill(&self.tiers[..i], &stored, &data);
             }
             return Some(data);
         }
@@ -269,22 +298,24 @@ impl TieredCache {
     }
 
     /// True if a tier on this node has the span (no I/O).
-    pub fn contains_local(&self, key: &Digest) -> bool {
-        self.tiers.iter().any(|t| t.local() && t.contains(key))
+    pub fn contains_local(&self, key: &SpanKey) -> bool {
+        let stored = key.storage();
+        self.tiers.iter().any(|t| t.local() && t.contains(&stored))
     }
 
     /// Stores verified bytes in the fast (memory) tiers; returns at once.
-    pub fn put_fast(&self, key: &Digest, data: &Bytes) {
-        put_trusted(&self.tiers, key, data);
+    pub fn put_fast(&self, key: &SpanKey, data: &Bytes) {
+        put_trusted(&self.tiers, &key.storage(), data);
     }
 
     /// Stores verified bytes in the slower tiers `reach` names (disk; and the shared tier for
     /// [`Reach::Everywhere`]), waiting for the writes. Readers never wait for this: the fetcher
     /// calls it after they have their bytes.
-    pub async fn put_slow(&self, key: &Digest, data: &Bytes, reach: Reach) {
+    pub async fn put_slow(&self, key: &SpanKey, data: &Bytes, reach: Reach) {
+        let stored = key.storage();
         for t in self.tiers.iter().filter(|t| !t.trusted()) {
             if t.local() || reach == Reach::Everywhere {
-                t.put(key, data.clone()).await;
+                t.put(&stored, data.clone()).await;
             }
         }
     }

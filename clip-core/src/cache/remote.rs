@@ -1,7 +1,7 @@
 //! The shared remote tier on Redis (single node, or a cluster with `redis+cluster://h1,h2`).
 //!
-//! Keys are `clip:span:<sha256>`: spans are content-addressed, so every node and every image that
-//! has the same bytes shares one entry. The remote tier is an accelerator, never a dependency: a
+//! Keys are `clip:span:<hex>`, the hex of a span's [`super::SpanKey::storage`] (its layer and
+//! its sha256): every node and every image with that layer shares one entry per span. The remote tier is an accelerator, never a dependency: a
 //! slow or unreachable Redis is a miss (each call is bounded by a short timeout), and bytes read
 //! from it are verified by the caller like any other.
 

@@ -16,11 +16,11 @@ fn two_tiers() -> (TieredCache, Arc<MemoryTier>, Arc<TestTier>) {
 async fn a_slower_tier_hit_fills_memory() {
     let (cache, mem, slow) = two_tiers();
     let data = Bytes::from_static(b"span bytes");
-    let key = Digest::of(&data);
-    slow.map.lock().unwrap().insert(key, data.clone());
-    assert!(!mem.contains(&key));
+    let key = SpanKey::new(Digest::of(b"layer"), Digest::of(&data));
+    slow.map.lock().unwrap().insert(key.storage(), data.clone());
+    assert!(!mem.contains(&key.storage()));
     assert_eq!(cache.get(&key).await.unwrap(), data);
-    assert!(mem.contains(&key), "a disk hit fills memory");
+    assert!(mem.contains(&key.storage()), "a disk hit fills memory");
     assert_eq!(cache.get(&key).await.unwrap(), data);
     assert_eq!(cache.stats.memory_hits.load(Relaxed), 1);
     assert_eq!(cache.stats.disk_hits.load(Relaxed), 1);
@@ -30,15 +30,15 @@ async fn a_slower_tier_hit_fills_memory() {
 async fn damaged_entries_are_dropped_not_served() {
     let (cache, mem, slow) = two_tiers();
     let data = Bytes::from_static(b"span bytes");
-    let key = Digest::of(&data);
-    slow.map.lock().unwrap().insert(key, data.clone());
+    let key = SpanKey::new(Digest::of(b"layer"), Digest::of(&data));
+    slow.map.lock().unwrap().insert(key.storage(), data.clone());
     slow.damage.store(true, Relaxed);
     assert!(cache.get(&key).await.is_none());
     assert!(
-        !slow.map.lock().unwrap().contains_key(&key),
+        !slow.map.lock().unwrap().contains_key(&key.storage()),
         "removed from its tier"
     );
-    assert!(!mem.contains(&key));
+    assert!(!mem.contains(&key.storage()));
     assert_eq!(cache.stats.damaged.load(Relaxed), 1);
     assert_eq!(cache.stats.misses.load(Relaxed), 1);
 }
@@ -54,12 +54,12 @@ async fn a_real_disk_tier_with_a_damaged_file_is_a_miss() {
     )
     .unwrap();
     let data = Bytes::from(vec![7u8; 5000]);
-    let key = Digest::of(&data);
-    disk.put_blocking(&key, &data).unwrap();
+    let key = SpanKey::new(Digest::of(b"layer"), Digest::of(&data));
+    disk.put_blocking(&key.storage(), &data).unwrap();
     let tiers: Vec<Arc<dyn Tier>> =
         vec![Arc::new(MemoryTier::new(1 << 20)), Arc::new(disk.clone())];
     // Flip a byte of the file's content (its length stays right).
-    let hex = key.hex();
+    let hex = key.storage().hex();
     let path = dir.path().join("spans").join(&hex[..2]).join(&hex);
     let mut raw = std::fs::read(&path).unwrap();
     let n = raw.len();
@@ -75,11 +75,11 @@ async fn a_real_disk_tier_with_a_damaged_file_is_a_miss() {
 async fn put_fast_is_memory_only_and_put_slow_the_rest() {
     let (cache, mem, slow) = two_tiers();
     let data = Bytes::from_static(b"abc");
-    let key = Digest::of(&data);
+    let key = SpanKey::new(Digest::of(b"layer"), Digest::of(&data));
     cache.put_fast(&key, &data);
-    assert!(mem.contains(&key) && slow.map.lock().unwrap().is_empty());
+    assert!(mem.contains(&key.storage()) && slow.map.lock().unwrap().is_empty());
     cache.put_slow(&key, &data, super::Reach::ThisNode).await;
-    assert!(slow.map.lock().unwrap().contains_key(&key));
+    assert!(slow.map.lock().unwrap().contains_key(&key.storage()));
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ mod claims;
 mod run;
 mod window;
 
-use crate::cache::TieredCache;
+use crate::cache::{SpanKey, TieredCache};
 use crate::digest::Digest;
 use crate::index::{LayerIndex, LocalWindows};
 use crate::registry::RegistryError;
@@ -282,13 +282,21 @@ impl LayerFetcher {
         (bytes / self.index.span_size.max(1)).max(1) as usize
     }
 
-    fn key(&self, i: usize) -> &Digest {
-        &self.index.spans[i].digest
+    /// Span `i` as the cache knows it: bound to this layer, so only bytes of this layer are
+    /// ever served for it, whatever digest the index names.
+    fn key(&self, i: usize) -> SpanKey {
+        SpanKey::new(self.index.layer, self.index.spans[i].digest)
+    }
+
+    /// The uncompressed length of span `i`, as the index states it.
+    fn span_len(&self, i: usize) -> u64 {
+        let (s, e) = self.index.span_range(i);
+        e - s
     }
 
     /// True if a tier on this node has span `i`.
     pub fn is_local(&self, i: usize) -> bool {
-        self.fetcher.cache.contains_local(self.key(i))
+        self.fetcher.cache.contains_local(&self.key(i))
     }
 
     /// The verified bytes of each span in `range`: from the cache, else fetched.
@@ -308,9 +316,12 @@ impl LayerFetcher {
         let mut out: Vec<Option<Bytes>> = vec![None; range.len()];
         let mut missing = Vec::new();
         for i in range.clone() {
-            match self.fetcher.cache.get(self.key(i)).await {
-                Some(b) => out[i - range.start] = Some(b),
-                None => missing.push(i),
+            match self.fetcher.cache.get(&self.key(i)).await {
+                // The bytes are this layer's and hash to the entry's digest, but an index can
+                // name one span's digest for another span: only bytes of the entry's length
+                // are its bytes.
+                Some(b) if b.len() as u64 == self.span_len(i) => out[i - range.start] = Some(b),
+                _ => missing.push(i),
             }
         }
         if !missing.is_empty() && !self.profiled(range.clone()) {

@@ -139,7 +139,7 @@ impl LayerFetcher {
         for (i, data) in done {
             self.fetcher
                 .cache
-                .put_slow(self.key(i), &data, Reach::Everywhere)
+                .put_slow(&self.key(i), &data, Reach::Everywhere)
                 .await;
         }
         drop(budget);
@@ -148,7 +148,7 @@ impl LayerFetcher {
 
     /// Span `i`, verified: to the memory tier, then its waiter, then its claim is released.
     fn deliver(&self, out: &mut Delivery, i: usize, data: Bytes) {
-        self.fetcher.cache.put_fast(self.key(i), &data);
+        self.fetcher.cache.put_fast(&self.key(i), &data);
         if out.waiters.front().is_some_and(|(j, _)| *j == i) {
             if let Some((_, tx)) = out.waiters.pop_front() {
                 let _ = tx.send(Some(Ok(data.clone())));

@@ -84,7 +84,7 @@ impl LayerFetcher {
             return None;
         }
         // A probe: a miss here is not a miss of a span anyone asked for.
-        let data = self.fetcher.cache.probe(self.key(prev)).await?;
+        let data = self.fetcher.cache.probe(&self.key(prev)).await?;
         let keep = (need as usize).min(data.len());
         self.fetcher.stats.windows_from_spans.fetch_add(1, Relaxed);
         Some(data[data.len() - keep..].to_vec())

@@ -87,6 +87,11 @@ fn setup(readahead: usize) -> Setup {
 }
 
 impl Setup {
+    /// What the tiers store span `i` of this layer under.
+    fn span_key(&self, i: usize) -> crate::digest::Digest {
+        crate::cache::SpanKey::new(self.index.layer, self.index.spans[i].digest).storage()
+    }
+
     /// The last span starting less than `bytes` after span `first` starts (past `first`).
     fn last_within(&self, first: usize, bytes: u64) -> usize {
         let base = self.index.span_range(first).0;
@@ -594,11 +599,7 @@ async fn a_span_after_one_in_the_shared_tier_takes_its_window_from_there() {
     );
     let (off, len) = t.spans(5..6);
     let span5 = Bytes::copy_from_slice(t.expect(off, len));
-    shared
-        .map
-        .lock()
-        .unwrap()
-        .insert(t.index.spans[5].digest, span5);
+    shared.map.lock().unwrap().insert(t.span_key(5), span5);
     // Span 6 is on no tier; its window is the end of span 5, read from the shared tier.
     let (off, len) = t.spans(6..7);
     assert_eq!(
@@ -617,7 +618,7 @@ async fn a_span_after_one_in_the_shared_tier_takes_its_window_from_there() {
         .map
         .lock()
         .unwrap()
-        .insert(t.index.spans[8].digest, Bytes::from(bad));
+        .insert(t.span_key(8), Bytes::from(bad));
     let (off, len) = t.spans(9..10);
     assert_eq!(
         &t.reader.read(off, len).await.unwrap()[..],
@@ -689,4 +690,99 @@ async fn a_damaged_local_windows_blob_costs_one_retry_then_the_published_one_is_
     assert_eq!(&got[..], &tar[s..e]);
     assert_eq!(fetcher.stats.verify_failures.load(Relaxed), 1);
     assert_eq!(window_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_span_one_layer_put_in_the_cache_is_never_served_for_another_layers_index() {
+    // The content-substitution attack: a publisher's index for layer B is its own layer A's
+    // index relabelled, so it names, for B's spans, the digests (and lengths) of A's spans,
+    // which its container read into the node's cache first. The cache binds spans to their
+    // layer, so B's read misses and fetches B's own bytes, which fail verification: an error,
+    // never A's bytes.
+    let (gz_a, a, windows_a, tar_a) = layer(16, 48 << 10, 16 << 10);
+    let (gz_b, b, windows_b, _) = layer(17, 48 << 10, 16 << 10);
+    assert_ne!(a.layer, b.layer);
+    let source = Arc::new(
+        FakeSource::new()
+            .with_blob(gz_a)
+            .with_blob(windows_a)
+            .with_blob(gz_b)
+            .with_blob(windows_b),
+    );
+    let fetcher = Fetcher::new(
+        Arc::new(TieredCache::memory_only(64 << 20)),
+        FetchConfig::default(),
+    );
+    let no_guessing = ReaderConfig {
+        readahead_bytes: 0,
+        locality_bytes: 0,
+    };
+    let reader_a = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        a.clone(),
+        None,
+        no_guessing.clone(),
+    );
+    // A span of A that B's own bytes at the same place do not match.
+    let k = (1..a.spans.len())
+        .find(|&i| i >= b.spans.len() || a.spans[i].digest != b.spans[i].digest)
+        .unwrap_or(a.spans.len() - 1);
+    let (s, e) = a.span_range(k);
+    let theirs = reader_a.read(s, e - s).await.unwrap();
+    assert_eq!(&theirs[..], &tar_a[s as usize..e as usize]);
+    let mut forged = (*a).clone();
+    forged.layer = b.layer;
+    forged.compressed_size = b.compressed_size;
+    let reader_b = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        Arc::new(forged),
+        None,
+        no_guessing,
+    );
+    let got = reader_b.read(s, e - s).await;
+    assert!(
+        !matches!(got, Ok(ref bytes) if *bytes == theirs),
+        "layer A's bytes were served for layer B"
+    );
+    assert!(got.is_err(), "B's own bytes cannot match A's digests");
+}
+
+#[tokio::test]
+async fn a_cached_span_whose_length_is_not_the_index_entrys_is_not_served() {
+    // An index that names one of its layer's span digests for a longer span of the same layer
+    // (a rearrangement within the layer): the cached bytes are the layer's, but shorter than
+    // this entry says. Served, the read would be cut past their end.
+    let t = setup(0);
+    let len = |i: usize| {
+        let (s, e) = t.index.span_range(i);
+        e - s
+    };
+    let n = t.index.spans.len();
+    let (long, short) = (0..n)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .find(|&(i, j)| len(i) > len(j))
+        .expect("spans of two lengths");
+    let (ss, se) = t.index.span_range(short);
+    t.reader.read(ss, se - ss).await.unwrap();
+    let mut forged = (*t.index).clone();
+    forged.spans[long].digest = t.index.spans[short].digest;
+    let reader = LayerReader::new(
+        &t.fetcher,
+        t.source.clone(),
+        Arc::new(forged),
+        None,
+        ReaderConfig {
+            readahead_bytes: 0,
+            locality_bytes: 0,
+        },
+    );
+    let (ls, le) = t.index.span_range(long);
+    let got = reader.read(ls, le - ls).await;
+    assert!(
+        matches!(got, Err(ref e) if e.to_string().contains("digest mismatch")),
+        "{:?}",
+        got.map(|b| b.len())
+    );
 }

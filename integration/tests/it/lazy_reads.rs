@@ -546,7 +546,10 @@ fn sequential_reads_trigger_read_ahead() {
         reader.read(s3, e3 - s3).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
-            !cache.contains_local(&ix.spans[4].digest),
+            !cache.contains_local(&clip_core::cache::SpanKey::new(
+                ix.layer,
+                ix.spans[4].digest
+            )),
             "read-ahead after a single random read"
         );
         // Two sequential reads: the next 3 spans arrive without being asked for.
@@ -555,7 +558,12 @@ fn sequential_reads_trigger_read_ahead() {
         let (s1, e1) = ix.span_range(1);
         reader.read(s1, e1 - s1).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !(2..5).all(|i| cache.contains_local(&ix.spans[i].digest)) {
+        while !(2..5).all(|i| {
+            cache.contains_local(&clip_core::cache::SpanKey::new(
+                ix.layer,
+                ix.spans[i].digest,
+            ))
+        }) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "read-ahead did not fetch spans 2..5"
@@ -563,7 +571,10 @@ fn sequential_reads_trigger_read_ahead() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(
-            !cache.contains_local(&ix.spans[6].digest),
+            !cache.contains_local(&clip_core::cache::SpanKey::new(
+                ix.layer,
+                ix.spans[6].digest
+            )),
             "read-ahead went further than configured"
         );
     });

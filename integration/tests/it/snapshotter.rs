@@ -1657,6 +1657,109 @@ fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
     assert!(log.contains("indexing on this node failed"), "{log}");
 }
 
+/// Publishes, as `image`'s index artifact, the honest index of its top layer and, for its base
+/// layer, a forged one: the top layer's index relabelled as the base layer's (its layer digest,
+/// DiffID and size), so every span of the base layer is named by a span digest of the top one.
+fn publish_substituting_index(image: &str, layout: &Path) {
+    let (manifest, config) = layout_manifest_config(layout);
+    let layers = manifest["layers"].as_array().unwrap();
+    let (base, top) = (&layers[0], &layers[1]);
+    let blob = layout_blob(layout, top["digest"].as_str().unwrap());
+    let build = || {
+        clip_core::index::build_layer_index(
+            &blob[..],
+            &clip_core::index::BuildOptions::default(),
+            |_| {},
+        )
+        .unwrap()
+    };
+    let honest = build();
+    let mut forged = build();
+    forged.index.layer = base["digest"].as_str().unwrap().parse().unwrap();
+    forged.index.diff_id = config["rootfs"]["diff_ids"][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    forged.index.compressed_size = base["size"].as_u64().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = clip_core::registry::Client::new(Default::default());
+        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
+        let published = [&forged, &honest].map(|b| clip_core::artifact::PublishedLayer {
+            index: &b.index,
+            encoded: clip_core::index::format::encode(&b.index).into(),
+            windows: b.windows.clone().into(),
+        });
+        clip_core::artifact::push(&client, &resolved, &published)
+            .await
+            .unwrap();
+    });
+}
+
+/// The content-substitution attack through a shared base layer, under the default
+/// configuration: the attacker's image shares the victim's base layer and adds a layer of its
+/// own; its index artifact carries a forged index for the base layer that names, for the
+/// base layer's spans, the digests of its own layer's spans. Its container reads its own
+/// layer, which puts those spans in the node's cache. The victim's container then reads the
+/// base layer: it must never get the attacker's bytes, whichever image came first.
+#[test]
+fn a_forged_index_for_a_shared_layer_never_serves_another_layers_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let victim_layout = layout(tmp.path(), "victim", &["gen:busybox"]);
+    reg.push_layout(&victim_layout, "victim", "victim");
+    let victim = format!("{}:victim", reg.image("victim"));
+    publish_index(tmp.path(), &victim);
+    let attacker_layout = layout(
+        tmp.path(),
+        "attacker",
+        &["gen:busybox", "gen:busybox-pwned"],
+    );
+    let (vm, _) = layout_manifest_config(&victim_layout);
+    let (am, _) = layout_manifest_config(&attacker_layout);
+    assert_eq!(
+        vm["layers"][0]["digest"], am["layers"][0]["digest"],
+        "one shared base layer"
+    );
+    reg.push_layout(&attacker_layout, "attacker", "attacker");
+    let attacker = format!("{}:attacker", reg.image("attacker"));
+    publish_substituting_index(&attacker, &attacker_layout);
+    let hello = |node: &Node, image: &str, id: &str| {
+        node.run("clip", image, id, &["cat", "/etc/hello.txt"])
+    };
+
+    // The attacker first: its forged index is the node's only index of the base layer.
+    let node = Node::start(&tmp.path().join("attacker-first"));
+    node.pull_ok(&attacker);
+    assert_eq!(stdout(&hello(&node, &attacker, "a1")), "pwned\n");
+    node.pull_ok(&victim);
+    let o = hello(&node, &victim, "v1");
+    assert!(
+        !stdout(&o).contains("pwned"),
+        "the victim's container read the attacker's bytes"
+    );
+    assert!(
+        !o.status.success(),
+        "the forged index gave the victim a file: {}",
+        stdout(&o)
+    );
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("verification failure"), "{log}");
+    drop(node);
+
+    // The victim first: its index stays the node's, and the attacker's does not replace it
+    // (a restart without handover mounts the base layer anew, from the stored index).
+    let mut node = Node::start_with(&tmp.path().join("victim-first"), &["--no-handover"]);
+    node.pull_ok(&victim);
+    assert_eq!(stdout(&hello(&node, &victim, "v2")), "hello from clip\n");
+    node.pull_ok(&attacker);
+    assert_eq!(stdout(&hello(&node, &attacker, "a2")), "pwned\n");
+    node.stop_snapshotter(libc::SIGTERM);
+    node.start_snapshotter();
+    assert_eq!(stdout(&hello(&node, &victim, "v3")), "hello from clip\n");
+}
+
 /// cosign 3.1.1 from Debian's development suite (fetched and unpacked, never installed).
 fn cosign() -> PathBuf {
     let o = Command::new("bash")
