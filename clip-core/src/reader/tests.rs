@@ -86,6 +86,20 @@ fn setup(readahead: usize) -> Setup {
     setup_with(TieredCache::memory_only(64 << 20), readahead, false)
 }
 
+/// A reader that reads only what it is asked for (no read-ahead, no locality).
+const NO_GUESSING: ReaderConfig = ReaderConfig {
+    readahead_bytes: 0,
+    locality_bytes: 0,
+};
+
+/// A fetcher over a 64 MiB memory tier, default settings.
+fn memory_fetcher() -> Arc<Fetcher> {
+    Fetcher::new(
+        Arc::new(TieredCache::memory_only(64 << 20)),
+        FetchConfig::default(),
+    )
+}
+
 impl Setup {
     /// What the tiers store span `i` of this layer under.
     fn span_key(&self, i: usize) -> crate::digest::Digest {
@@ -358,10 +372,7 @@ async fn window_travels_with_its_data() {
 }
 
 fn setup_prefetch(cfg: FetchConfig) -> Setup {
-    let no_guessing = |_| ReaderConfig {
-        readahead_bytes: 0,
-        locality_bytes: 0,
-    };
+    let no_guessing = |_| NO_GUESSING;
     build(TieredCache::memory_only(64 << 20), cfg, no_guessing, false)
 }
 
@@ -545,10 +556,7 @@ async fn a_run_hands_out_each_span_as_its_bytes_arrive() {
 #[tokio::test]
 async fn a_span_after_one_held_locally_needs_no_window_request() {
     // Spans of 64 KiB (each holds a whole 32 KiB window), windows only on the "registry".
-    let no_guessing = |_| ReaderConfig {
-        readahead_bytes: 0,
-        locality_bytes: 0,
-    };
+    let no_guessing = |_| NO_GUESSING;
     let t = build_spans(
         64 << 10,
         TieredCache::memory_only(64 << 20),
@@ -654,20 +662,13 @@ async fn a_damaged_local_windows_blob_costs_one_retry_then_the_published_one_is_
     let (gz, index, windows, tar) = layer(16, 48 << 10, 16 << 10);
     let bad: Vec<u8> = windows.iter().map(|b| b ^ 0x5a).collect();
     let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
-    let fetcher = Fetcher::new(
-        Arc::new(TieredCache::memory_only(64 << 20)),
-        FetchConfig::default(),
-    );
-    let no_guessing = ReaderConfig {
-        readahead_bytes: 0,
-        locality_bytes: 0,
-    };
+    let fetcher = memory_fetcher();
     let reader = LayerReader::new(
         &fetcher,
         source.clone(),
         index.clone(),
         Some(Bytes::from(bad).into()),
-        no_guessing,
+        NO_GUESSING,
     );
     let window_requests = || {
         source
@@ -709,21 +710,8 @@ async fn a_span_one_layer_put_in_the_cache_is_never_served_for_another_layers_in
             .with_blob(gz_b)
             .with_blob(windows_b),
     );
-    let fetcher = Fetcher::new(
-        Arc::new(TieredCache::memory_only(64 << 20)),
-        FetchConfig::default(),
-    );
-    let no_guessing = ReaderConfig {
-        readahead_bytes: 0,
-        locality_bytes: 0,
-    };
-    let reader_a = LayerReader::new(
-        &fetcher,
-        source.clone(),
-        a.clone(),
-        None,
-        no_guessing.clone(),
-    );
+    let fetcher = memory_fetcher();
+    let reader_a = LayerReader::new(&fetcher, source.clone(), a.clone(), None, NO_GUESSING);
     // A span of A that B's own bytes at the same place do not match.
     let k = (1..a.spans.len())
         .find(|&i| i >= b.spans.len() || a.spans[i].digest != b.spans[i].digest)
@@ -739,7 +727,7 @@ async fn a_span_one_layer_put_in_the_cache_is_never_served_for_another_layers_in
         source.clone(),
         Arc::new(forged),
         None,
-        no_guessing,
+        NO_GUESSING,
     );
     let got = reader_b.read(s, e - s).await;
     assert!(

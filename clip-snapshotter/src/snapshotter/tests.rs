@@ -156,6 +156,15 @@ async fn walk(sn: &ClipSnapshotter, filters: &[&str]) -> Vec<String> {
     names
 }
 
+/// An ordinary layer committed as `name` on no parent (prepared, then committed).
+async fn unpacked_layer(sn: &ClipSnapshotter, name: &str) {
+    let key = format!("extract-{name}");
+    sn.prepare(key.clone(), String::new(), no_labels())
+        .await
+        .unwrap();
+    sn.commit(name.into(), key, no_labels()).await.unwrap();
+}
+
 fn option<'a>(m: &'a Mount, prefix: &str) -> Option<&'a str> {
     m.options.iter().find_map(|o| o.strip_prefix(prefix))
 }
@@ -239,12 +248,7 @@ async fn commit_needs_an_active_snapshot_and_prepare_a_committed_parent() {
 async fn a_snapshot_with_children_is_not_removed_and_removing_deletes_its_directory() {
     let node = Node::new();
     let sn = node.start().await;
-    sn.prepare("a".into(), String::new(), no_labels())
-        .await
-        .unwrap();
-    sn.commit("A".into(), "a".into(), no_labels())
-        .await
-        .unwrap();
+    unpacked_layer(&sn, "A").await;
     sn.prepare("b".into(), "A".into(), no_labels())
         .await
         .unwrap();
@@ -379,12 +383,7 @@ async fn an_index_that_gives_another_chain_than_containerd_asked_for_is_not_serv
 async fn a_lazy_layer_is_never_stacked_on_an_unpacked_one() {
     let node = Node::new();
     let sn = node.start().await;
-    sn.prepare("a".into(), String::new(), no_labels())
-        .await
-        .unwrap();
-    sn.commit("A".into(), "a".into(), no_labels())
-        .await
-        .unwrap();
+    unpacked_layer(&sn, "A").await;
     // Whatever the chain, a remote layer stacks only on remote layers.
     let chain = Digest::of(b"any").to_string();
     node.layers.serve(&chain, Digest::of(b"top"));

@@ -584,13 +584,8 @@ fn sequential_reads_trigger_read_ahead() {
 /// tiers in clip-core's unit tests), against a real redis-server.
 #[test]
 fn the_redis_tier_conforms() {
-    use clip_core::cache::{conformance, remote::RemoteTier};
-    let redis = RedisServer::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let tier = RemoteTier::connect(&redis.url(), &Default::default())
-            .await
-            .unwrap();
+    use clip_core::cache::conformance;
+    with_redis_tier(|tier| async move {
         conformance::check(std::sync::Arc::new(tier)).await;
     });
 }
@@ -600,13 +595,8 @@ fn the_redis_tier_conforms() {
 /// neighbour stored there.
 #[test]
 fn oversized_values_in_the_shared_tier_are_misses_not_allocations() {
-    use clip_core::cache::{remote::RemoteTier, Tier};
-    let redis = RedisServer::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let tier = RemoteTier::connect(&redis.url(), &Default::default())
-            .await
-            .unwrap();
+    use clip_core::cache::Tier;
+    with_redis_tier(|tier| async move {
         let (small, big) = (
             clip_core::Digest::of(b"small"),
             clip_core::Digest::of(b"big"),
@@ -622,6 +612,22 @@ fn oversized_values_in_the_shared_tier_are_misses_not_allocations() {
         tier.put_doc("clip:profile:x", &vec![1u8; 5 << 20]).await;
         assert!(tier.get_doc("clip:profile:x", 4 << 20).await.is_none());
         assert!(tier.get_doc("clip:profile:x", 8 << 20).await.is_some());
+    });
+}
+
+/// Runs `f` with a Redis tier on a fresh redis-server.
+fn with_redis_tier<F, Fut>(f: F)
+where
+    F: FnOnce(clip_core::cache::remote::RemoteTier) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tier = clip_core::cache::remote::RemoteTier::connect(&redis.url(), &Default::default())
+            .await
+            .unwrap();
+        f(tier).await;
     });
 }
 

@@ -1564,30 +1564,39 @@ fn lie_about_diff_ids(layout: &Path, diff_ids: &serde_json::Value) {
 /// claims (the index format's checksum is no obstacle: anyone can encode one).
 fn publish_forged_index(image: &str, layout: &Path, diff_id: &str) {
     let (manifest, _) = layout_manifest_config(layout);
-    let layer = layout_blob(layout, manifest["layers"][0]["digest"].as_str().unwrap());
-    let mut built = clip_core::index::build_layer_index(
+    let mut built = build_index(layout, manifest["layers"][0]["digest"].as_str().unwrap());
+    built.index.diff_id = diff_id.parse().unwrap();
+    push_indexes(image, &[&built]);
+}
+
+/// The index of the layer `digest` of `layout`, built here.
+fn build_index(layout: &Path, digest: &str) -> clip_core::index::BuiltLayer {
+    let layer = layout_blob(layout, digest);
+    clip_core::index::build_layer_index(
         &layer[..],
         &clip_core::index::BuildOptions::default(),
         |_| {},
     )
-    .unwrap();
-    built.index.diff_id = diff_id.parse().unwrap();
-    let encoded = clip_core::index::format::encode(&built.index);
+    .unwrap()
+}
+
+/// Publishes `layers` (one per layer of `image`, in order) as `image`'s index artifact.
+fn push_indexes(image: &str, layers: &[&clip_core::index::BuiltLayer]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = clip_core::registry::Client::new(Default::default());
         let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
-        clip_core::artifact::push(
-            &client,
-            &resolved,
-            &[clip_core::artifact::PublishedLayer {
-                index: &built.index,
-                encoded: encoded.into(),
-                windows: built.windows.into(),
-            }],
-        )
-        .await
-        .unwrap();
+        let published: Vec<_> = layers
+            .iter()
+            .map(|b| clip_core::artifact::PublishedLayer {
+                index: &b.index,
+                encoded: clip_core::index::format::encode(&b.index).into(),
+                windows: b.windows.clone().into(),
+            })
+            .collect();
+        clip_core::artifact::push(&client, &resolved, &published)
+            .await
+            .unwrap();
     });
 }
 
@@ -1601,11 +1610,7 @@ fn publish_forged_index(image: &str, layout: &Path, diff_id: &str) {
 #[test]
 fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start(Auth::None);
-    let victim_layout = layout(tmp.path(), "victim", &["gen:busybox"]);
-    reg.push_layout(&victim_layout, "victim", "victim");
-    let victim = format!("{}:victim", reg.image("victim"));
-    publish_index(tmp.path(), &victim);
+    let (reg, victim_layout, victim) = indexed_victim(tmp.path());
     let (_, victim_config) = layout_manifest_config(&victim_layout);
     let base_diff = victim_config["rootfs"]["diff_ids"].clone();
     // The attacker's honest image and its lying twin (same layer blob).
@@ -1664,17 +1669,8 @@ fn publish_substituting_index(image: &str, layout: &Path) {
     let (manifest, config) = layout_manifest_config(layout);
     let layers = manifest["layers"].as_array().unwrap();
     let (base, top) = (&layers[0], &layers[1]);
-    let blob = layout_blob(layout, top["digest"].as_str().unwrap());
-    let build = || {
-        clip_core::index::build_layer_index(
-            &blob[..],
-            &clip_core::index::BuildOptions::default(),
-            |_| {},
-        )
-        .unwrap()
-    };
-    let honest = build();
-    let mut forged = build();
+    let honest = build_index(layout, top["digest"].as_str().unwrap());
+    let mut forged = build_index(layout, top["digest"].as_str().unwrap());
     forged.index.layer = base["digest"].as_str().unwrap().parse().unwrap();
     forged.index.diff_id = config["rootfs"]["diff_ids"][0]
         .as_str()
@@ -1682,19 +1678,18 @@ fn publish_substituting_index(image: &str, layout: &Path) {
         .parse()
         .unwrap();
     forged.index.compressed_size = base["size"].as_u64().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = clip_core::registry::Client::new(Default::default());
-        let resolved = client.resolve(&image.parse().unwrap()).await.unwrap();
-        let published = [&forged, &honest].map(|b| clip_core::artifact::PublishedLayer {
-            index: &b.index,
-            encoded: clip_core::index::format::encode(&b.index).into(),
-            windows: b.windows.clone().into(),
-        });
-        clip_core::artifact::push(&client, &resolved, &published)
-            .await
-            .unwrap();
-    });
+    push_indexes(image, &[&forged, &honest]);
+}
+
+/// A registry with the victim's image (one busybox layer holding /etc/hello.txt), its index
+/// published: the registry, the image's layout and its reference.
+fn indexed_victim(tmp: &Path) -> (Registry, PathBuf, String) {
+    let reg = Registry::start(Auth::None);
+    let victim_layout = layout(tmp, "victim", &["gen:busybox"]);
+    reg.push_layout(&victim_layout, "victim", "victim");
+    let victim = format!("{}:victim", reg.image("victim"));
+    publish_index(tmp, &victim);
+    (reg, victim_layout, victim)
 }
 
 /// The content-substitution attack through a shared base layer, under the default
@@ -1706,11 +1701,7 @@ fn publish_substituting_index(image: &str, layout: &Path) {
 #[test]
 fn a_forged_index_for_a_shared_layer_never_serves_another_layers_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start(Auth::None);
-    let victim_layout = layout(tmp.path(), "victim", &["gen:busybox"]);
-    reg.push_layout(&victim_layout, "victim", "victim");
-    let victim = format!("{}:victim", reg.image("victim"));
-    publish_index(tmp.path(), &victim);
+    let (reg, victim_layout, victim) = indexed_victim(tmp.path());
     let attacker_layout = layout(
         tmp.path(),
         "attacker",
