@@ -10,11 +10,13 @@ bash scripts/install-deps.sh
 echo "==> building clip (release)"
 cargo build --release --quiet -p clip-snapshotter
 install -m 0755 target/release/clip /usr/local/bin/clip
-mkdir -p /etc/clip
+# The configuration may hold secrets (a Redis URL with its password): root's alone.
+install -d -m 0700 /etc/clip
 if [[ -e /etc/clip/config.toml ]]; then
-  echo "==> keeping the existing /etc/clip/config.toml"
+  echo "==> keeping the existing /etc/clip/config.toml (made 0600: it may hold secrets)"
+  chmod 0600 /etc/clip/config.toml
 else
-  install -m 0644 scripts/config.toml /etc/clip/config.toml
+  install -m 0600 scripts/config.toml /etc/clip/config.toml
 fi
 install -m 0644 scripts/clip-snapshotter.service /etc/systemd/system/clip-snapshotter.service
 if [[ -d /run/systemd/system ]]; then

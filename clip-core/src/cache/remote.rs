@@ -117,6 +117,14 @@ impl RemoteTier {
                     .map_err(err)?,
             )
         };
+        if in_the_clear(url) {
+            tracing::warn!(
+                redis = %redact(url),
+                "the shared Redis tier is plain TCP: image content, and the Redis password if \
+                 there is one, travel in the clear; use rediss:// (TLS) unless this network is \
+                 private to the nodes (docs/security.md, section 7)"
+            );
+        }
         Ok(RemoteTier { conn })
     }
 
@@ -212,6 +220,11 @@ impl Tier for RemoteTier {
     fn local(&self) -> bool {
         false
     }
+}
+
+/// True for a Redis URL without TLS (`redis://`, `redis+cluster://`).
+fn in_the_clear(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("redis+cluster://")
 }
 
 /// A Redis URL without its password, for messages.

@@ -181,7 +181,7 @@ impl Client {
                             req = req.header(AUTHORIZATION, a);
                         }
                         let sent = Instant::now();
-                        let result = req.send().await;
+                        let result = req.send().await.map_err(redact);
                         let outcome = match &result {
                             Ok(r) if r.status().is_success() => "2xx",
                             Ok(r) if r.status().is_client_error() => "4xx",
@@ -290,9 +290,33 @@ pub(super) fn is_certificate_error(e: &reqwest::Error) -> bool {
 pub(super) fn transport(e: reqwest::Error) -> Attempt {
     // Connection refused/reset, timeouts, broken bodies: all worth another try.
     Attempt::Retry {
-        reason: error_chain(&e),
+        reason: error_chain(&redact(e)),
         after: None,
     }
+}
+
+/// `url` without its query and fragment. A registry may redirect a blob to object storage
+/// with a presigned URL, whose query carries the signature: a bearer secret that must not reach
+/// a log line or an error message.
+pub(super) fn redacted(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.set_fragment(None);
+    match url.query() {
+        Some(_) => format!("{u}?<redacted>"),
+        None => u.to_string(),
+    }
+}
+
+/// `e` with the query of its URL (see [`redacted`]) removed: reqwest's errors print their URL.
+pub(super) fn redact(mut e: reqwest::Error) -> reqwest::Error {
+    if let Some(u) = e.url_mut() {
+        if u.query().is_some() {
+            u.set_query(Some("redacted"));
+        }
+        u.set_fragment(None);
+    }
+    e
 }
 
 pub(super) fn retry_after(h: &HeaderMap) -> Option<Duration> {
@@ -315,7 +339,7 @@ pub(super) async fn classify(
         return Ok(resp);
     }
     let after = retry_after(resp.headers());
-    let url = resp.url().to_string();
+    let url = redacted(resp.url());
     if status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
@@ -329,7 +353,7 @@ pub(super) async fn classify(
     let mut resp = resp;
     let mut head = Vec::new();
     while head.len() < MAX_ERROR_BODY {
-        match resp.chunk().await {
+        match resp.chunk().await.map_err(redact) {
             Ok(Some(c)) => head.extend_from_slice(&c[..c.len().min(MAX_ERROR_BODY - head.len())]),
             _ => break,
         }
@@ -364,7 +388,7 @@ pub(super) async fn read_body(
             .min(64 << 20) as usize,
     );
     loop {
-        match resp.chunk().await {
+        match resp.chunk().await.map_err(redact) {
             Ok(Some(c)) => {
                 buf.extend_from_slice(&c);
                 if max.is_some_and(|m| buf.len() as u64 > m) {
@@ -406,7 +430,7 @@ pub(super) async fn read_slice(
     let mut pos = 0u64;
     let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
     while (out.len() as u64) < len {
-        let c = match resp.chunk().await {
+        let c = match resp.chunk().await.map_err(redact) {
             Ok(Some(c)) => c,
             Ok(None) => {
                 return Err(Attempt::Fatal(RegistryError::Other(format!(
@@ -437,7 +461,7 @@ pub(super) async fn next_chunk(
     resp: &mut reqwest::Response,
     stall: Duration,
 ) -> Result<Option<Bytes>, Attempt> {
-    match tokio::time::timeout(stall, resp.chunk()).await {
+    match tokio::time::timeout(stall, async { resp.chunk().await.map_err(redact) }).await {
         Err(_) => Err(Attempt::Retry {
             reason: "body stalled".into(),
             after: Some(Duration::ZERO),

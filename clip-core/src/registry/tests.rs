@@ -492,3 +492,54 @@ async fn a_streamed_range_that_breaks_off_is_resumed_from_where_it_stopped() {
     assert_eq!(requests_for(&log, "range: bytes=1000-1099"), 1);
     assert_eq!(requests_for(&log, "range: bytes=1050-1099"), 1);
 }
+
+#[tokio::test]
+async fn a_presigned_redirect_never_shows_its_signature() {
+    // The registry redirects blobs to object storage with a presigned URL. Whatever goes wrong
+    // there (an error status, a host that refuses connections), the error says where, without
+    // the query.
+    let (storage, _) = serve_with("127.0.0.1", |_| {
+        reply("400 Bad Request", "", "<Error>InvalidRequest</Error>")
+    })
+    .await;
+    let refusing = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let (registry, _) = serve_with("127.0.0.1", move |head| {
+        let host = match head.contains("/denied/") {
+            true => &storage,
+            false => &refusing,
+        };
+        reply(
+            "307 Temporary Redirect",
+            &format!(
+                "Location: http://{host}/blob?X-Amz-Credential=AKIA&X-Amz-Signature=s3cr3tsig\r\n"
+            ),
+            "",
+        )
+    })
+    .await;
+    let client = Client::new(RegistryConfig {
+        hosts_dir: None,
+        docker_config: Some("/nonexistent".into()),
+        deadline: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let denied: Reference = format!("{registry}/denied:tag").parse().unwrap();
+    let e = client
+        .get_blob_range(&denied, &Digest::of(b"blob"), 0, 10)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("400") && e.contains("/blob?<redacted>"), "{e}");
+    assert!(!e.contains("s3cr3tsig") && !e.contains("AKIA"), "{e}");
+    let refused: Reference = format!("{registry}/refused:tag").parse().unwrap();
+    let e = client
+        .get_blob_range(&refused, &Digest::of(b"blob"), 0, 100)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Connection refused"), "{e}");
+    assert!(!e.contains("s3cr3tsig") && !e.contains("AKIA"), "{e}");
+}

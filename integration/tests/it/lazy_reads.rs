@@ -330,6 +330,14 @@ fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
     let redis = RedisServer::start();
     let url = redis.url();
     let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url]);
+    // Plain TCP works, and says loudly that image content crosses the network in the clear.
+    let o = clip(
+        &tmp.path().join("b"),
+        &["cat", &image, "/etc/config", "--redis", &url],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("travel in the clear"), "{}", stderr(&o));
     // An unreachable Redis is a clear error at start, not a hang.
     let dead = format!("redis://127.0.0.1:{}/", free_port());
     let o = clip(
@@ -640,6 +648,21 @@ fn the_shared_tier_works_over_tls_with_an_acl_user() {
     let (url, ca) = (redis.url(), redis.ca.clone().unwrap());
     let ca = ca.to_str().unwrap();
     let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url, "--redis-ca", ca]);
+    let o = clip(
+        &tmp.path().join("b"),
+        &[
+            "cat",
+            &image,
+            "/etc/config",
+            "--redis",
+            &url,
+            "--redis-ca",
+            ca,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("in the clear"), "{}", stderr(&o));
     let wrong_password = url.replace(REDIS_PASSWORD, "not-the-password");
     let plain = url.replace("rediss://", "redis://");
     for (n, args) in [
