@@ -23,6 +23,52 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Why a layer a pull asked for is unpacked by containerd rather than served lazily. Every
+/// such fallback is logged at warning level with the snapshot, the image when known and the
+/// reason, and counted in `clip_snapshotter_full_unpacks_total{reason}`: a silent full pull is
+/// a slow start nobody can explain.
+#[derive(Debug)]
+pub struct Fallback {
+    /// The metric's label: a few fixed words.
+    pub reason: &'static str,
+    /// For the log: the image and what went wrong.
+    pub detail: String,
+}
+
+impl Fallback {
+    pub fn new(reason: &'static str, detail: impl std::fmt::Display) -> Self {
+        Fallback {
+            reason,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Logs and counts the fallback of the Prepare for `snapshot`.
+    pub fn report(&self, snapshot: &str) {
+        tracing::warn!(
+            snapshot,
+            reason = self.reason,
+            "unpacking normally (no lazy layer): {}",
+            self.detail
+        );
+        unpacks().add(1, &[opentelemetry::KeyValue::new("reason", self.reason)]);
+    }
+}
+
+fn unpacks() -> &'static opentelemetry::metrics::Counter<u64> {
+    static C: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        opentelemetry::global::meter("clip")
+            .u64_counter("clip.snapshotter.full_unpacks")
+            .with_description(
+                "Layers a pull asked for that containerd downloads and unpacks instead of clip \
+                 serving them lazily, by reason",
+            )
+            .build()
+    })
+}
+
 /// How long a successful probe of an authority stands for the rest of an image's layers.
 const PROBE_TTL: Duration = Duration::from_secs(60);
 
@@ -89,14 +135,14 @@ impl RegistryLayers {
 #[tonic::async_trait]
 impl Layers for RegistryLayers {
     async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<(Remote, Digest)> {
-        if !labels.contains_key(labels::LAYER) {
-            return self.discovered_layer(labels.get(labels::TARGET)?).await;
+        let target = labels.get(labels::TARGET)?;
+        match self.resolve(target, labels).await {
+            Ok(found) => Some(found),
+            Err(f) => {
+                f.report(target);
+                None
+            }
         }
-        let layer: Digest = labels.get(labels::LAYER)?.parse().ok()?;
-        let manifest: Digest = labels.get(labels::MANIFEST)?.parse().ok()?;
-        let image_ref: Reference = labels.get(labels::IMAGE_REF)?.parse().ok()?;
-        self.serve_layer(layer, image_ref.with_digest(manifest))
-            .await
     }
 
     fn committed(&self, remote: &Remote) {
@@ -105,20 +151,57 @@ impl Layers for RegistryLayers {
 }
 
 impl RegistryLayers {
+    /// The layer a Prepare for chain `target` names by its labels (or, with none, the one
+    /// found in containerd's content store), if it can be served lazily.
+    async fn resolve(
+        &self,
+        target: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(Remote, Digest), Fallback> {
+        if !labels.contains_key(labels::LAYER) {
+            return self.discovered_layer(target).await;
+        }
+        let bad = |what| Fallback::new("bad labels", format!("the pull's {what} label"));
+        let parse = |key, what| -> Result<String, Fallback> {
+            labels.get(key).cloned().ok_or_else(|| bad(what))
+        };
+        let layer: Digest = parse(labels::LAYER, "layer")?
+            .parse()
+            .map_err(|_| bad("layer"))?;
+        let manifest: Digest = parse(labels::MANIFEST, "manifest")?
+            .parse()
+            .map_err(|_| bad("manifest"))?;
+        let image_ref: Reference = parse(labels::IMAGE_REF, "image reference")?
+            .parse()
+            .map_err(|_| bad("image reference"))?;
+        self.serve_layer(layer, image_ref.with_digest(manifest))
+            .await
+    }
+
     /// A Prepare with only the chain ID: the layer and image found in containerd's content
     /// store, the registry authority checked by fetching the pinned manifest from it.
-    async fn discovered_layer(&self, target: &str) -> Option<(Remote, Digest)> {
-        let discovery = self.discovery.as_ref()?;
-        let chain: Digest = target.parse().ok()?;
-        let hits = match discovery.find(&chain).await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(snapshot = %target, "no pull labels and containerd's content store is out of reach, unpacking normally: {e}");
-                return None;
-            }
-        };
+    async fn discovered_layer(&self, target: &str) -> Result<(Remote, Digest), Fallback> {
+        let discovery = self.discovery.as_ref().ok_or_else(|| {
+            Fallback::new(
+                "no labels",
+                "no pull labels, and finding the layer in containerd's content store is off \
+                 (containerd_address = \"\")",
+            )
+        })?;
+        let chain: Digest = target
+            .parse()
+            .map_err(|_| Fallback::new("no labels", "no pull labels and no chain ID"))?;
+        let hits = discovery.find(&chain).await.map_err(|e| {
+            Fallback::new(
+                "no labels",
+                format!("no pull labels and containerd's content store is out of reach: {e}"),
+            )
+        })?;
         if hits.is_empty() {
-            tracing::info!(snapshot = %target, "no pull labels and no image in containerd gives this chain: unpacking normally");
+            return Err(Fallback::new(
+                "no labels",
+                "no pull labels and no image in containerd gives this chain",
+            ));
         }
         // A chain shared by several images: the newest few are tried.
         for hit in hits.iter().take(3) {
@@ -138,7 +221,23 @@ impl RegistryLayers {
                 }
             }
         }
-        None
+        let sources: Vec<String> = hits
+            .iter()
+            .take(3)
+            .flat_map(|h| {
+                h.sources
+                    .iter()
+                    .map(|(host, repo)| format!("{host}/{repo}"))
+            })
+            .collect();
+        Err(Fallback::new(
+            "registry not found",
+            format!(
+                "no pull labels, and no registry serving the image answered (sources: {}; \
+                 containerd keeps no port in them: list the registry in the hosts directory)",
+                sources.join(", ")
+            ),
+        ))
     }
 
     /// Whether `pinned`'s authority serves the image: its manifest fetched (or fetched for
@@ -168,48 +267,63 @@ impl RegistryLayers {
 
     /// `layer` of image `pinned`, if it can be served lazily under the image's trust policy,
     /// with the DiffID its index states.
-    async fn serve_layer(&self, layer: Digest, pinned: Reference) -> Option<(Remote, Digest)> {
+    async fn serve_layer(
+        &self,
+        layer: Digest,
+        pinned: Reference,
+    ) -> Result<(Remote, Digest), Fallback> {
         let remote = Remote {
             layer,
             reference: pinned.to_string(),
         };
         let trust = self.trust.for_image(&pinned);
         if let Some(d) = self.stored_diff_id(trust, &layer) {
-            return Some((remote, d));
+            return Ok((remote, d));
         }
         self.resolve_locally(&pinned).await;
-        let image = match self.client.resolve(&pinned).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(image = %pinned, "cannot resolve the image, unpacking normally: {e}");
-                return None;
+        let image = self.client.resolve(&pinned).await.map_err(|e| {
+            Fallback::new(
+                "registry error",
+                format!("{pinned}: cannot resolve the image: {e}"),
+            )
+        })?;
+        match image.layers.iter().find(|d| d.digest == layer) {
+            None => {
+                return Err(Fallback::new(
+                    "bad labels",
+                    format!("{pinned} has no layer {layer}"),
+                ))
             }
-        };
-        if !image
-            .layers
-            .iter()
-            .any(|d| d.digest == layer && d.is_gzip())
-        {
-            return None;
+            Some(d) if !d.is_gzip() => {
+                return Err(Fallback::new(
+                    "not gzip",
+                    format!("{pinned}: layer {layer} is {} (not gzip)", d.media_type),
+                ))
+            }
+            Some(_) => {}
         }
         // The image's startup profile is looked up alongside its index (one referrers listing
         // serves both, and the two artifacts are fetched at once): the mount finds it done.
         self.profiles.start_lookup(&pinned);
-        let loaded = match trust {
-            Trust::Published => self.load_published(&pinned, &image).await,
-            Trust::Signed => self.load_signed(&pinned, &image).await,
+        match trust {
+            Trust::Published => self.load_published(&pinned, &image).await?,
+            Trust::Signed => self.load_signed(&pinned, &image).await?,
             // Never a published index: the node indexes the image from its own bytes. A layer
             // whose bytes do not match the image's claims fails here, and containerd's own
             // unpack refuses it too.
             Trust::Local => {
                 tracing::info!(image = %pinned, "trust = local: indexing on this node");
-                self.index_here(&pinned, &image).await
+                self.index_here(&pinned, &image).await?
             }
-        };
-        if !loaded {
-            return None;
         }
-        self.stored_diff_id(trust, &layer).map(|d| (remote, d))
+        self.stored_diff_id(trust, &layer)
+            .map(|d| (remote, d))
+            .ok_or_else(|| {
+                Fallback::new(
+                    "no index",
+                    format!("{pinned}: its index has no entry for layer {layer}"),
+                )
+            })
     }
 
     /// Image `pinned` from containerd's content store, where the pull put its manifest and
@@ -245,49 +359,54 @@ impl RegistryLayers {
     }
 
     /// Loads the image's published index; without one, indexes it here with `index_on_demand`.
-    async fn load_published(&self, pinned: &Reference, image: &ResolvedImage) -> bool {
+    async fn load_published(
+        &self,
+        pinned: &Reference,
+        image: &ResolvedImage,
+    ) -> Result<(), Fallback> {
         match image::load_indexes(&self.client, &self.store, image).await {
-            Ok(_) => true,
+            Ok(_) => Ok(()),
             Err(ImageError::NoIndex { .. }) if self.index_on_demand => {
                 tracing::info!(image = %pinned, "no published index: indexing on demand");
                 self.index_here(pinned, image).await
             }
-            Err(ImageError::NoIndex { .. }) => {
-                tracing::info!(image = %pinned, "no index: containerd unpacks it");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(image = %pinned, "loading its index failed, unpacking normally: {e}");
-                false
-            }
+            Err(ImageError::NoIndex { .. }) => Err(Fallback::new(
+                "no index",
+                format!("{pinned} has no published index (index_on_demand is off)"),
+            )),
+            Err(e) => Err(Fallback::new(
+                "index error",
+                format!("{pinned}: loading its index failed: {e}"),
+            )),
         }
     }
 
     /// Loads an index signed by a trusted key; without one, the image is unpacked normally, or
     /// indexed here with `index_on_demand`.
-    async fn load_signed(&self, pinned: &Reference, image: &ResolvedImage) -> bool {
+    async fn load_signed(&self, pinned: &Reference, image: &ResolvedImage) -> Result<(), Fallback> {
         let keys = &self.trust.keys;
         let Err(e) = image::load_signed_indexes(&self.client, &self.store, image, keys).await
         else {
-            return true;
+            return Ok(());
         };
         if !self.index_on_demand {
-            tracing::warn!(image = %pinned, "trust = signed: {e}; unpacking normally");
-            return false;
+            return Err(Fallback::new(
+                "not signed",
+                format!("{pinned}: trust = signed: {e}"),
+            ));
         }
         tracing::info!(image = %pinned, "trust = signed: {e}; indexing on this node");
         self.index_here(pinned, image).await
     }
 
-    /// [`Self::index_now`], a failure reported: the image is then unpacked normally.
-    async fn index_here(&self, pinned: &Reference, image: &ResolvedImage) -> bool {
-        match self.index_now(image).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(image = %pinned, "indexing on this node failed, unpacking normally: {e}");
-                false
-            }
-        }
+    /// [`Self::index_now`]; a failure is a fallback: the image is then unpacked normally.
+    async fn index_here(&self, pinned: &Reference, image: &ResolvedImage) -> Result<(), Fallback> {
+        self.index_now(image).await.map_err(|e| {
+            Fallback::new(
+                "indexing failed",
+                format!("{pinned}: indexing on this node failed: {e}"),
+            )
+        })
     }
 
     /// Indexes every gzip layer of `image` (one pass over each, filling the disk cache with every

@@ -7,6 +7,7 @@
 //! [`super::layers::Layers`] and [`super::mounts::LazyMounts`]; no registry, FUSE or containerd
 //! of its own, so `tests.rs` runs it against fakes.
 
+use super::layers::Fallback;
 use super::meta::{self, Kind, Meta, Record};
 use super::{io_err, ClipSnapshotter, SnapshotError};
 use crate::labels;
@@ -129,7 +130,14 @@ impl ClipSnapshotter {
                 let stackable = parent_rec.as_ref().is_none_or(|p| p.remote.is_some());
                 let found = match stackable {
                     true => self.layers.remote_layer(&labels).await,
-                    false => None,
+                    false => {
+                        Fallback::new(
+                            "unpacked parent",
+                            format!("its parent {parent} was unpacked: a lazy layer stacks only on lazy layers"),
+                        )
+                        .report(target);
+                        None
+                    }
                 };
                 // The chain the layer is committed under must be the one its index's DiffID
                 // gives on this parent: an index (or a config) cannot claim another layer's
@@ -138,11 +146,14 @@ impl ClipSnapshotter {
                     let expected = chain_id(&parent, diff_id);
                     let ok = expected.as_ref() == Some(target);
                     if !ok {
-                        tracing::warn!(
-                            layer = %remote.layer,
-                            asked = %target,
-                            "the layer's index gives another chain ID than containerd asked for: unpacking normally"
-                        );
+                        Fallback::new(
+                            "chain mismatch",
+                            format!(
+                                "the index of layer {} ({}) gives another chain ID than containerd asked for",
+                                remote.layer, remote.reference
+                            ),
+                        )
+                        .report(target);
                     }
                     ok
                 });

@@ -642,6 +642,25 @@ fn images_without_an_index_work_like_overlayfs() {
     // `clip pull` of an image without an index: every layer downloaded and unpacked.
     let pulled = node.pull_ok(&image);
     assert!(pulled.contains("0 lazy layer(s), 2 unpacked"), "{pulled}");
+    // Every layer containerd unpacked for lack of an index was a warning naming the image and
+    // the reason (the plain pull's base layer: no index; its top layer: an unpacked parent),
+    // and is counted.
+    let log = node.snapshotter_log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("unpacking normally"))
+        .filter(|l| l.contains("/noindex:v1@sha256:") && l.contains("no published index"))
+        .count();
+    assert!(warned >= 1, "{warned} warnings: {log}");
+    assert!(
+        log.contains("a lazy layer stacks only on lazy layers"),
+        "{log}"
+    );
+    let m = node.metrics();
+    assert!(
+        metric(&m, "clip_snapshotter_full_unpacks_total") >= 2.0,
+        "{m}"
+    );
     let o = node.run(
         "clip",
         &image,
