@@ -8,7 +8,7 @@
 use bytes::{Buf, BufMut, Bytes};
 use clip_core::reference::Reference;
 use clip_core::registry::auth::Credentials;
-use clip_core::registry::session::SessionCredentials;
+use clip_core::registry::session::{Pull, SessionCredentials};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic14::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -160,13 +160,15 @@ impl ImageService {
                 let pulled = self.remember_pull(&body);
                 let out = self.forward(&path, body, timeout).await;
                 match (&pulled, &out) {
-                    (Some(name), Ok(resp)) => {
+                    (Some(pull), Ok(resp)) => {
                         if let Ok(r) = <PullImageResponse as prost::Message>::decode(resp.clone()) {
-                            self.session.alias(name, &r.image_ref);
+                            self.session.alias(*pull, &r.image_ref);
                         }
                     }
-                    (Some(name), Err(_)) => {
-                        self.session.remove(name);
+                    (Some(pull), Err(_)) => {
+                        // Only this pull's own entry: another tenant's pull of the same image
+                        // keeps its credentials (its running pods read with them).
+                        self.session.failed(*pull);
                     }
                     _ => {}
                 }
@@ -190,7 +192,7 @@ impl ImageService {
     }
 
     /// Keeps a PullImage's credentials; returns the name they are kept under.
-    fn remember_pull(&self, body: &Bytes) -> Option<String> {
+    fn remember_pull(&self, body: &Bytes) -> Option<Pull> {
         let req = <PullImageRequest as prost::Message>::decode(body.clone()).ok()?;
         let name = req.image?.image;
         let creds = credentials(req.auth?)?;
@@ -201,10 +203,11 @@ impl ImageService {
                 return None;
             }
         };
-        self.session
+        let pull = self
+            .session
             .put(&name, &r.registry, &r.repository, creds, self.ttl);
         tracing::info!(image = %name, registry = %r.registry, "keeping the pull's credentials in memory for lazy reads");
-        Some(name)
+        Some(pull)
     }
 }
 
@@ -361,10 +364,7 @@ mod tests {
         // A socket nobody serves (dialled lazily): only remember_pull is exercised.
         let _guard = rt.enter();
         let svc = ImageService::new(std::path::Path::new("/nonexistent"), session.clone(), None);
-        assert_eq!(
-            svc.remember_pull(&body).as_deref(),
-            Some("r.io:5000/team/app:1")
-        );
+        assert!(svc.remember_pull(&body).is_some());
         assert_eq!(session.get("r.io:5000", "team/app").unwrap().username, "u");
         assert!(svc
             .remember_pull(&Bytes::from_static(b"\xff\xff"))

@@ -2,6 +2,10 @@
 //! pull secret), kept for lazy reads of that image after the pull. Scoped to the image's
 //! registry *and* repository; never written anywhere; dropped when the image is removed, when
 //! they expire, or with the process.
+//!
+//! They are kept per pull, that is per (image, credentials): two tenants pulling one image with
+//! their own secrets hold two entries, and a pull that fails takes back only the entry it
+//! added, never one another pull holds.
 
 use super::auth::Credentials;
 use std::collections::HashMap;
@@ -21,11 +25,21 @@ struct Entry {
     added: Instant,
 }
 
+/// One pull's hold on credentials (see [`SessionCredentials::put`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pull {
+    id: u64,
+    /// The pull added the entry (an entry with the same image and credentials existed
+    /// otherwise, and another pull holds it).
+    added: bool,
+}
+
 /// Shared between the CRI image service (which fills it) and the registry client (which reads
 /// it); cloning a `RegistryConfig` shares it.
 #[derive(Default)]
 pub struct SessionCredentials {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<HashMap<u64, Entry>>,
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SessionCredentials {
@@ -35,8 +49,9 @@ impl std::fmt::Debug for SessionCredentials {
 }
 
 impl SessionCredentials {
-    /// Keeps `creds` for image `name` (`registry/repository[:tag|@digest]`), for `ttl` (None:
-    /// until the image is removed).
+    /// Keeps `creds` for a pull of image `name` (`registry/repository[:tag|@digest]`), for
+    /// `ttl` (None: until the image is removed). The same image with the same credentials is
+    /// one entry (refreshed); other credentials for it are another entry.
     pub fn put(
         &self,
         name: &str,
@@ -44,39 +59,60 @@ impl SessionCredentials {
         repository: &str,
         creds: Credentials,
         ttl: Option<Duration>,
-    ) {
+    ) -> Pull {
         let now = Instant::now();
         let mut e = self.entries.lock().expect("session credentials");
         e.retain(|_, v| v.expires.is_none_or(|t| t > now));
-        if e.len() >= MAX_ENTRIES && !e.contains_key(name) {
-            if let Some(oldest) = e
-                .iter()
-                .min_by_key(|(_, v)| v.added)
-                .map(|(k, _)| k.clone())
-            {
+        let expires = ttl.map(|t| now + t);
+        if let Some((&id, v)) = e
+            .iter_mut()
+            .find(|(_, v)| v.names.iter().any(|n| n == name) && v.creds == creds)
+        {
+            v.added = now;
+            v.expires = match (v.expires, expires) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+            return Pull { id, added: false };
+        }
+        if e.len() >= MAX_ENTRIES {
+            if let Some(oldest) = e.iter().min_by_key(|(_, v)| v.added).map(|(k, _)| *k) {
                 e.remove(&oldest);
             }
         }
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         e.insert(
-            name.to_string(),
+            id,
             Entry {
                 registry: registry.to_string(),
                 repository: repository.to_string(),
                 names: vec![name.to_string()],
                 creds,
-                expires: ttl.map(|t| now + t),
+                expires,
                 added: now,
             },
         );
+        Pull { id, added: true }
     }
 
-    /// Records another id (containerd's image id) for the image pulled as `name`.
-    pub fn alias(&self, name: &str, id: &str) {
+    /// Records another id (containerd's image id) for the image of `pull`.
+    pub fn alias(&self, pull: Pull, id: &str) {
         let mut e = self.entries.lock().expect("session credentials");
-        if let Some(v) = e.get_mut(name) {
+        if let Some(v) = e.get_mut(&pull.id) {
             if !v.names.iter().any(|n| n == id) {
                 v.names.push(id.to_string());
             }
+        }
+    }
+
+    /// `pull` failed: the entry it added goes (one it found and refreshed stays: another pull
+    /// holds it).
+    pub fn failed(&self, pull: Pull) {
+        if pull.added {
+            self.entries
+                .lock()
+                .expect("session credentials")
+                .remove(&pull.id);
         }
     }
 
@@ -121,10 +157,30 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_pull_takes_back_only_its_own_credentials() {
+        let s = SessionCredentials::default();
+        let first = s.put("r.io/a:1", "r.io", "a", c("tenant-a"), None);
+        s.alias(first, "sha256:aaa");
+        // Another tenant pulls the same image with its own (wrong) secret, and fails.
+        let other = s.put("r.io/a:1", "r.io", "a", c("tenant-b"), None);
+        assert_eq!(s.len(), 2);
+        s.failed(other);
+        assert_eq!(s.get("r.io", "a").unwrap().username, "tenant-a");
+        // A failed pull with the same credentials as a held entry leaves it too.
+        let again = s.put("r.io/a:1", "r.io", "a", c("tenant-a"), None);
+        s.failed(again);
+        assert_eq!(s.get("r.io", "a").unwrap().username, "tenant-a");
+        // Removing the image drops every pull's credentials for it.
+        s.put("r.io/a:1", "r.io", "a", c("tenant-c"), None);
+        assert!(s.remove("r.io/a:1"));
+        assert!(s.get("r.io", "a").is_none());
+    }
+
+    #[test]
     fn credentials_are_scoped_to_registry_and_repository_and_end_with_the_image() {
         let s = SessionCredentials::default();
-        s.put("r.io/a:1", "r.io", "a", c("u1"), None);
-        s.alias("r.io/a:1", "sha256:aaa");
+        let pull = s.put("r.io/a:1", "r.io", "a", c("u1"), None);
+        s.alias(pull, "sha256:aaa");
         assert_eq!(s.get("r.io", "a").unwrap().username, "u1");
         assert!(s.get("r.io", "b").is_none(), "another repository");
         assert!(s.get("other.io", "a").is_none(), "another registry");
