@@ -174,7 +174,14 @@ pub async fn fetch_signed(
     let candidates = referrers(client, r, &image.manifest_digest, &[ARTIFACT_TYPE]).await?;
     for artifact in candidates.iter().rev() {
         if is_signed(client, r, artifact, keys).await {
-            let m = artifact_manifest(client, r, artifact, &image.manifest_digest).await?;
+            let m = artifact_manifest(
+                client,
+                r,
+                artifact,
+                &image.manifest_digest,
+                Some(ARTIFACT_TYPE),
+            )
+            .await?;
             return Ok(Some((
                 *artifact,
                 fetch_layers(client, image, artifact, &m).await?,
@@ -193,7 +200,7 @@ async fn is_signed(client: &Client, r: &Reference, artifact: &Digest, keys: &Tru
         return false;
     };
     for sig in sigs.iter().rev() {
-        let Ok(m) = artifact_manifest(client, r, sig, artifact).await else {
+        let Ok(m) = artifact_manifest(client, r, sig, artifact, None).await else {
             continue;
         };
         for d in m["layers"].as_array().into_iter().flatten() {
@@ -294,6 +301,7 @@ async fn artifact_manifest(
     r: &Reference,
     artifact: &Digest,
     subject: &Digest,
+    artifact_type: Option<&str>,
 ) -> Result<Value, ArtifactError> {
     let (body, _, _) = client.get_manifest(r, &artifact.to_string()).await?;
     let invalid = |reason: String| ArtifactError::Invalid {
@@ -303,6 +311,20 @@ async fn artifact_manifest(
     let m: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
     if m["subject"]["digest"] != subject.to_string() {
         return Err(invalid("its subject is another manifest".into()));
+    }
+    // A referrers listing is the registry's word (or, under the referrers tag schema, whoever
+    // pushed the tag's): the manifest itself must say what it is.
+    if let Some(t) = artifact_type {
+        if m["artifactType"] != t {
+            return Err(invalid(format!(
+                "it is not a {t} artifact (artifactType {})",
+                m["artifactType"]
+                    .to_string()
+                    .chars()
+                    .take(100)
+                    .collect::<String>()
+            )));
+        }
     }
     Ok(m)
 }
@@ -318,7 +340,14 @@ async fn find_artifact(
     let Some(artifact) = candidates.last() else {
         return Ok(None);
     };
-    let m = artifact_manifest(client, r, artifact, &image.manifest_digest).await?;
+    let m = artifact_manifest(
+        client,
+        r,
+        artifact,
+        &image.manifest_digest,
+        Some(artifact_type),
+    )
+    .await?;
     Ok(Some((*artifact, m)))
 }
 

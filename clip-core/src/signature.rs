@@ -14,6 +14,10 @@ use std::path::Path;
 pub const MEDIA_TYPE_BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
 const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+/// What `cosign sign` states: "the key's holder signed this artifact". Other predicates the
+/// same key may sign (an SBOM, a vulnerability scan, any attestation about the artifact) do
+/// not say the index is one to believe.
+const PREDICATE_TYPE: &str = "https://sigstore.dev/cosign/sign/v1";
 /// The most bytes read for one signature bundle.
 pub const MAX_BUNDLE: u64 = 1 << 20;
 
@@ -94,6 +98,16 @@ impl TrustedKeys {
         if st["_type"] != STATEMENT_TYPE {
             return Err(bad("not an in-toto v1 statement"));
         }
+        if st["predicateType"] != PREDICATE_TYPE {
+            return Err(SignatureError::Bundle(format!(
+                "a signed statement of another kind ({}), not a cosign signature",
+                st["predicateType"]
+                    .to_string()
+                    .chars()
+                    .take(100)
+                    .collect::<String>()
+            )));
+        }
         let names_subject = st["subject"]
             .as_array()
             .into_iter()
@@ -171,5 +185,44 @@ y8jR4MVIIoZAQfrZJHSoKGHgULy2zM7WviCCgza9t7dg+sZO8z6t6bJthw==
         // Garbage: an error, not a panic.
         assert!(k.verify_bundle(b"{", &subject).is_err());
         assert!(TrustedKeys::load(&["/nonexistent.pub"]).is_err());
+    }
+
+    /// A bundle of `statement`, signed by `key` as cosign signs.
+    fn signed(key: &p256::ecdsa::SigningKey, statement: &serde_json::Value) -> String {
+        use p256::ecdsa::signature::Signer;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let payload = serde_json::to_vec(statement).unwrap();
+        let sig: p256::ecdsa::Signature = key.sign(&pae(PAYLOAD_TYPE, &payload));
+        serde_json::json!({
+            "dsseEnvelope": {
+                "payload": b64.encode(&payload),
+                "payloadType": PAYLOAD_TYPE,
+                "signatures": [{"sig": b64.encode(sig.to_der().as_bytes())}],
+            }
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn only_a_cosign_signature_counts_not_another_statement_by_the_same_key() {
+        let key = p256::ecdsa::SigningKey::from_bytes(&[9u8; 32].into()).unwrap();
+        let trusted = TrustedKeys(vec![*key.verifying_key()]);
+        let subject = Digest::of(b"an index artifact");
+        let statement = |predicate: &str| {
+            serde_json::json!({
+                "_type": STATEMENT_TYPE,
+                "subject": [{"digest": {"sha256": subject.hex()}}],
+                "predicateType": predicate,
+                "predicate": {},
+            })
+        };
+        let sign = signed(&key, &statement(PREDICATE_TYPE));
+        trusted.verify_bundle(sign.as_bytes(), &subject).unwrap();
+        // The same key's attestation of something else about the artifact (an SBOM, say).
+        let sbom = signed(&key, &statement("https://spdx.dev/Document"));
+        let e = trusted
+            .verify_bundle(sbom.as_bytes(), &subject)
+            .unwrap_err();
+        assert!(e.to_string().contains("not a cosign signature"), "{e}");
     }
 }
