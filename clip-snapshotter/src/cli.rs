@@ -237,7 +237,9 @@ pub struct CacheArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Shared Redis tier (off by default): redis://HOST:PORT/, rediss://USER:PASSWORD@HOST:PORT/
-    /// (TLS and an ACL user), or redis+cluster://H1:P1,H2:P2 (rediss+cluster:// with TLS).
+    /// (TLS and an ACL user), or redis+cluster://H1:P1,H2:P2 (rediss+cluster:// with TLS). A URL
+    /// with a password is refused here (every user can read a command line): give it in
+    /// CLIP_REDIS.
     #[arg(long, env = "CLIP_REDIS", value_name = "URL")]
     pub redis: Option<String>,
     /// For rediss://: a CA file (PEM) to trust instead of the system's.
@@ -328,6 +330,39 @@ pub fn format_size(n: u64) -> String {
     n.to_string()
 }
 
+/// Refuses a secret given as a command-line argument, where every user on the node can read it
+/// (`ps`, `/proc/PID/cmdline`): a Redis URL with a password in `--redis`. The same URL is
+/// accepted from `CLIP_REDIS` or the configuration file's `[cache] redis`.
+pub fn refuse_secrets_in(args: impl IntoIterator<Item = String>) -> Result<(), String> {
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        let value = match a.as_str() {
+            "--redis" => args.next(),
+            _ => a.strip_prefix("--redis=").map(str::to_string),
+        };
+        if value.as_deref().is_some_and(has_password) {
+            return Err(
+                "--redis: a Redis URL with a password on the command line is visible to every \
+                 user of this machine; give it in the CLIP_REDIS environment variable or the \
+                 configuration file's [cache] redis"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether a URL carries a password (`scheme://user:password@...` or `scheme://:password@...`).
+fn has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
 /// `n` bytes for people: "1.5 MiB".
 pub fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -392,5 +427,31 @@ mod tests {
             assert_eq!(parse_cap(&format_size(n)), Ok(n));
         }
         assert_eq!(format_size(256 << 20), "256MiB");
+    }
+
+    #[test]
+    fn a_redis_password_on_the_command_line_is_refused() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for bad in [
+            &[
+                "clip",
+                "cat",
+                "x",
+                "y",
+                "--redis",
+                "rediss://u:s3cret@h:6380/",
+            ][..],
+            &["clip", "warm", "--redis=redis://:s3cret@h:6379/", "x"],
+        ] {
+            let e = refuse_secrets_in(args(bad)).unwrap_err();
+            assert!(e.contains("CLIP_REDIS") && !e.contains("s3cret"), "{e}");
+        }
+        for good in [
+            &["clip", "cat", "x", "y", "--redis", "rediss://clip@h:6380/"][..],
+            &["clip", "cat", "--redis", "redis+cluster://h1:1,h2:2"],
+            &["clip", "cat", "x", "user:pass@host"],
+        ] {
+            assert!(refuse_secrets_in(args(good)).is_ok(), "{good:?}");
+        }
     }
 }

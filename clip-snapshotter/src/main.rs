@@ -24,6 +24,10 @@ fn main() {
     // The few paths that must be wider say so where they are made.
     // SAFETY: umask(2) only sets this process's file mode creation mask.
     unsafe { libc::umask(0o077) };
+    if let Err(e) = cli::refuse_secrets_in(std::env::args()) {
+        eprintln!("clip: error: {e}");
+        std::process::exit(2);
+    }
     let cli = cli::Cli::parse();
     let filter = match cli.global.verbose {
         // fuser logs every request it has no handler for at warn; those are answered correctly.

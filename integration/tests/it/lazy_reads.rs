@@ -307,7 +307,10 @@ fn concurrent_readers_of_a_cold_span_make_one_request() {
 
 /// Node a reads a file (from the registry, filling the remote tier); node b, with its own root,
 /// reads it with zero registry bytes. Returns what the caller may check further.
-fn two_nodes_share_a_remote_tier(redis: &[&str]) -> (Registry, tempfile::TempDir, String) {
+fn two_nodes_share_a_remote_tier(
+    redis: &[&str],
+    env: &[(&str, &str)],
+) -> (Registry, tempfile::TempDir, String) {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
     let (l, image) = everytype(&reg, tmp.path());
@@ -316,9 +319,13 @@ fn two_nodes_share_a_remote_tier(redis: &[&str]) -> (Registry, tempfile::TempDir
         &["index", &image, "--push", "--json"],
         &[],
     );
-    let (a, sa) = cat(&tmp.path().join("a"), &image, "/data/random.bin", redis);
+    let read = |node: &str| {
+        let root = tmp.path().join(node);
+        cat_with(&root, &[], &image, "/data/random.bin", redis, env)
+    };
+    let (a, sa) = read("a");
     assert!(sa["registry_bytes"].as_u64().unwrap() > 0);
-    let (b, sb) = cat(&tmp.path().join("b"), &image, "/data/random.bin", redis);
+    let (b, sb) = read("b");
     assert!(a == b && b == reference_bytes(&l, "/data/random.bin"));
     assert_eq!(sb["registry_bytes"], 0, "node b fetched span bytes: {sb}");
     assert!(sb["remote_hits"].as_u64().unwrap() >= 6, "{sb}");
@@ -329,7 +336,7 @@ fn two_nodes_share_a_remote_tier(redis: &[&str]) -> (Registry, tempfile::TempDir
 fn a_second_node_reads_through_a_shared_redis_without_the_registry() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url]);
+    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url], &[]);
     // Plain TCP works, and says loudly that image content crosses the network in the clear.
     let o = clip(
         &tmp.path().join("b"),
@@ -499,7 +506,7 @@ fn redis_cluster_mode_is_supported() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let url = format!("redis+cluster://{}", addrs.join(","));
-    let _ = two_nodes_share_a_remote_tier(&["--redis", &url]);
+    let _ = two_nodes_share_a_remote_tier(&["--redis", &url], &[]);
     // The spans are spread over the cluster's nodes.
     let holding = ports
         .iter()
@@ -647,9 +654,19 @@ fn the_shared_tier_works_over_tls_with_an_acl_user() {
     let redis = RedisServer::start_tls();
     let (url, ca) = (redis.url(), redis.ca.clone().unwrap());
     let ca = ca.to_str().unwrap();
-    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis", &url, "--redis-ca", ca]);
+    // The password stays off the command line: CLIP_REDIS carries the URL.
+    let env = [("CLIP_REDIS", url.as_str())];
+    let (_reg, tmp, image) = two_nodes_share_a_remote_tier(&["--redis-ca", ca], &env);
     let o = clip(
         &tmp.path().join("b"),
+        &["cat", &image, "/etc/config", "--redis-ca", ca],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("in the clear"), "{}", stderr(&o));
+    // On the command line it is refused before anything is read, and never echoed.
+    let o = clip(
+        &tmp.path().join("c"),
         &[
             "cat",
             &image,
@@ -661,26 +678,25 @@ fn the_shared_tier_works_over_tls_with_an_acl_user() {
         ],
         &[],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(!stderr(&o).contains("in the clear"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("CLIP_REDIS"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(REDIS_PASSWORD), "{}", stderr(&o));
     let wrong_password = url.replace(REDIS_PASSWORD, "not-the-password");
     let plain = url.replace("rediss://", "redis://");
-    for (n, args) in [
-        [
-            "--redis",
-            url.as_str(),
-            "--redis-ca",
-            "/etc/ssl/certs/ca-certificates.crt",
-        ],
-        ["--redis", wrong_password.as_str(), "--redis-ca", ca],
-        ["--redis", plain.as_str(), "--redis-ca", ca],
+    for (n, (redis, ca)) in [
+        (url.as_str(), "/etc/ssl/certs/ca-certificates.crt"),
+        (wrong_password.as_str(), ca),
+        (plain.as_str(), ca),
     ]
-    .iter()
+    .into_iter()
     .enumerate()
     {
-        let mut a = vec!["cat", &image, "/etc/config"];
-        a.extend_from_slice(args);
-        let o = clip(&tmp.path().join(format!("bad{n}")), &a, &[]);
+        let args = ["cat", &image, "/etc/config", "--redis-ca", ca];
+        let o = clip(
+            &tmp.path().join(format!("bad{n}")),
+            &args,
+            &[("CLIP_REDIS", redis)],
+        );
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
         assert!(e.contains("remote cache"), "{args:?}: {e}");
