@@ -213,7 +213,8 @@ impl Segments {
         self.loads
             .iter()
             .find(|&&(v, _, size)| vaddr >= v && vaddr - v < size)
-            .map(|&(v, off, _)| off + (vaddr - v))
+            // A segment's file offset is the object's word: one near u64::MAX is no offset.
+            .and_then(|&(v, off, _)| off.checked_add(vaddr - v))
     }
 }
 
@@ -480,6 +481,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(d.strings_len(), 100);
+    }
+
+    #[test]
+    fn a_segment_offset_near_the_end_of_the_address_space_is_no_offset() {
+        // Found by the elf_needed fuzz target: a loadable segment whose file offset is
+        // 0xffff_ffff_ffff_ff00; the dynamic section's string table 0x20 into it.
+        let s = Segments {
+            dynamic: None,
+            loads: vec![(0x1000, 0xffff_ffff_ffff_ff00, 0x1000)],
+        };
+        assert_eq!(s.file_offset(0x1020), Some(0xffff_ffff_ffff_ff20));
+        assert_eq!(s.file_offset(0x1100), None);
     }
 
     #[test]
