@@ -302,6 +302,69 @@ pub async fn load_indexes(
     store_fetched(store, image, fetched, Origin::Published, start).await
 }
 
+/// The indexes of every layer of `image` under the `owner` rule: a stored index serves the
+/// image if this node built it, a trusted key signed it, or the image's own repository
+/// published it; any other layer (its index brought by another repository's image, or of
+/// unknown origin) is indexed here first, from its own bytes, with its digest and DiffID
+/// checked, and the node's index replaces the published one. Layers with no stored index
+/// take the image's own published index, as [`load_indexes`] does. `fill` gets the spans
+/// inflated on the way.
+pub async fn load_owned_indexes(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    fill: Option<Arc<crate::cache::TieredCache>>,
+) -> Result<Vec<LayerReport>, ImageError> {
+    let repository = image.reference.repository_name();
+    let foreign = |d: &LayerDescriptor| -> Result<bool, ImageError> {
+        Ok(store
+            .provenance(&d.digest)?
+            .is_some_and(|p| !p.serves(&repository)))
+    };
+    let loaded = load_indexes(client, store, image).await?;
+    let mut reports = Vec::new();
+    for (i, d) in image.layers.iter().enumerate() {
+        if !foreign(d)? {
+            if let Some(r) = loaded.get(i).filter(|r| r.descriptor.digest == d.digest) {
+                reports.push(r.clone());
+                continue;
+            }
+            if let Some((ix, enc)) = store.get_layer(&d.digest)? {
+                reports.push(LayerReport {
+                    descriptor: d.clone(),
+                    index: Arc::new(ix),
+                    encoded: enc.into(),
+                    built: false,
+                    elapsed: Duration::ZERO,
+                });
+                continue;
+            }
+        }
+        tracing::info!(
+            image = %image.reference,
+            layer = %d.digest,
+            "the node's index of this layer came from another repository: indexing it here \
+             from its own bytes before this image uses it"
+        );
+        let progress: Progress = Arc::new(|_| {});
+        reports.push(
+            index_layer_filling(
+                client,
+                store,
+                image,
+                d,
+                &BuildOptions::default(),
+                progress,
+                true,
+                fill.clone(),
+            )
+            .await?,
+        );
+    }
+    record_image(store, image, &reports, None).await?;
+    Ok(reports)
+}
+
 /// Stores the layer indexes of a fetched index artifact and records the image.
 async fn store_fetched(
     store: &Store,
@@ -327,7 +390,30 @@ async fn store_fetched(
                 continue;
             }
         }
-        store.put_layer(&d.digest, &f.encoded, None, origin).await?;
+        match origin {
+            Origin::Published => {
+                let publisher = image.reference.repository_name();
+                if !store
+                    .put_published(&d.digest, &f.encoded, &publisher)
+                    .await?
+                {
+                    // Another image stored one meanwhile: that one serves this image too.
+                    if let Some((ix, enc)) = store.get_layer(&d.digest)? {
+                        reports.push(LayerReport {
+                            descriptor: d.clone(),
+                            index: Arc::new(ix),
+                            encoded: enc.into(),
+                            built: false,
+                            elapsed: start.elapsed(),
+                        });
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                store.put_layer(&d.digest, &f.encoded, None, origin).await?;
+            }
+        }
         reports.push(LayerReport {
             descriptor: d.clone(),
             index: Arc::new(f.index),

@@ -45,6 +45,12 @@ impl Reference {
         }
     }
 
+    /// `registry/repository`: who publishes under this name (the owner of the indexes its
+    /// images bring; see `store::Provenance`).
+    pub fn repository_name(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+
     /// The same repository, pinned to `digest`.
     pub fn with_digest(&self, digest: Digest) -> Reference {
         Reference {

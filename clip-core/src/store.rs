@@ -49,6 +49,40 @@ pub enum Origin {
     Signed,
 }
 
+/// Who vouches for a stored layer index, with the sha256 of its encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Provenance {
+    /// Built on this machine from the layer's bytes.
+    Built(Digest),
+    /// Published and signed by a trusted key.
+    Signed(Digest),
+    /// Published, on its publisher's word: the repository (`registry/repository`) whose image
+    /// brought it, when known.
+    Published {
+        digest: Digest,
+        publisher: Option<String>,
+    },
+}
+
+impl Provenance {
+    /// The sha256 of the encoded index.
+    pub fn digest(&self) -> &Digest {
+        match self {
+            Provenance::Built(d) | Provenance::Signed(d) => d,
+            Provenance::Published { digest, .. } => digest,
+        }
+    }
+
+    /// Whether the index may serve an image of `repository` (`registry/repository`) under the
+    /// `owner` rule: built here, signed, or published by that repository.
+    pub fn serves(&self, repository: &str) -> bool {
+        match self {
+            Provenance::Built(_) | Provenance::Signed(_) => true,
+            Provenance::Published { publisher, .. } => publisher.as_deref() == Some(repository),
+        }
+    }
+}
+
 pub struct Store {
     root: PathBuf,
     db: sled::Db,
@@ -59,6 +93,9 @@ pub struct Store {
     verified: sled::Tree,
     /// Layers whose published index was signed by a trusted key: layer -> sha256 of that index.
     signed: sled::Tree,
+    /// Layers whose stored index is a published one: layer -> the repository that brought it
+    /// (`registry/repository`) and the sha256 of that index.
+    publishers: sled::Tree,
     images: sled::Tree,
 }
 
@@ -112,6 +149,7 @@ impl Store {
             layers: tree("layer-index")?,
             verified: tree("layer-verified")?,
             signed: tree("layer-signed")?,
+            publishers: tree("layer-publisher")?,
             images: tree("image")?,
             db,
         })
@@ -143,42 +181,110 @@ impl Store {
     }
 
     /// Stores an encoded index and (when given) its windows blob, named by its content digest
-    /// (which is what the index records), with where it came from; durable on return.
+    /// (which is what the index records), with where it came from; durable on return. An
+    /// unverified (published) index is stored only where none is: it never replaces one.
+    /// Returns whether `encoded` is now the layer's index.
     pub async fn put_layer(
         &self,
         layer: &Digest,
         encoded: &[u8],
         windows: Option<&[u8]>,
         origin: Origin,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        self.put(layer, encoded, windows, origin, None).await
+    }
+
+    /// Stores a published index brought by `publisher` (`registry/repository`) where the node
+    /// holds none for the layer, and remembers who brought it (see [`Store::provenance`]).
+    /// Returns whether it was stored.
+    pub async fn put_published(
+        &self,
+        layer: &Digest,
+        encoded: &[u8],
+        publisher: &str,
+    ) -> Result<bool, StoreError> {
+        self.put(layer, encoded, None, Origin::Published, Some(publisher))
+            .await
+    }
+
+    async fn put(
+        &self,
+        layer: &Digest,
+        encoded: &[u8],
+        windows: Option<&[u8]>,
+        origin: Origin,
+        publisher: Option<&str>,
+    ) -> Result<bool, StoreError> {
         if let Some(w) = windows {
             self.write_file_atomic(&self.windows_path(&Digest::of(w)), w)?;
         }
-        match origin {
-            // An unverified index is stored only where none is: it never replaces one.
+        let key = layer.to_string();
+        let digest = Digest::of(encoded);
+        let stored = match origin {
             Origin::Published => {
-                let _ = self
+                let swapped = self
                     .layers
-                    .compare_and_swap(layer.to_string(), None as Option<&[u8]>, Some(encoded))
-                    .map_err(|e| self.db_err(e))?;
+                    .compare_and_swap(&key, None as Option<&[u8]>, Some(encoded))
+                    .map_err(|e| self.db_err(e))?
+                    .is_ok();
+                // Named with the index's digest: a mark never outlives the index it is for. A
+                // crash before it is written leaves an index with no known publisher, which
+                // every image treats as another repository's.
+                if let (true, Some(p)) = (swapped, publisher) {
+                    let mut v = digest.as_bytes().to_vec();
+                    v.extend_from_slice(p.as_bytes());
+                    self.publishers
+                        .insert(&key, v)
+                        .map_err(|e| self.db_err(e))?;
+                }
+                swapped
             }
             Origin::Built | Origin::Signed => {
                 self.layers
-                    .insert(layer.to_string(), encoded)
+                    .insert(&key, encoded)
                     .map_err(|e| self.db_err(e))?;
+                self.publishers.remove(&key).map_err(|e| self.db_err(e))?;
+                true
             }
-        }
+        };
         let marks = match origin {
             Origin::Published => None,
             Origin::Built => Some(&self.verified),
             Origin::Signed => Some(&self.signed),
         };
         if let Some(t) = marks {
-            t.insert(layer.to_string(), Digest::of(encoded).as_bytes())
+            t.insert(&key, digest.as_bytes())
                 .map_err(|e| self.db_err(e))?;
         }
         self.db.flush_async().await.map_err(|e| self.db_err(e))?;
-        Ok(())
+        Ok(stored)
+    }
+
+    /// Who vouches for the index the node holds for `layer` (`None`: it holds none).
+    pub fn provenance(&self, layer: &Digest) -> Result<Option<Provenance>, StoreError> {
+        let key = layer.to_string();
+        let Some(raw) = self.layers.get(&key).map_err(|e| self.db_err(e))? else {
+            return Ok(None);
+        };
+        let digest = Digest::of(&raw);
+        let marked = |t: &sled::Tree| -> Result<bool, StoreError> {
+            Ok(t.get(&key)
+                .map_err(|e| self.db_err(e))?
+                .is_some_and(|m| m[..] == digest.as_bytes()[..]))
+        };
+        if marked(&self.verified)? {
+            return Ok(Some(Provenance::Built(digest)));
+        }
+        if marked(&self.signed)? {
+            return Ok(Some(Provenance::Signed(digest)));
+        }
+        let publisher = self
+            .publishers
+            .get(&key)
+            .map_err(|e| self.db_err(e))?
+            .filter(|v| v.len() > 32 && v[..32] == digest.as_bytes()[..])
+            .and_then(|v| String::from_utf8(v[32..].to_vec()).ok());
+        Ok(Some(Provenance::Published { digest, publisher }))
     }
 
     /// The layer's index if it is the one this machine built from the layer's bytes.
@@ -377,6 +483,50 @@ mod tests {
             }],
         };
         (ix, windows)
+    }
+
+    #[tokio::test]
+    async fn a_published_index_serves_only_its_publishers_repository_until_built_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (ix, _) = sample();
+        let first = format::encode(&ix);
+        let mut other = ix.clone();
+        other.entries[0].mode = 0o4755;
+        let second = format::encode(&other);
+        assert_eq!(s.provenance(&ix.layer).unwrap(), None);
+        assert!(s
+            .put_published(&ix.layer, &first, "reg:5000/a")
+            .await
+            .unwrap());
+        // The second publisher neither replaces the index nor becomes its publisher.
+        assert!(!s
+            .put_published(&ix.layer, &second, "reg:5000/b")
+            .await
+            .unwrap());
+        let p = s.provenance(&ix.layer).unwrap().unwrap();
+        assert!(p.serves("reg:5000/a"));
+        assert!(!p.serves("reg:5000/b"));
+        assert!(!p.serves("reg:5000/a/sub"));
+        assert_eq!(*p.digest(), Digest::of(&first));
+        // Built here: it serves every repository, and the publisher's mark is gone.
+        s.put_layer(&ix.layer, &second, None, Origin::Built)
+            .await
+            .unwrap();
+        let p = s.provenance(&ix.layer).unwrap().unwrap();
+        assert_eq!(p, Provenance::Built(Digest::of(&second)));
+        assert!(p.serves("reg:5000/b"));
+        // An index of unknown origin (no publisher recorded) serves nobody's images.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.put_layer(&ix.layer, &first, None, Origin::Published)
+            .await
+            .unwrap();
+        assert!(!s
+            .provenance(&ix.layer)
+            .unwrap()
+            .unwrap()
+            .serves("reg:5000/a"));
     }
 
     #[tokio::test]

@@ -148,10 +148,12 @@ pub struct SnapshotterArgs {
     /// Index images without a published index while they are pulled.
     #[arg(long)]
     pub index_on_demand: bool,
-    /// Which layer indexes to believe by default: "published" (lazy from the first start;
-    /// trusts whoever can push to the repositories pulled) or "local" (index on this node while
-    /// pulling; safe for multi-tenant nodes). Per-repository scopes: [trust] in the config.
-    #[arg(long, value_name = "published|local|signed")]
+    /// Which layer indexes to believe by default: "owner" (the default, safe for multi-tenant
+    /// nodes: a published index serves its own repository's images, lazily from the first
+    /// start; another repository's first use of the layer verifies it), "published" (trusts
+    /// whoever can push to the repositories pulled, for every image), "local" (index on this
+    /// node while pulling) or "signed". Per-repository scopes: [trust] in the config.
+    #[arg(long, value_name = "owner|published|local|signed")]
     pub trust: Option<crate::trust::Trust>,
     /// A public key (cosign, PEM) whose signatures on index artifacts `signed` accepts.
     /// Repeatable; adds to [trust] keys.

@@ -230,7 +230,9 @@ fn kind_name(k: Option<&EntryKind>) -> &'static str {
 async fn inspect(g: &GlobalArgs, a: InspectArgs) -> Result<()> {
     let ctx = open_node(g)?;
     let image = resolve(&ctx, &a.reference).await?;
-    let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
+    // The node's rule for shared layers (trust = owner): an index another repository published
+    // is not believed for this image; the layer is indexed here first.
+    let reports = image::load_owned_indexes(&ctx.client, &ctx.store, &image, None).await?;
     let view = ImageView::build(reports.iter().map(|r| r.index.clone()).collect())
         .context("merging the layers")?;
     let Some(path) = a.path else {
@@ -336,7 +338,9 @@ async fn open_image(
     c: &CacheArgs,
 ) -> Result<(ResolvedImage, OpenImage)> {
     let image = resolve(ctx, reference).await?;
-    let reports = image::load_indexes(&ctx.client, &ctx.store, &image).await?;
+    // As the snapshotter's default (trust = owner): a layer whose index another repository
+    // published is indexed here before this image reads it.
+    let reports = image::load_owned_indexes(&ctx.client, &ctx.store, &image, None).await?;
     let cfg = crate::config::cache_config(c, ctx.store.root());
     let path = ReadPath::open(&cfg, &ctx.store).await?;
     let readers = reports

@@ -73,8 +73,10 @@ pub struct CriSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrustSection {
-    /// "published" (default: lazy from the first start; trusts whoever can push to the
-    /// repositories pulled) or "local" (index on this node while pulling; multi-tenant safe).
+    /// "owner" (default, multi-tenant safe: published indexes serve their own repository;
+    /// another repository's first use of a layer verifies it), "published" (trusts whoever can
+    /// push to the repositories pulled), "local" (index on this node while pulling) or
+    /// "signed" (see docs/security.md).
     pub default: Option<crate::trust::Trust>,
     /// Per registry, registry/repository or repository prefix; the most specific wins.
     pub scopes: std::collections::BTreeMap<String, crate::trust::Trust>,

@@ -5,7 +5,9 @@
 //! checked against the layer until the bytes are read, and the image config that names the
 //! DiffID is the publisher's too. Because containerd shares committed layers between images by
 //! chain ID, believing a published index means trusting its publisher for every image on the
-//! node that has a layer with the DiffID it claims.
+//! node that has a layer with the DiffID it claims. The default, `owner`, believes a published
+//! index only for its own repository's images and has the node verify a layer before any other
+//! repository's image reads it.
 
 use clip_core::reference::Reference;
 use serde::Deserialize;
@@ -13,6 +15,13 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Trust {
+    /// The default, for shared nodes: a published index serves the images of the repository
+    /// that published it, lazily from the first start. Before an image of any other
+    /// repository uses a layer whose index another repository published (through the store,
+    /// or through a committed snapshot it shares by chain ID), the node indexes that layer
+    /// from its own bytes, checks its digest and DiffID, and serves the node's index from then
+    /// on. Indexes built here or signed by a configured key serve every image.
+    Owner,
     /// Use published indexes (lazy from the first start). Trusts everyone who can push to the
     /// repositories in scope.
     Published,
@@ -30,10 +39,13 @@ impl std::str::FromStr for Trust {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "owner" => Ok(Trust::Owner),
             "published" => Ok(Trust::Published),
             "local" => Ok(Trust::Local),
             "signed" => Ok(Trust::Signed),
-            _ => Err(format!("unknown trust {s:?} (published, local or signed)")),
+            _ => Err(format!(
+                "unknown trust {s:?} (owner, published, local or signed)"
+            )),
         }
     }
 }
@@ -51,7 +63,7 @@ pub struct TrustPolicy {
 impl Default for TrustPolicy {
     fn default() -> Self {
         TrustPolicy {
-            default: Trust::Published,
+            default: Trust::Owner,
             scopes: Vec::new(),
             keys: Default::default(),
         }
@@ -105,7 +117,8 @@ mod tests {
         assert_eq!(t("docker.io/library/busybox:1"), Trust::Local);
         assert_eq!(
             TrustPolicy::default().for_image(&"x/y:1".parse().unwrap()),
-            Trust::Published
+            Trust::Owner,
+            "the default is the multi-tenant-safe one"
         );
     }
 }

@@ -170,8 +170,8 @@ pub struct Fetcher {
     /// Write-back budget in KiB.
     writeback: Arc<Semaphore>,
     pub stats: FetchStats,
-    /// The live fetcher of each layer (by layer, windows blob and source): every reader of a
-    /// layer from the same repository shares one, so a span is in flight once whoever asks (a
+    /// The live fetcher of each layer (by layer, windows blob and source, for one span table):
+    /// every reader of a layer from the same repository shares one, so a span is in flight once whoever asks (a
     /// prefetch started at pull time and the mount's demand reads, say).
     layers: Mutex<HashMap<(Digest, Digest, String), std::sync::Weak<LayerFetcher>>>,
 }
@@ -206,10 +206,14 @@ impl Fetcher {
             .shared_origin()
             .map(|o| (index.layer, index.windows.digest, o));
         let mut layers = self.layers.lock().expect("layers lock");
+        // Only a fetcher with the same span table: two indexes of one layer (a published one and
+        // the one this node built in its place) may share the windows blob and still name other
+        // spans, and a reader must verify against the index it was given.
         if let Some(live) = key
             .as_ref()
             .and_then(|k| layers.get(k))
             .and_then(std::sync::Weak::upgrade)
+            .filter(|live| Arc::ptr_eq(&live.index, &index) || live.index.spans == index.spans)
         {
             return live;
         }

@@ -694,6 +694,44 @@ async fn a_damaged_local_windows_blob_costs_one_retry_then_the_published_one_is_
 }
 
 #[tokio::test]
+async fn a_reader_verifies_against_its_own_index_while_another_index_of_the_layer_is_live() {
+    // A published index of a layer that names other spans than the layer has (here: another
+    // layer's span table relabelled, sharing nothing but the layer and the windows blob) is
+    // live in a running container's mount; the node then builds the layer's own index and a
+    // new mount reads through it. The new reader must use its own span table, not the live
+    // fetcher of the forged one.
+    let (gz, honest, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    let (_, other, _, _) = layer(17, 48 << 10, 16 << 10);
+    let mut forged = (*other).clone();
+    forged.layer = honest.layer;
+    forged.windows = honest.windows;
+    forged.compressed_size = honest.compressed_size;
+    let source = Arc::new(
+        FakeSource::new()
+            .with_blob(gz)
+            .with_blob(windows.clone())
+            .with_origin("registry/repo"),
+    );
+    let fetcher = memory_fetcher();
+    let live = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        Arc::new(forged),
+        None,
+        NO_GUESSING,
+    );
+    let k = (1..honest.spans.len())
+        .find(|&i| i >= other.spans.len() || honest.spans[i].digest != other.spans[i].digest)
+        .unwrap_or(honest.spans.len() - 1);
+    let (s, e) = honest.span_range(k);
+    assert!(live.read(s, e - s).await.is_err(), "the forged span table");
+    let mine = LayerReader::new(&fetcher, source.clone(), honest.clone(), None, NO_GUESSING);
+    let got = mine.read(s, e - s).await.unwrap();
+    assert_eq!(&got[..], &tar[s as usize..e as usize]);
+    drop(live);
+}
+
+#[tokio::test]
 async fn a_span_one_layer_put_in_the_cache_is_never_served_for_another_layers_index() {
     // The content-substitution attack: a publisher's index for layer B is its own layer A's
     // index relabelled, so it names, for B's spans, the digests (and lengths) of A's spans,

@@ -187,6 +187,18 @@ impl Discovery {
         Ok(hits)
     }
 
+    /// Every image manifest containerd holds, in any namespace, whose chains include `chain`,
+    /// read afresh (an image whose pull began a moment ago counts), the newest first: the
+    /// images that use a committed snapshot.
+    pub async fn users(&self, chain: &Digest) -> Result<Vec<Hit>, DiscoverError> {
+        let mut st = self.state.lock().await;
+        if let Err(e) = self.refresh(&mut st).await {
+            st.channel = None;
+            return Err(e);
+        }
+        Ok(hits_of(&st, chain))
+    }
+
     /// Image `manifest` and its config from containerd's content store (the namespace it was
     /// last found in first, then every namespace), each checked against its digest: a pull
     /// has put them there before its first Prepare, so the snapshotter need not fetch them from
@@ -250,8 +262,9 @@ impl Discovery {
     pub async fn authorities(&self, host: &str, repo: &str) -> Vec<String> {
         let st = self.state.lock().await;
         let mut out: Vec<String> = Vec::new();
+        // `clip pull` names the source by authority (with its port), containerd by host name.
         let mut add = |a: &str| {
-            if hosts::hostname(a) == host && !out.iter().any(|o| o == a) {
+            if (a == host || hosts::hostname(a) == host) && !out.iter().any(|o| o == a) {
                 out.push(a.to_string());
             }
         };

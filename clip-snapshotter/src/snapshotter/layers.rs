@@ -8,8 +8,9 @@
 //! sees only the trait, so its containerd semantics are tested with a fake.
 
 use super::discover;
-use super::meta::Remote;
+use super::meta::{Record, Remote};
 use super::profiles::Profiles;
+use super::SnapshotError;
 use crate::labels;
 use crate::trust::{Trust, TrustPolicy};
 use clip_core::digest::Digest;
@@ -69,6 +70,21 @@ fn unpacks() -> &'static opentelemetry::metrics::Counter<u64> {
     })
 }
 
+fn verifications() -> &'static opentelemetry::metrics::Counter<u64> {
+    static C: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        opentelemetry::global::meter("clip")
+            .u64_counter("clip.snapshotter.layer_verifications")
+            .with_description(
+                "Layers indexed on this node because an image of another repository than the \
+                 one that published their index used them (trust = owner), by outcome: \
+                 verified, replaced (the snapshot took another image's layer) or refused",
+            )
+            .build()
+    })
+}
+
 /// How long a successful probe of an authority stands for the rest of an image's layers.
 const PROBE_TTL: Duration = Duration::from_secs(60);
 
@@ -80,6 +96,16 @@ pub trait Layers: Send + Sync {
     async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<(Remote, Digest)>;
     /// A base layer was committed as a remote snapshot: the pull is under way.
     fn committed(&self, remote: &Remote);
+    /// Before a snapshot is made on the remote snapshots `chain` (name and record, bottom
+    /// first; `labels` are the new snapshot's), checks that every image using them may read
+    /// them under its trust policy, verifying layers where it must. Returns the snapshots whose
+    /// content must become another layer (a chain ID claimed by a layer that is not the one it
+    /// names); an error refuses the new snapshot.
+    async fn admit(
+        &self,
+        chain: &[(String, Record)],
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<(String, Remote)>, SnapshotError>;
 }
 
 /// Layers from the store, the registry and containerd's content store.
@@ -97,6 +123,9 @@ pub struct RegistryLayers {
     /// Pinned images whose manifest a probe fetched lately: the other layers of the same pull
     /// need not probe again.
     probed: Mutex<HashMap<String, Instant>>,
+    /// One verification of a layer at a time (they are rare, and two of one layer would
+    /// download it twice).
+    verifying: tokio::sync::Mutex<()>,
 }
 
 impl RegistryLayers {
@@ -128,6 +157,7 @@ impl RegistryLayers {
             discovery,
             probe,
             probed: Mutex::new(HashMap::new()),
+            verifying: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -147,6 +177,26 @@ impl Layers for RegistryLayers {
 
     fn committed(&self, remote: &Remote) {
         self.profiles.prefetch_soon(remote);
+    }
+
+    async fn admit(
+        &self,
+        chain: &[(String, Record)],
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<(String, Remote)>, SnapshotError> {
+        // The image asking, when the Prepare says (a pull's next layer).
+        let asker = labels
+            .get(labels::IMAGE_REF)
+            .and_then(|r| r.parse::<Reference>().ok())
+            .map(|r| r.repository_name());
+        let mut rebinds = Vec::new();
+        for (name, rec) in chain {
+            let Some(remote) = &rec.remote else { continue };
+            if let Some(r) = self.admit_one(name, remote, asker.as_deref()).await? {
+                rebinds.push((name.clone(), r));
+            }
+        }
+        Ok(rebinds)
     }
 }
 
@@ -276,8 +326,8 @@ impl RegistryLayers {
             layer,
             reference: pinned.to_string(),
         };
-        let trust = self.trust.for_image(&pinned);
-        if let Some(d) = self.stored_diff_id(trust, &layer) {
+        let trust = self.trust_for(&pinned);
+        if let Some(d) = self.stored_diff_id(trust, &layer, &pinned) {
             return Ok((remote, d));
         }
         self.resolve_locally(&pinned).await;
@@ -306,6 +356,7 @@ impl RegistryLayers {
         // serves both, and the two artifacts are fetched at once): the mount finds it done.
         self.profiles.start_lookup(&pinned);
         match trust {
+            Trust::Owner => self.load_owned(&pinned, &image).await?,
             Trust::Published => self.load_published(&pinned, &image).await?,
             Trust::Signed => self.load_signed(&pinned, &image).await?,
             // Never a published index: the node indexes the image from its own bytes. A layer
@@ -316,7 +367,7 @@ impl RegistryLayers {
                 self.index_here(&pinned, &image).await?
             }
         }
-        self.stored_diff_id(trust, &layer)
+        self.stored_diff_id(trust, &layer, &pinned)
             .map(|d| (remote, d))
             .ok_or_else(|| {
                 Fallback::new(
@@ -347,15 +398,210 @@ impl RegistryLayers {
         }
     }
 
-    /// The DiffID of the stored index of `layer` that `trust` accepts: any (`published`), one
+    /// The DiffID of the stored index of `layer` that `trust` accepts for `image`: one built
+    /// here, signed, or published by the image's repository (`owner`), any (`published`), one
     /// this node built (`local`), or one built here or signed by a trusted key (`signed`).
-    fn stored_diff_id(&self, trust: Trust, layer: &Digest) -> Option<Digest> {
+    fn stored_diff_id(&self, trust: Trust, layer: &Digest, image: &Reference) -> Option<Digest> {
         let found = match trust {
+            Trust::Owner => {
+                let p = self.store.provenance(layer).ok()??;
+                if !p.serves(&image.repository_name()) {
+                    return None;
+                }
+                self.store.get_layer(layer)
+            }
             Trust::Published => self.store.get_layer(layer),
             Trust::Local => self.store.get_verified_layer(layer),
             Trust::Signed => self.store.get_signed_layer(layer),
         };
         found.ok().flatten().map(|(ix, _)| ix.diff_id)
+    }
+
+    /// The image's trust. `owner` needs to know which images use a snapshot, which only
+    /// containerd's content store tells: without it (`containerd_address = ""`) it is `local`.
+    fn trust_for(&self, image: &Reference) -> Trust {
+        match self.trust.for_image(image) {
+            Trust::Owner if self.discovery.is_none() => Trust::Local,
+            t => t,
+        }
+    }
+
+    /// Loads the image's indexes under the `owner` rule (its own published ones; layers
+    /// another repository's index is stored for are indexed here); without a published index,
+    /// indexes it here with `index_on_demand`.
+    async fn load_owned(&self, pinned: &Reference, image: &ResolvedImage) -> Result<(), Fallback> {
+        let _one = self.verifying.lock().await;
+        let fill = Some(self.reads.cache().clone());
+        match image::load_owned_indexes(&self.client, &self.store, image, fill).await {
+            Ok(_) => Ok(()),
+            Err(ImageError::NoIndex { .. }) if self.index_on_demand => {
+                tracing::info!(image = %pinned, "no published index: indexing on demand");
+                self.index_here(pinned, image).await
+            }
+            Err(ImageError::NoIndex { .. }) => Err(Fallback::new(
+                "no index",
+                format!("{pinned} has no published index (index_on_demand is off)"),
+            )),
+            Err(e) => Err(Fallback::new(
+                "index error",
+                format!("{pinned}: loading its index failed: {e}"),
+            )),
+        }
+    }
+
+    /// [`Layers::admit`] for one remote snapshot `name`: under `owner`, a layer whose index
+    /// another repository published is verified (indexed here from its bytes, DiffID checked)
+    /// as soon as an image of another repository uses the snapshot. A layer that is not what
+    /// its chain ID names is replaced by the layer of a using image that is (returned).
+    async fn admit_one(
+        &self,
+        name: &str,
+        remote: &Remote,
+        asker: Option<&str>,
+    ) -> Result<Option<Remote>, SnapshotError> {
+        let refuse =
+            |why: String| SnapshotError::FailedPrecondition(format!("snapshot {name}: {why}"));
+        let Ok(pinned) = remote.reference.parse::<Reference>() else {
+            return Err(refuse(format!(
+                "unreadable reference {:?}",
+                remote.reference
+            )));
+        };
+        if self.trust_for(&pinned) != Trust::Owner {
+            return Ok(None);
+        }
+        let publisher = match self.store.provenance(&remote.layer) {
+            Ok(Some(clip_core::store::Provenance::Published { publisher, .. })) => publisher,
+            // Built here, signed, or gone (the mount then says so).
+            Ok(_) => return Ok(None),
+            Err(e) => return Err(refuse(e.to_string())),
+        };
+        let discovery = self.discovery.as_ref().expect("owner trust has discovery");
+        let users = match name.parse::<Digest>() {
+            Ok(chain) => discovery.users(&chain).await.map_err(|e| {
+                refuse(format!(
+                    "cannot tell which images use it, so its layer cannot be checked: {e}"
+                ))
+            })?,
+            Err(_) => Vec::new(),
+        };
+        let theirs = |host: &str, repo: &str| {
+            publisher.as_deref().is_some_and(|p| {
+                // containerd's pulls name the source by host name (no port), `clip pull` by
+                // authority.
+                p.split_once('/').is_some_and(|(authority, r)| {
+                    (host == authority || clip_core::registry::hosts::hostname(authority) == host)
+                        && r == repo
+                })
+            })
+        };
+        let others: Vec<&discover::Hit> = users
+            .iter()
+            .filter(|h| h.sources.iter().any(|(host, repo)| !theirs(host, repo)))
+            .collect();
+        let asked_by_other = asker.is_some_and(|a| publisher.as_deref() != Some(a));
+        if publisher.is_some() && others.is_empty() && !asked_by_other {
+            return Ok(None);
+        }
+        let _one = self.verifying.lock().await;
+        if !matches!(
+            self.store.provenance(&remote.layer),
+            Ok(Some(clip_core::store::Provenance::Published { .. }))
+        ) {
+            return Ok(None); // verified meanwhile
+        }
+        let by = publisher.as_deref().unwrap_or("an unknown repository");
+        tracing::warn!(
+            snapshot = name,
+            layer = %remote.layer,
+            publisher = by,
+            "another repository's image uses this layer, whose index {by} published: indexing \
+             it on this node from its own bytes before that image reads it"
+        );
+        let t = Instant::now();
+        let err = match self.verify_layer(&pinned, &remote.layer).await {
+            Ok(()) => {
+                tracing::info!(snapshot = name, layer = %remote.layer, seconds = t.elapsed().as_secs_f64(), "layer verified; the node's own index serves it from now on");
+                verifications().add(1, &[opentelemetry::KeyValue::new("outcome", "verified")]);
+                return Ok(None);
+            }
+            Err(e) => e,
+        };
+        // The layer is not what its chain ID names (or cannot be read): the snapshot takes the
+        // layer of another image using the chain that is.
+        tracing::error!(
+            snapshot = name,
+            layer = %remote.layer,
+            publisher = by,
+            "the layer this snapshot was committed from is not the one its chain ID names: {err}"
+        );
+        for hit in others.iter().filter(|h| h.layer != remote.layer).take(3) {
+            let Some(other) = self.pinned_of(hit).await else {
+                continue;
+            };
+            if self.verify_layer(&other, &hit.layer).await.is_ok() {
+                tracing::warn!(snapshot = name, layer = %hit.layer, image = %other, "the snapshot now holds this image's layer, verified on this node; containers already running on the old one keep it");
+                verifications().add(1, &[opentelemetry::KeyValue::new("outcome", "replaced")]);
+                return Ok(Some(Remote {
+                    layer: hit.layer,
+                    reference: other.to_string(),
+                }));
+            }
+        }
+        verifications().add(1, &[opentelemetry::KeyValue::new("outcome", "refused")]);
+        Err(refuse(format!(
+            "layer {} (index published by {by}) is not the layer this chain ID names: {err}; no \
+             image using the chain has one that is. Remove the image that brought it ({})",
+            remote.layer, remote.reference
+        )))
+    }
+
+    /// Indexes `layer` of image `pinned` on this node from its bytes (its digest and the DiffID
+    /// the image's config states checked), filling the cache; the node's index replaces any.
+    async fn verify_layer(&self, pinned: &Reference, layer: &Digest) -> Result<(), String> {
+        self.resolve_locally(pinned).await;
+        let image = self
+            .client
+            .resolve(pinned)
+            .await
+            .map_err(|e| e.to_string())?;
+        let d = image
+            .layers
+            .iter()
+            .find(|d| d.digest == *layer)
+            .ok_or_else(|| format!("{pinned} has no layer {layer}"))?;
+        image::index_layer_filling(
+            &self.client,
+            &self.store,
+            &image,
+            d,
+            &clip_core::index::builder::BuildOptions::default(),
+            Arc::new(|_| {}),
+            true,
+            Some(self.reads.cache().clone()),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    /// The pinned reference a discovered image is served from (its authority probed).
+    async fn pinned_of(&self, hit: &discover::Hit) -> Option<Reference> {
+        let discovery = self.discovery.as_ref()?;
+        for (host, repo) in &hit.sources {
+            for authority in discovery.authorities(host, repo).await {
+                let Ok(pinned) =
+                    format!("{authority}/{repo}@{}", hit.manifest).parse::<Reference>()
+                else {
+                    continue;
+                };
+                if self.probe_ok(&pinned, &hit.manifest).await {
+                    discovery.served(host, repo, &authority).await;
+                    return Some(pinned);
+                }
+            }
+        }
+        None
     }
 
     /// Loads the image's published index; without one, indexes it here with `index_on_demand`.

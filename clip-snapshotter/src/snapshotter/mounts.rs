@@ -14,6 +14,7 @@ use super::meta::Record;
 use super::profiles::Profiles;
 use super::SnapshotError;
 use crate::os::{lazy_unmount, mounts_under};
+use clip_core::digest::Digest;
 use clip_core::index::ImageView;
 use clip_core::reader::{LayerReader, ReadPath};
 use clip_core::reference::Reference;
@@ -46,6 +47,9 @@ pub trait LazyMounts: Send + Sync {
 struct Mounted {
     session: clip_fuse::BackgroundSession,
     dir: PathBuf,
+    /// The layers and the sha256 of the stored index each was mounted with (empty: not known,
+    /// a mount resumed after a restart).
+    identity: Vec<(Digest, Option<Digest>)>,
 }
 
 /// Lazy layers as FUSE mounts of this process.
@@ -125,11 +129,27 @@ impl FuseMounts {
             "resumed a lazy mount kept across the restart"
         );
         let dir = dir.to_path_buf();
-        self.mounts
-            .lock()
-            .await
-            .insert(id, Mounted { session, dir });
+        self.mounts.lock().await.insert(
+            id,
+            Mounted {
+                session,
+                dir,
+                identity: self.identity(chain),
+            },
+        );
         Ok(())
+    }
+
+    /// Each layer of `chain` with the sha256 of the index the store holds for it now.
+    fn identity(&self, chain: &[Record]) -> Vec<(Digest, Option<Digest>)> {
+        chain
+            .iter()
+            .filter_map(|r| r.remote.as_ref())
+            .map(|m| {
+                let p = self.store.provenance(&m.layer).ok().flatten();
+                (m.layer, p.map(|p| *p.digest()))
+            })
+            .collect()
     }
 
     /// Tells the keeper to let go of connection `id` (no snapshot uses it any more).
@@ -221,8 +241,25 @@ impl LazyMounts for FuseMounts {
         dir: &Path,
     ) -> Result<(), SnapshotError> {
         let mut mounts = self.mounts.lock().await;
-        if mounts.contains_key(&id) {
-            return Ok(());
+        let identity = self.identity(chain);
+        if let Some(m) = mounts.get(&id) {
+            if m.identity.is_empty() || m.identity == identity {
+                return Ok(());
+            }
+            // A layer's index was replaced by one this node built (a published index verified
+            // before another repository's image reads it), or the snapshot now holds another
+            // layer: new containers get a mount of what the store holds now. Containers already
+            // running keep the old one: it is detached, not stopped, and serves them until
+            // their last reference goes (the kernel then ends its connection and its thread).
+            let old = mounts.remove(&id).expect("present");
+            tracing::warn!(
+                snapshot = name,
+                "the layers under this snapshot changed (verified on this node): mounting them \
+                 anew; running containers keep the mount they have"
+            );
+            self.forget(id);
+            lazy_unmount(&old.dir);
+            std::mem::forget(old.session);
         }
         let fail = mount_error(name);
         let remote = chain
@@ -262,7 +299,14 @@ impl LazyMounts for FuseMounts {
                 .map_err(|e| fail(e.to_string()))?;
         tracing::info!(snapshot = name, dir = %dir.display(), "mounted lazy layers");
         let dir = dir.to_path_buf();
-        mounts.insert(id, Mounted { session, dir });
+        mounts.insert(
+            id,
+            Mounted {
+                session,
+                dir,
+                identity,
+            },
+        );
         Ok(())
     }
 

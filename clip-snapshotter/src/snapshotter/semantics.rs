@@ -122,6 +122,12 @@ impl ClipSnapshotter {
                 Some(r)
             }
         };
+        // Every image using the lazy layers below may read them under its trust policy
+        // (verified where another repository's index would serve them), before anything is
+        // mounted on them.
+        if parent_rec.is_some() {
+            self.admit(&parent, &labels).await?;
+        }
         if kind == Kind::Active {
             if let Some(target) = labels.get(labels::TARGET) {
                 if self.meta.get(target)?.is_some() {
@@ -219,6 +225,38 @@ impl ClipSnapshotter {
             }
         };
         Ok(self.mounts_for(&rec, &lowers))
+    }
+
+    /// [`super::layers::Layers::admit`] for the remote snapshots under `parent`; a snapshot
+    /// whose layer is replaced gets its new record, durable before anything mounts it.
+    async fn admit(
+        &self,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), SnapshotError> {
+        let mut chain = Vec::new();
+        let mut cur = parent.to_string();
+        while !cur.is_empty() {
+            let r = self.meta.must(&cur)?;
+            let next = r.parent.clone();
+            if r.remote.is_some() {
+                chain.push((cur, r));
+            }
+            cur = next;
+        }
+        if chain.is_empty() {
+            return Ok(());
+        }
+        chain.reverse();
+        let rebinds = self.layers.admit(&chain, labels).await?;
+        for (name, remote) in rebinds {
+            let mut r = self.meta.must(&name)?;
+            r.remote = Some(remote);
+            r.updated = meta::now();
+            self.meta.put(&name, &r)?;
+            self.meta.flush().await?;
+        }
+        Ok(())
     }
 
     fn matches(filters: &[String], name: &str, r: &Record) -> bool {

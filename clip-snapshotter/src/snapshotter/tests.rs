@@ -21,6 +21,8 @@ struct FakeMounts {
     served: Mutex<HashSet<u64>>,
     /// `mount <id> <layers in the chain>` / `unmount <id>`.
     calls: Mutex<Vec<String>>,
+    /// The layers of each chain mounted, bottom first.
+    layers: Mutex<Vec<Vec<Digest>>>,
     fail: AtomicBool,
 }
 
@@ -46,6 +48,12 @@ impl LazyMounts for FakeMounts {
             .lock()
             .unwrap()
             .push(format!("mount {id} {}", chain.len()));
+        self.layers.lock().unwrap().push(
+            chain
+                .iter()
+                .filter_map(|r| r.remote.as_ref().map(|m| m.layer))
+                .collect(),
+        );
         self.served.lock().unwrap().insert(id);
         Ok(())
     }
@@ -65,6 +73,8 @@ impl LazyMounts for FakeMounts {
 struct FakeLayers {
     by_target: Mutex<HashMap<String, (Remote, Digest)>>,
     committed: Mutex<Vec<Remote>>,
+    /// What `admit` answers for a snapshot: another layer for it, or a refusal.
+    admissions: Mutex<HashMap<String, Result<Remote, String>>>,
 }
 
 impl FakeLayers {
@@ -91,6 +101,22 @@ impl Layers for FakeLayers {
 
     fn committed(&self, remote: &Remote) {
         self.committed.lock().unwrap().push(remote.clone());
+    }
+
+    async fn admit(
+        &self,
+        chain: &[(String, super::meta::Record)],
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<(String, Remote)>, SnapshotError> {
+        let mut out = Vec::new();
+        for (name, _) in chain {
+            match self.admissions.lock().unwrap().get(name) {
+                Some(Ok(r)) => out.push((name.clone(), r.clone())),
+                Some(Err(e)) => return Err(SnapshotError::FailedPrecondition(e.clone())),
+                None => {}
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -355,6 +381,50 @@ async fn a_layer_that_can_be_served_lazily_is_committed_here_and_answered_alread
     sn.remove("ctr".into()).await.unwrap();
     sn.remove(chain2).await.unwrap();
     assert!(!node.mounts.check(top).await);
+}
+
+#[tokio::test]
+async fn a_lazy_layer_an_image_may_not_read_is_refused_or_replaced_before_anything_mounts_it() {
+    let node = Node::new();
+    let sn = node.start().await;
+    let diff = Digest::of(b"base");
+    let chain = diff.to_string();
+    let first = node.layers.serve(&chain, diff);
+    let _ = sn
+        .prepare("extract".into(), String::new(), target(&chain))
+        .await;
+    // Refused: no snapshot, nothing mounted.
+    node.layers.admissions.lock().unwrap().insert(
+        chain.clone(),
+        Err("not the layer its chain ID names".into()),
+    );
+    let r = sn.prepare("ctr".into(), chain.clone(), no_labels()).await;
+    assert!(
+        matches!(r, Err(SnapshotError::FailedPrecondition(_))),
+        "{r:?}"
+    );
+    assert!(sn.meta.get("ctr").unwrap().is_none());
+    let v = sn.view("v".into(), chain.clone(), no_labels()).await;
+    assert!(v.is_err(), "a view is checked too");
+    assert!(node.mounts.calls.lock().unwrap().is_empty());
+    // Replaced: the record names the other layer, durably, before the mount.
+    let other = Remote {
+        layer: Digest::of(b"the layer the chain names"),
+        reference: format!("registry.test/victim@{}", Digest::of(b"m2")),
+    };
+    node.layers
+        .admissions
+        .lock()
+        .unwrap()
+        .insert(chain.clone(), Ok(other.clone()));
+    sn.prepare("ctr".into(), chain.clone(), no_labels())
+        .await
+        .unwrap();
+    assert_eq!(*node.mounts.layers.lock().unwrap(), [vec![other.layer]]);
+    assert_ne!(other, first);
+    drop(sn);
+    let sn = node.start().await;
+    assert_eq!(sn.meta.must(&chain).unwrap().remote, Some(other));
 }
 
 #[tokio::test]

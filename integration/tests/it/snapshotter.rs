@@ -1619,13 +1619,16 @@ fn push_indexes(image: &str, layers: &[&clip_core::index::BuiltLayer]) {
     });
 }
 
-/// Issue 13's critical scenario: an attacker's image whose config claims the DiffID of a
-/// popular base layer for its own layer, with an index that agrees, pulled once on a node;
-/// then a victim image on that base layer. Under `trust = local` (the multi-tenant setting)
-/// the attacker's pull is refused and the victim sees its own files; under `published` (the
-/// control) the attack works, which is what that setting documents. And even under
-/// `published`, an index stored for the attacker's layer from an honest image of it cannot be
-/// committed in the base layer's place (the chain ID check).
+/// Chain-ID poisoning: an attacker's image whose config claims the DiffID of a popular base
+/// layer for its own layer, with an index that agrees, pulled on a node; and a victim image on
+/// that base layer. Under the default (`owner`), whichever is pulled first, the victim's
+/// containers read the victim's files: pulled first, the attacker's layer is committed under
+/// the base layer's chain ID, and the victim's first container on that chain has the node check
+/// it (it is not the layer the chain ID names) and give the chain the victim's layer, verified.
+/// Under `trust = local` the attacker's pull is refused. Under `published` (the control) the
+/// attack works, which is what that setting documents. And an index stored for the attacker's
+/// layer from an honest image of it cannot be committed in the base layer's place (the chain
+/// ID check).
 #[test]
 fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1656,8 +1659,33 @@ fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
         node.pull_ok(&victim);
         assert_eq!(hello(node, id), "hello from clip\n");
     };
+    // The default, the attacker first: its own containers read its own layer; the victim's
+    // read the victim's.
+    let node = Node::start(&tmp.path().join("owner"));
+    node.pull_ok(&liar);
+    let own = node.run("clip", &liar, "a0", &["cat", "/etc/hello.txt"]);
+    assert_eq!(stdout(&own), "pwned\n");
+    node.pull_ok(&victim);
+    assert_eq!(hello(&node, "v-owner"), "hello from clip\n");
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(
+        log.contains("is not the one its chain ID names")
+            && log.contains("the snapshot now holds this image's layer"),
+        "{log}"
+    );
+    // The victim's layer was read from its own bytes once; later containers need nothing.
+    assert_eq!(hello(&node, "v-owner2"), "hello from clip\n");
+    drop(node);
+    // The default, the victim first: the attacker's image changes nothing for it.
+    let node = Node::start(&tmp.path().join("owner-victim-first"));
+    node.pull_ok(&victim);
+    assert_eq!(hello(&node, "v-first"), "hello from clip\n");
+    node.pull_ok(&liar);
+    assert_eq!(hello(&node, "v-first2"), "hello from clip\n");
+    drop(node);
+
     // Control: under `published`, the forged index takes the base layer's chain.
-    let node = Node::start(&tmp.path().join("published"));
+    let node = Node::start_with(&tmp.path().join("published"), &["--trust", "published"]);
     node.pull_ok(&liar);
     node.pull_ok(&victim);
     assert_eq!(
@@ -1711,12 +1739,17 @@ fn indexed_victim(tmp: &Path) -> (Registry, PathBuf, String) {
     (reg, victim_layout, victim)
 }
 
-/// The content-substitution attack through a shared base layer, under the default
-/// configuration: the attacker's image shares the victim's base layer and adds a layer of its
-/// own; its index artifact carries a forged index for the base layer that names, for the
-/// base layer's spans, the digests of its own layer's spans. Its container reads its own
-/// layer, which puts those spans in the node's cache. The victim's container then reads the
-/// base layer: it must never get the attacker's bytes, whichever image came first.
+/// The content-substitution attack through a shared base layer: the attacker's image shares
+/// the victim's base layer and adds a layer of its own; its index artifact carries a forged
+/// index for the base layer that names, for the base layer's spans, the digests of its own
+/// layer's spans. Its container reads its own layer, which puts those spans in the node's
+/// cache. The victim's container then reads the base layer: it must never get the attacker's
+/// bytes, whichever image came first. Under the default (`owner`) it reads its own file either
+/// way: the first container of another repository on the base layer has the node index that
+/// layer from its bytes, and the forged index is gone. Under `published` the forged index
+/// stays (a publisher who pulls first decides a shared layer's index there), and the read
+/// fails verification rather than returning the attacker's bytes. `clip cat` on a root the
+/// attacker's image used follows the default's rule.
 #[test]
 fn a_forged_index_for_a_shared_layer_never_serves_another_layers_bytes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1739,8 +1772,37 @@ fn a_forged_index_for_a_shared_layer_never_serves_another_layers_bytes() {
         node.run("clip", image, id, &["cat", "/etc/hello.txt"])
     };
 
-    // The attacker first: its forged index is the node's only index of the base layer.
-    let node = Node::start(&tmp.path().join("attacker-first"));
+    // `clip cat` on a root where the attacker's image stored its forged index first.
+    let root = tmp.path().join("cli-root");
+    let cat = |image: &str| {
+        Command::new(clip_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["cat", image, "/etc/hello.txt"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(stdout(&cat(&attacker)), "pwned\n");
+    let o = cat(&victim);
+    assert_eq!(stdout(&o), "hello from clip\n", "{}", stderr(&o));
+
+    // The default, the attacker first.
+    let node = Node::start(&tmp.path().join("owner"));
+    node.pull_ok(&attacker);
+    assert_eq!(stdout(&hello(&node, &attacker, "a0")), "pwned\n");
+    node.pull_ok(&victim);
+    let o = hello(&node, &victim, "v0");
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert_eq!(stdout(&o), "hello from clip\n", "{}\n{log}", stderr(&o));
+    assert!(log.contains("layer verified"), "{log}");
+    drop(node);
+
+    // `published`, the attacker first: its forged index is the node's only index of the base
+    // layer.
+    let node = Node::start_with(
+        &tmp.path().join("attacker-first"),
+        &["--trust", "published"],
+    );
     node.pull_ok(&attacker);
     assert_eq!(stdout(&hello(&node, &attacker, "a1")), "pwned\n");
     node.pull_ok(&victim);
