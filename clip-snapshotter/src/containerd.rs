@@ -58,3 +58,61 @@ pub fn request<T>(namespace: &str, lease: Option<&str>, msg: T) -> Request<T> {
     }
     r
 }
+
+tokio::task_local! {
+    /// The containerd namespace of the snapshots request being served, as containerd 1.7 and
+    /// later forward it to a proxy plugin (metadata `containerd-namespace`); unset where it
+    /// does not (containerd 1.6) and outside a request.
+    static NAMESPACE: Option<String>;
+}
+
+/// The namespace of the snapshots request being served, when containerd said.
+pub fn request_namespace() -> Option<String> {
+    NAMESPACE.try_with(Clone::clone).ok().flatten()
+}
+
+/// Runs `fut` as the serving of a request in `namespace` (see [`request_namespace`]).
+pub async fn in_request_namespace<F: std::future::Future>(
+    namespace: Option<String>,
+    fut: F,
+) -> F::Output {
+    NAMESPACE.scope(namespace, fut).await
+}
+
+/// The name in a `containerd-namespace` header, if it is one containerd would accept (a
+/// label-like identifier, at most 76 bytes).
+pub fn namespace_header(value: Option<&[u8]>) -> Option<String> {
+    let v = std::str::from_utf8(value?).ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 76
+        && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then(|| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_headers_are_names_or_nothing() {
+        assert_eq!(namespace_header(Some(b"k8s.io")).as_deref(), Some("k8s.io"));
+        assert_eq!(
+            namespace_header(Some(b"default")).as_deref(),
+            Some("default")
+        );
+        for bad in [&b""[..], b"../x", b"a/b", b"-x", &[0xff, 0x61], &[b'a'; 77]] {
+            assert_eq!(namespace_header(Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(namespace_header(None), None);
+    }
+
+    #[tokio::test]
+    async fn the_namespace_is_known_only_inside_its_request() {
+        assert_eq!(request_namespace(), None);
+        let inside = in_request_namespace(Some("tenant-a".into()), async { request_namespace() });
+        assert_eq!(inside.await.as_deref(), Some("tenant-a"));
+        assert_eq!(request_namespace(), None);
+    }
+}

@@ -58,13 +58,60 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
         None => None,
     };
     containerd_snapshots::tonic::transport::Server::builder()
-        .add_service(containerd_snapshots::server(sn.clone()))
+        .add_service(WithNamespace(containerd_snapshots::server(sn.clone())))
         .serve_with_incoming_shutdown(trusted_connections(listener), stop_signal()?)
         .await
         .context("serving the snapshots API")?;
     eprintln!("clip snapshotter: stopping");
     shutdown(&cfg, cri, &sn, &mounts).await;
     Ok(())
+}
+
+/// The snapshots service, each request served knowing the containerd namespace it is for
+/// ([`crate::containerd::request_namespace`]): label-free discovery looks for a layer only
+/// among the images of the caller's namespace.
+#[derive(Clone)]
+struct WithNamespace<S>(S);
+
+impl<S, B>
+    containerd_snapshots::tonic::codegen::Service<
+        containerd_snapshots::tonic::codegen::http::Request<B>,
+    > for WithNamespace<S>
+where
+    S: containerd_snapshots::tonic::codegen::Service<
+        containerd_snapshots::tonic::codegen::http::Request<B>,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = containerd_snapshots::tonic::codegen::BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(
+        &mut self,
+        req: containerd_snapshots::tonic::codegen::http::Request<B>,
+    ) -> Self::Future {
+        let ns = crate::containerd::namespace_header(
+            req.headers()
+                .get("containerd-namespace")
+                .map(|v| v.as_bytes()),
+        );
+        let fut = self.0.call(req);
+        Box::pin(crate::containerd::in_request_namespace(ns, fut))
+    }
+}
+
+impl<S: containerd_snapshots::tonic::server::NamedService>
+    containerd_snapshots::tonic::server::NamedService for WithNamespace<S>
+{
+    const NAME: &'static str = S::NAME;
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

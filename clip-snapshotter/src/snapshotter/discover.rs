@@ -163,10 +163,17 @@ impl Discovery {
         }
     }
 
-    /// The layers `chain` can be served from, the newest manifest first.
-    pub async fn find(&self, chain: &Digest) -> Result<Vec<Hit>, DiscoverError> {
+    /// The layers `chain` can be served from, the newest manifest first: from the images of
+    /// containerd namespace `namespace` when the request said which (containerd 1.7 and later),
+    /// else of any.
+    pub async fn find(
+        &self,
+        chain: &Digest,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Hit>, DiscoverError> {
         let mut st = self.state.lock().await;
-        let mut hits = hits_of(&st, chain);
+        let mine = |hits: Vec<Hit>| only_in(hits, namespace);
+        let mut hits = mine(hits_of(&st, chain));
         if hits.is_empty() {
             let t = std::time::Instant::now();
             let refreshed = self.refresh(&mut st).await;
@@ -178,7 +185,7 @@ impl Discovery {
                 st.channel = None;
                 return Err(e);
             }
-            hits = hits_of(&st, chain);
+            hits = mine(hits_of(&st, chain));
         }
         let outcome = if hits.is_empty() { "none" } else { "found" };
         metrics()
@@ -488,6 +495,13 @@ fn remember(st: &mut State, manifest: Digest, facts: Option<Facts>) {
     st.manifests.insert(manifest, facts);
 }
 
+/// The hits of namespace `ns` (all of them when the namespace is not known).
+fn only_in(hits: Vec<Hit>, ns: Option<&str>) -> Vec<Hit> {
+    hits.into_iter()
+        .filter(|h| ns.is_none_or(|ns| h.namespace == ns))
+        .collect()
+}
+
 fn hits_of(st: &State, chain: &Digest) -> Vec<Hit> {
     let mut found: Vec<(i64, Hit)> = st
         .manifests
@@ -600,6 +614,20 @@ mod tests {
             vec![d("l-new"), d("l-old")]
         );
         assert!(hits_of(&st, &d("other")).is_empty());
+        // Another namespace's image with the chain serves only requests of that namespace.
+        let mut theirs = facts(3, "l-theirs");
+        theirs.namespace = "tenant-b".into();
+        remember(&mut st, d("theirs"), Some(theirs));
+        let layers = |ns| {
+            only_in(hits_of(&st, &d("chain")), ns)
+                .iter()
+                .map(|h| h.layer)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(layers(Some("default")), vec![d("l-new"), d("l-old")]);
+        assert_eq!(layers(Some("tenant-b")), vec![d("l-theirs")]);
+        assert!(layers(Some("tenant-c")).is_empty());
+        assert_eq!(layers(None).len(), 3, "containerd 1.6 does not say");
         for i in 0..MAX_MANIFESTS + 10 {
             remember(&mut st, d(&format!("m{i}")), None);
         }

@@ -241,16 +241,26 @@ impl RegistryLayers {
         let chain: Digest = target
             .parse()
             .map_err(|_| Fallback::new("no labels", "no pull labels and no chain ID"))?;
-        let hits = discovery.find(&chain).await.map_err(|e| {
-            Fallback::new(
-                "no labels",
-                format!("no pull labels and containerd's content store is out of reach: {e}"),
-            )
-        })?;
+        let namespace = crate::containerd::request_namespace();
+        let hits = discovery
+            .find(&chain, namespace.as_deref())
+            .await
+            .map_err(|e| {
+                Fallback::new(
+                    "no labels",
+                    format!("no pull labels and containerd's content store is out of reach: {e}"),
+                )
+            })?;
         if hits.is_empty() {
             return Err(Fallback::new(
                 "no labels",
-                "no pull labels and no image in containerd gives this chain",
+                format!(
+                    "no pull labels and no image in containerd{} gives this chain",
+                    namespace
+                        .as_deref()
+                        .map(|ns| format!("'s namespace {ns}"))
+                        .unwrap_or_default()
+                ),
             ));
         }
         // A chain shared by several images: the newest few are tried.
@@ -266,7 +276,7 @@ impl RegistryLayers {
                         continue;
                     }
                     discovery.served(host, repo, &authority).await;
-                    tracing::info!(snapshot = %target, image = %pinned, namespace = %hit.namespace, layer = %hit.layer, "no pull labels: found the layer in containerd's content store");
+                    tracing::info!(snapshot = %target, image = %pinned, namespace = %hit.namespace, request_namespace = namespace.as_deref().unwrap_or("(not said)"), layer = %hit.layer, "no pull labels: found the layer in containerd's content store");
                     return self.serve_layer(hit.layer, pinned).await;
                 }
             }

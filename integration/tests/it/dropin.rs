@@ -377,6 +377,36 @@ fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: b
         "{sent} of {} bytes",
         f.large.bytes
     );
+    // Without labels, the layer is looked for only among the caller's namespace's images
+    // where containerd says which (1.7 and later forward the namespace to proxy plugins).
+    let found: Vec<String> = node
+        .snapshotter_log()
+        .lines()
+        .filter(|l| l.contains("found the layer in containerd's content store"))
+        .map(|l| {
+            // Without the terminal colours.
+            let mut out = String::new();
+            let mut it = l.chars();
+            while let Some(c) = it.next() {
+                if c == '\u{1b}' {
+                    it.by_ref().find(|&c| c == 'm');
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect();
+    let says = !v.runtime_version.starts_with("1.6") && !v.runtime_version.starts_with("v1.6");
+    if v.runtime_version.starts_with("1.7") {
+        assert!(!found.is_empty(), "1.7's CRI sends no pull labels here");
+    }
+    for l in &found {
+        eprintln!("discovered ({}): {l}", v.runtime_version);
+        if says {
+            assert!(l.contains("request_namespace=\"k8s.io\""), "{l}");
+        }
+    }
     cri.stop_pod(&pod_id).expect("StopPodSandbox");
     cri.remove_pod(&pod_id).expect("RemovePodSandbox");
 }
