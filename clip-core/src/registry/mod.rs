@@ -83,6 +83,10 @@ pub enum RegistryError {
     },
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// Nothing answered at the registry's address on first contact (connection refused, or a
+    /// host name that does not resolve): a wrong host or port, not a failure worth retrying.
+    #[error("{endpoint}: {detail} (nothing answers there: check the registry's host and port)")]
+    Unreachable { endpoint: String, detail: String },
     #[error("{0}")]
     Other(String),
 }
@@ -153,6 +157,9 @@ struct AuthState {
     tokens: HashMap<(String, String), Token>,
     /// Per endpoint base: use plain HTTP (learned by fallback).
     plain_http: HashMap<String, bool>,
+    /// Endpoints (base URLs) that have answered once: a refused connection there later is a
+    /// restart worth waiting for, not a wrong address.
+    reached: std::collections::HashSet<String>,
 }
 
 #[derive(Clone)]

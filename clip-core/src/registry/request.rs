@@ -191,7 +191,13 @@ impl Client {
                         };
                         crate::metrics::registry_request(outcome, sent.elapsed().as_secs_f64());
                         let resp = match result {
-                            Ok(r) => r,
+                            Ok(r) => {
+                                let mut st = self.inner.state.lock().expect("state lock");
+                                if !st.reached.contains(&ep.base) && st.reached.len() < 4096 {
+                                    st.reached.insert(ep.base.clone());
+                                }
+                                r
+                            }
                             Err(e) if is_certificate_error(&e) => {
                                 return Err(Attempt::Fatal(RegistryError::Tls(format!(
                                     "{}: certificate not trusted ({}); add its CA to hosts.toml (ca = \"...\") or mark the host with --insecure-registry",
@@ -203,6 +209,12 @@ impl Client {
                                 tracing::debug!(endpoint = %ep.base, "TLS connect failed, using plain HTTP");
                                 self.inner.state.lock().expect("state lock").plain_http.insert(ep.base.clone(), true);
                                 return Err(Attempt::Retry { reason: format!("TLS to {} failed: {e}", ep.base), after: Some(Duration::ZERO) });
+                            }
+                            Err(e) if is_no_such_address(&e) && !self.inner.state.lock().expect("state lock").reached.contains(&ep.base) => {
+                                return Err(Attempt::Fatal(RegistryError::Unreachable {
+                                    endpoint: ep.base.clone(),
+                                    detail: error_chain(&redact(e)),
+                                }));
                             }
                             Err(e) => return Err(transport(e)),
                         };
@@ -285,6 +297,19 @@ pub(super) fn is_certificate_error(e: &reqwest::Error) -> bool {
     chain.contains("certificate")
         || chain.contains("unknownissuer")
         || chain.contains("caUsedAsEndEntity".to_ascii_lowercase().as_str())
+}
+
+/// A connection refused, or a host name that does not resolve: on first contact, the address
+/// is wrong (a timeout is not: the host may be slow or the path lossy).
+pub(super) fn is_no_such_address(e: &reqwest::Error) -> bool {
+    if !e.is_connect() {
+        return false;
+    }
+    let chain = error_chain(e).to_ascii_lowercase();
+    chain.contains("connection refused")
+        || chain.contains("dns error")
+        || chain.contains("failed to lookup address")
+        || chain.contains("name or service not known")
 }
 
 pub(super) fn transport(e: reqwest::Error) -> Attempt {

@@ -543,3 +543,32 @@ async fn a_presigned_redirect_never_shows_its_signature() {
     assert!(e.contains("Connection refused"), "{e}");
     assert!(!e.contains("s3cr3tsig") && !e.contains("AKIA"), "{e}");
 }
+
+#[tokio::test]
+async fn a_wrong_port_fails_at_once_with_one_clear_error() {
+    // A port nothing listens on (bound, then closed).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let client = Client::new(RegistryConfig::default());
+    let r: Reference = format!("127.0.0.1:{port}/app:1").parse().unwrap();
+    let Err(e) = client.resolve(&r).await else {
+        panic!("nothing listens there")
+    };
+    assert!(
+        matches!(e, RegistryError::Unreachable { .. }),
+        "not retried until the deadline: {e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&port.to_string()) && msg.contains("refused"),
+        "{msg}"
+    );
+    // A host name that does not resolve, likewise.
+    let r: Reference = "no-such-host.invalid:5000/app:1".parse().unwrap();
+    let Err(e) = client.resolve(&r).await else {
+        panic!("no such host")
+    };
+    assert!(matches!(e, RegistryError::Unreachable { .. }), "{e}");
+}
