@@ -481,6 +481,7 @@ mod tests {
                 mtime_nsec: 0,
                 xattrs: vec![],
             }],
+            charge: Default::default(),
         };
         (ix, windows)
     }

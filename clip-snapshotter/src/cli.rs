@@ -148,6 +148,11 @@ pub struct SnapshotterArgs {
     /// Index images without a published index while they are pulled.
     #[arg(long)]
     pub index_on_demand: bool,
+    /// Memory the decoded layer indexes may hold together (default 1GiB; `[cache]
+    /// index_memory`): an image whose index would take more than half of it is unpacked
+    /// normally instead, with a warning saying why.
+    #[arg(long, value_parser = parse_cap)]
+    pub index_memory: Option<u64>,
     /// Which layer indexes to believe by default: "owner" (the default, safe for multi-tenant
     /// nodes: a published index serves its own repository's images, lazily from the first
     /// start; another repository's first use of the layer verifies it), "published" (trusts
@@ -232,6 +237,10 @@ pub struct CacheArgs {
     /// Memory tier size.
     #[arg(long, default_value = size_default(CacheConfig::default().memory_bytes), value_parser = parse_cap)]
     pub memory_cap: u64,
+    /// Memory the decoded layer indexes may hold together (an image whose index would take
+    /// more than half of it is refused with a clear error).
+    #[arg(long, default_value = size_default(clip_core::index::memory::DEFAULT_BUDGET), value_parser = parse_cap)]
+    pub index_memory: u64,
     /// Local disk tier size (0 disables it).
     #[arg(long, default_value = size_default(CacheConfig::default().disk_bytes), value_parser = parse_cap)]
     pub disk_cap: u64,

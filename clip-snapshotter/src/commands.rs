@@ -337,6 +337,7 @@ async fn open_image(
     reference: &str,
     c: &CacheArgs,
 ) -> Result<(ResolvedImage, OpenImage)> {
+    clip_core::index::memory::set_process_budget(c.index_memory);
     let image = resolve(ctx, reference).await?;
     // As the snapshotter's default (trust = owner): a layer whose index another repository
     // published is indexed here before this image reads it.

@@ -114,6 +114,8 @@ pub struct CacheSection {
     pub redis_key: Option<PathBuf>,
     /// Whole-file copies for FUSE passthrough (default: a quarter of the disk tier; "0": off).
     pub passthrough: Option<String>,
+    /// Memory the decoded layer indexes may hold together, e.g. "1GiB" (the default).
+    pub index_memory: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +212,11 @@ impl CacheSection {
                 .map(|s| size(&Some(s.clone()), 0, "cache.passthrough"))
                 .transpose()?,
             stats: false,
+            index_memory: size(
+                &self.index_memory,
+                clip_core::index::memory::DEFAULT_BUDGET,
+                "cache.index_memory",
+            )?,
         })
     }
 }
@@ -254,6 +261,8 @@ pub struct DaemonConfig {
     /// The snapshots API's socket.
     pub address: PathBuf,
     pub cache: CacheConfig,
+    /// Memory the decoded layer indexes may hold together.
+    pub index_memory: u64,
     /// The snapshotter's options; its trust policy has no keys yet (`trust_keys` are loaded by
     /// the caller, the one step here that reads files).
     pub snapshotter: Options,
@@ -272,7 +281,9 @@ pub fn daemon_config(
     let mut globals = merged_globals(g, file);
     let root = globals.root.clone().unwrap_or_else(default_root);
     globals.root = Some(root.clone());
-    let cache = cache_config(&file.cache.as_args()?, &root);
+    let cache_args = file.cache.as_args()?;
+    let cache = cache_config(&cache_args, &root);
+    let index_memory = a.index_memory.unwrap_or(cache_args.index_memory);
     let d = Options::default();
     let fuse = &file.fuse;
     let guesses = clip_fuse::Guesses {
@@ -336,6 +347,7 @@ pub fn daemon_config(
         }),
     };
     Ok(DaemonConfig {
+        index_memory,
         address: a
             .address
             .clone()

@@ -33,6 +33,7 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     if cfg.globals.metrics_address.is_some() {
         crate::node::serve_metrics(cfg.globals.metrics_address)?;
     }
+    clip_core::index::memory::set_process_budget(cfg.index_memory);
     let ctx = crate::node::open_node(&cfg.globals)?;
     let root = cfg.root.clone();
     let store = Arc::new(ctx.store);

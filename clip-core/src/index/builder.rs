@@ -193,6 +193,7 @@ pub fn build_layer_index_with_sink<R: Read>(
         },
         spans,
         entries,
+        charge: Default::default(),
     };
     Ok(BuiltLayer { index, windows })
 }

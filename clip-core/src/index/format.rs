@@ -215,6 +215,14 @@ impl<'a> Cursor<'a> {
 
 /// Decodes and validates an encoded index.
 pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
+    decode_within(data, super::memory::Budget::process())
+}
+
+/// [`decode`], charging the decoded index's memory to `budget`.
+pub fn decode_within(
+    data: &[u8],
+    budget: &'static super::memory::Budget,
+) -> Result<LayerIndex, IndexError> {
     if data.len() < 16 + 32 || &data[..8] != MAGIC {
         return Err(IndexError::Format(
             "not a clip layer index (bad magic)".into(),
@@ -246,6 +254,15 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
     if span_count > (c.remaining() / 35) as u64 {
         return Err(c.err("span count exceeds the data"));
     }
+    let mut charge = super::memory::Charge::new(budget);
+    let over = |(budget, available)| IndexError::Budget {
+        layer,
+        budget,
+        available,
+    };
+    charge
+        .add(span_count.saturating_mul(super::memory::SPAN_BYTES))
+        .map_err(over)?;
     let mut spans = Vec::with_capacity(span_count as usize);
     let (mut pu, mut pc, mut woff) = (0u64, 0u64, 0u64);
     for i in 0..span_count {
@@ -323,7 +340,7 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         )));
     }
     let table = inflate_table(z, table_len)?;
-    let entries = decode_entries(&table, entry_count, uncompressed_size)?;
+    let entries = decode_entries(&table, entry_count, uncompressed_size, &mut charge, &over)?;
     Ok(LayerIndex {
         layer,
         diff_id,
@@ -336,6 +353,7 @@ pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         },
         spans,
         entries,
+        charge,
     })
 }
 
@@ -366,17 +384,27 @@ fn normal_path(p: &[u8]) -> bool {
                 .all(|c| !matches!(c, b"" | b"." | b"..")))
 }
 
+/// The entries of a decoded table, their memory charged to `charge` as they are built (the
+/// entry structs before they are reserved, then each one's heap data).
 fn decode_entries(
     table: &[u8],
     count: u64,
     uncompressed_size: u64,
+    charge: &mut super::memory::Charge,
+    over: &dyn Fn((u64, u64)) -> IndexError,
 ) -> Result<Vec<Entry>, IndexError> {
+    use super::memory::{ALLOC_OVERHEAD, ENTRY_OVERHEAD};
     let mut c = Cursor::new(table, "entry table");
     // An entry takes at least 9 bytes.
     if count > (table.len() / 9) as u64 {
         return Err(c.err("entry count exceeds the data"));
     }
+    charge
+        .add(count.saturating_mul(ENTRY_OVERHEAD))
+        .map_err(over)?;
     let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+    // Heap bytes are charged in steps of 64 KiB (one atomic operation per step).
+    let mut pending = 0u64;
     // Paths, targets and xattrs together: bounded by the table's size.
     let mut budget = (table.len() as u64).saturating_mul(MAX_NAME_RATIO);
     let mut spend = |c: &Cursor, n: usize| {
@@ -464,6 +492,21 @@ fn decode_entries(
         if path.is_empty() && !matches!(kind, EntryKind::Dir | EntryKind::Opaque) {
             return Err(c.err("the root is not a directory"));
         }
+        pending += path.len() as u64
+            + match &kind {
+                EntryKind::Symlink { target } | EntryKind::Hardlink { target } => {
+                    target.len() as u64 + ALLOC_OVERHEAD
+                }
+                _ => 0,
+            }
+            + xattrs
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64 + 2 * ALLOC_OVERHEAD + 48)
+                .sum::<u64>();
+        if pending >= 64 << 10 {
+            charge.add(pending).map_err(over)?;
+            pending = 0;
+        }
         entries.push(Entry {
             path,
             kind,
@@ -475,6 +518,7 @@ fn decode_entries(
             xattrs,
         });
     }
+    charge.add(pending).map_err(over)?;
     if c.remaining() != 0 {
         return Err(c.err("trailing bytes"));
     }

@@ -16,6 +16,7 @@
 
 pub mod builder;
 pub mod format;
+pub mod memory;
 pub mod view;
 pub mod windows;
 
@@ -115,6 +116,9 @@ pub struct LayerIndex {
     pub windows: BlobRef,
     pub spans: Vec<Span>,
     pub entries: Vec<Entry>,
+    /// The memory this index holds against the process's budget of decoded indexes
+    /// ([`memory`]); nothing for an index built here.
+    pub charge: memory::Charge,
 }
 
 impl LayerIndex {
@@ -181,6 +185,16 @@ pub enum IndexError {
         path: String,
         target: String,
         reason: &'static str,
+    },
+    #[error(
+        "the index of layer {layer} needs more than {available} bytes of memory decoded \
+         (the budget of decoded indexes is {budget} bytes, at most half of it for one index; \
+         [cache] index_memory or --index-memory raises it)"
+    )]
+    Budget {
+        layer: crate::digest::Digest,
+        budget: u64,
+        available: u64,
     },
     #[error("{what} mismatch: expected {expected}, got {actual}")]
     DigestMismatch {

@@ -504,6 +504,7 @@ fn bare_layer(entries: &[(&str, EntryKind)]) -> Arc<LayerIndex> {
                 xattrs: vec![],
             })
             .collect(),
+        charge: Default::default(),
     })
 }
 
@@ -622,6 +623,63 @@ fn crafted_index(
     varint(&mut b, z.len() as u64);
     b.extend_from_slice(&z);
     reseal(&b)
+}
+
+#[test]
+fn decoded_indexes_are_charged_to_a_budget_and_one_over_its_share_is_refused_early() {
+    use crate::index::memory::Budget;
+    use crate::testutil::alloc_meter::peak_during;
+    // 400,000 root-directory entries (valid, each a few bytes of the table, their mtimes
+    // scattered so the table does not compress past the 256x limit): 5 MB of table, over 40 MB
+    // decoded.
+    let mut table = Vec::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..400_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        table.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        varint(&mut table, (x >> 36) << 1);
+        table.extend_from_slice(&[0, 0]);
+    }
+    let ix = crafted_index(
+        [0, 1, 1, 1 << 20],
+        &[(0, 0, 0)],
+        400_000,
+        table.len() as u64,
+        &table,
+    );
+    assert!(ix.len() < 4 << 20, "{} bytes", ix.len());
+    // A 32 MiB budget: refused before the entries are reserved.
+    let small: &'static Budget = Box::leak(Box::new(Budget::new(32 << 20)));
+    let (r, peak) = peak_during(|| format::decode_within(&ix, small));
+    let e = r.unwrap_err();
+    assert!(matches!(e, IndexError::Budget { .. }), "{e}");
+    assert!(e.to_string().contains("--index-memory"), "{e}");
+    assert!(peak < 16 << 20, "{peak} bytes held while refusing");
+    assert_eq!(small.used(), 0, "a refused decode holds nothing");
+    // A budget that fits: charged while the index lives, twice for a clone, freed on drop.
+    let big: &'static Budget = Box::leak(Box::new(Budget::new(2 << 30)));
+    let decoded = format::decode_within(&ix, big).unwrap();
+    assert_eq!(decoded.entries.len(), 400_000);
+    let held = big.used();
+    assert!(held >= 40 << 20 && held == decoded.charge.bytes(), "{held}");
+    let copy = decoded.clone();
+    assert_eq!(big.used(), 2 * held);
+    drop((decoded, copy));
+    assert_eq!(big.used(), 0);
+    // The budget is shared: a second index fits only in what the first left.
+    let shared: &'static Budget = Box::leak(Box::new(Budget::new(3 * held - 1)));
+    let first = format::decode_within(&ix, shared).unwrap();
+    let second = format::decode_within(&ix, shared);
+    assert!(second.is_ok(), "half of the budget is one index's share");
+    let third = format::decode_within(&ix, shared);
+    assert!(
+        matches!(third, Err(IndexError::Budget { .. })),
+        "nothing left"
+    );
+    drop((first, second));
+    assert_eq!(shared.used(), 0);
 }
 
 #[test]

@@ -31,6 +31,7 @@ fn layer(entries: Vec<Entry>) -> Arc<LayerIndex> {
         },
         spans: vec![],
         entries,
+        charge: Default::default(),
     })
 }
 

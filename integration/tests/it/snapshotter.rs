@@ -688,6 +688,30 @@ fn images_without_an_index_work_like_overlayfs() {
     assert!(out(&o).starts_with(&expected), "{}", stdout(&o));
 }
 
+/// The decoded-index memory budget: with `--index-memory` too small for an image's index, the
+/// image is unpacked normally (a warning names the budget), its container runs, and the daemon
+/// goes on serving; nothing of the budget stays charged by the refused index.
+#[test]
+fn an_index_over_the_memory_budget_fails_that_image_not_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, image) = indexed_busybox_users(tmp.path(), "users");
+    let node = Node::start_with(&tmp.path().join("node"), &["--index-memory", "1KiB"]);
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("0 lazy layer(s), 2 unpacked"), "{pulled}");
+    let log = node.snapshotter_log();
+    assert!(
+        log.contains("unpacking normally") && log.contains("index_memory"),
+        "{log}"
+    );
+    let o = node.run("clip", &image, "u", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+    assert!(node.fuse_mounts().is_empty());
+    // The control: the same image under the default budget is lazy.
+    let node = Node::start(&tmp.path().join("control"));
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("2 lazy layer(s)"), "{pulled}");
+}
+
 #[test]
 fn non_root_users_and_file_capabilities_behave_as_under_overlayfs() {
     let tmp = tempfile::tempdir().unwrap();
