@@ -24,6 +24,13 @@
 # Floor: the compressed bytes of the file ranges the workload reads (`clip profile` reports
 # them, pro-rated by span) over the link rate (loopback: not limiting), plus the same
 # container's warm start. Each row shows time / floor.
+#   Trust (docs/security.md): mode "clip" runs under the default (`owner`); "clip/published" and
+#     "clip/signed" under those settings (signed: the index artifact signed with a cosign key made
+#     for the run, cosign 3.1.1 from Debian's development suite).
+#   CLIP_BENCH_CROSS=1: also time a cross-repository first use under the default: a node runs
+#     the image from one repository, then the same layers from another repository that
+#     published its own index (the node verifies each layer once): time and bytes of that
+#     second start, beside the first.
 #   CLIP_BENCH_SPAN=SIZE: span size of the published indexes (default: clip index's default)
 #   CLIP_BENCH_TRACE=PREFIX: write each proxy's request timeline to PREFIX.<link> (proxy.py)
 #   CLIP_BENCH_LINKS="shaped": links to run (default: loopback shaped; --quick: loopback)
@@ -116,6 +123,7 @@ ROWS=()
 start_once() {
   local link=$1 mode=$2 w=$3 dir=$4; shift 4
   local img="${LINK_HOST[$link]}/${REPO:-large}:large" sf="${LINK_STATS[$link]}" sn=${mode%%+*} b0 s e
+  sn=${sn%%/*}
   stop_node "$dir" 2>/dev/null || true
   rm -rf "$dir"; mkdir -p "$dir"
   if [[ $mode == soci ]]; then start_soci_node "$dir"; else start_node "$dir" "$@"; fi
@@ -160,6 +168,22 @@ if [[ " $MODES " == *" soci "* ]]; then
   [[ $SOCI_INDEX == sha256:* ]] || { echo "soci push gave no index digest:" >&2; cat "$WORK/soci-create.log" "$WORK/soci-push.log" >&2; exit 1; }
   echo "SOCI index $SOCI_INDEX" >&2
 fi
+if [[ " $MODES " == *" clip/signed "* ]]; then
+  echo "==> cosign: a key for the run, the index artifact of large:large signed"
+  COSIGN=$(bash "$ROOT_DIR/scripts/debian-tool.sh" cosign 3.1.1-2 usr/bin/cosign | tail -1)/usr/bin/cosign
+  (cd "$WORK" && COSIGN_PASSWORD="" "$COSIGN" generate-key-pair >/dev/null 2>&1)
+  ARTIFACT=$("$CLIP" --root "$WORK/publisher" index --push --json "$REGISTRY/large:large" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["artifact"])')
+  COSIGN_PASSWORD="" "$COSIGN" sign --key "$WORK/cosign.key" --use-signing-config=false --tlog-upload=false \
+    --allow-insecure-registry --yes "$REGISTRY/large@$ARTIFACT" >"$WORK/cosign.log" 2>&1 \
+    || { cat "$WORK/cosign.log" >&2; exit 1; }
+fi
+# The snapshotter's flags for a mode.
+mode_args() {
+  case $1 in
+    clip/published) echo "--trust published" ;;
+    clip/signed) echo "--trust signed --trust-key $WORK/cosign.pub" ;;
+  esac
+}
 # Per workload: its own copy of the image with a published profile, and its floor bytes.
 declare -A PROF_REPO FLOOR_B
 k=0
@@ -186,7 +210,8 @@ for link in "${LINKS[@]}"; do
       esac
       declare -a cold=() bytes=() warm=() rss=() cache=() reqs=()
       for r in $(seq "$RUNS"); do
-        start_once "$link" "$mode" "$w" "$WORK/node" ${CLIP_BENCH_CONFIG:+--config "$CLIP_BENCH_CONFIG"}
+        # shellcheck disable=SC2046
+        start_once "$link" "$mode" "$w" "$WORK/node" ${CLIP_BENCH_CONFIG:+--config "$CLIP_BENCH_CONFIG"} $(mode_args "$mode")
         stop_node "$WORK/node"
         cold+=("$COLD_S"); bytes+=("$COLD_B"); warm+=("$WARM_S"); rss+=("$RSS"); cache+=("$CACHE"); reqs+=("$COLD_Q")
         echo "$link,$w,$mode,$COLD_S" >>"$CSV"
@@ -208,6 +233,39 @@ echo "floor bytes (compressed file ranges read): $(for w in "${WORKLOADS[@]}"; d
   echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$WORK/table.md"
+
+if [[ ${CLIP_BENCH_CROSS:-0} == 1 ]]; then
+  echo
+  echo "==> cross-repository first use under the default trust (owner)"
+  # The same layers in another repository, with its own published index.
+  push_layout "$LAYOUT" large large-other
+  "$CLIP" --root "$WORK/publisher-other" index "${SPAN_ARGS[@]}" --push "$REGISTRY/large-other:large" >/dev/null 2>&1
+  CROSS_ROWS=()
+  w="print(1)"
+  for link in "${LINKS[@]}"; do
+    for r in $(seq "$RUNS"); do
+      dir="$WORK/node"
+      REPO=large start_once "$link" clip "$w" "$dir"
+      FIRST_S=$COLD_S FIRST_B=$COLD_B
+      img="${LINK_HOST[$link]}/large-other:large"; sf="${LINK_STATS[$link]}"
+      drop; b0=$(cat "$sf"); q0=$(cat "$sf.req"); s=$(now)
+      "$CLIP" --root "$dir/clip" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
+      $NODE_CTR run --rm --snapshotter clip --runc-root "$dir/runc" --fifo-dir "$dir/fifo" "$img" c3 python3 -c "$w" >/dev/null
+      e=$(now); sleep 0.3
+      X_S=$(echo "$e - $s" | bc); X_B=$(( $(cat "$sf") - b0 )); X_Q=$(( $(cat "$sf.req") - q0 ))
+      VERIFIED=$(grep -c "layer verified" "$dir/snapshotter.log" || true)
+      stop_node "$dir"
+      echo "  $link | run $r: first repository ${FIRST_S}s, $(mib "$FIRST_B"); second repository ${X_S}s, $(mib "$X_B") in $X_Q requests, $VERIFIED layer(s) verified" >&2
+      CROSS_ROWS+=("| $link | $r | ${FIRST_S} s, $(mib "$FIRST_B") | ${X_S} s | $(mib "$X_B") ($(awk -v b="$X_B" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.0f", b * 100 / t}') %) | $X_Q | $VERIFIED |")
+    done
+  done
+  {
+    echo
+    echo "| link | run | first repository: cold start, registry sent | second repository, same layers: pull + run | registry sent (of the image) | blob requests | layers verified |"
+    echo "|---|---|---|---|---|---|---|"
+    printf '%s\n' "${CROSS_ROWS[@]}"
+  } | tee -a "$WORK/table.md"
+fi
 
 EXTRAS=${CLIP_BENCH_EXTRAS:-1}
 [[ $QUICK == 1 ]] && EXTRAS=0
