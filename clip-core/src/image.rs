@@ -280,14 +280,8 @@ pub async fn load_indexes(
     let start = Instant::now();
     let mut found = Vec::new();
     for d in &image.layers {
-        match store.get_layer(&d.digest)? {
-            Some((ix, enc)) => found.push(LayerReport {
-                descriptor: d.clone(),
-                index: Arc::new(ix),
-                encoded: enc.into(),
-                built: false,
-                elapsed: start.elapsed(),
-            }),
+        match stored_report(store, d, start)? {
+            Some(r) => found.push(r),
             None => break,
         }
     }
@@ -329,14 +323,8 @@ pub async fn load_owned_indexes(
                 reports.push(r.clone());
                 continue;
             }
-            if let Some((ix, enc)) = store.get_layer(&d.digest)? {
-                reports.push(LayerReport {
-                    descriptor: d.clone(),
-                    index: Arc::new(ix),
-                    encoded: enc.into(),
-                    built: false,
-                    elapsed: Duration::ZERO,
-                });
+            if let Some(r) = stored_report(store, d, Instant::now())? {
+                reports.push(r);
                 continue;
             }
         }
@@ -365,6 +353,21 @@ pub async fn load_owned_indexes(
     Ok(reports)
 }
 
+/// The report of layer `d` from the index the store holds for it, if any.
+fn stored_report(
+    store: &Store,
+    d: &LayerDescriptor,
+    start: Instant,
+) -> Result<Option<LayerReport>, ImageError> {
+    Ok(store.get_layer(&d.digest)?.map(|(ix, enc)| LayerReport {
+        descriptor: d.clone(),
+        index: Arc::new(ix),
+        encoded: enc.into(),
+        built: false,
+        elapsed: start.elapsed(),
+    }))
+}
+
 /// Stores the layer indexes of a fetched index artifact and records the image.
 async fn store_fetched(
     store: &Store,
@@ -379,14 +382,8 @@ async fn store_fetched(
         // with the layer brought that one, and this image's publisher must not rewrite what
         // that image's containers read. The stored index serves this image too.
         if origin == Origin::Published {
-            if let Some((ix, enc)) = store.get_layer(&d.digest)? {
-                reports.push(LayerReport {
-                    descriptor: d.clone(),
-                    index: Arc::new(ix),
-                    encoded: enc.into(),
-                    built: false,
-                    elapsed: start.elapsed(),
-                });
+            if let Some(r) = stored_report(store, d, start)? {
+                reports.push(r);
                 continue;
             }
         }
@@ -398,14 +395,8 @@ async fn store_fetched(
                     .await?
                 {
                     // Another image stored one meanwhile: that one serves this image too.
-                    if let Some((ix, enc)) = store.get_layer(&d.digest)? {
-                        reports.push(LayerReport {
-                            descriptor: d.clone(),
-                            index: Arc::new(ix),
-                            encoded: enc.into(),
-                            built: false,
-                            elapsed: start.elapsed(),
-                        });
+                    if let Some(r) = stored_report(store, d, start)? {
+                        reports.push(r);
                         continue;
                     }
                 }

@@ -366,8 +366,8 @@ impl RegistryLayers {
         // serves both, and the two artifacts are fetched at once): the mount finds it done.
         self.profiles.start_lookup(&pinned);
         match trust {
-            Trust::Owner => self.load_owned(&pinned, &image).await?,
-            Trust::Published => self.load_published(&pinned, &image).await?,
+            Trust::Owner => self.load_published(&pinned, &image, true).await?,
+            Trust::Published => self.load_published(&pinned, &image, false).await?,
             Trust::Signed => self.load_signed(&pinned, &image).await?,
             // Never a published index: the node indexes the image from its own bytes. A layer
             // whose bytes do not match the image's claims fails here, and containerd's own
@@ -433,29 +433,6 @@ impl RegistryLayers {
         match self.trust.for_image(image) {
             Trust::Owner if self.discovery.is_none() => Trust::Local,
             t => t,
-        }
-    }
-
-    /// Loads the image's indexes under the `owner` rule (its own published ones; layers
-    /// another repository's index is stored for are indexed here); without a published index,
-    /// indexes it here with `index_on_demand`.
-    async fn load_owned(&self, pinned: &Reference, image: &ResolvedImage) -> Result<(), Fallback> {
-        let _one = self.verifying.lock().await;
-        let fill = Some(self.reads.cache().clone());
-        match image::load_owned_indexes(&self.client, &self.store, image, fill).await {
-            Ok(_) => Ok(()),
-            Err(ImageError::NoIndex { .. }) if self.index_on_demand => {
-                tracing::info!(image = %pinned, "no published index: indexing on demand");
-                self.index_here(pinned, image).await
-            }
-            Err(ImageError::NoIndex { .. }) => Err(Fallback::new(
-                "no index",
-                format!("{pinned} has no published index (index_on_demand is off)"),
-            )),
-            Err(e) => Err(Fallback::new(
-                "index error",
-                format!("{pinned}: loading its index failed: {e}"),
-            )),
         }
     }
 
@@ -614,13 +591,24 @@ impl RegistryLayers {
         None
     }
 
-    /// Loads the image's published index; without one, indexes it here with `index_on_demand`.
+    /// Loads the image's published indexes, under the `owner` rule when `owned` (its own
+    /// published ones; layers another repository's index is stored for are indexed here), else
+    /// as they are; without a published index, indexes it here with `index_on_demand`.
     async fn load_published(
         &self,
         pinned: &Reference,
         image: &ResolvedImage,
+        owned: bool,
     ) -> Result<(), Fallback> {
-        match image::load_indexes(&self.client, &self.store, image).await {
+        let loaded = match owned {
+            true => {
+                let _one = self.verifying.lock().await;
+                let fill = Some(self.reads.cache().clone());
+                image::load_owned_indexes(&self.client, &self.store, image, fill).await
+            }
+            false => image::load_indexes(&self.client, &self.store, image).await,
+        };
+        match loaded {
             Ok(_) => Ok(()),
             Err(ImageError::NoIndex { .. }) if self.index_on_demand => {
                 tracing::info!(image = %pinned, "no published index: indexing on demand");
