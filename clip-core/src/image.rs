@@ -286,6 +286,9 @@ pub async fn load_indexes(
         }
     }
     if found.len() == image.layers.len() {
+        if store.get_image(&image.manifest_digest)?.is_none() {
+            record_image(store, image, &found, None).await?;
+        }
         return Ok(found);
     }
     let Some(fetched) = artifact::fetch(client, image).await? else {

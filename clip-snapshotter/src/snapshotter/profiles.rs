@@ -148,8 +148,17 @@ impl Profiles {
             let (Some(profile), Ok(r)) = (profile, reference.parse::<Reference>()) else {
                 return;
             };
+            // Only the layers of the image that is starting: a profile is its publisher's word,
+            // and may name any layer (another image's, on this node).
+            let Ok(Some(image)) = me.store.get_image(&manifest) else {
+                return;
+            };
             let mut layers = 0;
             for lp in &profile.layers {
+                if !image.layers.iter().any(|l| l.digest == lp.layer) {
+                    tracing::warn!(image = %reference, layer = %lp.layer, "its startup profile names a layer it does not have: not prefetched");
+                    continue;
+                }
                 let Ok(Some(reader)) = me.reads.stored_reader(&me.store, &me.client, &r, &lp.layer)
                 else {
                     continue;

@@ -619,3 +619,17 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// `log` without terminal colour codes (the daemons' logs are coloured).
+pub fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut it = log.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            it.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

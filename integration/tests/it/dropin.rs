@@ -383,19 +383,7 @@ fn cri_pod_runs_python_lazily(build: Containerd, disable_snapshot_annotations: b
         .snapshotter_log()
         .lines()
         .filter(|l| l.contains("found the layer in containerd's content store"))
-        .map(|l| {
-            // Without the terminal colours.
-            let mut out = String::new();
-            let mut it = l.chars();
-            while let Some(c) = it.next() {
-                if c == '\u{1b}' {
-                    it.by_ref().find(|&c| c == 'm');
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        })
+        .map(without_colours)
         .collect();
     let says = !v.runtime_version.starts_with("1.6") && !v.runtime_version.starts_with("v1.6");
     if v.runtime_version.starts_with("1.7") {

@@ -1733,6 +1733,57 @@ fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
     assert!(log.contains("indexing on this node failed"), "{log}");
 }
 
+/// A startup profile is its publisher's word: one that names another image's layer (here the
+/// victim's, already on the node) is not prefetched for, and the node says so.
+#[test]
+fn a_startup_profile_prefetches_only_layers_of_its_own_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The victim's image is one busybox layer; the other image one layer of its own (users),
+    // with a profile naming the victim's layer.
+    let (reg, victim_layout, victim) = indexed_victim(tmp.path());
+    let (vm, _) = layout_manifest_config(&victim_layout);
+    let victim_layer: clip_core::Digest =
+        vm["layers"][0]["digest"].as_str().unwrap().parse().unwrap();
+    let other_layout = layout(tmp.path(), "other", &["gen:users"]);
+    reg.push_layout(&other_layout, "other", "other");
+    let other = format!("{}:other", reg.image("other"));
+    publish_index(tmp.path(), &other);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = clip_core::registry::Client::new(Default::default());
+        let resolved = client.resolve(&other.parse().unwrap()).await.unwrap();
+        let own = resolved.layers[0].digest;
+        let mut p = clip_core::profile::Profile::new(resolved.manifest_digest);
+        for layer in [victim_layer, own] {
+            p.layers.push(clip_core::profile::LayerProfile {
+                layer,
+                ranges: vec![(0, 4096)],
+            });
+        }
+        clip_core::artifact::push_profile(&client, &resolved, &p)
+            .await
+            .unwrap();
+    });
+    let node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&victim);
+    node.pull_ok(&other);
+    // The pull-time prefetch says when it has gone through the profile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node
+        .snapshotter_log()
+        .contains("prefetching its startup profile at pull time")
+    {
+        assert!(Instant::now() < deadline, "{}", node.snapshotter_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = without_colours(&node.snapshotter_log());
+    assert!(
+        log.contains("its startup profile names a layer it does not have")
+            && log.contains("layers=1"),
+        "{log}"
+    );
+}
+
 /// Publishes, as `image`'s index artifact, the honest index of its top layer and, for its base
 /// layer, a forged one: the top layer's index relabelled as the base layer's (its layer digest,
 /// DiffID and size), so every span of the base layer is named by a span digest of the top one.
