@@ -39,14 +39,21 @@ impl Containerd {
     }
 
     async fn content_exists(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.content_labels(digest).await?.is_some())
+    }
+
+    /// The labels of content `digest`, if containerd has it.
+    async fn content_labels(&self, digest: &Digest) -> Result<Option<HashMap<String, String>>> {
         let r = ContentClient::new(self.channel.clone())
             .info(self.req(api::InfoRequest {
                 digest: digest.to_string(),
             }))
             .await;
         match r {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Ok(i) => Ok(Some(
+                i.into_inner().info.map(|i| i.labels).unwrap_or_default(),
+            )),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(anyhow::anyhow!("content info {digest}: {}", s.message())),
         }
     }
@@ -139,8 +146,10 @@ impl Containerd {
         data: bytes::Bytes,
         labels: HashMap<String, String>,
     ) -> Result<()> {
-        if self.content_exists(digest).await? {
-            return self.label_content(digest, &labels).await;
+        if let Some(existing) = self.content_labels(digest).await? {
+            return self
+                .label_content(digest, &merged_sources(&existing, labels))
+                .await;
         }
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let size = data.len() as u64;
@@ -276,6 +285,27 @@ fn humantime_rfc3339(t: std::time::SystemTime) -> String {
     )
 }
 
+/// `labels` for content that has `existing` ones: a distribution-source label keeps the
+/// repositories already named (comma-separated, as containerd writes them), so that the content
+/// says every repository it was pulled from.
+fn merged_sources(
+    existing: &HashMap<String, String>,
+    mut labels: HashMap<String, String>,
+) -> HashMap<String, String> {
+    for (k, v) in labels.iter_mut() {
+        if !k.starts_with(labels::DISTRIBUTION_SOURCE) {
+            continue;
+        }
+        let Some(old) = existing.get(k) else { continue };
+        let mut repos: Vec<&str> = old.split(',').filter(|r| !r.is_empty()).collect();
+        if !repos.contains(&v.as_str()) {
+            repos.push(v);
+        }
+        *v = repos.join(",");
+    }
+    labels
+}
+
 async fn pull_under_lease(
     client: &clip_core::registry::Client,
     cd: &Containerd,
@@ -286,7 +316,7 @@ async fn pull_under_lease(
     let diff_ids: Vec<Digest> = image.layers.iter().map(|l| l.diff_id).collect();
     let chains = clip_core::image::chain_ids(&diff_ids);
     let source = (
-        format!("containerd.io/distribution.source.{}", r.registry),
+        format!("{}{}", labels::DISTRIBUTION_SOURCE, r.registry),
         r.repository.clone(),
     );
     // Content: config (holding the snapshot chain for GC) and manifest (holding the config and
@@ -507,6 +537,22 @@ async fn unpack_layer(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_second_repository_is_added_to_the_source_label_not_put_in_its_place() {
+        let key = format!("{}reg:5000", labels::DISTRIBUTION_SOURCE);
+        let existing = HashMap::from([(key.clone(), "team-a/app".to_string())]);
+        let new = HashMap::from([
+            (key.clone(), "team-b/app".to_string()),
+            ("other".to_string(), "x".to_string()),
+        ]);
+        let merged = super::merged_sources(&existing, new.clone());
+        assert_eq!(merged[&key], "team-a/app,team-b/app");
+        assert_eq!(merged["other"], "x");
+        // Pulled again from a repository it names: unchanged.
+        let again = super::merged_sources(&merged, new);
+        assert_eq!(again[&key], "team-a/app,team-b/app");
+    }
+
     use super::*;
 
     #[test]

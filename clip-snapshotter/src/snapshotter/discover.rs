@@ -92,9 +92,11 @@ struct Facts {
 struct State {
     channel: Option<Channel>,
     /// Manifest -> what it gives (`None`: not an image manifest we can use; not read again).
-    manifests: HashMap<Digest, Option<Facts>>,
+    /// Keyed by namespace and manifest: one manifest in two namespaces has two sets of labels
+    /// (where each pulled it from).
+    manifests: HashMap<(String, Digest), Option<Facts>>,
     /// Insertion order, for dropping the oldest knowledge.
-    order: std::collections::VecDeque<Digest>,
+    order: std::collections::VecDeque<(String, Digest)>,
     /// Authorities (`host[:port]`) of the images containerd has, across namespaces.
     image_authorities: BTreeSet<String>,
     /// The namespace image documents were last found in.
@@ -355,10 +357,16 @@ impl Discovery {
                 let Ok(manifest) = info.digest.parse::<Digest>() else {
                     continue;
                 };
-                if st.manifests.contains_key(&manifest) {
+                let sources = sources_of(&info.labels);
+                let key = (ns.clone(), manifest);
+                if let Some(known) = st.manifests.get_mut(&key) {
+                    // Pulled again from another repository since it was read: the repositories
+                    // that use it are the ones its labels name now.
+                    if let (Some(f), false) = (known.as_mut(), sources.is_empty()) {
+                        f.sources = sources;
+                    }
                     continue;
                 }
-                let sources = sources_of(&info.labels);
                 if sources.is_empty() {
                     // Labelled later in the same pull, or not pulled from a registry: looked
                     // at again next time.
@@ -373,11 +381,11 @@ impl Discovery {
                             sources,
                             updated: info.updated_at.map_or(0, |t| t.seconds),
                         };
-                        remember(st, manifest, Some(facts));
+                        remember(st, key, Some(facts));
                     }
                     Err(Unreadable::Unusable(e)) => {
                         tracing::debug!(%manifest, namespace = %ns, "not a usable image manifest: {e}");
-                        remember(st, manifest, None);
+                        remember(st, key, None);
                     }
                     // Its config may not be fetched yet: looked at again next time.
                     Err(Unreadable::NotYet(e)) => {
@@ -482,7 +490,7 @@ fn in_namespace<T>(ns: &str, msg: T) -> Request<T> {
     crate::containerd::request(ns, None, msg)
 }
 
-fn remember(st: &mut State, manifest: Digest, facts: Option<Facts>) {
+fn remember(st: &mut State, manifest: (String, Digest), facts: Option<Facts>) {
     while st.manifests.len() >= MAX_MANIFESTS {
         match st.order.pop_front() {
             Some(old) => {
@@ -491,7 +499,7 @@ fn remember(st: &mut State, manifest: Digest, facts: Option<Facts>) {
             None => break,
         }
     }
-    st.order.push_back(manifest);
+    st.order.push_back(manifest.clone());
     st.manifests.insert(manifest, facts);
 }
 
@@ -506,7 +514,7 @@ fn hits_of(st: &State, chain: &Digest) -> Vec<Hit> {
     let mut found: Vec<(i64, Hit)> = st
         .manifests
         .iter()
-        .filter_map(|(m, f)| {
+        .filter_map(|((_, m), f)| {
             let f = f.as_ref()?;
             let i = f.chains.iter().position(|c| c == chain)?;
             Some((
@@ -605,9 +613,10 @@ mod tests {
             sources: vec![("h".into(), "r".into())],
             updated,
         };
-        remember(&mut st, d("old"), Some(facts(1, "l-old")));
-        remember(&mut st, d("new"), Some(facts(2, "l-new")));
-        remember(&mut st, d("unusable"), None);
+        let key = |m: &str| ("default".to_string(), d(m));
+        remember(&mut st, key("old"), Some(facts(1, "l-old")));
+        remember(&mut st, key("new"), Some(facts(2, "l-new")));
+        remember(&mut st, key("unusable"), None);
         let hits = hits_of(&st, &d("chain"));
         assert_eq!(
             hits.iter().map(|h| h.layer).collect::<Vec<_>>(),
@@ -617,7 +626,8 @@ mod tests {
         // Another namespace's image with the chain serves only requests of that namespace.
         let mut theirs = facts(3, "l-theirs");
         theirs.namespace = "tenant-b".into();
-        remember(&mut st, d("theirs"), Some(theirs));
+        // The same manifest in another namespace is known there on its own.
+        remember(&mut st, ("tenant-b".into(), d("old")), Some(theirs));
         let layers = |ns| {
             only_in(hits_of(&st, &d("chain")), ns)
                 .iter()
@@ -629,7 +639,7 @@ mod tests {
         assert!(layers(Some("tenant-c")).is_empty());
         assert_eq!(layers(None).len(), 3, "containerd 1.6 does not say");
         for i in 0..MAX_MANIFESTS + 10 {
-            remember(&mut st, d(&format!("m{i}")), None);
+            remember(&mut st, key(&format!("m{i}")), None);
         }
         assert_eq!(st.manifests.len(), MAX_MANIFESTS);
         assert!(

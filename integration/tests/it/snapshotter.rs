@@ -1733,6 +1733,64 @@ fn an_image_cannot_take_another_images_layer_under_the_multi_tenant_trust() {
     assert!(log.contains("indexing on this node failed"), "{log}");
 }
 
+/// The same image (one manifest) pushed to a second repository whose owner publishes a forged
+/// index for it: the file's entry points at another file's bytes of the same layer. Pulled
+/// first, that index is the node's; the victim's pull of its own repository's copy then has
+/// the node verify the layer before the victim's container reads it (the manifest's source
+/// label names both repositories). Under `published` the victim reads the forged arrangement
+/// (the control).
+#[test]
+fn a_forged_index_of_the_same_image_in_another_repository_is_verified_before_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, victim_layout, victim) = indexed_victim(tmp.path());
+    reg.push_layout(&victim_layout, "victim", "attacker");
+    let copy = format!("{}:victim", reg.image("attacker"));
+    let (vm, _) = layout_manifest_config(&victim_layout);
+    let mut forged = build_index(&victim_layout, vm["layers"][0]["digest"].as_str().unwrap());
+    let file_at = |ix: &clip_core::index::LayerIndex, path: &[u8]| {
+        ix.entries
+            .iter()
+            .position(|e| e.path == path)
+            .unwrap_or_else(|| panic!("{} in the layer", String::from_utf8_lossy(path)))
+    };
+    let hello = file_at(&forged.index, b"etc/hello.txt");
+    let other = forged
+        .index
+        .entries
+        .iter()
+        .find_map(|e| match e.kind {
+            clip_core::index::EntryKind::File { offset, size } if size >= 64 => Some(offset),
+            _ => None,
+        })
+        .expect("a file of 64 bytes or more");
+    if let clip_core::index::EntryKind::File { offset, .. } = &mut forged.index.entries[hello].kind
+    {
+        *offset = other;
+    }
+    push_indexes(&copy, &[&forged]);
+    let read =
+        |node: &Node, id: &str| out(&node.run("clip", &victim, id, &["cat", "/etc/hello.txt"]));
+
+    let node = Node::start(&tmp.path().join("owner"));
+    node.pull_ok(&copy);
+    // The attacker's container first: the node has seen the manifest as the attacker's only.
+    let own = node.run("clip", &copy, "a", &["cat", "/etc/hello.txt"]);
+    assert_ne!(out(&own), "hello from clip\n", "its own forged arrangement");
+    node.pull_ok(&victim);
+    assert_eq!(read(&node, "v"), "hello from clip\n");
+    assert!(node.snapshotter_log().contains("layer verified"));
+    drop(node);
+
+    let node = Node::start_with(&tmp.path().join("published"), &["--trust", "published"]);
+    node.pull_ok(&copy);
+    node.pull_ok(&victim);
+    assert_ne!(
+        read(&node, "v"),
+        "hello from clip\n",
+        "no control: the forgery did not take"
+    );
+}
+
 /// A startup profile is its publisher's word: one that names another image's layer (here the
 /// victim's, already on the node) is not prefetched for, and the node says so.
 #[test]
