@@ -1791,6 +1791,62 @@ fn a_forged_index_of_the_same_image_in_another_repository_is_verified_before_use
     );
 }
 
+/// A referrers listing is its writer's word (under the referrers tag schema, whoever can push a
+/// tag): an artifact listed as a clip index whose own manifest says it is something else (here a
+/// startup profile's type, with index blobs inside) is not used: the image is unpacked
+/// normally. The control: the same blobs in a manifest that says it is an index are used.
+#[test]
+fn an_artifact_is_used_as_an_index_only_if_its_own_manifest_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, image) = indexed_busybox_users(tmp.path(), "typed");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = clip_core::registry::Client::new(Default::default());
+        let r: clip_core::reference::Reference = image.parse().unwrap();
+        let resolved = client.resolve(&r).await.unwrap();
+        let tag = format!("sha256-{}", resolved.manifest_digest.hex());
+        let (listing, _, _) = client.get_manifest(&r, &tag).await.unwrap();
+        let mut listing: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+        let honest = listing["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (body, media, _) = client.get_manifest(&r, &honest).await.unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        m["artifactType"] = clip_core::artifact::PROFILE_ARTIFACT_TYPE.into();
+        let body = bytes::Bytes::from(serde_json::to_vec(&m).unwrap());
+        let relabelled = clip_core::Digest::of(&body);
+        client
+            .push_manifest(&r, &relabelled.to_string(), &media, body)
+            .await
+            .unwrap();
+        // The listing still says "index", and names only the relabelled manifest.
+        listing["manifests"][0]["digest"] = relabelled.to_string().into();
+        listing["manifests"][0]["size"] = serde_json::to_vec(&m).unwrap().len().into();
+        let b = bytes::Bytes::from(serde_json::to_vec(&listing).unwrap());
+        client
+            .push_manifest(&r, &tag, "application/vnd.oci.image.index.v1+json", b)
+            .await
+            .unwrap();
+    });
+    let node = Node::start(&tmp.path().join("node"));
+    let pulled = node.pull_ok(&image);
+    assert!(pulled.contains("0 lazy layer(s), 2 unpacked"), "{pulled}");
+    let log = without_colours(&node.snapshotter_log());
+    assert!(
+        log.contains(&format!(
+            "it is not a {} artifact",
+            clip_core::artifact::ARTIFACT_TYPE
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        out(&node.run("clip", &image, "t", &["cat", "/etc/public"])),
+        "anyone\n"
+    );
+    let _ = reg;
+}
+
 /// A startup profile is its publisher's word: one that names another image's layer (here the
 /// victim's, already on the node) is not prefetched for, and the node says so.
 #[test]
