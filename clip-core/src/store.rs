@@ -49,6 +49,25 @@ pub enum Origin {
     Signed,
 }
 
+/// Removes the temporaries a killed process left in `dir` (`<digest>.tmp<pid>`): whole blobs
+/// are only ever renamed into place, so a temporary is never needed again.
+fn sweep_temporaries(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut swept = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.contains(".tmp") && std::fs::remove_file(e.path()).is_ok() {
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::info!(dir = %dir.display(), swept, "removed temporaries of an interrupted write");
+    }
+}
+
 /// Who vouches for a stored layer index, with the sha256 of its encoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Provenance {
@@ -107,6 +126,7 @@ impl Store {
             error,
         };
         std::fs::create_dir_all(root.join("windows")).map_err(|e| io(root, e))?;
+        sweep_temporaries(&root.join("windows"));
         let db_path = root.join("db");
         // sled holds an exclusive lock on the database. A process that just exited (a restart)
         // or a store dropped a moment ago (its flusher thread still winding down) may hold it
@@ -325,11 +345,17 @@ impl Store {
             error,
         };
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(data).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            // A failed write leaves nothing behind (ENOSPC would otherwise keep the space).
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io)
     }
 
     /// The encoded index of a layer, checked. A corrupt record is removed and reported as absent.
@@ -528,6 +554,34 @@ mod tests {
             .unwrap()
             .unwrap()
             .serves("reg:5000/a"));
+    }
+
+    #[test]
+    fn temporaries_are_swept_at_open_and_a_failed_write_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let windows = dir.path().join("windows");
+        std::fs::create_dir_all(&windows).unwrap();
+        std::fs::write(windows.join("abcd.tmp4242"), b"half").unwrap();
+        std::fs::write(windows.join("abcd"), b"whole").unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&windows)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["abcd"], "the temporary is gone, the blob kept");
+        // A write whose rename fails (a directory in the way) leaves no temporary.
+        let target = windows.join("blocked");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("x"), b"x").unwrap();
+        assert!(s.write_file_atomic(&target, b"data").is_err());
+        let left: Vec<_> = std::fs::read_dir(&windows)
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                n.contains(".tmp").then_some(n)
+            })
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[tokio::test]

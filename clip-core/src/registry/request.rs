@@ -144,7 +144,14 @@ impl Client {
                             last: reason,
                         });
                     }
-                    tracing::debug!(what, attempts, ?delay, reason, "retrying");
+                    // Said at warning level: someone waiting on a pull or a read sees why
+                    // nothing happens, and for how long it can go on.
+                    tracing::warn!(
+                        "{what}: {reason}; retrying in {:.1} s (attempt {attempts}, giving up \
+                         {:.0} s after the first)",
+                        delay.as_secs_f64(),
+                        self.inner.cfg.deadline.as_secs_f64()
+                    );
                     crate::metrics::registry_retry();
                     tokio::time::sleep(delay).await;
                 }

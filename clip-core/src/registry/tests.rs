@@ -572,3 +572,70 @@ async fn a_wrong_port_fails_at_once_with_one_clear_error() {
     };
     assert!(matches!(e, RegistryError::Unreachable { .. }), "{e}");
 }
+
+/// What a closure logged at warning level and above.
+fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(sub, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+#[test]
+fn a_transient_failure_is_retried_and_says_so() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ((got, log), warnings) = warnings_during(|| {
+        rt.block_on(async {
+            let n = Arc::new(AtomicU64::new(0));
+            let (host, log) = serve_with("127.0.0.1", move |_| {
+                if n.fetch_add(1, Ordering::SeqCst) < 2 {
+                    reply("503 Service Unavailable", "", "busy")
+                } else {
+                    reply(
+                        "200 OK",
+                        "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+                        "{}",
+                    )
+                }
+            })
+            .await;
+            let client = Client::new(RegistryConfig {
+                initial_backoff: Duration::from_millis(10),
+                ..Default::default()
+            });
+            let r: Reference = format!("{host}/app:1").parse().unwrap();
+            (client.get_manifest(&r, "1").await.map(|(b, _, _)| b), log)
+        })
+    });
+    assert_eq!(&got.unwrap()[..], b"{}");
+    assert_eq!(requests_for(&log, "get /v2/app/manifests/1"), 3);
+    let retries: Vec<&str> = warnings
+        .lines()
+        .filter(|l| l.contains("retrying in"))
+        .collect();
+    assert_eq!(retries.len(), 2, "{warnings}");
+    assert!(
+        retries[0].contains("attempt 1") && retries[0].contains("giving up"),
+        "{warnings}"
+    );
+}
