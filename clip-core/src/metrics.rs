@@ -21,6 +21,7 @@ struct Instruments {
     registry_request_seconds: Histogram<f64>,
     cache_bytes: UpDownCounter<i64>,
     cache_evictions: Counter<u64>,
+    cache_write_failures: Counter<u64>,
     runs_in_flight: UpDownCounter<i64>,
 }
 
@@ -94,6 +95,13 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.cache.evictions")
                 .with_description("Spans evicted per cache tier")
                 .build(),
+            cache_write_failures: meter
+                .u64_counter("clip.cache.write_failures")
+                .with_description(
+                    "Spans a cache tier could not store (a full or failing disk): the read was \
+                     served anyway, from the tier above or the registry",
+                )
+                .build(),
             runs_in_flight: meter
                 .i64_up_down_counter("clip.fetch.runs")
                 .with_description("Runs of spans being fetched from the registry now")
@@ -130,6 +138,12 @@ pub fn cache_size(tier: &'static str, delta: i64) {
     instruments()
         .cache_bytes
         .add(delta, &[KeyValue::new("tier", tier)]);
+}
+
+pub fn cache_write_failure(tier: &'static str) {
+    instruments()
+        .cache_write_failures
+        .add(1, &[KeyValue::new("tier", tier)]);
 }
 
 pub fn cache_eviction(tier: &'static str) {

@@ -29,6 +29,8 @@ pub struct DiskTier {
 struct Inner {
     dir: PathBuf,
     ledger: Ledger,
+    /// Writes are failing now (told once, until one succeeds again).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl DiskTier {
@@ -42,6 +44,7 @@ impl DiskTier {
         let inner = Inner {
             dir: dir.to_path_buf(),
             ledger,
+            failing: Default::default(),
         };
         inner.adopt_strays();
         inner.ledger.evict(|d| inner.delete(d));
@@ -193,11 +196,32 @@ impl Tier for DiskTier {
     }
 
     async fn put(&self, key: &Digest, data: Bytes) {
+        use std::sync::atomic::Ordering::Relaxed;
         let (me, k) = (self.inner.clone(), *key);
-        match tokio::task::spawn_blocking(move || me.put(&k, &data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(span = %key, "disk cache write failed: {e}"),
-            Err(e) => tracing::warn!(span = %key, "disk cache task failed: {e}"),
+        let failed = match tokio::task::spawn_blocking(move || me.put(&k, &data)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        // Reads never depend on this write (the bytes were served from the tier above or the
+        // registry), and a failed write leaves nothing a later read trusts: said once when
+        // writes start failing, counted each time, and said again when they work.
+        match failed {
+            Some(e) => {
+                crate::metrics::cache_write_failure("disk");
+                if !self.inner.failing.swap(true, Relaxed) {
+                    tracing::warn!(
+                        dir = %self.inner.dir.display(),
+                        "the disk cache cannot store spans ({e}); reads go on from memory and \
+                         the registry (clip_cache_write_failures_total counts them)"
+                    );
+                }
+            }
+            None => {
+                if self.inner.failing.swap(false, Relaxed) {
+                    tracing::info!(dir = %self.inner.dir.display(), "the disk cache stores spans again");
+                }
+            }
         }
     }
 

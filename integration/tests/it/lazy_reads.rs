@@ -174,6 +174,73 @@ fn caps_are_honoured_with_eviction_and_damaged_cache_files_are_refetched() {
     assert!(s["registry_bytes"].as_u64().unwrap() > 0, "{s}");
 }
 
+/// A full cache disk never fails a read: the disk tier lives on a 64 KiB tmpfs, every span write
+/// there fails with ENOSPC, and the file still comes out right. The failure is said once, not
+/// per span, and nothing half-written is left for a later read.
+#[test]
+fn a_full_cache_disk_never_fails_a_read_and_says_so_once() {
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, image) = everytype(&reg, tmp.path());
+    let root = tmp.path().join("root");
+    clip_json(&root, &["index", &image, "--json"], &[]);
+    let want = reference_bytes(&l, "/data/random.bin");
+    let full = tmp.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    let o = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&full)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount tmpfs: {}", stderr(&o));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    let o = clip(
+        &root,
+        &[
+            "cat",
+            &image,
+            "/data/random.bin",
+            "--cache-dir",
+            full.to_str().unwrap(),
+            "--disk-cap",
+            "1GiB",
+            "--memory-cap",
+            "1MiB",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout == want, "the file's bytes");
+    let said = stderr(&o)
+        .matches("the disk cache cannot store spans")
+        .count();
+    assert_eq!(said, 1, "{}", stderr(&o));
+    let left: Vec<_> = walk_files(&full)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[test]
 fn range_reads_survive_faults_and_never_serve_corrupted_bytes() {
     let reg = Registry::start(Auth::None);
