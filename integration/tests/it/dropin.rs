@@ -531,6 +531,48 @@ fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
     );
     assert!(sent * 10 < image_bytes, "{sent} of {image_bytes}");
 
+    // Another tenant pulls the same image with a wrong password: its pull fails and takes back
+    // only the credentials it brought. This pod's next reads (numpy's files, never read yet)
+    // still reach the registry with the first pull's credentials.
+    let wrong = crate::cri::AuthConfig {
+        username: USER.into(),
+        password: "not-the-password".into(),
+        server_address: format!("https://{}", proxy.host),
+    };
+    assert!(
+        images.pull(&image, Some(wrong), &pod).is_err(),
+        "a wrong password pulled the image"
+    );
+    let id = runtime
+        .create_container(
+            &pod_id,
+            &pod,
+            "numpy",
+            &image_ref,
+            &["python3", "-c", "import numpy; print('still reading')"],
+        )
+        .expect("CreateContainer");
+    runtime.start_container(&id).expect("StartContainer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while runtime
+        .container_status(&id)
+        .expect("ContainerStatus")
+        .state
+        != crate::cri::EXITED
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(logs.join("numpy.log")).unwrap_or_default();
+    assert!(
+        log.contains("stdout F still reading"),
+        "{log}\n{}",
+        node.snapshotter_log()
+    );
+
     // Never on disk, never logged: no file under clip's root (database, indexes, cache,
     // snapshots; not into the lazy mounts, which are the image) nor its log holds the password.
     let o = std::process::Command::new("sh")
