@@ -432,6 +432,37 @@ fn cri_pod_runs_lazily_on_containerd_2_1_configured_like_k3s() {
 /// (`--cri-address`), which forwards to containerd and keeps the credentials in memory for the
 /// lazy reads: the pod runs python with the registry sending a small fraction of the image,
 /// the password is on no file under clip's root nor in its log, and RemoveImage drops it.
+/// Creates and starts container `name` in the pod, waits (up to 120 s) until it exits and
+/// returns its log.
+fn run_to_exit(
+    runtime: &crate::cri::Cri,
+    pod_id: &str,
+    pod: &crate::cri::PodSandboxConfig,
+    logs: &Path,
+    name: &str,
+    image_ref: &str,
+    cmd: &[&str],
+) -> String {
+    let id = runtime
+        .create_container(pod_id, pod, name, image_ref, cmd)
+        .expect("CreateContainer");
+    runtime.start_container(&id).expect("StartContainer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while runtime
+        .container_status(&id)
+        .expect("ContainerStatus")
+        .state
+        != crate::cri::EXITED
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default()
+}
+
 #[test]
 fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
     let tmp = tempfile::tempdir().unwrap();
@@ -498,30 +529,15 @@ fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
         node.snapshotter_log()
     );
     let pod_id = runtime.run_pod(&pod).expect("RunPodSandbox");
-    let id = runtime
-        .create_container(
-            &pod_id,
-            &pod,
-            "python",
-            &image_ref,
-            &["python3", "-c", "print('pulled with a secret')"],
-        )
-        .expect("CreateContainer");
-    runtime.start_container(&id).expect("StartContainer");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while runtime
-        .container_status(&id)
-        .expect("ContainerStatus")
-        .state
-        != crate::cri::EXITED
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the container did not exit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let log = std::fs::read_to_string(logs.join("python.log")).unwrap_or_default();
+    let log = run_to_exit(
+        &runtime,
+        &pod_id,
+        &pod,
+        &logs,
+        "python",
+        &image_ref,
+        &["python3", "-c", "print('pulled with a secret')"],
+    );
     assert!(log.contains("stdout F pulled with a secret"), "{log}");
     let sent = proxy.sent() - published;
     let image_bytes = crate::large_image::layer_bytes(&layout);
@@ -543,30 +559,15 @@ fn cri_pull_secrets_reach_lazy_reads_through_clips_image_service() {
         images.pull(&image, Some(wrong), &pod).is_err(),
         "a wrong password pulled the image"
     );
-    let id = runtime
-        .create_container(
-            &pod_id,
-            &pod,
-            "numpy",
-            &image_ref,
-            &["python3", "-c", "import numpy; print('still reading')"],
-        )
-        .expect("CreateContainer");
-    runtime.start_container(&id).expect("StartContainer");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while runtime
-        .container_status(&id)
-        .expect("ContainerStatus")
-        .state
-        != crate::cri::EXITED
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the container did not exit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let log = std::fs::read_to_string(logs.join("numpy.log")).unwrap_or_default();
+    let log = run_to_exit(
+        &runtime,
+        &pod_id,
+        &pod,
+        &logs,
+        "numpy",
+        &image_ref,
+        &["python3", "-c", "import numpy; print('still reading')"],
+    );
     assert!(
         log.contains("stdout F still reading"),
         "{log}\n{}",
