@@ -123,8 +123,9 @@ pub struct RegistryLayers {
     /// Pinned images whose manifest a probe fetched lately: the other layers of the same pull
     /// need not probe again.
     probed: Mutex<HashMap<String, Instant>>,
-    /// One verification of a layer at a time (they are rare, and two of one layer would
-    /// download it twice).
+    /// One verification of a snapshot's layer at a time (they are rare, and two Prepares on one
+    /// chain would download its layer twice). Loading an image's own indexes does not take it:
+    /// concurrent pulls of different images are not serialised behind each other.
     verifying: tokio::sync::Mutex<()>,
 }
 
@@ -265,20 +266,9 @@ impl RegistryLayers {
         }
         // A chain shared by several images: the newest few are tried.
         for hit in hits.iter().take(3) {
-            for (host, repo) in &hit.sources {
-                for authority in discovery.authorities(host, repo).await {
-                    let Ok(pinned) =
-                        format!("{authority}/{repo}@{}", hit.manifest).parse::<Reference>()
-                    else {
-                        continue;
-                    };
-                    if !self.probe_ok(&pinned, &hit.manifest).await {
-                        continue;
-                    }
-                    discovery.served(host, repo, &authority).await;
-                    tracing::info!(snapshot = %target, image = %pinned, namespace = %hit.namespace, request_namespace = namespace.as_deref().unwrap_or("(not said)"), layer = %hit.layer, "no pull labels: found the layer in containerd's content store");
-                    return self.serve_layer(hit.layer, pinned).await;
-                }
+            if let Some(pinned) = self.pinned_of(hit).await {
+                tracing::info!(snapshot = %target, image = %pinned, namespace = %hit.namespace, request_namespace = namespace.as_deref().unwrap_or("(not said)"), layer = %hit.layer, "no pull labels: found the layer in containerd's content store");
+                return self.serve_layer(hit.layer, pinned).await;
             }
         }
         let sources: Vec<String> = hits
@@ -572,7 +562,8 @@ impl RegistryLayers {
         .map_err(|e| e.to_string())
     }
 
-    /// The pinned reference a discovered image is served from (its authority probed).
+    /// The pinned reference a discovered image is served from: the first of its sources'
+    /// candidate authorities whose registry serves its manifest (probed, and remembered).
     async fn pinned_of(&self, hit: &discover::Hit) -> Option<Reference> {
         let discovery = self.discovery.as_ref()?;
         for (host, repo) in &hit.sources {
@@ -602,7 +593,6 @@ impl RegistryLayers {
     ) -> Result<(), Fallback> {
         let loaded = match owned {
             true => {
-                let _one = self.verifying.lock().await;
                 let fill = Some(self.reads.cache().clone());
                 image::load_owned_indexes(&self.client, &self.store, image, fill).await
             }
