@@ -48,7 +48,11 @@ impl Default for ReaderConfig {
 
 /// Reads one layer lazily.
 pub struct LayerReader {
-    /// The layer's fetcher (shared by every reader of the layer).
+    /// The index this reader was given: its files are read where it says. The fetcher may be
+    /// another reader's, of another index of the layer with the same span table; its entries
+    /// are never used for this reader's files.
+    index: Arc<LayerIndex>,
+    /// The layer's fetcher (shared by every reader of the layer with the same span table).
     fetcher: Arc<LayerFetcher>,
     cfg: ReaderConfig,
     /// One past the last span of the previous read (for read-ahead).
@@ -68,7 +72,8 @@ impl LayerReader {
         cfg: ReaderConfig,
     ) -> Arc<Self> {
         Arc::new(LayerReader {
-            fetcher: fetcher.layer(source, index, local_windows),
+            fetcher: fetcher.layer(source, index.clone(), local_windows),
+            index,
             cfg,
             last_end: AtomicUsize::new(usize::MAX),
             recorder: None,
@@ -78,6 +83,7 @@ impl LayerReader {
     /// This reader, noting what it reads in `recorder` (see [`crate::profile`]).
     pub fn recording(self: Arc<Self>, recorder: Arc<Recorder>) -> Arc<Self> {
         Arc::new(LayerReader {
+            index: self.index.clone(),
             fetcher: self.fetcher.clone(),
             cfg: self.cfg.clone(),
             last_end: AtomicUsize::new(usize::MAX),
@@ -132,8 +138,9 @@ impl LayerReader {
         self.fetcher.prefetch_spans(&spans).await
     }
 
+    /// The index this reader reads files by (its own, whichever fetcher it shares).
     pub fn index(&self) -> &Arc<LayerIndex> {
-        self.fetcher.index()
+        &self.index
     }
 
     /// True if every span covering `[offset, offset + len)` is in memory or on local disk.

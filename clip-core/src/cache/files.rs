@@ -120,11 +120,13 @@ impl FileStore {
         self.dir.join(content.hex())
     }
 
-    /// The stored file holding the bytes of the layer file at `offset`, if there is one.
-    pub fn lookup(&self, layer: &Digest, offset: u64) -> Option<Digest> {
+    /// The stored file holding the `size` bytes of the layer file at `offset`, if there is
+    /// one. A file stored for the same offset with another size (written for another index's
+    /// idea of the file: a forged one, say) is not it.
+    pub fn lookup(&self, layer: &Digest, offset: u64, size: u64) -> Option<Digest> {
         let v = self.names.get(name_key(layer, offset)).ok()??;
         let d = Digest::from_bytes(<[u8; 32]>::try_from(&v[..]).ok()?);
-        self.ledger.contains(&d).then_some(d)
+        (self.ledger.size(&d) == Some(size)).then_some(d)
     }
 
     /// True if `content` was hashed or written by this process.
@@ -273,8 +275,11 @@ mod tests {
                 .collect();
             assert_eq!(d[0], Digest::of(&files[0]));
             assert_eq!(s.usage().1, 2, "two 1000-byte files fit in 2500");
-            assert_eq!(s.lookup(&layer, 0), None, "oldest evicted");
-            assert_eq!(s.lookup(&layer, 3 * 4096), Some(d[3]));
+            assert_eq!(s.lookup(&layer, 0, 1000), None, "oldest evicted");
+            assert_eq!(s.lookup(&layer, 3 * 4096, 1000), Some(d[3]));
+            // Another index's idea of the file at that offset (another size) is not it.
+            assert_eq!(s.lookup(&layer, 3 * 4096, 999), None);
+            assert_eq!(s.lookup(&layer, 3 * 4096, 1001), None);
             let mut got = Vec::new();
             s.open_verified(&d[3])
                 .unwrap()
@@ -297,19 +302,19 @@ mod tests {
             s.names.flush().unwrap();
         }
         let s = open(dir.path(), 2500);
-        assert_eq!(s.lookup(&layer, 2 * 4096), Some(content));
+        assert_eq!(s.lookup(&layer, 2 * 4096, 1000), Some(content));
         // Not handed out before it is hashed again in this process.
         assert!(s.open_verified(&content).is_none());
         assert!(s.verify(&content));
         assert!(s.open_verified(&content).is_some());
         // A file damaged on disk is dropped at verification.
-        let other = s.lookup(&layer, 3 * 4096).unwrap();
+        let other = s.lookup(&layer, 3 * 4096, 1000).unwrap();
         let p = s.path(&other);
         let mut raw = std::fs::read(&p).unwrap();
         raw[10] ^= 1;
         std::fs::write(&p, raw).unwrap();
         assert!(!s.verify(&other));
         assert!(!p.exists());
-        assert_eq!(s.lookup(&layer, 3 * 4096), None);
+        assert_eq!(s.lookup(&layer, 3 * 4096, 1000), None);
     }
 }

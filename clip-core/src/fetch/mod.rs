@@ -213,7 +213,7 @@ impl Fetcher {
             .as_ref()
             .and_then(|k| layers.get(k))
             .and_then(std::sync::Weak::upgrade)
-            .filter(|live| Arc::ptr_eq(&live.index, &index) || live.index.spans == index.spans)
+            .filter(|live| Arc::ptr_eq(&live.index, &index) || live.index.same_spans(&index))
         {
             return live;
         }

@@ -122,6 +122,17 @@ pub struct LayerIndex {
 }
 
 impl LayerIndex {
+    /// Whether `other` cuts the layer into the same spans (the same checkpoints, lengths and
+    /// digests): a fetcher of one serves the other's spans. Its files may still differ.
+    pub fn same_spans(&self, other: &LayerIndex) -> bool {
+        self.layer == other.layer
+            && self.windows == other.windows
+            && self.compressed_size == other.compressed_size
+            && self.uncompressed_size == other.uncompressed_size
+            && self.span_size == other.span_size
+            && self.spans == other.spans
+    }
+
     /// The uncompressed range `[start, end)` of span `i`.
     pub fn span_range(&self, i: usize) -> (u64, u64) {
         let start = self.spans[i].uncompressed;

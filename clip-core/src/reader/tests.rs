@@ -732,6 +732,62 @@ async fn a_reader_verifies_against_its_own_index_while_another_index_of_the_laye
 }
 
 #[tokio::test]
+async fn a_reader_reads_files_where_its_own_index_says_while_a_forged_one_is_live() {
+    // A published index of a layer with the layer's own span table but one file's entry
+    // pointed at another file's bytes is live in a running container's mount; the node then
+    // builds the layer's own index and a new mount reads through it. The two share a fetcher
+    // (same spans); the new reader must still read its files where its own index says.
+    let (gz, honest, windows, tar) = layer(16, 48 << 10, 16 << 10);
+    let files: Vec<(usize, u64, u64)> = honest
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e.kind {
+            crate::index::EntryKind::File { offset, size } if size > 0 => Some((i, offset, size)),
+            _ => None,
+        })
+        .collect();
+    let (victim, offset, size) = files[0];
+    let (_, other, _) = files[1];
+    let mut forged = (*honest).clone();
+    forged.entries[victim].kind = crate::index::EntryKind::File {
+        offset: other,
+        size,
+    };
+    let source = Arc::new(
+        FakeSource::new()
+            .with_blob(gz)
+            .with_blob(windows)
+            .with_origin("registry/repo"),
+    );
+    let fetcher = memory_fetcher();
+    let live = LayerReader::new(
+        &fetcher,
+        source.clone(),
+        Arc::new(forged),
+        None,
+        NO_GUESSING,
+    );
+    let mine = LayerReader::new(&fetcher, source.clone(), honest.clone(), None, NO_GUESSING);
+    assert_eq!(
+        mine.index().entries,
+        honest.entries,
+        "the reader's own entries"
+    );
+    let crate::index::EntryKind::File {
+        offset: at,
+        size: n,
+    } = mine.index().entries[victim].kind
+    else {
+        panic!("a file")
+    };
+    assert_eq!((at, n), (offset, size));
+    let got = mine.read(at, n).await.unwrap();
+    assert_eq!(&got[..], &tar[offset as usize..(offset + size) as usize]);
+    drop(live);
+}
+
+#[tokio::test]
 async fn a_span_one_layer_put_in_the_cache_is_never_served_for_another_layers_index() {
     // The content-substitution attack: a publisher's index for layer B is its own layer A's
     // index relabelled, so it names, for B's spans, the digests (and lengths) of A's spans,

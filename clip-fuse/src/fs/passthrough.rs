@@ -50,7 +50,7 @@ impl ClipFs {
         if size < pt.min_size {
             return None;
         }
-        let content = pt.store.lookup(&reader.index().layer, offset)?;
+        let content = pt.store.lookup(&reader.index().layer, offset, size)?;
         pt.store.open_verified(&content)
     }
 
@@ -67,7 +67,7 @@ impl ClipFs {
         if size < pt.min_size {
             return;
         }
-        let existing = pt.store.lookup(&reader.index().layer, offset);
+        let existing = pt.store.lookup(&reader.index().layer, offset, size);
         if existing.is_some_and(|c| pt.store.is_verified(&c))
             || (existing.is_none() && !reader.is_local(offset, size))
             || !pt.busy.lock().expect("busy lock").insert(ino)
