@@ -16,6 +16,8 @@ struct Instruments {
     span_fetch_seconds: Histogram<f64>,
     prefetched_spans: Counter<u64>,
     speculated_spans: Counter<u64>,
+    bulk_layers: Counter<u64>,
+    bulk_bytes: Counter<u64>,
     registry_requests: Counter<u64>,
     registry_retries: Counter<u64>,
     registry_request_seconds: Histogram<f64>,
@@ -67,6 +69,18 @@ fn instruments() -> &'static Instruments {
                 .with_description(
                     "Spans fetched on a guess (files next to ones a program opened cold), once fetched",
                 )
+                .build(),
+            bulk_layers: meter
+                .u64_counter("clip.bulk.layers")
+                .with_description(
+                    "Layers switched to bulk streaming because a workload reads most of them, by \
+                     reason (share, sequential, eager)",
+                )
+                .build(),
+            bulk_bytes: meter
+                .u64_counter("clip.bulk.bytes")
+                .with_description("Uncompressed bytes streamed by bulk mode")
+                .with_unit("By")
                 .build(),
             span_fetch_seconds: meter
                 .f64_histogram("clip.span.fetch.seconds")
@@ -181,6 +195,16 @@ pub fn run_in_flight(delta: i64) {
 
 pub fn prefetched(spans: usize) {
     instruments().prefetched_spans.add(spans as u64, &[]);
+}
+
+pub fn bulk_started(reason: &'static str) {
+    instruments()
+        .bulk_layers
+        .add(1, &[KeyValue::new("reason", reason)]);
+}
+
+pub fn bulk_streamed(bytes: u64) {
+    instruments().bulk_bytes.add(bytes, &[]);
 }
 
 pub fn speculated(spans: usize) {

@@ -138,6 +138,22 @@ impl LayerReader {
         self.fetcher.prefetch_spans(&spans).await
     }
 
+    /// Streams the rest of the layer in bulk now (eager mode: see
+    /// [`crate::fetch::LayerFetcher::stream_rest`]); `None` when it is streamed already.
+    pub fn stream_rest(&self, reason: &'static str) -> Option<tokio::task::JoinHandle<u64>> {
+        self.fetcher.stream_rest(reason)
+    }
+
+    /// Whether the layer has switched to bulk streaming.
+    pub fn bulk_started(&self) -> bool {
+        self.fetcher.bulk_started()
+    }
+
+    /// Waits until the layer's bulk stream has ended (at once if there is none).
+    pub async fn bulk_ended(&self) {
+        self.fetcher.bulk_ended().await
+    }
+
     /// The index this reader reads files by (its own, whichever fetcher it shares).
     pub fn index(&self) -> &Arc<LayerIndex> {
         &self.index
@@ -249,8 +265,13 @@ pub struct ReadPath {
 }
 
 impl ReadPath {
-    /// The tiers `cfg` asks for (the disk tier's and the file store's records in `store`).
-    pub async fn open(cfg: &CacheConfig, store: &Store) -> Result<Self, CacheError> {
+    /// The tiers `cfg` asks for (the disk tier's and the file store's records in `store`); layers
+    /// switch to bulk streaming as `bulk` says.
+    pub async fn open(
+        cfg: &CacheConfig,
+        bulk: crate::fetch::BulkConfig,
+        store: &Store,
+    ) -> Result<Self, CacheError> {
         let shared = match &cfg.remote {
             Some(url) => Some(Arc::new(
                 crate::cache::remote::RemoteTier::connect(url, &cfg.remote_tls).await?,
@@ -259,7 +280,13 @@ impl ReadPath {
         };
         let cache = Arc::new(TieredCache::open(cfg, Some(store.db()), shared.clone()).await?);
         Ok(ReadPath {
-            fetcher: Fetcher::new(cache, FetchConfig::for_memory(cfg.memory_bytes)),
+            fetcher: Fetcher::new(
+                cache,
+                FetchConfig {
+                    bulk,
+                    ..FetchConfig::for_memory(cfg.memory_bytes)
+                },
+            ),
             files: FileStore::open_for(cfg, store.db()).await?,
             shared,
         })

@@ -343,7 +343,7 @@ async fn open_image(
     // published is indexed here before this image reads it.
     let reports = image::load_owned_indexes(&ctx.client, &ctx.store, &image, None).await?;
     let cfg = crate::config::cache_config(c, ctx.store.root());
-    let path = ReadPath::open(&cfg, &ctx.store).await?;
+    let path = ReadPath::open(&cfg, Default::default(), &ctx.store).await?;
     let readers = reports
         .iter()
         .map(|r| {

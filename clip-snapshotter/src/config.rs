@@ -55,6 +55,47 @@ pub struct Config {
     pub profiles: ProfilesSection,
     pub trust: TrustSection,
     pub cri: CriSection,
+    pub bulk: BulkSection,
+}
+
+/// When a layer a workload reads most of is streamed whole (docs/snapshotter.md, bulk mode).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BulkSection {
+    /// The share of a layer's spans read after which the rest is streamed, 0 to 1 (default
+    /// 0.4; 0: never on share).
+    pub share: Option<f64>,
+    /// Bytes of a layer read in its order after which the rest is streamed, e.g. "32MiB" (the
+    /// default; "0": never on order).
+    pub sequential: Option<String>,
+    /// Bulk range requests in flight at once, across every layer (default 4).
+    pub requests: Option<usize>,
+}
+
+impl BulkSection {
+    fn config(&self) -> Result<clip_core::fetch::BulkConfig, ConfigError> {
+        let d = clip_core::fetch::BulkConfig::default();
+        let share = self.share.unwrap_or(d.share);
+        if !(0.0..=1.0).contains(&share) {
+            return Err(ConfigError::Value {
+                key: "bulk.share",
+                reason: format!("{share} is not between 0 and 1"),
+            });
+        }
+        let requests = self.requests.unwrap_or(d.concurrency);
+        if !(1..=64).contains(&requests) {
+            return Err(ConfigError::Value {
+                key: "bulk.requests",
+                reason: format!("{requests} is not between 1 and 64"),
+            });
+        }
+        Ok(clip_core::fetch::BulkConfig {
+            share,
+            sequential_bytes: size(&self.sequential, d.sequential_bytes, "bulk.sequential")?,
+            concurrency: requests,
+            ..d
+        })
+    }
 }
 
 /// The node's CRI image service in front of containerd's (docs/snapshotter.md, Kubernetes).
@@ -261,6 +302,8 @@ pub struct DaemonConfig {
     /// The snapshots API's socket.
     pub address: PathBuf,
     pub cache: CacheConfig,
+    /// When layers switch to bulk streaming.
+    pub bulk: clip_core::fetch::BulkConfig,
     /// Memory the decoded layer indexes may hold together.
     pub index_memory: u64,
     /// The snapshotter's options; its trust policy has no keys yet (`trust_keys` are loaded by
@@ -348,6 +391,7 @@ pub fn daemon_config(
     };
     Ok(DaemonConfig {
         index_memory,
+        bulk: file.bulk.config()?,
         address: a
             .address
             .clone()

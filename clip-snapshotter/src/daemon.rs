@@ -37,7 +37,7 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     let ctx = crate::node::open_node(&cfg.globals)?;
     let root = cfg.root.clone();
     let store = Arc::new(ctx.store);
-    let reads = ReadPath::open(&cfg.cache, &store)
+    let reads = ReadPath::open(&cfg.cache, cfg.bulk.clone(), &store)
         .await
         .context("opening the cache")?;
     let session = ctx.client.config().session.clone();

@@ -241,6 +241,9 @@ impl Tier for DiskTier {
     fn usage(&self) -> (u64, usize, u64) {
         self.inner.ledger.usage()
     }
+    fn capacity(&self) -> u64 {
+        self.inner.ledger.cap()
+    }
 }
 
 #[cfg(test)]

@@ -117,6 +117,9 @@ impl Tier for MemoryTier {
     fn usage(&self) -> (u64, usize, u64) {
         MemoryTier::usage(self)
     }
+    fn capacity(&self) -> u64 {
+        self.cap
+    }
 }
 
 #[cfg(test)]

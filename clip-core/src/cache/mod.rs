@@ -50,6 +50,10 @@ pub trait Tier: Send + Sync {
     fn usage(&self) -> (u64, usize, u64) {
         (0, 0, 0)
     }
+    /// The most bytes the tier holds (0: not bounded by this node, or not known).
+    fn capacity(&self) -> u64 {
+        0
+    }
 }
 
 /// Cache sizing and tiers. Defaults: 256 MiB memory, 10 GiB disk, no remote tier.
@@ -328,6 +332,17 @@ impl TieredCache {
 
     fn tier(&self, name: &str) -> Option<&Arc<dyn Tier>> {
         self.tiers.iter().find(|t| t.name() == name)
+    }
+
+    /// The most span bytes this node's tiers hold (the largest local tier's cap: the disk
+    /// tier holds what memory does, and more).
+    pub fn local_capacity(&self) -> u64 {
+        self.tiers
+            .iter()
+            .filter(|t| t.local())
+            .map(|t| t.capacity())
+            .max()
+            .unwrap_or(0)
     }
 
     /// (memory bytes, disk bytes, memory evictions, disk evictions)

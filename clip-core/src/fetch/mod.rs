@@ -36,6 +36,7 @@
 //! reader, the filesystem) is known here.
 
 mod background;
+mod bulk;
 mod claims;
 mod run;
 mod window;
@@ -92,6 +93,51 @@ pub struct FetchConfig {
     pub prefetch_concurrency: usize,
     /// Most uncompressed bytes (in whole spans) one prefetch range request covers.
     pub prefetch_run_bytes: u64,
+    /// When a layer switches to bulk streaming (see [`bulk`]).
+    pub bulk: BulkConfig,
+}
+
+/// Bulk mode: once a workload is seen to read most of a layer, the rest of the layer is
+/// streamed at the link's full rate, in parallel range requests inflated on every core. Defaults:
+/// after 40 % of a layer's spans, or 32 MiB read in order; layers of 16 MiB or more; 8 MiB
+/// runs, 4 in flight.
+#[derive(Clone, Debug)]
+pub struct BulkConfig {
+    /// The share of a layer's spans read on demand after which the rest is streamed (0: never).
+    pub share: f64,
+    /// Bytes of a layer read in order (one large file, or files in the layer's order) after
+    /// which the rest is streamed (0: never).
+    pub sequential_bytes: u64,
+    /// Layers smaller than this (uncompressed) are never streamed in bulk.
+    pub min_layer_bytes: u64,
+    /// Uncompressed bytes (whole spans) per bulk range request.
+    pub run_bytes: u64,
+    /// Bulk range requests in flight at once, across every layer (a pool of their own: demand
+    /// reads never wait for one).
+    pub concurrency: usize,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        BulkConfig {
+            share: 0.4,
+            sequential_bytes: 32 << 20,
+            min_layer_bytes: 16 << 20,
+            run_bytes: 8 << 20,
+            concurrency: 4,
+        }
+    }
+}
+
+impl BulkConfig {
+    /// Never switches.
+    pub fn off() -> Self {
+        BulkConfig {
+            share: 0.0,
+            sequential_bytes: 0,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for FetchConfig {
@@ -103,6 +149,7 @@ impl Default for FetchConfig {
             writeback_bytes: 64 << 20,
             prefetch_concurrency: 4,
             prefetch_run_bytes: 16 << 20,
+            bulk: BulkConfig::default(),
         }
     }
 }
@@ -167,6 +214,8 @@ pub struct Fetcher {
     permits: Arc<Semaphore>,
     /// Permits of prefetch fetches.
     background: Arc<Semaphore>,
+    /// Permits of bulk fetches.
+    bulk: Arc<Semaphore>,
     /// Write-back budget in KiB.
     writeback: Arc<Semaphore>,
     pub stats: FetchStats,
@@ -183,6 +232,7 @@ impl Fetcher {
             cache,
             permits: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             background: Arc::new(Semaphore::new(cfg.prefetch_concurrency.max(1))),
+            bulk: Arc::new(Semaphore::new(cfg.bulk.concurrency.max(1))),
             writeback: Arc::new(Semaphore::new(kib)),
             cfg,
             stats: FetchStats::default(),
@@ -226,6 +276,7 @@ impl Fetcher {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             claims: Claims::default(),
+            demand: bulk::Demand::new(index.spans.len()),
             index,
         });
         if let Some(key) = key {
@@ -269,6 +320,15 @@ pub struct LayerFetcher {
     /// the program reads around it is known and need not be guessed.
     profiled: Box<[AtomicU64]>,
     claims: Claims,
+    /// What demand reads have asked of the layer, and whether it is streamed in bulk.
+    demand: bulk::Demand,
+}
+
+impl Drop for LayerFetcher {
+    fn drop(&mut self) {
+        // A bulk stream waiting for the reads to catch up ends with the layer's last reader.
+        self.demand.progress.notify_waiters();
+    }
 }
 
 impl LayerFetcher {
@@ -328,6 +388,7 @@ impl LayerFetcher {
                 _ => missing.push(i),
             }
         }
+        self.note_demand(range.clone());
         if !missing.is_empty() && !self.profiled(range.clone()) {
             missing.extend(range.end..self.locality_end(range.clone(), locality));
         }

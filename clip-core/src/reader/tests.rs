@@ -868,3 +868,209 @@ async fn a_cached_span_whose_length_is_not_the_index_entrys_is_not_served() {
         got.map(|b| b.len())
     );
 }
+
+/// A fetcher over a memory tier of `cap` bytes whose layers switch to bulk streaming as `bulk`
+/// says.
+fn bulk_fetcher(cap: u64, bulk: crate::fetch::BulkConfig) -> Arc<Fetcher> {
+    Fetcher::new(
+        Arc::new(TieredCache::memory_only(cap)),
+        FetchConfig {
+            bulk,
+            ..FetchConfig::default()
+        },
+    )
+}
+
+/// Bulk settings scaled to the 3 MiB test layer: switch after 40 % of its spans or 512 KiB
+/// read in order; 256 KiB runs.
+fn small_bulk() -> crate::fetch::BulkConfig {
+    crate::fetch::BulkConfig {
+        share: 0.4,
+        sequential_bytes: 512 << 10,
+        min_layer_bytes: 1 << 20,
+        run_bytes: 256 << 10,
+        concurrency: 4,
+    }
+}
+
+/// The files of a layer's index: (offset, size), in the layer's order.
+fn files_of(index: &LayerIndex) -> Vec<(u64, u64)> {
+    index
+        .entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            crate::index::EntryKind::File { offset, size } if size > 0 => Some((offset, size)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads file `(offset, size)` in 16 KiB reads, checking its bytes.
+async fn read_file(reader: &Arc<LayerReader>, tar: &[u8], (offset, size): (u64, u64)) {
+    let mut at = offset;
+    while at < offset + size {
+        let n = (16 << 10).min(offset + size - at);
+        let got = reader.read_within(at, n, offset + size).await.unwrap();
+        assert_eq!(&got[..], &tar[at as usize..(at + n) as usize]);
+        at += n;
+    }
+}
+
+#[tokio::test]
+async fn reading_a_layer_in_order_switches_it_to_bulk_streaming() {
+    // A tar of a directory: every file, in the layer's order. Lazily, one request per span
+    // read (no guessing); once 512 KiB have been read in order, the rest is streamed in 256 KiB
+    // runs, so the whole layer costs a few dozen requests and its compressed size, once.
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let files = files_of(&index);
+    let spans = index.spans.len();
+    let run = |bulk: crate::fetch::BulkConfig| {
+        let (gz, windows, index, tar, files) = (
+            gz.clone(),
+            windows.clone(),
+            index.clone(),
+            tar.clone(),
+            files.clone(),
+        );
+        async move {
+            let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+            let fetcher = bulk_fetcher(64 << 20, bulk);
+            let reader = LayerReader::new(&fetcher, source.clone(), index, None, NO_GUESSING);
+            let mut switched_after = None;
+            for (k, f) in files.iter().enumerate() {
+                read_file(&reader, &tar, *f).await;
+                if reader.bulk_started() && switched_after.is_none() {
+                    switched_after = Some(k + 1);
+                    reader.bulk_ended().await;
+                }
+            }
+            reader.fetcher.settled().await;
+            (
+                switched_after,
+                source.request_count(),
+                fetcher.stats.registry_bytes.load(Relaxed),
+            )
+        }
+    };
+    let (never, lazy_requests, lazy_bytes) = run(crate::fetch::BulkConfig::off()).await;
+    assert_eq!(never, None);
+    assert!(
+        lazy_requests >= spans / 2,
+        "{lazy_requests} requests for {spans} spans"
+    );
+    let (switched, bulk_requests, bulk_bytes) = run(small_bulk()).await;
+    // 512 KiB in order: the 11th 48 KiB file.
+    assert_eq!(switched, Some(11), "switched after {switched:?} files");
+    assert!(
+        bulk_requests * 2 < lazy_requests,
+        "bulk {bulk_requests} requests, lazy {lazy_requests}"
+    );
+    // Each compressed byte about once (runs overlap by their checkpoint's last bits; a run whose
+    // span before is not local yet fetches its 32 KiB window).
+    let windows = 40u64 << 10;
+    assert!(
+        bulk_bytes <= gz.len() as u64 + (bulk_requests as u64) * windows,
+        "bulk fetched {bulk_bytes} of a {} byte layer",
+        gz.len()
+    );
+    assert!(bulk_bytes >= lazy_bytes / 2);
+}
+
+#[tokio::test]
+async fn a_layer_read_mostly_out_of_order_switches_on_its_share() {
+    // A JVM-like start: files opened in an order unrelated to the layer's (here from the last
+    // one back), so never 512 KiB in order; after 40 % of the spans the rest is streamed.
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let fetcher = bulk_fetcher(64 << 20, small_bulk());
+    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let files = files_of(&index);
+    let n = index.spans.len() as f64;
+    let mut touched = std::collections::BTreeSet::new();
+    for f in files.iter().rev().step_by(2) {
+        let before = touched.len() as f64;
+        read_file(&reader, &tar, *f).await;
+        touched.extend(index.spans_covering(f.0, f.1));
+        if reader.bulk_started() {
+            assert!(before < 0.4 * n && touched.len() as f64 >= 0.4 * n);
+            break;
+        }
+        assert!((touched.len() as f64) < 0.4 * n, "no switch at {touched:?}");
+    }
+    assert!(reader.bulk_started());
+    reader.bulk_ended().await;
+    reader.fetcher.settled().await;
+    let before = source.request_count();
+    for f in &files {
+        read_file(&reader, &tar, *f).await;
+    }
+    assert_eq!(source.request_count(), before, "the rest was streamed");
+}
+
+#[tokio::test]
+async fn a_partial_read_never_switches_to_bulk() {
+    // A start that reads a part of the layer (under 40 % of its spans), scattered: lazy, and
+    // only the spans it reads.
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let fetcher = bulk_fetcher(64 << 20, small_bulk());
+    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let files = files_of(&index);
+    let mut touched = std::collections::BTreeSet::new();
+    for f in files.iter().rev().step_by(7) {
+        touched.extend(index.spans_covering(f.0, f.1));
+        read_file(&reader, &tar, *f).await;
+    }
+    assert!((touched.len() as f64) < 0.4 * index.spans.len() as f64);
+    reader.fetcher.settled().await;
+    assert!(!reader.bulk_started());
+    let spans: u64 = touched
+        .iter()
+        .map(|&i| index.span_range(i).1 - index.span_range(i).0)
+        .sum();
+    assert_eq!(fetcher.stats.inflated_bytes.load(Relaxed), spans);
+}
+
+#[tokio::test]
+async fn a_layer_larger_than_half_the_cache_is_streamed_only_a_quarter_of_it_ahead() {
+    // A 3 MiB layer and a 2 MiB cache: streaming it whole would evict what the reads have not
+    // used yet. The stream stays within 512 KiB (a quarter of the cache) of what has been read,
+    // and goes on as the reads do.
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let fetcher = bulk_fetcher(2 << 20, small_bulk());
+    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let files = files_of(&index);
+    let mut k = 0;
+    while !reader.bulk_started() {
+        read_file(&reader, &tar, files[k]).await;
+        k += 1;
+    }
+    // The stream waits for the reads (or, were it not bounded, streams the whole layer).
+    tokio::select! {
+        _ = reader.fetcher.bulk_parked(1) => {}
+        _ = reader.fetcher.bulk_ended() => {}
+    }
+    reader.fetcher.settled().await;
+    let used = reader.fetcher.demanded_bytes();
+    let inflated = fetcher.stats.inflated_bytes.load(Relaxed);
+    // What the reads used before the switch, a quarter of the cache, and the run that
+    // crossed it.
+    let run = 256 << 10;
+    let biggest = (0..index.spans.len())
+        .map(|i| index.span_range(i).1 - index.span_range(i).0)
+        .max()
+        .unwrap();
+    let bound = used + (512 << 10) + run + biggest;
+    assert!(
+        inflated <= bound,
+        "{inflated} bytes inflated for {used} read"
+    );
+    assert!(inflated < index.uncompressed_size / 2);
+    // The reads go on; so does the stream; every file reads right.
+    for f in &files[k..] {
+        read_file(&reader, &tar, *f).await;
+    }
+    assert!(reader.fetcher.bulk_started());
+    drop(reader);
+}
