@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, users, bigfile, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, note-TEXT, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, users, bigfile, manyfiles, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, note-TEXT, dotdot, absolute, hardlink-forward, huge-size.
 The image config's Cmd is ["/bin/sh"], or the JSON list in $MKIMAGE_CMD (e.g. a CRI pause image).
 """
 import gzip
@@ -198,6 +198,14 @@ def gen(name):
         block = prng(1 << 20, "big")
         text = (b"clip lazy read benchmark line\n" * 40000)[: 1 << 20]
         t.add("data/big.bin", b"".join(block if i % 2 else text for i in range(128)))
+    elif name == "manyfiles":
+        # 2048 files of 16 KiB (32 MiB, half incompressible, half text) in one directory: a
+        # read-most workload reads them all, in whatever order.
+        t.add("data", kind=tarfile.DIRTYPE, mode=0o755)
+        t.add("data/mf", kind=tarfile.DIRTYPE, mode=0o755)
+        text = (b"clip read-most line\n" * 1000)[: 8 << 10]
+        for i in range(2048):
+            t.add("data/mf/%04d" % i, prng(8 << 10, "mf%d" % i) + text)
     elif name.startswith("note-"):
         # A small layer of its own: etc/note holding the rest of the generator's name.
         t.add("etc", kind=tarfile.DIRTYPE, mode=0o755)

@@ -138,10 +138,10 @@ impl LayerReader {
         self.fetcher.prefetch_spans(&spans).await
     }
 
-    /// Streams the rest of the layer in bulk now (eager mode: see
-    /// [`crate::fetch::LayerFetcher::stream_rest`]); `None` when it is streamed already.
-    pub fn stream_rest(&self, reason: &'static str) -> Option<tokio::task::JoinHandle<u64>> {
-        self.fetcher.stream_rest(reason)
+    /// Fetches the whole layer now (eager mode: see
+    /// [`crate::fetch::LayerFetcher::fetch_whole`]); `None` when it is streamed already.
+    pub fn fetch_whole(&self) -> Option<tokio::task::JoinHandle<u64>> {
+        self.fetcher.fetch_whole()
     }
 
     /// Whether the layer has switched to bulk streaming.

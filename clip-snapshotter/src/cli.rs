@@ -134,6 +134,11 @@ pub struct PullArgs {
     /// Image name in containerd (default: the reference as given).
     #[arg(long)]
     pub name: Option<String>,
+    /// Fetch every lazy layer whole before the pull ends (eager mode, for batch nodes and
+    /// workloads that read most of the image): parallel range requests, inflated on every
+    /// core, into the snapshotter's cache. Containers then start from local bytes.
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Args, Debug)]

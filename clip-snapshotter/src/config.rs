@@ -70,6 +70,9 @@ pub struct BulkSection {
     pub sequential: Option<String>,
     /// Bulk range requests in flight at once, across every layer (default 4).
     pub requests: Option<usize>,
+    /// containerd namespaces whose pulls fetch every lazy layer whole before the pull ends
+    /// (eager mode for batch nodes), e.g. ["batch"]. Default: none.
+    pub eager_namespaces: Vec<String>,
 }
 
 impl BulkSection {
@@ -375,6 +378,7 @@ pub fn daemon_config(
         publish_profiles: file.profiles.publish.unwrap_or(d.publish_profiles),
         trust,
         containerd,
+        eager_namespaces: file.bulk.eager_namespaces.clone(),
     };
     let cri = match a.cri_address.clone().or(file.cri.address.clone()) {
         None => None,
@@ -538,5 +542,27 @@ mod tests {
         );
         let err = parse(&[], "[cache]\npassthrough = \"x\"\n").unwrap_err();
         assert!(err.to_string().starts_with("cache.passthrough:"), "{err}");
+    }
+
+    #[test]
+    fn bulk_settings_are_read_and_checked() {
+        let c = parse(
+            &[],
+            "[bulk]\nshare = 0.5\nsequential = \"0\"\nrequests = 8\neager_namespaces = [\"batch\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.bulk.share, 0.5);
+        assert_eq!(c.bulk.sequential_bytes, 0);
+        assert_eq!(c.bulk.concurrency, 8);
+        assert_eq!(c.snapshotter.eager_namespaces, ["batch"]);
+        for (bad, key) in [
+            ("share = 1.5", "bulk.share:"),
+            ("share = -0.1", "bulk.share:"),
+            ("requests = 0", "bulk.requests:"),
+            ("sequential = \"lots\"", "bulk.sequential:"),
+        ] {
+            let err = parse(&[], &format!("[bulk]\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().starts_with(key), "{bad}: {err}");
+        }
     }
 }

@@ -14,6 +14,9 @@ pub const MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Every layer of the image, comma-separated (the CRI's handler adds it; so does `clip pull`).
 pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+/// On a Prepare (`clip pull --full`): `full` fetches the whole layer before the Prepare
+/// returns (eager mode, docs/snapshotter.md).
+pub const FETCH: &str = "containerd.io/snapshot/clip.fetch";
 /// Set on the snapshots this snapshotter serves lazily.
 pub const REMOTE: &str = "containerd.io/snapshot/clip.remote";
 /// On a manifest in containerd's content store: its config's digest.

@@ -378,6 +378,9 @@ async fn pull_under_lease(
             ),
             (labels::LAYER.to_string(), layer.digest.to_string()),
         ]);
+        if a.full {
+            labels.insert(labels::FETCH.to_string(), "full".to_string());
+        }
         // containerd caps label values at 4096 bytes; the list is a hint only.
         if all_layers.len() < 4000 {
             labels.insert(labels::IMAGE_LAYERS.to_string(), all_layers.clone());
@@ -408,7 +411,12 @@ async fn pull_under_lease(
                         layer.digest
                     );
                 }
-                eprintln!("layer {}/{n} {}: lazy", i + 1, layer.digest);
+                let how = if a.full {
+                    "lazy, fetched whole"
+                } else {
+                    "lazy"
+                };
+                eprintln!("layer {}/{n} {}: {how}", i + 1, layer.digest);
                 lazy += 1;
                 parent = chain_s;
                 continue;

@@ -15,6 +15,9 @@
 #   --quick: loopback, print(1) only, overlayfs and clip, one run (what the README demo shows)
 #   --out FILE: also write the markdown tables to FILE (and FILE.csv for the plot)
 #   CLIP_BENCH_WORKLOAD=CODE: the python3 -c code of the first workload (default print(1))
+#   CLIP_BENCH_SET=readmost: the read-most workloads instead (a tar of /usr; every .py file of the
+#     Python tree read once); "all": both sets. The floor of a read-most workload is also shown as
+#     the image's bytes over the link (what a full pull must move).
 #   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile soci"); clip+profile
 #     publishes a startup profile of the workload first (`clip profile`, on its own copy of the
 #     image) so the node prefetches what the workload reads; soci is the SOCI snapshotter 0.4.1
@@ -113,8 +116,27 @@ if [[ $QUICK == 0 ]]; then
 fi
 
 [[ -n ${CLIP_BENCH_LINKS:-} ]] && read -r -a LINKS <<<"$CLIP_BENCH_LINKS"
-WORKLOADS=("${CLIP_BENCH_WORKLOAD:-print(1)}")
-[[ $QUICK == 0 ]] && WORKLOADS+=("import numpy; print(numpy.__version__)")
+# Read-most workloads (CLIP_BENCH_SET=readmost): a tar of /usr (reads nearly every byte of the
+# image, in directory order), and a JVM-like start that opens every .py file of the Python
+# tree once (thousands of small files, in directory order).
+TAR_USR='import subprocess; print(subprocess.run("tar cf - /usr | wc -c", shell=True, capture_output=True, text=True).stdout.strip())'
+PY_FILES=$'import os\nn = k = 0\nfor d, _, fs in os.walk("/usr/lib/python3"):\n    for f in fs:\n        if f.endswith(".py"):\n            n += len(open(os.path.join(d, f), "rb").read()); k += 1\nprint(k, n)'
+case ${CLIP_BENCH_SET:-partial} in
+  partial)
+    WORKLOADS=("${CLIP_BENCH_WORKLOAD:-print(1)}")
+    [[ $QUICK == 0 ]] && WORKLOADS+=("import numpy; print(numpy.__version__)") ;;
+  readmost) WORKLOADS=("$TAR_USR" "$PY_FILES") ;;
+  all) WORKLOADS=("print(1)" "import numpy; print(numpy.__version__)" "$TAR_USR" "$PY_FILES") ;;
+  *) echo "CLIP_BENCH_SET: partial, readmost or all" >&2; exit 1 ;;
+esac
+# A workload's name in the tables.
+wname() {
+  case $1 in
+    "$TAR_USR") echo "tar cf - /usr | wc -c" ;;
+    "$PY_FILES") echo "read every .py under /usr/lib/python3" ;;
+    *) echo "$1" ;;
+  esac
+}
 CSV="$WORK/coldstart.csv"
 echo "link,workload,mode,seconds" >"$CSV"
 ROWS=()
@@ -195,8 +217,9 @@ for w in "${WORKLOADS[@]}"; do
   line=$("$CLIP" --root "$WORK/publisher" profile "$REGISTRY/$repo:large" -- python3 -c "$w" 2>&1 >/dev/null | grep '^read: ')
   PROF_REPO[$w]=$repo
   FLOOR_B[$w]=$(echo "$line" | awk '{print $(NF-2)}')
-  echo "profile of \`$w\`: $line" >&2
+  echo "profile of \`$(wname "$w")\`: $line" >&2
 done
+declare -A MED
 # link rate in bytes/s (0: not limiting)
 declare -A RATE=([loopback]=0 [shaped]=12500000)
 
@@ -215,23 +238,44 @@ for link in "${LINKS[@]}"; do
         stop_node "$WORK/node"
         cold+=("$COLD_S"); bytes+=("$COLD_B"); warm+=("$WARM_S"); rss+=("$RSS"); cache+=("$CACHE"); reqs+=("$COLD_Q")
         echo "$link,$w,$mode,$COLD_S" >>"$CSV"
-        echo "  $link | $w | $mode | run $r: ${COLD_S}s cold, $(mib "$COLD_B") in $COLD_Q blob requests from the registry, ${WARM_S}s warm -> $OUTPUT" >&2
+        echo "  $link | $(wname "$w") | $mode | run $r: ${COLD_S}s cold, $(mib "$COLD_B") in $COLD_Q blob requests from the registry, ${WARM_S}s warm -> $OUTPUT" >&2
       done
       b=$(echo "${bytes[@]}" | med)
       cm=$(echo "${cold[@]}" | med); wm=$(echo "${warm[@]}" | med)
+      MED["$link|$w|$mode"]=$cm
       floor=$(awk -v f="${FLOOR_B[$w]}" -v r="${RATE[$link]}" -v w="$wm" 'BEGIN {printf "%.2f", (r > 0 ? f / r : 0) + w}')
       ratio=$(awk -v c="$cm" -v f="$floor" 'BEGIN {printf "%.1f", c / f}')
-      ROWS+=("| $link | \`$w\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* || $mode == soci ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
+      ROWS+=("| $link | \`$(wname "$w")\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* || $mode == soci ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
     done
   done
 done
 REPO=large
-echo "floor bytes (compressed file ranges read): $(for w in "${WORKLOADS[@]}"; do printf '%s=%s ' "$w" "$(mib "${FLOOR_B[$w]}")"; done)" >&2
+# Each mode against containerd's full pull (overlayfs) and against the image's bytes over the
+# link (shaped; what any full pull must move), in the same run.
+RATIOS=()
+for link in "${LINKS[@]}"; do
+  for w in "${WORKLOADS[@]}"; do
+    base=${MED["$link|$w|overlayfs"]:-}
+    for mode in $MODES; do
+      [[ $mode == overlayfs ]] && continue
+      m=${MED["$link|$w|$mode"]:-}
+      [[ -n $m ]] || continue
+      vs=$([[ -n $base ]] && awk -v a="$m" -v b="$base" 'BEGIN {printf "%.2f", a / b}' || echo -)
+      img=$([[ ${RATE[$link]} -gt 0 ]] && awk -v a="$m" -v t="$IMAGE_BYTES" -v r="${RATE[$link]}" 'BEGIN {printf "%.2f", a / (t / r)}' || echo -)
+      RATIOS+=("| $link | \`$(wname "$w")\` | $mode | $(printf %.2f "$m") s | $([[ -n $base ]] && printf %.2f "$base" || echo -) s | **$vs** | $img |")
+    done
+  done
+done
+echo "floor bytes (compressed file ranges read): $(for w in "${WORKLOADS[@]}"; do printf '%s=%s; ' "$(wname "$w")" "$(mib "${FLOOR_B[$w]}")"; done)" >&2
 
 {
   echo "| link | workload | mode | cold start: pull + run to output | floor | time / floor | registry sent (of the image) | blob requests | warm start (new container, page cache dropped) | clip daemon peak RSS / disk cache |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
+  echo
+  echo "| link | workload | mode | median | overlayfs (full pull + run) | mode / overlayfs | mode / (image bytes over the link) |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '%s\n' "${RATIOS[@]}"
 } | tee "$WORK/table.md"
 
 if [[ ${CLIP_BENCH_CROSS:-0} == 1 ]]; then

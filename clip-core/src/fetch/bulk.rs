@@ -165,6 +165,22 @@ impl LayerFetcher {
         self: &Arc<Self>,
         reason: &'static str,
     ) -> Option<tokio::task::JoinHandle<u64>> {
+        self.stream(reason, Ahead::WaitForReads)
+    }
+
+    /// Fetches the whole layer now, nobody reading (eager mode, at pull time): like
+    /// [`LayerFetcher::stream_rest`], but a layer larger than half the node's cache is fetched
+    /// only up to a quarter of the cache (the rest is read lazily), since no reads will come to
+    /// let the stream go on.
+    pub fn fetch_whole(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<u64>> {
+        self.stream("eager", Ahead::Stop)
+    }
+
+    fn stream(
+        self: &Arc<Self>,
+        reason: &'static str,
+        over: Ahead,
+    ) -> Option<tokio::task::JoinHandle<u64>> {
         if self.demand.started.swap(true, Relaxed) {
             return None;
         }
@@ -180,11 +196,20 @@ impl LayerFetcher {
         let (progress, ended) = (self.demand.progress.clone(), self.demand.ended.clone());
         let parked = self.demand.parked.clone();
         Some(tokio::spawn(async move {
-            let streamed = stream(weak, progress, parked).await;
+            let streamed = stream(weak, progress, parked, over).await;
             ended.send_replace(true);
             streamed
         }))
     }
+}
+
+/// What a stream does once it is as far ahead of the reads as the cache allows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    /// Waits for the reads to catch up.
+    WaitForReads,
+    /// Ends (nobody reads: eager mode).
+    Stop,
 }
 
 /// The bulk stream of one layer (see [`LayerFetcher::stream_rest`]).
@@ -192,6 +217,7 @@ async fn stream(
     weak: Weak<LayerFetcher>,
     progress: Arc<Notify>,
     parked: Arc<tokio::sync::watch::Sender<u64>>,
+    over: Ahead,
 ) -> u64 {
     let Some(me) = weak.upgrade() else { return 0 };
     let started = Instant::now();
@@ -241,6 +267,16 @@ async fn stream(
             let used = me.demanded_bytes().saturating_sub(base);
             if streamed <= used.saturating_add(ahead) {
                 break;
+            }
+            if over == Ahead::Stop {
+                tracing::warn!(
+                    %layer,
+                    layer_mib = size >> 20,
+                    cache_mib = cap >> 20,
+                    "the layer is larger than half of the node's cache: fetched only its first \
+                     quarter-cache; the rest is read lazily"
+                );
+                break 'runs;
             }
             drop(me);
             parked.send_modify(|n| *n += 1);

@@ -94,8 +94,10 @@ pub trait Layers: Send + Sync {
     /// The layer behind a Prepare's labels, if it can be served lazily, with the DiffID its
     /// index states (the caller checks the chain ID it gives).
     async fn remote_layer(&self, labels: &BTreeMap<String, String>) -> Option<(Remote, Digest)>;
-    /// A base layer was committed as a remote snapshot: the pull is under way.
-    fn committed(&self, remote: &Remote);
+    /// A layer was committed as a remote snapshot (`base`: the image's first): the pull is
+    /// under way. Returns when what the pull asked for is done (eager mode: the whole layer
+    /// fetched).
+    async fn committed(&self, remote: &Remote, base: bool, labels: &BTreeMap<String, String>);
     /// Before a snapshot is made on the remote snapshots `chain` (name and record, bottom
     /// first; `labels` are the new snapshot's), checks that every image using them may read
     /// them under its trust policy, verifying layers where it must. Returns the snapshots whose
@@ -127,6 +129,8 @@ pub struct RegistryLayers {
     /// chain would download its layer twice). Loading an image's own indexes does not take it:
     /// concurrent pulls of different images are not serialised behind each other.
     verifying: tokio::sync::Mutex<()>,
+    /// containerd namespaces whose pulls fetch layers whole.
+    eager_namespaces: Vec<String>,
 }
 
 impl RegistryLayers {
@@ -139,6 +143,7 @@ impl RegistryLayers {
         index_on_demand: bool,
         containerd: Option<&std::path::Path>,
         profiles: Arc<Profiles>,
+        eager_namespaces: Vec<String>,
     ) -> Self {
         let discovery = containerd.map(|a| {
             let c = client.config();
@@ -159,6 +164,7 @@ impl RegistryLayers {
             probe,
             probed: Mutex::new(HashMap::new()),
             verifying: tokio::sync::Mutex::new(()),
+            eager_namespaces,
         }
     }
 }
@@ -176,8 +182,18 @@ impl Layers for RegistryLayers {
         }
     }
 
-    fn committed(&self, remote: &Remote) {
-        self.profiles.prefetch_soon(remote);
+    async fn committed(&self, remote: &Remote, base: bool, labels: &BTreeMap<String, String>) {
+        if base {
+            self.profiles.prefetch_soon(remote);
+        }
+        let asked = labels.get(labels::FETCH).is_some_and(|v| v == "full");
+        let namespace = crate::containerd::request_namespace();
+        let eager = namespace
+            .as_ref()
+            .is_some_and(|ns| self.eager_namespaces.iter().any(|e| e == ns));
+        if asked || eager {
+            self.fetch_whole(remote).await;
+        }
     }
 
     async fn admit(
@@ -202,6 +218,41 @@ impl Layers for RegistryLayers {
 }
 
 impl RegistryLayers {
+    /// Eager mode: fetches every span of `remote`'s layer into the cache now, in parallel range
+    /// requests inflated on every core (see clip_core::fetch::bulk). A failure leaves the rest
+    /// to lazy reads.
+    async fn fetch_whole(&self, remote: &Remote) {
+        let Ok(reference) = remote.reference.parse::<Reference>() else {
+            return;
+        };
+        let reader =
+            match self
+                .reads
+                .stored_reader(&self.store, &self.client, &reference, &remote.layer)
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(layer = %remote.layer, "eager fetch: {e}");
+                    return;
+                }
+            };
+        let t = Instant::now();
+        let fetched = match reader.fetch_whole() {
+            Some(task) => task.await.unwrap_or(0),
+            None => {
+                reader.bulk_ended().await;
+                0
+            }
+        };
+        tracing::info!(
+            layer = %remote.layer,
+            mib = fetched >> 20,
+            seconds = t.elapsed().as_secs_f64(),
+            "fetched the whole layer at pull time (eager)"
+        );
+    }
+
     /// The layer a Prepare for chain `target` names by its labels (or, with none, the one
     /// found in containerd's content store), if it can be served lazily.
     async fn resolve(

@@ -107,6 +107,9 @@ pub struct Options {
     /// containerd's socket, to find the layer of a Prepare that carries no pull labels (plain
     /// `ctr pull`, nerdctl, the CRI without snapshot annotations, the transfer service).
     pub containerd: Option<PathBuf>,
+    /// containerd namespaces whose pulls fetch every lazy layer whole before the pull ends
+    /// (eager mode for batch nodes; `clip pull --full` asks for it per pull).
+    pub eager_namespaces: Vec<String>,
 }
 
 impl Default for Options {
@@ -125,6 +128,7 @@ impl Default for Options {
             publish_profiles: false,
             trust: TrustPolicy::default(),
             containerd: Some(PathBuf::from(crate::containerd::DEFAULT_ADDRESS)),
+            eager_namespaces: Vec::new(),
         }
     }
 }
@@ -201,6 +205,7 @@ impl ClipSnapshotter {
             opts.index_on_demand,
             opts.containerd.as_deref(),
             profiles,
+            opts.eager_namespaces,
         ));
         let sn = Self::open(dir, meta, fuse.clone(), layers).await?;
         Ok((sn, fuse))

@@ -185,10 +185,10 @@ impl ClipSnapshotter {
                         // from content a lazy pull never downloaded).
                         self.meta.flush().await?;
                         tracing::info!(snapshot = %target, layer = %rec.remote.as_ref().expect("set").layer, "remote snapshot");
-                        if parent.is_empty() {
-                            if let Some(r) = &rec.remote {
-                                self.layers.committed(r);
-                            }
+                        if let Some(r) = &rec.remote {
+                            self.layers
+                                .committed(r, parent.is_empty(), &rec.labels)
+                                .await;
                         }
                         // containerd takes AlreadyExists as "the target exists, skip this layer".
                         return Err(SnapshotError::AlreadyExists(target.clone()));

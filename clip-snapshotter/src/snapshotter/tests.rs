@@ -99,8 +99,10 @@ impl Layers for FakeLayers {
         self.by_target.lock().unwrap().get(target).cloned()
     }
 
-    fn committed(&self, remote: &Remote) {
-        self.committed.lock().unwrap().push(remote.clone());
+    async fn committed(&self, remote: &Remote, base: bool, _labels: &BTreeMap<String, String>) {
+        if base {
+            self.committed.lock().unwrap().push(remote.clone());
+        }
     }
 
     async fn admit(

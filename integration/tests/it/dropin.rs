@@ -11,12 +11,12 @@ use crate::snapshotter::{
 use std::path::{Path, PathBuf};
 
 const CONTAINERD_1_7: &str = "1.7.24~ds1-6+deb13u1";
-const CONTAINERD_2_1: &str = "2.1.9+ds1-5";
+pub(crate) const CONTAINERD_2_1: &str = "2.1.9+ds1-5";
 
 /// A containerd-style hosts directory naming `authority` (a registry on a port of its own:
 /// containerd records where an image came from without the port): plain HTTP, or TLS trusting
 /// `ca`.
-fn hosts_dir(tmp: &Path, authority: &str, ca: Option<&Path>) -> PathBuf {
+pub(crate) fn hosts_dir(tmp: &Path, authority: &str, ca: Option<&Path>) -> PathBuf {
     let dir = tmp.join("certs.d");
     std::fs::create_dir_all(dir.join(authority)).unwrap();
     let (scheme, ca) = match ca {

@@ -4,6 +4,7 @@
 //! A missing real part is a failure with a clear message, never a skip: run
 //! `scripts/install-deps.sh` (or the README's test command) first.
 
+mod bulk;
 mod common;
 mod conformance;
 mod cri;

@@ -1,0 +1,197 @@
+//! Read-most starts, end to end (issue "No regret: never slower than a full pull"): a container
+//! that reads most of a layer gets the rest of it streamed (bulk mode), and `clip pull --full`
+//! fetches every lazy layer before the pull ends (eager mode). Bytes and requests are asserted,
+//! never times: docs/benchmarks.md has the times.
+
+use crate::common::*;
+use crate::snapshotter::{out, publish_index, Node};
+use std::path::Path;
+
+/// busybox and 2048 files of 16 KiB (32 MiB) in /data/mf, its index published, behind a proxy
+/// that counts what the registry sends. Returns the image's name through the proxy.
+fn manyfiles(tmp: &Path) -> (Registry, CountingProxy, String) {
+    let reg = Registry::start(Auth::None);
+    let l = layout(tmp, "v1", &["gen:busybox", "gen:manyfiles"]);
+    reg.push_layout(&l, "v1", "mf");
+    publish_index(tmp, &format!("{}:v1", reg.image("mf")));
+    let proxy = CountingProxy::start(&reg.host);
+    let image = format!("{}/mf:v1", proxy.host);
+    (reg, proxy, image)
+}
+
+/// Reads every file of /data/mf, the last one first (an order unrelated to the layer's, as a
+/// classpath scan reads); prints the bytes read.
+const READ_ALL_BACKWARDS: &str = "ls -r /data/mf | while read f; do cat /data/mf/$f; done | wc -c";
+const ALL_BYTES: u64 = 2048 * 16384;
+
+/// A node whose snapshotter runs with the configuration file `config`.
+fn node_with(dir: &Path, config: &str) -> Node {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("clip.toml");
+    std::fs::write(&cfg, config).unwrap();
+    Node::start_with(dir, &["--config", cfg.to_str().unwrap()])
+}
+
+fn blob_requests(proxy: &CountingProxy) -> usize {
+    proxy.requests_for("/blobs/")
+}
+
+/// Runs READ_ALL_BACKWARDS on `node`; returns the registry's bytes and blob requests for it.
+fn read_all(node: &Node, proxy: &CountingProxy, image: &str, id: &str) -> (u64, usize) {
+    let (b0, q0) = (proxy.sent(), blob_requests(proxy));
+    let o = node.run("clip", image, id, &["sh", "-c", READ_ALL_BACKWARDS]);
+    assert_eq!(out(&o).trim(), ALL_BYTES.to_string(), "{}", stderr(&o));
+    (proxy.sent() - b0, blob_requests(proxy) - q0)
+}
+
+#[test]
+fn a_container_that_reads_most_of_a_layer_gets_the_rest_streamed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, proxy, image) = manyfiles(tmp.path());
+    // The control: bulk mode off. One request per span the reads miss.
+    let off = node_with(
+        &tmp.path().join("off"),
+        "[bulk]\nshare = 0.0\nsequential = \"0\"\n",
+    );
+    off.pull_ok(&image);
+    let (lazy_bytes, lazy_requests) = read_all(&off, &proxy, &image, "lazy");
+    assert!(!off.snapshotter_log().contains("streaming the rest"));
+    drop(off);
+    // The default: after 40 % of the layer's spans, the rest is streamed in 8 MiB runs.
+    let node = node_with(&tmp.path().join("default"), "");
+    node.pull_ok(&image);
+    let (bulk_bytes, bulk_requests) = read_all(&node, &proxy, &image, "bulk");
+    let log = without_colours(&node.snapshotter_log());
+    assert!(
+        log.contains("streaming the rest of the layer") && log.contains("reason=\"share\""),
+        "{log}"
+    );
+    let m = node.metrics();
+    assert_eq!(metric(&m, "clip_bulk_layers_total"), 1.0, "{m}");
+    assert!(
+        metric(&m, "clip_bulk_bytes_total") > (ALL_BYTES / 2) as f64,
+        "{m}"
+    );
+    eprintln!(
+        "read all of a 32 MiB layer backwards: {lazy_requests} blob requests and {lazy_bytes} \
+         bytes lazily, {bulk_requests} and {bulk_bytes} with bulk mode"
+    );
+    assert!(
+        bulk_requests * 2 < lazy_requests,
+        "{bulk_requests} requests with bulk mode, {lazy_requests} without"
+    );
+    assert!(
+        bulk_bytes <= lazy_bytes + lazy_bytes / 10,
+        "{bulk_bytes} bytes with bulk mode, {lazy_bytes} without"
+    );
+}
+
+#[test]
+fn clip_pull_full_fetches_every_layer_before_the_pull_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_reg, proxy, image) = manyfiles(tmp.path());
+    // The control: a lazy pull fetches the image's documents, no layer bytes.
+    let lazy = Node::start(&tmp.path().join("lazy"));
+    let b0 = proxy.sent();
+    let pulled = lazy.pull_ok(&image);
+    assert!(!pulled.contains("fetched whole"), "{pulled}");
+    let lazy_bytes = proxy.sent() - b0;
+    assert!(
+        lazy_bytes < 1 << 20,
+        "a lazy pull fetched {lazy_bytes} bytes"
+    );
+    drop(lazy);
+    // --full: every span is in the cache when the pull returns; the container then reads
+    // every file with no request to the registry.
+    let node = Node::start(&tmp.path().join("full"));
+    let (b0, q0) = (proxy.sent(), blob_requests(&proxy));
+    let o = std::process::Command::new(clip_bin())
+        .arg("--root")
+        .arg(node.clip_root())
+        .args(["pull", "--full", &image, "--address"])
+        .arg(node.dir.join("containerd.sock"))
+        .env("HOME", &node.dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lazy, fetched whole"), "{}", stderr(&o));
+    let (pull_bytes, pull_requests) = (proxy.sent() - b0, blob_requests(&proxy) - q0);
+    assert!(
+        pull_bytes > ALL_BYTES / 2,
+        "the pull fetched {pull_bytes} bytes"
+    );
+    let log = without_colours(&node.snapshotter_log());
+    assert!(
+        log.contains("fetched the whole layer at pull time (eager)"),
+        "{log}"
+    );
+    let (run_bytes, run_requests) = read_all(&node, &proxy, &image, "after-full");
+    assert_eq!(
+        run_requests, 0,
+        "{run_bytes} bytes fetched after a full pull"
+    );
+    eprintln!("clip pull --full: {pull_requests} blob requests, {pull_bytes} bytes");
+    drop(node);
+
+    // Per namespace, for any client's pull (containerd 2.1 says the namespace): a plain
+    // `ctr pull` in namespace "batch" fetches whole; in "default", lazily.
+    let hosts = crate::dropin::hosts_dir(tmp.path(), &proxy.host, None);
+    let dir = tmp.path().join("ns");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("clip.toml");
+    std::fs::write(&cfg, "[bulk]\neager_namespaces = [\"batch\"]\n").unwrap();
+    let node = Node::start_on(
+        &dir,
+        crate::snapshotter::Containerd::debian(crate::dropin::CONTAINERD_2_1),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--hosts-dir",
+            hosts.to_str().unwrap(),
+        ],
+    );
+    let pull = |ns: &str, image: &str| {
+        let b0 = proxy.sent();
+        node.ctr_ok(&[
+            "-n",
+            ns,
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "clip",
+            image,
+        ]);
+        proxy.sent() - b0
+    };
+    let eager = || {
+        without_colours(&node.snapshotter_log())
+            .matches("fetched the whole layer at pull time (eager)")
+            .count()
+    };
+    // Another image in "default": lazily (its layers are not fetched).
+    let (_reg2, other) = crate::snapshotter::indexed_busybox_users(tmp.path(), "users");
+    pull("default", &other);
+    assert_eq!(eager(), 0, "{}", node.snapshotter_log());
+    // This one in "batch": whole.
+    let sent = pull("batch", &image);
+    assert!(eager() >= 1, "{}", node.snapshotter_log());
+    assert!(
+        sent > ALL_BYTES / 2,
+        "a pull in the eager namespace fetched {sent} bytes"
+    );
+    let q0 = blob_requests(&proxy);
+    let o = node.run_in(
+        "batch",
+        "clip",
+        &image,
+        "after-batch",
+        &["sh", "-c", READ_ALL_BACKWARDS],
+    );
+    assert_eq!(out(&o).trim(), ALL_BYTES.to_string());
+    assert_eq!(
+        blob_requests(&proxy) - q0,
+        0,
+        "requests after an eager pull"
+    );
+}
