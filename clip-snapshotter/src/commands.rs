@@ -332,10 +332,22 @@ struct OpenImage {
     path: ReadPath,
 }
 
+/// How a command's reads switch a layer to bulk streaming: never for `cat` (one file is never
+/// worth the rest of its layer) or `profile` (it notes what a command reads; the rest of the
+/// layer would cost the publisher's CI the whole image); as a workload's for `mount`, `warm`,
+/// `fill`.
+fn bulk_for(one_command: bool) -> clip_core::fetch::BulkConfig {
+    match one_command {
+        true => clip_core::fetch::BulkConfig::off(),
+        false => Default::default(),
+    }
+}
+
 async fn open_image(
     ctx: &Node,
     reference: &str,
     c: &CacheArgs,
+    bulk: clip_core::fetch::BulkConfig,
 ) -> Result<(ResolvedImage, OpenImage)> {
     clip_core::index::memory::set_process_budget(c.index_memory);
     let image = resolve(ctx, reference).await?;
@@ -343,7 +355,7 @@ async fn open_image(
     // published is indexed here before this image reads it.
     let reports = image::load_owned_indexes(&ctx.client, &ctx.store, &image, None).await?;
     let cfg = crate::config::cache_config(c, ctx.store.root());
-    let path = ReadPath::open(&cfg, Default::default(), &ctx.store).await?;
+    let path = ReadPath::open(&cfg, bulk, &ctx.store).await?;
     let readers = reports
         .iter()
         .map(|r| {
@@ -387,7 +399,7 @@ async fn report_stats(o: &OpenImage, extra: serde_json::Value) {
 async fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
     use std::io::Write;
     let ctx = open_node(g)?;
-    let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let (image, o) = open_image(&ctx, &a.reference, &a.cache, bulk_for(true)).await?;
     let norm = clip_core::index::builder::normalize(a.path.trim_start_matches('/').as_bytes())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (node, entry) = o
@@ -432,7 +444,7 @@ async fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
 async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
     use futures_util::StreamExt;
     let ctx = open_node(g)?;
-    let (_image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let (_image, o) = open_image(&ctx, &a.reference, &a.cache, bulk_for(false)).await?;
     let files: Vec<(u32, u64, u64)> = o
         .view
         .nodes
@@ -493,7 +505,7 @@ async fn warm(g: &GlobalArgs, a: WarmArgs) -> Result<()> {
 
 async fn fill(g: &GlobalArgs, a: FillArgs) -> Result<()> {
     let ctx = open_node(g)?;
-    let (_image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let (_image, o) = open_image(&ctx, &a.reference, &a.cache, bulk_for(false)).await?;
     let cancel = tokio_util::sync::CancellationToken::new();
     {
         let cancel = cancel.clone();
@@ -613,7 +625,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
         return mount_in_background(g, &a);
     }
     let ctx = open_node(g)?;
-    let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let (image, o) = open_image(&ctx, &a.reference, &a.cache, bulk_for(false)).await?;
     let mut fs = clip_fuse::ClipFs::new(&o.view, o.readers.clone())?;
     if let Some(store) = &o.path.files {
         fs = fs.with_passthrough(store.clone(), a.passthrough_min_size);
@@ -669,7 +681,7 @@ async fn mount(g: &GlobalArgs, a: MountArgs) -> Result<()> {
 async fn profile(g: &GlobalArgs, a: ProfileArgs) -> Result<()> {
     use clip_core::profile::{LayerProfile, Profile, Recorder};
     let ctx = open_node(g)?;
-    let (image, o) = open_image(&ctx, &a.reference, &a.cache).await?;
+    let (image, o) = open_image(&ctx, &a.reference, &a.cache, bulk_for(true)).await?;
     let window = Duration::from_secs(a.seconds.max(1));
     let recorders: Vec<Arc<Recorder>> = o
         .readers

@@ -10,6 +10,8 @@
 //! range requests at once, each run inflated from its own checkpoint (so on every core), each
 //! span verified and put in the cache like any other.
 //!
+//! Spans the shared tier has come from it (probed run by run), not from the registry.
+//!
 //! Demand reads go first: bulk runs take permits of a pool of their own and claim spans only
 //! once they hold one, so a read never waits behind a queued bulk run, and a span a read has
 //! claimed is left to it. Memory and disk stay within their caps, the tiers' own; a layer larger
@@ -286,6 +288,15 @@ async fn stream(
             break;
         };
         let Some(me) = weak.upgrade() else { break };
+        // The shared tier first: spans another node fetched come from it, not the registry.
+        if me.fetcher.cache.has_shared() {
+            let probes = run.clone().filter(|&i| !me.is_local(i)).map(|i| {
+                let key = me.key(i);
+                let cache = me.fetcher.cache.clone();
+                async move { cache.probe(&key).await }
+            });
+            futures_util::future::join_all(probes).await;
+        }
         let pieces = me.runs_of(me.claims.claim_free(run, |i| me.is_local(i)), u64::MAX);
         if pieces.is_empty() {
             continue;

@@ -1074,3 +1074,40 @@ async fn a_layer_larger_than_half_the_cache_is_streamed_only_a_quarter_of_it_ahe
     assert!(reader.fetcher.bulk_started());
     drop(reader);
 }
+
+#[tokio::test]
+async fn a_bulk_stream_takes_what_the_shared_tier_has_before_the_registry() {
+    // Another node read the whole layer into the shared tier: this node's reads, and the bulk
+    // stream they set off, take every span from it; the registry is asked for nothing.
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let shared = Arc::new(TestTier {
+        local: false,
+        ..Default::default()
+    });
+    for i in 0..index.spans.len() {
+        let (s, e) = index.span_range(i);
+        let key = crate::cache::SpanKey::new(index.layer, index.spans[i].digest).storage();
+        let bytes = Bytes::copy_from_slice(&tar[s as usize..e as usize]);
+        shared.map.lock().unwrap().insert(key, bytes);
+    }
+    let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), shared];
+    let fetcher = Fetcher::new(
+        Arc::new(TieredCache::with_tiers(tiers)),
+        FetchConfig {
+            bulk: small_bulk(),
+            ..FetchConfig::default()
+        },
+    );
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let files = files_of(&index);
+    let mut k = 0;
+    while !reader.bulk_started() {
+        read_file(&reader, &tar, files[k]).await;
+        k += 1;
+    }
+    reader.bulk_ended().await;
+    reader.fetcher.settled().await;
+    assert!((0..index.spans.len()).all(|i| reader.fetcher.is_local(i)));
+    assert_eq!(source.request_count(), 0, "the registry was asked");
+}
