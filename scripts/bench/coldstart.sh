@@ -61,8 +61,7 @@ cleanup() {
   stop_node "$WORK/node2" 2>/dev/null || true
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   kill "${REGISTRY_PID:-}" 2>/dev/null || true
-  ip netns del "$NS" 2>/dev/null || true
-  ip link del "$VETH" 2>/dev/null || true
+  stop_shaped "$NS" "$VETH"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -96,21 +95,10 @@ LINK_HOST[loopback]=$PROXY LINK_STATS[loopback]=$STATS
 LINKS=(loopback)
 if [[ $QUICK == 0 ]]; then
   echo "==> shaped link: registry in netns $NS, tbf 100 Mbit/s each way, +5 ms each way"
-  ip netns add "$NS"
-  ip link add "$VETH" type veth peer name "${VETH}p"
-  ip link set "${VETH}p" netns "$NS"
-  ip addr add 10.231.0.1/30 dev "$VETH"; ip link set "$VETH" up
-  ip netns exec "$NS" ip addr add 10.231.0.2/30 dev "${VETH}p"
-  ip netns exec "$NS" ip link set "${VETH}p" up
-  ip netns exec "$NS" ip link set lo up
-  tc qdisc add dev "$VETH" root tbf rate 100mbit burst 256kb latency 100ms
-  ip netns exec "$NS" tc qdisc add dev "${VETH}p" root tbf rate 100mbit burst 256kb latency 100ms
   # A second docker-registry serving the same storage, inside the namespace.
-  sed "s|addr: .*|addr: 10.231.0.2:5000|" "$WORK/registry/config.yml" >"$WORK/registry/config-ns.yml"
-  ip netns exec "$NS" docker-registry serve "$WORK/registry/config-ns.yml" >"$WORK/registry/ns.log" 2>&1 &
-  PIDS+=($!)
-  for _ in $(seq 100); do (echo >/dev/tcp/10.231.0.2/5000) 2>/dev/null && break; sleep 0.1; done
-  proxy shaped 10.231.0.2:5000 5
+  shaped_registry "$WORK/registry" "$NS" "$VETH" 10.231.0
+  PIDS+=("$SHAPED_PID")
+  proxy shaped "$SHAPED_HOST" 5
   LINK_HOST[shaped]=$PROXY LINK_STATS[shaped]=$STATS
   LINKS+=(shaped)
 fi

@@ -36,6 +36,33 @@ push_layout() { # LAYOUT TAG NAME
   skopeo copy --quiet --dest-tls-verify=false "oci:$1:$2" "docker://$REGISTRY/$3:$2"
 }
 
+# shaped_registry DIR NS VETH NET: the registry of DIR (start_registry's) served a second time from
+# network namespace NS, behind veth pair VETH with `tc tbf` at 100 Mbit/s each way; NET is the
+# /30's first three octets (e.g. 10.231.0). Sets SHAPED_HOST (host:port) and SHAPED_PID.
+# stop_shaped NS VETH undoes it.
+shaped_registry() {
+  local dir=$1 ns=$2 veth=$3 net=$4
+  ip netns add "$ns"
+  ip link add "$veth" type veth peer name "${veth}p"
+  ip link set "${veth}p" netns "$ns"
+  ip addr add "$net.1/30" dev "$veth"; ip link set "$veth" up
+  ip netns exec "$ns" ip addr add "$net.2/30" dev "${veth}p"
+  ip netns exec "$ns" ip link set "${veth}p" up
+  ip netns exec "$ns" ip link set lo up
+  tc qdisc add dev "$veth" root tbf rate 100mbit burst 256kb latency 100ms
+  ip netns exec "$ns" tc qdisc add dev "${veth}p" root tbf rate 100mbit burst 256kb latency 100ms
+  sed "s|addr: .*|addr: $net.2:5000|" "$dir/config.yml" >"$dir/config-ns.yml"
+  ip netns exec "$ns" docker-registry serve "$dir/config-ns.yml" >"$dir/ns.log" 2>&1 &
+  SHAPED_PID=$!
+  SHAPED_HOST=$net.2:5000
+  for _ in $(seq 100); do (echo >/dev/tcp/"$net.2"/5000) 2>/dev/null && return 0; sleep 0.1; done
+  echo "the registry in namespace $ns did not start:" >&2; cat "$dir/ns.log" >&2; return 1
+}
+stop_shaped() {
+  ip netns del "$1" 2>/dev/null || true
+  ip link del "$2" 2>/dev/null || true
+}
+
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.6f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 

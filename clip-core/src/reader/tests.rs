@@ -893,6 +893,29 @@ fn small_bulk() -> crate::fetch::BulkConfig {
     }
 }
 
+/// The 3 MiB test layer read through a memory tier of `cap` bytes with [`small_bulk`].
+struct BulkLayer {
+    source: Arc<FakeSource>,
+    fetcher: Arc<Fetcher>,
+    reader: Arc<LayerReader>,
+    index: Arc<LayerIndex>,
+    tar: Vec<u8>,
+}
+
+fn bulk_layer(cap: u64) -> BulkLayer {
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let fetcher = bulk_fetcher(cap, small_bulk());
+    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    BulkLayer {
+        source,
+        fetcher,
+        reader,
+        index,
+        tar,
+    }
+}
+
 /// The files of a layer's index: (offset, size), in the layer's order.
 fn files_of(index: &LayerIndex) -> Vec<(u64, u64)> {
     index
@@ -980,10 +1003,13 @@ async fn reading_a_layer_in_order_switches_it_to_bulk_streaming() {
 async fn a_layer_read_mostly_out_of_order_switches_on_its_share() {
     // A JVM-like start: files opened in an order unrelated to the layer's (here from the last
     // one back), so never 512 KiB in order; after 40 % of the spans the rest is streamed.
-    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
-    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
-    let fetcher = bulk_fetcher(64 << 20, small_bulk());
-    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let BulkLayer {
+        source,
+        reader,
+        index,
+        tar,
+        ..
+    } = bulk_layer(64 << 20);
     let files = files_of(&index);
     let n = index.spans.len() as f64;
     let mut touched = std::collections::BTreeSet::new();
@@ -1011,10 +1037,13 @@ async fn a_layer_read_mostly_out_of_order_switches_on_its_share() {
 async fn a_partial_read_never_switches_to_bulk() {
     // A start that reads a part of the layer (under 40 % of its spans), scattered: lazy, and
     // only the spans it reads.
-    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
-    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
-    let fetcher = bulk_fetcher(64 << 20, small_bulk());
-    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let BulkLayer {
+        fetcher,
+        reader,
+        index,
+        tar,
+        ..
+    } = bulk_layer(64 << 20);
     let files = files_of(&index);
     let mut touched = std::collections::BTreeSet::new();
     for f in files.iter().rev().step_by(7) {
@@ -1036,10 +1065,13 @@ async fn a_layer_larger_than_half_the_cache_is_streamed_only_a_quarter_of_it_ahe
     // A 3 MiB layer and a 2 MiB cache: streaming it whole would evict what the reads have not
     // used yet. The stream stays within 512 KiB (a quarter of the cache) of what has been read,
     // and goes on as the reads do.
-    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
-    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
-    let fetcher = bulk_fetcher(2 << 20, small_bulk());
-    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    let BulkLayer {
+        fetcher,
+        reader,
+        index,
+        tar,
+        ..
+    } = bulk_layer(2 << 20);
     let files = files_of(&index);
     let mut k = 0;
     while !reader.bulk_started() {

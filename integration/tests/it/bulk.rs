@@ -152,16 +152,7 @@ fn clip_pull_full_fetches_every_layer_before_the_pull_ends() {
     );
     let pull = |ns: &str, image: &str| {
         let b0 = proxy.sent();
-        node.ctr_ok(&[
-            "-n",
-            ns,
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "clip",
-            image,
-        ]);
+        node.ctr_pull_in(ns, image);
         proxy.sent() - b0
     };
     let eager = || {

@@ -384,7 +384,14 @@ impl Node {
 
     /// `ctr images pull --plain-http --snapshotter clip IMAGE`.
     pub fn ctr_pull(&self, image: &str) -> String {
+        self.ctr_pull_in("default", image)
+    }
+
+    /// `ctr images pull` on the clip snapshotter in containerd namespace `ns`.
+    pub fn ctr_pull_in(&self, ns: &str, image: &str) -> String {
         self.ctr_ok(&[
+            "-n",
+            ns,
             "images",
             "pull",
             "--plain-http",
