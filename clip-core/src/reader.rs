@@ -180,15 +180,54 @@ impl LayerReader {
         len: u64,
         end: u64,
     ) -> Result<Bytes, ReadError> {
-        let index = self.index();
-        let size = index.uncompressed_size;
+        let len = match self.clamp(offset, len)? {
+            0 => return Ok(Bytes::new()),
+            n => n,
+        };
+        let spans = self.before_read(offset, len, end);
+        let parts = self
+            .fetcher
+            .spans_with(spans.clone(), self.cfg.locality_bytes)
+            .await?;
+        Ok(self.assemble(spans, &parts, offset, len))
+    }
+
+    /// [`LayerReader::read_within`] on this thread when every span it needs is local (memory,
+    /// or a blocking read of the disk tier): no hop to the runtime and back, for FUSE worker
+    /// threads. `None` when a span must be fetched (nothing is: the async read then does it).
+    /// Call within the runtime's context (read-ahead and bulk streams start tasks).
+    pub fn read_now(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        end: u64,
+    ) -> Option<Result<Bytes, ReadError>> {
+        let len = match self.clamp(offset, len) {
+            Ok(0) => return Some(Ok(Bytes::new())),
+            Ok(n) => n,
+            Err(e) => return Some(Err(e)),
+        };
+        let spans = self.index.spans_covering(offset, len);
+        let parts = self.fetcher.spans_now(spans.clone())?;
+        self.before_read(offset, len, end);
+        Some(Ok(self.assemble(spans, &parts, offset, len)))
+    }
+
+    /// `len` clamped to the layer's end, or an error for a read past it.
+    fn clamp(&self, offset: u64, len: u64) -> Result<u64, ReadError> {
+        let size = self.index.uncompressed_size;
         if offset > size {
             return Err(ReadError::OutOfRange { offset, len, size });
         }
-        let len = len.min(size - offset);
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
+        Ok(len.min(size - offset))
+    }
+
+    /// What every read of `[offset, offset + len)` inside a file ending at `end` does first:
+    /// notes it for a profile being recorded, and reads ahead when reads are sequential.
+    /// Returns the spans it covers.
+    fn before_read(&self, offset: u64, len: u64, end: u64) -> Range<usize> {
+        let index = self.index();
+        let size = index.uncompressed_size;
         if let Some(r) = &self.recorder {
             r.note(offset, len);
         }
@@ -213,24 +252,26 @@ impl LayerReader {
                 self.fetcher.prefetch(ahead);
             }
         }
-        let parts = self
-            .fetcher
-            .spans_with(spans.clone(), self.cfg.locality_bytes)
-            .await?;
+        spans
+    }
+
+    /// Bytes `[offset, offset + len)` cut from the verified bytes of `spans`.
+    fn assemble(&self, spans: Range<usize>, parts: &[Bytes], offset: u64, len: u64) -> Bytes {
+        let index = self.index();
         if parts.len() == 1 {
             let base = index.spans[spans.start].uncompressed;
             let s = (offset - base) as usize;
-            return Ok(parts[0].slice(s..s + len as usize));
+            return parts[0].slice(s..s + len as usize);
         }
         let mut out = BytesMut::with_capacity(len as usize);
         let (start, end) = (offset, offset + len);
-        for (i, part) in spans.zip(&parts) {
+        for (i, part) in spans.zip(parts) {
             let (ps, _) = index.span_range(i);
             let lo = start.max(ps) - ps;
             let hi = (end - ps).min(part.len() as u64);
             out.extend_from_slice(&part[lo as usize..hi as usize]);
         }
-        Ok(out.freeze())
+        out.freeze()
     }
 
     /// The verified bytes of each span in `range`.

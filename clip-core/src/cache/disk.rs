@@ -229,6 +229,10 @@ impl Tier for DiskTier {
         self.inner.ledger.contains(key)
     }
 
+    fn get_now(&self, key: &Digest) -> Option<Bytes> {
+        self.inner.get(key)
+    }
+
     async fn remove(&self, key: &Digest) {
         let (me, k) = (self.inner.clone(), *key);
         let _ = tokio::task::spawn_blocking(move || me.remove(&k)).await;

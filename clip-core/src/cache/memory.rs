@@ -98,6 +98,9 @@ impl Tier for MemoryTier {
     async fn get(&self, key: &Digest) -> Option<Bytes> {
         MemoryTier::get(self, key)
     }
+    fn get_now(&self, key: &Digest) -> Option<Bytes> {
+        MemoryTier::get(self, key)
+    }
     async fn put(&self, key: &Digest, data: Bytes) {
         MemoryTier::put(self, *key, data)
     }

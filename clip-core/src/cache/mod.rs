@@ -50,6 +50,12 @@ pub trait Tier: Send + Sync {
     fn usage(&self) -> (u64, usize, u64) {
         (0, 0, 0)
     }
+    /// The bytes of `key` when the tier can answer at once on this thread: from memory, or by
+    /// a blocking read of a local file (for callers that may block: FUSE worker threads). `None`:
+    /// not here, or the tier cannot answer so (the async [`Tier::get`] then asks).
+    fn get_now(&self, _key: &Digest) -> Option<Bytes> {
+        None
+    }
     /// The most bytes the tier holds (0: not bounded by this node, or not known).
     fn capacity(&self) -> u64 {
         0
@@ -294,6 +300,31 @@ impl TieredCache {
                 }
             });
         }
+    }
+
+    /// [`TieredCache::get`] on this thread, from the local tiers only, blocking on a local
+    /// disk read if need be (FUSE worker threads: no hop to the runtime and back). Verified as
+    /// `get` verifies; a disk hit fills memory. `None` (no miss counted): the async path asks.
+    pub fn get_now(&self, key: &SpanKey) -> Option<Bytes> {
+        let stored = key.storage();
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if !tier.local() || !tier.contains(&stored) {
+                continue;
+            }
+            let Some(data) = tier.get_now(&stored) else {
+                continue;
+            };
+            if !tier.trusted() && Digest::of(&data) != key.span {
+                // The async path drops it and says so.
+                return None;
+            }
+            self.stats.hit(tier.name());
+            if i > 0 {
+                put_trusted(&self.tiers[..i], &stored, &data);
+            }
+            return Some(data);
+        }
+        None
     }
 
     /// True if a tier is shared with other nodes (the remote one).

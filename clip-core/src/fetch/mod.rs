@@ -402,6 +402,21 @@ impl LayerFetcher {
             .collect()
     }
 
+    /// The verified bytes of each span in `range` if the local tiers have them all, read on
+    /// this thread (blocking on a local disk read if need be); `None` otherwise (nothing is
+    /// fetched: [`LayerFetcher::spans_with`] then does). For FUSE worker threads.
+    pub fn spans_now(self: &Arc<Self>, range: Range<usize>) -> Option<Vec<Bytes>> {
+        let mut out = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            match self.fetcher.cache.get_now(&self.key(i)) {
+                Some(b) if b.len() as u64 == self.span_len(i) => out.push(b),
+                _ => return None,
+            }
+        }
+        self.note_demand(range);
+        Some(out)
+    }
+
     /// The end of `range` extended by the spans that follow it, while they start less than
     /// `locality` bytes past its first span and no local tier has them.
     pub fn locality_end(&self, range: Range<usize>, locality: u64) -> usize {

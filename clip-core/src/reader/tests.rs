@@ -1143,3 +1143,63 @@ async fn a_bulk_stream_takes_what_the_shared_tier_has_before_the_registry() {
     assert!((0..index.spans.len()).all(|i| reader.fetcher.is_local(i)));
     assert_eq!(source.request_count(), 0, "the registry was asked");
 }
+
+#[tokio::test]
+async fn a_read_of_local_bytes_is_answered_on_the_calling_thread() {
+    // Memory first, then a disk tier behind it (untrusted: verified on read). Local bytes are
+    // read on the caller's thread; bytes that must be fetched are not (None, nothing fetched);
+    // bytes damaged on disk are left to the async path, which drops them and refetches.
+    let disk = Arc::new(TestTier {
+        local: true,
+        ..Default::default()
+    });
+    let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), disk.clone()];
+    let t = setup_with(TieredCache::with_tiers(tiers), 0, false);
+    let (off, len) = t.spans(3..5);
+    assert!(t.reader.read_now(off, len, u64::MAX).is_none(), "cold");
+    assert_eq!(t.source.request_count(), 0, "read_now fetched");
+    t.reader.read(off, len).await.unwrap();
+    t.reader.fetcher.settled().await;
+    t.fetcher.drain_writeback().await;
+    let requests = t.source.request_count();
+    let got = t.reader.read_now(off, len, u64::MAX).unwrap().unwrap();
+    assert_eq!(&got[..], t.expect(off, len));
+    // From the disk tier alone (a fresh memory tier), then with the disk copy damaged.
+    let fresh: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), disk.clone()];
+    let fetcher = Fetcher::new(
+        Arc::new(TieredCache::with_tiers(fresh)),
+        FetchConfig::default(),
+    );
+    let r = LayerReader::new(
+        &fetcher,
+        t.source.clone(),
+        t.index.clone(),
+        None,
+        NO_GUESSING,
+    );
+    let got = r.read_now(off, len, u64::MAX).unwrap().unwrap();
+    assert_eq!(&got[..], t.expect(off, len));
+    let (off9, len9) = t.spans(9..10);
+    r.read(off9, len9).await.unwrap();
+    r.fetcher.settled().await;
+    fetcher.drain_writeback().await;
+    let fresh: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), disk.clone()];
+    let fetcher = Fetcher::new(
+        Arc::new(TieredCache::with_tiers(fresh)),
+        FetchConfig::default(),
+    );
+    let r = LayerReader::new(
+        &fetcher,
+        t.source.clone(),
+        t.index.clone(),
+        None,
+        NO_GUESSING,
+    );
+    disk.damage.store(true, Relaxed);
+    assert!(
+        r.read_now(off9, len9, u64::MAX).is_none(),
+        "damaged bytes served"
+    );
+    disk.damage.store(false, Relaxed);
+    assert!(t.source.request_count() > requests);
+}

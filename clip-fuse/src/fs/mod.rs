@@ -339,6 +339,36 @@ impl ClipFs {
     }
 
     /// Up to `size` bytes of a file at `offset`, read lazily through the cache.
+    /// [`ClipFs::read`] on this thread when the bytes are local (see
+    /// `clip_core::reader::LayerReader::read_now`); `None` when they must be fetched. Call
+    /// within the runtime's context.
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
+        let inode = match self.get(ino) {
+            Ok(i) => i,
+            Err(e) => return Some(Err(e)),
+        };
+        match &inode.data {
+            Data::File {
+                layer,
+                offset: base,
+            } => {
+                let file_size = inode.attr.size;
+                if offset >= file_size {
+                    return Some(Ok(Bytes::new()));
+                }
+                let len = u64::from(size).min(file_size - offset);
+                let Some(reader) = self.readers.get(*layer as usize) else {
+                    return Some(Err(FsError::Invalid));
+                };
+                reader
+                    .read_now(base + offset, len, base + file_size)
+                    .map(|r| r.map_err(FsError::from))
+            }
+            Data::Dir { .. } => Some(Err(FsError::IsDir)),
+            _ => Some(Err(FsError::Invalid)),
+        }
+    }
+
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         let inode = self.get(ino)?;
         match &inode.data {
