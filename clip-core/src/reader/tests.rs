@@ -1165,36 +1165,29 @@ async fn a_read_of_local_bytes_is_answered_on_the_calling_thread() {
     let got = t.reader.read_now(off, len, u64::MAX).unwrap().unwrap();
     assert_eq!(&got[..], t.expect(off, len));
     // From the disk tier alone (a fresh memory tier), then with the disk copy damaged.
-    let fresh: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), disk.clone()];
-    let fetcher = Fetcher::new(
-        Arc::new(TieredCache::with_tiers(fresh)),
-        FetchConfig::default(),
-    );
-    let r = LayerReader::new(
-        &fetcher,
-        t.source.clone(),
-        t.index.clone(),
-        None,
-        NO_GUESSING,
-    );
+    let fresh = || {
+        let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), disk.clone()];
+        let fetcher = Fetcher::new(
+            Arc::new(TieredCache::with_tiers(tiers)),
+            FetchConfig::default(),
+        );
+        let r = LayerReader::new(
+            &fetcher,
+            t.source.clone(),
+            t.index.clone(),
+            None,
+            NO_GUESSING,
+        );
+        (fetcher, r)
+    };
+    let (fetcher, r) = fresh();
     let got = r.read_now(off, len, u64::MAX).unwrap().unwrap();
     assert_eq!(&got[..], t.expect(off, len));
     let (off9, len9) = t.spans(9..10);
     r.read(off9, len9).await.unwrap();
     r.fetcher.settled().await;
     fetcher.drain_writeback().await;
-    let fresh: Vec<Arc<dyn Tier>> = vec![Arc::new(MemoryTier::new(64 << 20)), disk.clone()];
-    let fetcher = Fetcher::new(
-        Arc::new(TieredCache::with_tiers(fresh)),
-        FetchConfig::default(),
-    );
-    let r = LayerReader::new(
-        &fetcher,
-        t.source.clone(),
-        t.index.clone(),
-        None,
-        NO_GUESSING,
-    );
+    let (_fetcher, r) = fresh();
     disk.damage.store(true, Relaxed);
     assert!(
         r.read_now(off9, len9, u64::MAX).is_none(),
