@@ -338,38 +338,14 @@ impl ClipFs {
             .ok_or(FsError::NoAttr)
     }
 
-    /// Up to `size` bytes of a file at `offset`, read lazily through the cache.
-    /// [`ClipFs::read`] on this thread when the bytes are local (see
-    /// `clip_core::reader::LayerReader::read_now`); `None` when they must be fetched. Call
-    /// within the runtime's context.
-    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
-        let inode = match self.get(ino) {
-            Ok(i) => i,
-            Err(e) => return Some(Err(e)),
-        };
-        match &inode.data {
-            Data::File {
-                layer,
-                offset: base,
-            } => {
-                let file_size = inode.attr.size;
-                if offset >= file_size {
-                    return Some(Ok(Bytes::new()));
-                }
-                let len = u64::from(size).min(file_size - offset);
-                let Some(reader) = self.readers.get(*layer as usize) else {
-                    return Some(Err(FsError::Invalid));
-                };
-                reader
-                    .read_now(base + offset, len, base + file_size)
-                    .map(|r| r.map_err(FsError::from))
-            }
-            Data::Dir { .. } => Some(Err(FsError::IsDir)),
-            _ => Some(Err(FsError::Invalid)),
-        }
-    }
-
-    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+    /// Where a read of up to `size` bytes at `offset` of file `ino` lies in its layer; `None`
+    /// past the end.
+    fn file_range(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Option<FileRead<'_>>, FsError> {
         let inode = self.get(ino)?;
         match &inode.data {
             Data::File {
@@ -378,16 +354,50 @@ impl ClipFs {
             } => {
                 let file_size = inode.attr.size;
                 if offset >= file_size {
-                    return Ok(Bytes::new());
+                    return Ok(None);
                 }
                 let len = u64::from(size).min(file_size - offset);
                 let reader = self.readers.get(*layer as usize).ok_or(FsError::Invalid)?;
-                Ok(reader
-                    .read_within(base + offset, len, base + file_size)
-                    .await?)
+                Ok(Some(FileRead {
+                    reader,
+                    at: base + offset,
+                    len,
+                    end: base + file_size,
+                }))
             }
             Data::Dir { .. } => Err(FsError::IsDir),
             _ => Err(FsError::Invalid),
         }
     }
+
+    /// [`ClipFs::read`] on this thread when the bytes are local (see
+    /// `clip_core::reader::LayerReader::read_now`); `None` when they must be fetched. Call
+    /// within the runtime's context.
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
+        match self.file_range(ino, offset, size) {
+            Ok(Some(f)) => f
+                .reader
+                .read_now(f.at, f.len, f.end)
+                .map(|r| r.map_err(FsError::from)),
+            Ok(None) => Some(Ok(Bytes::new())),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Up to `size` bytes of a file at `offset`, read lazily through the cache.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        match self.file_range(ino, offset, size)? {
+            Some(f) => Ok(f.reader.read_within(f.at, f.len, f.end).await?),
+            None => Ok(Bytes::new()),
+        }
+    }
+}
+
+/// A read of a file, placed in its layer: the layer's reader, the layer offset, the length, and
+/// where the file ends (read-ahead stops there).
+struct FileRead<'a> {
+    reader: &'a Arc<LayerReader>,
+    at: u64,
+    len: u64,
+    end: u64,
 }
