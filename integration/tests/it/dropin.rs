@@ -40,7 +40,7 @@ fn remote_snapshots(node: &Node) -> usize {
 }
 
 /// The lazy snapshots containerd lists in namespace `ns`.
-fn remote_snapshots_in(node: &Node, ns: &str) -> usize {
+pub(crate) fn remote_snapshots_in(node: &Node, ns: &str) -> usize {
     node.snapshots_in(ns)
         .iter()
         .filter(|s| {

@@ -8,6 +8,7 @@ mod bulk;
 mod common;
 mod conformance;
 mod cri;
+mod docker;
 mod dropin;
 mod faults;
 mod fuse_mount;
