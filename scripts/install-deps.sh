@@ -12,6 +12,8 @@ PACKAGES=(
   skopeo umoci busybox-static debootstrap
   # auth tests (TLS certs, htpasswd) and helpers
   openssl apache2-utils jq iproute2 python3
+  # runs runc 1.3 from Debian's development suite on this glibc (scripts/debian-runc.sh)
+  patchelf
   # containerd's snapshotter test suite (containerd 1.6's Go sources) and the Go to build it
   golang-go golang-github-containerd-containerd-dev
 )

@@ -15,11 +15,25 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The image never changes under a mount: the kernel may cache entries and attributes long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether the kernel lets clip's mounts be id-mapped: 0 not known yet (no mount made), 1 no,
+/// 2 yes. A property of the running kernel, learnt at the first mount's INIT.
+static KERNEL_IDMAP: AtomicU8 = AtomicU8::new(0);
+
+/// Whether mounts made by this process can be id-mapped (`FUSE_ALLOW_IDMAP`, Linux 6.12+):
+/// `None` until the first mount has met the kernel.
+pub fn kernel_allows_idmap() -> Option<bool> {
+    match KERNEL_IDMAP.load(Ordering::Relaxed) {
+        0 => None,
+        v => Some(v == 2),
+    }
+}
 
 /// How to mount.
 #[derive(Clone, Debug)]
@@ -243,6 +257,11 @@ impl Filesystem for Adapter {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        // Id-mapped mounts of this filesystem (Linux 6.12+; needs default_permissions, which
+        // every clip mount has): user-namespaced containers see the image's owners through
+        // their own mapping, on this one mount.
+        let idmap = config.add_capabilities(InitFlags::FUSE_ALLOW_IDMAP).is_ok();
+        KERNEL_IDMAP.store(if idmap { 2 } else { 1 }, Ordering::Relaxed);
         Ok(())
     }
 

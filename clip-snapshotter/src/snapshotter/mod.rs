@@ -22,6 +22,7 @@
 //! traits, so they are unit-tested with fakes (`tests.rs`).
 
 pub mod discover;
+pub mod idmap;
 pub mod layers;
 pub mod meta;
 pub mod mounts;

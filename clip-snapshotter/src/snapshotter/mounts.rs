@@ -42,6 +42,9 @@ pub trait LazyMounts: Send + Sync {
     async fn check(&self, id: u64) -> bool;
     /// Stops serving snapshot `id`'s mount, if it is served, and unmounts `dir`.
     async fn unmount(&self, id: u64, dir: &Path);
+    /// Whether the mounts served can be id-mapped (user-namespaced containers on them);
+    /// `None`: not known until a mount has been made.
+    fn idmappable(&self) -> Option<bool>;
 }
 
 struct Mounted {
@@ -312,6 +315,10 @@ impl LazyMounts for FuseMounts {
 
     async fn check(&self, id: u64) -> bool {
         self.mounts.lock().await.contains_key(&id)
+    }
+
+    fn idmappable(&self) -> Option<bool> {
+        clip_fuse::kernel_allows_idmap()
     }
 
     async fn unmount(&self, id: u64, dir: &Path) {

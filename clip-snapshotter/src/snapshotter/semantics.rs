@@ -7,6 +7,7 @@
 //! [`super::layers::Layers`] and [`super::mounts::LazyMounts`]; no registry, FUSE or containerd
 //! of its own, so `tests.rs` runs it against fakes.
 
+use super::idmap::IdMap;
 use super::layers::Fallback;
 use super::meta::{self, Kind, Meta, Record};
 use super::{io_err, ClipSnapshotter, SnapshotError};
@@ -57,7 +58,39 @@ impl ClipSnapshotter {
         Ok(dir)
     }
 
+    /// Whether the chain under `parent` has lazy layers (a FUSE mount among its lowerdirs).
+    fn lazy_below(&self, parent: &str) -> Result<bool, SnapshotError> {
+        let mut cur = parent.to_string();
+        while !cur.is_empty() {
+            let r = self.meta.must(&cur)?;
+            if r.remote.is_some() {
+                return Ok(true);
+            }
+            cur = r.parent;
+        }
+        Ok(false)
+    }
+
     fn mounts_for(&self, r: &Record, lowers: &[PathBuf]) -> Vec<Mount> {
+        // Validated when the snapshot was made.
+        let Ok(Some(map)) = IdMap::from_labels(&r.labels) else {
+            return self.plain_mounts_for(r, lowers, lowers);
+        };
+        // containerd id-maps an overlay's layers by cloning the mount at their longest common
+        // parent directory (not recursively on containerd 2.1): for one layer, name it as
+        // `DIR/.` so that the clone is of DIR itself, clip's FUSE mount when DIR is one (a
+        // clone of its parent would hold the empty directory under the mount).
+        let one: Vec<PathBuf> = lowers.iter().map(|l| l.join(".")).collect();
+        let named = if lowers.len() == 1 { &one } else { lowers };
+        let mut mounts = self.plain_mounts_for(r, lowers, named);
+        for m in &mut mounts {
+            m.options.extend(map.options());
+        }
+        mounts
+    }
+
+    /// The mounts of `r` on `lowers`, an overlay's lowerdirs written as `named`.
+    fn plain_mounts_for(&self, r: &Record, lowers: &[PathBuf], named: &[PathBuf]) -> Vec<Mount> {
         let fs = self.path(r.id).join("fs");
         let bind = |src: &Path, rw: bool| Mount {
             r#type: "bind".into(),
@@ -68,7 +101,7 @@ impl ClipSnapshotter {
         let lowerdir = || {
             format!(
                 "lowerdir={}",
-                lowers
+                named
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
@@ -110,6 +143,7 @@ impl ClipSnapshotter {
             return Err(SnapshotError::InvalidArgument("empty snapshot key".into()));
         }
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
+        let idmap = IdMap::from_labels(&labels)?;
         let parent_rec = match parent.as_str() {
             "" => None,
             p => {
@@ -199,6 +233,14 @@ impl ClipSnapshotter {
         let id = self.meta.next_id()?;
         let dir = self.path(id);
         make_snapshot_dirs(&dir).map_err(io_err(dir.display().to_string()))?;
+        if let Some((uid, gid)) = idmap.as_ref().and_then(IdMap::root) {
+            // The container's root owns its writable layer, as under containerd's overlayfs.
+            let fs = dir.join("fs");
+            if let Err(e) = std::os::unix::fs::lchown(&fs, Some(uid), Some(gid)) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(io_err(fs.display().to_string())(e));
+            }
+        }
         let t = meta::now();
         let rec = Record {
             id,
@@ -217,6 +259,13 @@ impl ClipSnapshotter {
         }
         self.meta.flush().await?;
         let lowers = match self.lowerdirs(&parent).await {
+            Ok(l) => match idmap.is_some() {
+                true => self.check_idmappable(&key, &parent, &l).map(|()| l),
+                false => Ok(l),
+            },
+            Err(e) => Err(e),
+        };
+        let lowers = match lowers {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.meta.remove(&key);
@@ -225,6 +274,43 @@ impl ClipSnapshotter {
             }
         };
         Ok(self.mounts_for(&rec, &lowers))
+    }
+
+    /// A user-namespaced container on lazy layers needs their FUSE mount id-mapped by the
+    /// kernel. Where it cannot be, the snapshot is refused with what to do: never a root
+    /// whose files belong to ids the container does not map.
+    fn check_idmappable(
+        &self,
+        key: &str,
+        parent: &str,
+        lowers: &[PathBuf],
+    ) -> Result<(), SnapshotError> {
+        if !self.lazy_below(parent)? {
+            return Ok(());
+        }
+        if lowers.len() > 1 {
+            // containerd would clone their common parent without the FUSE mount in it.
+            let why = format!(
+                "snapshot {key} asks for a user namespace (id-mapped layers) on unpacked \
+                 layers stacked over lazy ones, which containerd cannot id-map together; \
+                 publish an index for every layer of the image (clip index --push), or run \
+                 the pod without a user namespace"
+            );
+            tracing::error!("{why}");
+            return Err(SnapshotError::FailedPrecondition(why));
+        }
+        if self.mounts.idmappable() == Some(true) {
+            return Ok(());
+        }
+        let why = format!(
+            "snapshot {key} asks for a user namespace (id-mapped layers) on lazy layers, and \
+             this kernel cannot id-map clip's FUSE mounts (FUSE_ALLOW_IDMAP, Linux 6.12 or \
+             later). Run such pods on a newer kernel, or remove \"remap-ids\" from \
+             [proxy_plugins.clip] capabilities in containerd's configuration: containerd then \
+             copies and chowns the image for each mapping (it reads all of it)"
+        );
+        tracing::error!("{why}");
+        Err(SnapshotError::FailedPrecondition(why))
     }
 
     /// [`super::layers::Layers::admit`] for the remote snapshots under `parent`; a snapshot

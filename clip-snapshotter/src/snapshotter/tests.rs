@@ -2,6 +2,7 @@
 //! over a temporary sled database and snapshot directories, its lazy layers from a scripted
 //! [`Layers`] fake and its mounts recorded by a [`LazyMounts`] fake. Runs without root.
 
+use super::idmap;
 use super::layers::Layers;
 use super::meta::{Kind, Meta, Remote};
 use super::mounts::LazyMounts;
@@ -24,6 +25,8 @@ struct FakeMounts {
     /// The layers of each chain mounted, bottom first.
     layers: Mutex<Vec<Vec<Digest>>>,
     fail: AtomicBool,
+    /// What the kernel would say of id-mapping the mounts.
+    idmap: AtomicBool,
 }
 
 #[tonic::async_trait]
@@ -60,6 +63,10 @@ impl LazyMounts for FakeMounts {
 
     async fn check(&self, id: u64) -> bool {
         self.served.lock().unwrap().contains(&id)
+    }
+
+    fn idmappable(&self) -> Option<bool> {
+        Some(self.idmap.load(Relaxed))
     }
 
     async fn unmount(&self, id: u64, _dir: &Path) {
@@ -554,4 +561,87 @@ async fn cleanup_removes_only_directories_no_record_names() {
     assert!(!orphan.exists());
     assert!(sn.path(a).exists());
     assert!(other.exists(), "only snapshot directories are cleaned");
+}
+
+/// A user-namespaced container (containerd's `remap-ids` labels) on lazy layers: its mounts
+/// carry the mapping for containerd to id-map every layer, its writable layer belongs to its
+/// root, and the record keeps the mapping for `Mounts`. Where the kernel cannot id-map the
+/// FUSE mounts, the snapshot is refused and nothing is left.
+#[tokio::test]
+async fn a_user_namespaced_snapshot_gets_id_mapped_mounts_or_a_clear_refusal() {
+    let node = Node::new();
+    let sn = node.start().await;
+    let diff = Digest::of(b"base layer");
+    let chain = diff.to_string();
+    node.layers.serve(&chain, diff);
+    let r = sn
+        .prepare("extract-1".into(), String::new(), target(&chain))
+        .await;
+    assert!(matches!(r, Err(SnapshotError::AlreadyExists(_))));
+    let userns = |uid: u32, gid: u32| {
+        HashMap::from([
+            (idmap::UID_LABEL.to_string(), format!("0:{uid}:65536")),
+            (idmap::GID_LABEL.to_string(), format!("0:{gid}:65536")),
+        ])
+    };
+
+    node.mounts.idmap.store(false, Relaxed);
+    let e = sn
+        .prepare("refused".into(), chain.clone(), userns(100_000, 100_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, SnapshotError::FailedPrecondition(_)) && e.to_string().contains("remap-ids"),
+        "{e}"
+    );
+    assert!(matches!(
+        sn.stat("refused".into()).await,
+        Err(SnapshotError::NotFound(_))
+    ));
+
+    node.mounts.idmap.store(true, Relaxed);
+    let m = sn
+        .prepare("ctr".into(), chain.clone(), userns(100_000, 200_000))
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    assert_eq!(option(&m[0], "uidmap="), Some("0:100000:65536"));
+    assert_eq!(option(&m[0], "gidmap="), Some("0:200000:65536"));
+    // Named so that containerd clones the FUSE mount itself, not the directory it is on.
+    let top = node.fs(&sn, id_of(&sn, &chain).await);
+    let lower = format!("{}/.", top.display());
+    assert_eq!(option(&m[0], "lowerdir="), Some(lower.as_str()));
+    let upper = node.fs(&sn, id_of(&sn, "ctr").await);
+    let meta = std::fs::metadata(&upper).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (100_000, 200_000));
+    assert_eq!(sn.mounts("ctr".into()).await.unwrap(), m);
+    // A container without a user namespace on the same layers: plain mounts.
+    let plain = sn
+        .prepare("plain".into(), chain.clone(), no_labels())
+        .await
+        .unwrap();
+    assert_eq!(option(&plain[0], "uidmap="), None);
+    // Unpacked layers over the lazy ones: containerd could not id-map them together.
+    sn.prepare("unpack".into(), chain.clone(), no_labels())
+        .await
+        .unwrap();
+    sn.commit("U".into(), "unpack".into(), no_labels())
+        .await
+        .unwrap();
+    let e = sn
+        .prepare("mixed".into(), "U".into(), userns(100_000, 100_000))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SnapshotError::FailedPrecondition(_)), "{e}");
+    assert!(matches!(
+        sn.stat("mixed".into()).await,
+        Err(SnapshotError::NotFound(_))
+    ));
+    // Hostile mappings are refused before anything is made.
+    let bad = HashMap::from([(idmap::UID_LABEL.to_string(), "0:1:1".to_string())]);
+    assert!(matches!(
+        sn.prepare("bad".into(), chain, bad).await,
+        Err(SnapshotError::InvalidArgument(_))
+    ));
 }

@@ -44,6 +44,43 @@ pub struct NamespaceOption {
     pub pid: i32,
     #[prost(int32, tag = "3")]
     pub ipc: i32,
+    /// The pod's user namespace (`hostUsers: false`: mode POD with mappings).
+    #[prost(message, optional, tag = "5")]
+    pub userns_options: Option<UserNamespace>,
+}
+
+/// One range of a user namespace's id mapping.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IdMapping {
+    #[prost(uint32, tag = "1")]
+    pub host_id: u32,
+    #[prost(uint32, tag = "2")]
+    pub container_id: u32,
+    #[prost(uint32, tag = "3")]
+    pub length: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UserNamespace {
+    /// 0 POD (a namespace of the pod's own), 2 NODE (the host's).
+    #[prost(int32, tag = "1")]
+    pub mode: i32,
+    #[prost(message, repeated, tag = "2")]
+    pub uids: Vec<IdMapping>,
+    #[prost(message, repeated, tag = "3")]
+    pub gids: Vec<IdMapping>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerSecurityContext {
+    #[prost(message, optional, tag = "3")]
+    pub namespace_options: Option<NamespaceOption>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinuxContainerConfig {
+    #[prost(message, optional, tag = "2")]
+    pub security_context: Option<LinuxContainerSecurityContext>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -124,6 +161,8 @@ pub struct ContainerConfig {
     pub args: Vec<String>,
     #[prost(string, tag = "11")]
     pub log_path: String,
+    #[prost(message, optional, tag = "15")]
+    pub linux: Option<LinuxContainerConfig>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -313,6 +352,16 @@ impl Cri {
                     command: command.iter().map(|s| s.to_string()).collect(),
                     args: Vec::new(),
                     log_path: format!("{name}.log"),
+                    // The kubelet repeats the pod's namespaces for each container.
+                    linux: pod
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .map(|s| LinuxContainerConfig {
+                            security_context: Some(LinuxContainerSecurityContext {
+                                namespace_options: s.namespace_options.clone(),
+                            }),
+                        }),
                 }),
                 sandbox_config: Some(pod.clone()),
             },
@@ -417,8 +466,32 @@ pub fn pod_config(name: &str, log_dir: &Path, host_network: bool) -> PodSandboxC
                     network: if host_network { 2 } else { 0 },
                     pid: 1,
                     ipc: 0,
+                    userns_options: None,
                 }),
             }),
         }),
     }
+}
+
+/// [`pod_config`] for a pod with `hostUsers: false`, as the kubelet sends it: a user namespace
+/// of the pod's own mapping container ids 0-65535 to host ids `host_base`-`host_base+65535`.
+pub fn userns_pod_config(name: &str, log_dir: &Path, host_base: u32) -> PodSandboxConfig {
+    let mut pod = pod_config(name, log_dir, false);
+    let range = vec![IdMapping {
+        host_id: host_base,
+        container_id: 0,
+        length: 65536,
+    }];
+    let ns = pod
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+        .expect("pod_config sets namespace options");
+    ns.userns_options = Some(UserNamespace {
+        mode: 0,
+        uids: range.clone(),
+        gids: range,
+    });
+    pod
 }

@@ -260,10 +260,10 @@ fn label_less_lookups_read_each_manifest_once_with_100_images_and_concurrent_pul
 
 /// A registry with the CRI's pause image (busybox sleeping) and the large image with its
 /// index, behind a counting proxy; a hosts directory for the proxy.
-struct CriFixture {
-    large: crate::large_image::Served,
-    hosts: PathBuf,
-    pause: String,
+pub(crate) struct CriFixture {
+    pub large: crate::large_image::Served,
+    pub hosts: PathBuf,
+    pub pause: String,
 }
 
 /// The CRI's pause image: busybox sleeping, pushed to `reg` as `pause:3.6`.
@@ -277,7 +277,7 @@ fn push_pause(tmp: &Path, reg: &Registry) {
     reg.push_layout(&l, "3.6", "pause");
 }
 
-fn cri_fixture(tmp: &Path) -> CriFixture {
+pub(crate) fn cri_fixture(tmp: &Path) -> CriFixture {
     let large = crate::large_image::served(tmp);
     push_pause(tmp, &large.reg);
     CriFixture {
@@ -434,7 +434,7 @@ fn cri_pod_runs_lazily_on_containerd_2_1_configured_like_k3s() {
 /// the password is on no file under clip's root nor in its log, and RemoveImage drops it.
 /// Creates and starts container `name` in the pod, waits (up to 120 s) until it exits and
 /// returns its log.
-fn run_to_exit(
+pub(crate) fn run_to_exit(
     runtime: &crate::cri::Cri,
     pod_id: &str,
     pod: &crate::cri::PodSandboxConfig,

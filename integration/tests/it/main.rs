@@ -17,3 +17,4 @@ mod large_image;
 mod lazy_reads;
 mod registry_auth;
 mod snapshotter;
+mod userns;

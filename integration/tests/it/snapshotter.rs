@@ -18,6 +18,8 @@ pub struct Containerd {
     pub cri: Option<CriSettings>,
     /// Configured the way k3s renders docs/containerd/k3s-config-v3.toml.tmpl (2.x only).
     pub k3s: bool,
+    /// The directory of the `runc` its shims run (`None`: the system's runc 1.1).
+    runc: Option<PathBuf>,
 }
 
 /// The CRI plugin's settings a test chooses.
@@ -41,6 +43,7 @@ impl Containerd {
             config_version: 2,
             cri: None,
             k3s: false,
+            runc: None,
         }
     }
 
@@ -63,6 +66,7 @@ impl Containerd {
             config_version: if version.starts_with('1') { 2 } else { 3 },
             cri: None,
             k3s: false,
+            runc: None,
         }
     }
 
@@ -82,6 +86,22 @@ impl Containerd {
         self
     }
 
+    /// This build with runc 1.3 (Debian's development suite, run on trixie's glibc by
+    /// scripts/debian-runc.sh): user-namespaced pods need runc >= 1.2.
+    pub fn with_runc_1_3(mut self) -> Containerd {
+        let o = Command::new("bash")
+            .arg(workspace().join("scripts/debian-runc.sh"))
+            .output()
+            .expect("run scripts/debian-runc.sh");
+        assert!(
+            o.status.success(),
+            "fetching runc 1.3 from Debian's archive failed: {}",
+            stderr(&o)
+        );
+        self.runc = Some(PathBuf::from(stdout(&o).trim()));
+        self
+    }
+
     pub fn tool(&self, name: &str) -> PathBuf {
         match &self.bin {
             Some(d) => d.join(name),
@@ -92,16 +112,17 @@ impl Containerd {
     /// PATH with this build's shim first (containerd starts `containerd-shim-runc-v2` from
     /// PATH; the shim must match the daemon).
     fn path(&self) -> std::ffi::OsString {
-        let system = std::env::var_os("PATH").unwrap_or_default();
-        match &self.bin {
-            Some(d) => {
-                let mut p = d.clone().into_os_string();
-                p.push(":");
-                p.push(system);
-                p
-            }
-            None => system,
+        let mut p = std::ffi::OsString::new();
+        if let Some(w) = std::env::var_os("CLIP_SHIM_WRAP") {
+            p.push(w);
+            p.push(":");
         }
+        for d in self.runc.iter().chain(self.bin.iter()) {
+            p.push(d);
+            p.push(":");
+        }
+        p.push(std::env::var_os("PATH").unwrap_or_default());
+        p
     }
 
     /// The node's configuration: its own root, state and socket, the CRI off, clip as a
