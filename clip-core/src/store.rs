@@ -102,6 +102,10 @@ impl Provenance {
     }
 }
 
+/// The sled tree where collection notes when each unused item was first seen so (kept by the
+/// collector in clip-snapshotter; a store write that makes an item used again clears its note).
+pub const GC_NOTES: &str = "gc-unreferenced";
+
 pub struct Store {
     root: PathBuf,
     db: sled::Db,
@@ -189,6 +193,15 @@ impl Store {
         self.db.open_tree(name).map_err(|e| self.db_err(e))
     }
 
+    /// An item is written or used again: a collection running now must not remove it.
+    fn touch(&self, note: &str) -> Result<(), StoreError> {
+        self.db
+            .open_tree(GC_NOTES)
+            .and_then(|t| t.remove(note.as_bytes()))
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
     fn db_err(&self, error: sled::Error) -> StoreError {
         StoreError::Db {
             path: self.root.join("db").display().to_string(),
@@ -239,6 +252,7 @@ impl Store {
             self.write_file_atomic(&self.windows_path(&Digest::of(w)), w)?;
         }
         let key = layer.to_string();
+        self.touch(&format!("index:{key}"))?;
         let digest = Digest::of(encoded);
         let stored = match origin {
             Origin::Published => {
@@ -425,6 +439,7 @@ impl Store {
 
     pub async fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {
         let json = serde_json::to_vec(rec).expect("image records serialise");
+        self.touch(&format!("image:{}", rec.manifest_digest))?;
         self.images
             .insert(rec.manifest_digest.to_string(), json)
             .map_err(|e| self.db_err(e))?;
@@ -446,8 +461,103 @@ impl Store {
     /// Stores the startup profile of `profile.manifest`; durable on return.
     pub async fn put_profile(&self, profile: &crate::profile::Profile) -> Result<(), StoreError> {
         let t = self.tree("profiles")?;
+        self.touch(&format!("profile:{}", profile.manifest))?;
         t.insert(profile.manifest.as_bytes(), profile.encode())
             .map_err(|e| self.db_err(e))?;
+        t.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Every stored layer index: the layer, the encoded size and the windows blob it names (an
+    /// unreadable record: none). For collection ([`Store::remove_layer`]).
+    pub fn layer_indexes(&self) -> Result<Vec<(Digest, u64, Option<BlobRef>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.layers.iter() {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let Some(layer) = std::str::from_utf8(&k).ok().and_then(|k| k.parse().ok()) else {
+                continue;
+            };
+            let windows = format::windows_ref(&v).ok();
+            out.push((layer, v.len() as u64, windows));
+        }
+        Ok(out)
+    }
+
+    /// Forgets `layer`'s index and every mark on it (its windows blob is a separate file);
+    /// durable on return.
+    pub async fn remove_layer(&self, layer: &Digest) -> Result<(), StoreError> {
+        let key = layer.to_string();
+        for t in [&self.layers, &self.verified, &self.signed, &self.publishers] {
+            t.remove(&key).map_err(|e| self.db_err(e))?;
+        }
+        self.db.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Every windows blob file: its name (a digest's hex, or a temporary), size and age.
+    pub fn windows_files(&self) -> Vec<(String, u64, std::time::Duration)> {
+        let Ok(dir) = std::fs::read_dir(self.root.join("windows")) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                let age = m.modified().ok()?.elapsed().unwrap_or_default();
+                Some((e.file_name().to_string_lossy().into_owned(), m.len(), age))
+            })
+            .collect()
+    }
+
+    /// Removes windows blob file `name` (as [`Store::windows_files`] lists it).
+    pub fn remove_windows_file(&self, name: &str) -> Result<(), StoreError> {
+        if name.contains('/') || name.starts_with('.') {
+            return Ok(());
+        }
+        let path = self.root.join("windows").join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                path: path.display().to_string(),
+                error: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every image record, with its encoded size (an unreadable one: `None`, by its key).
+    pub fn images(&self) -> Result<Vec<(String, u64, Option<ImageRecord>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.images.iter() {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            out.push((key, v.len() as u64, serde_json::from_slice(&v).ok()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets the image record stored under `key`; durable on return.
+    pub async fn remove_image(&self, key: &str) -> Result<(), StoreError> {
+        self.images.remove(key).map_err(|e| self.db_err(e))?;
+        self.db.flush_async().await.map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Every stored startup profile: its manifest and encoded size.
+    pub fn profiles(&self) -> Result<Vec<(Digest, u64)>, StoreError> {
+        let t = self.tree("profiles")?;
+        let mut out = Vec::new();
+        for kv in t.iter() {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            if let Ok(d) = <[u8; 32]>::try_from(&k[..]) {
+                out.push((Digest::from_bytes(d), v.len() as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets the startup profile of `manifest`; durable on return.
+    pub async fn remove_profile(&self, manifest: &Digest) -> Result<(), StoreError> {
+        let t = self.tree("profiles")?;
+        t.remove(manifest.as_bytes()).map_err(|e| self.db_err(e))?;
         t.flush_async().await.map_err(|e| self.db_err(e))?;
         Ok(())
     }

@@ -84,6 +84,10 @@ pub enum Command {
     /// Run the containerd snapshotter daemon (a proxy plugin serving the snapshots API on a
     /// unix socket; see docs/snapshotter.md).
     Snapshotter(SnapshotterArgs),
+    /// Show what clip keeps under its root and why (indexes, windows, image records, profiles,
+    /// temporaries, caches); with --apply, remove what nothing has used for the grace period.
+    /// Asks the running daemon when there is one.
+    Gc(GcArgs),
     /// Hold the snapshotter's FUSE connections so that they outlive a daemon restart (started
     /// by `clip snapshotter`; not run by hand).
     #[command(hide = true)]
@@ -105,6 +109,22 @@ pub struct ProfileArgs {
     pub command: Vec<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Remove what can be collected (without it, only show).
+    #[arg(long)]
+    pub apply: bool,
+    /// Seconds an unused item is kept (default: the daemon's `[gc] grace_secs`, else 3600).
+    #[arg(long, value_name = "SECONDS")]
+    pub grace: Option<u64>,
+    /// List every item, not only the totals.
+    #[arg(long)]
+    pub all: bool,
+    /// The report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -33,6 +33,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Umount(a) => umount(a),
         Command::Pull(a) => crate::pull::pull(&cli.global, a).await,
         Command::Profile(a) => profile(&cli.global, a).await,
+        Command::Gc(a) => crate::gc::command(&cli.global, a).await,
         Command::Snapshotter(_) => unreachable!("handled above"),
         Command::FuseKeeper(_) => unreachable!("handled in main"),
     }

@@ -56,6 +56,17 @@ pub struct Config {
     pub trust: TrustSection,
     pub cri: CriSection,
     pub bulk: BulkSection,
+    pub gc: GcSection,
+}
+
+/// Collection of what nothing uses any more (docs/snapshotter.md, "What clip keeps").
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcSection {
+    /// Seconds an index, image record or profile stays after nothing uses it (default 3600).
+    pub grace_secs: Option<u64>,
+    /// Seconds between the daemon's collections (default 600; 0: only `clip gc --apply`).
+    pub interval_secs: Option<u64>,
 }
 
 /// When a layer a workload reads most of is streamed whole (docs/snapshotter.md, bulk mode).
@@ -314,6 +325,7 @@ pub struct DaemonConfig {
     pub snapshotter: Options,
     pub trust_keys: Vec<PathBuf>,
     pub cri: Option<CriConfig>,
+    pub gc: crate::gc::Settings,
 }
 
 /// The daemon's configuration from its flags `g` and `a`, the file `file`, and defaults;
@@ -393,7 +405,15 @@ pub fn daemon_config(
             credentials_ttl: file.cri.credentials_ttl_secs.map(Duration::from_secs),
         }),
     };
+    let gcd = crate::gc::Settings::default();
     Ok(DaemonConfig {
+        gc: crate::gc::Settings {
+            grace: file.gc.grace_secs.map_or(gcd.grace, Duration::from_secs),
+            interval: file
+                .gc
+                .interval_secs
+                .map_or(gcd.interval, Duration::from_secs),
+        },
         index_memory,
         bulk: file.bulk.config()?,
         address: a
@@ -475,6 +495,9 @@ mod tests {
         assert_eq!(c.globals.registry_timeout, reg.deadline.as_secs());
         assert_eq!(c.globals.stall_timeout, reg.stall_timeout.as_secs());
         assert!(c.cri.is_none());
+        assert_eq!(c.gc.grace, none.gc.grace);
+        assert_eq!(c.gc.interval, none.gc.interval);
+        assert_eq!(c.gc.grace, crate::gc::DEFAULT_GRACE);
     }
 
     #[test]

@@ -41,10 +41,17 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
         .await
         .context("opening the cache")?;
     let session = ctx.client.config().session.clone();
-    let (sn, mounts) =
-        ClipSnapshotter::open_on_node(&root, store, ctx.client, reads, cfg.snapshotter.clone())
-            .await
-            .context("opening the snapshotter state")?;
+    let (sn, mounts) = ClipSnapshotter::open_on_node(
+        &root,
+        store.clone(),
+        ctx.client,
+        reads,
+        cfg.snapshotter.clone(),
+    )
+    .await
+    .context("opening the snapshotter state")?;
+    let admin = bind_socket(&root.join(crate::gc::ADMIN_SOCKET), 0o600)?;
+    let gc = crate::gc::Daemon::start(store, sn.clone(), cfg.gc, admin);
     let listener = bind_socket(&cfg.address, 0o660)?;
     eprintln!(
         "clip snapshotter: serving on {} (root {}{})",
@@ -60,10 +67,12 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     };
     containerd_snapshots::tonic::transport::Server::builder()
         .add_service(WithNamespace(containerd_snapshots::server(sn.clone())))
-        .serve_with_incoming_shutdown(trusted_connections(listener), stop_signal()?)
+        .serve_with_incoming_shutdown(crate::os::trusted_connections(listener), stop_signal()?)
         .await
         .context("serving the snapshots API")?;
     eprintln!("clip snapshotter: stopping");
+    gc.abort();
+    let _ = std::fs::remove_file(root.join(crate::gc::ADMIN_SOCKET));
     shutdown(&cfg, cri, &sn, &mounts).await;
     Ok(())
 }
@@ -144,7 +153,7 @@ fn serve_cri(
     Ok(tokio::spawn(async move {
         if let Err(e) = tonic14::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming(trusted_connections(listener))
+            .serve_with_incoming(crate::os::trusted_connections(listener))
             .await
         {
             tracing::error!("serving the CRI image service: {e}");
@@ -189,29 +198,4 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("permissions of {}", path.display()))?;
     Ok(listener)
-}
-
-/// The connections of root and of the daemon's own user (containerd runs as root); any other
-/// local user is refused, whatever the socket's mode. A failed accept (out of descriptors, say)
-/// is retried after a pause instead of ending the server or spinning.
-fn trusted_connections(
-    listener: tokio::net::UnixListener,
-) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
-    // SAFETY: geteuid(2) has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    futures_util::stream::unfold(listener, move |l| async move {
-        loop {
-            match l.accept().await {
-                Ok((s, _)) => match s.peer_cred().map(|c| c.uid()) {
-                    Ok(uid) if uid == 0 || uid == me => return Some((Ok(s), l)),
-                    Ok(uid) => tracing::warn!(uid, "refused a connection from another user"),
-                    Err(e) => tracing::warn!("refused a connection: {e}"),
-                },
-                Err(e) => {
-                    tracing::warn!("accepting a connection failed: {e}; retrying in 100 ms");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
-    })
 }

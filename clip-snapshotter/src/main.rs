@@ -7,6 +7,7 @@ mod config;
 mod containerd;
 mod cri;
 mod daemon;
+mod gc;
 mod labels;
 mod node;
 mod os;

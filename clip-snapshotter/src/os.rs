@@ -31,3 +31,28 @@ pub fn lazy_unmount(p: &Path) {
         }
     }
 }
+
+/// The connections of root and of the daemon's own user (containerd runs as root); any other
+/// local user is refused, whatever the socket's mode. A failed accept (out of descriptors, say)
+/// is retried after a pause instead of ending the server or spinning.
+pub fn trusted_connections(
+    listener: tokio::net::UnixListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    futures_util::stream::unfold(listener, move |l| async move {
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => match s.peer_cred().map(|c| c.uid()) {
+                    Ok(uid) if uid == 0 || uid == me => return Some((Ok(s), l)),
+                    Ok(uid) => tracing::warn!(uid, "refused a connection from another user"),
+                    Err(e) => tracing::warn!("refused a connection: {e}"),
+                },
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}; retrying in 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}

@@ -213,6 +213,28 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The windows blob an encoded index names, from its checked header alone (nothing decoded,
+/// nothing charged to the memory budget).
+pub fn windows_ref(data: &[u8]) -> Result<BlobRef, IndexError> {
+    if data.len() < 16 + 32 || &data[..8] != MAGIC {
+        return Err(IndexError::Format(
+            "not a clip layer index (bad magic)".into(),
+        ));
+    }
+    let (body, sum) = data.split_at(data.len() - 32);
+    if Digest::of(body).as_bytes() != sum {
+        return Err(IndexError::Format(
+            "checksum mismatch (index corrupted)".into(),
+        ));
+    }
+    let mut c = Cursor::new(&body[16..], "index header");
+    let _layer = c.digest()?;
+    let _diff_id = c.digest()?;
+    let digest = c.digest()?;
+    let size = c.varint()?;
+    Ok(BlobRef { digest, size })
+}
+
 /// Decodes and validates an encoded index.
 pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
     decode_within(data, super::memory::Budget::process())

@@ -143,6 +143,11 @@ pub struct ClipSnapshotter {
 }
 
 impl ClipSnapshotter {
+    /// The snapshot records (for collection: which layers snapshots are).
+    pub(crate) fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
     /// The snapshotter of this node: its state under `dir` (snapshot directories) and the
     /// store's sled database (records), lazy layers from the registry through `reads`, mounted
     /// by FUSE. Mounts a previous daemon left with the keeper are served again, stale ones

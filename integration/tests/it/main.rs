@@ -12,6 +12,7 @@ mod docker;
 mod dropin;
 mod faults;
 mod fuse_mount;
+mod gc;
 mod index_cli;
 mod large_image;
 mod lazy_reads;
