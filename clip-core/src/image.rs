@@ -23,7 +23,7 @@ pub enum ImageError {
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
     #[error(
-        "layer {layer} has media type {media_type:?}; clip indexes gzip-compressed layers only"
+        "layer {layer} has media type {media_type:?}; clip indexes gzip and zstd:chunked layers only"
     )]
     NotGzip { layer: Digest, media_type: String },
     #[error("no clip index for {reference}: build one with `clip index {reference}` (add --push to publish it)")]
@@ -136,6 +136,9 @@ pub async fn index_layer_filling(
             }
         }
     }
+    if let Some(toc) = desc.toc {
+        return index_zstd_chunked(client, store, image, desc, toc, progress, start).await;
+    }
     if !desc.is_gzip() {
         return Err(ImageError::NotGzip {
             layer: desc.digest,
@@ -204,6 +207,79 @@ pub async fn index_layer_filling(
     Ok(LayerReport {
         descriptor: desc.clone(),
         index: Arc::new(built.index),
+        encoded: encoded.into(),
+        built: true,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// A zstd:chunked layer's index, from its table of contents: one range request, nothing
+/// decompressed but the TOC ([`crate::zstdchunked`]). Stored as the image's publisher's word
+/// (the TOC's checksum is a manifest annotation): under the `owner` trust policy it serves
+/// that repository's images.
+async fn index_zstd_chunked(
+    client: &Client,
+    store: &Store,
+    image: &ResolvedImage,
+    desc: &LayerDescriptor,
+    toc: crate::registry::TocPosition,
+    progress: Progress,
+    start: Instant,
+) -> Result<LayerReport, ImageError> {
+    let bad = |error| ImageError::Index {
+        layer: desc.digest,
+        error,
+    };
+    if toc.length > crate::zstdchunked::MAX_TOC {
+        return Err(bad(IndexError::Format(format!(
+            "zstd:chunked table of contents of {} bytes (limit {})",
+            toc.length,
+            crate::zstdchunked::MAX_TOC
+        ))));
+    }
+    let compressed = client
+        .get_blob_range(&image.reference, &desc.digest, toc.offset, toc.length)
+        .await?;
+    let (d, c) = (desc.clone(), compressed);
+    let ix = tokio::task::spawn_blocking(move || {
+        let json = crate::zstdchunked::open_toc(&c, &toc)?;
+        crate::zstdchunked::index_from_toc(&d, &json)
+    })
+    .await
+    .map_err(|e| ImageError::Internal(format!("indexing task: {e}")))?
+    .map_err(bad)?;
+    let encoded = format::encode(&ix);
+    let publisher = image.reference.repository_name();
+    store.put_windows(b"")?;
+    if !store
+        .put_published(&desc.digest, &encoded, &publisher)
+        .await?
+    {
+        // The node holds an index of the layer already. The same one (another image's
+        // manifest names the same table of contents) serves; another one is another
+        // publisher's word about this layer, which this image must not be served by.
+        if let Some((held, enc)) = store.get_layer(&desc.digest)? {
+            if enc != encoded {
+                return Err(bad(IndexError::Format(
+                    "this image's zstd:chunked table of contents differs from the index the \
+                     node holds for the layer"
+                        .into(),
+                )));
+            }
+            progress(desc.size);
+            return Ok(LayerReport {
+                descriptor: desc.clone(),
+                index: Arc::new(held),
+                encoded: enc.into(),
+                built: false,
+                elapsed: start.elapsed(),
+            });
+        }
+    }
+    progress(desc.size);
+    Ok(LayerReport {
+        descriptor: desc.clone(),
+        index: Arc::new(ix),
         encoded: encoded.into(),
         built: true,
         elapsed: start.elapsed(),
@@ -282,6 +358,13 @@ pub async fn load_indexes(
     for d in &image.layers {
         match stored_report(store, d, start)? {
             Some(r) => found.push(r),
+            // A zstd:chunked layer carries its own table of contents: one range request.
+            None if d.toc.is_some() => {
+                let toc = d.toc.expect("checked");
+                let progress: Progress = Arc::new(|_| {});
+                found
+                    .push(index_zstd_chunked(client, store, image, d, toc, progress, start).await?);
+            }
             None => break,
         }
     }

@@ -12,6 +12,8 @@
 //! - [`index`]: the per-layer index (every tar entry, where each file's bytes sit in the
 //!   uncompressed tar stream, checkpoints and a digest per span), its builder (one streaming
 //!   pass), its versioned checksummed binary format, and the merged view of an image's layers.
+//! - [`zstdchunked`]: zstd:chunked layers indexed from their table of contents, and their spans
+//!   decoded frame by frame.
 //! - [`cache`]: the tiered span cache (bounded memory, bounded disk, shared Redis), verified.
 //! - [`reader`]: lazy reads of a layer's byte ranges, assembled from spans.
 //! - [`fetch`]: spans no tier has: single flight, runs, range requests, inflate, verify,
@@ -43,6 +45,7 @@ pub mod store;
 mod tarscan;
 #[cfg(test)]
 mod testutil;
+pub mod zstdchunked;
 
 #[cfg(test)]
 #[global_allocator]

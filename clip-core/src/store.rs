@@ -294,6 +294,15 @@ impl Store {
         Ok(stored)
     }
 
+    /// Stores a windows blob by its digest (an index with no windows names the empty one).
+    pub fn put_windows(&self, windows: &[u8]) -> Result<(), StoreError> {
+        let path = self.windows_path(&Digest::of(windows));
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == windows.len() as u64) {
+            return Ok(());
+        }
+        self.write_file_atomic(&path, windows)
+    }
+
     /// Who vouches for the index the node holds for `layer` (`None`: it holds none).
     pub fn provenance(&self, layer: &Digest) -> Result<Option<Provenance>, StoreError> {
         let key = layer.to_string();
@@ -589,6 +598,7 @@ mod tests {
         let ix = LayerIndex {
             layer: Digest::of(b"layer"),
             diff_id: Digest::of(b"diff"),
+            codec: Default::default(),
             compressed_size: 10,
             uncompressed_size: 20,
             span_size: 1 << 20,

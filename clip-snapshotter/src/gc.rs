@@ -236,7 +236,7 @@ impl Collector<'_> {
                 },
                 None => judge(&format!("index:{layer}"), &mut seen)?,
             };
-            if let Some(w) = windows.filter(|w| w.size > 0) {
+            if let Some(w) = windows {
                 match status {
                     Status::Collectable { .. } => dropped_windows.insert(w.digest.hex()),
                     _ => kept_windows
@@ -614,6 +614,7 @@ mod tests {
         let ix = LayerIndex {
             layer: *layer,
             diff_id: Digest::of(b"diff"),
+            codec: Default::default(),
             compressed_size: 1,
             uncompressed_size: 0,
             span_size: 1 << 17,
@@ -642,6 +643,7 @@ mod tests {
                 size: 1,
                 media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
                 diff_id: Digest::of(b"diff"),
+                toc: None,
             }],
             indexes: vec![],
             artifact: None,

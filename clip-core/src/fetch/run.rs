@@ -11,6 +11,7 @@ use super::window::WindowFrom;
 use super::{LayerFetcher, ReadError};
 use crate::cache::Reach;
 use crate::digest::Digest;
+use crate::index::Codec;
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
@@ -177,10 +178,6 @@ impl LayerFetcher {
             detail,
         };
         let inflate = async {
-            // The window and the data travel concurrently: one round trip.
-            let (from, window) = self.window(range.start).await;
-            out.local_window = from == WindowFrom::LocalBlob;
-            let window = window?;
             let lens: Vec<usize> = range
                 .clone()
                 .map(|i| {
@@ -188,9 +185,32 @@ impl LayerFetcher {
                     (e - s) as usize
                 })
                 .collect();
-            let mut inflater =
-                crate::gzip::SpanInflater::new(ix.spans[range.start].bits, &window, &lens)
-                    .map_err(|e| corrupt(range.start, e.to_string()))?;
+            let mut inflater = match ix.codec {
+                Codec::Gzip => {
+                    // The window and the data travel concurrently: one round trip.
+                    let (from, window) = self.window(range.start).await;
+                    out.local_window = from == WindowFrom::LocalBlob;
+                    let window = window?;
+                    Decoder::Gzip(
+                        crate::gzip::SpanInflater::new(ix.spans[range.start].bits, &window, &lens)
+                            .map_err(|e| corrupt(range.start, e.to_string()))?,
+                    )
+                }
+                Codec::ZstdFrames => {
+                    let spans = range
+                        .clone()
+                        .zip(&lens)
+                        .map(|(i, &len)| {
+                            let (s, e) = ix.span_compressed_range(i);
+                            (len, e - s)
+                        })
+                        .collect();
+                    Decoder::Zstd(
+                        crate::zstdchunked::FrameSpans::new(spans)
+                            .map_err(|e| corrupt(range.start, e.to_string()))?,
+                    )
+                }
+            };
             let mut next = range.start;
             let mut received = 0u64;
             let mut ended = false;
@@ -280,6 +300,21 @@ impl LayerFetcher {
             (_, Ok(())) => Ok(()),
             (Err(e), Err(_)) => Err(e.into()),
             (Ok(()), Err(e)) => Err(e),
+        }
+    }
+}
+
+/// A run's decoder: inflate from a zran checkpoint, or zstd frames.
+enum Decoder {
+    Gzip(crate::gzip::SpanInflater),
+    Zstd(crate::zstdchunked::FrameSpans),
+}
+
+impl Decoder {
+    fn feed(&mut self, input: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        match self {
+            Decoder::Gzip(d) => d.feed(input).map_err(|e| e.to_string()),
+            Decoder::Zstd(d) => d.feed(input).map_err(|e| e.to_string()),
         }
     }
 }

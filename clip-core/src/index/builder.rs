@@ -184,6 +184,7 @@ pub fn build_layer_index_with_sink<R: Read>(
     let index = LayerIndex {
         layer,
         diff_id: zran.diff_id,
+        codec: Default::default(),
         compressed_size: zran.compressed_size,
         uncompressed_size: zran.uncompressed_size,
         span_size: opts.span_size,
@@ -454,6 +455,17 @@ enum Whiteout {
     Name(Vec<u8>),
     /// Other `.wh..wh.` metadata (aufs hard-link directories): not part of the tree.
     Ignore,
+}
+
+/// What a whiteout name means: `None`, not a whiteout; `Some(None)`, metadata to skip;
+/// `Some(Some((path, kind)))`, the entry it stands for (for indexes built from a table of
+/// contents rather than a tar stream).
+pub fn whiteout_entry(path: &[u8]) -> Option<Option<(Vec<u8>, EntryKind)>> {
+    Some(match whiteout(path)? {
+        Whiteout::Opaque(dir) => Some((dir, EntryKind::Opaque)),
+        Whiteout::Name(p) => Some((p, EntryKind::Whiteout)),
+        Whiteout::Ignore => None,
+    })
 }
 
 fn whiteout(path: &[u8]) -> Option<Whiteout> {

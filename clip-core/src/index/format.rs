@@ -19,12 +19,14 @@
 //! deduplicate it. Decoding treats its input as hostile: the checksum is checked first, every
 //! length is bounded by the bytes actually present, and nothing panics.
 
-use super::{BlobRef, Entry, EntryKind, IndexError, LayerIndex, Span};
+use super::{BlobRef, Codec, Entry, EntryKind, IndexError, LayerIndex, Span};
 use crate::digest::Digest;
 use crate::limits::*;
 
 pub const MAGIC: &[u8; 8] = b"CLIPLIDX";
 pub const VERSION: u32 = 1;
+/// Header flag: the spans are zstd frames ([`Codec::ZstdFrames`]).
+const FLAG_ZSTD_FRAMES: u32 = 1;
 /// The media type of an encoded layer index blob.
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.clip.layer-index.v1";
 /// The media type of a windows blob.
@@ -68,7 +70,11 @@ pub fn encode(ix: &LayerIndex) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096 + ix.spans.len() * 48);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    let flags = match ix.codec {
+        Codec::Gzip => 0u32,
+        Codec::ZstdFrames => FLAG_ZSTD_FRAMES,
+    };
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(ix.layer.as_bytes());
     out.extend_from_slice(ix.diff_id.as_bytes());
     out.extend_from_slice(ix.windows.digest.as_bytes());
@@ -262,6 +268,16 @@ pub fn decode_within(
             "checksum mismatch (index corrupted)".into(),
         ));
     }
+    let flags = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes"));
+    let codec = match flags {
+        0 => Codec::Gzip,
+        FLAG_ZSTD_FRAMES => Codec::ZstdFrames,
+        f => {
+            return Err(IndexError::Format(format!(
+                "unknown index flags {f:#x} (a newer clip wrote it)"
+            )))
+        }
+    };
     let mut c = Cursor::new(&body[16..], "index header");
     let layer = c.digest()?;
     let diff_id = c.digest()?;
@@ -366,6 +382,7 @@ pub fn decode_within(
     Ok(LayerIndex {
         layer,
         diff_id,
+        codec,
         compressed_size,
         uncompressed_size,
         span_size,

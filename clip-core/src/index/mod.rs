@@ -96,6 +96,17 @@ pub struct Span {
     pub digest: Digest,
 }
 
+/// How a layer's spans are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Codec {
+    /// One gzip stream: spans start at zran checkpoints and need their windows.
+    #[default]
+    Gzip,
+    /// Independent zstd frames (zstd:chunked, [`crate::zstdchunked`]): a span's bytes are the
+    /// first bytes its frames decompress to; no windows.
+    ZstdFrames,
+}
+
 /// A blob by digest and size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlobRef {
@@ -109,6 +120,7 @@ pub struct LayerIndex {
     pub layer: Digest,
     /// sha256 of the uncompressed tar stream.
     pub diff_id: Digest,
+    pub codec: Codec,
     pub compressed_size: u64,
     pub uncompressed_size: u64,
     pub span_size: u64,
@@ -126,6 +138,7 @@ impl LayerIndex {
     /// digests): a fetcher of one serves the other's spans. Its files may still differ.
     pub fn same_spans(&self, other: &LayerIndex) -> bool {
         self.layer == other.layer
+            && self.codec == other.codec
             && self.windows == other.windows
             && self.compressed_size == other.compressed_size
             && self.uncompressed_size == other.uncompressed_size

@@ -483,6 +483,7 @@ fn bare_layer(entries: &[(&str, EntryKind)]) -> Arc<LayerIndex> {
     Arc::new(LayerIndex {
         layer: Digest::of(b"l"),
         diff_id: Digest::of(b"d"),
+        codec: Default::default(),
         compressed_size: 1,
         uncompressed_size: 1 << 20,
         span_size: DEFAULT_SPAN_SIZE,

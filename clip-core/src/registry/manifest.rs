@@ -76,9 +76,56 @@ pub struct LayerDescriptor {
     pub media_type: String,
     /// The DiffID from the image config (sha256 of the uncompressed layer).
     pub diff_id: Digest,
+    /// Where a zstd:chunked layer's table of contents is, as the manifest annotates it.
+    #[serde(default)]
+    pub toc: Option<TocPosition>,
+}
+
+/// A zstd:chunked layer's table of contents: a zstd frame at `offset` of the blob, `length`
+/// bytes long, `uncompressed` bytes when decompressed, with sha256 `checksum` of its compressed
+/// bytes (the manifest's `io.containers.zstd-chunked.manifest-position` and
+/// `manifest-checksum` annotations).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TocPosition {
+    pub offset: u64,
+    pub length: u64,
+    pub uncompressed: u64,
+    pub checksum: Digest,
+}
+
+pub const ANNOTATION_TOC_POSITION: &str = "io.containers.zstd-chunked.manifest-position";
+pub const ANNOTATION_TOC_CHECKSUM: &str = "io.containers.zstd-chunked.manifest-checksum";
+
+impl TocPosition {
+    /// The position the annotations give, if they give a well-formed one (type 1, the JSON
+    /// table of contents, within the blob's `size`).
+    pub fn from_annotations(
+        annotations: &std::collections::HashMap<String, String>,
+        size: u64,
+    ) -> Option<TocPosition> {
+        let pos = annotations.get(ANNOTATION_TOC_POSITION)?;
+        let checksum = annotations.get(ANNOTATION_TOC_CHECKSUM)?.parse().ok()?;
+        let mut f = pos.split(':').map(|n| n.parse::<u64>().ok());
+        let (Some(Some(offset)), Some(Some(length)), Some(Some(uncompressed)), Some(Some(1)), None) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            return None;
+        };
+        (length > 0 && offset.checked_add(length)? <= size).then_some(TocPosition {
+            offset,
+            length,
+            uncompressed,
+            checksum,
+        })
+    }
 }
 
 impl LayerDescriptor {
+    /// zstd-compressed tar.
+    pub fn is_zstd(&self) -> bool {
+        self.media_type.ends_with("tar+zstd")
+    }
+
     /// gzip-compressed tar, the kind clip indexes.
     pub fn is_gzip(&self) -> bool {
         self.media_type.ends_with("tar+gzip")
@@ -295,6 +342,10 @@ fn image_from(
             size: l.size(),
             media_type: l.media_type().to_string(),
             diff_id: diff,
+            toc: l
+                .annotations()
+                .as_ref()
+                .and_then(|a| TocPosition::from_annotations(a, l.size())),
         });
     }
     Ok(ResolvedImage {

@@ -28,7 +28,9 @@ mod manifest;
 mod request;
 pub mod session;
 
-pub use manifest::{config_diff_ids, manifest_parts, LayerDescriptor, Platform, ResolvedImage};
+pub use manifest::{
+    config_diff_ids, manifest_parts, LayerDescriptor, Platform, ResolvedImage, TocPosition,
+};
 
 use crate::digest::Digest;
 use crate::reference::Reference;

@@ -22,6 +22,7 @@ fn layer(entries: Vec<Entry>) -> Arc<LayerIndex> {
     Arc::new(LayerIndex {
         layer: Digest::of(b"l"),
         diff_id: Digest::of(b"d"),
+        codec: Default::default(),
         compressed_size: 1,
         uncompressed_size: 4096,
         span_size: 1 << 20,

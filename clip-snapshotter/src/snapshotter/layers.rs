@@ -395,11 +395,9 @@ impl RegistryLayers {
                     format!("{pinned} has no layer {layer}"),
                 ))
             }
-            Some(d) if !d.is_gzip() => {
-                return Err(Fallback::new(
-                    "not gzip",
-                    format!("{pinned}: layer {layer} is {} (not gzip)", d.media_type),
-                ))
+            Some(d) if !d.is_gzip() && d.toc.is_none() => {
+                let why = format!("{pinned}: layer {layer} is {}", d.media_type);
+                return Err(Fallback::new("neither gzip nor zstd:chunked", why));
             }
             Some(_) => {}
         }
@@ -697,6 +695,14 @@ impl RegistryLayers {
     /// Indexes every gzip layer of `image` (one pass over each, filling the disk cache with every
     /// span on the way) and records the image.
     async fn index_now(&self, image: &ResolvedImage) -> Result<(), ImageError> {
+        // A zstd:chunked layer's table of contents is its publisher's word (a manifest
+        // annotation), not something this node derived from the layer's bytes.
+        if let Some(d) = image.layers.iter().find(|d| d.toc.is_some()) {
+            return Err(ImageError::NotGzip {
+                layer: d.digest,
+                media_type: format!("{} (zstd:chunked: indexed only from its table of contents, which this trust policy does not take)", d.media_type),
+            });
+        }
         let opts = clip_core::index::builder::BuildOptions::default();
         let mut reports = Vec::new();
         for d in &image.layers {

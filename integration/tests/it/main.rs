@@ -19,3 +19,4 @@ mod lazy_reads;
 mod registry_auth;
 mod snapshotter;
 mod userns;
+mod zstd;

@@ -1,0 +1,155 @@
+//! zstd:chunked layers, made by a real producer (stargz-snapshotter's `ctr-remote image convert
+//! --zstdchunked`, Debian's development suite, fetched at test time), indexed from their table
+//! of contents and read lazily: `clip index`, `inspect`, `cat`, and containers through the
+//! snapshotter.
+
+use crate::common::*;
+use crate::snapshotter::{out, Node};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const STARGZ: &str = "0.14.3-7";
+
+fn ctr_remote() -> PathBuf {
+    let o = Command::new("bash")
+        .arg(workspace().join("scripts/debian-tool.sh"))
+        .args(["stargz-snapshotter", STARGZ, "usr/bin/ctr-remote"])
+        .output()
+        .expect("run scripts/debian-tool.sh");
+    assert!(
+        o.status.success(),
+        "fetching stargz-snapshotter {STARGZ} from Debian's archive failed: {}",
+        stderr(&o)
+    );
+    PathBuf::from(stdout(&o).trim()).join("usr/bin/ctr-remote")
+}
+
+/// `image` converted to zstd:chunked by ctr-remote in `node`'s containerd (namespace `convert`)
+/// and pushed as `dest`.
+fn convert(node: &Node, image: &str, dest: &str) {
+    let tool = ctr_remote();
+    let run = |args: &[&str]| {
+        let o = Command::new(&tool)
+            .arg("-a")
+            .arg(node.dir.join("containerd.sock"))
+            .args(["-n", "convert"])
+            .args(args)
+            .output()
+            .expect("run ctr-remote");
+        assert!(
+            o.status.success(),
+            "ctr-remote {args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    };
+    run(&["images", "pull", "--plain-http", image]);
+    run(&["image", "convert", "--oci", "--zstdchunked", image, dest]);
+    run(&["images", "push", "--plain-http", dest]);
+}
+
+/// The blob file docker-registry keeps for `digest` under `reg`'s storage.
+fn blob_file(reg: &Registry, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    reg._dir
+        .path()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+/// The layers of `image`'s manifest (digest, annotations).
+fn layers(root: &Path, image: &str) -> Vec<serde_json::Value> {
+    let j = clip_json(root, &["inspect", image, "--json"], &[]);
+    j["layers"].as_array().unwrap().clone()
+}
+
+#[test]
+fn zstd_chunked_images_are_indexed_from_their_toc_and_read_lazily() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:users"]);
+    reg.push_layout(&l, "v1", "app");
+    let gzip = format!("{}:v1", reg.image("app"));
+    let zstd = format!("{}:zc", reg.image("app"));
+    let node = Node::start(&tmp.path().join("node"));
+    convert(&node, &gzip, &zstd);
+
+    // The command line: index (from the TOC only), inspect, cat.
+    let root = tmp.path().join("cli");
+    let j = clip_json(&root, &["index", &zstd, "--json"], &[]);
+    eprintln!("clip index of the zstd:chunked image: {j}");
+    assert_eq!(j["checkpoint_bytes"], 0, "no windows: {j}");
+    let compressed = j["compressed_bytes"].as_u64().unwrap();
+    assert!(j["index_bytes"].as_u64().unwrap() * 100 < compressed, "{j}");
+    // The gzip original, indexed on its own root, is the reference.
+    clip_json(&tmp.path().join("gz"), &["index", &gzip, "--json"], &[]);
+    for path in ["/etc/public", "/bin/busybox", "/home/user/big.bin"] {
+        let (z, stats) = cat_with(&root, &[], &zstd, path, &[], &[]);
+        let (g, _) = cat_with(&tmp.path().join("gz"), &[], &gzip, path, &[], &[]);
+        assert_eq!(
+            z, g,
+            "{path} differs between the gzip and zstd:chunked images"
+        );
+        eprintln!("cat {path}: {stats}");
+    }
+    let info = clip_json(&root, &["inspect", &zstd, "/etc/public", "--json"], &[]);
+    assert_eq!(info["type"], "file", "{info}");
+
+    // A corrupt chunk: that file fails with the layer and span named; others still read.
+    let ls = layers(&root, &zstd);
+    let top = ls.last().unwrap()["digest"].as_str().unwrap().to_string();
+    let blob = blob_file(&reg, &top);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+    let fresh = tmp.path().join("fresh");
+    let o = clip(&fresh, &["cat", &zstd, "/home/user/big.bin"], &[]);
+    assert!(!o.status.success(), "a corrupt chunk was served");
+    let err = stderr(&o);
+    assert!(err.contains(&top), "the error names the layer: {err}");
+    eprintln!("corrupt chunk: {}", err.lines().last().unwrap_or(""));
+    let o = clip(&fresh, &["cat", &zstd, "/etc/public"], &[]);
+    assert_eq!(out(&o), "anyone\n");
+    bytes[at] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    // A container through the snapshotter: every layer lazy, from the TOC alone.
+    let pulled = node.pull_ok(&zstd);
+    assert!(
+        pulled.contains("2 lazy layer(s), 0 unpacked"),
+        "{pulled}\n{}",
+        node.snapshotter_log()
+    );
+    let o = node.run("clip", &zstd, "zc1", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
+    let o = node.run("clip", &zstd, "zc2", &["sha256sum", "/home/user/big.bin"]);
+    let (g, _) = cat_with(
+        &tmp.path().join("gz"),
+        &[],
+        &gzip,
+        "/home/user/big.bin",
+        &[],
+        &[],
+    );
+    let want = sha256_hex(&g);
+    assert!(out(&o).starts_with(&want), "{} vs {want}", out(&o));
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(b).unwrap();
+    let o = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
