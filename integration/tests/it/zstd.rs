@@ -1,7 +1,8 @@
-//! zstd:chunked layers, made by a real producer (stargz-snapshotter's `ctr-remote image convert
-//! --zstdchunked`, Debian's development suite, fetched at test time), indexed from their table
-//! of contents and read lazily: `clip index`, `inspect`, `cat`, and containers through the
-//! snapshotter.
+//! zstd layers, made by real producers: zstd:chunked by stargz-snapshotter's `ctr-remote image
+//! convert --zstdchunked` (Debian's development suite, fetched at test time), indexed from their
+//! table of contents and read lazily (`clip index`, `inspect`, `cat`, containers through the
+//! snapshotter); plain zstd by skopeo (unpacked, and runs); a gzip base under a zstd:chunked top
+//! (both lazy).
 
 use crate::common::*;
 use crate::snapshotter::{out, Node};
@@ -136,6 +137,40 @@ fn zstd_chunked_images_are_indexed_from_their_toc_and_read_lazily() {
     );
     let want = sha256_hex(&g);
     assert!(out(&o).starts_with(&want), "{} vs {want}", out(&o));
+
+    // Mixed: the gzip base under the zstd:chunked top, its index published: both lazy.
+    let o = Command::new("python3")
+        .arg(workspace().join("integration/fixtures/mix-image.py"))
+        .args([reg.host.as_str(), "app", "v1", "zc", "mixed"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mix-image.py: {}", stderr(&o));
+    let mixed = format!("{}:mixed", reg.image("app"));
+    crate::snapshotter::publish_index(tmp.path(), &mixed);
+    let pulled = node.pull_ok(&mixed);
+    assert!(pulled.contains("2 lazy layer(s), 0 unpacked"), "{pulled}");
+    let o = node.run("clip", &mixed, "zm", &["sha256sum", "/home/user/big.bin"]);
+    assert!(out(&o).starts_with(&want), "{}", out(&o));
+
+    // Plain zstd (one stream per layer, as skopeo and BuildKit write it): unpacked, and runs.
+    // Its layers' chains are the gzip original's: the base is the mixed image's lazy one
+    // (pulled first, the plain image would have made it an unpacked one for both).
+    let plain = format!("{}:zstd", reg.image("app"));
+    let o = Command::new("skopeo")
+        .args(["copy", "--quiet", "--format", "oci", "--dest-compress"])
+        .args(["--dest-compress-format", "zstd", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", l.display()))
+        .arg(format!("docker://{plain}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    let pulled = node.pull_ok(&plain);
+    assert!(
+        pulled.contains("no index, downloading") && pulled.contains("0 lazy layer(s), 1 unpacked"),
+        "{pulled}"
+    );
+    let o = node.run("clip", &plain, "zp", &["cat", "/etc/public"]);
+    assert_eq!(out(&o), "anyone\n");
 }
 
 fn sha256_hex(b: &[u8]) -> String {
