@@ -6,13 +6,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A running `clip mount`, unmounted (SIGTERM) when dropped.
-struct Mounted {
+pub(crate) struct Mounted {
     child: std::process::Child,
     pub dir: PathBuf,
 }
 
 impl Mounted {
-    fn start(root: &Path, image: &str, dir: &Path) -> Mounted {
+    pub(crate) fn start(root: &Path, image: &str, dir: &Path) -> Mounted {
         Self::start_with(root, image, dir, &[])
     }
 

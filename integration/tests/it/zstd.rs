@@ -114,6 +114,22 @@ fn zstd_chunked_images_are_indexed_from_their_toc_and_read_lazily() {
     eprintln!("corrupt chunk: {}", err.lines().last().unwrap_or(""));
     let o = clip(&fresh, &["cat", &zstd, "/etc/public"], &[]);
     assert_eq!(out(&o), "anyone\n");
+    // Through a mount: EIO for that file, a log line naming the layer, other files read.
+    let mroot = tmp.path().join("mount-root");
+    let m = crate::fuse_mount::Mounted::start(&mroot, &zstd, &tmp.path().join("mnt"));
+    let e = std::fs::read(m.dir.join("home/user/big.bin")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(m.dir.join("etc/public")).unwrap(),
+        "anyone\n"
+    );
+    drop(m);
+    let log = std::fs::read_to_string(mroot.with_extension("mount.log")).unwrap();
+    assert!(log.contains(&top), "the mount's log names the layer: {log}");
+    eprintln!(
+        "mount log: {}",
+        log.lines().find(|l| l.contains(&top)).unwrap_or("")
+    );
     bytes[at] ^= 0x55;
     std::fs::write(&blob, &bytes).unwrap();
 
