@@ -93,6 +93,10 @@ fn chrono_like(t: &str) -> Option<(i64, u32)> {
     let (date, rest) = t.split_once('T')?;
     let mut d = date.split('-').map(|n| n.parse::<i64>().ok());
     let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
+    // Bounded fields keep the arithmetic below in range, whatever the TOC says.
+    if !(0..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+        return None;
+    }
     let (clock, offset_secs) = if let Some(c) = rest.strip_suffix('Z') {
         (c, 0)
     } else {
@@ -100,14 +104,18 @@ fn chrono_like(t: &str) -> Option<(i64, u32)> {
         let (c, o) = rest.split_at(i);
         let sign = if o.starts_with('-') { -1 } else { 1 };
         let (oh, om) = o[1..].split_once(':')?;
-        (
-            c,
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
-        )
+        let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+        if !(0..=23).contains(&oh) || !(0..=59).contains(&om) {
+            return None;
+        }
+        (c, sign * (oh * 3600 + om * 60))
     };
     let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
     let mut h = hms.split(':').map(|n| n.parse::<i64>().ok());
     let (hh, mm, ss) = (h.next()??, h.next()??, h.next()??);
+    if !(0..=23).contains(&hh) || !(0..=59).contains(&mm) || !(0..=60).contains(&ss) {
+        return None;
+    }
     let nsec = if frac.is_empty() {
         0
     } else {
@@ -326,7 +334,7 @@ pub fn index_from_toc(desc: &LayerDescriptor, json: &[u8]) -> Result<LayerIndex,
             digest,
         });
     }
-    Ok(LayerIndex {
+    let ix = LayerIndex {
         layer: desc.digest,
         diff_id: desc.diff_id,
         codec: Codec::ZstdFrames,
@@ -340,7 +348,10 @@ pub fn index_from_toc(desc: &LayerDescriptor, json: &[u8]) -> Result<LayerIndex,
         spans,
         entries,
         charge: Default::default(),
-    })
+    };
+    // Whatever the decoder refuses in a stored or published index (a root that is not a
+    // directory, say) is refused here too: the index is checked as any other is read.
+    crate::index::format::decode(&crate::index::format::encode(&ix))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -545,5 +556,8 @@ mod tests {
             Some((1_700_000_000, 0))
         );
         assert_eq!(chrono_like("yesterday"), None);
+        assert_eq!(chrono_like("9223372036854775807-01-01T00:00:00Z"), None);
+        assert_eq!(chrono_like("2023-11-14T99999999999:00:00Z"), None);
+        assert_eq!(chrono_like("2023-11-14T00:00:00+99999999999:00"), None);
     }
 }
