@@ -46,6 +46,7 @@ mod tarscan;
 #[cfg(test)]
 mod testutil;
 pub mod zstdchunked;
+pub mod zstdseek;
 
 #[cfg(test)]
 #[global_allocator]

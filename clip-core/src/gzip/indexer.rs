@@ -333,7 +333,7 @@ impl<R: Read> GzipIndexer<R> {
     }
 }
 
-enum HashMsg {
+pub(crate) enum HashMsg {
     /// The next bytes of output.
     Data(Vec<u8>),
     /// The current span ends here.
@@ -347,10 +347,10 @@ const HASH_QUEUE: usize = 8;
 /// costs as much as inflating it; a thread of its own takes that off the inflating one. Output
 /// is copied to it in chunks, and the chunk buffers come back to be reused.
 #[derive(Default)]
-struct HashWorker {
+pub(crate) struct HashWorker {
     /// Output not yet sent.
-    pending: Vec<u8>,
-    sink: Option<SpanSink>,
+    pub(crate) pending: Vec<u8>,
+    pub(crate) sink: Option<SpanSink>,
     running: Option<HashThread>,
 }
 
@@ -402,7 +402,7 @@ impl HashWorker {
         Ok(self.running.as_mut().expect("started above"))
     }
 
-    fn send(&mut self, m: HashMsg) -> io::Result<()> {
+    pub(crate) fn send(&mut self, m: HashMsg) -> io::Result<()> {
         self.start()?
             .tx
             .send(m)
@@ -410,7 +410,7 @@ impl HashWorker {
     }
 
     /// Sends the pending output, taking a returned buffer (or a new one) for what comes next.
-    fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -423,7 +423,7 @@ impl HashWorker {
     }
 
     /// Waits for the thread: (span digests, digest of all the output).
-    fn finish(mut self) -> io::Result<(Vec<Digest>, Digest)> {
+    pub(crate) fn finish(mut self) -> io::Result<(Vec<Digest>, Digest)> {
         self.flush()?;
         self.start()?;
         let t = self.running.take().expect("started above");

@@ -24,6 +24,7 @@ mod inflater;
 mod span;
 
 pub use indexer::{GzipIndexer, SpanSink, WindowSink, ZranOutput};
+pub(crate) use indexer::{HashMsg, HashWorker};
 pub use span::{compressed_range, inflate_span, inflate_spans, SpanInflater};
 
 /// A thread that is joined when this is dropped: indexing's helper threads never outlive the
