@@ -22,9 +22,7 @@ pub enum ImageError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
-    #[error(
-        "layer {layer} has media type {media_type:?}; clip indexes gzip and zstd:chunked layers only"
-    )]
+    #[error("layer {layer} has media type {media_type:?}; clip indexes gzip and zstd layers only")]
     NotGzip { layer: Digest, media_type: String },
     #[error("no clip index for {reference}: build one with `clip index {reference}` (add --push to publish it)")]
     NoIndex { reference: String },
@@ -136,10 +134,10 @@ pub async fn index_layer_filling(
             }
         }
     }
-    if let Some(toc) = desc.toc {
+    if let Some(toc) = desc.toc.filter(|_| !opts.from_bytes) {
         return index_zstd_chunked(client, store, image, desc, toc, progress, start).await;
     }
-    if !desc.is_gzip() {
+    if !desc.is_gzip() && !desc.is_zstd() {
         return Err(ImageError::NotGzip {
             layer: desc.digest,
             media_type: desc.media_type.clone(),

@@ -12,6 +12,8 @@ pub const MAX_SPAN: u64 = 32 << 20;
 pub const MAX_SPAN_COMPRESSED: u64 = 2 * MAX_SPAN;
 /// One zstd-compressed checkpoint window (32 KiB uncompressed).
 pub const MAX_WINDOW_LEN: u32 = 64 << 10;
+/// One zstd-compressed plain-zstd checkpoint (a dictionary of up to an 8 MiB window).
+pub const MAX_CHECKPOINT_LEN: u32 = 9 << 20;
 /// The decompressed entry table.
 pub const MAX_TABLE: u64 = 64 << 20;
 /// How much larger than its compressed bytes the entry table may claim to be.

@@ -210,6 +210,22 @@ impl LayerFetcher {
                             .map_err(|e| corrupt(range.start, e.to_string()))?,
                     )
                 }
+                Codec::ZstdCheckpoints => {
+                    out.local_window = false;
+                    // Each span resumes from its own checkpoint; they are read while the
+                    // data is on the wire.
+                    let mut spans = Vec::with_capacity(range.len());
+                    for (i, &len) in range.clone().zip(&lens) {
+                        let (from, window) = self.window(i).await;
+                        out.local_window |= from == WindowFrom::LocalBlob;
+                        let (s, e) = ix.span_compressed_range(i);
+                        spans.push((e - s, len, window?));
+                    }
+                    Decoder::Checkpoints(
+                        crate::zstdseek::CheckpointSpans::new(spans)
+                            .map_err(|e| corrupt(range.start, e.to_string()))?,
+                    )
+                }
             };
             let mut next = range.start;
             let mut received = 0u64;
@@ -308,6 +324,7 @@ impl LayerFetcher {
 enum Decoder {
     Gzip(crate::gzip::SpanInflater),
     Zstd(crate::zstdchunked::FrameSpans),
+    Checkpoints(crate::zstdseek::CheckpointSpans),
 }
 
 impl Decoder {
@@ -315,6 +332,7 @@ impl Decoder {
         match self {
             Decoder::Gzip(d) => d.feed(input).map_err(|e| e.to_string()),
             Decoder::Zstd(d) => d.feed(input).map_err(|e| e.to_string()),
+            Decoder::Checkpoints(d) => d.feed(input).map_err(|e| e.to_string()),
         }
     }
 }

@@ -61,11 +61,12 @@ impl LayerFetcher {
             }
         };
         // A wrong window cannot produce the right span digests, so the span check covers it.
-        let window = format::decode_window(&raw).map_err(|e| ReadError::Corrupt {
-            layer: self.index.layer,
-            span: i,
-            detail: format!("window: {e}"),
-        });
+        let window =
+            format::decode_window(&raw, self.index.codec).map_err(|e| ReadError::Corrupt {
+                layer: self.index.layer,
+                span: i,
+                detail: format!("window: {e}"),
+            });
         (from, window)
     }
 
@@ -73,6 +74,10 @@ impl LayerFetcher {
     /// this node, or the shared tier: a window is the verified tail of the span before it, so
     /// the tiers hold every window of the spans they hold) and it holds a whole window.
     async fn window_from_previous(&self, i: usize) -> Option<Vec<u8>> {
+        // A zstd checkpoint is more than the bytes before it (tables, repeat offsets).
+        if self.index.codec != crate::index::Codec::Gzip {
+            return None;
+        }
         let prev = i.checked_sub(1)?;
         let local = self.is_local(prev);
         if !local && !self.fetcher.cache.has_shared() {

@@ -4,10 +4,11 @@
 //! (checkpoints, span digests, the DiffID) and the tar parser (entries and file offsets); nothing
 //! is buffered beyond a few hundred KiB and nothing touches the disk.
 
-use super::{show_path, BlobRef, Entry, EntryKind, IndexError, LayerIndex, Span};
+use super::{show_path, BlobRef, Codec, Entry, EntryKind, IndexError, LayerIndex, Span};
 use crate::digest::{Digest, Hasher};
 use crate::gzip::{GzipError, GzipIndexer};
 use crate::tarscan::TarTrack;
+use crate::zstdseek::{ZstdIndexer, ZstdSeekError};
 use std::collections::HashMap;
 use std::io::{self, Read};
 
@@ -25,6 +26,9 @@ pub struct BuildOptions {
     /// `span_size`; 0: uniform spans).
     pub dense_span_size: u64,
     pub small_file: u64,
+    /// Index a zstd:chunked layer from its bytes (its frames, checkpointed like plain zstd)
+    /// rather than from its table of contents, which is the image publisher's word.
+    pub from_bytes: bool,
 }
 
 impl Default for BuildOptions {
@@ -38,6 +42,7 @@ impl Default for BuildOptions {
             window_compression_level: 1,
             dense_span_size: super::DEFAULT_DENSE_SPAN_SIZE,
             small_file: 1 << 20,
+            from_bytes: false,
         }
     }
 }
@@ -121,21 +126,71 @@ pub fn build_layer_index_with_sink<R: Read>(
         // The receiver goes away only if the compressor failed, which is reported below.
         let _ = wtx.send(w);
     });
-    let mut gz = GzipIndexer::new(hashing, opts.span_size)?
-        .with_density(opts.dense_span_size, opts.small_file)
-        .with_window_sink(window_sink);
-    if let Some(sink) = sink {
-        gz = gz.with_span_sink(sink);
+    // The stream says what it is: zstd frames (or a skippable frame) start with their magic.
+    let mut hashing = hashing;
+    let mut magic = [0u8; 4];
+    let mut have = 0;
+    while have < 4 {
+        match hashing.read(&mut magic[have..]) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(IndexError::Io(e)),
+        }
     }
+    let m = u32::from_le_bytes(magic);
+    let zstd = have == 4 && (m == 0xFD2F_B528 || m & 0xFFFF_FFF0 == 0x184D_2A50);
+    let input = Prefixed {
+        prefix: magic,
+        at: 0,
+        len: have,
+        inner: hashing,
+    };
+    let span_size = if zstd {
+        opts.span_size.max(crate::zstdseek::SPAN_SIZE)
+    } else {
+        opts.span_size
+    };
+    let stream = if zstd {
+        let mut z = ZstdIndexer::new(input, span_size)?.with_window_sink(window_sink);
+        if let Some(sink) = sink {
+            z = z.with_span_sink(sink);
+        }
+        Stream::Zstd(Box::new(z))
+    } else {
+        let mut gz = GzipIndexer::new(input, span_size)?
+            .with_density(opts.dense_span_size, opts.small_file)
+            .with_window_sink(window_sink);
+        if let Some(sink) = sink {
+            gz = gz.with_span_sink(sink);
+        }
+        Stream::Gzip(Box::new(gz))
+    };
     let mut archive = tar::Archive::new(TarGuard {
-        inner: gz,
+        inner: stream,
         track: TarTrack::default(),
         pos: 0,
     });
     let mut entries = Vec::new();
     read_entries(&mut archive, &mut entries)?;
-    let gz = archive.into_inner().inner;
-    let (zran, hashing) = gz.finish()?;
+    let (codec, zran, input) = match archive.into_inner().inner {
+        Stream::Gzip(gz) => {
+            let (zran, input) = gz.finish()?;
+            (Codec::Gzip, zran, input)
+        }
+        Stream::Zstd(z) => {
+            let (zran, sizes, input) = z.finish()?;
+            tracing::debug!(
+                checkpoints = sizes.count,
+                history = sizes.history,
+                full_windows = sizes.full_windows,
+                dictionaries = sizes.dictionaries,
+                "zstd checkpoints"
+            );
+            (Codec::ZstdCheckpoints, zran, input)
+        }
+    };
+    let hashing = input.inner;
     let (windows, places) = compressor
         .join()
         .map_err(|_| IndexError::Format("the window compressor panicked".into()))?
@@ -184,10 +239,10 @@ pub fn build_layer_index_with_sink<R: Read>(
     let index = LayerIndex {
         layer,
         diff_id: zran.diff_id,
-        codec: Default::default(),
+        codec,
         compressed_size: zran.compressed_size,
         uncompressed_size: zran.uncompressed_size,
-        span_size: opts.span_size,
+        span_size,
         windows: BlobRef {
             digest: Digest::of(&windows),
             size: windows.len() as u64,
@@ -197,6 +252,41 @@ pub fn build_layer_index_with_sink<R: Read>(
         charge: Default::default(),
     };
     Ok(BuiltLayer { index, windows })
+}
+
+/// A reader with a few bytes put back in front of it.
+struct Prefixed<R> {
+    prefix: [u8; 4],
+    at: usize,
+    len: usize,
+    inner: R,
+}
+
+impl<R: Read> Read for Prefixed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.at < self.len {
+            let n = (self.len - self.at).min(buf.len());
+            buf[..n].copy_from_slice(&self.prefix[self.at..self.at + n]);
+            self.at += n;
+            return Ok(n);
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// The checkpointing decoder of a layer, by its compression.
+enum Stream<R> {
+    Gzip(Box<GzipIndexer<R>>),
+    Zstd(Box<ZstdIndexer<R>>),
+}
+
+impl<R: Read> Read for Stream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Gzip(g) => g.read(buf),
+            Stream::Zstd(z) => z.read(buf),
+        }
+    }
 }
 
 /// Turns an error from the tar parser into ours, recovering gzip errors that travelled through it.
@@ -234,6 +324,9 @@ impl<R: Read> Read for TarGuard<R> {
 fn tar_error(e: io::Error, entry: Option<&[u8]>) -> IndexError {
     if e.get_ref().is_some_and(|inner| inner.is::<GzipError>()) {
         return IndexError::Gzip(GzipError::from(e));
+    }
+    if e.get_ref().is_some_and(|inner| inner.is::<ZstdSeekError>()) {
+        return IndexError::Zstd(ZstdSeekError::from(e));
     }
     IndexError::Tar {
         entry: entry.map(show_path),

@@ -27,6 +27,8 @@ pub const MAGIC: &[u8; 8] = b"CLIPLIDX";
 pub const VERSION: u32 = 1;
 /// Header flag: the spans are zstd frames ([`Codec::ZstdFrames`]).
 const FLAG_ZSTD_FRAMES: u32 = 1;
+/// Header flag: the spans are checkpointed zstd blocks ([`Codec::ZstdCheckpoints`]).
+const FLAG_ZSTD_CHECKPOINTS: u32 = 2;
 /// The media type of an encoded layer index blob.
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.clip.layer-index.v1";
 /// The media type of a windows blob.
@@ -73,6 +75,7 @@ pub fn encode(ix: &LayerIndex) -> Vec<u8> {
     let flags = match ix.codec {
         Codec::Gzip => 0u32,
         Codec::ZstdFrames => FLAG_ZSTD_FRAMES,
+        Codec::ZstdCheckpoints => FLAG_ZSTD_CHECKPOINTS,
     };
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(ix.layer.as_bytes());
@@ -272,6 +275,7 @@ pub fn decode_within(
     let codec = match flags {
         0 => Codec::Gzip,
         FLAG_ZSTD_FRAMES => Codec::ZstdFrames,
+        FLAG_ZSTD_CHECKPOINTS => Codec::ZstdCheckpoints,
         f => {
             return Err(IndexError::Format(format!(
                 "unknown index flags {f:#x} (a newer clip wrote it)"
@@ -321,7 +325,11 @@ pub fn decode_within(
         if i > 0 && (du > MAX_SPAN || dc > MAX_SPAN_COMPRESSED) {
             return Err(c.err("span larger than clip's limit"));
         }
-        if window_len > MAX_WINDOW_LEN {
+        let max_window = match codec {
+            Codec::ZstdCheckpoints => MAX_CHECKPOINT_LEN,
+            _ => MAX_WINDOW_LEN,
+        };
+        if window_len > max_window {
             return Err(c.err("checkpoint window larger than clip's limit"));
         }
         if uncompressed > uncompressed_size
@@ -565,10 +573,10 @@ fn decode_entries(
 }
 
 /// Reads one checkpoint window out of the windows blob (or a range fetched from it).
-pub fn decode_window(compressed: &[u8]) -> Result<Vec<u8>, IndexError> {
+pub fn decode_window(compressed: &[u8], codec: Codec) -> Result<Vec<u8>, IndexError> {
     if compressed.is_empty() {
         return Ok(Vec::new());
     }
-    zstd::bulk::decompress(compressed, crate::gzip::WINDOW_SIZE)
+    zstd::bulk::decompress(compressed, codec.max_window())
         .map_err(|e| IndexError::Format(format!("window: {e}")))
 }

@@ -105,6 +105,19 @@ pub enum Codec {
     /// Independent zstd frames (zstd:chunked, [`crate::zstdchunked`]): a span's bytes are the
     /// first bytes its frames decompress to; no windows.
     ZstdFrames,
+    /// One or more plain zstd frames ([`crate::zstdseek`]): spans start at block boundaries
+    /// and need their checkpoints (window log + dictionary), or at frame starts and need none.
+    ZstdCheckpoints,
+}
+
+impl Codec {
+    /// The largest window (checkpoint) a span of this codec may have, decoded.
+    pub fn max_window(self) -> usize {
+        match self {
+            Codec::Gzip | Codec::ZstdFrames => crate::gzip::WINDOW_SIZE,
+            Codec::ZstdCheckpoints => crate::zstdseek::MAX_CHECKPOINT,
+        }
+    }
 }
 
 /// A blob by digest and size.
@@ -195,6 +208,8 @@ impl LayerIndex {
 pub enum IndexError {
     #[error(transparent)]
     Gzip(#[from] GzipError),
+    #[error(transparent)]
+    Zstd(#[from] crate::zstdseek::ZstdSeekError),
     #[error("malformed tar stream{}: {}", at_entry(.entry), tar_cause(.error))]
     Tar {
         entry: Option<String>,

@@ -151,6 +151,7 @@ fn every_entry_type_is_indexed() {
         let sp = &ix.spans[i];
         let w = format::decode_window(
             &built.windows[sp.window_offset as usize..][..sp.window_len as usize],
+            ix.codec,
         )
         .unwrap();
         let (us, ue) = ix.span_range(i);

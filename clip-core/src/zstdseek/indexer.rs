@@ -29,6 +29,10 @@ struct Open {
     /// checkpoint's repeat offsets it reads.
     reach: u64,
     used: u8,
+    /// The ranges of history (frame offsets) the span's matches copy from.
+    refs: Vec<(u64, u64)>,
+    /// The frame offset of the checkpoint.
+    at: u64,
 }
 
 /// What [`ZstdIndexer::finish`] adds to the checkpoints: how large they came out.
@@ -41,6 +45,8 @@ pub struct CheckpointSizes {
     pub full_windows: u64,
     /// Dictionary bytes in all (history, tables and repeat offsets).
     pub dictionaries: u64,
+    /// Bytes of the kept history that matches copy from (the rest is zeroed).
+    pub referenced: u64,
 }
 
 /// Decodes a zstd stream read from `R`, yielding the uncompressed bytes through [`Read`] and
@@ -187,9 +193,35 @@ impl<R: Read> ZstdIndexer<R> {
                 let keep = (o.reach.max(u64::from(*reps.iter().max().expect("3"))))
                     .max(8)
                     .min(o.history.len() as u64) as usize;
-                let history = &o.history[o.history.len() - keep..];
+                // Only the bytes matches copy from matter; the rest of the history is zeroed,
+                // so the checkpoint compresses to about what the span really reads.
+                let mut history = o.history[o.history.len() - keep..].to_vec();
+                let base = o.at - keep as u64;
+                let mut refs: Vec<(usize, usize)> = o
+                    .refs
+                    .iter()
+                    .map(|&(s, e)| {
+                        (
+                            s.saturating_sub(base) as usize,
+                            e.saturating_sub(base) as usize,
+                        )
+                    })
+                    .filter(|&(s, e)| s < e && e <= keep)
+                    .collect();
+                refs.sort_unstable();
+                let mut covered = 0usize;
+                for (s, e) in refs {
+                    if s > covered {
+                        history[covered..s].fill(0);
+                    }
+                    if e > covered {
+                        self.sizes.referenced += (e - s.max(covered)) as u64;
+                        covered = e;
+                    }
+                }
+                history[covered..].fill(0);
                 let mut entry = vec![o.log];
-                entry.extend_from_slice(&o.state.dictionary(reps, history));
+                entry.extend_from_slice(&o.state.dictionary(reps, &history));
                 let at = self.checkpoints.last().map_or(0, |c| c.uncompressed);
                 match super::decode_span(&entry, &o.compressed, o.output.len()) {
                     Ok(d) if d == o.output => {}
@@ -229,6 +261,8 @@ impl<R: Read> ZstdIndexer<R> {
                 output: Vec::new(),
                 reach: 0,
                 used: 0,
+                refs: Vec::new(),
+                at: self.uncompressed - f.start,
             });
         }
         Ok(())
@@ -270,9 +304,14 @@ impl<R: Read> ZstdIndexer<R> {
         let expect = match kind {
             2 => {
                 let f = self.frame.as_mut().expect("in a frame");
+                let mut scratch = Vec::new();
+                let refs = match &mut self.open {
+                    Some(o) => &mut o.refs,
+                    None => &mut scratch,
+                };
                 match f
                     .state
-                    .block(&self.buf[3..3 + body], at, reach_from, &mut used)
+                    .block(&self.buf[3..3 + body], at, reach_from, &mut used, refs)
                 {
                     Ok(e) => {
                         if let Some(o) = &mut self.open {

@@ -384,14 +384,16 @@ impl BlockState {
     }
 
     /// Follows one compressed block (its body) starting at output position `at`; `reach_from`
-    /// is the checkpoint whose history matches may reach back into, and `used` collects the
-    /// checkpoint's repeat-offset slots that were read.
+    /// is the checkpoint whose history matches may reach back into, `used` collects the
+    /// checkpoint's repeat-offset slots that were read, and `refs` the ranges of history
+    /// (before `reach_from`) that matches copy from.
     pub fn block(
         &mut self,
         body: &[u8],
         at: u64,
         reach_from: u64,
         used: &mut u8,
+        refs: &mut Vec<(u64, u64)>,
     ) -> Result<BlockEffect, E> {
         let (lits, rest) = self.literals(body)?;
         let mut seq = rest;
@@ -475,6 +477,7 @@ impl BlockState {
                 .ok_or(E::Corrupt("a match reaches before the frame"))?;
             if src < reach_from {
                 reach = reach.max(reach_from - src);
+                refs.push((src, (src + ml_v).min(reach_from)));
             }
             pos += ml_v;
             matched += ml_v;

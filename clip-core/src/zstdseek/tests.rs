@@ -104,9 +104,19 @@ fn every_checkpoint_resumes_a_frame_at_each_level() {
         let ix = index(&z, 256 << 10).unwrap();
         assert!(ix.sizes.count >= 15, "level {level}: {:?}", ix.sizes);
         check_spans(&z, &plain, &ix);
+        let packed: usize = ix
+            .windows
+            .iter()
+            .map(|w| zstd::bulk::compress(w, 1).unwrap().len())
+            .sum();
         eprintln!(
-            "level {level}: {} checkpoints, history kept {} of {} window bytes, dictionaries {}",
-            ix.sizes.count, ix.sizes.history, ix.sizes.full_windows, ix.sizes.dictionaries
+            "level {level}: {} checkpoints, history kept {} of {} window bytes, {} referenced, \
+             dictionaries {}, compressed {packed}",
+            ix.sizes.count,
+            ix.sizes.history,
+            ix.sizes.full_windows,
+            ix.sizes.referenced,
+            ix.sizes.dictionaries
         );
     }
 }

@@ -395,9 +395,9 @@ impl RegistryLayers {
                     format!("{pinned} has no layer {layer}"),
                 ))
             }
-            Some(d) if !d.is_gzip() && d.toc.is_none() => {
+            Some(d) if !d.is_gzip() && !d.is_zstd() => {
                 let why = format!("{pinned}: layer {layer} is {}", d.media_type);
-                return Err(Fallback::new("neither gzip nor zstd:chunked", why));
+                return Err(Fallback::new("neither gzip nor zstd", why));
             }
             Some(_) => {}
         }
@@ -696,14 +696,11 @@ impl RegistryLayers {
     /// span on the way) and records the image.
     async fn index_now(&self, image: &ResolvedImage) -> Result<(), ImageError> {
         // A zstd:chunked layer's table of contents is its publisher's word (a manifest
-        // annotation), not something this node derived from the layer's bytes.
-        if let Some(d) = image.layers.iter().find(|d| d.toc.is_some()) {
-            return Err(ImageError::NotGzip {
-                layer: d.digest,
-                media_type: format!("{} (zstd:chunked: indexed only from its table of contents, which this trust policy does not take)", d.media_type),
-            });
-        }
-        let opts = clip_core::index::builder::BuildOptions::default();
+        // annotation): this node indexes the layer from its bytes instead, as plain zstd.
+        let opts = clip_core::index::builder::BuildOptions {
+            from_bytes: true,
+            ..Default::default()
+        };
         let mut reports = Vec::new();
         for d in &image.layers {
             let progress: image::Progress = Arc::new(|_| {});

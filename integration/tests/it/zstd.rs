@@ -5,7 +5,7 @@
 //! (both lazy).
 
 use crate::common::*;
-use crate::snapshotter::{out, Node};
+use crate::snapshotter::{out, publish_index, Node};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -172,14 +172,7 @@ fn zstd_chunked_images_are_indexed_from_their_toc_and_read_lazily() {
     // Its layers' chains are the gzip original's: the base is the mixed image's lazy one
     // (pulled first, the plain image would have made it an unpacked one for both).
     let plain = format!("{}:zstd", reg.image("app"));
-    let o = Command::new("skopeo")
-        .args(["copy", "--quiet", "--format", "oci", "--dest-compress"])
-        .args(["--dest-compress-format", "zstd", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", l.display()))
-        .arg(format!("docker://{plain}"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    skopeo_zstd(&l, "v1", &plain);
     let pulled = node.pull_ok(&plain);
     assert!(
         pulled.contains("no index, downloading") && pulled.contains("0 lazy layer(s), 1 unpacked"),
@@ -187,6 +180,103 @@ fn zstd_chunked_images_are_indexed_from_their_toc_and_read_lazily() {
     );
     let o = node.run("clip", &plain, "zp", &["cat", "/etc/public"]);
     assert_eq!(out(&o), "anyone\n");
+
+    // Plain zstd, indexed: checkpoints (a zstd dictionary per span) make it lazy. The image
+    // has a 32 MiB layer of 2,048 files; the gzip original is the reference.
+    // (Its base is busybox, whose chain is lazy here; a layer over the unpacked plain image's
+    // chain would be unpacked too, since a lazy layer stacks only on lazy ones.)
+    let l2 = layout(tmp.path(), "v2", &["gen:busybox", "gen:manyfiles"]);
+    reg.push_layout(&l2, "v2", "many");
+    let many_gz = format!("{}:v2", reg.image("many"));
+    let many = format!("{}:zstd", reg.image("many"));
+    skopeo_zstd(&l2, "v2", &many);
+    let croot = tmp.path().join("plain-cli");
+    let j = clip_json(&croot, &["index", &many, "--json"], &[]);
+    eprintln!("clip index of the plain zstd image: {j}");
+    assert!(j["checkpoint_bytes"].as_u64().unwrap() > 0, "{j}");
+    let info = clip_json(&croot, &["inspect", &many, "/data/mf/1000", "--json"], &[]);
+    assert_eq!(info["type"], "file", "{info}");
+    let gz_root = tmp.path().join("many-gz");
+    clip_json(&gz_root, &["index", &many_gz, "--json"], &[]);
+    let (want_file, _) = cat_with(&gz_root, &[], &many_gz, "/data/mf/1000", &[], &[]);
+    // A fresh node with the published index reads one file: one span, not the layer.
+    publish_index(tmp.path(), &many);
+    let (got, stats) = cat_with(
+        &tmp.path().join("plain-fresh"),
+        &[],
+        &many,
+        "/data/mf/1000",
+        &[],
+        &[],
+    );
+    assert!(
+        got == want_file,
+        "/data/mf/1000 differs from the gzip image's"
+    );
+    let fetched = stats["registry_bytes"].as_u64().unwrap();
+    let top = layers(&croot, &many).last().unwrap()["compressed_bytes"]
+        .as_u64()
+        .unwrap();
+    eprintln!("plain zstd: cat of one 16 KiB file fetched {fetched} of the layer's {top} bytes");
+    assert!(fetched * 3 < top, "{fetched} of {top}: {stats}");
+    // Through the snapshotter: the new layer is lazy, and the container reads right.
+    let pulled = node.pull_ok(&many);
+    assert!(
+        pulled.contains("lazy layer(s), 0 unpacked") && !pulled.contains(" 0 lazy"),
+        "{pulled}\n{}",
+        node.snapshotter_log()
+    );
+    let o = node.run("clip", &many, "zq", &["sha256sum", "/data/mf/1000"]);
+    let want = sha256_hex(&want_file);
+    assert!(out(&o).starts_with(&want), "{} vs {want}", out(&o));
+}
+
+/// Copies the OCI layout's `tag` to `dest` with plain zstd layers, as skopeo writes them.
+/// skopeo recompresses only uncompressed layers (it keeps gzip ones as they are), so the
+/// layout goes through a decompressed `dir:` copy first; the layers are checked to be zstd.
+fn skopeo_zstd(l: &Path, tag: &str, dest: &str) {
+    let dir = l.with_extension(format!("{tag}.plain"));
+    let o = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-decompress"])
+        .arg(format!("oci:{}:{tag}", l.display()))
+        .arg(format!("dir:{}", dir.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    let zl = l.with_extension(format!("{tag}.zstd"));
+    let o = Command::new("skopeo")
+        .args(["copy", "--quiet", "--format", "oci", "--dest-compress"])
+        .args(["--dest-compress-format", "zstd"])
+        .arg(format!("dir:{}", dir.display()))
+        .arg(format!("oci:{}:{tag}", zl.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    // Pushed as they are: skopeo would otherwise send the gzip blobs it knows of instead.
+    let o = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:{tag}", zl.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    let o = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{dest}"))
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for layer in m["layers"].as_array().unwrap() {
+        assert_eq!(
+            layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd",
+            "{m}"
+        );
+    }
 }
 
 fn sha256_hex(b: &[u8]) -> String {
