@@ -24,11 +24,11 @@ printf 'O 7 13 p 3' > fuzz/corpus/keeper_message/seed-open
 printf 'S 7 12 c 0 2' > fuzz/corpus/keeper_message/seed-opened
 # Encoded indexes of real layers (committed; scripts/fuzz-seeds.sh makes them) seed the index
 # targets, so that fuzzing starts past the header and checksum.
-for t in index_decode index_read zstd_toc; do
+for t in index_decode index_read zstd_toc zstd_seek; do
   mkdir -p "fuzz/corpus/$t"
   cp fuzz/seeds/$t/* "fuzz/corpus/$t/"
 done
-for t in index_decode index_read layer_build elf_needed keeper_message zstd_toc; do
+for t in index_decode index_read layer_build elf_needed keeper_message zstd_toc zstd_seek; do
   echo "==> fuzzing $t for ${SECS}s"
   # Under a memory limit: any single allocation above 256 MiB, or 1 GiB resident, is a failure.
   cargo fuzz run --target-dir "$TARGET_DIR" "$t" -- -max_total_time="$SECS" -rss_limit_mb=1024 -malloc_limit_mb=256
