@@ -211,13 +211,13 @@ impl LayerFetcher {
                     )
                 }
                 Codec::ZstdCheckpoints => {
-                    out.local_window = false;
-                    // Each span resumes from its own checkpoint; they are read while the
-                    // data is on the wire.
+                    // Each span resumes at its own checkpoint (a checkpoint holds only what
+                    // its span reads); they are read together while the data is on the wire.
+                    let windows =
+                        futures_util::future::join_all(range.clone().map(|i| self.window(i))).await;
+                    out.local_window = windows.iter().any(|(f, _)| *f == WindowFrom::LocalBlob);
                     let mut spans = Vec::with_capacity(range.len());
-                    for (i, &len) in range.clone().zip(&lens) {
-                        let (from, window) = self.window(i).await;
-                        out.local_window |= from == WindowFrom::LocalBlob;
+                    for ((i, &len), (_, window)) in range.clone().zip(&lens).zip(windows) {
                         let (s, e) = ix.span_compressed_range(i);
                         spans.push((e - s, len, window?));
                     }

@@ -19,9 +19,12 @@ struct Frame {
 struct Open {
     /// The decoder state at the checkpoint (tables, Huffman tree, repeat offsets).
     state: BlockState,
+    /// The window log, with [`super::CHECKSUM_FLAG`] when the frame ends with a checksum.
     log: u8,
-    /// The frame's output before the checkpoint, up to a window.
-    history: Vec<u8>,
+    /// Where the checkpoint is in the indexer's history buffer, and how much of the frame's
+    /// output before it (up to a window) is there.
+    hist_end: usize,
+    hist_len: usize,
     /// The span's blocks, compressed, and its output.
     compressed: Vec<u8>,
     output: Vec<u8>,
@@ -192,10 +195,14 @@ impl<R: Read> ZstdIndexer<R> {
                 }
                 let keep = (o.reach.max(u64::from(*reps.iter().max().expect("3"))))
                     .max(8)
-                    .min(o.history.len() as u64) as usize;
+                    .min(o.hist_len as u64) as usize;
                 // Only the bytes matches copy from matter; the rest of the history is zeroed,
                 // so the checkpoint compresses to about what the span really reads.
-                let mut history = o.history[o.history.len() - keep..].to_vec();
+                let mut entry = vec![o.log];
+                entry.extend_from_slice(&o.state.dictionary_head(reps));
+                let head = entry.len();
+                entry.extend_from_slice(&self.history[o.hist_end - keep..o.hist_end]);
+                let history = &mut entry[head..];
                 let base = o.at - keep as u64;
                 let mut refs: Vec<(usize, usize)> = o
                     .refs
@@ -220,8 +227,6 @@ impl<R: Read> ZstdIndexer<R> {
                     }
                 }
                 history[covered..].fill(0);
-                let mut entry = vec![o.log];
-                entry.extend_from_slice(&o.state.dictionary(reps, &history));
                 let at = self.checkpoints.last().map_or(0, |c| c.uncompressed);
                 match super::decode_span(&entry, &o.compressed, o.output.len()) {
                     Ok(d) if d == o.output => {}
@@ -229,7 +234,7 @@ impl<R: Read> ZstdIndexer<R> {
                 }
                 self.sizes.count += 1;
                 self.sizes.history += keep as u64;
-                self.sizes.full_windows += o.history.len() as u64;
+                self.sizes.full_windows += o.hist_len as u64;
                 self.sizes.dictionaries += entry.len() as u64 - 1;
                 entry
             }
@@ -252,11 +257,12 @@ impl<R: Read> ZstdIndexer<R> {
         if inside {
             let f = self.frame.as_mut().expect("inside a frame");
             f.state.tag_reps();
-            let keep = (f.window as usize).min(self.history.len());
+            let hist_len = (f.window as usize).min(self.history.len());
             self.open = Some(Open {
                 state: f.state.clone(),
-                log: window_log(f.window),
-                history: self.history[self.history.len() - keep..].to_vec(),
+                log: window_log(f.window) | if f.checksum { super::CHECKSUM_FLAG } else { 0 },
+                hist_end: self.history.len(),
+                hist_len,
                 compressed: Vec::new(),
                 output: Vec::new(),
                 reach: 0,
@@ -472,7 +478,12 @@ impl<R: Read> ZstdIndexer<R> {
                     let window = self.frame.as_ref().map_or(0, |f| f.window as usize);
                     self.history.extend_from_slice(&o);
                     if self.history.len() > 2 * window.max(1 << 20) {
-                        let cut = self.history.len() - window;
+                        // An open span's checkpoint keeps its window of history here.
+                        let mut cut = self.history.len() - window;
+                        if let Some(o) = &mut self.open {
+                            cut = cut.min(o.hist_end - o.hist_len);
+                            o.hist_end -= cut;
+                        }
                         self.history.drain(..cut);
                     }
                     self.out = o;

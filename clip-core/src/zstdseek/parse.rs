@@ -615,11 +615,11 @@ impl BlockState {
         Ok((regenerated, &body[end..]))
     }
 
-    /// A zstd dictionary that puts a decoder in this state after `history` (the output
-    /// before the checkpoint that the next blocks reach into): the entropy tables, the repeat
-    /// offsets named in `reps` and the history as content (RFC 8878 5).
-    pub fn dictionary(&self, reps: [u32; 3], history: &[u8]) -> Vec<u8> {
-        let mut d = Vec::with_capacity(history.len() + 512);
+    /// The start of a zstd dictionary that puts a decoder in this state (RFC 8878 5): the
+    /// entropy tables and the repeat offsets named in `reps`. The history (the output before
+    /// the checkpoint that the next blocks reach into) follows as its content.
+    pub fn dictionary_head(&self, reps: [u32; 3]) -> Vec<u8> {
+        let mut d = Vec::with_capacity(512);
         d.extend_from_slice(&0xEC30A437u32.to_le_bytes());
         d.extend_from_slice(&0x50494C43u32.to_le_bytes()); // "CLIP"
                                                            // Any valid tree will do when none was seen: nothing can use it.
@@ -643,7 +643,6 @@ impl BlockState {
         for r in reps {
             d.extend_from_slice(&r.to_le_bytes());
         }
-        d.extend_from_slice(history);
         d
     }
 }

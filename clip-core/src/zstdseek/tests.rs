@@ -144,6 +144,8 @@ fn frames_checksums_and_skippable_frames_split_spans_where_they_must() {
     z.extend_from_slice(&c.compress(&plain[at..]).unwrap());
     let ix = index(&z, 128 << 10).unwrap();
     check_spans(&z, &plain, &ix);
+    check_runs(&z, &plain, &ix, 5000);
+    check_runs(&z, &plain, &ix, 3000);
     assert!(ix.sizes.count > 5);
     assert!(ix.windows.iter().filter(|w| w.is_empty()).count() >= 3);
 }
@@ -220,32 +222,46 @@ fn long_windows_are_refused_with_a_clear_error() {
     assert!(e.to_string().contains("--long"), "{e}");
 }
 
+/// From every checkpoint, the run of all the spans after it decodes as its bytes arrive in
+/// pieces: across block, frame, checksum and skippable-frame boundaries.
+fn check_runs(compressed: &[u8], plain: &[u8], ix: &Indexed, piece: usize) {
+    let cps = &ix.zran.checkpoints;
+    for first in 0..cps.len() {
+        let spans = (first..cps.len())
+            .map(|i| {
+                let ce = cps
+                    .get(i + 1)
+                    .map_or(compressed.len() as u64, |c| c.compressed);
+                let ue = cps
+                    .get(i + 1)
+                    .map_or(plain.len() as u64, |c| c.uncompressed);
+                (
+                    ce - cps[i].compressed,
+                    (ue - cps[i].uncompressed) as usize,
+                    ix.windows[i].clone(),
+                )
+            })
+            .collect();
+        let mut d = CheckpointSpans::new(spans).unwrap();
+        let mut got = Vec::new();
+        for p in compressed[cps[first].compressed as usize..].chunks(piece) {
+            for s in d.feed(p).unwrap() {
+                got.extend_from_slice(&s);
+            }
+        }
+        assert!(
+            got == plain[cps[first].uncompressed as usize..],
+            "the run from span {first} of {}",
+            cps.len()
+        );
+    }
+}
+
 #[test]
-fn spans_decode_as_their_bytes_arrive_in_pieces() {
+fn runs_decode_as_their_bytes_arrive_in_pieces() {
     let plain = sample(2 << 20, 1 << 20, 9);
     let z = zstd::bulk::compress(&plain, 3).unwrap();
     let ix = index(&z, 128 << 10).unwrap();
-    let cps = &ix.zran.checkpoints;
-    let first = 2;
-    let spans = (first..cps.len())
-        .map(|i| {
-            let ce = cps.get(i + 1).map_or(z.len() as u64, |c| c.compressed);
-            let ue = cps
-                .get(i + 1)
-                .map_or(plain.len() as u64, |c| c.uncompressed);
-            (
-                ce - cps[i].compressed,
-                (ue - cps[i].uncompressed) as usize,
-                ix.windows[i].clone(),
-            )
-        })
-        .collect();
-    let mut d = CheckpointSpans::new(spans).unwrap();
-    let mut got = Vec::new();
-    for piece in z[cps[first].compressed as usize..].chunks(7777) {
-        for s in d.feed(piece).unwrap() {
-            got.extend_from_slice(&s);
-        }
-    }
-    assert!(got == plain[cps[first].uncompressed as usize..]);
+    check_runs(&z, &plain, &ix, 7777);
+    check_runs(&z, &plain, &ix, 1000);
 }
