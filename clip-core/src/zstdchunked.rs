@@ -193,13 +193,19 @@ pub fn index_from_toc(desc: &LayerDescriptor, json: &[u8]) -> Result<LayerIndex,
                 let Some((i, addr, size)) = open_file else {
                     return Err(bad(format!("{:?}: a chunk of no file", e.name)));
                 };
+                // A chunk without a size runs to the end of its file (the last one, as
+                // stargz-snapshotter writes it).
+                let chunk_size = match e.chunk_size {
+                    0 => size.saturating_sub(e.chunk_offset),
+                    n => n,
+                };
                 if entries[i].path != path
                     || e.chunk_offset == 0
-                    || e.chunk_offset.checked_add(e.chunk_size) > Some(size)
+                    || e.chunk_offset.checked_add(chunk_size) > Some(size)
                 {
                     return Err(bad(format!("{:?}: a chunk out of its file", e.name)));
                 }
-                let Some((off, len, d)) = chunk("chunk", e.chunk_size)? else {
+                let Some((off, len, d)) = chunk("chunk", chunk_size)? else {
                     continue;
                 };
                 chunks.push((off, addr + e.chunk_offset, len, d));
@@ -512,6 +518,49 @@ mod tests {
             assert_eq!(Digest::of(&got[0]), ix.spans[0].digest);
             assert_eq!(got[1], big);
         }
+    }
+
+    /// stargz-snapshotter's converter cuts files over 4 MiB into chunks and leaves the last
+    /// chunk's size out: it runs to the end of the file.
+    #[test]
+    fn a_last_chunk_without_a_size_runs_to_the_end_of_its_file() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let mut blob = zstd::bulk::compress(b"header", 3).unwrap();
+        let first = blob.len();
+        blob.extend(zstd::bulk::compress(&data[..120_000], 3).unwrap());
+        let second = blob.len();
+        let mut tail = data[120_000..].to_vec();
+        tail.extend_from_slice(&[0u8; 300]);
+        blob.extend(zstd::bulk::compress(&tail, 3).unwrap());
+        blob.extend(zstd::bulk::compress(b"next header", 3).unwrap());
+        let d = |b: &[u8]| Digest::of(b).to_string();
+        let entries = serde_json::json!([
+            {"name": "big", "type": "reg", "size": data.len(), "mode": 420, "offset": first,
+             "chunkSize": 120_000, "digest": d(&data), "chunkDigest": d(&data[..120_000])},
+            {"name": "big", "type": "chunk", "offset": second, "chunkOffset": 120_000,
+             "chunkDigest": d(&data[120_000..])},
+        ]);
+        let json =
+            serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+        let toc = zstd::bulk::compress(&json, 3).unwrap();
+        let offset = blob.len() as u64;
+        blob.extend(&toc);
+        let desc = LayerDescriptor {
+            digest: Digest::of(&blob),
+            size: blob.len() as u64,
+            media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+            diff_id: Digest::of(b"diff"),
+            toc: Some(TocPosition {
+                offset,
+                length: toc.len() as u64,
+                uncompressed: json.len() as u64,
+                checksum: Digest::of(&toc),
+            }),
+        };
+        let ix = index_from_toc(&desc, &toc_of(&blob, &desc).unwrap()).unwrap();
+        assert_eq!(ix.spans.len(), 2);
+        assert_eq!(ix.span_range(1), (120_000, 200_000));
+        assert_eq!(ix.spans[1].digest, Digest::of(&data[120_000..]));
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct ZstdIndexer<R> {
     /// Span starts (the first at 0), and the open span's checkpoint (`None` at a frame start).
     checkpoints: Vec<Checkpoint>,
     open: Option<Open>,
+    /// A frame start where the next span begins once the frame gives output.
+    pending_frame: Option<u64>,
+    /// The checkpoint of a span whose frame has ended, until the span does.
+    sealed: Option<Vec<u8>>,
     /// The current frame's output, the last window of it at least.
     history: Vec<u8>,
     hashes: HashWorker,
@@ -103,6 +107,8 @@ impl<R: Read> ZstdIndexer<R> {
                 window: Vec::new(),
             }],
             open: None,
+            pending_frame: None,
+            sealed: None,
             history: Vec::new(),
             hashes: HashWorker::default(),
             window_sink: None,
@@ -180,12 +186,23 @@ impl<R: Read> ZstdIndexer<R> {
         }
     }
 
-    /// Ends the open span at the current position: proves and hands out its checkpoint.
+    /// Ends the open span at the current position: hands out its checkpoint.
     fn end_span(&mut self) -> Result<(), E> {
         self.hashes.flush()?;
         self.hashes.send(HashMsg::EndSpan)?;
+        self.seal()?;
+        let entry = self.sealed.take().unwrap_or_default();
+        if let Some(sink) = &mut self.window_sink {
+            sink(entry);
+        }
+        Ok(())
+    }
+
+    /// Builds and proves the open span's checkpoint (its frame has ended, or the span does):
+    /// it needs the frame's history, which the next frame replaces.
+    fn seal(&mut self) -> Result<(), E> {
         let entry = match self.open.take() {
-            None => Vec::new(),
+            None => return Ok(()),
             Some(o) => {
                 let mut reps = [1u32; 3];
                 for (i, r) in reps.iter_mut().enumerate() {
@@ -239,18 +256,17 @@ impl<R: Read> ZstdIndexer<R> {
                 entry
             }
         };
-        if let Some(sink) = &mut self.window_sink {
-            sink(entry);
-        }
+        self.sealed = Some(entry);
         Ok(())
     }
 
-    /// Starts a span here: at a frame start (no checkpoint) or inside the current frame.
-    fn start_span(&mut self, inside: bool) -> Result<(), E> {
+    /// Starts a span at compressed offset `at`: at a frame start (no checkpoint) or inside the
+    /// current frame (here).
+    fn start_span(&mut self, inside: bool, at: u64) -> Result<(), E> {
         self.end_span()?;
         self.checkpoints.push(Checkpoint {
             uncompressed: self.uncompressed,
-            compressed: self.compressed,
+            compressed: at,
             bits: 0,
             window: Vec::new(),
         });
@@ -274,6 +290,36 @@ impl<R: Read> ZstdIndexer<R> {
         Ok(())
     }
 
+    /// Follows the compressed block in the buffer (body of `body` bytes, at frame offset `at`)
+    /// as part of the open span, if any; returns its output size.
+    fn walk(&mut self, body: usize, at: u64) -> Result<u64, E> {
+        let start = self.frame.as_ref().map_or(0, |f| f.start);
+        // While a frame start waits for its span, the open span is the last frame's.
+        let open = self.open.as_mut().filter(|_| self.pending_frame.is_none());
+        let reach_from = match &open {
+            Some(_) => self.checkpoints.last().map_or(0, |c| c.uncompressed) - start,
+            None => 0,
+        };
+        let (mut used, mut scratch) = (0u8, Vec::new());
+        let refs = match open {
+            Some(o) => &mut o.refs,
+            None => &mut scratch,
+        };
+        let f = self.frame.as_mut().expect("in a frame");
+        let e = f
+            .state
+            .block(&self.buf[3..3 + body], at, reach_from, &mut used, refs);
+        let e = match e {
+            Ok(e) => e,
+            Err(e) => return Err(self.corrupt(e.to_string())),
+        };
+        if let Some(o) = self.open.as_mut().filter(|_| self.pending_frame.is_none()) {
+            o.reach = o.reach.max(e.reach);
+            o.used |= used;
+        }
+        Ok(e.output)
+    }
+
     /// Reads one unit (a frame header, a block, a checksum, a skippable frame) and returns
     /// its output; `None` at the end of the stream.
     fn step(&mut self) -> Result<Option<Vec<u8>>, E> {
@@ -292,45 +338,47 @@ impl<R: Read> ZstdIndexer<R> {
             1 => 1,
             _ => return Err(self.corrupt("reserved block type")),
         };
-        if self.uncompressed - self.checkpoints.last().map_or(0, |c| c.uncompressed)
-            >= self.span_size
-            && self.uncompressed - start >= 64
-        {
-            self.start_span(true)?;
-        }
         self.need(3 + body)?;
-        let (at, reach_from) = match &self.open {
-            Some(_) => {
-                let cp = self.checkpoints.last().map_or(0, |c| c.uncompressed);
-                (self.uncompressed - start, cp - start)
+        let at = self.uncompressed - start;
+        // A span starts here if the last one is long enough, unless this block adds nothing:
+        // a span is never empty (a stream may end a frame with an empty block).
+        let cut = self.pending_frame.is_none()
+            && self.uncompressed - self.checkpoints.last().map_or(0, |c| c.uncompressed)
+                >= self.span_size
+            && at >= 64;
+        let mut expect = size as u64;
+        if kind == 2 && cut {
+            // Walk the block as the first of a new span, on a copy of the state.
+            let f = self.frame.as_ref().expect("in a frame");
+            let mut state = f.state.clone();
+            state.tag_reps();
+            let (mut used, mut refs) = (0u8, Vec::new());
+            let e = state
+                .block(&self.buf[3..3 + body], at, at, &mut used, &mut refs)
+                .map_err(|e| self.corrupt(e.to_string()))?;
+            expect = e.output;
+            if expect > 0 {
+                self.start_span(true, self.compressed)?;
+                self.frame.as_mut().expect("in a frame").state = state;
+                let o = self.open.as_mut().expect("just opened");
+                (o.used, o.refs, o.reach) = (used, refs, e.reach);
+            } else {
+                expect = self.walk(body, at)?;
             }
-            None => (self.uncompressed - start, 0),
-        };
-        let mut used = 0u8;
-        let expect = match kind {
-            2 => {
-                let f = self.frame.as_mut().expect("in a frame");
-                let mut scratch = Vec::new();
-                let refs = match &mut self.open {
-                    Some(o) => &mut o.refs,
-                    None => &mut scratch,
-                };
-                match f
-                    .state
-                    .block(&self.buf[3..3 + body], at, reach_from, &mut used, refs)
-                {
-                    Ok(e) => {
-                        if let Some(o) = &mut self.open {
-                            o.reach = o.reach.max(e.reach);
-                            o.used |= used;
-                        }
-                        e.output
-                    }
-                    Err(e) => return Err(self.corrupt(e.to_string())),
-                }
+        } else {
+            if cut && expect > 0 {
+                self.start_span(true, self.compressed)?;
             }
-            _ => size as u64,
-        };
+            if kind == 2 {
+                expect = self.walk(body, at)?;
+            }
+        }
+        // A span that starts at a frame start begins with the frame's first output.
+        if expect > 0 {
+            if let Some(offset) = self.pending_frame.take() {
+                self.start_span(false, offset)?;
+            }
+        }
         let out = self.decode(3 + body)?;
         if out.len() as u64 != expect {
             return Err(self.corrupt(format!(
@@ -434,9 +482,12 @@ impl<R: Read> ZstdIndexer<R> {
         // through whole frames until it is long enough.
         let since = self.uncompressed - self.checkpoints.last().map_or(0, |c| c.uncompressed);
         if self.frames > 0 && (self.open.is_some() || since >= self.span_size) {
-            self.start_span(false)?;
+            // The span starts with this frame's first output (an empty frame stays with the
+            // span before).
+            self.pending_frame = Some(self.compressed);
         }
         self.frames += 1;
+        self.seal()?;
         let _ = self.decode(len)?;
         self.history.clear();
         self.frame = Some(Frame {

@@ -89,6 +89,7 @@ fn check_spans(compressed: &[u8], plain: &[u8], ix: &Indexed) {
             cps.get(i + 1)
                 .map_or(compressed.len(), |c| c.compressed as usize),
         );
+        assert!(ue > us, "span {i} of {} is empty", cps.len());
         let got = decode_span(&ix.windows[i], &compressed[cs..ce], ue - us)
             .unwrap_or_else(|e| panic!("span {i} of {}: {e}", cps.len()));
         assert!(got == plain[us..ue], "span {i} decodes wrong");
@@ -140,8 +141,21 @@ fn frames_checksums_and_skippable_frames_split_spans_where_they_must() {
         z.extend_from_slice(&c.compress(&plain[at..end]).unwrap());
         at = end;
     }
-    let mut c = zstd::bulk::Compressor::new(3).unwrap();
-    z.extend_from_slice(&c.compress(&plain[at..]).unwrap());
+    // A frame streamed with a flush at a block boundary: libzstd ends it with an empty block.
+    let mut e = zstd::stream::raw::Encoder::new(3).unwrap();
+    let mut frame = vec![0u8; 4 << 20];
+    let rest = &plain[at..];
+    let mut src = zstd::stream::raw::InBuffer::around(rest);
+    let mut dst = zstd::stream::raw::OutBuffer::around(&mut frame[..]);
+    use zstd::stream::raw::Operation;
+    while src.pos() < rest.len() {
+        e.run(&mut src, &mut dst).unwrap();
+    }
+    e.flush(&mut dst).unwrap();
+    e.finish(&mut dst, true).unwrap();
+    let n = dst.pos();
+    assert_eq!(&frame[n - 3..n], &[1, 0, 0], "an empty last block");
+    z.extend_from_slice(&frame[..n]);
     let ix = index(&z, 128 << 10).unwrap();
     check_spans(&z, &plain, &ix);
     check_runs(&z, &plain, &ix, 5000);
