@@ -461,13 +461,19 @@ mod tests {
                 "chunkDigest": d,
             }));
         }
+        let desc = with_toc(&mut blob, serde_json::Value::Array(entries));
+        (blob, desc)
+    }
+
+    /// Appends a TOC of `entries` to `blob` (in a frame of its own) and describes the layer.
+    fn with_toc(blob: &mut Vec<u8>, entries: serde_json::Value) -> LayerDescriptor {
         let json =
             serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
         let toc = zstd::bulk::compress(&json, 3).unwrap();
         let offset = blob.len() as u64;
         blob.extend(&toc);
-        let desc = LayerDescriptor {
-            digest: Digest::of(&blob),
+        LayerDescriptor {
+            digest: Digest::of(blob),
             size: blob.len() as u64,
             media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
             diff_id: Digest::of(b"diff"),
@@ -477,8 +483,7 @@ mod tests {
                 uncompressed: json.len() as u64,
                 checksum: Digest::of(&toc),
             }),
-        };
-        (blob, desc)
+        }
     }
 
     fn toc_of(blob: &[u8], desc: &LayerDescriptor) -> Result<Vec<u8>, IndexError> {
@@ -540,23 +545,7 @@ mod tests {
             {"name": "big", "type": "chunk", "offset": second, "chunkOffset": 120_000,
              "chunkDigest": d(&data[120_000..])},
         ]);
-        let json =
-            serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
-        let toc = zstd::bulk::compress(&json, 3).unwrap();
-        let offset = blob.len() as u64;
-        blob.extend(&toc);
-        let desc = LayerDescriptor {
-            digest: Digest::of(&blob),
-            size: blob.len() as u64,
-            media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
-            diff_id: Digest::of(b"diff"),
-            toc: Some(TocPosition {
-                offset,
-                length: toc.len() as u64,
-                uncompressed: json.len() as u64,
-                checksum: Digest::of(&toc),
-            }),
-        };
+        let desc = with_toc(&mut blob, entries);
         let ix = index_from_toc(&desc, &toc_of(&blob, &desc).unwrap()).unwrap();
         assert_eq!(ix.spans.len(), 2);
         assert_eq!(ix.span_range(1), (120_000, 200_000));
