@@ -213,8 +213,10 @@ impl LayerFetcher {
                 Codec::ZstdCheckpoints => {
                     // Each span resumes at its own checkpoint (a checkpoint holds only what
                     // its span reads); they are read together while the data is on the wire.
-                    let windows =
-                        futures_util::future::join_all(range.clone().map(|i| self.window(i))).await;
+                    let windows = futures_util::future::join_all(
+                        range.clone().map(|i| self.window_compressed(i)),
+                    )
+                    .await;
                     out.local_window = windows.iter().any(|(f, _)| *f == WindowFrom::LocalBlob);
                     let mut spans = Vec::with_capacity(range.len());
                     for ((i, &len), (_, window)) in range.clone().zip(&lens).zip(windows) {

@@ -36,6 +36,32 @@ impl LayerFetcher {
         if let Some(w) = self.window_from_previous(i).await {
             return (WindowFrom::PreviousSpan, Ok(w));
         }
+        let (from, raw) = self.window_compressed(i).await;
+        let raw = match raw {
+            Ok(r) => r,
+            Err(e) => return (from, Err(e)),
+        };
+        // A wrong window cannot produce the right span digests, so the span check covers it.
+        let window =
+            format::decode_window(&raw, self.index.codec).map_err(|e| ReadError::Corrupt {
+                layer: self.index.layer,
+                span: i,
+                detail: format!("window: {e}"),
+            });
+        (from, window)
+    }
+
+    /// Span `i`'s window as the windows blob holds it (zstd-compressed; empty for none): from
+    /// this node's blob unless it proved damaged, else the published one. A zstd checkpoint
+    /// is kept so until its span is decoded (compressed it is a few KiB, decoded up to 8 MiB).
+    pub(super) async fn window_compressed(
+        &self,
+        i: usize,
+    ) -> (WindowFrom, Result<Vec<u8>, ReadError>) {
+        let s = &self.index.spans[i];
+        if s.window_len == 0 {
+            return (WindowFrom::None, Ok(Vec::new()));
+        }
         let (off, len) = (s.window_offset, u64::from(s.window_len));
         let mut local = None;
         if let Some(blob) = &self.local_windows {
@@ -60,14 +86,7 @@ impl LayerFetcher {
                 }
             }
         };
-        // A wrong window cannot produce the right span digests, so the span check covers it.
-        let window =
-            format::decode_window(&raw, self.index.codec).map_err(|e| ReadError::Corrupt {
-                layer: self.index.layer,
-                span: i,
-                detail: format!("window: {e}"),
-            });
-        (from, window)
+        (from, Ok(raw.to_vec()))
     }
 
     /// Span `i`'s window cut from the end of span `i - 1`, if a tier has that span (one on

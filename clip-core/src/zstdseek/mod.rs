@@ -335,9 +335,11 @@ impl SpanDecoder {
     }
 }
 
-/// Decodes a run of adjacent spans as their bytes arrive, each from its own checkpoint.
+/// Decodes a run of adjacent spans as their bytes arrive, each from its own checkpoint, given
+/// as the windows blob holds it (zstd-compressed) and decoded only when its span starts.
 pub struct CheckpointSpans {
-    /// (compressed length, uncompressed length, checkpoint) of the spans not yet started.
+    /// (compressed length, uncompressed length, compressed checkpoint) of the spans not yet
+    /// started.
     spans: std::collections::VecDeque<(u64, usize, Vec<u8>)>,
     /// The span being decoded, and its compressed bytes still to come.
     current: Option<(SpanDecoder, u64)>,
@@ -361,6 +363,12 @@ impl CheckpointSpans {
             if self.current.is_none() {
                 let Some((clen, ulen, cp)) = self.spans.pop_front() else {
                     return Ok(done);
+                };
+                let cp = if cp.is_empty() {
+                    cp
+                } else {
+                    zstd::bulk::decompress(&cp, MAX_CHECKPOINT)
+                        .map_err(|_| ZstdSeekError::Corrupt("a checkpoint that does not decode"))?
                 };
                 self.current = Some((SpanDecoder::new(&cp, vec![ulen])?, clen));
             }
