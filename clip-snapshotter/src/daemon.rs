@@ -45,13 +45,13 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
         &root,
         store.clone(),
         ctx.client,
-        reads,
+        reads.clone(),
         cfg.snapshotter.clone(),
     )
     .await
     .context("opening the snapshotter state")?;
     let admin = bind_socket(&root.join(crate::gc::ADMIN_SOCKET), 0o600)?;
-    let gc = crate::gc::Daemon::start(store, sn.clone(), cfg.gc, admin);
+    let gc = crate::gc::Daemon::start(store, sn.clone(), reads, cfg.gc, admin);
     let listener = bind_socket(&cfg.address, 0o660)?;
     eprintln!(
         "clip snapshotter: serving on {} (root {}{})",

@@ -132,6 +132,11 @@ fn du(p: &Path) -> u64 {
 pub struct Collector<'a> {
     pub store: &'a Store,
     pub meta: &'a Meta,
+    /// The daemon's span cache: a collected layer's spans leave its memory and disk tiers at
+    /// once (without a daemon, the disk tier's least-recently-used order drops them later).
+    pub cache: Option<&'a clip_core::cache::TieredCache>,
+    /// The daemon's whole-file copies (passthrough): a collected layer's go too.
+    pub files: Option<&'a clip_core::cache::files::FileStore>,
 }
 
 impl Collector<'_> {
@@ -323,6 +328,17 @@ impl Collector<'_> {
                         if used {
                             continue;
                         }
+                        if let (Some(cache), Ok(Some((ix, _)))) =
+                            (self.cache, self.store.get_layer(&layer))
+                        {
+                            for s in &ix.spans {
+                                let key = clip_core::cache::SpanKey::new(layer, s.digest);
+                                cache.forget_local(&key).await;
+                            }
+                        }
+                        if let Some(files) = self.files {
+                            files.forget_layer(&layer);
+                        }
                         self.store.remove_layer(&layer).await?;
                         format!("index:{layer}")
                     }
@@ -394,6 +410,7 @@ impl Daemon {
     pub fn start(
         store: std::sync::Arc<Store>,
         sn: std::sync::Arc<crate::snapshotter::ClipSnapshotter>,
+        reads: clip_core::reader::ReadPath,
         settings: Settings,
         admin: tokio::net::UnixListener,
     ) -> Daemon {
@@ -401,12 +418,15 @@ impl Daemon {
         let collect = {
             let (store, sn, one) = (store.clone(), sn.clone(), one.clone());
             move |grace: Duration, apply: bool| {
-                let (store, sn, one) = (store.clone(), sn.clone(), one.clone());
+                let (store, sn, one, reads) =
+                    (store.clone(), sn.clone(), one.clone(), reads.clone());
                 async move {
                     let _one = one.lock().await;
                     Collector {
                         store: &store,
                         meta: sn.meta(),
+                        cache: Some(reads.cache()),
+                        files: reads.files.as_deref(),
                     }
                     .run(grace, apply)
                     .await
@@ -497,6 +517,8 @@ pub async fn command(g: &crate::cli::GlobalArgs, a: crate::cli::GcArgs) -> anyho
             Collector {
                 store: &store,
                 meta: &meta,
+                cache: None,
+                files: None,
             }
             .run(grace, a.apply)
             .await?
@@ -698,6 +720,8 @@ mod tests {
         let gc = Collector {
             store: &store,
             meta: &meta,
+            cache: None,
+            files: None,
         };
         let status = |r: &Report, kind: &str, id: &str| {
             r.items
@@ -738,6 +762,8 @@ mod tests {
         let gc = Collector {
             store: &store,
             meta: &meta,
+            cache: None,
+            files: None,
         };
         let r = gc.run(Duration::from_secs(3600), false).await.unwrap();
         assert!(matches!(

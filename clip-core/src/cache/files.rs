@@ -231,6 +231,39 @@ impl FileStore {
         self.delete(key);
     }
 
+    /// Drops the files stored for `layer` (a collected one), unless another layer's name
+    /// holds the same bytes too. Returns how many files went.
+    pub fn forget_layer(&self, layer: &Digest) -> usize {
+        let mine: Vec<(sled::IVec, sled::IVec)> = self
+            .names
+            .scan_prefix(layer.as_bytes())
+            .filter_map(Result::ok)
+            .collect();
+        if mine.is_empty() {
+            return 0;
+        }
+        for (k, _) in &mine {
+            let _ = self.names.remove(k);
+        }
+        let still: std::collections::HashSet<sled::IVec> = self
+            .names
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v)
+            .collect();
+        let mut gone = 0;
+        for (_, v) in mine {
+            if still.contains(&v) {
+                continue;
+            }
+            if let Ok(b) = <[u8; 32]>::try_from(&v[..]) {
+                self.remove(&Digest::from_bytes(b));
+                gone += 1;
+            }
+        }
+        gone
+    }
+
     /// (bytes held, files, evictions so far)
     pub fn usage(&self) -> (u64, usize, u64) {
         self.ledger.usage()
@@ -258,6 +291,23 @@ mod tests {
             f.write(c).unwrap();
         }
         s.commit(f, layer, offset).unwrap()
+    }
+
+    #[test]
+    fn a_collected_layers_files_go_unless_another_layer_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20);
+        let (gone, kept) = (Digest::of(b"gone"), Digest::of(b"kept"));
+        let own = put(&s, &gone, 0, &[1; 500]);
+        let shared = put(&s, &gone, 4096, &[2; 500]);
+        assert_eq!(put(&s, &kept, 0, &[2; 500]), shared);
+        assert_eq!(s.forget_layer(&gone), 1);
+        assert_eq!(s.lookup(&gone, 0, 500), None);
+        assert_eq!(s.lookup(&gone, 4096, 500), None);
+        assert_eq!(s.lookup(&kept, 0, 500), Some(shared));
+        assert!(!dir.path().join("files").join(own.hex()).exists());
+        assert!(s.open_verified(&shared).is_some());
+        assert_eq!(s.usage().1, 1);
     }
 
     #[test]

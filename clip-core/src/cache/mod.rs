@@ -327,6 +327,15 @@ impl TieredCache {
         None
     }
 
+    /// Drops a span from this node's tiers (memory, disk); the shared tier keeps it for the
+    /// other nodes.
+    pub async fn forget_local(&self, key: &SpanKey) {
+        let stored = key.storage();
+        for tier in self.tiers.iter().filter(|t| t.local()) {
+            tier.remove(&stored).await;
+        }
+    }
+
     /// True if a tier is shared with other nodes (the remote one).
     pub fn has_shared(&self) -> bool {
         self.tiers.iter().any(|t| !t.local())

@@ -65,6 +65,9 @@ fn removing_an_image_lets_clip_gc_collect_its_indexes_windows_and_records() {
     assert!(after["items"].as_array().unwrap().is_empty(), "{after:#}");
     assert_eq!(windows(&after), 4096, "only the windows directory itself");
     eprintln!("root after collection: {}", after["root_bytes"]);
+    // The collected layers' spans left the disk cache with them.
+    let cache = after["root_bytes"]["cache"].as_u64().unwrap();
+    assert!(cache < 256 << 10, "{cache} bytes of span cache: {after:#}");
 
     // The image can be pulled and run again.
     node.pull_ok(&image);
