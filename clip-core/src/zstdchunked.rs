@@ -498,6 +498,9 @@ mod tests {
         let ix = index_from_toc(&desc, &toc_of(&blob, &desc).unwrap()).unwrap();
         assert_eq!(ix.codec, Codec::ZstdFrames);
         assert_eq!(ix.spans.len(), 2);
+        // No span size: read-ahead and bulk mode count spans by their mean length.
+        assert_eq!(ix.span_size, 0);
+        assert_eq!(ix.typical_span(), ix.uncompressed_size / 2);
         let passwd = ix.entries.iter().find(|e| e.path == b"etc/passwd").unwrap();
         assert_eq!(
             (passwd.uid, passwd.mode, passwd.mtime),

@@ -344,11 +344,7 @@ impl LayerFetcher {
     /// Whole spans in `bytes` of this layer (at least one). A zstd:chunked index has no span
     /// size (a span is a file's chunk): its spans' mean length stands in.
     pub fn spans_in(&self, bytes: u64) -> usize {
-        let span = match self.index.span_size {
-            0 => self.index.uncompressed_size / self.index.spans.len().max(1) as u64,
-            s => s,
-        };
-        (bytes / span.max(1)).max(1) as usize
+        (bytes / self.index.typical_span()).max(1) as usize
     }
 
     /// Span `i` as the cache knows it: bound to this layer, so only bytes of this layer are

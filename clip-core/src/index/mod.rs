@@ -159,6 +159,15 @@ impl LayerIndex {
             && self.spans == other.spans
     }
 
+    /// How long a span is, for counting spans in a number of bytes: the span size, or for an
+    /// index without one (zstd:chunked, whose spans are files' chunks) the spans' mean length.
+    pub fn typical_span(&self) -> u64 {
+        match self.span_size {
+            0 => (self.uncompressed_size / self.spans.len().max(1) as u64).max(1),
+            s => s,
+        }
+    }
+
     /// The uncompressed range `[start, end)` of span `i`.
     pub fn span_range(&self, i: usize) -> (u64, u64) {
         let start = self.spans[i].uncompressed;
