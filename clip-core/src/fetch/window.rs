@@ -6,6 +6,7 @@
 
 use super::{LayerFetcher, ReadError};
 use crate::index::format;
+use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Where a window came from.
@@ -57,10 +58,10 @@ impl LayerFetcher {
     pub(super) async fn window_compressed(
         &self,
         i: usize,
-    ) -> (WindowFrom, Result<Vec<u8>, ReadError>) {
+    ) -> (WindowFrom, Result<Bytes, ReadError>) {
         let s = &self.index.spans[i];
         if s.window_len == 0 {
-            return (WindowFrom::None, Ok(Vec::new()));
+            return (WindowFrom::None, Ok(Bytes::new()));
         }
         let (off, len) = (s.window_offset, u64::from(s.window_len));
         let mut local = None;
@@ -86,7 +87,7 @@ impl LayerFetcher {
                 }
             }
         };
-        (from, Ok(raw.to_vec()))
+        (from, Ok(raw))
     }
 
     /// Span `i`'s window cut from the end of span `i - 1`, if a tier has that span (one on

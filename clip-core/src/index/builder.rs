@@ -127,25 +127,18 @@ pub fn build_layer_index_with_sink<R: Read>(
         let _ = wtx.send(w);
     });
     // The stream says what it is: zstd frames (or a skippable frame) start with their magic.
+    // The bytes read to tell are put back in front of the rest.
     let mut hashing = hashing;
-    let mut magic = [0u8; 4];
-    let mut have = 0;
-    while have < 4 {
-        match hashing.read(&mut magic[have..]) {
-            Ok(0) => break,
-            Ok(n) => have += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(IndexError::Io(e)),
-        }
-    }
-    let m = u32::from_le_bytes(magic);
-    let zstd = have == 4 && (m == 0xFD2F_B528 || m & 0xFFFF_FFF0 == 0x184D_2A50);
-    let input = Prefixed {
-        prefix: magic,
-        at: 0,
-        len: have,
-        inner: hashing,
-    };
+    let mut magic = Vec::with_capacity(4);
+    (&mut hashing)
+        .take(4)
+        .read_to_end(&mut magic)
+        .map_err(IndexError::Io)?;
+    let zstd = <[u8; 4]>::try_from(&magic[..]).is_ok_and(|m| {
+        let m = u32::from_le_bytes(m);
+        m == 0xFD2F_B528 || m & 0xFFFF_FFF0 == 0x184D_2A50
+    });
+    let input = io::Cursor::new(magic).chain(hashing);
     let span_size = if zstd {
         opts.span_size.max(crate::zstdseek::SPAN_SIZE)
     } else {
@@ -190,7 +183,7 @@ pub fn build_layer_index_with_sink<R: Read>(
             (Codec::ZstdCheckpoints, zran, input)
         }
     };
-    let hashing = input.inner;
+    let (_, hashing) = input.into_inner();
     let (windows, places) = compressor
         .join()
         .map_err(|_| IndexError::Format("the window compressor panicked".into()))?
@@ -252,26 +245,6 @@ pub fn build_layer_index_with_sink<R: Read>(
         charge: Default::default(),
     };
     Ok(BuiltLayer { index, windows })
-}
-
-/// A reader with a few bytes put back in front of it.
-struct Prefixed<R> {
-    prefix: [u8; 4],
-    at: usize,
-    len: usize,
-    inner: R,
-}
-
-impl<R: Read> Read for Prefixed<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.at < self.len {
-            let n = (self.len - self.at).min(buf.len());
-            buf[..n].copy_from_slice(&self.prefix[self.at..self.at + n]);
-            self.at += n;
-            return Ok(n);
-        }
-        self.inner.read(buf)
-    }
 }
 
 /// The checkpointing decoder of a layer, by its compression.

@@ -325,11 +325,7 @@ pub fn decode_within(
         if i > 0 && (du > MAX_SPAN || dc > MAX_SPAN_COMPRESSED) {
             return Err(c.err("span larger than clip's limit"));
         }
-        let max_window = match codec {
-            Codec::ZstdCheckpoints => MAX_CHECKPOINT_LEN,
-            _ => MAX_WINDOW_LEN,
-        };
-        if window_len > max_window {
+        if window_len > codec.max_window_len() {
             return Err(c.err("checkpoint window larger than clip's limit"));
         }
         if uncompressed > uncompressed_size

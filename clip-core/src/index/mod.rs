@@ -118,6 +118,14 @@ impl Codec {
             Codec::ZstdCheckpoints => crate::zstdseek::MAX_CHECKPOINT,
         }
     }
+
+    /// The largest window a span of this codec may have in the windows blob (compressed).
+    pub fn max_window_len(self) -> u32 {
+        match self {
+            Codec::Gzip | Codec::ZstdFrames => crate::limits::MAX_WINDOW_LEN,
+            Codec::ZstdCheckpoints => crate::limits::MAX_CHECKPOINT_LEN,
+        }
+    }
 }
 
 /// A blob by digest and size.

@@ -1,7 +1,7 @@
 //! One streaming pass over a plain zstd layer that yields its bytes (it is a `Read`) while
 //! recording checkpoints, proving each, and digesting every span.
 
-use super::parse::{BlockState, MAX_BLOCK};
+use super::parse::{BlockHeader, BlockState, MAX_BLOCK};
 use super::{window_log, ZstdSeekError as E, FRAME_MAGIC, MAX_WINDOW_LOG};
 use crate::gzip::{Checkpoint, HashMsg, HashWorker, SpanSink, WindowSink, ZranOutput};
 use std::io::{self, Read};
@@ -84,10 +84,7 @@ pub struct ZstdIndexer<R> {
 
 impl<R: Read> ZstdIndexer<R> {
     pub fn new(input: R, span_size: u64) -> Result<Self, E> {
-        let mut decoder = zstd::stream::raw::Decoder::new()?;
-        decoder.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(u32::from(
-            MAX_WINDOW_LOG,
-        )))?;
+        let decoder = super::decoder(None)?;
         Ok(ZstdIndexer {
             input,
             buf: Vec::with_capacity(MAX_BLOCK + 64),
@@ -170,11 +167,12 @@ impl<R: Read> ZstdIndexer<R> {
     /// Feeds the first `n` buffered bytes to the decoder; returns its output.
     fn decode(&mut self, n: usize) -> Result<Vec<u8>, E> {
         let mut out = Vec::new();
-        let unit: Vec<u8> = self.buf.drain(..n).collect();
-        super::drain(&mut self.decoder, &unit, &mut out, MAX_BLOCK + 1)?;
+        let unit = &self.buf[..n];
+        super::drain(&mut self.decoder, unit, &mut out, MAX_BLOCK + 1)?;
         if let Some(o) = &mut self.open {
-            o.compressed.extend_from_slice(&unit);
+            o.compressed.extend_from_slice(unit);
         }
+        self.buf.drain(..n);
         self.compressed += n as u64;
         Ok(out)
     }
@@ -328,16 +326,14 @@ impl<R: Read> ZstdIndexer<R> {
         };
         let (start, window) = (frame.start, frame.window);
         self.need(3)?;
-        let h = u32::from(self.buf[0]) | u32::from(self.buf[1]) << 8 | u32::from(self.buf[2]) << 16;
-        let (last, kind, size) = (h & 1 == 1, (h >> 1) & 3, (h >> 3) as usize);
-        if size > MAX_BLOCK.min(window as usize) {
-            return Err(self.corrupt("a block larger than the format allows"));
-        }
-        let body = match kind {
-            0 | 2 => size,
-            1 => 1,
-            _ => return Err(self.corrupt("reserved block type")),
-        };
+        let h = [self.buf[0], self.buf[1], self.buf[2]];
+        let BlockHeader {
+            last,
+            kind,
+            size,
+            body,
+        } = BlockHeader::read(h, MAX_BLOCK.min(window as usize))
+            .map_err(|e| self.corrupt(e.to_string()))?;
         self.need(3 + body)?;
         let at = self.uncompressed - start;
         // A span starts here if the last one is long enough, unless this block adds nothing:

@@ -139,18 +139,12 @@ pub const CHECKSUM_FLAG: u8 = 0x80;
 /// Decodes one span: `checkpoint` is its windows-blob entry (empty for a span at a frame
 /// start), `data` its compressed bytes, `len` its uncompressed length.
 pub fn decode_span(checkpoint: &[u8], data: &[u8], len: usize) -> Result<Vec<u8>, ZstdSeekError> {
-    let mut d = SpanDecoder::new(checkpoint, vec![len])?;
-    let mut spans = d.feed(data)?;
-    spans.extend(d.finish()?);
-    match spans.pop() {
-        Some(s) if spans.is_empty() => Ok(s),
-        _ => Err(ZstdSeekError::Corrupt(
-            "a span decodes to less than its length",
-        )),
-    }
+    let mut d = SpanDecoder::new(checkpoint, len)?;
+    d.feed(data)?;
+    d.finish()
 }
 
-/// How the bytes of a run go to the decoder.
+/// How the bytes of a span go to the decoder.
 enum Mode {
     /// Whole frames from their start: libzstd takes them as they are (frame headers,
     /// checksums, skippable frames).
@@ -158,8 +152,8 @@ enum Mode {
     /// Blocks of a frame resumed at a checkpoint (a synthetic frame without a checksum):
     /// block headers are followed, and what comes after the last block is not the decoder's.
     Blocks {
-        /// Bytes of the current block header or body still to come, and whether it is the
-        /// frame's last block.
+        /// Bytes of the current block's body still to come (0: a header is next), the
+        /// header bytes seen so far, and whether the block is the frame's last.
         body_left: usize,
         header: Vec<u8>,
         last: bool,
@@ -169,69 +163,57 @@ enum Mode {
     Checksum(usize),
 }
 
-/// Decodes spans as their bytes arrive, resuming at a checkpoint. A checkpoint holds only the
-/// history its own span reads (the rest is zeroed), so one decoder serves one span: the spans
-/// after it may read history that this checkpoint left out.
+/// Decodes one span as its bytes arrive, resuming at its checkpoint. A checkpoint holds only
+/// the history its own span reads (the rest is zeroed), so a decoder serves one span: the
+/// spans after it may read history that this checkpoint left out.
 struct SpanDecoder {
-    lens: std::collections::VecDeque<usize>,
+    len: usize,
     decoder: zstd::stream::raw::Decoder<'static>,
     mode: Mode,
-    current: Vec<u8>,
+    out: Vec<u8>,
 }
 
 impl SpanDecoder {
-    /// `checkpoint`: the first span's windows-blob entry (empty at a frame start); `lens`: the
-    /// spans' uncompressed lengths.
-    fn new(checkpoint: &[u8], lens: Vec<usize>) -> Result<Self, ZstdSeekError> {
-        if lens.iter().any(|&l| l > (64 << 20)) {
+    /// `checkpoint`: the span's windows-blob entry (empty at a frame start); `len`: its
+    /// uncompressed length.
+    fn new(checkpoint: &[u8], len: usize) -> Result<Self, ZstdSeekError> {
+        if len > (64 << 20) {
             return Err(ZstdSeekError::Corrupt("a span over 64 MiB"));
         }
-        let (decoder, mode) = if checkpoint.is_empty() {
-            (raw_decoder()?, Mode::Raw)
-        } else {
-            let log = checkpoint[0] & !CHECKSUM_FLAG;
-            if !(10..=MAX_WINDOW_LOG).contains(&log) {
-                return Err(ZstdSeekError::Corrupt("checkpoint window log out of range"));
+        let (decoder, mode) = match checkpoint.split_first() {
+            None => (decoder(None)?, Mode::Raw),
+            Some((&first, dict)) => {
+                let log = first & !CHECKSUM_FLAG;
+                if !(10..=MAX_WINDOW_LOG).contains(&log) {
+                    return Err(ZstdSeekError::Corrupt("checkpoint window log out of range"));
+                }
+                let mut d = decoder(Some(dict))?;
+                let mut head = FRAME_MAGIC.to_le_bytes().to_vec();
+                head.extend_from_slice(&[0, (log - 10) << 3]);
+                drain(&mut d, &head, &mut Vec::new(), 0)?;
+                let mode = Mode::Blocks {
+                    body_left: 0,
+                    header: Vec::new(),
+                    last: false,
+                    checksum: first & CHECKSUM_FLAG != 0,
+                };
+                (d, mode)
             }
-            let mut d = zstd::stream::raw::Decoder::with_dictionary(&checkpoint[1..])?;
-            d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(u32::from(
-                MAX_WINDOW_LOG,
-            )))?;
-            let mut head = FRAME_MAGIC.to_le_bytes().to_vec();
-            head.extend_from_slice(&[0, (log - 10) << 3]);
-            let mut out = Vec::new();
-            drain(&mut d, &head, &mut out, 0)?;
-            let mode = Mode::Blocks {
-                body_left: 0,
-                header: Vec::new(),
-                last: false,
-                checksum: checkpoint[0] & CHECKSUM_FLAG != 0,
-            };
-            (d, mode)
         };
         Ok(SpanDecoder {
-            lens: lens.into(),
+            len,
             decoder,
             mode,
-            current: Vec::new(),
+            out: Vec::with_capacity(len),
         })
     }
 
-    /// The room left for output: what the remaining spans add up to.
-    fn room(&self) -> usize {
-        self.lens.iter().sum::<usize>() - self.current.len()
-    }
-
     fn run(&mut self, input: &[u8]) -> Result<(), ZstdSeekError> {
-        let mut out = std::mem::take(&mut self.current);
-        let max = out.len() + self.room();
-        let r = drain(&mut self.decoder, input, &mut out, max);
-        self.current = out;
-        r
+        drain(&mut self.decoder, input, &mut self.out, self.len)
     }
 
-    /// Feeds the next compressed bytes; returns the spans completed, in order.
-    fn feed(&mut self, mut input: &[u8]) -> Result<Vec<Vec<u8>>, ZstdSeekError> {
+    /// Feeds the next compressed bytes of the span.
+    fn feed(&mut self, mut input: &[u8]) -> Result<(), ZstdSeekError> {
         while !input.is_empty() {
             match &mut self.mode {
                 Mode::Raw => {
@@ -243,7 +225,7 @@ impl SpanDecoder {
                     *left -= n;
                     input = &input[n..];
                     if *left == 0 {
-                        self.decoder = raw_decoder()?;
+                        self.decoder = decoder(None)?;
                         self.mode = Mode::Raw;
                     }
                 }
@@ -261,77 +243,52 @@ impl SpanDecoder {
                         let ended = *body_left == 0 && *last;
                         self.run(now)?;
                         if ended {
-                            self.feed_end_of_frame()?;
+                            self.end_of_frame()?;
                         }
                         continue;
                     }
                     let n = (3 - header.len()).min(input.len());
                     header.extend_from_slice(&input[..n]);
                     input = &input[n..];
-                    if header.len() < 3 {
+                    let Ok(h) = <[u8; 3]>::try_from(&header[..]) else {
                         continue;
-                    }
-                    let h = u32::from(header[0])
-                        | u32::from(header[1]) << 8
-                        | u32::from(header[2]) << 16;
-                    let (is_last, kind, size) = (h & 1 == 1, (h >> 1) & 3, (h >> 3) as usize);
-                    let body = match kind {
-                        0 | 2 => size,
-                        1 => 1,
-                        _ => return Err(ZstdSeekError::Corrupt("reserved block type")),
                     };
-                    if size > parse::MAX_BLOCK {
-                        return Err(ZstdSeekError::Corrupt("a block over 128 KiB"));
-                    }
-                    let head = std::mem::take(header);
-                    *body_left = body;
-                    *last = is_last;
-                    self.run(&head)?;
-                    if body == 0 && is_last {
+                    let b = parse::BlockHeader::read(h, parse::MAX_BLOCK)?;
+                    header.clear();
+                    (*body_left, *last) = (b.body, b.last);
+                    self.run(&h)?;
+                    if b.body == 0 && b.last {
                         // An empty last block: the frame ends with its header.
-                        self.feed_end_of_frame()?;
+                        self.end_of_frame()?;
                     }
                 }
             }
         }
-        Ok(self.take_spans())
+        Ok(())
     }
 
-    fn feed_end_of_frame(&mut self) -> Result<(), ZstdSeekError> {
+    /// A resumed frame's last block is in: its checksum, if any, is skipped, and what
+    /// follows is whole frames.
+    fn end_of_frame(&mut self) -> Result<(), ZstdSeekError> {
         if let Mode::Blocks { checksum, .. } = self.mode {
             if checksum {
                 self.mode = Mode::Checksum(4);
             } else {
-                self.decoder = raw_decoder()?;
+                self.decoder = decoder(None)?;
                 self.mode = Mode::Raw;
             }
         }
         Ok(())
     }
 
-    fn take_spans(&mut self) -> Vec<Vec<u8>> {
-        let mut done = Vec::new();
-        while let Some(&len) = self.lens.front() {
-            if self.current.len() < len {
-                break;
-            }
-            let rest = self.current.split_off(len);
-            done.push(std::mem::replace(&mut self.current, rest));
-            self.lens.pop_front();
-        }
-        done
-    }
-
-    /// The end of the bytes: the spans still owed are an error.
-    fn finish(&mut self) -> Result<Vec<Vec<u8>>, ZstdSeekError> {
-        let done = self.take_spans();
-        if self.lens.iter().any(|&l| l > 0) {
+    /// The end of the span's bytes: the span, if it decoded to its whole length.
+    fn finish(self) -> Result<Vec<u8>, ZstdSeekError> {
+        if self.out.len() != self.len {
             return Err(ZstdSeekError::Corrupt(
                 "a span decodes to less than its length",
             ));
         }
-        self.lens.clear();
-        Ok(done)
+        Ok(self.out)
     }
 }
 
@@ -340,13 +297,13 @@ impl SpanDecoder {
 pub struct CheckpointSpans {
     /// (compressed length, uncompressed length, compressed checkpoint) of the spans not yet
     /// started.
-    spans: std::collections::VecDeque<(u64, usize, Vec<u8>)>,
+    spans: std::collections::VecDeque<(u64, usize, bytes::Bytes)>,
     /// The span being decoded, and its compressed bytes still to come.
     current: Option<(SpanDecoder, u64)>,
 }
 
 impl CheckpointSpans {
-    pub fn new(spans: Vec<(u64, usize, Vec<u8>)>) -> Result<Self, ZstdSeekError> {
+    pub fn new(spans: Vec<(u64, usize, bytes::Bytes)>) -> Result<Self, ZstdSeekError> {
         if spans.iter().any(|s| s.0 > (64 << 20)) {
             return Err(ZstdSeekError::Corrupt("a span over 64 MiB"));
         }
@@ -360,35 +317,41 @@ impl CheckpointSpans {
     pub fn feed(&mut self, mut input: &[u8]) -> Result<Vec<Vec<u8>>, ZstdSeekError> {
         let mut done = Vec::new();
         loop {
-            if self.current.is_none() {
-                let Some((clen, ulen, cp)) = self.spans.pop_front() else {
-                    return Ok(done);
-                };
-                let cp = if cp.is_empty() {
-                    cp
-                } else {
-                    zstd::bulk::decompress(&cp, MAX_CHECKPOINT)
-                        .map_err(|_| ZstdSeekError::Corrupt("a checkpoint that does not decode"))?
-                };
-                self.current = Some((SpanDecoder::new(&cp, vec![ulen])?, clen));
-            }
-            let (d, left) = self.current.as_mut().expect("set above");
+            let (d, left) = match &mut self.current {
+                Some(c) => c,
+                None => {
+                    let Some((clen, ulen, cp)) = self.spans.pop_front() else {
+                        return Ok(done);
+                    };
+                    let cp = crate::index::format::decode_window(
+                        &cp,
+                        crate::index::Codec::ZstdCheckpoints,
+                    )
+                    .map_err(|_| ZstdSeekError::Corrupt("a checkpoint that does not decode"))?;
+                    self.current.insert((SpanDecoder::new(&cp, ulen)?, clen))
+                }
+            };
             let n = (*left).min(input.len() as u64) as usize;
             let (now, rest) = input.split_at(n);
             input = rest;
             *left -= n as u64;
-            done.extend(d.feed(now)?);
+            d.feed(now)?;
             if *left > 0 {
                 return Ok(done);
             }
-            done.extend(d.finish()?);
-            self.current = None;
+            let (d, _) = self.current.take().expect("set above");
+            done.push(d.finish()?);
         }
     }
 }
 
-fn raw_decoder() -> Result<zstd::stream::raw::Decoder<'static>, ZstdSeekError> {
-    let mut d = zstd::stream::raw::Decoder::new()?;
+/// A streaming decoder, its window bounded by [`MAX_WINDOW_LOG`]; with `dict`, a zstd
+/// dictionary (a checkpoint) loaded.
+fn decoder(dict: Option<&[u8]>) -> Result<zstd::stream::raw::Decoder<'static>, ZstdSeekError> {
+    let mut d = match dict {
+        None => zstd::stream::raw::Decoder::new()?,
+        Some(dict) => zstd::stream::raw::Decoder::with_dictionary(dict)?,
+    };
     d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(u32::from(
         MAX_WINDOW_LOG,
     )))?;

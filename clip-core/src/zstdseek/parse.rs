@@ -31,6 +31,39 @@ const OF_DEFAULT: [i16; 29] = [
     1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1,
 ];
 
+/// A block header (RFC 8878 3.1.1.2): whether the block is its frame's last, its type, its
+/// size (what it decodes to for an RLE block) and the bytes of its body.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockHeader {
+    pub last: bool,
+    /// 0 raw, 1 RLE, 2 compressed.
+    pub kind: u8,
+    pub size: usize,
+    pub body: usize,
+}
+
+impl BlockHeader {
+    /// Reads a header, refusing the reserved type and a block larger than `max`.
+    pub fn read(h: [u8; 3], max: usize) -> Result<BlockHeader, E> {
+        let v = u32::from(h[0]) | u32::from(h[1]) << 8 | u32::from(h[2]) << 16;
+        let (last, kind, size) = (v & 1 == 1, ((v >> 1) & 3) as u8, (v >> 3) as usize);
+        let body = match kind {
+            0 | 2 => size,
+            1 => 1,
+            _ => return Err(E::Corrupt("reserved block type")),
+        };
+        if size > max {
+            return Err(E::Corrupt("a block larger than the format allows"));
+        }
+        Ok(BlockHeader {
+            last,
+            kind,
+            size,
+            body,
+        })
+    }
+}
+
 /// The three sequence tables, in the order a block's header names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

@@ -252,7 +252,7 @@ fn check_runs(compressed: &[u8], plain: &[u8], ix: &Indexed, piece: usize) {
                 (
                     ce - cps[i].compressed,
                     (ue - cps[i].uncompressed) as usize,
-                    zstd::bulk::compress(&ix.windows[i], 1).unwrap(),
+                    zstd::bulk::compress(&ix.windows[i], 1).unwrap().into(),
                 )
             })
             .collect();

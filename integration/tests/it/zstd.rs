@@ -162,7 +162,7 @@ fn zstd_chunked_images_are_indexed_from_their_toc_and_read_lazily() {
         .unwrap();
     assert!(o.status.success(), "mix-image.py: {}", stderr(&o));
     let mixed = format!("{}:mixed", reg.image("app"));
-    crate::snapshotter::publish_index(tmp.path(), &mixed);
+    publish_index(tmp.path(), &mixed);
     let pulled = node.pull_ok(&mixed);
     assert!(pulled.contains("2 lazy layer(s), 0 unpacked"), "{pulled}");
     let o = node.run("clip", &mixed, "zm", &["sha256sum", "/home/user/big.bin"]);
