@@ -323,11 +323,15 @@ impl CheckpointSpans {
                     let Some((clen, ulen, cp)) = self.spans.pop_front() else {
                         return Ok(done);
                     };
-                    let cp = crate::index::format::decode_window(
-                        &cp,
-                        crate::index::Codec::ZstdCheckpoints,
-                    )
-                    .map_err(|_| ZstdSeekError::Corrupt("a checkpoint that does not decode"))?;
+                    // Decompressed here, not with index::format::decode_window: the index
+                    // module uses this one (no module cycles, docs/architecture.md).
+                    let cp = if cp.is_empty() {
+                        Vec::new()
+                    } else {
+                        zstd::bulk::decompress(&cp, MAX_CHECKPOINT).map_err(|_| {
+                            ZstdSeekError::Corrupt("a checkpoint that does not decode")
+                        })?
+                    };
                     self.current.insert((SpanDecoder::new(&cp, ulen)?, clen))
                 }
             };
