@@ -26,6 +26,7 @@
 //! - [`metrics`]: OpenTelemetry instruments.
 
 pub mod artifact;
+pub mod budget;
 pub mod cache;
 pub mod digest;
 pub mod elf;

@@ -2,7 +2,9 @@
 //! provider they cost next to nothing; the `clip` binary installs its Prometheus exporter when
 //! asked to. The FUSE counters live in clip-fuse.
 
-use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use opentelemetry::metrics::{
+    Counter, Histogram, ObservableCounter, ObservableGauge, UpDownCounter,
+};
 use opentelemetry::KeyValue;
 use std::sync::OnceLock;
 
@@ -25,6 +27,13 @@ struct Instruments {
     cache_evictions: Counter<u64>,
     cache_write_failures: Counter<u64>,
     runs_in_flight: UpDownCounter<i64>,
+    /// Read from the process's memory budget when collected.
+    _memory: (
+        ObservableGauge<u64>,
+        ObservableGauge<u64>,
+        ObservableCounter<u64>,
+        ObservableCounter<u64>,
+    ),
 }
 
 fn instruments() -> &'static Instruments {
@@ -120,6 +129,35 @@ fn instruments() -> &'static Instruments {
                 .i64_up_down_counter("clip.fetch.runs")
                 .with_description("Runs of spans being fetched from the registry now")
                 .build(),
+            _memory: (
+                meter
+                    .u64_observable_gauge("clip.memory.budget")
+                    .with_description("The process's memory budget")
+                    .with_unit("By")
+                    .with_callback(|o| o.observe(crate::budget::process().limit(), &[]))
+                    .build(),
+                meter
+                    .u64_observable_gauge("clip.memory.used")
+                    .with_description(
+                        "Memory charged to the budget: memory tier, decoded indexes, fetches in \
+                         flight, database cache",
+                    )
+                    .with_unit("By")
+                    .with_callback(|o| o.observe(crate::budget::process().used(), &[]))
+                    .build(),
+                meter
+                    .u64_observable_counter("clip.memory.waits")
+                    .with_description("Fetches that waited because the memory budget was spent")
+                    .with_callback(|o| o.observe(crate::budget::process().pressure().0, &[]))
+                    .build(),
+                meter
+                    .u64_observable_counter("clip.memory.uncached")
+                    .with_description(
+                        "Spans served without being kept in memory because the budget was spent",
+                    )
+                    .with_callback(|o| o.observe(crate::budget::process().pressure().1, &[]))
+                    .build(),
+            ),
         }
     })
 }
@@ -209,4 +247,9 @@ pub fn bulk_streamed(bytes: u64) {
 
 pub fn speculated(spans: usize) {
     instruments().speculated_spans.add(spans as u64, &[]);
+}
+
+/// Creates the instruments now (the observable ones report from the first collection on).
+pub fn init() {
+    instruments();
 }

@@ -106,9 +106,14 @@ impl Provenance {
 /// collector in clip-snapshotter; a store write that makes an item used again clears its note).
 pub const GC_NOTES: &str = "gc-unreferenced";
 
+/// sled's page cache, charged to the process's memory budget while the store is open.
+pub const DB_CACHE_BYTES: u64 = 32 << 20;
+
 pub struct Store {
     root: PathBuf,
     db: sled::Db,
+    /// The page cache's bytes, held against the process's memory budget.
+    _cache_memory: crate::budget::Reservation,
     layers: sled::Tree,
     /// Layers indexed on this machine from their own bytes (digest and DiffID checked while
     /// indexing): layer -> sha256 of the encoded index built. A published index stored later
@@ -139,7 +144,7 @@ impl Store {
         let db = loop {
             match sled::Config::new()
                 .path(&db_path)
-                .cache_capacity(32 << 20)
+                .cache_capacity(DB_CACHE_BYTES)
                 .open()
             {
                 Ok(db) => break db,
@@ -176,6 +181,11 @@ impl Store {
             publishers: tree("layer-publisher")?,
             images: tree("image")?,
             db,
+            _cache_memory: {
+                let mut r = crate::budget::Reservation::none();
+                r.grow(DB_CACHE_BYTES);
+                r
+            },
         })
     }
 

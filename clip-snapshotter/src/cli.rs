@@ -178,6 +178,11 @@ pub struct SnapshotterArgs {
     /// normally instead, with a warning saying why.
     #[arg(long, value_parser = parse_cap)]
     pub index_memory: Option<u64>,
+    /// The daemon's one memory budget (default 1GiB, at least 256MiB; `[cache] budget`): the
+    /// memory tier, decoded indexes (at most half of it), fetches in flight and the database's
+    /// cache together. When it is spent, fetches wait and spans are served uncached.
+    #[arg(long, value_parser = parse_cap)]
+    pub memory_budget: Option<u64>,
     /// Which layer indexes to believe by default: "owner" (the default, safe for multi-tenant
     /// nodes: a published index serves its own repository's images, lazily from the first
     /// start; another repository's first use of the layer verifies it), "published" (trusts
@@ -266,6 +271,10 @@ pub struct CacheArgs {
     /// more than half of it is refused with a clear error).
     #[arg(long, default_value = size_default(clip_core::index::memory::DEFAULT_BUDGET), value_parser = parse_cap)]
     pub index_memory: u64,
+    /// The process's one memory budget: the memory tier, decoded indexes, fetches in flight
+    /// (at least 256MiB).
+    #[arg(long, default_value = size_default(clip_core::budget::DEFAULT_BYTES), value_parser = parse_cap)]
+    pub memory_budget: u64,
     /// Local disk tier size (0 disables it).
     #[arg(long, default_value = size_default(CacheConfig::default().disk_bytes), value_parser = parse_cap)]
     pub disk_cap: u64,

@@ -350,7 +350,8 @@ async fn open_image(
     c: &CacheArgs,
     bulk: clip_core::fetch::BulkConfig,
 ) -> Result<(ResolvedImage, OpenImage)> {
-    clip_core::index::memory::set_process_budget(c.index_memory);
+    crate::config::check_budget(c.memory_budget)?;
+    crate::config::apply_memory(c.memory_budget, c.index_memory);
     let image = resolve(ctx, reference).await?;
     // As the snapshotter's default (trust = owner): a layer whose index another repository
     // published is indexed here before this image reads it.

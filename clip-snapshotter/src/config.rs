@@ -171,6 +171,9 @@ pub struct CacheSection {
     pub passthrough: Option<String>,
     /// Memory the decoded layer indexes may hold together, e.g. "1GiB" (the default).
     pub index_memory: Option<String>,
+    /// The daemon's one memory budget, e.g. "1GiB" (the default; at least "256MiB"): the memory
+    /// tier, decoded indexes, fetches in flight and the database's cache together.
+    pub budget: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,8 +275,37 @@ impl CacheSection {
                 clip_core::index::memory::DEFAULT_BUDGET,
                 "cache.index_memory",
             )?,
+            memory_budget: size(
+                &self.budget,
+                clip_core::budget::DEFAULT_BYTES,
+                "cache.budget",
+            )?,
         })
     }
+}
+
+/// A memory budget too small to hold the database's cache, indexes and the largest fetch is
+/// refused, naming the least.
+pub fn check_budget(bytes: u64) -> Result<(), ConfigError> {
+    if bytes < clip_core::budget::MIN_BYTES {
+        return Err(ConfigError::Value {
+            key: "cache.budget",
+            reason: format!(
+                "{bytes} bytes is below the least memory budget, {} (256MiB)",
+                clip_core::budget::MIN_BYTES
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Sets the process's memory budget and, inside it, the decoded indexes' (at most half of
+/// the budget). Returns the indexes' budget in effect.
+pub fn apply_memory(budget: u64, index_memory: u64) -> u64 {
+    clip_core::budget::set_process_limit(budget);
+    let indexes = index_memory.min(budget / 2);
+    clip_core::index::memory::set_process_budget(indexes);
+    indexes
 }
 
 /// Global flags with the file's values filled in where a flag was not given.
@@ -320,6 +352,8 @@ pub struct DaemonConfig {
     pub bulk: clip_core::fetch::BulkConfig,
     /// Memory the decoded layer indexes may hold together.
     pub index_memory: u64,
+    /// The process's one memory budget (indexes, memory tier, fetches in flight).
+    pub memory_budget: u64,
     /// The snapshotter's options; its trust policy has no keys yet (`trust_keys` are loaded by
     /// the caller, the one step here that reads files).
     pub snapshotter: Options,
@@ -342,6 +376,8 @@ pub fn daemon_config(
     let cache_args = file.cache.as_args()?;
     let cache = cache_config(&cache_args, &root);
     let index_memory = a.index_memory.unwrap_or(cache_args.index_memory);
+    let memory_budget = a.memory_budget.unwrap_or(cache_args.memory_budget);
+    check_budget(memory_budget)?;
     let d = Options::default();
     let fuse = &file.fuse;
     let guesses = clip_fuse::Guesses {
@@ -415,6 +451,7 @@ pub fn daemon_config(
                 .map_or(gcd.interval, Duration::from_secs),
         },
         index_memory,
+        memory_budget,
         bulk: file.bulk.config()?,
         address: a
             .address
@@ -464,6 +501,18 @@ mod tests {
     }
 
     #[test]
+    fn a_memory_budget_below_the_least_is_refused_with_the_least_named() {
+        let e = parse(&[], "[cache]\nbudget = \"64MiB\"\n").unwrap_err();
+        assert!(e.to_string().contains("256MiB"), "{e}");
+        let c = parse_sub(
+            &[],
+            &["--memory-budget", "512MiB"],
+            "[cache]\nbudget = \"64MiB\"\n",
+        );
+        assert_eq!(c.unwrap().memory_budget, 512 << 20, "the flag wins");
+    }
+
+    #[test]
     fn example_config_parses_and_states_the_defaults_the_code_uses() {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -480,6 +529,8 @@ mod tests {
         assert_eq!(c.cache.memory_bytes, none.cache.memory_bytes);
         assert_eq!(c.cache.disk_bytes, none.cache.disk_bytes);
         assert_eq!(c.cache.memory_bytes, CacheConfig::default().memory_bytes);
+        assert_eq!(c.memory_budget, none.memory_budget);
+        assert_eq!(c.memory_budget, clip_core::budget::DEFAULT_BYTES);
         let (s, n) = (&c.snapshotter, &none.snapshotter);
         assert_eq!(s.fuse.threads, n.fuse.threads);
         assert_eq!(s.fuse.passthrough_min_size, n.fuse.passthrough_min_size);

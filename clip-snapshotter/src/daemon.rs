@@ -32,8 +32,15 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
     cfg.snapshotter.trust.check().map_err(anyhow::Error::msg)?;
     if cfg.globals.metrics_address.is_some() {
         crate::node::serve_metrics(cfg.globals.metrics_address)?;
+        clip_core::metrics::init();
     }
-    clip_core::index::memory::set_process_budget(cfg.index_memory);
+    let indexes = config::apply_memory(cfg.memory_budget, cfg.index_memory);
+    tracing::info!(
+        budget = cfg.memory_budget,
+        indexes,
+        memory_tier = cfg.cache.memory_bytes,
+        "memory budget"
+    );
     let ctx = crate::node::open_node(&cfg.globals)?;
     let root = cfg.root.clone();
     let store = Arc::new(ctx.store);

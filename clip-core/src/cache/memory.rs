@@ -1,29 +1,72 @@
 //! The memory tier: an LRU of verified spans, bounded in bytes.
 
 use super::Tier;
+use crate::budget::{MemoryBudget, Reclaim, Reservation};
 use crate::digest::Digest;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 struct State {
-    map: HashMap<Digest, (Bytes, u64)>,
+    /// Each span with its last use and the memory it holds against the process's budget.
+    map: HashMap<Digest, (Bytes, u64, Reservation)>,
     order: BTreeMap<u64, Digest>,
     tick: u64,
     bytes: u64,
     evictions: u64,
 }
 
-pub struct MemoryTier {
+impl State {
+    /// Drops the least recently used span; its bytes, or None when empty.
+    fn evict_one(&mut self) -> Option<u64> {
+        let (_, victim) = self.order.pop_first()?;
+        let (d, _, _) = self.map.remove(&victim)?;
+        self.bytes -= d.len() as u64;
+        self.evictions += 1;
+        crate::metrics::cache_eviction("memory");
+        crate::metrics::cache_size("memory", -(d.len() as i64));
+        Some(d.len() as u64)
+    }
+}
+
+struct Inner {
     cap: u64,
+    budget: &'static MemoryBudget,
     state: Mutex<State>,
 }
 
+/// Bounded twice: by its own cap, and by the process's memory budget, which it shares with
+/// indexes and fetches in flight. It gives spans back (least recently used first) when those
+/// need the memory, and caches nothing it has no budget for.
+pub struct MemoryTier {
+    inner: Arc<Inner>,
+}
+
+impl Reclaim for Inner {
+    fn reclaim(&self, bytes: u64) -> u64 {
+        let mut s = self.state.lock().expect("memory tier lock");
+        let mut got = 0;
+        while got < bytes {
+            match s.evict_one() {
+                Some(n) => got += n,
+                None => break,
+            }
+        }
+        got
+    }
+}
+
 impl MemoryTier {
+    /// A tier of `cap` bytes charged to the process's budget.
     pub fn new(cap: u64) -> Self {
-        MemoryTier {
+        Self::with_budget(cap, crate::budget::process())
+    }
+
+    pub fn with_budget(cap: u64, budget: &'static MemoryBudget) -> Self {
+        let inner = Arc::new(Inner {
             cap,
+            budget,
             state: Mutex::new(State {
                 map: HashMap::new(),
                 order: BTreeMap::new(),
@@ -31,15 +74,17 @@ impl MemoryTier {
                 bytes: 0,
                 evictions: 0,
             }),
-        }
+        });
+        budget.register(Arc::downgrade(&inner) as Weak<dyn Reclaim>);
+        MemoryTier { inner }
     }
 
     pub fn get(&self, key: &Digest) -> Option<Bytes> {
-        let mut s = self.state.lock().expect("memory tier lock");
+        let mut s = self.inner.state.lock().expect("memory tier lock");
         s.tick += 1;
         let tick = s.tick;
         let (data, old) = {
-            let (data, t) = s.map.get_mut(key)?;
+            let (data, t, _) = s.map.get_mut(key)?;
             let old = std::mem::replace(t, tick);
             (data.clone(), old)
         };
@@ -50,42 +95,55 @@ impl MemoryTier {
 
     /// Presence only: no clone, and the LRU order is left alone (a probe is not a use).
     pub fn contains(&self, key: &Digest) -> bool {
-        self.state
+        self.inner
+            .state
             .lock()
             .expect("memory tier lock")
             .map
             .contains_key(key)
     }
 
-    /// Inserts (spans larger than the whole cap are not kept) and evicts least recently used.
+    /// Inserts and evicts least recently used, to stay within the cap and to find the span's
+    /// bytes in the budget. A span larger than the cap, or one the budget has no room for even
+    /// with the tier empty, is not kept.
     pub fn put(&self, key: Digest, data: Bytes) {
-        if data.len() as u64 > self.cap {
+        let len = data.len() as u64;
+        if len > self.inner.cap {
             return;
         }
-        let mut s = self.state.lock().expect("memory tier lock");
-        s.tick += 1;
-        let tick = s.tick;
-        let len = data.len() as u64;
-        if let Some((_, old)) = s.map.insert(key, (data, tick)) {
-            s.order.remove(&old);
-            s.bytes -= len;
+        let mut s = self.inner.state.lock().expect("memory tier lock");
+        if let Some((old, t, r)) = s.map.remove(&key) {
+            s.order.remove(&t);
+            s.bytes -= old.len() as u64;
+            crate::metrics::cache_size("memory", -(old.len() as i64));
+            drop(r);
         }
-        s.order.insert(tick, key);
-        s.bytes += len;
-        while s.bytes > self.cap {
-            let Some((_, victim)) = s.order.pop_first() else {
+        while s.bytes + len > self.inner.cap {
+            if s.evict_one().is_none() {
                 break;
-            };
-            if let Some((d, _)) = s.map.remove(&victim) {
-                s.bytes -= d.len() as u64;
-                s.evictions += 1;
             }
         }
+        // The tier's own lock is held: take without asking the caches (this one included).
+        let reservation = loop {
+            if let Some(r) = self.inner.budget.try_take(len) {
+                break r;
+            }
+            if s.evict_one().is_none() {
+                self.inner.budget.note_uncached();
+                return;
+            }
+        };
+        s.tick += 1;
+        let tick = s.tick;
+        s.map.insert(key, (data, tick, reservation));
+        s.order.insert(tick, key);
+        s.bytes += len;
+        crate::metrics::cache_size("memory", len as i64);
     }
 
     /// (bytes held, entries, evictions so far)
     pub fn usage(&self) -> (u64, usize, u64) {
-        let s = self.state.lock().expect("memory tier lock");
+        let s = self.inner.state.lock().expect("memory tier lock");
         (s.bytes, s.map.len(), s.evictions)
     }
 }
@@ -108,10 +166,11 @@ impl Tier for MemoryTier {
         MemoryTier::contains(self, key)
     }
     async fn remove(&self, key: &Digest) {
-        let mut s = self.state.lock().expect("memory tier lock");
-        if let Some((d, tick)) = s.map.remove(key) {
+        let mut s = self.inner.state.lock().expect("memory tier lock");
+        if let Some((d, tick, _)) = s.map.remove(key) {
             s.order.remove(&tick);
             s.bytes -= d.len() as u64;
+            crate::metrics::cache_size("memory", -(d.len() as i64));
         }
     }
     fn trusted(&self) -> bool {
@@ -121,7 +180,7 @@ impl Tier for MemoryTier {
         MemoryTier::usage(self)
     }
     fn capacity(&self) -> u64 {
-        self.cap
+        self.inner.cap
     }
 }
 
@@ -146,5 +205,34 @@ mod tests {
         m.put(k(10), Bytes::from(vec![0; 101]));
         assert!(m.get(&k(10)).is_none(), "larger than the cap");
         assert!(m.usage().0 <= 100);
+    }
+
+    #[test]
+    fn the_process_budget_bounds_the_tier_and_can_take_its_spans_back() {
+        let budget: &'static MemoryBudget = Box::leak(Box::new(MemoryBudget::new(100)));
+        let m = MemoryTier::with_budget(1000, budget);
+        let k = |i: u8| Digest::of(&[i]);
+        for i in 0..5 {
+            m.put(k(i), Bytes::from(vec![i; 30]));
+        }
+        // The cap allows 1000, the budget 100: three spans, charged.
+        assert_eq!(m.usage().0, 90);
+        assert_eq!(budget.used(), 90);
+        assert!(m.get(&k(4)).is_some() && m.get(&k(1)).is_none());
+        // A fetch needs 50: the tier gives back its least recently used spans.
+        let r = budget.try_reserve(50).expect("reclaimed from the tier");
+        assert_eq!(m.usage().0, 30);
+        assert!(m.get(&k(4)).is_some(), "the most recently used span stays");
+        // With the fetch's 50 and the tier's 30 held, a span of 30 evicts the tier's last one
+        // rather than going over the budget; with nothing left to evict, a span is not kept.
+        m.put(k(7), Bytes::from(vec![7; 30]));
+        assert_eq!(budget.used(), 80);
+        let big = budget.try_take(20).unwrap();
+        m.put(k(8), Bytes::from(vec![8; 40]));
+        assert!(m.get(&k(8)).is_none());
+        assert_eq!(budget.pressure().1, 1, "counted as uncached");
+        drop((r, big));
+        drop(m);
+        assert_eq!(budget.used(), 0, "a dropped tier gives everything back");
     }
 }

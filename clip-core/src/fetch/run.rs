@@ -20,6 +20,10 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+/// The most compressed bytes of one run queued between the response and the inflater, charged
+/// to the memory budget: the queue holds 64 chunks, each at most a read buffer of the body.
+const COMPRESSED_QUEUED: u64 = 4 << 20;
+
 /// Whether a run takes a demand permit or its caller already holds one of another pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Permit {
@@ -76,6 +80,13 @@ impl LayerFetcher {
             Permit::Held => None,
             Permit::Demand => self.fetcher.permits.clone().acquire_owned().await.ok(),
         };
+        // The run's memory, reserved before a byte is requested: its spans inflated, the
+        // compressed bytes on their way, the checkpoint it inflates from. A fetch waits here
+        // while the process's budget is spent on fetches in flight.
+        let spans_bytes = self.span_bytes(range.clone());
+        let mut memory = crate::budget::process()
+            .reserve(spans_bytes + self.run_overhead(range.clone()))
+            .await;
         let started = Instant::now();
         crate::metrics::run_in_flight(1);
         let mut out = Delivery {
@@ -133,6 +144,8 @@ impl LayerFetcher {
         if done.is_empty() {
             return 0;
         }
+        // Until written back, the delivered spans are what this run holds.
+        memory.shrink_to(done.iter().map(|(_, p)| p.len() as u64).sum());
         let kib: usize = done.iter().map(|(_, p)| p.len().div_ceil(1024)).sum();
         let kib = kib.clamp(1, self.fetcher.writeback_total()) as u32;
         let budget = self.fetcher.writeback.clone().acquire_many_owned(kib).await;
@@ -144,7 +157,28 @@ impl LayerFetcher {
                 .await;
         }
         drop(budget);
+        drop(memory);
         delivered
+    }
+
+    /// The uncompressed bytes of spans `range`.
+    fn span_bytes(&self, range: Range<usize>) -> u64 {
+        range
+            .map(|i| {
+                let (s, e) = self.index.span_range(i);
+                e - s
+            })
+            .sum()
+    }
+
+    /// What a run of spans `range` holds besides its spans: compressed bytes queued for the
+    /// inflater (a bounded channel), and the checkpoint it inflates from, compressed and
+    /// decoded.
+    fn run_overhead(&self, range: Range<usize>) -> u64 {
+        let (cs, _) = self.index.span_compressed_range(range.start);
+        let (_, ce) = self.index.span_compressed_range(range.end - 1);
+        let queued = ce.saturating_sub(cs).min(COMPRESSED_QUEUED);
+        queued + 2 * u64::from(self.index.codec.max_window_len())
     }
 
     /// Span `i`, verified: to the memory tier, then its waiter, then its claim is released.

@@ -6,6 +6,9 @@
 //! entries, names) to one budget as it goes and fails with [`super::IndexError::Budget`] as soon
 //! as an index would take more than its share: at most half of the budget for one index, and
 //! never more than what is left. The charge is released when the decoded index is dropped.
+//!
+//! This budget sits inside the process's one memory budget ([`crate::budget`]): every byte
+//! charged here is charged there too, and the memory tier gives spans back to make room.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -44,8 +47,9 @@ impl Budget {
         self.used.load(Relaxed)
     }
 
-    /// Takes `n` more bytes for a charge that holds `held` already, if the budget allows.
-    fn take(&self, held: u64, n: u64) -> Result<(), (u64, u64)> {
+    /// Takes `n` more bytes for a charge that holds `held` already, if this budget and the
+    /// process's allow.
+    fn take(&self, held: u64, n: u64) -> Result<crate::budget::Reservation, (u64, u64)> {
         let limit = self.limit();
         let share = limit / 2;
         if held.saturating_add(n) > share {
@@ -55,8 +59,15 @@ impl Budget {
             .fetch_update(Relaxed, Relaxed, |u| {
                 u.checked_add(n).filter(|&t| t <= limit)
             })
-            .map(|_| ())
-            .map_err(|u| (limit, limit.saturating_sub(u)))
+            .map_err(|u| (limit, limit.saturating_sub(u)))?;
+        let process = crate::budget::process();
+        process.try_reserve(n).ok_or_else(|| {
+            self.used.fetch_sub(n, Relaxed);
+            (
+                process.limit(),
+                process.limit().saturating_sub(process.used()),
+            )
+        })
     }
 }
 
@@ -71,16 +82,22 @@ pub fn set_process_budget(bytes: u64) {
 pub struct Charge {
     budget: &'static Budget,
     bytes: u64,
+    /// The same bytes, held against the process's budget.
+    process: crate::budget::Reservation,
 }
 
 impl Charge {
     pub fn new(budget: &'static Budget) -> Self {
-        Charge { budget, bytes: 0 }
+        Charge {
+            budget,
+            bytes: 0,
+            process: crate::budget::Reservation::none(),
+        }
     }
 
     /// Charges `n` more bytes, or says why not: `(budget, bytes that were available)`.
     pub fn add(&mut self, n: u64) -> Result<(), (u64, u64)> {
-        self.budget.take(self.bytes, n)?;
+        self.process.absorb(self.budget.take(self.bytes, n)?);
         self.bytes += n;
         Ok(())
     }
@@ -100,9 +117,12 @@ impl Default for Charge {
 impl Clone for Charge {
     fn clone(&self) -> Self {
         self.budget.used.fetch_add(self.bytes, Relaxed);
+        let mut process = crate::budget::Reservation::none();
+        process.grow(self.bytes);
         Charge {
             budget: self.budget,
             bytes: self.bytes,
+            process,
         }
     }
 }

@@ -244,8 +244,9 @@ pub enum IndexError {
     },
     #[error(
         "the index of layer {layer} needs more than {available} bytes of memory decoded \
-         (the budget of decoded indexes is {budget} bytes, at most half of it for one index; \
-         [cache] index_memory or --index-memory raises it)"
+         (the budget is {budget} bytes: decoded indexes may hold --index-memory ([cache] \
+         index_memory), at most half of it for one index, within the daemon's --memory-budget \
+         ([cache] budget))"
     )]
     Budget {
         layer: crate::digest::Digest,

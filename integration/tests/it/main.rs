@@ -16,6 +16,7 @@ mod gc;
 mod index_cli;
 mod large_image;
 mod lazy_reads;
+mod memory;
 mod registry_auth;
 mod snapshotter;
 mod userns;

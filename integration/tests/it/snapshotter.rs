@@ -334,6 +334,11 @@ impl Node {
         std::fs::write(dir.join("10-clip.conflist"), conf.to_string()).unwrap();
     }
 
+    /// The running snapshotter's process id.
+    pub fn snapshotter_pid(&self) -> u32 {
+        self.snapshotter.as_ref().expect("snapshotter running").id()
+    }
+
     pub fn clip_root(&self) -> PathBuf {
         self.dir.join("clip")
     }
