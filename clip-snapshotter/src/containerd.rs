@@ -91,9 +91,60 @@ pub fn namespace_header(value: Option<&[u8]>) -> Option<String> {
     ok.then(|| v.to_string())
 }
 
+/// The time a `grpc-timeout` header gives the request (gRPC over HTTP/2: at most 8 digits and
+/// a unit, H M S m u n), if it is one.
+pub fn grpc_timeout(value: Option<&[u8]>) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = std::str::from_utf8(value?).ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// When registry work for a request with `timeout` must end so that its answer reaches the
+/// caller in time: a tenth of the time (at most 2 s) is left for the answer. None when it is
+/// too far away to say (thousands of years: no deadline).
+pub fn answer_by(timeout: std::time::Duration) -> Option<std::time::Instant> {
+    let margin = (timeout / 10).min(std::time::Duration::from_secs(2));
+    std::time::Instant::now().checked_add(timeout - margin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_or_are_ignored() {
+        use std::time::Duration;
+        let t = |s: &str| grpc_timeout(Some(s.as_bytes()));
+        assert_eq!(t("120S"), Some(Duration::from_secs(120)));
+        assert_eq!(t("9999m"), Some(Duration::from_millis(9999)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "12X", "-1S", "1.5S", "12 S"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(None), None);
+        let far = t("99999999H").unwrap();
+        assert!(answer_by(far).is_none() || answer_by(far).unwrap() > std::time::Instant::now());
+        let soon = answer_by(Duration::from_secs(10)).unwrap();
+        let left = soon - std::time::Instant::now();
+        assert!(
+            left <= Duration::from_secs(9) && left > Duration::from_secs(8),
+            "{left:?}"
+        );
+    }
 
     #[test]
     fn namespace_headers_are_names_or_nothing() {

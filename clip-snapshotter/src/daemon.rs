@@ -86,7 +86,8 @@ pub async fn run(g: &GlobalArgs, a: SnapshotterArgs) -> Result<()> {
 
 /// The snapshots service, each request served knowing the containerd namespace it is for
 /// ([`crate::containerd::request_namespace`]): label-free discovery looks for a layer only
-/// among the images of the caller's namespace.
+/// among the images of the caller's namespace. A request with a deadline has its registry
+/// work end before it.
 #[derive(Clone)]
 struct WithNamespace<S>(S);
 
@@ -120,8 +121,17 @@ where
                 .get("containerd-namespace")
                 .map(|v| v.as_bytes()),
         );
+        // containerd passes its caller's deadline on (a kubelet's, a `ctr --timeout`): the
+        // registry work of this request ends in time for its answer to be heard.
+        let deadline = crate::containerd::grpc_timeout(
+            req.headers().get("grpc-timeout").map(|v| v.as_bytes()),
+        )
+        .and_then(crate::containerd::answer_by);
         let fut = self.0.call(req);
-        Box::pin(crate::containerd::in_request_namespace(ns, fut))
+        Box::pin(crate::containerd::in_request_namespace(
+            ns,
+            clip_core::registry::within_caller_deadline(deadline, fut),
+        ))
     }
 }
 

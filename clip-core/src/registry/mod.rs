@@ -46,6 +46,28 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+tokio::task_local! {
+    /// When the caller of the operation in progress stops waiting (a gRPC request's deadline).
+    static CALLER_DEADLINE: Instant;
+}
+
+/// Runs `fut` so that the registry operations it makes give up (with a clear error) by
+/// `deadline` when that comes before the registry timeout: a containerd request with a
+/// deadline gets an answer while it still waits. `None` leaves the registry timeout alone.
+pub async fn within_caller_deadline<F: std::future::Future>(
+    deadline: Option<Instant>,
+    fut: F,
+) -> F::Output {
+    match deadline {
+        Some(d) => CALLER_DEADLINE.scope(d, fut).await,
+        None => fut.await,
+    }
+}
+
+fn caller_deadline() -> Option<Instant> {
+    CALLER_DEADLINE.try_with(|d| *d).ok()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
@@ -62,11 +84,13 @@ pub enum RegistryError {
         status: u16,
         body: String,
     },
-    #[error("{what}: gave up after {attempts} attempts in {elapsed:?}: {last}")]
+    #[error("{what}: gave up after {attempts} attempts in {elapsed:?} ({why}): {last}")]
     DeadlineExceeded {
         what: String,
         attempts: u32,
         elapsed: Duration,
+        /// Whose deadline ended it: the client's own, or the caller's (a gRPC request's).
+        why: String,
         last: String,
     },
     #[error("{what}: digest mismatch: expected {expected}, got {actual}")]

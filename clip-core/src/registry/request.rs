@@ -110,7 +110,25 @@ impl Client {
         Fut: std::future::Future<Output = Result<T, Attempt>>,
     {
         let start = Instant::now();
-        let deadline = start + self.inner.cfg.deadline;
+        let own = start + self.inner.cfg.deadline;
+        // A caller that waits less than the registry timeout (containerd, for a request with a
+        // deadline) gets an answer before it stops waiting.
+        let (deadline, why) = match super::caller_deadline() {
+            Some(c) if c < own => (
+                c,
+                format!(
+                    "the caller's deadline, {:.0} s",
+                    c.saturating_duration_since(start).as_secs_f64()
+                ),
+            ),
+            _ => (
+                own,
+                format!(
+                    "the registry timeout, {:.0} s",
+                    self.inner.cfg.deadline.as_secs_f64()
+                ),
+            ),
+        };
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -141,6 +159,7 @@ impl Client {
                             what: what.to_string(),
                             attempts,
                             elapsed: start.elapsed(),
+                            why,
                             last: reason,
                         });
                     }
@@ -148,9 +167,9 @@ impl Client {
                     // nothing happens, and for how long it can go on.
                     tracing::warn!(
                         "{what}: {reason}; retrying in {:.1} s (attempt {attempts}, giving up \
-                         {:.0} s after the first)",
+                         {:.0} s after the first: {why})",
                         delay.as_secs_f64(),
-                        self.inner.cfg.deadline.as_secs_f64()
+                        deadline.saturating_duration_since(start).as_secs_f64()
                     );
                     crate::metrics::registry_retry();
                     tokio::time::sleep(delay).await;

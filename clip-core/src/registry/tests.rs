@@ -639,3 +639,28 @@ fn a_transient_failure_is_retried_and_says_so() {
         "{warnings}"
     );
 }
+
+#[tokio::test]
+async fn a_callers_deadline_shorter_than_the_registry_timeout_ends_the_retries() {
+    let (host, log) = serve_with("127.0.0.1", |_| {
+        reply("503 Service Unavailable", "", "busy")
+    })
+    .await;
+    let client = Client::new(RegistryConfig {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let r: Reference = format!("{host}/app:1").parse().unwrap();
+    let start = std::time::Instant::now();
+    let caller = start + Duration::from_millis(1500);
+    let e = super::within_caller_deadline(Some(caller), client.get_manifest(&r, "1"))
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    // The registry timeout is 120 s; the caller waits 1.5 s and hears why before it stops.
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(e.to_string().contains("the caller's deadline"), "{e}");
+    assert!(e.to_string().contains("503"), "{e}");
+    assert!(requests_for(&log, "get /v2/app/manifests/1") >= 3);
+}

@@ -257,3 +257,56 @@ fn persistent_failure_ends_at_the_deadline_with_a_clear_error() {
         "expected several attempts with backoff"
     );
 }
+
+/// containerd passes its caller's deadline to the snapshotter (`ctr --timeout`, a kubelet's
+/// request timeout): a Prepare whose index lookup keeps failing gives up before that deadline
+/// with the registry's reason, rather than retrying for the registry timeout (120 s) after the
+/// caller has stopped waiting.
+#[test]
+fn a_prepare_ends_its_registry_retries_within_containerds_deadline() {
+    let (_reg, proxy, tmp, image) = setup();
+    crate::snapshotter::publish_index(tmp.path(), &format!("{}/faulty:v1", _reg.host));
+    // containerd drops the port from an image's source; the hosts directory names it.
+    let hosts = crate::dropin::hosts_dir(tmp.path(), &proxy.host, None);
+    let node = crate::snapshotter::Node::start_on(
+        &tmp.path().join("node"),
+        crate::snapshotter::Containerd::debian(crate::dropin::CONTAINERD_2_1),
+        &["--hosts-dir", hosts.to_str().unwrap()],
+    );
+    // Every lookup of the image's index fails (both ways of asking: the referrers API and the
+    // referrers tag), for longer than the test runs.
+    for _ in 0..2000 {
+        proxy.inject("/referrers/", Fault::Status503);
+        proxy.inject("/manifests/sha256-", Fault::Status503);
+    }
+    let o = node.ctr(&[
+        "--timeout",
+        "8s",
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "clip",
+        &image,
+    ]);
+    eprintln!("ctr pull: {}{}", stdout(&o), stderr(&o));
+    // The snapshotter says why it stopped, and that it stopped for the caller's deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log = loop {
+        let log = without_colours(&node.snapshotter_log());
+        if log.contains("the caller's deadline") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no registry work ended at the caller's deadline: {log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let line = log
+        .lines()
+        .find(|l| l.contains("the caller's deadline") && l.contains("gave up after"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("503"), "{line}");
+    eprintln!("{line}");
+}
