@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -140,6 +140,8 @@ struct Adapter {
     /// What the kernel offered at INIT: capability flags and ABI minor version.
     kernel: Arc<OnceLock<(u64, u32)>>,
     handover: Option<Handover>,
+    /// The worker threads this mount was granted, given back when the session ends.
+    workers: Workers,
 }
 
 enum OpenMode {
@@ -571,7 +573,62 @@ impl Filesystem for Adapter {
     }
 }
 
-fn config(opts: &MountOptions) -> Config {
+/// FUSE worker threads of every mount of this process together. Each mount asks for
+/// [`MountOptions::threads`]; once this many are in use, a new mount gets one. Threads are
+/// therefore at most this many plus one per mount beyond it.
+pub const MAX_WORKER_THREADS: usize = 256;
+
+static WORKERS_IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// Worker threads granted to one mount.
+struct Workers {
+    granted: usize,
+    pool: &'static AtomicUsize,
+}
+
+impl Workers {
+    /// Up to `want` threads (at least one) from what the process has left.
+    fn take(want: usize) -> Workers {
+        Self::take_from(&WORKERS_IN_USE, MAX_WORKER_THREADS, want)
+    }
+
+    fn take_from(pool: &'static AtomicUsize, max: usize, want: usize) -> Workers {
+        let want = want.max(1);
+        let mut granted = 1;
+        let _ = pool.fetch_update(Relaxed, Relaxed, |used| {
+            granted = want.min(max.saturating_sub(used)).max(1);
+            Some(used + granted)
+        });
+        Workers { granted, pool }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.pool.fetch_sub(self.granted, Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn mounts_share_a_bounded_number_of_worker_threads() {
+    static POOL: AtomicUsize = AtomicUsize::new(0);
+    let a: Vec<Workers> = (0..3).map(|_| Workers::take_from(&POOL, 10, 4)).collect();
+    let got: Vec<usize> = a.iter().map(|w| w.granted).collect();
+    assert_eq!(got, [4, 4, 2]);
+    let b = Workers::take_from(&POOL, 10, 4);
+    assert_eq!(b.granted, 1, "a mount always gets one");
+    drop(a);
+    assert_eq!(POOL.load(Relaxed), 1);
+    assert_eq!(Workers::take_from(&POOL, 10, 4).granted, 4);
+}
+
+/// FUSE worker threads held by this process's mounts now.
+pub fn worker_threads_in_use() -> usize {
+    WORKERS_IN_USE.load(Relaxed)
+}
+
+fn config(opts: &MountOptions, workers: &Workers) -> Config {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::RO,
@@ -592,7 +649,7 @@ fn config(opts: &MountOptions) -> Config {
     // One descriptor shared by every worker thread (no FUSE_DEV_IOC_CLONE): a request a dying
     // daemon had read stays on the connection the keeper holds, and can be resent.
     cfg.clone_fd = false;
-    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.n_threads = Some(workers.granted);
     cfg
 }
 
@@ -603,6 +660,7 @@ fn adapter(
     h: Option<Handover>,
 ) -> Adapter {
     Adapter {
+        workers: Workers::take(opts.threads),
         fs: Arc::new(fs),
         rt,
         passthrough: opts.passthrough,
@@ -635,7 +693,8 @@ pub fn mount_with(
 ) -> std::io::Result<BackgroundSession> {
     let a = adapter(fs, rt, opts, handover.clone());
     let (fuse_fd, kernel) = (a.fuse_fd.clone(), a.kernel.clone());
-    let session = Session::new(a, dir, &config(opts))?;
+    let cfg = config(opts, &a.workers);
+    let session = Session::new(a, dir, &cfg)?;
     let _ = fuse_fd.set(session.as_fd().as_raw_fd());
     if let Some(h) = &handover {
         let (caps, minor) = kernel.get().copied().unwrap_or((0, 0));
@@ -679,7 +738,7 @@ pub fn resume(
         &handover::synthetic_init(held.caps, held.minor, 1 << 20),
         None,
     )?;
-    let cfg = config(opts);
+    let cfg = config(opts, &a.workers);
     let session = Session::from_fd(a, theirs, cfg.acl, cfg.clone())?;
     let raw = session.as_fd().as_raw_fd();
     handover::replace_fd(held.fd.as_fd(), raw)?;

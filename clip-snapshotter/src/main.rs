@@ -18,6 +18,10 @@ mod trust;
 
 use clap::Parser;
 
+/// Threads for blocking work (tokio's default is 512): with 64, a disk tier stalled on I/O
+/// holds at most 64 threads and their descriptors.
+const BLOCKING_THREADS: usize = 64;
+
 fn main() {
     limit_malloc_arenas();
     // Everything clip creates (state, caches, sockets, logs) is private to root from the moment it
@@ -51,7 +55,11 @@ fn main() {
         }
         return;
     }
+    // Blocking work (inflating, disk-tier reads and writes, mounting) runs on at most
+    // BLOCKING_THREADS threads; more waits its turn. FUSE mounts have their own bounded pool
+    // (clip_fuse::MAX_WORKER_THREADS).
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
     {
