@@ -33,9 +33,15 @@ failed=$(grep -Eo '[0-9]+ failed' /tmp/clip-test-output.txt | awk '{s+=$1} END {
 echo
 echo "tests: $passed passed, $failed failed"
 
+step "soak, 5 minutes (scripts/bench/soak.sh 300: SIGKILLs, registry faults, ENOSPC; every byte checked)"
+soak=0
+SOAK_PLOT=0 CLIP_BIN=$PWD/target/debug/clip bash scripts/bench/soak.sh 300 /var/tmp/clip-soak-ci || soak=$?
+[ "$soak" = 0 ] || echo "soak failed: see the summary above"
+
 step "fuzz targets (30 s each, under a memory limit)"
 fuzz=0
 bash scripts/fuzz.sh 30 || fuzz=$?
 [ "$fuzz" = 0 ] || echo "fuzzing failed: see the crash input above (fuzz/artifacts)"
-[ "$status" = 0 ] && exit "$fuzz"
-exit "$status"
+[ "$status" = 0 ] || exit "$status"
+[ "$soak" = 0 ] || exit "$soak"
+exit "$fuzz"

@@ -6,7 +6,11 @@
 use super::ClipFs;
 use clip_core::cache::files::FileStore;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+
+/// Passthrough copies are failing now (told once, until one succeeds again).
+static COPIES_FAILING: AtomicBool = AtomicBool::new(false);
 
 /// Whole-file copies for FUSE passthrough (see [`ClipFs::backing_file`]).
 pub(super) struct Passthrough {
@@ -87,8 +91,25 @@ impl ClipFs {
                 }
                 None => me.write_backing(ino).await,
             };
-            if let Err(e) = r {
-                tracing::warn!(ino, "no passthrough copy: {e}");
+            match r {
+                // Said once while copies keep failing (a full or failing disk fails every one
+                // of them), and again once one has succeeded since.
+                Err(e) => {
+                    clip_core::metrics::cache_write_failure("passthrough");
+                    if !COPIES_FAILING.swap(true, Relaxed) {
+                        tracing::warn!(
+                            ino,
+                            "no passthrough copy: {e}; files are served through FUSE instead \
+                             (said once until a copy succeeds; \
+                             clip_cache_write_failures_total{{tier=\"passthrough\"}} counts them)"
+                        );
+                    }
+                }
+                Ok(()) => {
+                    if COPIES_FAILING.swap(false, Relaxed) {
+                        tracing::info!("passthrough copies succeed again");
+                    }
+                }
             }
             pt.busy.lock().expect("busy lock").remove(&ino);
         });
