@@ -451,10 +451,21 @@ class Soak:
                         self.stats["pulls"] += 1
                 paths = rnd.sample(sorted(img["sums"]), min(25, len(img["sums"])))
                 cid = f"soak-{n}-{i}"
-                # The trailer tells a read that failed (sha256sum's status) and output that
-                # never arrived apart from wrong bytes.
-                r = self.node.ctr(["run", "--rm", "--snapshotter", "clip", image, cid, "sh", "-c",
-                                   'sha256sum "$@"; echo "END $?"', "sh"] + paths, timeout=900)
+                # The hashes go to a file on the host (ctr's stdout copy can lose the end of a
+                # short-lived task's output); the trailer tells a read that failed (sha256sum's
+                # status) and output that never arrived apart from wrong bytes.
+                result = os.path.join(self.results, cid)
+                r = self.node.ctr(["run", "--rm", "--snapshotter", "clip", "--mount",
+                                   f"type=bind,src={self.results},dst=/out,options=rbind:rw",
+                                   image, cid, "sh", "-c",
+                                   f'sha256sum "$@" > /out/{cid}; echo "END $?" >> /out/{cid}',
+                                   "sh"] + paths, timeout=900)
+                try:
+                    with open(result) as f:
+                        r.stdout = f.read()
+                    os.unlink(result)
+                except FileNotFoundError:
+                    r.stdout = ""
                 end = re.search(r"^END (\d+)$", r.stdout, re.M)
                 if r.returncode == 0 and end is None:
                     with self.lock:
@@ -590,6 +601,8 @@ class Soak:
             self.proxy = Proxy(f"127.0.0.1:{port}")
             self.proxy_host = f"127.0.0.1:{self.proxy.port}"
             self.node = Node(work, self.proxy_host)
+            self.results = os.path.join(work, "results")
+            os.makedirs(self.results, exist_ok=True)
             return self.drive()
         finally:
             self.stop.set()
@@ -705,6 +718,8 @@ def main():
         print(__doc__)
         sys.exit(2)
     duration, out = float(sys.argv[1]), sys.argv[2]
+    # SIGTERM (a stopped run) still stops containers, daemons and mounts (the `finally`s).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ok = Soak(duration, out).run()
     log("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
