@@ -409,6 +409,8 @@ class Soak:
                       "removals": 0, "enospc_windows": 0}
         self.failures = []
         self.stop = threading.Event()
+        # Container ids unique to this run: a killed run's leftovers never collide.
+        self.run_id = f"{os.getpid() % 100000}"
 
     def disrupted(self, t0, t1):
         with self.lock:
@@ -450,7 +452,7 @@ class Soak:
                         self.pulled.add(tag)
                         self.stats["pulls"] += 1
                 paths = rnd.sample(sorted(img["sums"]), min(25, len(img["sums"])))
-                cid = f"soak-{n}-{i}"
+                cid = f"soak-{self.run_id}-{n}-{i}"
                 # The hashes go to a file on the host (ctr's stdout copy can lose the end of a
                 # short-lived task's output); the trailer tells a read that failed (sha256sum's
                 # status) and output that never arrived apart from wrong bytes.
