@@ -11,7 +11,7 @@ PACKAGES=(
   # image building without any public registry
   skopeo umoci busybox-static debootstrap
   # auth tests (TLS certs, htpasswd) and helpers
-  openssl apache2-utils jq iproute2 python3
+  openssl apache2-utils jq iproute2 python3 e2fsprogs
   # runs runc 1.3 from Debian's development suite on this glibc (scripts/debian-runc.sh)
   patchelf
   # containerd's snapshotter test suite (containerd 1.6's Go sources) and the Go to build it

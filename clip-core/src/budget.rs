@@ -107,6 +107,16 @@ impl MemoryBudget {
             })
     }
 
+    /// Charges `n` bytes whatever is left: memory that is taken already (the database's cache,
+    /// a clone of charged data), so the books stay true.
+    pub fn charge(&'static self, n: u64) -> Reservation {
+        self.used.fetch_add(n, Relaxed);
+        Reservation {
+            budget: self,
+            bytes: n,
+        }
+    }
+
     /// Takes `n` bytes, asking the caches to give bytes back if they are not free. Never called
     /// with a cache's lock held.
     pub fn try_reserve(&'static self, n: u64) -> Option<Reservation> {
@@ -192,13 +202,6 @@ impl Reservation {
         debug_assert!(std::ptr::eq(self.budget, other.budget));
         self.bytes += std::mem::take(&mut other.bytes);
     }
-
-    /// Takes `n` more bytes unconditionally (what the owner holds already exceeds the estimate
-    /// it reserved; the excess is charged so the books stay true).
-    pub fn grow(&mut self, n: u64) {
-        self.budget.used.fetch_add(n, Relaxed);
-        self.bytes += n;
-    }
 }
 
 impl Drop for Reservation {
@@ -279,7 +282,7 @@ mod tests {
         let mut r = b.try_take(80).unwrap();
         r.shrink_to(30);
         assert_eq!(b.used(), 30);
-        r.grow(5);
+        r.absorb(b.charge(5));
         assert_eq!(b.used(), 35);
         drop(r);
         assert_eq!(b.used(), 0);

@@ -181,11 +181,7 @@ impl Store {
             publishers: tree("layer-publisher")?,
             images: tree("image")?,
             db,
-            _cache_memory: {
-                let mut r = crate::budget::Reservation::none();
-                r.grow(DB_CACHE_BYTES);
-                r
-            },
+            _cache_memory: crate::budget::process().charge(DB_CACHE_BYTES),
         })
     }
 

@@ -623,11 +623,6 @@ fn mounts_share_a_bounded_number_of_worker_threads() {
     assert_eq!(Workers::take_from(&POOL, 10, 4).granted, 4);
 }
 
-/// FUSE worker threads held by this process's mounts now.
-pub fn worker_threads_in_use() -> usize {
-    WORKERS_IN_USE.load(Relaxed)
-}
-
 fn config(opts: &MountOptions, workers: &Workers) -> Config {
     let mut cfg = Config::default();
     cfg.mount_options = vec![

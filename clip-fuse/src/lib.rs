@@ -15,9 +15,9 @@ pub mod handover;
 mod metrics;
 
 pub use adapter::{
-    kernel_allows_idmap, mount, mount_with, resume, worker_threads_in_use, Guesses, Handover,
-    MountOptions, DEFAULT_PASSTHROUGH_MIN_SIZE, DEFAULT_PREFETCH_ON_OPEN,
-    DEFAULT_SPECULATE_SIBLINGS, MAX_WORKER_THREADS,
+    kernel_allows_idmap, mount, mount_with, resume, Guesses, Handover, MountOptions,
+    DEFAULT_PASSTHROUGH_MIN_SIZE, DEFAULT_PREFETCH_ON_OPEN, DEFAULT_SPECULATE_SIBLINGS,
+    MAX_WORKER_THREADS,
 };
 pub use fs::{ClipFs, FsError, ScanError};
 pub use fuser::BackgroundSession;

@@ -197,7 +197,9 @@ class Proxy:
 # Images: shared base layers and one top layer per version, content known file by file.
 
 
-def write_files(root, sub, count, seed, big=None):
+def write_files(root, sub, count, seed, sizes, big=None):
+    """Writes the files of one layer; returns their hashes by path, and puts their sizes in
+    `sizes`."""
     rnd = random.Random(seed)
     d = os.path.join(root, "soak", sub)
     os.makedirs(d, exist_ok=True)
@@ -213,24 +215,28 @@ def write_files(root, sub, count, seed, big=None):
         with open(os.path.join(d, name), "wb") as f:
             f.write(data)
         sums[f"/soak/{sub}/{name}"] = hashlib.sha256(data).hexdigest()
+        sizes[f"/soak/{sub}/{name}"] = len(data)
     if big:
         data = rnd.randbytes(big)
         with open(os.path.join(d, "big"), "wb") as f:
             f.write(data)
         sums[f"/soak/{sub}/big"] = hashlib.sha256(data).hexdigest()
+        sizes[f"/soak/{sub}/big"] = big
     for p in [d, os.path.dirname(d)] + [os.path.join(d, n) for n in os.listdir(d)]:
         os.utime(p, (1700000000, 1700000000))
     return sums
 
 
 def build_images(work, registry, versions, base_files, top_files):
+    """Returns the images (tag, hashes by path) and every file's size by path."""
     src = os.path.join(work, "src")
     base = os.path.join(src, "base")
-    sums_base = write_files(base, "base", base_files, 1, big=16 * MIB)
+    sizes = {}
+    sums_base = write_files(base, "base", base_files, 1, sizes, big=16 * MIB)
     images = []
     for v in range(versions):
         top = os.path.join(src, f"top{v}")
-        sums_top = write_files(top, f"top{v}", top_files, 1000 + v)
+        sums_top = write_files(top, f"top{v}", top_files, 1000 + v, sizes)
         layout = os.path.join(work, "layouts", f"v{v}")
         tag = f"v{v}"
         subprocess.run(
@@ -250,7 +256,7 @@ def build_images(work, registry, versions, base_files, top_files):
         )
         images.append({"tag": tag, "sums": {**sums_base, **sums_top}})
         log(f"image soak:{tag} built, pushed, index published")
-    return images
+    return images, sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +265,7 @@ def build_images(work, registry, versions, base_files, top_files):
 
 
 class Node:
-    def __init__(self, work, registry_host):
+    def __init__(self, work):
         self.dir = os.path.join(work, "node")
         self.root = os.path.join(self.dir, "clip")
         self.cache = os.path.join(self.dir, "cache")
@@ -592,17 +598,12 @@ class Soak:
         self.node = None
         try:
             wait_until("docker-registry", lambda: connectable(port), proc=registry, logfile=reg_log)
-            self.images = build_images(work, f"127.0.0.1:{port}", self.versions, self.base_files, self.top_files)
-            self.sizes = {}
-            for img in self.images:
-                for p in img["sums"]:
-                    for root in ("base",) + tuple(f"top{v}" for v in range(self.versions)):
-                        f = os.path.join(work, "src", root) + p
-                        if os.path.exists(f):
-                            self.sizes[p] = os.path.getsize(f)
+            self.images, self.sizes = build_images(
+                work, f"127.0.0.1:{port}", self.versions, self.base_files, self.top_files
+            )
             self.proxy = Proxy(f"127.0.0.1:{port}")
             self.proxy_host = f"127.0.0.1:{self.proxy.port}"
-            self.node = Node(work, self.proxy_host)
+            self.node = Node(work)
             self.results = os.path.join(work, "results")
             os.makedirs(self.results, exist_ok=True)
             return self.drive()

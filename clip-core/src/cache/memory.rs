@@ -18,15 +18,23 @@ struct State {
 }
 
 impl State {
+    /// Drops span `key` (its reservation with it); its bytes, if it was here.
+    fn remove(&mut self, key: &Digest) -> Option<u64> {
+        let (d, tick, _) = self.map.remove(key)?;
+        self.order.remove(&tick);
+        let len = d.len() as u64;
+        self.bytes -= len;
+        crate::metrics::cache_size("memory", -(len as i64));
+        Some(len)
+    }
+
     /// Drops the least recently used span; its bytes, or None when empty.
     fn evict_one(&mut self) -> Option<u64> {
-        let (_, victim) = self.order.pop_first()?;
-        let (d, _, _) = self.map.remove(&victim)?;
-        self.bytes -= d.len() as u64;
+        let (_, &victim) = self.order.first_key_value()?;
+        let len = self.remove(&victim)?;
         self.evictions += 1;
         crate::metrics::cache_eviction("memory");
-        crate::metrics::cache_size("memory", -(d.len() as i64));
-        Some(d.len() as u64)
+        Some(len)
     }
 }
 
@@ -112,12 +120,7 @@ impl MemoryTier {
             return;
         }
         let mut s = self.inner.state.lock().expect("memory tier lock");
-        if let Some((old, t, r)) = s.map.remove(&key) {
-            s.order.remove(&t);
-            s.bytes -= old.len() as u64;
-            crate::metrics::cache_size("memory", -(old.len() as i64));
-            drop(r);
-        }
+        s.remove(&key);
         while s.bytes + len > self.inner.cap {
             if s.evict_one().is_none() {
                 break;
@@ -166,12 +169,11 @@ impl Tier for MemoryTier {
         MemoryTier::contains(self, key)
     }
     async fn remove(&self, key: &Digest) {
-        let mut s = self.inner.state.lock().expect("memory tier lock");
-        if let Some((d, tick, _)) = s.map.remove(key) {
-            s.order.remove(&tick);
-            s.bytes -= d.len() as u64;
-            crate::metrics::cache_size("memory", -(d.len() as i64));
-        }
+        self.inner
+            .state
+            .lock()
+            .expect("memory tier lock")
+            .remove(key);
     }
     fn trusted(&self) -> bool {
         true

@@ -117,12 +117,10 @@ impl Default for Charge {
 impl Clone for Charge {
     fn clone(&self) -> Self {
         self.budget.used.fetch_add(self.bytes, Relaxed);
-        let mut process = crate::budget::Reservation::none();
-        process.grow(self.bytes);
         Charge {
             budget: self.budget,
             bytes: self.bytes,
-            process,
+            process: crate::budget::process().charge(self.bytes),
         }
     }
 }
