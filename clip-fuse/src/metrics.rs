@@ -1,4 +1,5 @@
-//! The filesystem's OpenTelemetry instruments: bytes served through the daemon, opens by mode.
+//! The filesystem's OpenTelemetry instruments: bytes served through the daemon, opens by mode,
+//! requests the kernel sent by kind (each one a round trip).
 
 use opentelemetry::metrics::Counter;
 use opentelemetry::KeyValue;
@@ -8,6 +9,7 @@ struct Instruments {
     read_bytes: Counter<u64>,
     opens: Counter<u64>,
     libraries: Counter<u64>,
+    requests: Counter<u64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -30,6 +32,12 @@ fn instruments() -> &'static Instruments {
                     "Shared libraries fetched because an opened program or library needs them",
                 )
                 .build(),
+            requests: meter
+                .u64_counter("clip.fuse.requests")
+                .with_description(
+                    "FUSE requests answered, by kind: each is a round trip from the kernel",
+                )
+                .build(),
         }
     })
 }
@@ -44,4 +52,9 @@ pub fn open(mode: &'static str) {
 
 pub fn library_prefetched() {
     instruments().libraries.add(1, &[]);
+}
+
+/// One FUSE request of kind `op` answered.
+pub fn request(op: &'static str) {
+    instruments().requests.add(1, &[KeyValue::new("op", op)]);
 }

@@ -402,6 +402,41 @@ fn wait_for_metrics(port: u16, root: &Path, what: &str, done: impl Fn(&str) -> b
 }
 
 #[test]
+fn closing_files_costs_the_daemon_no_flush_round_trips() {
+    // close() waits for a FLUSH answer; a read-only image has nothing to flush, so the first
+    // FLUSH is refused (ENOSYS) and the kernel sends no more on the connection.
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    for k in 0..40 {
+        std::fs::write(src.join(format!("etc/f{k}.conf")), format!("file {k}\n")).unwrap();
+    }
+    let (image, root) = indexed_dir(&reg, tmp.path(), &src, "flush");
+    let port = free_port();
+    let m = Mounted::start_with(
+        &root,
+        &image,
+        &tmp.path().join("mnt"),
+        &["--metrics-address", &format!("127.0.0.1:{port}")],
+    );
+    for round in 0..2 {
+        for k in 0..40 {
+            let got = std::fs::read_to_string(m.dir.join(format!("etc/f{k}.conf"))).unwrap();
+            assert_eq!(got, format!("file {k}\n"), "round {round}");
+        }
+    }
+    let text = scrape(port);
+    let opens = metric(&text, "clip_fuse_requests_total{op=\"open\"}");
+    assert!(opens >= 40.0, "{opens} opens answered\n{text}");
+    let flushes = metric(&text, "clip_fuse_requests_total{op=\"flush\"}");
+    assert!(
+        flushes <= 1.0,
+        "{flushes} FLUSH round trips for {opens} opens\n{text}"
+    );
+}
+
+#[test]
 fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
