@@ -83,7 +83,7 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.bulk.layers")
                 .with_description(
                     "Layers switched to bulk streaming because a workload reads most of them, by \
-                     reason (share, sequential, eager)",
+                     reason (share, sequential, image, eager)",
                 )
                 .build(),
             bulk_bytes: meter

@@ -149,6 +149,11 @@ impl LayerReader {
         self.fetcher.bulk_started()
     }
 
+    /// See [`crate::fetch::LayerFetcher::sibling_streams`]. Call within the runtime's context.
+    pub fn sibling_streams(&self) {
+        self.fetcher.sibling_streams()
+    }
+
     /// Waits until the layer's bulk stream has ended (at once if there is none).
     pub async fn bulk_ended(&self) {
         self.fetcher.bulk_ended().await

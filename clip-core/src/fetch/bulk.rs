@@ -45,6 +45,9 @@ pub(super) struct Demand {
     last: AtomicUsize,
     /// Whether the layer is streamed in bulk (it switches once).
     started: AtomicBool,
+    /// Whether a workload reading this layer streams another layer of its image: the layer
+    /// then switches at a quarter of [`BulkConfig::share`].
+    sibling_streams: AtomicBool,
     /// Told of each read of spans not read before, and when the layer's fetcher goes.
     pub(super) progress: Arc<Notify>,
     /// Set when the bulk stream has ended.
@@ -62,6 +65,7 @@ impl Demand {
             in_order: Mutex::new(0..0),
             last: AtomicUsize::new(0),
             started: AtomicBool::new(false),
+            sibling_streams: AtomicBool::new(false),
             progress: Arc::new(Notify::new()),
             ended: Arc::new(tokio::sync::watch::channel(false).0),
             parked: Arc::new(tokio::sync::watch::channel(0).0),
@@ -103,18 +107,45 @@ impl LayerFetcher {
         if self.demand.started.load(Relaxed) || self.index.uncompressed_size < cfg.min_layer_bytes {
             return;
         }
-        let n = self.index.spans.len();
-        let share =
-            cfg.share > 0.0 && self.demand.count.load(Relaxed) as f64 >= cfg.share * n as f64;
-        let reason = if share {
+        let reason = if self.read_share_reached(cfg.share) {
             Some("share")
         } else if cfg.sequential_bytes > 0 && self.in_order_bytes(range) >= cfg.sequential_bytes {
             Some("sequential")
+        } else if self.demand.sibling_streams.load(Relaxed)
+            && self.read_share_reached(cfg.share / 4.0)
+        {
+            Some("image")
         } else {
             None
         };
         if let Some(reason) = reason {
             self.stream_rest(reason);
+        }
+    }
+
+    /// Whether demand reads have covered `share` of the layer's spans (never for 0).
+    fn read_share_reached(&self, share: f64) -> bool {
+        let n = self.index.spans.len();
+        share > 0.0
+            && self.demand.count.load(Relaxed) > 0
+            && self.demand.count.load(Relaxed) as f64 >= share * n as f64
+    }
+
+    /// Tells the layer that a workload reading it streams another layer of its image in bulk
+    /// (a tar of /usr reads every layer, each in an order of its own: only the first one read
+    /// in order switches on [`BulkConfig::sequential_bytes`], the others would wait for
+    /// [`BulkConfig::share`] of their spans, read a few KiB at a time). From now on the layer
+    /// switches at a quarter of that share, and does at once if its reads have covered it.
+    pub fn sibling_streams(self: &Arc<Self>) {
+        if self.demand.sibling_streams.swap(true, Relaxed) {
+            return;
+        }
+        let cfg = &self.fetcher.cfg.bulk;
+        if !self.demand.started.load(Relaxed)
+            && self.index.uncompressed_size >= cfg.min_layer_bytes
+            && self.read_share_reached(cfg.share / 4.0)
+        {
+            self.stream_rest("image");
         }
     }
 

@@ -1034,6 +1034,73 @@ async fn a_layer_read_mostly_out_of_order_switches_on_its_share() {
 }
 
 #[tokio::test]
+async fn a_layer_told_its_image_streams_switches_at_a_quarter_of_the_share() {
+    // Scattered reads of 12-20 % of the spans: no switch (the share is 40 %). Told that a
+    // sibling layer streams, the layer switches at once when its reads have covered 10 %, and
+    // the rest is streamed.
+    let BulkLayer {
+        source,
+        reader,
+        index,
+        tar,
+        ..
+    } = bulk_layer(64 << 20);
+    let files = files_of(&index);
+    let n = index.spans.len() as f64;
+    let mut touched = std::collections::BTreeSet::new();
+    for f in files.iter().rev().step_by(3) {
+        if touched.len() as f64 >= 0.12 * n {
+            break;
+        }
+        touched.extend(index.spans_covering(f.0, f.1));
+        read_file(&reader, &tar, *f).await;
+    }
+    assert!((touched.len() as f64) < 0.4 * n);
+    reader.fetcher.settled().await;
+    assert!(
+        !reader.bulk_started(),
+        "switched on {} of {n} spans",
+        touched.len()
+    );
+    reader.sibling_streams();
+    assert!(
+        reader.bulk_started(),
+        "told after {} of {n} spans",
+        touched.len()
+    );
+    reader.bulk_ended().await;
+    reader.fetcher.settled().await;
+    let before = source.request_count();
+    for f in &files {
+        read_file(&reader, &tar, *f).await;
+    }
+    assert_eq!(source.request_count(), before, "the rest was streamed");
+}
+
+#[tokio::test]
+async fn a_layer_told_its_image_streams_waits_for_a_tenth_of_it_read() {
+    // Told before any read: nothing is streamed until the reads cover 10 % of the spans.
+    let BulkLayer {
+        reader, index, tar, ..
+    } = bulk_layer(64 << 20);
+    reader.sibling_streams();
+    assert!(!reader.bulk_started());
+    let files = files_of(&index);
+    let n = index.spans.len() as f64;
+    let mut touched = std::collections::BTreeSet::new();
+    for f in files.iter().rev().step_by(3) {
+        let before = touched.len() as f64;
+        touched.extend(index.spans_covering(f.0, f.1));
+        read_file(&reader, &tar, *f).await;
+        if reader.bulk_started() {
+            assert!(before < 0.1 * n && touched.len() as f64 >= 0.1 * n);
+            break;
+        }
+    }
+    assert!(reader.bulk_started());
+}
+
+#[tokio::test]
 async fn a_partial_read_never_switches_to_bulk() {
     // A start that reads a part of the layer (under 40 % of its spans), scattered: lazy, and
     // only the spans it reads.

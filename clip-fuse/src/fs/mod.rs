@@ -15,6 +15,7 @@ use clip_core::elf;
 use clip_core::index::{view::IMPLIED, EntryKind, ImageView};
 use clip_core::reader::{LayerReader, ReadError};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 /// Why an object's libraries were not read (see [`ClipFs::needed_libraries`]): logged, never
@@ -116,7 +117,15 @@ pub struct ClipFs {
     /// Whether the loader's cache (`/etc/ld.so.cache`) was fetched for a program that needs
     /// libraries.
     loader_cache: std::sync::atomic::AtomicBool,
+    /// Bytes this mount has read of each layer (see [`ClipFs::spread_bulk`]).
+    read_bytes: Vec<AtomicU64>,
+    /// Whether this mount's reads have streamed a layer in bulk and told the others.
+    bulk_spread: AtomicBool,
 }
+
+/// Bytes a mount reads of a layer streamed in bulk before its other layers are told (see
+/// [`ClipFs::spread_bulk`]): a layer another image's workload streamed says nothing of this one.
+const SPREAD_AFTER_BYTES: u64 = 32 << 20;
 
 mod guess;
 mod passthrough;
@@ -264,12 +273,14 @@ impl ClipFs {
         Ok(ClipFs {
             inodes,
             parents,
-            readers,
             has_xattrs,
             passthrough: None,
             cold_opens: Mutex::new(HashMap::new()),
             scanned: Mutex::new(HashSet::new()),
             loader_cache: std::sync::atomic::AtomicBool::new(false),
+            read_bytes: (0..readers.len()).map(|_| AtomicU64::new(0)).collect(),
+            bulk_spread: AtomicBool::new(false),
+            readers,
         })
     }
 
@@ -359,6 +370,7 @@ impl ClipFs {
                 let len = u64::from(size).min(file_size - offset);
                 let reader = self.readers.get(*layer as usize).ok_or(FsError::Invalid)?;
                 Ok(Some(FileRead {
+                    layer: *layer as usize,
                     reader,
                     at: base + offset,
                     len,
@@ -370,15 +382,45 @@ impl ClipFs {
         }
     }
 
+    /// Counts `len` bytes this mount read of layer `layer`; once it has read
+    /// [`SPREAD_AFTER_BYTES`] of a layer streamed in bulk, the workload reads most of the image,
+    /// not just of that layer: every other layer is told
+    /// ([`LayerReader::sibling_streams`]), so each switches as soon as a small share of it has
+    /// been read. Call within the runtime's context.
+    fn spread_bulk(&self, layer: usize, len: u64) {
+        if self.bulk_spread.load(Relaxed) {
+            return;
+        }
+        let Some(n) = self.read_bytes.get(layer) else {
+            return;
+        };
+        let read = n.fetch_add(len, Relaxed) + len;
+        if read >= SPREAD_AFTER_BYTES
+            && self.readers[layer].bulk_started()
+            && !self.bulk_spread.swap(true, Relaxed)
+        {
+            tracing::debug!(
+                layer,
+                "a layer read in bulk: the image's other layers are told"
+            );
+            for (i, r) in self.readers.iter().enumerate() {
+                if i != layer {
+                    r.sibling_streams();
+                }
+            }
+        }
+    }
+
     /// [`ClipFs::read`] on this thread when the bytes are local (see
     /// `clip_core::reader::LayerReader::read_now`); `None` when they must be fetched. Call
     /// within the runtime's context.
     pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
         match self.file_range(ino, offset, size) {
-            Ok(Some(f)) => f
-                .reader
-                .read_now(f.at, f.len, f.end)
-                .map(|r| r.map_err(FsError::from)),
+            Ok(Some(f)) => {
+                let r = f.reader.read_now(f.at, f.len, f.end)?;
+                self.spread_bulk(f.layer, f.len);
+                Some(r.map_err(FsError::from))
+            }
             Ok(None) => Some(Ok(Bytes::new())),
             Err(e) => Some(Err(e)),
         }
@@ -387,15 +429,20 @@ impl ClipFs {
     /// Up to `size` bytes of a file at `offset`, read lazily through the cache.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         match self.file_range(ino, offset, size)? {
-            Some(f) => Ok(f.reader.read_within(f.at, f.len, f.end).await?),
+            Some(f) => {
+                let b = f.reader.read_within(f.at, f.len, f.end).await?;
+                self.spread_bulk(f.layer, f.len);
+                Ok(b)
+            }
             None => Ok(Bytes::new()),
         }
     }
 }
 
-/// A read of a file, placed in its layer: the layer's reader, the layer offset, the length, and
-/// where the file ends (read-ahead stops there).
+/// A read of a file, placed in its layer: the layer (its position and reader), the layer
+/// offset, the length, and where the file ends (read-ahead stops there).
 struct FileRead<'a> {
+    layer: usize,
     reader: &'a Arc<LayerReader>,
     at: u64,
     len: u64,

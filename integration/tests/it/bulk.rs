@@ -186,3 +186,65 @@ fn clip_pull_full_fetches_every_layer_before_the_pull_ends() {
         "requests after an eager pull"
     );
 }
+
+#[test]
+fn a_layer_read_in_bulk_has_the_images_other_read_layers_streamed_too() {
+    // A tar of /usr reads every layer, each in an order of its own: one layer switches on
+    // reads in its order, the others would wait for 40 % of their spans, read a few KiB at a
+    // time. Once a container has read 32 MiB of a layer streamed in bulk, every other layer it
+    // has read a tenth of is streamed as well.
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let l = layout(
+        tmp.path(),
+        "v1",
+        &["gen:busybox", "gen:bigfile", "gen:manyfiles"],
+    );
+    reg.push_layout(&l, "v1", "mix");
+    publish_index(tmp.path(), &format!("{}:v1", reg.image("mix")));
+    let proxy = CountingProxy::start(&reg.host);
+    let image = format!("{}/mix:v1", proxy.host);
+    let node = node_with(&tmp.path().join("node"), "");
+    node.pull_ok(&image);
+    // 320 of the 2048 files (about 16 % of their layer), then the 128 MiB file start to end.
+    let some_then_big =
+        "ls /data/mf | head -320 | while read f; do cat /data/mf/$f; done | wc -c; \
+                         cat /data/big.bin | wc -c";
+    let o = node.run("clip", &image, "mixed", &["sh", "-c", some_then_big]);
+    assert_eq!(
+        out(&o).split_whitespace().collect::<Vec<_>>(),
+        [(320 * 16384).to_string(), (128u64 << 20).to_string()],
+        "{}",
+        stderr(&o)
+    );
+    // Both streams end in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let ended = || {
+        without_colours(&node.snapshotter_log())
+            .matches("bulk streaming of the layer ended")
+            .count()
+    };
+    while ended() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            without_colours(&node.snapshotter_log())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = without_colours(&node.snapshotter_log());
+    assert!(log.contains("reason=\"sequential\""), "{log}");
+    assert!(log.contains("reason=\"image\""), "{log}");
+    let m = node.metrics();
+    assert_eq!(
+        metric(&m, "clip_bulk_layers_total{reason=\"image\"}"),
+        1.0,
+        "{m}"
+    );
+    // Every file of the other layer is local now: reading them all asks the registry nothing.
+    let (bytes, requests) = read_all(&node, &proxy, &image, "all");
+    assert_eq!(
+        requests, 0,
+        "{bytes} bytes in {requests} requests after the layer was streamed"
+    );
+}
