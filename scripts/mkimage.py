@@ -9,7 +9,7 @@ usage:
   mkimage.py layout OUT TAG LAYER...     LAYER = dir:PATH | tar:PATH | gen:NAME
   mkimage.py multiarch OUT TAG           an image index: linux/amd64 (busybox) + linux/arm64/v8 (a marker file)
   mkimage.py gen NAME OUT.tar            write a generated layer tar
-Generators: busybox, users, bigfile, manyfiles, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, note-TEXT, dotdot, absolute, hardlink-forward, huge-size.
+Generators: busybox, users, bigfile, gigfile, manyfiles, everytype-base, everytype-top, orphan-whiteout, busybox-pwned, note-TEXT, dotdot, absolute, hardlink-forward, huge-size.
 The image config's Cmd is ["/bin/sh"], or the JSON list in $MKIMAGE_CMD (e.g. a CRI pause image).
 """
 import gzip
@@ -198,6 +198,13 @@ def gen(name):
         block = prng(1 << 20, "big")
         text = (b"clip lazy read benchmark line\n" * 40000)[: 1 << 20]
         t.add("data/big.bin", b"".join(block if i % 2 else text for i in range(128)))
+    elif name == "gigfile":
+        # 1 GiB in one file (a model's weights): half incompressible, half text, in 1 MiB
+        # blocks, so about 512 MiB gzipped. For scripts/bench/bigfile.sh.
+        t.add("data", kind=tarfile.DIRTYPE, mode=0o755)
+        block = prng(1 << 20, "gig")
+        text = (b"clip sequential read benchmark line\n" * 32000)[: 1 << 20]
+        t.add("data/gig.bin", b"".join(block if i % 2 else text for i in range(1024)))
     elif name == "manyfiles":
         # 2048 files of 16 KiB (32 MiB, half incompressible, half text) in one directory: a
         # read-most workload reads them all, in whatever order.
