@@ -257,6 +257,11 @@ impl LayerReader {
                 self.fetcher.prefetch(ahead);
             }
         }
+        // Local read-ahead (disk to memory) goes past the file: reads in the layer's order,
+        // skipping a span or two (a file nobody reads), read the next files next.
+        if prev != usize::MAX && prev <= spans.start + 1 && spans.start <= prev + 2 {
+            self.fetcher.promote_ahead(spans.clone());
+        }
         spans
     }
 

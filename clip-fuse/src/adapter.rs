@@ -142,6 +142,9 @@ struct Adapter {
     handover: Option<Handover>,
     /// The worker threads this mount was granted, given back when the session ends.
     workers: Workers,
+    /// One bit per inode: its bytes were stored in the page cache at an open, and no READ has
+    /// come for it since (the kernel still has them, as far as the daemon can tell).
+    stored: Box<[std::sync::atomic::AtomicU64]>,
 }
 
 enum OpenMode {
@@ -154,6 +157,49 @@ enum OpenMode {
 }
 
 impl Adapter {
+    /// For a small file whose bytes are all local: writes them into the kernel's page cache
+    /// before the OPEN is answered, so that its reads cost no round trip (see [`crate::store`]).
+    /// Never fetches; a file whose bytes are not local is read as before.
+    fn store_on_open(&self, ino: u64) {
+        let Some(fd) = self.fuse_fd.get() else {
+            return;
+        };
+        let size = match self.fs.get(ino) {
+            Ok(i) => i.attr.size,
+            Err(_) => return,
+        };
+        if size == 0 || size > crate::store::STORE_ON_OPEN_MAX {
+            return;
+        }
+        // Stored already and not asked for since: the pages are cached; storing them again on
+        // every open would cost more than the READ it saves.
+        let Some(word) = self.stored.get(ino as usize / 64) else {
+            return;
+        };
+        let bit = 1u64 << (ino % 64);
+        if word.load(Relaxed) & bit != 0 {
+            return;
+        }
+        let local = {
+            let _rt = self.rt.enter();
+            self.fs.read_now(ino, 0, size as u32)
+        };
+        let Some(Ok(bytes)) = local else {
+            return;
+        };
+        if bytes.len() as u64 != size {
+            return;
+        }
+        match crate::store::notify_store(*fd, ino, 0, &bytes) {
+            Ok(()) => {
+                word.fetch_or(bit, Relaxed);
+                crate::metrics::stored(size);
+            }
+            // The kernel may have let the inode go meanwhile (ENOENT): its READs then come.
+            Err(e) => tracing::debug!(ino, "storing an opened file in the page cache: {e}"),
+        }
+    }
+
     /// A registered backing file for a passthrough open of `ino`, if it has a verified local
     /// copy; otherwise starts making one for later opens.
     fn backing(&self, ino: u64, reply: &ReplyOpen) -> Option<(u32, BackingId)> {
@@ -352,6 +398,7 @@ impl Filesystem for Adapter {
                 self.fs.prefetch_libraries(ino.0, g.prefetch_on_open);
             }
         }
+        self.store_on_open(ino.0);
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
@@ -408,6 +455,11 @@ impl Filesystem for Adapter {
         reply: ReplyData,
     ) {
         crate::metrics::request("read");
+        // The kernel asks for bytes it was given at an open: they left its page cache (memory
+        // pressure, drop_caches), so the next open stores them again.
+        if let Some(word) = self.stored.get(ino.0 as usize / 64) {
+            word.fetch_and(!(1u64 << (ino.0 % 64)), Relaxed);
+        }
         // Bytes already local are answered on this worker thread: no hop to the runtime and
         // back (two thread wake-ups per read, the bulk of a read-most start's cost).
         let now = {
@@ -665,7 +717,11 @@ fn adapter(
     opts: &MountOptions,
     h: Option<Handover>,
 ) -> Adapter {
+    let stored = (0..(fs.inode_count() + 1).div_ceil(64))
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
     Adapter {
+        stored,
         workers: Workers::take(opts.threads),
         fs: Arc::new(fs),
         rt,

@@ -1,5 +1,6 @@
 //! The filesystem's OpenTelemetry instruments: bytes served through the daemon, opens by mode,
-//! requests the kernel sent by kind (each one a round trip).
+//! requests the kernel sent by kind (each one a round trip), bytes stored in the page cache at
+//! opens.
 
 use opentelemetry::metrics::Counter;
 use opentelemetry::KeyValue;
@@ -10,6 +11,7 @@ struct Instruments {
     opens: Counter<u64>,
     libraries: Counter<u64>,
     requests: Counter<u64>,
+    stored: Counter<u64>,
 }
 
 fn instruments() -> &'static Instruments {
@@ -38,6 +40,14 @@ fn instruments() -> &'static Instruments {
                     "FUSE requests answered, by kind: each is a round trip from the kernel",
                 )
                 .build(),
+            stored: meter
+                .u64_counter("clip.fuse.stored.bytes")
+                .with_description(
+                    "File bytes written into the kernel's page cache as files were opened \
+                     (their READs then cost no round trip)",
+                )
+                .with_unit("By")
+                .build(),
         }
     })
 }
@@ -57,4 +67,9 @@ pub fn library_prefetched() {
 /// One FUSE request of kind `op` answered.
 pub fn request(op: &'static str) {
     instruments().requests.add(1, &[KeyValue::new("op", op)]);
+}
+
+/// `bytes` of an opened file stored in the kernel's page cache.
+pub fn stored(bytes: u64) {
+    instruments().stored.add(bytes, &[]);
 }

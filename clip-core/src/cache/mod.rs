@@ -327,6 +327,30 @@ impl TieredCache {
         None
     }
 
+    /// Loads `key` from a slower local tier (disk) into the trusted ones (memory), verified as
+    /// [`TieredCache::get_now`] verifies, blocking on the disk read; counts no hit (no reader
+    /// asked yet). True if the span is now in the fastest local tier.
+    pub fn promote_now(&self, key: &SpanKey) -> bool {
+        let stored = key.storage();
+        for (i, tier) in self.tiers.iter().enumerate() {
+            if !tier.local() || !tier.contains(&stored) {
+                continue;
+            }
+            if i == 0 {
+                return true;
+            }
+            let Some(data) = tier.get_now(&stored) else {
+                continue;
+            };
+            if !tier.trusted() && Digest::of(&data) != key.span {
+                return false;
+            }
+            put_trusted(&self.tiers[..i], &stored, &data);
+            return true;
+        }
+        false
+    }
+
     /// Drops a span from this node's tiers (memory, disk); the shared tier keeps it for the
     /// other nodes.
     pub async fn forget_local(&self, key: &SpanKey) {

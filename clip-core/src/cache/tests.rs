@@ -27,6 +27,29 @@ async fn a_slower_tier_hit_fills_memory() {
 }
 
 #[tokio::test]
+async fn promoting_a_span_moves_it_from_disk_to_memory_without_a_hit() {
+    let (cache, mem, slow) = two_tiers();
+    let data = Bytes::from_static(b"span bytes");
+    let key = SpanKey::new(Digest::of(b"layer"), Digest::of(&data));
+    let absent = SpanKey::new(Digest::of(b"layer"), Digest::of(b"nowhere"));
+    assert!(!cache.promote_now(&absent), "nothing to promote");
+    slow.map.lock().unwrap().insert(key.storage(), data.clone());
+    assert!(cache.promote_now(&key));
+    assert!(mem.contains(&key.storage()), "in memory now");
+    assert!(cache.promote_now(&key), "already in memory");
+    assert_eq!(cache.stats.disk_hits.load(Relaxed), 0, "no reader asked");
+    assert_eq!(cache.get_now(&key).unwrap(), data);
+    assert_eq!(cache.stats.memory_hits.load(Relaxed), 1);
+    // Damaged bytes are not promoted.
+    let bad = Bytes::from_static(b"other span");
+    let key2 = SpanKey::new(Digest::of(b"layer"), Digest::of(&bad));
+    slow.map.lock().unwrap().insert(key2.storage(), bad);
+    slow.damage.store(true, Relaxed);
+    assert!(!cache.promote_now(&key2));
+    assert!(!mem.contains(&key2.storage()));
+}
+
+#[tokio::test]
 async fn damaged_entries_are_dropped_not_served() {
     let (cache, mem, slow) = two_tiers();
     let data = Bytes::from_static(b"span bytes");

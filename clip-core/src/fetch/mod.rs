@@ -38,6 +38,7 @@
 mod background;
 mod bulk;
 mod claims;
+mod promote;
 mod run;
 mod window;
 
@@ -277,6 +278,7 @@ impl Fetcher {
                 .collect(),
             claims: Claims::default(),
             demand: bulk::Demand::new(index.spans.len()),
+            promotion: promote::Promotion::new(),
             index,
         });
         if let Some(key) = key {
@@ -322,6 +324,8 @@ pub struct LayerFetcher {
     claims: Claims,
     /// What demand reads have asked of the layer, and whether it is streamed in bulk.
     demand: bulk::Demand,
+    /// Local read-ahead, disk to memory.
+    promotion: promote::Promotion,
 }
 
 impl Drop for LayerFetcher {

@@ -1101,6 +1101,52 @@ async fn a_layer_told_its_image_streams_waits_for_a_tenth_of_it_read() {
 }
 
 #[tokio::test]
+async fn reading_a_layer_in_order_loads_the_next_spans_from_disk_into_memory() {
+    // Every span on "disk", none in memory: reads in the layer's order have the spans after
+    // them loaded into memory in the background, so the later reads find them there.
+    let (gz, index, windows, tar) = layer(64, 48 << 10, 16 << 10);
+    let files = files_of(&index);
+    let key = |i: usize| crate::cache::SpanKey::new(index.layer, index.spans[i].digest).storage();
+    let slow = Arc::new(TestTier {
+        local: true,
+        ..Default::default()
+    });
+    for i in 0..index.spans.len() {
+        let (s, e) = index.span_range(i);
+        let bytes = Bytes::copy_from_slice(&tar[s as usize..e as usize]);
+        slow.map.lock().unwrap().insert(key(i), bytes);
+    }
+    let mem = Arc::new(MemoryTier::new(64 << 20));
+    let tiers: Vec<Arc<dyn Tier>> = vec![mem.clone(), slow.clone()];
+    let cache = Arc::new(TieredCache::with_tiers(tiers));
+    let fetcher = Fetcher::new(cache.clone(), FetchConfig::default());
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let reader = LayerReader::new(&fetcher, source.clone(), index.clone(), None, NO_GUESSING);
+    read_file(&reader, &tar, files[0]).await;
+    read_file(&reader, &tar, files[1]).await;
+    // The whole 3 MiB layer is within the 8 MiB loaded ahead.
+    let last = key(index.spans.len() - 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !mem.contains(&last) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last span was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let disk_hits = cache.stats.disk_hits.load(Relaxed);
+    for f in &files[2..] {
+        read_file(&reader, &tar, *f).await;
+    }
+    assert_eq!(
+        cache.stats.disk_hits.load(Relaxed),
+        disk_hits,
+        "a later read went to disk"
+    );
+    assert_eq!(source.request_count(), 0, "nothing was fetched");
+}
+
+#[tokio::test]
 async fn a_partial_read_never_switches_to_bulk() {
     // A start that reads a part of the layer (under 40 % of its spans), scattered: lazy, and
     // only the spans it reads.

@@ -147,7 +147,22 @@ impl Node {
     /// The snapshotter over this node's directory and database (opened anew each time: a
     /// daemon start).
     async fn start(&self) -> Arc<ClipSnapshotter> {
-        let db = sled::open(self.dir.path().join("db")).unwrap();
+        // The previous start's database lock goes with its last background task: under load
+        // that can outlive the test's handle by a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::open(self.dir.path().join("db")) {
+                Ok(db) => break db,
+                // sled says so as ErrorKind::Other, in its message.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("opening the node's database: {e}"),
+            }
+        };
         ClipSnapshotter::open(
             self.dir.path(),
             Meta::open(db).unwrap(),

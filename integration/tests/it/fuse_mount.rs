@@ -437,6 +437,65 @@ fn closing_files_costs_the_daemon_no_flush_round_trips() {
 }
 
 #[test]
+fn small_local_files_are_stored_in_the_page_cache_as_they_are_opened() {
+    // A READ is a round trip; a small file whose bytes are local is written into the kernel's
+    // page cache as it is opened, so reading it asks the daemon nothing.
+    let reg = Registry::start(Auth::None);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("lib")).unwrap();
+    let body = |k: u32| noise(u64::from(k) + 7, 3000 + 997 * k as usize);
+    for k in 0..30 {
+        std::fs::write(src.join(format!("lib/m{k}.py")), body(k)).unwrap();
+    }
+    let total: usize = (0..30).map(|k| body(k).len()).sum();
+    let (image, root) = indexed_dir(&reg, tmp.path(), &src, "store");
+    let port = free_port();
+    let m = Mounted::start_with(
+        &root,
+        &image,
+        &tmp.path().join("mnt"),
+        &["--metrics-address", &format!("127.0.0.1:{port}")],
+    );
+    let read_all = |round: &str| {
+        for k in 0..30 {
+            let got = std::fs::read(m.dir.join(format!("lib/m{k}.py"))).unwrap();
+            assert!(got == body(k), "m{k}.py, {round}");
+        }
+    };
+    let counts = || {
+        let t = scrape(port);
+        (
+            metric(&t, "clip_fuse_requests_total{op=\"read\"}"),
+            metric(&t, "clip_fuse_stored_bytes_total"),
+            t,
+        )
+    };
+    // Cold: the files after the first two are fetched on a guess, and most are stored.
+    read_all("cold");
+    let (reads, stored, _) = counts();
+    // The page cache dropped twice: the daemon cannot tell, so a file it stored is READ once
+    // (which tells it), and stored at its next open. Over the two rounds each file is READ
+    // once and stored once; without storing, each would be READ twice.
+    drop_page_cache();
+    read_all("warm, first");
+    drop_page_cache();
+    read_all("warm, second");
+    let (reads2, stored2, text) = counts();
+    assert_eq!(reads2 - reads, 30.0, "READs over two warm rounds\n{text}");
+    assert_eq!(stored2 - stored, total as f64, "{text}");
+    // Hot: the pages are cached; nothing is read. A file READ in the last round is stored
+    // once more (the daemon cannot know that the READ refilled the cache); after that, an open
+    // costs nothing more than the OPEN.
+    read_all("hot");
+    let (reads3, stored3, text) = counts();
+    assert_eq!(reads3, reads2, "{text}");
+    read_all("hot again");
+    let (reads4, stored4, text) = counts();
+    assert_eq!((reads4, stored4), (reads3, stored3), "{text}");
+}
+
+#[test]
 fn a_second_cold_open_in_a_directory_fetches_the_files_of_its_kind_next_to_it() {
     let reg = Registry::start(Auth::None);
     let tmp = tempfile::tempdir().unwrap();
