@@ -57,38 +57,21 @@ PY
 )
 echo "image: $(mib "$IMAGE_BYTES") compressed; the file's layer: $(mib "$(stat -c %s "$BLOB")")"
 
-proxy() { # NAME UPSTREAM DELAY_MS -> PROXY, STATS
-  local port; port=$(free_port)
-  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"; echo 0 >"$STATS.req"
-  python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
-  PIDS+=($!)
-  PROXY=127.0.0.1:$port
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.05; done
-  echo "proxy did not start" >&2; return 1
-}
 declare -A LINK_HOST LINK_STATS
 LINKS=(loopback shaped)
 [[ -n ${CLIP_BENCH_LINKS:-} ]] && read -r -a LINKS <<<"$CLIP_BENCH_LINKS"
-proxy loopback "$REGISTRY" 0
+bench_proxy loopback "$REGISTRY" 0
 LINK_HOST[loopback]=$PROXY LINK_STATS[loopback]=$STATS
 if [[ " ${LINKS[*]} " == *" shaped "* ]]; then
   shaped_registry "$WORK/registry" "$NS" "$VETH" 10.232.0
   PIDS+=("$SHAPED_PID")
-  proxy shaped "$SHAPED_HOST" 5
+  bench_proxy shaped "$SHAPED_HOST" 5
   LINK_HOST[shaped]=$PROXY LINK_STATS[shaped]=$STATS
 fi
 MODES=${CLIP_BENCH_MODES:-"overlayfs clip soci"}
 if [[ " $MODES " == *" soci "* ]]; then
   echo "==> SOCI peer: its index for the image (soci create + push)"
-  SOCI_BIN=$(bash "$ROOT_DIR/scripts/bench/peers.sh" 2>/dev/null | tail -1)/usr/bin
-  push_layout "$LAYOUT" v1 gig-soci
-  start_soci_node "$WORK/soci-pub"
-  $NODE_CTR images pull --plain-http "$REGISTRY/gig-soci:v1" >/dev/null
-  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" create "$REGISTRY/gig-soci:v1" >"$WORK/soci-create.log" 2>&1
-  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" push --plain-http "$REGISTRY/gig-soci:v1" >"$WORK/soci-push.log" 2>&1
-  SOCI_INDEX=$(awk '/successfully pushed artifact with digest/ {d=$NF} END {print d}' "$WORK/soci-push.log")
-  stop_node "$WORK/soci-pub"
-  [[ $SOCI_INDEX == sha256:* ]] || { echo "soci push gave no index digest:" >&2; cat "$WORK/soci-create.log" "$WORK/soci-push.log" >&2; exit 1; }
+  soci_index "$LAYOUT" v1 gig-soci
 fi
 
 # run_once LINK MODE -> SECS BYTES REQS OUT

@@ -78,19 +78,9 @@ SPAN_ARGS=(); [[ -n ${CLIP_BENCH_SPAN:-} ]] && SPAN_ARGS=(--span-size "$CLIP_BEN
 IMAGE_BYTES=$("$CLIP" --root "$WORK/publisher" inspect "$REGISTRY/large:large" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["compressed_bytes"])')
 echo "image: $(mib "$IMAGE_BYTES") compressed"
 
-# proxy NAME UPSTREAM DELAY_MS -> sets PROXY (host:port) and STATS (byte counter file)
-proxy() {
-  local port; port=$(free_port)
-  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"; echo 0 >"$STATS.req"
-  PROXY_TRACE=${CLIP_BENCH_TRACE:+$CLIP_BENCH_TRACE.$1} python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
-  PIDS+=($!)
-  PROXY=127.0.0.1:$port
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.05; done
-  echo "proxy did not start" >&2; return 1
-}
 
 declare -A LINK_HOST LINK_STATS
-proxy loopback "$REGISTRY" 0
+bench_proxy loopback "$REGISTRY" 0
 LINK_HOST[loopback]=$PROXY LINK_STATS[loopback]=$STATS
 LINKS=(loopback)
 if [[ $QUICK == 0 ]]; then
@@ -98,7 +88,7 @@ if [[ $QUICK == 0 ]]; then
   # A second docker-registry serving the same storage, inside the namespace.
   shaped_registry "$WORK/registry" "$NS" "$VETH" 10.231.0
   PIDS+=("$SHAPED_PID")
-  proxy shaped "$SHAPED_HOST" 5
+  bench_proxy shaped "$SHAPED_HOST" 5
   LINK_HOST[shaped]=$PROXY LINK_STATS[shaped]=$STATS
   LINKS+=(shaped)
 fi
@@ -166,17 +156,7 @@ DEFAULT_MODES="overlayfs clip clip+profile soci"
 MODES=${CLIP_BENCH_MODES:-$DEFAULT_MODES}
 if [[ " $MODES " == *" soci "* ]]; then
   echo "==> SOCI peer: its index for the image (soci create + push)"
-  SOCI_BIN=$(bash "$ROOT_DIR/scripts/bench/peers.sh" 2>/dev/null | tail -1)/usr/bin
-  push_layout "$LAYOUT" large large-soci
-  start_soci_node "$WORK/soci-pub"
-  $NODE_CTR images pull --plain-http "$REGISTRY/large-soci:large" >/dev/null
-  # The soci CLI keeps what it creates in its own content store (/var/lib/soci-snapshotter-grpc).
-  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" create "$REGISTRY/large-soci:large" >"$WORK/soci-create.log" 2>&1
-  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" push --plain-http "$REGISTRY/large-soci:large" >"$WORK/soci-push.log" 2>&1
-  SOCI_INDEX=$(awk '/successfully pushed artifact with digest/ {d=$NF} END {print d}' "$WORK/soci-push.log")
-  stop_node "$WORK/soci-pub"
-  [[ $SOCI_INDEX == sha256:* ]] || { echo "soci push gave no index digest:" >&2; cat "$WORK/soci-create.log" "$WORK/soci-push.log" >&2; exit 1; }
-  echo "SOCI index $SOCI_INDEX" >&2
+  soci_index "$LAYOUT" large large-soci
 fi
 if [[ " $MODES " == *" clip/signed "* ]]; then
   echo "==> cosign: a key for the run, the index artifact of large:large signed"

@@ -136,3 +136,33 @@ stop_node() {
   fi
   awk -v d="$dir" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 }
+
+# bench_proxy NAME UPSTREAM DELAY_MS -> a counting proxy (proxy.py) in front of UPSTREAM, adding
+# DELAY_MS each way; sets PROXY (host:port) and STATS (byte counter file; STATS.req: blob GETs);
+# its pid joins PIDS. Uses WORK; with CLIP_BENCH_TRACE=PREFIX it writes PREFIX.NAME.
+bench_proxy() {
+  local port; port=$(free_port)
+  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"; echo 0 >"$STATS.req"
+  PROXY_TRACE=${CLIP_BENCH_TRACE:+$CLIP_BENCH_TRACE.$1} python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
+  PIDS+=($!)
+  PROXY=127.0.0.1:$port
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.05; done
+  echo "proxy did not start" >&2; return 1
+}
+
+# soci_index LAYOUT TAG REPO -> SOCI's own index of the image (soci create on a node of its own,
+# pushed to $REGISTRY); sets SOCI_INDEX (its digest) and SOCI_BIN. Uses WORK.
+soci_index() {
+  local layout=$1 tag=$2 repo=$3
+  SOCI_BIN=$(bash "$ROOT_DIR/scripts/bench/peers.sh" 2>/dev/null | tail -1)/usr/bin
+  push_layout "$layout" "$tag" "$repo"
+  start_soci_node "$WORK/soci-pub"
+  $NODE_CTR images pull --plain-http "$REGISTRY/$repo:$tag" >/dev/null
+  # The soci CLI keeps what it creates in its own content store (/var/lib/soci-snapshotter-grpc).
+  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" create "$REGISTRY/$repo:$tag" >"$WORK/soci-create.log" 2>&1
+  "$SOCI_BIN/soci" --address "$WORK/soci-pub/containerd.sock" push --plain-http "$REGISTRY/$repo:$tag" >"$WORK/soci-push.log" 2>&1
+  SOCI_INDEX=$(awk '/successfully pushed artifact with digest/ {d=$NF} END {print d}' "$WORK/soci-push.log")
+  stop_node "$WORK/soci-pub"
+  [[ $SOCI_INDEX == sha256:* ]] || { echo "soci push gave no index digest:" >&2; cat "$WORK/soci-create.log" "$WORK/soci-push.log" >&2; return 1; }
+  echo "SOCI index $SOCI_INDEX" >&2
+}

@@ -76,23 +76,13 @@ bytes_of() { # TAG: the layers' bytes from the manifest
 declare -A SIZE=([large]=$(bytes_of large) [zc]=$(bytes_of zc) [zstd]=$(bytes_of zstd))
 echo "   layer bytes: gzip ${SIZE[large]}, zstd:chunked ${SIZE[zc]}, zstd ${SIZE[zstd]}" >&2
 
-# proxy NAME UPSTREAM DELAY_MS -> PROXY (host:port), STATS (byte counter file; .req: blob GETs)
-proxy() {
-  local port; port=$(free_port)
-  STATS="$WORK/$1.bytes"; echo 0 >"$STATS"; echo 0 >"$STATS.req"
-  python3 "$ROOT_DIR/scripts/bench/proxy.py" "$port" "$2" "$3" "$STATS" &
-  PIDS+=($!)
-  PROXY=127.0.0.1:$port
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.05; done
-  echo "proxy did not start" >&2; return 1
-}
 declare -A HOST STATSF
 LINKS=(${CLIP_BENCH_LINKS:-loopback shaped})
-proxy loopback "$REGISTRY" 0; HOST[loopback]=$PROXY STATSF[loopback]=$STATS
+bench_proxy loopback "$REGISTRY" 0; HOST[loopback]=$PROXY STATSF[loopback]=$STATS
 if [[ " ${LINKS[*]} " == *" shaped "* ]]; then
   shaped_registry "$WORK/registry" "$NS" "$VETH" 10.233.0
   PIDS+=("$SHAPED_PID")
-  proxy shaped "$SHAPED_HOST" 5; HOST[shaped]=$PROXY STATSF[shaped]=$STATS
+  bench_proxy shaped "$SHAPED_HOST" 5; HOST[shaped]=$PROXY STATSF[shaped]=$STATS
 fi
 
 WORKLOADS=("print(1)" "import numpy")
