@@ -96,6 +96,12 @@ impl Guesses {
 /// serve from the page cache, and each passthrough file costs a copy on disk).
 pub const DEFAULT_PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 
+/// Files up to this size whose bytes are local are written into the kernel's page cache as
+/// they are opened: a FUSE READ is a round trip (the reader sleeps, a worker wakes, answers and
+/// wakes the reader; tens of microseconds on a small VM), and a tar of `/usr` opens 31,000
+/// files, most read whole by one READ of at most 128 KiB.
+pub const STORE_ON_OPEN_MAX: u64 = 128 << 10;
+
 /// Files up to this size are requested whole when opened cold.
 pub const DEFAULT_PREFETCH_ON_OPEN: u64 = 8 << 20;
 
@@ -137,6 +143,9 @@ struct Adapter {
     open: Mutex<HashMap<u64, OpenMode>>,
     /// The `/dev/fuse` descriptor (set before the session serves its first request).
     fuse_fd: Arc<OnceLock<RawFd>>,
+    /// Writes to the kernel unasked (page cache stores), on the same connection; set with
+    /// `fuse_fd`.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
     /// What the kernel offered at INIT: capability flags and ABI minor version.
     kernel: Arc<OnceLock<(u64, u32)>>,
     handover: Option<Handover>,
@@ -157,18 +166,15 @@ enum OpenMode {
 }
 
 impl Adapter {
-    /// For a small file whose bytes are all local: writes them into the kernel's page cache
-    /// before the OPEN is answered, so that its reads cost no round trip (see [`crate::store`]).
-    /// Never fetches; a file whose bytes are not local is read as before.
-    fn store_on_open(&self, ino: u64) {
-        let Some(fd) = self.fuse_fd.get() else {
+    /// For a small file (`size` bytes) whose bytes are all local: writes them into the
+    /// kernel's page cache (`FUSE_NOTIFY_STORE`) before the OPEN is answered, so that its reads
+    /// cost no round trip (see [`STORE_ON_OPEN_MAX`]). Never fetches; a file whose bytes are
+    /// not local is read as before.
+    fn store_on_open(&self, ino: u64, size: u64) {
+        let Some(notifier) = self.notifier.get() else {
             return;
         };
-        let size = match self.fs.get(ino) {
-            Ok(i) => i.attr.size,
-            Err(_) => return,
-        };
-        if size == 0 || size > crate::store::STORE_ON_OPEN_MAX {
+        if size == 0 || size > STORE_ON_OPEN_MAX {
             return;
         }
         // Stored already and not asked for since: the pages are cached; storing them again on
@@ -190,12 +196,11 @@ impl Adapter {
         if bytes.len() as u64 != size {
             return;
         }
-        match crate::store::notify_store(*fd, ino, 0, &bytes) {
+        match notifier.store(INodeNo(ino), 0, &bytes) {
             Ok(()) => {
                 word.fetch_or(bit, Relaxed);
                 crate::metrics::stored(size);
             }
-            // The kernel may have let the inode go meanwhile (ENOENT): its READs then come.
             Err(e) => tracing::debug!(ino, "storing an opened file in the page cache: {e}"),
         }
     }
@@ -348,9 +353,10 @@ impl Filesystem for Adapter {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
         }
-        if let Err(e) = self.fs.get(ino.0) {
-            return reply.error(errno(&e));
-        }
+        let size = match self.fs.get(ino.0) {
+            Ok(i) => i.attr.size,
+            Err(e) => return reply.error(errno(&e)),
+        };
         let mut open = self.open.lock().expect("open lock");
         let note = |state| {
             if let Some(h) = &self.handover {
@@ -398,7 +404,7 @@ impl Filesystem for Adapter {
                 self.fs.prefetch_libraries(ino.0, g.prefetch_on_open);
             }
         }
-        self.store_on_open(ino.0);
+        self.store_on_open(ino.0, size);
         // Immutable content: keep the kernel's page cache across opens.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
@@ -729,6 +735,7 @@ fn adapter(
         guesses: opts.guesses,
         open: Mutex::new(HashMap::new()),
         fuse_fd: Arc::new(OnceLock::new()),
+        notifier: Arc::new(OnceLock::new()),
         kernel: Arc::new(OnceLock::new()),
         handover: h,
     }
@@ -754,10 +761,11 @@ pub fn mount_with(
     handover: Option<Handover>,
 ) -> std::io::Result<BackgroundSession> {
     let a = adapter(fs, rt, opts, handover.clone());
-    let (fuse_fd, kernel) = (a.fuse_fd.clone(), a.kernel.clone());
+    let (fuse_fd, kernel, notifier) = (a.fuse_fd.clone(), a.kernel.clone(), a.notifier.clone());
     let cfg = config(opts, &a.workers);
     let session = Session::new(a, dir, &cfg)?;
     let _ = fuse_fd.set(session.as_fd().as_raw_fd());
+    let _ = notifier.set(session.notifier());
     if let Some(h) = &handover {
         let (caps, minor) = kernel.get().copied().unwrap_or((0, 0));
         if let Err(e) = h.keeper.hold(h.id, session.as_fd(), caps, minor) {
@@ -791,7 +799,7 @@ pub fn resume(
             );
         }
     }
-    let fuse_fd = a.fuse_fd.clone();
+    let (fuse_fd, notifier) = (a.fuse_fd.clone(), a.notifier.clone());
     // fuser needs an INIT handshake; the kernel's happened long ago. Feed it one through a
     // socket, then put the real connection in that socket's place.
     let (ours, theirs) = handover::socket_pair()?;
@@ -805,6 +813,8 @@ pub fn resume(
     let raw = session.as_fd().as_raw_fd();
     handover::replace_fd(held.fd.as_fd(), raw)?;
     let _ = fuse_fd.set(raw);
+    // The same descriptor number, which now holds the real connection.
+    let _ = notifier.set(session.notifier());
     drop(ours);
     let bg = session.spawn()?;
     if let Err(e) = handover::notify_resend(held.fd.as_fd()) {

@@ -13,7 +13,6 @@ pub mod adapter;
 pub mod fs;
 pub mod handover;
 mod metrics;
-mod store;
 
 pub use adapter::{
     kernel_allows_idmap, mount, mount_with, resume, Guesses, Handover, MountOptions,

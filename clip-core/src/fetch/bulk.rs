@@ -28,6 +28,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 use tokio::sync::Notify;
 
+/// A layer told that its image streams another layer switches at this fraction of
+/// [`BulkConfig::share`] (see [`LayerFetcher::sibling_streams`]).
+const SIBLING_SHARE: f64 = 0.25;
+
 /// Small forward skips that keep a read "in order" (tar headers, a file nobody read).
 const IN_ORDER_GAP: u64 = 1 << 20;
 
@@ -46,7 +50,7 @@ pub(super) struct Demand {
     /// Whether the layer is streamed in bulk (it switches once).
     started: AtomicBool,
     /// Whether a workload reading this layer streams another layer of its image: the layer
-    /// then switches at a quarter of [`BulkConfig::share`].
+    /// then switches at [`SIBLING_SHARE`] of [`BulkConfig::share`].
     sibling_streams: AtomicBool,
     /// Told of each read of spans not read before, and when the layer's fetcher goes.
     pub(super) progress: Arc<Notify>,
@@ -104,7 +108,7 @@ impl LayerFetcher {
         }
         self.demand.note(range.clone(), |i| self.span_len(i));
         let cfg = &self.fetcher.cfg.bulk;
-        if self.demand.started.load(Relaxed) || self.index.uncompressed_size < cfg.min_layer_bytes {
+        if !self.may_switch() {
             return;
         }
         let reason = if self.read_share_reached(cfg.share) {
@@ -112,7 +116,7 @@ impl LayerFetcher {
         } else if cfg.sequential_bytes > 0 && self.in_order_bytes(range) >= cfg.sequential_bytes {
             Some("sequential")
         } else if self.demand.sibling_streams.load(Relaxed)
-            && self.read_share_reached(cfg.share / 4.0)
+            && self.read_share_reached(cfg.share * SIBLING_SHARE)
         {
             Some("image")
         } else {
@@ -123,27 +127,29 @@ impl LayerFetcher {
         }
     }
 
+    /// Whether the layer may still switch to bulk: not streamed yet, and large enough.
+    fn may_switch(&self) -> bool {
+        !self.demand.started.load(Relaxed)
+            && self.index.uncompressed_size >= self.fetcher.cfg.bulk.min_layer_bytes
+    }
+
     /// Whether demand reads have covered `share` of the layer's spans (never for 0).
     fn read_share_reached(&self, share: f64) -> bool {
-        let n = self.index.spans.len();
-        share > 0.0
-            && self.demand.count.load(Relaxed) > 0
-            && self.demand.count.load(Relaxed) as f64 >= share * n as f64
+        let read = self.demand.count.load(Relaxed);
+        share > 0.0 && read > 0 && read as f64 >= share * self.index.spans.len() as f64
     }
 
     /// Tells the layer that a workload reading it streams another layer of its image in bulk
     /// (a tar of /usr reads every layer, each in an order of its own: only the first one read
     /// in order switches on [`BulkConfig::sequential_bytes`], the others would wait for
     /// [`BulkConfig::share`] of their spans, read a few KiB at a time). From now on the layer
-    /// switches at a quarter of that share, and does at once if its reads have covered it.
+    /// switches at [`SIBLING_SHARE`] of that share, and does at once if its reads have covered
+    /// it.
     pub fn sibling_streams(self: &Arc<Self>) {
         if self.demand.sibling_streams.swap(true, Relaxed) {
             return;
         }
-        let cfg = &self.fetcher.cfg.bulk;
-        if !self.demand.started.load(Relaxed)
-            && self.index.uncompressed_size >= cfg.min_layer_bytes
-            && self.read_share_reached(cfg.share / 4.0)
+        if self.may_switch() && self.read_share_reached(self.fetcher.cfg.bulk.share * SIBLING_SHARE)
         {
             self.stream_rest("image");
         }
