@@ -22,7 +22,10 @@
 #     publishes a startup profile of the workload first (`clip profile`, on its own copy of the
 #     image) so the node prefetches what the workload reads; soci is the SOCI snapshotter 0.4.1
 #     from Debian's development suite (scripts/bench/peers.sh) with its own index (`soci create`,
-#     4 MiB spans, pushed to the registry), pulled with `soci image rpull --soci-index-digest`
+#     4 MiB spans, pushed to the registry), pulled with `soci image rpull --soci-index-digest`;
+#     stargz is stargz-snapshotter 0.14.3's library with its defaults (scripts/bench/stargz.sh:
+#     Debian ships no stargz daemon) on its own eStargz conversion of the image (ctr-remote
+#     `image convert --estargz`, no prioritized files), pulled with `ctr-remote images rpull`
 #
 # Floor: the compressed bytes of the file ranges the workload reads (`clip profile` reports
 # them, pro-rated by span) over the link rate (loopback: not limiting), plus the same
@@ -126,7 +129,11 @@ start_once() {
   sn=${sn%%/*}
   stop_node "$dir" 2>/dev/null || true
   rm -rf "$dir"; mkdir -p "$dir"
-  if [[ $mode == soci ]]; then start_soci_node "$dir"; else start_node "$dir" "$@"; fi
+  case $mode in
+    soci) start_soci_node "$dir" ;;
+    stargz) start_stargz_node "$dir" ;;
+    *) start_node "$dir" "$@" ;;
+  esac
   drop
   b0=$(cat "$sf"); q0=$(cat "$sf.req")
   s=$(now)
@@ -134,6 +141,8 @@ start_once() {
     $NODE_CTR images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
   elif [[ $mode == soci ]]; then
     "$SOCI_BIN/soci" --address "$dir/containerd.sock" image rpull --plain-http --soci-index-digest "$SOCI_INDEX" "$img" >/dev/null 2>&1
+  elif [[ $mode == stargz ]]; then
+    "$STARGZ_BIN/ctr-remote" -a "$dir/containerd.sock" images rpull --plain-http "$img" >/dev/null 2>&1
   else
     "$CLIP" --root "$dir/clip" pull "$img" --address "$dir/containerd.sock" 2>/dev/null
   fi
@@ -148,7 +157,7 @@ start_once() {
   WARM_S=$(echo "$e - $s" | bc)
   RSS=$(awk '/^VmHWM/ {print $2 * 1024}' "/proc/$NODE_SNAP_PID/status")
   # -x: not into the snapshotters' FUSE mounts; a node has only one of the two directories.
-  CACHE=$({ du -sbx "$dir/clip/cache" "$dir/soci" 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
+  CACHE=$({ du -sbx "$dir/clip/cache" "$dir/soci" "$dir/stargz" 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 }
 
 DEFAULT_MODES="overlayfs clip clip+profile soci"
@@ -157,6 +166,10 @@ MODES=${CLIP_BENCH_MODES:-$DEFAULT_MODES}
 if [[ " $MODES " == *" soci "* ]]; then
   echo "==> SOCI peer: its index for the image (soci create + push)"
   soci_index "$LAYOUT" large large-soci
+fi
+if [[ " $MODES " == *" stargz "* ]]; then
+  echo "==> stargz peer: its eStargz conversion of the image (ctr-remote image convert + push)"
+  stargz_image large large large-esgz
 fi
 if [[ " $MODES " == *" clip/signed "* ]]; then
   echo "==> cosign: a key for the run, the index artifact of large:large signed"
@@ -197,6 +210,7 @@ for link in "${LINKS[@]}"; do
       case $mode in
         clip+profile) REPO=${PROF_REPO[$w]} ;;
         soci) REPO=large-soci ;;
+        stargz) REPO=large-esgz ;;
         *) REPO=large ;;
       esac
       declare -a cold=() bytes=() warm=() rss=() cache=() reqs=()
@@ -213,7 +227,7 @@ for link in "${LINKS[@]}"; do
       MED["$link|$w|$mode"]=$cm
       floor=$(awk -v f="${FLOOR_B[$w]}" -v r="${RATE[$link]}" -v w="$wm" 'BEGIN {printf "%.2f", (r > 0 ? f / r : 0) + w}')
       ratio=$(awk -v c="$cm" -v f="$floor" 'BEGIN {printf "%.1f", c / f}')
-      ROWS+=("| $link | \`$(wname "$w")\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode == clip* || $mode == soci ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
+      ROWS+=("| $link | \`$(wname "$w")\` | $mode | $(echo "${cold[@]}" | stats) | $floor s | **$ratio** | $(mib "${b%.*}") ($(awk -v b="$b" -v t="$IMAGE_BYTES" 'BEGIN {printf "%.1f", b * 100 / t}') %) | $(echo "${reqs[@]}" | med | cut -d. -f1) | $(echo "${warm[@]}" | stats) | $( [[ $mode != overlayfs ]] && echo "$(mib "$(echo "${rss[@]}" | med | cut -d. -f1)") / $(mib "$(echo "${cache[@]}" | med | cut -d. -f1)")" || echo "-") |")
     done
   done
 done
@@ -230,7 +244,12 @@ for link in "${LINKS[@]}"; do
       [[ -n $m ]] || continue
       vs=$([[ -n $base ]] && awk -v a="$m" -v b="$base" 'BEGIN {printf "%.2f", a / b}' || echo -)
       img=$([[ ${RATE[$link]} -gt 0 ]] && awk -v a="$m" -v t="$IMAGE_BYTES" -v r="${RATE[$link]}" 'BEGIN {printf "%.2f", a / (t / r)}' || echo -)
-      RATIOS+=("| $link | \`$(wname "$w")\` | $mode | $(printf %.2f "$m") s | $([[ -n $base ]] && printf %.2f "$base" || echo -) s | **$vs** | $img |")
+      peers=""
+      for p in soci stargz; do
+        pm=${MED["$link|$w|$p"]:-}
+        peers+=" $([[ -n $pm && $mode != "$p" ]] && awk -v a="$m" -v b="$pm" 'BEGIN {printf "%.2f", a / b}' || echo -) |"
+      done
+      RATIOS+=("| $link | \`$(wname "$w")\` | $mode | $(printf %.2f "$m") s | $([[ -n $base ]] && printf %.2f "$base" || echo -) s | **$vs** | $img |$peers")
     done
   done
 done
@@ -241,8 +260,8 @@ echo "floor bytes (compressed file ranges read): $(for w in "${WORKLOADS[@]}"; d
   echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
-  echo "| link | workload | mode | median | overlayfs (full pull + run) | mode / overlayfs | mode / (image bytes over the link) |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| link | workload | mode | median | overlayfs (full pull + run) | mode / overlayfs | mode / (image bytes over the link) | mode / soci | mode / stargz |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${RATIOS[@]}"
 } | tee "$WORK/table.md"
 

@@ -117,6 +117,44 @@ start_soci_node() {
   node_containerd "$dir" soci
 }
 
+# start_stargz_node DIR -> the same with stargz-snapshotter 0.14.3's library (stargz-grpc, built
+# by stargz.sh into $STARGZ_BIN) as proxy plugin "stargz", with its default configuration.
+start_stargz_node() {
+  local dir=$1
+  mkdir -p "$dir/runc" "$dir/fifo"
+  : >"$dir/stargz.toml"
+  "$STARGZ_BIN/stargz-grpc" -address "$dir/stargz.sock" -root "$dir/stargz" -config "$dir/stargz.toml" 2>>"$dir/snapshotter.log" >&2 &
+  NODE_SNAP_PID=$!
+  wait_socket "$dir" "$dir/stargz.sock" "stargz snapshotter"
+  node_containerd "$dir" stargz
+}
+
+# stargz_image TAG SRC_REPO DST_REPO -> $REGISTRY/DST_REPO:TAG, the eStargz conversion of
+# SRC_REPO:TAG by ctr-remote (`image convert --estargz --oci`: no prioritized files, so no
+# prefetch), pushed; sets STARGZ_BIN. The conversion (minutes) is kept as an OCI layout in
+# $CLIP_IMAGE_CACHE/DST_REPO and pushed from there the next time. Uses WORK.
+stargz_image() {
+  local tag=$1 src=$2 dst=$3 ctr_remote cache=${CLIP_IMAGE_CACHE:-/var/cache/clip-test-images}/$3
+  STARGZ_BIN=$(bash "$ROOT_DIR/scripts/bench/stargz.sh" | tail -1)
+  if [[ -f $cache/index.json ]]; then
+    push_layout "$cache" "$tag" "$dst"
+    echo "eStargz image $REGISTRY/$dst:$tag (from $cache)" >&2
+    return 0
+  fi
+  start_stargz_node "$WORK/stargz-pub"
+  ctr_remote="$STARGZ_BIN/ctr-remote -a $WORK/stargz-pub/containerd.sock"
+  $ctr_remote images pull --plain-http "$REGISTRY/$src:$tag" >/dev/null
+  $ctr_remote image convert --estargz --oci "$REGISTRY/$src:$tag" "$REGISTRY/$dst:$tag" >"$WORK/stargz-convert.log" 2>&1 \
+    || { cat "$WORK/stargz-convert.log" >&2; return 1; }
+  $ctr_remote images push --plain-http "$REGISTRY/$dst:$tag" >"$WORK/stargz-push.log" 2>&1 \
+    || { cat "$WORK/stargz-push.log" >&2; return 1; }
+  stop_node "$WORK/stargz-pub"
+  rm -rf "$cache.new"
+  skopeo copy --quiet --src-tls-verify=false "docker://$REGISTRY/$dst:$tag" "oci:$cache.new:$tag"
+  mv "$cache.new" "$cache"
+  echo "eStargz image $REGISTRY/$dst:$tag (kept in $cache)" >&2
+}
+
 # stop_node DIR: stops tasks, the snapshotter and containerd; detaches leftover mounts under DIR.
 stop_node() {
   local dir=$1 id
