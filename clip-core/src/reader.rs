@@ -237,6 +237,12 @@ impl LayerReader {
             r.note(offset, len);
         }
         let spans = index.spans_covering(offset, len);
+        if end != u64::MAX {
+            // How much of the file is still to come: a large file read in order switches the
+            // layer to bulk early.
+            let ahead = end.min(size).saturating_sub(offset + len);
+            self.fetcher.note_file_read(spans.clone(), ahead);
+        }
         let prev = self.last_end.swap(spans.end, Relaxed);
         // Sequential: this read starts where the last one ended (or re-reads its last span).
         let sequential = prev != usize::MAX

@@ -79,6 +79,9 @@ pub struct BulkSection {
     /// Bytes of a layer read in its order after which the rest is streamed, e.g. "32MiB" (the
     /// default; "0": never on order).
     pub sequential: Option<String>,
+    /// A file with at least this much still to come once an eighth of `sequential` of it has
+    /// been read in order switches its layer, e.g. "64MiB" (the default; "0": never on a file).
+    pub large_file: Option<String>,
     /// Bulk range requests in flight at once, across every layer (default 4).
     pub requests: Option<usize>,
     /// containerd namespaces whose pulls fetch every lazy layer whole before the pull ends
@@ -106,6 +109,7 @@ impl BulkSection {
         Ok(clip_core::fetch::BulkConfig {
             share,
             sequential_bytes: size(&self.sequential, d.sequential_bytes, "bulk.sequential")?,
+            large_file_bytes: size(&self.large_file, d.large_file_bytes, "bulk.large_file")?,
             concurrency: requests,
             ..d
         })
@@ -622,11 +626,12 @@ mod tests {
     fn bulk_settings_are_read_and_checked() {
         let c = parse(
             &[],
-            "[bulk]\nshare = 0.5\nsequential = \"0\"\nrequests = 8\neager_namespaces = [\"batch\"]\n",
+            "[bulk]\nshare = 0.5\nsequential = \"0\"\nlarge_file = \"1GiB\"\nrequests = 8\neager_namespaces = [\"batch\"]\n",
         )
         .unwrap();
         assert_eq!(c.bulk.share, 0.5);
         assert_eq!(c.bulk.sequential_bytes, 0);
+        assert_eq!(c.bulk.large_file_bytes, 1 << 30);
         assert_eq!(c.bulk.concurrency, 8);
         assert_eq!(c.snapshotter.eager_namespaces, ["batch"]);
         for (bad, key) in [
@@ -634,6 +639,7 @@ mod tests {
             ("share = -0.1", "bulk.share:"),
             ("requests = 0", "bulk.requests:"),
             ("sequential = \"lots\"", "bulk.sequential:"),
+            ("large_file = \"huge\"", "bulk.large_file:"),
         ] {
             let err = parse(&[], &format!("[bulk]\n{bad}\n")).unwrap_err();
             assert!(err.to_string().starts_with(key), "{bad}: {err}");

@@ -5,7 +5,8 @@
 //! large model file), where the round trips add up and a single inflating stream is the floor of
 //! every unpacker. Each layer's demand reads are watched; once they have covered
 //! [`BulkConfig::share`] of the layer's spans, or read [`BulkConfig::sequential_bytes`] in the
-//! layer's order, the spans no tier has are streamed: from where the reads are, onwards, then
+//! layer's order, or an eighth of that inside a file with [`BulkConfig::large_file_bytes`] still
+//! to come, the spans no tier has are streamed: from where the reads are, onwards, then
 //! the start of the layer, in runs of [`BulkConfig::run_bytes`], [`BulkConfig::concurrency`]
 //! range requests at once, each run inflated from its own checkpoint (so on every core), each
 //! span verified and put in the cache like any other.
@@ -34,6 +35,10 @@ const SIBLING_SHARE: f64 = 0.25;
 
 /// Small forward skips that keep a read "in order" (tar headers, a file nobody read).
 const IN_ORDER_GAP: u64 = 1 << 20;
+
+/// A read in order inside a large file switches the layer after this fraction of
+/// [`BulkConfig::sequential_bytes`] (4 MiB of the default 32 MiB).
+const LARGE_FILE_IN_ORDER: u64 = 8;
 
 /// What demand reads have asked of one layer.
 pub(super) struct Demand {
@@ -124,6 +129,26 @@ impl LayerFetcher {
         };
         if let Some(reason) = reason {
             self.stream_rest(reason);
+        }
+    }
+
+    /// Notes that a demand read of spans `range` has `file_ahead` bytes of its file after it. A
+    /// program that has read a file in order this far, with at least
+    /// [`BulkConfig::large_file_bytes`] of it to come, reads the rest (a model's weights, an
+    /// archive): the layer switches after an eighth of [`BulkConfig::sequential_bytes`] read
+    /// in order (reason `file`) instead of all of it.
+    pub fn note_file_read(self: &Arc<Self>, range: Range<usize>, file_ahead: u64) {
+        let cfg = &self.fetcher.cfg.bulk;
+        if cfg.large_file_bytes == 0
+            || cfg.sequential_bytes == 0
+            || file_ahead < cfg.large_file_bytes
+            || range.is_empty()
+            || !self.may_switch()
+        {
+            return;
+        }
+        if self.in_order_bytes(range) >= cfg.sequential_bytes / LARGE_FILE_IN_ORDER {
+            self.stream_rest("file");
         }
     }
 

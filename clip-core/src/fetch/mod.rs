@@ -100,8 +100,8 @@ pub struct FetchConfig {
 
 /// Bulk mode: once a workload is seen to read most of a layer, the rest of the layer is
 /// streamed at the link's full rate, in parallel range requests inflated on every core. Defaults:
-/// after 40 % of a layer's spans, or 32 MiB read in order; layers of 16 MiB or more; 8 MiB
-/// runs, 4 in flight.
+/// after 40 % of a layer's spans, 32 MiB read in order, or 4 MiB read in order inside a file
+/// with 64 MiB or more still to come; layers of 16 MiB or more; 8 MiB runs, 4 in flight.
 #[derive(Clone, Debug)]
 pub struct BulkConfig {
     /// The share of a layer's spans read on demand after which the rest is streamed (0: never).
@@ -109,6 +109,10 @@ pub struct BulkConfig {
     /// Bytes of a layer read in order (one large file, or files in the layer's order) after
     /// which the rest is streamed (0: never).
     pub sequential_bytes: u64,
+    /// A read in order inside a file with at least this many bytes of it still to come switches
+    /// the layer once 4 MiB have been read in order (a model's weights, an archive: the program
+    /// reads the rest); 0: never.
+    pub large_file_bytes: u64,
     /// Layers smaller than this (uncompressed) are never streamed in bulk.
     pub min_layer_bytes: u64,
     /// Uncompressed bytes (whole spans) per bulk range request.
@@ -123,6 +127,7 @@ impl Default for BulkConfig {
         BulkConfig {
             share: 0.4,
             sequential_bytes: 32 << 20,
+            large_file_bytes: 64 << 20,
             min_layer_bytes: 16 << 20,
             run_bytes: 8 << 20,
             concurrency: 4,
@@ -136,6 +141,7 @@ impl BulkConfig {
         BulkConfig {
             share: 0.0,
             sequential_bytes: 0,
+            large_file_bytes: 0,
             ..Self::default()
         }
     }

@@ -881,12 +881,13 @@ fn bulk_fetcher(cap: u64, bulk: crate::fetch::BulkConfig) -> Arc<Fetcher> {
     )
 }
 
-/// Bulk settings scaled to the 3 MiB test layer: switch after 40 % of its spans or 512 KiB
-/// read in order; 256 KiB runs.
+/// Bulk settings scaled to the 3 MiB test layer: switch after 40 % of its spans, 512 KiB read
+/// in order, or 64 KiB in order inside a file with 1 MiB still to come; 256 KiB runs.
 fn small_bulk() -> crate::fetch::BulkConfig {
     crate::fetch::BulkConfig {
         share: 0.4,
         sequential_bytes: 512 << 10,
+        large_file_bytes: 1 << 20,
         min_layer_bytes: 1 << 20,
         run_bytes: 256 << 10,
         concurrency: 4,
@@ -1308,4 +1309,87 @@ async fn a_read_of_local_bytes_is_answered_on_the_calling_thread() {
     );
     disk.damage.store(false, Relaxed);
     assert!(t.source.request_count() > requests);
+}
+
+/// [`small_bulk`] for a file larger than the test layer's: never on share; 2 MiB read in order
+/// switch the layer, or 256 KiB inside a file with 1 MiB still to come (about five of the test
+/// layer's spans: more than one read covers).
+fn file_bulk(large_file_bytes: u64) -> crate::fetch::BulkConfig {
+    crate::fetch::BulkConfig {
+        share: 0.0,
+        sequential_bytes: 2 << 20,
+        large_file_bytes,
+        ..small_bulk()
+    }
+}
+
+#[tokio::test]
+async fn reading_a_large_file_in_order_switches_its_layer_early() {
+    // One 4 MiB file (a model's weights) read from its start in 16 KiB reads: with 1 MiB or more
+    // of the file still to come, 256 KiB read in order switch the layer (an eighth of the 2 MiB
+    // that reads in the layer's order need); without the large-file rule, the switch waits for
+    // those 2 MiB, the spans before it fetched as they are read.
+    let (gz, index, windows, tar) = layer(1, 4 << 20, 16 << 10);
+    let file = files_of(&index)[0];
+    let run = |large_file_bytes: u64| {
+        let (gz, windows, index, tar) = (gz.clone(), windows.clone(), index.clone(), tar.clone());
+        async move {
+            let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+            let fetcher = bulk_fetcher(64 << 20, file_bulk(large_file_bytes));
+            let reader = LayerReader::new(&fetcher, source.clone(), index, None, NO_GUESSING);
+            let (offset, size) = file;
+            let mut at = offset;
+            let mut switched_at = None;
+            while at < offset + size {
+                let n = (16 << 10).min(offset + size - at);
+                let got = reader.read_within(at, n, offset + size).await.unwrap();
+                assert_eq!(&got[..], &tar[at as usize..(at + n) as usize]);
+                at += n;
+                if reader.bulk_started() && switched_at.is_none() {
+                    switched_at = Some(at - offset);
+                }
+            }
+            reader.bulk_ended().await;
+            (switched_at, source.request_count())
+        }
+    };
+    let (late, late_requests) = run(0).await;
+    let late = late.expect("2 MiB in order switch the layer");
+    // Whole spans are counted: the last one read may reach past the reads.
+    assert!(
+        late >= (2 << 20) - (128 << 10),
+        "switched after {late} bytes without the rule"
+    );
+    let (early, early_requests) = run(1 << 20).await;
+    let early = early.expect("the large file switches its layer");
+    assert!(
+        early <= 384 << 10,
+        "switched after {early} bytes of a 4 MiB file read in order"
+    );
+    assert!(
+        early_requests < late_requests,
+        "{early_requests} requests with the rule, {late_requests} without"
+    );
+}
+
+#[tokio::test]
+async fn a_large_file_read_out_of_order_does_not_switch_its_layer() {
+    // The same file read in scattered 16 KiB pieces (a program seeking through an archive's
+    // members): nothing is in order, so it never switches on the file, however large.
+    let (gz, index, windows, tar) = layer(1, 4 << 20, 16 << 10);
+    let (offset, size) = files_of(&index)[0];
+    let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
+    let fetcher = bulk_fetcher(64 << 20, file_bulk(1 << 20));
+    let reader = LayerReader::new(&fetcher, source, index, None, NO_GUESSING);
+    // Every 8th piece, from the end of the file backwards.
+    let pieces = size / (16 << 10);
+    for k in (0..pieces).rev().step_by(8) {
+        let at = offset + k * (16 << 10);
+        let got = reader
+            .read_within(at, 16 << 10, offset + size)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &tar[at as usize..at as usize + (16 << 10)]);
+    }
+    assert!(!reader.bulk_started());
 }

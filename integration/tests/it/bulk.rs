@@ -248,3 +248,65 @@ fn a_layer_read_in_bulk_has_the_images_other_read_layers_streamed_too() {
         "{bytes} bytes in {requests} requests after the layer was streamed"
     );
 }
+
+#[test]
+fn a_large_file_read_in_order_has_its_layer_streamed_early() {
+    // A model's weights, read from the start: 12 MiB of a 128 MiB file read in order is short of
+    // the 32 MiB that reads in the layer's order need, but with 64 MiB or more of the file still
+    // to come the layer is streamed after 4 MiB (reason "file"). Afterwards the whole file reads
+    // with no request to the registry. The control, the rule off, never switches.
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:bigfile"]);
+    reg.push_layout(&l, "v1", "big");
+    publish_index(tmp.path(), &format!("{}:v1", reg.image("big")));
+    let proxy = CountingProxy::start(&reg.host);
+    let image = format!("{}/big:v1", proxy.host);
+    let head = ["sh", "-c", "head -c 12582912 /data/big.bin | wc -c"];
+
+    let off = node_with(&tmp.path().join("off"), "[bulk]\nlarge_file = \"0\"\n");
+    off.pull_ok(&image);
+    let o = off.run("clip", &image, "head-off", &head);
+    assert_eq!(out(&o).trim(), "12582912", "{}", stderr(&o));
+    let log = without_colours(&off.snapshotter_log());
+    assert!(!log.contains("streaming the rest"), "{log}");
+    drop(off);
+
+    let node = node_with(&tmp.path().join("default"), "");
+    node.pull_ok(&image);
+    let o = node.run("clip", &image, "head", &head);
+    assert_eq!(out(&o).trim(), "12582912", "{}", stderr(&o));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !without_colours(&node.snapshotter_log()).contains("bulk streaming of the layer ended") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            without_colours(&node.snapshotter_log())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let m = node.metrics();
+    assert_eq!(
+        metric(&m, "clip_bulk_layers_total{reason=\"file\"}"),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "clip_bulk_bytes_total") > (100u64 << 20) as f64,
+        "{m}"
+    );
+    let (b0, q0) = (proxy.sent(), blob_requests(&proxy));
+    let dd = [
+        "sh",
+        "-c",
+        "dd if=/data/big.bin of=/dev/null bs=1M 2>&1 | head -1",
+    ];
+    let o = node.run("clip", &image, "whole", &dd);
+    assert_eq!(out(&o).trim(), "128+0 records in", "{}", stderr(&o));
+    assert_eq!(
+        blob_requests(&proxy) - q0,
+        0,
+        "{} bytes fetched reading the file after its layer was streamed",
+        proxy.sent() - b0
+    );
+}
