@@ -12,25 +12,11 @@ DEST="$CACHE/$PKG-$VERSION"
 if [[ -x $DEST/$BIN ]]; then
   echo "$DEST"; exit 0
 fi
-APT="$CACHE/apt"
-mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/etc/sources.list.d" "$APT/etc/preferences.d" "$CACHE/debs"
-cat >"$APT/etc/sources.list.d/sid.sources" <<SRC
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: sid trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-cat >"$APT/apt.conf" <<CONF
-Dir::Etc::SourceList "/dev/null";
-Dir::Etc::SourceParts "$APT/etc/sources.list.d";
-Dir::Etc::Preferences "/dev/null";
-Dir::Etc::PreferencesParts "$APT/etc/preferences.d";
-Dir::State::Lists "$APT/lists";
-Dir::Cache "$APT/cache";
-Dir::State::status "/dev/null";
-CONF
-export APT_CONFIG="$APT/apt.conf"
+source "$(dirname "$0")/private-apt.sh"
+mkdir -p "$CACHE/debs"
+# The old configuration named its sources file sid.sources; one file of sources only.
+rm -f "$CACHE/apt/etc/sources.list.d/sid.sources"
+private_apt "$CACHE/apt" "sid trixie"
 if ! ls "$CACHE"/debs/"$PKG"_"$VERSION"_*.deb >/dev/null 2>&1; then
   echo "fetching $PKG $VERSION from Debian's development suite" >&2
   apt-get update -qq >&2

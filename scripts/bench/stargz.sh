@@ -17,26 +17,11 @@ SRC_SUM=$(sha256sum "$HERE/stargz-grpc/main.go" | cut -c1-16)
 if [[ -x $C/bin/stargz-grpc && -x $C/bin/ctr-remote && $(cat "$C/bin/.src" 2>/dev/null) == "$SRC_SUM" ]]; then
   echo "$C/bin"; exit 0
 fi
-mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/etc/sources.list.d" "$A/etc/preferences.d" "$C/debs" "$C/bin"
+mkdir -p "$C/debs" "$C/bin"
+source "$HERE/../private-apt.sh"
+rm -f "$A/etc/sources.list.d/trixie.sources"
 # trixie alone: one consistent set of Go sources, the one its stargz-snapshotter was built with.
-cat >"$A/etc/sources.list.d/trixie.sources" <<SRC
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-cat >"$A/apt.conf" <<CONF
-Dir::Etc::SourceList "/dev/null";
-Dir::Etc::SourceParts "$A/etc/sources.list.d";
-Dir::Etc::Preferences "/dev/null";
-Dir::Etc::PreferencesParts "$A/etc/preferences.d";
-Dir::State::Lists "$A/lists";
-Dir::Cache "$A/cache";
-Dir::State::status "/dev/null";
-APT::Architecture "amd64";
-CONF
-export APT_CONFIG=$A/apt.conf
+private_apt "$A" trixie
 if [[ ! -f $C/debs/.complete ]]; then
   echo "stargz peer: fetching stargz-snapshotter 0.14.3's Go sources and Go 1.24 from Debian trixie" >&2
   apt-get update -qq >&2
