@@ -18,7 +18,7 @@
 #   CLIP_BENCH_SET=readmost: the read-most workloads instead (a tar of /usr; every .py file of the
 #     Python tree read once); "all": both sets. The floor of a read-most workload is also shown as
 #     the image's bytes over the link (what a full pull must move).
-#   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile soci"); clip+profile
+#   CLIP_BENCH_MODES="clip": modes to run (default "overlayfs clip clip+profile soci stargz"); clip+profile
 #     publishes a startup profile of the workload first (`clip profile`, on its own copy of the
 #     image) so the node prefetches what the workload reads; soci is the SOCI snapshotter 0.4.1
 #     from Debian's development suite (scripts/bench/peers.sh) with its own index (`soci create`,
@@ -160,7 +160,7 @@ start_once() {
   CACHE=$({ du -sbx "$dir/clip/cache" "$dir/soci" "$dir/stargz" 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 }
 
-DEFAULT_MODES="overlayfs clip clip+profile soci"
+DEFAULT_MODES="overlayfs clip clip+profile soci stargz"
 [[ $QUICK == 1 ]] && DEFAULT_MODES="overlayfs clip"
 MODES=${CLIP_BENCH_MODES:-$DEFAULT_MODES}
 if [[ " $MODES " == *" soci "* ]]; then

@@ -15,8 +15,8 @@ for r in rows:
     groups.setdefault((r["link"], r["workload"]), {}).setdefault(r["mode"], []).append(float(r["seconds"]))
 
 bar_h, gap, left, width = 18, 14, 330, 460
-MODES = ("overlayfs", "soci", "clip", "clip+profile")
-colors = {"overlayfs": "#9aa5b1", "soci": "#f2994a", "clip": "#2f80ed", "clip+profile": "#27ae60"}
+MODES = ("overlayfs", "soci", "stargz", "clip", "clip+profile")
+colors = {"overlayfs": "#9aa5b1", "soci": "#f2994a", "stargz": "#bb6bd9", "clip": "#2f80ed", "clip+profile": "#27ae60"}
 top = max((max(statistics.median(v) for v in g.values()) for g in groups.values()), default=1)
 height = 60 + sum(len(g) * bar_h + gap for g in groups.values()) + 30
 out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" height="{height}" font-family="sans-serif" font-size="12">',
