@@ -7,16 +7,38 @@ use crate::common::*;
 use crate::snapshotter::{out, publish_index, Node};
 use std::path::Path;
 
-/// busybox and 2048 files of 16 KiB (32 MiB) in /data/mf, its index published, behind a proxy
+/// An image `repo:v1` of `layers` (mkimage.py sources), its index published, behind a proxy
 /// that counts what the registry sends. Returns the image's name through the proxy.
-fn manyfiles(tmp: &Path) -> (Registry, CountingProxy, String) {
+fn indexed_behind_proxy(
+    tmp: &Path,
+    repo: &str,
+    layers: &[&str],
+) -> (Registry, CountingProxy, String) {
     let reg = Registry::start(Auth::None);
-    let l = layout(tmp, "v1", &["gen:busybox", "gen:manyfiles"]);
-    reg.push_layout(&l, "v1", "mf");
-    publish_index(tmp, &format!("{}:v1", reg.image("mf")));
+    let l = layout(tmp, "v1", layers);
+    reg.push_layout(&l, "v1", repo);
+    publish_index(tmp, &format!("{}:v1", reg.image(repo)));
     let proxy = CountingProxy::start(&reg.host);
-    let image = format!("{}/mf:v1", proxy.host);
+    let image = format!("{}/{repo}:v1", proxy.host);
     (reg, proxy, image)
+}
+
+/// busybox and 2048 files of 16 KiB (32 MiB) in /data/mf: see [`indexed_behind_proxy`].
+fn manyfiles(tmp: &Path) -> (Registry, CountingProxy, String) {
+    indexed_behind_proxy(tmp, "mf", &["gen:busybox", "gen:manyfiles"])
+}
+
+/// Waits (up to two minutes) until `n` bulk streams have ended on `node`.
+fn wait_streams_ended(node: &Node, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let log = without_colours(&node.snapshotter_log());
+        if log.matches("bulk streaming of the layer ended").count() >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Reads every file of /data/mf, the last one first (an order unrelated to the layer's, as a
@@ -190,20 +212,15 @@ fn clip_pull_full_fetches_every_layer_before_the_pull_ends() {
 #[test]
 fn a_layer_read_in_bulk_has_the_images_other_read_layers_streamed_too() {
     // A tar of /usr reads every layer, each in an order of its own: one layer switches on
-    // reads in its order (here a large file's), the others would wait for 40 % of their spans, read a few KiB at a
-    // time. Once a container has read 32 MiB of a layer streamed in bulk, every other layer it
-    // has read a tenth of is streamed as well.
+    // reads in its order (here a large file's), the others would wait for 40 % of their spans,
+    // read a few KiB at a time. Once a container has read 32 MiB of a layer streamed in bulk,
+    // every other layer it has read a tenth of is streamed as well.
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start(Auth::None);
-    let l = layout(
+    let (_reg, proxy, image) = indexed_behind_proxy(
         tmp.path(),
-        "v1",
+        "mix",
         &["gen:busybox", "gen:bigfile", "gen:manyfiles"],
     );
-    reg.push_layout(&l, "v1", "mix");
-    publish_index(tmp.path(), &format!("{}:v1", reg.image("mix")));
-    let proxy = CountingProxy::start(&reg.host);
-    let image = format!("{}/mix:v1", proxy.host);
     let node = node_with(&tmp.path().join("node"), "");
     node.pull_ok(&image);
     // 320 of the 2048 files (about 16 % of their layer), then the 128 MiB file start to end.
@@ -218,20 +235,7 @@ fn a_layer_read_in_bulk_has_the_images_other_read_layers_streamed_too() {
         stderr(&o)
     );
     // Both streams end in the background.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let ended = || {
-        without_colours(&node.snapshotter_log())
-            .matches("bulk streaming of the layer ended")
-            .count()
-    };
-    while ended() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            without_colours(&node.snapshotter_log())
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_streams_ended(&node, 2);
     let log = without_colours(&node.snapshotter_log());
     // The 128 MiB file, read from its start, switches its layer (the large-file rule).
     assert!(log.contains("reason=\"file\""), "{log}");
@@ -257,12 +261,8 @@ fn a_large_file_read_in_order_has_its_layer_streamed_early() {
     // to come the layer is streamed after 4 MiB (reason "file"). Afterwards the whole file reads
     // with no request to the registry. The control, the rule off, never switches.
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start(Auth::None);
-    let l = layout(tmp.path(), "v1", &["gen:busybox", "gen:bigfile"]);
-    reg.push_layout(&l, "v1", "big");
-    publish_index(tmp.path(), &format!("{}:v1", reg.image("big")));
-    let proxy = CountingProxy::start(&reg.host);
-    let image = format!("{}/big:v1", proxy.host);
+    let (_reg, proxy, image) =
+        indexed_behind_proxy(tmp.path(), "big", &["gen:busybox", "gen:bigfile"]);
     let head = ["sh", "-c", "head -c 12582912 /data/big.bin | wc -c"];
 
     let off = node_with(&tmp.path().join("off"), "[bulk]\nlarge_file = \"0\"\n");
@@ -277,15 +277,7 @@ fn a_large_file_read_in_order_has_its_layer_streamed_early() {
     node.pull_ok(&image);
     let o = node.run("clip", &image, "head", &head);
     assert_eq!(out(&o).trim(), "12582912", "{}", stderr(&o));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !without_colours(&node.snapshotter_log()).contains("bulk streaming of the layer ended") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            without_colours(&node.snapshotter_log())
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_streams_ended(&node, 1);
     let m = node.metrics();
     assert_eq!(
         metric(&m, "clip_bulk_layers_total{reason=\"file\"}"),
