@@ -76,14 +76,15 @@ impl Containerd {
         Ok(())
     }
 
-    /// Writes `chunks` (the whole blob, in order) as content `digest` with `labels`.
+    /// Writes `chunks` (the whole blob, in order) as content `digest` with `labels`; `Locked`
+    /// when another writer holds the write's ref (see [`LockWait`]): nothing was written.
     async fn write_content(
         &self,
         digest: &Digest,
         size: u64,
         labels: HashMap<String, String>,
         mut chunks: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
-    ) -> Result<()> {
+    ) -> Result<Written> {
         let (tx, rx) = tokio::sync::mpsc::channel::<api::WriteContentRequest>(4);
         let reference = format!("clip-pull-{digest}");
         let (d, r) = (digest.to_string(), reference.clone());
@@ -125,7 +126,11 @@ impl Containerd {
             .await;
         let mut resp = match resp {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(Written::Done),
+            Err(s) if s.code() == Code::Unavailable => {
+                feeder.abort();
+                return Ok(Written::Locked(s.message().to_string()));
+            }
             Err(s) => bail!("writing content {digest}: {}", s.message()),
         };
         loop {
@@ -133,11 +138,15 @@ impl Containerd {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(s) if s.code() == Code::AlreadyExists => break,
+                Err(s) if s.code() == Code::Unavailable => {
+                    feeder.abort();
+                    return Ok(Written::Locked(s.message().to_string()));
+                }
                 Err(s) => bail!("writing content {digest}: {}", s.message()),
             }
         }
         feeder.await.context("content writer task")??;
-        Ok(())
+        Ok(Written::Done)
     }
 
     async fn put_small(
@@ -146,16 +155,22 @@ impl Containerd {
         data: bytes::Bytes,
         labels: HashMap<String, String>,
     ) -> Result<()> {
-        if let Some(existing) = self.content_labels(digest).await? {
-            return self
-                .label_content(digest, &merged_sources(&existing, labels))
-                .await;
+        let mut wait = LockWait::new();
+        loop {
+            if let Some(existing) = self.content_labels(digest).await? {
+                return self
+                    .label_content(digest, &merged_sources(&existing, labels))
+                    .await;
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let size = data.len() as u64;
+            tx.send(Ok(data.clone())).await.ok();
+            drop(tx);
+            match self.write_content(digest, size, labels.clone(), rx).await? {
+                Written::Done => return Ok(()),
+                Written::Locked(why) => wait.wait(digest, &why).await?,
+            }
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let size = data.len() as u64;
-        tx.send(Ok(data)).await.ok();
-        drop(tx);
-        self.write_content(digest, size, labels, rx).await
     }
 
     async fn snapshot_exists(&self, key: &str) -> Result<bool> {
@@ -173,6 +188,53 @@ impl Containerd {
             Err(s) if s.code() == Code::NotFound => Ok(false),
             Err(s) => bail!("snapshot stat {key}: {}", s.message()),
         }
+    }
+}
+
+/// How a content write ended.
+enum Written {
+    Done,
+    /// containerd refused it: another writer holds its ref. Nothing was written.
+    Locked(String),
+}
+
+/// Waiting for another writer of the same content. Two pulls of one image at once write the
+/// same content under the same ref; containerd lets one write it and answers the other
+/// Unavailable ("ref ... locked"). The other waits, with a backoff, and finds the content
+/// written (containerd's own pull does the same), for at most [`LockWait::LIMIT`].
+struct LockWait {
+    until: Instant,
+    delay: std::time::Duration,
+    told: bool,
+}
+
+impl LockWait {
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+    fn new() -> Self {
+        LockWait {
+            until: Instant::now() + Self::LIMIT,
+            delay: std::time::Duration::from_millis(50),
+            told: false,
+        }
+    }
+
+    /// Waits a little before the next attempt at writing `digest`; an error once the other
+    /// writer has held it for too long.
+    async fn wait(&mut self, digest: &Digest, why: &str) -> Result<()> {
+        if Instant::now() >= self.until {
+            bail!(
+                "writing content {digest}: another writer has held it for {} s: {why}",
+                Self::LIMIT.as_secs()
+            );
+        }
+        if !self.told {
+            eprintln!("content {digest} is being written by another pull: waiting for it ({why})");
+            self.told = true;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(std::time::Duration::from_secs(1));
+        Ok(())
     }
 }
 
@@ -509,21 +571,32 @@ async fn unpack_layer(
     mounts: Vec<containerd_client::types::Mount>,
     source: &(String, String),
 ) -> Result<Digest> {
-    if !cd.content_exists(&layer.digest).await? {
+    let mut wait = LockWait::new();
+    while !cd.content_exists(&layer.digest).await? {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let (client, rr, d, size) = (client.clone(), r.clone(), layer.digest, layer.size);
         let fetch = tokio::spawn(async move { client.stream_blob(&rr, &d, size, tx).await });
-        cd.write_content(
-            &layer.digest,
-            layer.size,
-            HashMap::from([source.clone()]),
-            rx,
-        )
-        .await?;
-        fetch
-            .await
-            .context("download task")?
-            .with_context(|| format!("downloading layer {}", layer.digest))?;
+        let written = cd
+            .write_content(
+                &layer.digest,
+                layer.size,
+                HashMap::from([source.clone()]),
+                rx,
+            )
+            .await?;
+        match written {
+            Written::Done => {
+                fetch
+                    .await
+                    .context("download task")?
+                    .with_context(|| format!("downloading layer {}", layer.digest))?;
+                break;
+            }
+            Written::Locked(why) => {
+                fetch.abort();
+                wait.wait(&layer.digest, &why).await?;
+            }
+        }
     }
     let applied = DiffClient::new(cd.channel.clone())
         .apply(cd.req(api::ApplyRequest {

@@ -721,6 +721,102 @@ fn images_without_an_index_work_like_overlayfs() {
     assert!(out(&o).starts_with(&expected), "{}", stdout(&o));
 }
 
+/// Content containerd is being sent by another writer under the ref `clip pull` would use for
+/// it (`ctr content ingest` holding it open, half written): what a second pull of the same
+/// image at the same moment meets. Returns the ingest, still writing.
+fn hold_content_ref(node: &Node, digest: &str, data: &[u8]) -> Child {
+    let reference = format!("clip-pull-{digest}");
+    let mut ingest = Command::new("ctr")
+        .arg("-a")
+        .arg(node.dir.join("containerd.sock"))
+        .args(["content", "ingest", "--expected-digest", digest])
+        .arg(format!("--expected-size={}", data.len()))
+        .arg(&reference)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("ctr content ingest");
+    use std::io::Write;
+    let stdin = ingest.stdin.as_mut().unwrap();
+    stdin.write_all(&data[..data.len() / 2]).unwrap();
+    stdin.flush().unwrap();
+    wait_for(
+        "the ingest to hold its ref",
+        || stdout(&node.ctr(&["content", "active"])).contains(&reference),
+        &mut ingest,
+        &node.dir.join("containerd.log"),
+    );
+    ingest
+}
+
+/// Finishes [`hold_content_ref`]'s write.
+fn release_content_ref(mut ingest: Child, data: &[u8]) {
+    use std::io::Write;
+    let mut stdin = ingest.stdin.take().unwrap();
+    stdin.write_all(&data[data.len() / 2..]).unwrap();
+    drop(stdin);
+    let status = ingest.wait().unwrap();
+    assert!(status.success(), "ctr content ingest: {status}");
+}
+
+/// `clip pull` waits while another writer holds the ref of content it must write (two pulls of
+/// one image at once: containerd answers the second "ref ... locked"), then finds the content
+/// written and goes on; for the image's config (lazy layers) and for a layer it unpacks.
+#[test]
+fn a_pull_waits_for_another_writer_of_the_same_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, image) = indexed_busybox_users(tmp.path(), "locked");
+    let l = tmp.path().join("layout-v1");
+    let (manifest, _) = layout_manifest_config(&l);
+    let pull = |node: &Node, image: &str, digest: &str, expect: &str| {
+        let data = layout_blob(&l, digest);
+        let held = hold_content_ref(node, digest, &data);
+        let mut child = Command::new(clip_bin())
+            .arg("--root")
+            .arg(node.clip_root())
+            .args(["pull", image, "--address"])
+            .arg(node.dir.join("containerd.sock"))
+            .env("CLIP_LOG", "warn")
+            .env("HOME", &node.dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("clip pull");
+        // The pull says it waits; until then the other writer keeps its ref.
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+            said.push_str(&line);
+            if n == 0 || line.contains("is being written by another pull") {
+                break;
+            }
+        }
+        assert!(
+            said.contains(&format!(
+                "content {digest} is being written by another pull"
+            )),
+            "clip pull did not wait for the other writer: {said}"
+        );
+        release_content_ref(held, &data);
+        std::io::Read::read_to_string(&mut err, &mut said).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "clip pull {image}: {said}");
+        assert!(said.contains(expect), "{said}");
+        let o = node.run("clip", image, "c", &["cat", "/etc/public"]);
+        assert_eq!(out(&o), "anyone\n");
+    };
+    let node = Node::start(&tmp.path().join("node"));
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    pull(&node, &image, config, "2 lazy layer(s), 0 unpacked");
+    // The same layers in a repository without an index, on a node of its own: downloaded and
+    // unpacked.
+    reg.push_layout(&l, "v1", "locked-plain");
+    let plain = format!("{}:v1", reg.image("locked-plain"));
+    let node = Node::start(&tmp.path().join("node2"));
+    let top = manifest["layers"][1]["digest"].as_str().unwrap();
+    pull(&node, &plain, top, "0 lazy layer(s), 2 unpacked");
+}
+
 /// The decoded-index memory budget: with `--index-memory` too small for an image's index, the
 /// image is unpacked normally (a warning names the budget), its container runs, and the daemon
 /// goes on serving; nothing of the budget stays charged by the refused index.
