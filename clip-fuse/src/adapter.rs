@@ -718,7 +718,7 @@ fn config(opts: &MountOptions, workers: &Workers) -> Config {
 }
 
 fn adapter(
-    fs: ClipFs,
+    fs: Arc<ClipFs>,
     rt: tokio::runtime::Handle,
     opts: &MountOptions,
     h: Option<Handover>,
@@ -729,7 +729,7 @@ fn adapter(
     Adapter {
         stored,
         workers: Workers::take(opts.threads),
-        fs: Arc::new(fs),
+        fs,
         rt,
         passthrough: opts.passthrough,
         guesses: opts.guesses,
@@ -754,13 +754,13 @@ pub fn mount(
 /// [`mount`], and with `handover` the keeper holds the connection so that it outlives this
 /// process (see [`crate::handover`]).
 pub fn mount_with(
-    fs: ClipFs,
+    fs: impl Into<Arc<ClipFs>>,
     dir: &Path,
     rt: tokio::runtime::Handle,
     opts: &MountOptions,
     handover: Option<Handover>,
 ) -> std::io::Result<BackgroundSession> {
-    let a = adapter(fs, rt, opts, handover.clone());
+    let a = adapter(fs.into(), rt, opts, handover.clone());
     let (fuse_fd, kernel, notifier) = (a.fuse_fd.clone(), a.kernel.clone(), a.notifier.clone());
     let cfg = config(opts, &a.workers);
     let session = Session::new(a, dir, &cfg)?;
@@ -780,13 +780,13 @@ pub fn mount_with(
 /// image's inode numbers, the previous daemon's open files and backing ids, and the requests
 /// it read but never answered resent by the kernel.
 pub fn resume(
-    fs: ClipFs,
+    fs: impl Into<Arc<ClipFs>>,
     held: Held,
     rt: tokio::runtime::Handle,
     opts: &MountOptions,
     handover: Handover,
 ) -> std::io::Result<BackgroundSession> {
-    let a = adapter(fs, rt, opts, Some(handover));
+    let a = adapter(fs.into(), rt, opts, Some(handover));
     {
         let mut open = a.open.lock().expect("open lock");
         for (ino, state, n) in &held.opens {

@@ -10,6 +10,7 @@ struct Instruments {
     read_bytes: Counter<u64>,
     opens: Counter<u64>,
     libraries: Counter<u64>,
+    programs: Counter<u64>,
     requests: Counter<u64>,
     stored: Counter<u64>,
 }
@@ -32,6 +33,13 @@ fn instruments() -> &'static Instruments {
                 .u64_counter("clip.fuse.libraries.prefetched")
                 .with_description(
                     "Shared libraries fetched because an opened program or library needs them",
+                )
+                .build(),
+            programs: meter
+                .u64_counter("clip.fuse.programs.prefetched")
+                .with_description(
+                    "Programs (and script interpreters) fetched as a container starts, before \
+                     the runtime execs them: read from containerd's record of the container",
                 )
                 .build(),
             requests: meter
@@ -62,6 +70,10 @@ pub fn open(mode: &'static str) {
 
 pub fn library_prefetched() {
     instruments().libraries.add(1, &[]);
+}
+
+pub fn program_prefetched() {
+    instruments().programs.add(1, &[]);
 }
 
 /// One FUSE request of kind `op` answered.

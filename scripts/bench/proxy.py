@@ -6,7 +6,8 @@ written every 100 ms and on exit.
 
 usage: proxy.py LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS STATS_FILE
 With PROXY_TRACE=FILE, every request line (and its Range header) is appended to FILE with the
-milliseconds since the proxy started and the connection's number: the requests' timeline.
+milliseconds since the proxy started, the UTC time (to line up with a daemon's log) and
+the connection's number: the requests' timeline.
 """
 import asyncio
 import os
@@ -32,7 +33,8 @@ def trace(conn, data):
             head = data[m.start():data.find(b"\r\n\r\n", m.start()) + 2]
             r = RANGE.search(head)
             rng = r.group(1).decode() if r else ""
-            f.write(f"{t:9.1f} c{conn} {m.group(1).decode()} {m.group(2).decode()[:120]} {rng}\n")
+            wall = time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+            f.write(f"{t:9.1f} {wall} c{conn} {m.group(1).decode()} {m.group(2).decode()[:120]} {rng}\n")
 
 
 async def pipe(reader, writer, delay, count, conn=0):

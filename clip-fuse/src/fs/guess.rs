@@ -21,7 +21,11 @@ const LOADER_CACHE_MAX: u64 = 1 << 20;
 
 /// What [`ClipFs::prefetch_startup_files`] fetches, where the image has it (symbolic links
 /// followed), before the loader's cache: the user and group databases the runtime reads, the
-/// dynamic loaders of glibc and musl (x86-64, arm64), and glibc's C library.
+/// dynamic loaders of glibc and musl (x86-64, arm64), and glibc's C library; then what glibc
+/// reads as a program sets its locale and tells the time: the C.UTF-8 character table (the
+/// locale Python, Perl and others coerce to where none is set), the character-set converters'
+/// cache and the local time zone. Each is one small file a start would otherwise wait a round
+/// trip for, one after another.
 const STARTUP_FILES: &[&[u8]] = &[
     b"/etc/passwd",
     b"/etc/group",
@@ -31,7 +35,25 @@ const STARTUP_FILES: &[&[u8]] = &[
     b"/lib/ld-musl-aarch64.so.1",
     b"/lib/x86_64-linux-gnu/libc.so.6",
     b"/lib/aarch64-linux-gnu/libc.so.6",
+    b"/usr/lib/locale/C.utf8/LC_CTYPE",
+    b"/usr/lib/locale/C.UTF-8/LC_CTYPE",
+    b"/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+    b"/usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache",
+    b"/etc/localtime",
 ];
+
+/// `PATH` entries searched for a container's program at most.
+const MAX_PATH_DIRS: usize = 64;
+
+/// Interpreter lines (`#!`) followed from a container's program at most (a script run by an
+/// interpreter that is itself a script: the kernel allows a few levels).
+const MAX_INTERPRETERS: u32 = 2;
+
+/// Bytes of a script read for its interpreter line (the kernel reads 256).
+const INTERPRETER_LINE_MAX: u64 = 256;
+
+/// runc's search path when the container's environment sets none.
+const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Symbolic links followed in one path at most (the kernel's limit).
 const MAX_SYMLINKS: u32 = 40;
@@ -42,6 +64,35 @@ const SIBLINGS_AFTER: u32 = 2;
 
 /// Siblings bigger than this are not fetched on a guess (a big file is seldom read whole).
 const SIBLING_MAX_SIZE: u64 = 512 << 10;
+
+/// What a script's `#!` line runs.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Interpreter<'a> {
+    /// An interpreter by its path (`#!/bin/sh`).
+    Path(&'a [u8]),
+    /// A program `env` finds on the search path (`#!/usr/bin/env python3`).
+    Env(&'a [u8]),
+}
+
+/// The interpreter the first bytes of a file name, if they are a `#!` line (`None` for
+/// anything else, an ELF object included). `env` with options is not followed.
+pub(super) fn interpreter_of(head: &[u8]) -> Option<Interpreter<'_>> {
+    let line = head.strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n')?];
+    let mut words = line
+        .split(|&b| b == b' ' || b == b'\t' || b == b'\r')
+        .filter(|w| !w.is_empty());
+    let first = words.next()?;
+    if first.first() != Some(&b'/') {
+        return None;
+    }
+    if first.rsplit(|&b| b == b'/').next() == Some(b"env") {
+        let name = words.next()?;
+        return (!name.starts_with(b"-") && !name.contains(&b'/'))
+            .then_some(Interpreter::Env(name));
+    }
+    Some(Interpreter::Path(first))
+}
 
 /// Whether a file name is a shared library's: `*.so` or `*.so.*`.
 pub(super) fn library_name(name: &[u8]) -> bool {
@@ -195,6 +246,103 @@ impl ClipFs {
             }
         }
         self.prefetch_loader_cache();
+    }
+
+    /// The program a container starts: `program` (its `process.args[0]`) found as the runtime
+    /// finds it (a name with a `/` from `cwd`, else in the directories of `path`, the
+    /// container's `PATH`), is fetched as an open would fetch it (whole if at most `max`
+    /// bytes), with the libraries its ELF headers name and, for a script, its interpreter
+    /// (`#!`, through `env` too). The runtime execs it only after it has set the container up,
+    /// so its bytes are on their way before the kernel asks. A name the image does not have
+    /// costs nothing. Returns at once (the work runs on the current tokio runtime).
+    pub fn prefetch_program(
+        self: &Arc<Self>,
+        program: &[u8],
+        path: Option<&[u8]>,
+        cwd: &[u8],
+        max: u64,
+    ) {
+        let path = path.unwrap_or(DEFAULT_PATH).to_vec();
+        let Some(ino) = self.find_program(program, &path, cwd) else {
+            tracing::debug!(program = %String::from_utf8_lossy(program), "the container's program is not in the image");
+            return;
+        };
+        tracing::debug!(ino, path = %self.path_of(ino), "the container's program");
+        tokio::spawn(self.clone().fetch_program(ino, path, max, MAX_INTERPRETERS));
+    }
+
+    /// Where the runtime finds `program`: a name with a `/` is a path (from `cwd` when
+    /// relative); a bare name is looked for in the directories of `path`, the first regular
+    /// file with an execute bit wins.
+    pub(super) fn find_program(&self, program: &[u8], path: &[u8], cwd: &[u8]) -> Option<u64> {
+        if program.is_empty() || program.len() > elf::MAX_NAME {
+            return None;
+        }
+        let executable = |ino: u64| {
+            self.get(ino)
+                .is_ok_and(|i| matches!(i.data, Data::File { .. }) && i.attr.perm & 0o111 != 0)
+        };
+        if program.contains(&b'/') {
+            let mut full = Vec::new();
+            if program.first() != Some(&b'/') {
+                full.extend_from_slice(cwd);
+                full.push(b'/');
+            }
+            full.extend_from_slice(program);
+            return self.resolve(1, &full).filter(|&i| executable(i));
+        }
+        path.split(|&b| b == b':')
+            .take(MAX_PATH_DIRS)
+            .filter(|d| d.first() == Some(&b'/'))
+            .find_map(|d| {
+                let mut full = d.to_vec();
+                full.push(b'/');
+                full.extend_from_slice(program);
+                self.resolve(1, &full).filter(|&i| executable(i))
+            })
+    }
+
+    /// The work of [`ClipFs::prefetch_program`] for file `ino`: its bytes, its libraries, and
+    /// (`depth` levels at most) the interpreter its `#!` line names.
+    pub(super) async fn fetch_program(
+        self: Arc<Self>,
+        ino: u64,
+        path: Vec<u8>,
+        max: u64,
+        depth: u32,
+    ) {
+        let Some((reader, offset, size)) = self.file_data(ino) else {
+            return;
+        };
+        if size <= max {
+            reader.prefetch_opened(offset, size);
+        }
+        crate::metrics::program_prefetched();
+        self.prefetch_libraries(ino, max);
+        if depth == 0 || size < 3 {
+            return;
+        }
+        let Ok(head) = self
+            .read(ino, 0, size.min(INTERPRETER_LINE_MAX) as u32)
+            .await
+        else {
+            return;
+        };
+        let Some(interpreter) = interpreter_of(&head) else {
+            return;
+        };
+        let found = match interpreter {
+            Interpreter::Path(p) => self.find_program(p, &path, b"/"),
+            Interpreter::Env(name) => self.find_program(name, &path, b"/"),
+        };
+        if let Some(next) = found.filter(|&i| i != ino) {
+            tracing::debug!(
+                ino = next,
+                of = ino,
+                "the container's program's interpreter"
+            );
+            Box::pin(self.fetch_program(next, path, max, depth - 1)).await;
+        }
     }
 
     /// Starts fetching the loader's cache (`/etc/ld.so.cache`, up to [`LOADER_CACHE_MAX`]

@@ -1,6 +1,6 @@
 //! The tree, the guesses and the errors, without a kernel.
 
-use super::guess::extension;
+use super::guess::{extension, interpreter_of, Interpreter};
 use super::*;
 use clip_core::digest::Digest;
 use clip_core::index::{BlobRef, Entry, LayerIndex};
@@ -199,6 +199,94 @@ fn library_paths_resolve_as_the_loader_would() {
     assert!(fs.may_be_object(ino("opt/app/lib/libx.so")));
     assert!(!fs.may_be_object(ino("opt/app/lib/notes.txt")));
     assert!(!fs.may_be_object(bin));
+}
+
+#[test]
+fn a_containers_program_is_found_as_the_runtime_finds_it() {
+    let exe = |p: &str, offset: u64| {
+        let mut e = entry(p, EntryKind::File { offset, size: 100 });
+        e.mode = 0o755;
+        e
+    };
+    let l = layer(vec![
+        exe("usr/local/bin/python3", 0),
+        exe("usr/bin/python3.11", 512),
+        entry(
+            "usr/bin/python3",
+            EntryKind::Symlink {
+                target: b"python3.11".to_vec(),
+            },
+        ),
+        entry(
+            "usr/bin/notes",
+            EntryKind::File {
+                offset: 1024,
+                size: 100,
+            },
+        ),
+        exe("usr/bin/notes2", 1536),
+        exe("app/run.sh", 2048),
+        entry("app/bin", EntryKind::Dir),
+    ]);
+    let view = ImageView::build(vec![l]).unwrap();
+    let fs = ClipFs::new(&view, vec![]).unwrap();
+    let ino = |p: &str| {
+        p.split('/')
+            .fold(1, |dir, n| fs.lookup(dir, n.as_bytes()).unwrap().attr.ino)
+    };
+    let path: &[u8] = b"/usr/local/bin:/usr/bin";
+    // A bare name: the first directory of PATH that has it as an executable file.
+    assert_eq!(
+        fs.find_program(b"python3", path, b"/"),
+        Some(ino("usr/local/bin/python3"))
+    );
+    assert_eq!(
+        fs.find_program(b"python3", b"/nowhere::relative:/usr/bin", b"/"),
+        Some(ino("usr/bin/python3.11"))
+    );
+    // Not executable: skipped for the next directory, or not found.
+    assert_eq!(fs.find_program(b"notes", path, b"/"), None);
+    assert_eq!(
+        fs.find_program(b"notes2", path, b"/"),
+        Some(ino("usr/bin/notes2"))
+    );
+    // A path: absolute, or from the working directory; a directory is no program.
+    assert_eq!(
+        fs.find_program(b"/usr/bin/python3", b"", b"/"),
+        Some(ino("usr/bin/python3.11"))
+    );
+    assert_eq!(
+        fs.find_program(b"./run.sh", path, b"/app"),
+        Some(ino("app/run.sh"))
+    );
+    assert_eq!(fs.find_program(b"bin", path, b"/app"), None);
+    assert_eq!(fs.find_program(b"./bin", path, b"/app"), None);
+    assert_eq!(fs.find_program(b"", path, b"/"), None);
+    assert_eq!(fs.find_program(&[b'a'; 5000], path, b"/"), None);
+}
+
+#[test]
+fn interpreter_lines_name_the_program_that_runs_a_script() {
+    assert_eq!(
+        interpreter_of(b"#!/bin/sh\nset -e\n"),
+        Some(Interpreter::Path(b"/bin/sh"))
+    );
+    assert_eq!(
+        interpreter_of(b"#! /usr/bin/python3 -u\r\n"),
+        Some(Interpreter::Path(b"/usr/bin/python3"))
+    );
+    assert_eq!(
+        interpreter_of(b"#!/usr/bin/env python3\nimport sys\n"),
+        Some(Interpreter::Env(b"python3"))
+    );
+    // `env` with options, a relative interpreter, no line end within the bytes read, an ELF
+    // object, nothing at all: no guess.
+    assert_eq!(interpreter_of(b"#!/usr/bin/env -S python3 -u\n"), None);
+    assert_eq!(interpreter_of(b"#!python3\n"), None);
+    assert_eq!(interpreter_of(b"#!/bin/sh"), None);
+    assert_eq!(interpreter_of(b"\x7fELF\x02\x01\x01"), None);
+    assert_eq!(interpreter_of(b"#!\n"), None);
+    assert_eq!(interpreter_of(b""), None);
 }
 
 #[test]

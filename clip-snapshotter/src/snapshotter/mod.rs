@@ -27,6 +27,7 @@ pub mod layers;
 pub mod meta;
 pub mod mounts;
 pub mod profiles;
+pub mod program;
 mod semantics;
 #[cfg(test)]
 mod tests;
@@ -180,6 +181,9 @@ impl ClipSnapshotter {
             profiles.clone(),
         )
         .await;
+        if let Some(address) = &opts.containerd {
+            fuse.watch_containers(address);
+        }
         let records: HashMap<u64, (String, Record)> = meta
             .list()?
             .into_iter()

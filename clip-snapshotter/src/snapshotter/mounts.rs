@@ -42,6 +42,10 @@ pub trait LazyMounts: Send + Sync {
     async fn check(&self, id: u64) -> bool;
     /// Stops serving snapshot `id`'s mount, if it is served, and unmounts `dir`.
     async fn unmount(&self, id: u64, dir: &Path);
+    /// A container is about to start on the mount of snapshot `id`: its root is snapshot
+    /// `key` (as containerd names it). The mount may fetch the container's program before the
+    /// runtime execs it (see [`super::program`]). Returns at once.
+    async fn container_starting(&self, _id: u64, _key: &str) {}
     /// Whether the mounts served can be id-mapped (user-namespaced containers on them);
     /// `None`: not known until a mount has been made.
     fn idmappable(&self) -> Option<bool>;
@@ -53,6 +57,11 @@ struct Mounted {
     /// The layers and the sha256 of the stored index each was mounted with (empty: not known,
     /// a mount resumed after a restart).
     identity: Vec<(Digest, Option<Digest>)>,
+    /// The filesystem served (its guesses run after the mount too).
+    fs: Arc<clip_fuse::ClipFs>,
+    /// Whether a container's program is fetched as it starts: no startup profile covers the
+    /// mount, and guesses are on.
+    guess_program: bool,
 }
 
 /// Lazy layers as FUSE mounts of this process.
@@ -68,6 +77,8 @@ pub struct FuseMounts {
     mounts: tokio::sync::Mutex<HashMap<u64, Mounted>>,
     /// Holds the FUSE connections across restarts (with handover on).
     keeper: Option<Arc<Keeper>>,
+    /// containerd's API, where containers' commands are read (unset: not configured).
+    containerd: std::sync::OnceLock<containerd_client::tonic::transport::Channel>,
 }
 
 impl FuseMounts {
@@ -100,8 +111,17 @@ impl FuseMounts {
             rt: tokio::runtime::Handle::current(),
             mounts: tokio::sync::Mutex::new(HashMap::new()),
             keeper,
+            containerd: std::sync::OnceLock::new(),
         };
         (Arc::new(mounts), held)
+    }
+
+    /// Reads the commands of containers starting on these mounts from containerd at
+    /// `address` (see [`LazyMounts::container_starting`]).
+    pub fn watch_containers(&self, address: &Path) {
+        let _ = self
+            .containerd
+            .set(crate::containerd::connect_lazy(address));
     }
 
     /// Serves again, at `dir`, the mount of `chain` (topped by snapshot `name`) that a previous
@@ -119,13 +139,16 @@ impl FuseMounts {
             .clone()
             .ok_or_else(|| fail("no keeper".into()))?;
         let (fs, opts, _) = self.chain_fs(name, chain, false)?;
-        let (rt, id, opens) = (self.rt.clone(), held.id, held.opens.len());
+        let fs = Arc::new(fs);
+        let guess_program = opts.guesses.prefetch_libraries;
+        let (rt, id, opens, served) = (self.rt.clone(), held.id, held.opens.len(), fs.clone());
         let handover = clip_fuse::Handover { keeper, id };
-        let session =
-            tokio::task::spawn_blocking(move || clip_fuse::resume(fs, held, rt, &opts, handover))
-                .await
-                .map_err(|e| fail(e.to_string()))?
-                .map_err(|e| fail(e.to_string()))?;
+        let session = tokio::task::spawn_blocking(move || {
+            clip_fuse::resume(served, held, rt, &opts, handover)
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))?;
         tracing::info!(
             snapshot = name,
             open_files = opens,
@@ -138,6 +161,8 @@ impl FuseMounts {
                 session,
                 dir,
                 identity: self.identity(chain),
+                fs,
+                guess_program,
             },
         );
         Ok(())
@@ -216,7 +241,9 @@ impl FuseMounts {
             indexes.push(reader.index().clone());
             readers.push(reader);
         }
+        tracing::debug!(snapshot = name, "mount: indexes read");
         let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
+        tracing::debug!(snapshot = name, "mount: view built");
         if record {
             readers = self.profiles.recording(readers);
         }
@@ -243,6 +270,8 @@ impl LazyMounts for FuseMounts {
         chain: &[Record],
         dir: &Path,
     ) -> Result<(), SnapshotError> {
+        let started = std::time::Instant::now();
+        let ms = move || started.elapsed().as_secs_f64() * 1e3;
         let mut mounts = self.mounts.lock().await;
         let identity = self.identity(chain);
         if let Some(m) = mounts.get(&id) {
@@ -278,9 +307,12 @@ impl LazyMounts for FuseMounts {
         // With a profile, the readers guess (locality, read-ahead, whole files on open) only
         // where the profile has no knowledge: see LayerReader.
         let (fs, opts, readers) = self.chain_fs(name, chain, record)?;
-        if profile.is_none() && opts.guesses.prefetch_libraries {
+        tracing::debug!(snapshot = name, ms = ms(), "mount: filesystem built");
+        let guess_program = profile.is_none() && opts.guesses.prefetch_libraries;
+        if guess_program {
             fs.prefetch_startup_files(opts.guesses.prefetch_on_open);
         }
+        let fs = Arc::new(fs);
         match (&profile, manifest) {
             (Some(p), _) => self.profiles.replay(name, p, &readers),
             (None, Some(m)) if record => self.profiles.record(name, m, &remote.reference, &readers),
@@ -290,16 +322,17 @@ impl LazyMounts for FuseMounts {
         if !mounts_under(dir).is_empty() {
             lazy_unmount(dir);
         }
-        let (d, rt) = (dir.to_path_buf(), self.rt.clone());
+        let (d, rt, served) = (dir.to_path_buf(), self.rt.clone(), fs.clone());
         let handover = self
             .keeper
             .clone()
             .map(|keeper| clip_fuse::Handover { keeper, id });
-        let session =
-            tokio::task::spawn_blocking(move || clip_fuse::mount_with(fs, &d, rt, &opts, handover))
-                .await
-                .map_err(|e| fail(e.to_string()))?
-                .map_err(|e| fail(e.to_string()))?;
+        let session = tokio::task::spawn_blocking(move || {
+            clip_fuse::mount_with(served, &d, rt, &opts, handover)
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))?;
         tracing::info!(snapshot = name, dir = %dir.display(), "mounted lazy layers");
         let dir = dir.to_path_buf();
         mounts.insert(
@@ -308,9 +341,33 @@ impl LazyMounts for FuseMounts {
                 session,
                 dir,
                 identity,
+                fs,
+                guess_program,
             },
         );
         Ok(())
+    }
+
+    async fn container_starting(&self, id: u64, key: &str) {
+        let Some(channel) = self.containerd.get().cloned() else {
+            return;
+        };
+        let Some((namespace, key)) = super::program::split_key(key) else {
+            return;
+        };
+        let fs = match self.mounts.lock().await.get(&id) {
+            Some(m) if m.guess_program => m.fs.clone(),
+            _ => return,
+        };
+        let (namespace, key) = (namespace.to_string(), key.to_string());
+        let max = self.fuse.guesses.prefetch_on_open;
+        tokio::spawn(async move {
+            let Some(c) = super::program::container_command(channel, &namespace, &key).await else {
+                tracing::debug!(%namespace, %key, "no container record: its program is not fetched ahead");
+                return;
+            };
+            fs.prefetch_program(&c.program, c.path.as_deref(), &c.cwd, max);
+        });
     }
 
     async fn check(&self, id: u64) -> bool {

@@ -60,15 +60,21 @@ impl ClipSnapshotter {
 
     /// Whether the chain under `parent` has lazy layers (a FUSE mount among its lowerdirs).
     fn lazy_below(&self, parent: &str) -> Result<bool, SnapshotError> {
+        Ok(self.remote_top(parent)?.is_some())
+    }
+
+    /// The id of the topmost remote snapshot of the chain under `parent` (its lazy layers'
+    /// mount), if it has one.
+    fn remote_top(&self, parent: &str) -> Result<Option<u64>, SnapshotError> {
         let mut cur = parent.to_string();
         while !cur.is_empty() {
             let r = self.meta.must(&cur)?;
             if r.remote.is_some() {
-                return Ok(true);
+                return Ok(Some(r.id));
             }
             cur = r.parent;
         }
-        Ok(false)
+        Ok(None)
     }
 
     fn mounts_for(&self, r: &Record, lowers: &[PathBuf]) -> Vec<Mount> {
@@ -142,6 +148,9 @@ impl ClipSnapshotter {
         if key.is_empty() {
             return Err(SnapshotError::InvalidArgument("empty snapshot key".into()));
         }
+        let started = std::time::Instant::now();
+        let ms = move || started.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(%key, ?kind, "create");
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let idmap = IdMap::from_labels(&labels)?;
         let parent_rec = match parent.as_str() {
@@ -161,6 +170,7 @@ impl ClipSnapshotter {
         // mounted on them.
         if parent_rec.is_some() {
             self.admit(&parent, &labels).await?;
+            tracing::debug!(%key, ms = ms(), "admitted");
         }
         if kind == Kind::Active {
             if let Some(target) = labels.get(labels::TARGET) {
@@ -258,6 +268,7 @@ impl ClipSnapshotter {
             return Err(e);
         }
         self.meta.flush().await?;
+        tracing::debug!(%key, ms = ms(), "recorded");
         let lowers = match self.lowerdirs(&parent).await {
             Ok(l) => match idmap.is_some() {
                 true => self.check_idmappable(&key, &parent, &l).map(|()| l),
@@ -273,6 +284,12 @@ impl ClipSnapshotter {
                 return Err(e);
             }
         };
+        tracing::debug!(%key, ms = ms(), "created");
+        if kind == Kind::Active {
+            if let Some(top) = self.remote_top(&parent)? {
+                self.mounts.container_starting(top, &key).await;
+            }
+        }
         Ok(self.mounts_for(&rec, &lowers))
     }
 

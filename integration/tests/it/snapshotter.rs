@@ -1349,6 +1349,85 @@ fn a_mount_fetches_the_loader_and_c_library_before_any_program_asks() {
     );
 }
 
+/// A container's program is fetched as soon as containerd records the container, before any
+/// task runs: found on the container's `PATH`, and, being a script, its interpreter too.
+#[test]
+fn a_containers_program_and_its_interpreter_are_fetched_before_it_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(Auth::None);
+    let src = tmp.path().join("app");
+    std::fs::create_dir_all(src.join("app/bin")).unwrap();
+    let (tool, other) = (noise(5, 1 << 20), noise(6, 1 << 20));
+    let exe = |p: &Path, data: &[u8]| {
+        std::fs::write(p, data).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    exe(&src.join("app/bin/tool"), &tool);
+    std::fs::write(src.join("app/noise"), noise(7, 1 << 20)).unwrap();
+    exe(&src.join("app/start"), b"#!/app/bin/tool\n");
+    std::fs::write(src.join("app/other"), &other).unwrap();
+    let l = layout(
+        tmp.path(),
+        "v1",
+        &["gen:busybox", &format!("dir:{}", src.display())],
+    );
+    reg.push_layout(&l, "v1", "program");
+    let image = format!("{}:v1", reg.image("program"));
+    publish_index(tmp.path(), &image);
+    let layer = layout_manifest_config(&l).0["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let requests = || {
+        reg.requests_from("clip/")
+            .iter()
+            .filter(|l| l.contains(&format!("/blobs/{layer}")))
+            .count()
+    };
+    let node = Node::start(&tmp.path().join("node"));
+    node.pull_ok(&image);
+    // A container recorded, never started: `start` is found on its PATH, then `#!` names
+    // the interpreter.
+    node.ctr_ok(&[
+        "containers",
+        "create",
+        "--snapshotter",
+        "clip",
+        "--env",
+        "PATH=/nowhere:/app:/bin",
+        &image,
+        "recorded",
+        "start",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = node.metrics();
+        if metric(&m, "clip_fuse_programs_prefetched_total") >= 2.0
+            && metric(&m, "clip_fetch_runs") == 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the program and its interpreter were not fetched: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = requests();
+    assert!(before > 0, "nothing of the program's layer was fetched");
+    let size = |path: &str| out(&node.run("clip", &image, "b", &["wc", "-c", path]));
+    let t = size("/app/bin/tool");
+    assert!(t.starts_with(&tool.len().to_string()), "{t}");
+    assert_eq!(requests(), before, "the interpreter came from the cache");
+    let o = size("/app/other");
+    assert!(o.starts_with(&other.len().to_string()), "{o}");
+    assert!(
+        requests() > before,
+        "a file nothing fetched cost no request"
+    );
+}
+
 #[test]
 fn startup_profile_is_recorded_published_found_and_used() {
     let tmp = tempfile::tempdir().unwrap();
