@@ -73,6 +73,10 @@ pub struct Guesses {
     /// also fetches, as it is made, the files nearly every start reads (the user databases,
     /// the dynamic loader, the C library: [`crate::ClipFs::prefetch_startup_files`]).
     pub prefetch_libraries: bool,
+    /// A container starting on a snapshotter mount that no startup profile covers has its
+    /// program (from containerd's record of it) fetched, with its libraries and a script's
+    /// interpreter, before the runtime execs it ([`crate::ClipFs::prefetch_program`]).
+    pub prefetch_program: bool,
 }
 
 impl Default for Guesses {
@@ -81,6 +85,7 @@ impl Default for Guesses {
             prefetch_on_open: DEFAULT_PREFETCH_ON_OPEN,
             speculate_siblings: DEFAULT_SPECULATE_SIBLINGS,
             prefetch_libraries: true,
+            prefetch_program: true,
         }
     }
 }
@@ -88,7 +93,10 @@ impl Default for Guesses {
 impl Guesses {
     /// True if opening a file guesses anything at all.
     fn any(&self) -> bool {
-        self.prefetch_on_open > 0 || self.speculate_siblings > 0 || self.prefetch_libraries
+        self.prefetch_on_open > 0
+            || self.speculate_siblings > 0
+            || self.prefetch_libraries
+            || self.prefetch_program
     }
 }
 

@@ -214,6 +214,10 @@ pub struct FuseSection {
     /// startup profile covers starts fetching the loader, the C library and the user databases
     /// (default true).
     pub prefetch_libraries: Option<bool>,
+    /// A container starting on a mount no startup profile covers has its program (read from
+    /// containerd's record of the container) fetched before the runtime execs it, with its
+    /// libraries and a script's interpreter (default true).
+    pub prefetch_program: Option<bool>,
     /// Keep lazy mounts alive across daemon restarts (a keeper process holds their FUSE
     /// connections; default true).
     pub handover: Option<bool>,
@@ -398,6 +402,9 @@ pub fn daemon_config(
         prefetch_libraries: fuse
             .prefetch_libraries
             .unwrap_or(d.fuse.guesses.prefetch_libraries),
+        prefetch_program: fuse
+            .prefetch_program
+            .unwrap_or(d.fuse.guesses.prefetch_program),
     };
     let containerd = a
         .containerd_address

@@ -252,15 +252,17 @@ impl ClipFs {
     /// finds it (a name with a `/` from `cwd`, else in the directories of `path`, the
     /// container's `PATH`), is fetched as an open would fetch it (whole if at most `max`
     /// bytes), with the libraries its ELF headers name and, for a script, its interpreter
-    /// (`#!`, through `env` too). The runtime execs it only after it has set the container up,
-    /// so its bytes are on their way before the kernel asks. A name the image does not have
-    /// costs nothing. Returns at once (the work runs on the current tokio runtime).
+    /// (`#!`, through `env` too); the libraries only with `libraries` (the library guess is
+    /// on). The runtime execs it only after it has set the container up, so its bytes are on
+    /// their way before the kernel asks. A name the image does not have costs nothing.
+    /// Returns at once (the work runs on the current tokio runtime).
     pub fn prefetch_program(
         self: &Arc<Self>,
         program: &[u8],
         path: Option<&[u8]>,
         cwd: &[u8],
         max: u64,
+        libraries: bool,
     ) {
         let path = path.unwrap_or(DEFAULT_PATH).to_vec();
         let Some(ino) = self.find_program(program, &path, cwd) else {
@@ -268,7 +270,10 @@ impl ClipFs {
             return;
         };
         tracing::debug!(ino, path = %self.path_of(ino), "the container's program");
-        tokio::spawn(self.clone().fetch_program(ino, path, max, MAX_INTERPRETERS));
+        let fetch = self
+            .clone()
+            .fetch_program(ino, path, max, libraries, MAX_INTERPRETERS);
+        tokio::spawn(fetch);
     }
 
     /// Where the runtime finds `program`: a name with a `/` is a path (from `cwd` when
@@ -309,6 +314,7 @@ impl ClipFs {
         ino: u64,
         path: Vec<u8>,
         max: u64,
+        libraries: bool,
         depth: u32,
     ) {
         let Some((reader, offset, size)) = self.file_data(ino) else {
@@ -318,7 +324,9 @@ impl ClipFs {
             reader.prefetch_opened(offset, size);
         }
         crate::metrics::program_prefetched();
-        self.prefetch_libraries(ino, max);
+        if libraries {
+            self.prefetch_libraries(ino, max);
+        }
         if depth == 0 || size < 3 {
             return;
         }
@@ -341,7 +349,7 @@ impl ClipFs {
                 of = ino,
                 "the container's program's interpreter"
             );
-            Box::pin(self.fetch_program(next, path, max, depth - 1)).await;
+            Box::pin(self.fetch_program(next, path, max, libraries, depth - 1)).await;
         }
     }
 

@@ -140,7 +140,7 @@ impl FuseMounts {
             .ok_or_else(|| fail("no keeper".into()))?;
         let (fs, opts, _) = self.chain_fs(name, chain, false)?;
         let fs = Arc::new(fs);
-        let guess_program = opts.guesses.prefetch_libraries;
+        let guess_program = opts.guesses.prefetch_program;
         let (rt, id, opens, served) = (self.rt.clone(), held.id, held.opens.len(), fs.clone());
         let handover = clip_fuse::Handover { keeper, id };
         let session = tokio::task::spawn_blocking(move || {
@@ -308,10 +308,10 @@ impl LazyMounts for FuseMounts {
         // where the profile has no knowledge: see LayerReader.
         let (fs, opts, readers) = self.chain_fs(name, chain, record)?;
         tracing::debug!(snapshot = name, ms = ms(), "mount: filesystem built");
-        let guess_program = profile.is_none() && opts.guesses.prefetch_libraries;
-        if guess_program {
+        if profile.is_none() && opts.guesses.prefetch_libraries {
             fs.prefetch_startup_files(opts.guesses.prefetch_on_open);
         }
+        let guess_program = profile.is_none() && opts.guesses.prefetch_program;
         let fs = Arc::new(fs);
         match (&profile, manifest) {
             (Some(p), _) => self.profiles.replay(name, p, &readers),
@@ -360,13 +360,16 @@ impl LazyMounts for FuseMounts {
             _ => return,
         };
         let (namespace, key) = (namespace.to_string(), key.to_string());
-        let max = self.fuse.guesses.prefetch_on_open;
+        let (max, libraries) = (
+            self.fuse.guesses.prefetch_on_open,
+            self.fuse.guesses.prefetch_libraries,
+        );
         tokio::spawn(async move {
             let Some(c) = super::program::container_command(channel, &namespace, &key).await else {
                 tracing::debug!(%namespace, %key, "no container record: its program is not fetched ahead");
                 return;
             };
-            fs.prefetch_program(&c.program, c.path.as_deref(), &c.cwd, max);
+            fs.prefetch_program(&c.program, c.path.as_deref(), &c.cwd, max, libraries);
         });
     }
 
