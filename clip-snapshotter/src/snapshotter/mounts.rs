@@ -42,6 +42,11 @@ pub trait LazyMounts: Send + Sync {
     async fn check(&self, id: u64) -> bool;
     /// Stops serving snapshot `id`'s mount, if it is served, and unmounts `dir`.
     async fn unmount(&self, id: u64, dir: &Path);
+    /// Remote snapshot `id` (named `name`, topping `chain`, bottom layer first) was just
+    /// committed by a pull. If it is its image's top layer, the filesystem its mount will
+    /// serve may be built now, in the background, and the files every start reads fetched:
+    /// the link and the cores are idle until containerd prepares a container on it.
+    async fn ahead(&self, _id: u64, _name: &str, _chain: Vec<Record>) {}
     /// A container is about to start on the mount of snapshot `id`: its root is snapshot
     /// `key` (as containerd names it). The mount may fetch the container's program before the
     /// runtime execs it (see [`super::program`]). Returns at once.
@@ -64,6 +69,27 @@ struct Mounted {
     guess_program: bool,
 }
 
+/// A mount's filesystem, built (and its guesses started), not yet mounted.
+struct Built {
+    fs: clip_fuse::ClipFs,
+    opts: clip_fuse::MountOptions,
+    readers: Vec<Arc<LayerReader>>,
+    profile: Option<clip_core::profile::Profile>,
+    /// Whether the readers record a startup profile.
+    record: bool,
+    /// What the store held when it was built (see [`FuseMounts::identity`]).
+    identity: Vec<(Digest, Option<Digest>)>,
+}
+
+/// Filesystems built ahead of their mount at most (each holds its image's tree).
+const AHEAD_MAX: usize = 8;
+/// A filesystem built ahead that no container mounted within this long is dropped.
+const AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A build ahead of a mount: the mount waits for it to end, then takes what it built (`None`:
+/// it failed, and the mount builds again).
+type AheadSlot = Arc<tokio::sync::Mutex<Option<Built>>>;
+
 /// Lazy layers as FUSE mounts of this process.
 pub struct FuseMounts {
     store: Arc<Store>,
@@ -79,6 +105,10 @@ pub struct FuseMounts {
     keeper: Option<Arc<Keeper>>,
     /// containerd's API, where containers' commands are read (unset: not configured).
     containerd: std::sync::OnceLock<containerd_client::tonic::transport::Channel>,
+    /// Snapshot id -> its filesystem built as the pull ended (see [`LazyMounts::ahead`]).
+    built_ahead: std::sync::Mutex<HashMap<u64, (std::time::Instant, AheadSlot)>>,
+    /// This value's own `Arc` (background builds hold it).
+    me: std::sync::Weak<FuseMounts>,
 }
 
 impl FuseMounts {
@@ -102,7 +132,7 @@ impl FuseMounts {
                 (None, Vec::new())
             }
         };
-        let mounts = FuseMounts {
+        let mounts = |me: &std::sync::Weak<FuseMounts>| FuseMounts {
             store,
             client,
             reads,
@@ -112,8 +142,10 @@ impl FuseMounts {
             mounts: tokio::sync::Mutex::new(HashMap::new()),
             keeper,
             containerd: std::sync::OnceLock::new(),
+            built_ahead: std::sync::Mutex::new(HashMap::new()),
+            me: me.clone(),
         };
-        (Arc::new(mounts), held)
+        (Arc::new_cyclic(mounts), held)
     }
 
     /// Reads the commands of containers starting on these mounts from containerd at
@@ -205,6 +237,53 @@ impl FuseMounts {
             }
         }
         self.reads.flush().await;
+    }
+
+    /// The filesystem the mount of `chain` (topped by snapshot `name`) serves, its startup
+    /// profile looked up, and, where none covers it, the files every start reads on their way.
+    async fn build(&self, name: &str, chain: &[Record]) -> Result<Built, SnapshotError> {
+        let started = std::time::Instant::now();
+        let identity = self.identity(chain);
+        let remote = chain
+            .last()
+            .and_then(|top| top.remote.as_ref())
+            .ok_or_else(|| mount_error(name)("not a remote snapshot".into()))?;
+        let profile = match remote.manifest() {
+            Some(m) => self.profiles.lookup(m, &remote.reference).await,
+            None => None,
+        };
+        let record = profile.is_none() && !self.profiles.window().is_zero();
+        // With a profile, the readers guess (locality, read-ahead, whole files on open) only
+        // where the profile has no knowledge: see LayerReader.
+        let (fs, opts, readers) = self.chain_fs(name, chain, record)?;
+        if profile.is_none() && opts.guesses.prefetch_libraries {
+            fs.prefetch_startup_files(opts.guesses.prefetch_on_open);
+        }
+        tracing::debug!(
+            snapshot = name,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "filesystem built"
+        );
+        Ok(Built {
+            fs,
+            opts,
+            readers,
+            profile,
+            record,
+            identity,
+        })
+    }
+
+    /// What a build ahead of snapshot `id`'s mount made, if it made it from what the store
+    /// holds now (`identity`); waits for a build under way. Old builds are dropped.
+    async fn take_ahead(&self, id: u64, identity: &[(Digest, Option<Digest>)]) -> Option<Built> {
+        let slot = {
+            let mut ahead = self.built_ahead.lock().expect("ahead lock");
+            ahead.retain(|_, (at, _)| at.elapsed() < AHEAD_TTL);
+            ahead.remove(&id)?.1
+        };
+        let built = slot.lock().await.take()?;
+        (built.identity == identity).then_some(built)
     }
 
     /// The filesystem of `chain` (bottom layer first, topped by snapshot `name`) and how to
@@ -299,18 +378,19 @@ impl LazyMounts for FuseMounts {
             .and_then(|top| top.remote.as_ref())
             .ok_or_else(|| fail("not a remote snapshot".into()))?;
         let manifest = remote.manifest();
-        let profile = match manifest {
-            Some(m) => self.profiles.lookup(m, &remote.reference).await,
-            None => None,
+        let built = match self.take_ahead(id, &identity).await {
+            Some(b) => b,
+            None => self.build(name, chain).await?,
         };
-        let record = profile.is_none() && !self.profiles.window().is_zero();
-        // With a profile, the readers guess (locality, read-ahead, whole files on open) only
-        // where the profile has no knowledge: see LayerReader.
-        let (fs, opts, readers) = self.chain_fs(name, chain, record)?;
-        tracing::debug!(snapshot = name, ms = ms(), "mount: filesystem built");
-        if profile.is_none() && opts.guesses.prefetch_libraries {
-            fs.prefetch_startup_files(opts.guesses.prefetch_on_open);
-        }
+        tracing::debug!(snapshot = name, ms = ms(), "mount: filesystem ready");
+        let Built {
+            fs,
+            opts,
+            readers,
+            profile,
+            record,
+            ..
+        } = built;
         let guess_program = profile.is_none() && opts.guesses.prefetch_program;
         let fs = Arc::new(fs);
         match (&profile, manifest) {
@@ -348,6 +428,42 @@ impl LazyMounts for FuseMounts {
         Ok(())
     }
 
+    async fn ahead(&self, id: u64, name: &str, chain: Vec<Record>) {
+        let Some(remote) = chain.last().and_then(|top| top.remote.as_ref()) else {
+            return;
+        };
+        // Only an image's top layer is the top of a container's root.
+        let top = remote
+            .manifest()
+            .and_then(|m| self.store.get_image(&m).ok().flatten())
+            .and_then(|image| image.layers.last().map(|l| l.digest));
+        if top != Some(remote.layer) || self.mounts.lock().await.contains_key(&id) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let slot: AheadSlot = Arc::new(tokio::sync::Mutex::new(None));
+        let Ok(mut guard) = slot.clone().try_lock_owned() else {
+            return;
+        };
+        {
+            let mut ahead = self.built_ahead.lock().expect("ahead lock");
+            ahead.retain(|_, (at, _)| at.elapsed() < AHEAD_TTL);
+            if ahead.len() >= AHEAD_MAX || ahead.contains_key(&id) {
+                return;
+            }
+            ahead.insert(id, (std::time::Instant::now(), slot));
+        }
+        let name = name.to_string();
+        tokio::spawn(async move {
+            match me.build(&name, &chain).await {
+                Ok(b) => *guard = Some(b),
+                Err(e) => tracing::debug!(snapshot = name, "building the filesystem ahead: {e}"),
+            }
+        });
+    }
+
     async fn container_starting(&self, id: u64, key: &str) {
         let Some(channel) = self.containerd.get().cloned() else {
             return;
@@ -382,6 +498,7 @@ impl LazyMounts for FuseMounts {
     }
 
     async fn unmount(&self, id: u64, dir: &Path) {
+        self.built_ahead.lock().expect("ahead lock").remove(&id);
         if let Some(m) = self.mounts.lock().await.remove(&id) {
             self.forget(id);
             drop(m.session);

@@ -229,6 +229,9 @@ impl ClipSnapshotter {
                         // from content a lazy pull never downloaded).
                         self.meta.flush().await?;
                         tracing::info!(snapshot = %target, layer = %rec.remote.as_ref().expect("set").layer, "remote snapshot");
+                        if let Ok(chain) = remote_chain(&self.meta, target, &rec) {
+                            self.mounts.ahead(rec.id, target, chain).await;
+                        }
                         if let Some(r) = &rec.remote {
                             self.layers
                                 .committed(r, parent.is_empty(), &rec.labels)
