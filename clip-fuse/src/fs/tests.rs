@@ -235,34 +235,37 @@ fn a_containers_program_is_found_as_the_runtime_finds_it() {
             .fold(1, |dir, n| fs.lookup(dir, n.as_bytes()).unwrap().attr.ino)
     };
     let path: &[u8] = b"/usr/local/bin:/usr/bin";
-    // A bare name: the first directory of PATH that has it as an executable file.
-    assert_eq!(
-        fs.find_program(b"python3", path, b"/"),
-        Some(ino("usr/local/bin/python3"))
-    );
-    assert_eq!(
-        fs.find_program(b"python3", b"/nowhere::relative:/usr/bin", b"/"),
-        Some(ino("usr/bin/python3.11"))
-    );
-    // Not executable: skipped for the next directory, or not found.
-    assert_eq!(fs.find_program(b"notes", path, b"/"), None);
-    assert_eq!(
-        fs.find_program(b"notes2", path, b"/"),
-        Some(ino("usr/bin/notes2"))
-    );
-    // A path: absolute, or from the working directory; a directory is no program.
-    assert_eq!(
-        fs.find_program(b"/usr/bin/python3", b"", b"/"),
-        Some(ino("usr/bin/python3.11"))
-    );
-    assert_eq!(
-        fs.find_program(b"./run.sh", path, b"/app"),
-        Some(ino("app/run.sh"))
-    );
-    assert_eq!(fs.find_program(b"bin", path, b"/app"), None);
-    assert_eq!(fs.find_program(b"./bin", path, b"/app"), None);
-    assert_eq!(fs.find_program(b"", path, b"/"), None);
-    assert_eq!(fs.find_program(&[b'a'; 5000], path, b"/"), None);
+    let long = [b'a'; 5000];
+    // (program, PATH, working directory, what the runtime would exec)
+    type Case<'a> = (&'a [u8], &'a [u8], &'a [u8], Option<&'a str>);
+    let cases: &[Case] = &[
+        // A bare name: the first directory of PATH that has it as an executable file.
+        (b"python3", path, b"/", Some("usr/local/bin/python3")),
+        (
+            b"python3",
+            b"/nowhere::relative:/usr/bin",
+            b"/",
+            Some("usr/bin/python3.11"),
+        ),
+        // Not executable: skipped for the next directory, or not found.
+        (b"notes", path, b"/", None),
+        (b"notes2", path, b"/", Some("usr/bin/notes2")),
+        // A path: absolute, or from the working directory; a directory is no program.
+        (b"/usr/bin/python3", b"", b"/", Some("usr/bin/python3.11")),
+        (b"./run.sh", path, b"/app", Some("app/run.sh")),
+        (b"bin", path, b"/app", None),
+        (b"./bin", path, b"/app", None),
+        (b"", path, b"/", None),
+        (&long, path, b"/", None),
+    ];
+    for (program, search, cwd, expected) in cases {
+        assert_eq!(
+            fs.find_program(program, search, cwd),
+            expected.map(ino),
+            "{}",
+            String::from_utf8_lossy(program)
+        );
+    }
 }
 
 #[test]

@@ -1302,19 +1302,8 @@ fn a_pull_fetches_the_loader_and_c_library_before_any_program_asks() {
             &format!("dir:{}", src.display()),
         ],
     );
-    reg.push_layout(&l, "v1", "startup");
-    let image = format!("{}:v1", reg.image("startup"));
-    publish_index(tmp.path(), &image);
-    let layer = layout_manifest_config(&l).0["layers"][2]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let requests = || {
-        reg.requests_from("clip/")
-            .iter()
-            .filter(|l| l.contains(&format!("/blobs/{layer}")))
-            .count()
-    };
+    let (image, layer) = published_with_last_layer(tmp.path(), &reg, &l, "startup");
+    let requests = || layer_requests(&reg, &layer);
 
     // The publisher downloaded the layer to index it.
     let published = requests();
@@ -1361,6 +1350,28 @@ fn a_pull_fetches_the_loader_and_c_library_before_any_program_asks() {
     );
 }
 
+/// Layout `l` pushed as `REPO:v1`, its index published: the image and its last layer's digest.
+fn published_with_last_layer(tmp: &Path, reg: &Registry, l: &Path, repo: &str) -> (String, String) {
+    reg.push_layout(l, "v1", repo);
+    let image = format!("{}:v1", reg.image(repo));
+    publish_index(tmp, &image);
+    let manifest = layout_manifest_config(l).0;
+    let layers = manifest["layers"].as_array().unwrap();
+    let layer = layers.last().unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (image, layer)
+}
+
+/// The requests clip made for blob `layer`.
+fn layer_requests(reg: &Registry, layer: &str) -> usize {
+    reg.requests_from("clip/")
+        .iter()
+        .filter(|l| l.contains(&format!("/blobs/{layer}")))
+        .count()
+}
+
 /// A container's program is fetched as soon as containerd records the container, before any
 /// task runs: found on the container's `PATH`, and, being a script, its interpreter too.
 #[test]
@@ -1384,19 +1395,8 @@ fn a_containers_program_and_its_interpreter_are_fetched_before_it_starts() {
         "v1",
         &["gen:busybox", &format!("dir:{}", src.display())],
     );
-    reg.push_layout(&l, "v1", "program");
-    let image = format!("{}:v1", reg.image("program"));
-    publish_index(tmp.path(), &image);
-    let layer = layout_manifest_config(&l).0["layers"][1]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let requests = || {
-        reg.requests_from("clip/")
-            .iter()
-            .filter(|l| l.contains(&format!("/blobs/{layer}")))
-            .count()
-    };
+    let (image, layer) = published_with_last_layer(tmp.path(), &reg, &l, "program");
+    let requests = || layer_requests(&reg, &layer);
     let node = Node::start(&tmp.path().join("node"));
     node.pull_ok(&image);
     // A container recorded, never started: `start` is found on its PATH, then `#!` names
