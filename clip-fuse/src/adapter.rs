@@ -93,10 +93,7 @@ impl Default for Guesses {
 impl Guesses {
     /// True if opening a file guesses anything at all.
     fn any(&self) -> bool {
-        self.prefetch_on_open > 0
-            || self.speculate_siblings > 0
-            || self.prefetch_libraries
-            || self.prefetch_program
+        self.prefetch_on_open > 0 || self.speculate_siblings > 0 || self.prefetch_libraries
     }
 }
 

@@ -198,42 +198,74 @@ enum Written {
     Locked(String),
 }
 
+/// Waiting between attempts at something containerd reports busy: a delay that doubles up to
+/// a cap, until a time limit; the first wait says why on stderr.
+struct Backoff {
+    until: Instant,
+    delay: std::time::Duration,
+    max: std::time::Duration,
+    told: bool,
+}
+
+impl Backoff {
+    fn new(
+        first: std::time::Duration,
+        max: std::time::Duration,
+        limit: std::time::Duration,
+    ) -> Self {
+        Backoff {
+            until: Instant::now() + limit,
+            delay: first,
+            max,
+            told: false,
+        }
+    }
+
+    /// Sleeps before the next attempt (saying `why` the first time); false, at once, once the
+    /// limit has passed: give up.
+    async fn wait(&mut self, why: impl FnOnce() -> String) -> bool {
+        if Instant::now() >= self.until {
+            return false;
+        }
+        if !self.told {
+            eprintln!("{}", why());
+            self.told = true;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(self.max);
+        true
+    }
+}
+
 /// Waiting for another writer of the same content. Two pulls of one image at once write the
 /// same content under the same ref; containerd lets one write it and answers the other
 /// Unavailable ("ref ... locked"). The other waits, with a backoff, and finds the content
 /// written (containerd's own pull does the same), for at most [`LockWait::LIMIT`].
-struct LockWait {
-    until: Instant,
-    delay: std::time::Duration,
-    told: bool,
-}
+struct LockWait(Backoff);
 
 impl LockWait {
     const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
     fn new() -> Self {
-        LockWait {
-            until: Instant::now() + Self::LIMIT,
-            delay: std::time::Duration::from_millis(50),
-            told: false,
-        }
+        let ms = std::time::Duration::from_millis;
+        LockWait(Backoff::new(ms(50), ms(1000), Self::LIMIT))
     }
 
     /// Waits a little before the next attempt at writing `digest`; an error once the other
     /// writer has held it for too long.
     async fn wait(&mut self, digest: &Digest, why: &str) -> Result<()> {
-        if Instant::now() >= self.until {
+        let waited = self
+            .0
+            .wait(|| {
+                format!("content {digest} is being written by another pull: waiting for it ({why})")
+            })
+            .await;
+        if !waited {
             bail!(
                 "writing content {digest}: another writer has held it for {} s: {why}",
                 Self::LIMIT.as_secs()
             );
         }
-        if !self.told {
-            eprintln!("content {digest} is being written by another pull: waiting for it ({why})");
-            self.told = true;
-        }
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(std::time::Duration::from_secs(1));
         Ok(())
     }
 }
@@ -245,21 +277,20 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    let mut delay = std::time::Duration::from_millis(100);
-    let mut told = false;
+    let s = std::time::Duration::from_secs;
+    let mut backoff = Backoff::new(std::time::Duration::from_millis(100), s(2), s(60));
     loop {
         match f().await {
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                if !told {
-                    eprintln!(
+            Err(e) if e.code() == Code::Unavailable => {
+                let why = || {
+                    format!(
                         "waiting for containerd to reach the snapshotter: {}",
-                        s.message()
-                    );
-                    told = true;
+                        e.message()
+                    )
+                };
+                if !backoff.wait(why).await {
+                    return Err(e);
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(2));
             }
             r => return r,
         }

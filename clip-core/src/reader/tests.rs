@@ -930,13 +930,24 @@ fn files_of(index: &LayerIndex) -> Vec<(u64, u64)> {
 }
 
 /// Reads file `(offset, size)` in 16 KiB reads, checking its bytes.
-async fn read_file(reader: &Arc<LayerReader>, tar: &[u8], (offset, size): (u64, u64)) {
+async fn read_file(reader: &Arc<LayerReader>, tar: &[u8], file: (u64, u64)) {
+    read_file_with(reader, tar, file, |_| {}).await
+}
+
+/// [`read_file`], calling `after` with the bytes of the file read so far after each read.
+async fn read_file_with(
+    reader: &Arc<LayerReader>,
+    tar: &[u8],
+    (offset, size): (u64, u64),
+    mut after: impl FnMut(u64),
+) {
     let mut at = offset;
     while at < offset + size {
         let n = (16 << 10).min(offset + size - at);
         let got = reader.read_within(at, n, offset + size).await.unwrap();
         assert_eq!(&got[..], &tar[at as usize..(at + n) as usize]);
         at += n;
+        after(at - offset);
     }
 }
 
@@ -1337,18 +1348,13 @@ async fn reading_a_large_file_in_order_switches_its_layer_early() {
             let source = Arc::new(FakeSource::new().with_blob(gz).with_blob(windows));
             let fetcher = bulk_fetcher(64 << 20, file_bulk(large_file_bytes));
             let reader = LayerReader::new(&fetcher, source.clone(), index, None, NO_GUESSING);
-            let (offset, size) = file;
-            let mut at = offset;
             let mut switched_at = None;
-            while at < offset + size {
-                let n = (16 << 10).min(offset + size - at);
-                let got = reader.read_within(at, n, offset + size).await.unwrap();
-                assert_eq!(&got[..], &tar[at as usize..(at + n) as usize]);
-                at += n;
+            read_file_with(&reader, &tar, file, |done| {
                 if reader.bulk_started() && switched_at.is_none() {
-                    switched_at = Some(at - offset);
+                    switched_at = Some(done);
                 }
-            }
+            })
+            .await;
             reader.bulk_ended().await;
             (switched_at, source.request_count())
         }

@@ -65,18 +65,10 @@ const SIBLINGS_AFTER: u32 = 2;
 /// Siblings bigger than this are not fetched on a guess (a big file is seldom read whole).
 const SIBLING_MAX_SIZE: u64 = 512 << 10;
 
-/// What a script's `#!` line runs.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Interpreter<'a> {
-    /// An interpreter by its path (`#!/bin/sh`).
-    Path(&'a [u8]),
-    /// A program `env` finds on the search path (`#!/usr/bin/env python3`).
-    Env(&'a [u8]),
-}
-
-/// The interpreter the first bytes of a file name, if they are a `#!` line (`None` for
-/// anything else, an ELF object included). `env` with options is not followed.
-pub(super) fn interpreter_of(head: &[u8]) -> Option<Interpreter<'_>> {
+/// The program a script's `#!` line runs, as the runtime would look it up: the interpreter's
+/// path (`#!/bin/sh`), or the name `env` finds on the search path (`#!/usr/bin/env python3`).
+/// `None` for anything else, an ELF object included; `env` with options is not followed.
+pub(super) fn interpreter_of(head: &[u8]) -> Option<&[u8]> {
     let line = head.strip_prefix(b"#!")?;
     let line = &line[..line.iter().position(|&b| b == b'\n')?];
     let mut words = line
@@ -88,10 +80,9 @@ pub(super) fn interpreter_of(head: &[u8]) -> Option<Interpreter<'_>> {
     }
     if first.rsplit(|&b| b == b'/').next() == Some(b"env") {
         let name = words.next()?;
-        return (!name.starts_with(b"-") && !name.contains(&b'/'))
-            .then_some(Interpreter::Env(name));
+        return (!name.starts_with(b"-") && !name.contains(&b'/')).then_some(name);
     }
-    Some(Interpreter::Path(first))
+    Some(first)
 }
 
 /// Whether a file name is a shared library's: `*.so` or `*.so.*`.
@@ -339,10 +330,7 @@ impl ClipFs {
         let Some(interpreter) = interpreter_of(&head) else {
             return;
         };
-        let found = match interpreter {
-            Interpreter::Path(p) => self.find_program(p, &path, b"/"),
-            Interpreter::Env(name) => self.find_program(name, &path, b"/"),
-        };
+        let found = self.find_program(interpreter, &path, b"/");
         if let Some(next) = found.filter(|&i| i != ino) {
             tracing::debug!(
                 ino = next,

@@ -320,9 +320,7 @@ impl FuseMounts {
             indexes.push(reader.index().clone());
             readers.push(reader);
         }
-        tracing::debug!(snapshot = name, "mount: indexes read");
         let view = ImageView::build(indexes).map_err(|e| fail(e.to_string()))?;
-        tracing::debug!(snapshot = name, "mount: view built");
         if record {
             readers = self.profiles.recording(readers);
         }

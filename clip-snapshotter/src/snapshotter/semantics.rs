@@ -149,8 +149,6 @@ impl ClipSnapshotter {
             return Err(SnapshotError::InvalidArgument("empty snapshot key".into()));
         }
         let started = std::time::Instant::now();
-        let ms = move || started.elapsed().as_secs_f64() * 1e3;
-        tracing::debug!(%key, ?kind, "create");
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let idmap = IdMap::from_labels(&labels)?;
         let parent_rec = match parent.as_str() {
@@ -170,7 +168,6 @@ impl ClipSnapshotter {
         // mounted on them.
         if parent_rec.is_some() {
             self.admit(&parent, &labels).await?;
-            tracing::debug!(%key, ms = ms(), "admitted");
         }
         if kind == Kind::Active {
             if let Some(target) = labels.get(labels::TARGET) {
@@ -271,7 +268,6 @@ impl ClipSnapshotter {
             return Err(e);
         }
         self.meta.flush().await?;
-        tracing::debug!(%key, ms = ms(), "recorded");
         let lowers = match self.lowerdirs(&parent).await {
             Ok(l) => match idmap.is_some() {
                 true => self.check_idmappable(&key, &parent, &l).map(|()| l),
@@ -287,9 +283,11 @@ impl ClipSnapshotter {
                 return Err(e);
             }
         };
-        tracing::debug!(%key, ms = ms(), "created");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(%key, ?kind, ms, "created");
+        // A hint: the snapshot is made whatever it finds.
         if kind == Kind::Active {
-            if let Some(top) = self.remote_top(&parent)? {
+            if let Ok(Some(top)) = self.remote_top(&parent) {
                 self.mounts.container_starting(top, &key).await;
             }
         }
